@@ -1,0 +1,71 @@
+//! The one mapping from domain errors to gRPC statuses.
+
+use std::collections::HashMap;
+
+use betting_domain::{ErrorCode, ServiceError};
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::ERROR_DOMAIN;
+
+/// Response header set on a replayed idempotent request.
+pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
+
+/// Turns a service error into the status a client sees.
+///
+/// Client-caused errors carry their (ours, safe) message, a
+/// `google.rpc.ErrorInfo` with a stable reason and, for bad requests, a
+/// `google.rpc.BadRequest`. Unavailable and internal errors are logged here
+/// with their full chain and sent with a generic message: no SQL, driver text,
+/// path or panic ever reaches a client.
+pub fn to_status<E: ServiceError>(err: &E) -> Status {
+    let code = err.code();
+    let (grpc, message) = match code {
+        ErrorCode::InvalidArgument => (Code::InvalidArgument, err.to_string()),
+        ErrorCode::FailedPrecondition => (Code::FailedPrecondition, err.to_string()),
+        ErrorCode::NotFound => (Code::NotFound, err.to_string()),
+        ErrorCode::AlreadyExists => (Code::AlreadyExists, err.to_string()),
+        ErrorCode::PermissionDenied => (Code::PermissionDenied, err.to_string()),
+        ErrorCode::Unauthenticated => (Code::Unauthenticated, err.to_string()),
+        ErrorCode::ResourceExhausted => (Code::ResourceExhausted, err.to_string()),
+        ErrorCode::Unavailable => {
+            tracing::warn!(error = %chain(err), "dependency unavailable");
+            (
+                Code::Unavailable,
+                "service temporarily unavailable, retry later".to_owned(),
+            )
+        }
+        ErrorCode::Internal => {
+            tracing::error!(error = %chain(err), "internal error");
+            (Code::Internal, "internal error".to_owned())
+        }
+    };
+    let mut details = ErrorDetails::new();
+    details.set_error_info(err.reason(), ERROR_DOMAIN, HashMap::new());
+    for v in err.violations() {
+        details.add_bad_request_violation(v.field, v.description);
+    }
+    Status::with_error_details(grpc, message, details)
+}
+
+/// The `ErrorInfo.reason` of a status produced by [`to_status`], if any. Our
+/// services use it to tell, say, insufficient funds from other refusals when
+/// they call each other.
+pub fn reason_of(status: &Status) -> Option<String> {
+    status
+        .get_error_details()
+        .error_info()
+        .filter(|info| info.domain == ERROR_DOMAIN)
+        .map(|info| info.reason.clone())
+}
+
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}

@@ -1,0 +1,40 @@
+//! BettingService: places, reads and cancels bets.
+//!
+//! Placing a bet is a small saga over two services, each step idempotent:
+//!
+//! 1. the bet row is written as `PLACING` under the client's key (scoped to
+//!    the user) — a retry finds it;
+//! 2. WalletService holds the stake with the key `BET:{bet_id}` — a retry
+//!    never debits twice;
+//! 3. the bet becomes `PENDING` and is handed to the matcher queue.
+//!
+//! A crash anywhere leaves either nothing debited or a `PLACING` row whose
+//! stake may or may not be held. The [`maintenance`] pass (and any client retry)
+//! drives such a row forward through the same idempotent steps, so it ends
+//! `PENDING` with its stake held, or `REJECTED` with nothing debited.
+
+#![forbid(unsafe_code)]
+
+mod error;
+mod faults;
+pub mod maintenance;
+mod service;
+mod store;
+mod wallet_client;
+
+pub use error::BettingError;
+pub use faults::Faults;
+pub use service::BettingService;
+pub use store::{BetRow, BetStore, WalletCommand};
+pub use wallet_client::{WalletCallError, WalletClient};
+
+/// The queue the matcher consumes.
+pub const MATCH_QUEUE: &str = "match";
+
+/// The matcher's job for a PENDING bet: its id (one job per bet) and payload.
+pub fn match_job(bet_id: uuid::Uuid, round_id: &str) -> (String, serde_json::Value) {
+    (
+        format!("match:{bet_id}"),
+        serde_json::json!({ "bet_id": bet_id.to_string(), "round_id": round_id }),
+    )
+}

@@ -1,0 +1,430 @@
+//! The gRPC face of betting, and the placing saga.
+
+use std::sync::Arc;
+
+use betting_api::{
+    IDEMPOTENT_REPLAYED, convert, pb,
+    pb::betting_service_server::{BettingService as BettingApi, BettingServiceServer},
+    to_status,
+};
+use betting_auth::{AuthInterceptor, Principal};
+use betting_domain::{
+    Amount, BetId, BetStatus, IdempotencyKey, RefundReason, RoundId, RoundStatus, UserId,
+    Violations, format_money,
+};
+use betting_queue::Queue;
+use rust_decimal::Decimal;
+use tonic::{
+    Request, Response, Status, metadata::MetadataValue, service::interceptor::InterceptedService,
+};
+use uuid::Uuid;
+
+use crate::{BetRow, BetStore, BettingError, Faults, WalletCallError, WalletClient, WalletCommand};
+
+#[derive(Clone)]
+pub struct BettingService {
+    store: BetStore,
+    wallet: WalletClient,
+    match_queue: Queue,
+    faults: Arc<Faults>,
+}
+
+/// A placed bet and the owner's balance right after its stake was taken.
+#[derive(Debug)]
+pub struct Placed {
+    pub bet: BetRow,
+    pub balance: Decimal,
+    /// The key had been seen before: this answers a retry.
+    pub replayed: bool,
+}
+
+impl BettingService {
+    pub fn new(store: BetStore, wallet: WalletClient, match_queue: Queue) -> Self {
+        Self {
+            store,
+            wallet,
+            match_queue,
+            faults: Arc::default(),
+        }
+    }
+
+    pub fn store(&self) -> &BetStore {
+        &self.store
+    }
+
+    pub fn faults(&self) -> &Faults {
+        &self.faults
+    }
+
+    pub fn match_queue(&self) -> &Queue {
+        &self.match_queue
+    }
+
+    pub fn into_server(
+        self,
+        auth: AuthInterceptor,
+    ) -> InterceptedService<BettingServiceServer<Self>, AuthInterceptor> {
+        BettingServiceServer::with_interceptor(self, auth)
+    }
+
+    /// PlaceBet, after parsing.
+    pub async fn place(
+        &self,
+        user: UserId,
+        round: RoundId,
+        side: betting_domain::Side,
+        amount: Amount,
+        key: IdempotencyKey,
+    ) -> Result<Placed, BettingError> {
+        let existing = match self.store.find_by_key(user, &key).await? {
+            Some(existing) => Some(existing),
+            None => {
+                let bet = BetId::generate();
+                match self
+                    .store
+                    .insert_placing(bet, user, &key, &round, side, amount)
+                    .await?
+                {
+                    Some(row) => return self.complete(row, false).await,
+                    // Either the round is not open, or the same key won a race.
+                    None => self.store.find_by_key(user, &key).await?,
+                }
+            }
+        };
+        match existing {
+            Some(row) if row.same_request(&round, side, amount) => self.complete(row, true).await,
+            Some(_) => Err(BettingError::IdempotencyConflict),
+            None => match self.store.round_status(&round).await? {
+                None => Err(BettingError::RoundNotFound),
+                Some(RoundStatus::Open) => Err(BettingError::Internal(anyhow::anyhow!(
+                    "bet insert refused for an open round"
+                ))),
+                Some(_) => Err(BettingError::RoundNotOpen),
+            },
+        }
+    }
+
+    /// Drives a bet through the rest of the saga from wherever it is. Every
+    /// step is idempotent, so a client retry, the recovery pass and the
+    /// original request may all run this for the same bet at once.
+    pub async fn complete(&self, bet: BetRow, replayed: bool) -> Result<Placed, BettingError> {
+        match bet.status()? {
+            BetStatus::Placing => {}
+            BetStatus::Rejected => return Err(BettingError::InsufficientFunds),
+            _ => {
+                let balance = bet.balance_after.unwrap_or_default();
+                return Ok(Placed {
+                    bet,
+                    balance,
+                    replayed,
+                });
+            }
+        }
+        let id = bet.id();
+        let balance = match self.wallet.hold_stake(bet.user()?, bet.amount()?, id).await {
+            Ok(balance) => balance,
+            Err(e) if e.is_insufficient_funds() => {
+                self.store.mark_rejected(id, "INSUFFICIENT_FUNDS").await?;
+                return Err(BettingError::InsufficientFunds);
+            }
+            Err(WalletCallError::Refused { reason, status }) => {
+                // The wallet refused for a reason a well-formed stake cannot
+                // have: a bug. Nothing was debited; the bet will never be.
+                self.store.mark_rejected(id, &reason).await?;
+                return Err(BettingError::Internal(anyhow::anyhow!(
+                    "wallet refused stake of bet {id}: {reason}: {}",
+                    status.message()
+                )));
+            }
+            Err(WalletCallError::Unavailable(status)) => {
+                return Err(BettingError::WalletUnavailable(status));
+            }
+        };
+        if self.faults.fail_after_stake() {
+            return Err(BettingError::Internal(anyhow::anyhow!(
+                "injected fault: crashed after holding the stake of bet {id}"
+            )));
+        }
+        let row = match self.store.mark_pending(id, balance).await? {
+            Some(row) => {
+                self.enqueue_match(&row).await;
+                row
+            }
+            // Someone else completed it; answer with what they stored.
+            None => self.store.get(id).await?.ok_or(BettingError::BetNotFound)?,
+        };
+        Ok(Placed {
+            balance: row.balance_after.unwrap_or(balance),
+            bet: row,
+            replayed,
+        })
+    }
+
+    /// Hands a PENDING bet to the matcher. Best effort: the sweeper re-derives
+    /// every PENDING bet from PostgreSQL, so a failure here only delays it.
+    pub async fn enqueue_match(&self, bet: &BetRow) {
+        let (id, payload) = crate::match_job(bet.bet_id, &bet.round_id);
+        if let Err(error) = self.match_queue.enqueue(&id, payload).await {
+            tracing::warn!(bet_id = %bet.bet_id, %error, "match job not enqueued; the sweeper will");
+        }
+    }
+
+    /// CancelBet, after parsing.
+    pub async fn cancel(
+        &self,
+        principal: &Principal,
+        bet: BetId,
+    ) -> Result<(BetRow, Decimal), BettingError> {
+        // Players cancel their own bets; backends and admins any bet.
+        let owner = if principal.is_privileged() {
+            None
+        } else {
+            Some(principal.own_user()?)
+        };
+        let row = match self
+            .store
+            .refund_pending(bet, owner, RefundReason::Cancelled)
+            .await?
+        {
+            Some(row) => row,
+            None => {
+                let row = self
+                    .store
+                    .get(bet)
+                    .await?
+                    .filter(|row| visible_to(row, principal))
+                    .ok_or(BettingError::BetNotFound)?;
+                match row.status()? {
+                    // Cancelled before: answer the retry (and finish its refund).
+                    BetStatus::Refunded if row.refund_reason() == Some(RefundReason::Cancelled) => {
+                    }
+                    status => return Err(BettingError::NotCancellable(status.as_db())),
+                }
+                row
+            }
+        };
+        let balance = match self.store.command(&IdempotencyKey::refund(bet)).await? {
+            Some(command) => self.execute(&command).await?,
+            None => {
+                return Err(BettingError::Internal(anyhow::anyhow!(
+                    "cancelled bet {bet} has no refund command"
+                )));
+            }
+        };
+        Ok((row, balance))
+    }
+
+    /// Carries out a wallet command and records it done; returns the balance
+    /// right after. Safe to repeat: the wallet answers a repeat from the
+    /// original movement.
+    pub async fn execute(&self, command: &WalletCommand) -> Result<Decimal, BettingError> {
+        let bet = command.bet_id.map(BetId::from).ok_or_else(|| {
+            BettingError::Internal(anyhow::anyhow!(
+                "wallet command {} names no bet",
+                command.idempotency_key
+            ))
+        })?;
+        let user = UserId::new(command.user_id)
+            .map_err(|_| BettingError::Internal(anyhow::anyhow!("bad user in wallet command")))?;
+        let amount = Amount::try_from_decimal(command.amount)
+            .map_err(|_| BettingError::Internal(anyhow::anyhow!("bad amount in wallet command")))?;
+        let result = match command.kind.as_str() {
+            "REFUND" => self.wallet.refund_stake(user, amount, bet).await,
+            other => {
+                return Err(BettingError::Internal(anyhow::anyhow!(
+                    "wallet command kind {other} is not carried out by betting"
+                )));
+            }
+        };
+        match result {
+            Ok(balance) => {
+                self.store.command_done(&command.idempotency_key).await?;
+                Ok(balance)
+            }
+            Err(e) => {
+                self.store
+                    .command_failed(&command.idempotency_key, &e.to_string())
+                    .await?;
+                Err(match e {
+                    WalletCallError::Unavailable(status) => BettingError::WalletUnavailable(status),
+                    WalletCallError::Refused { reason, status } => {
+                        BettingError::Internal(anyhow::anyhow!(
+                            "wallet refused {}: {reason}: {}",
+                            command.idempotency_key,
+                            status.message()
+                        ))
+                    }
+                })
+            }
+        }
+    }
+}
+
+fn visible_to(row: &BetRow, principal: &Principal) -> bool {
+    let visible = BetStatus::from_db(&row.status).is_some_and(BetStatus::is_visible);
+    visible && UserId::new(row.user_id).is_ok_and(|owner| principal.can_see(owner))
+}
+
+pub(crate) fn bet_pb(row: &BetRow) -> pb::Bet {
+    let status = BetStatus::from_db(&row.status)
+        .map_or(pb::BetStatus::Unspecified, convert::bet_status_to_pb);
+    let side =
+        betting_domain::Side::from_db(&row.side).map_or(pb::Side::Unspecified, convert::side_to_pb);
+    pb::Bet {
+        bet_id: row.bet_id.to_string(),
+        user_id: row.user_id,
+        round_id: row.round_id.clone(),
+        side: side as i32,
+        amount: format_money(row.amount),
+        status: status as i32,
+        match_id: row.match_id.map(|m| m.to_string()).unwrap_or_default(),
+        result: convert::bet_result_to_pb(row.result()) as i32,
+        payout: row.payout.map(format_money).unwrap_or_default(),
+        version: row.version,
+        created_at: Some(convert::timestamp(row.created_at)),
+        updated_at: Some(convert::timestamp(row.updated_at)),
+        idempotency_key: row.idempotency_key.clone(),
+        refund_reason: convert::refund_reason_to_pb(row.refund_reason()) as i32,
+    }
+}
+
+fn principal<T>(request: &Request<T>) -> Result<Principal, Status> {
+    Principal::of(request)
+        .cloned()
+        .map_err(|e| to_status(&BettingError::from(e)))
+}
+
+#[tonic::async_trait]
+impl BettingApi for BettingService {
+    #[tracing::instrument(skip_all, fields(round_id = %request.get_ref().round_id))]
+    async fn place_bet(
+        &self,
+        request: Request<pb::PlaceBetRequest>,
+    ) -> Result<Response<pb::PlaceBetResponse>, Status> {
+        let principal = principal(&request)?;
+        let r = request.into_inner();
+        let result = async {
+            let user = principal.own_user()?;
+            let mut v = Violations::default();
+            let round = v.check("round_id", RoundId::parse(&r.round_id));
+            let side = v.check("side", convert::side_from_pb(r.side));
+            let amount = v.check("amount", Amount::parse(&r.amount));
+            let key = v.check("idempotency_key", IdempotencyKey::parse(&r.idempotency_key));
+            let (Some(round), Some(side), Some(amount), Some(key), true) =
+                (round, side, amount, key, v.is_empty())
+            else {
+                return Err(BettingError::from(v.into_error()));
+            };
+            self.place(user, round, side, amount, key).await
+        }
+        .await;
+        let placed = result.map_err(|e| to_status(&e))?;
+        let mut response = Response::new(pb::PlaceBetResponse {
+            bet: Some(bet_pb(&placed.bet)),
+            balance: format_money(placed.balance),
+        });
+        if placed.replayed {
+            response
+                .metadata_mut()
+                .insert(IDEMPOTENT_REPLAYED, MetadataValue::from_static("true"));
+        }
+        Ok(response)
+    }
+
+    #[tracing::instrument(skip_all, fields(bet_id = %request.get_ref().bet_id))]
+    async fn get_bet(
+        &self,
+        request: Request<pb::GetBetRequest>,
+    ) -> Result<Response<pb::GetBetResponse>, Status> {
+        let principal = principal(&request)?;
+        let result = async {
+            let bet = BetId::parse(&request.get_ref().bet_id)
+                .map_err(|e| betting_domain::InvalidRequest::field("bet_id", e.to_string()))?;
+            // Another player's bet is indistinguishable from a missing one.
+            self.store
+                .get(bet)
+                .await?
+                .filter(|row| visible_to(row, &principal))
+                .ok_or(BettingError::BetNotFound)
+        }
+        .await;
+        let row = result.map_err(|e| to_status(&e))?;
+        Ok(Response::new(pb::GetBetResponse {
+            bet: Some(bet_pb(&row)),
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list_bets(
+        &self,
+        request: Request<pb::ListBetsRequest>,
+    ) -> Result<Response<pb::ListBetsResponse>, Status> {
+        let principal = principal(&request)?;
+        let r = request.into_inner();
+        let result = async {
+            let user = principal.resolve_user(r.user_id)?;
+            let mut v = Violations::default();
+            let round = if r.round_id.is_empty() {
+                Some(None)
+            } else {
+                v.check("round_id", RoundId::parse(&r.round_id)).map(Some)
+            };
+            let status = v.check("status", convert::bet_status_filter_from_pb(r.status));
+            let limit = v.check("page_size", convert::page_size(r.page_size));
+            let before = match convert::decode_page_token(&r.page_token) {
+                Ok(None) => Some(None),
+                Ok(Some(cursor)) => v.check(
+                    "page_token",
+                    Uuid::try_parse(&cursor)
+                        .map(Some)
+                        .map_err(|_| "is not a page token this service issued"),
+                ),
+                Err(e) => {
+                    v.add("page_token", e);
+                    None
+                }
+            };
+            let (Some(round), Some(status), Some(limit), Some(before), true) =
+                (round, status, limit, before, v.is_empty())
+            else {
+                return Err(BettingError::from(v.into_error()));
+            };
+            let mut rows = self
+                .store
+                .list(user, round.as_ref(), status, before, limit + 1)
+                .await?;
+            let more = rows.len() as i64 > limit;
+            rows.truncate(limit as usize);
+            let next = match (more, rows.last()) {
+                (true, Some(last)) => convert::encode_page_token(&last.bet_id.to_string()),
+                _ => String::new(),
+            };
+            Ok((rows, next))
+        }
+        .await;
+        let (rows, next_page_token) = result.map_err(|e| to_status(&e))?;
+        Ok(Response::new(pb::ListBetsResponse {
+            bets: rows.iter().map(bet_pb).collect(),
+            next_page_token,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(bet_id = %request.get_ref().bet_id))]
+    async fn cancel_bet(
+        &self,
+        request: Request<pb::CancelBetRequest>,
+    ) -> Result<Response<pb::CancelBetResponse>, Status> {
+        let principal = principal(&request)?;
+        let result = async {
+            let bet = BetId::parse(&request.get_ref().bet_id)
+                .map_err(|e| betting_domain::InvalidRequest::field("bet_id", e.to_string()))?;
+            self.cancel(&principal, bet).await
+        }
+        .await;
+        let (row, balance) = result.map_err(|e| to_status(&e))?;
+        Ok(Response::new(pb::CancelBetResponse {
+            bet: Some(bet_pb(&row)),
+            balance: format_money(balance),
+        }))
+    }
+}

@@ -1,0 +1,378 @@
+//! Bets and wallet commands in PostgreSQL.
+
+use std::time::Duration;
+
+use betting_domain::{
+    Amount, BetId, BetResult, BetStatus, IdempotencyKey, RefundReason, RoundId, RoundStatus, Side,
+    UserId,
+};
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::BettingError;
+
+/// A bet as stored.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct BetRow {
+    pub bet_id: Uuid,
+    pub user_id: i64,
+    pub idempotency_key: String,
+    pub round_id: String,
+    pub side: String,
+    pub amount: Decimal,
+    pub status: String,
+    pub reject_reason: Option<String>,
+    pub match_id: Option<Uuid>,
+    pub result: Option<String>,
+    pub payout: Option<Decimal>,
+    pub refund_reason: Option<String>,
+    pub balance_after: Option<Decimal>,
+    pub version: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl BetRow {
+    pub fn status(&self) -> Result<BetStatus, BettingError> {
+        BetStatus::from_db(&self.status).ok_or_else(|| corrupt("status", &self.status))
+    }
+
+    pub fn side(&self) -> Result<Side, BettingError> {
+        Side::from_db(&self.side).ok_or_else(|| corrupt("side", &self.side))
+    }
+
+    pub fn result(&self) -> Option<BetResult> {
+        self.result.as_deref().and_then(BetResult::from_db)
+    }
+
+    pub fn refund_reason(&self) -> Option<RefundReason> {
+        self.refund_reason
+            .as_deref()
+            .and_then(RefundReason::from_db)
+    }
+
+    pub fn amount(&self) -> Result<Amount, BettingError> {
+        Amount::try_from_decimal(self.amount)
+            .map_err(|_| corrupt("amount", &self.amount.to_string()))
+    }
+
+    pub fn user(&self) -> Result<UserId, BettingError> {
+        UserId::new(self.user_id).map_err(|_| corrupt("user_id", &self.user_id.to_string()))
+    }
+
+    pub fn id(&self) -> BetId {
+        BetId::from(self.bet_id)
+    }
+
+    /// Whether a retry asks for the same bet as this one.
+    pub fn same_request(&self, round: &RoundId, side: Side, amount: Amount) -> bool {
+        self.round_id == round.as_str()
+            && self.side == side.as_db()
+            && self.amount == amount.as_decimal()
+    }
+}
+
+fn corrupt(what: &str, value: &str) -> BettingError {
+    BettingError::Internal(anyhow::anyhow!(
+        "stored bet has an impossible {what}: {value:?}"
+    ))
+}
+
+/// Money the betting side owes a user, to be carried out through WalletService.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct WalletCommand {
+    pub idempotency_key: String,
+    pub kind: String,
+    pub user_id: i64,
+    pub amount: Decimal,
+    pub bet_id: Option<Uuid>,
+    pub match_id: Option<Uuid>,
+    pub attempts: i32,
+}
+
+macro_rules! bet_columns {
+    () => {
+        "bet_id, user_id, idempotency_key, round_id, side, amount, status, reject_reason, \
+         match_id, result, payout, refund_reason, balance_after, version, created_at, updated_at"
+    };
+}
+
+macro_rules! command_columns {
+    () => {
+        "idempotency_key, kind, user_id, amount, bet_id, match_id, attempts"
+    };
+}
+
+#[derive(Clone)]
+pub struct BetStore {
+    pool: PgPool,
+}
+
+impl BetStore {
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub async fn find_by_key(
+        &self,
+        user: UserId,
+        key: &IdempotencyKey,
+    ) -> Result<Option<BetRow>, BettingError> {
+        Ok(sqlx::query_as(concat!(
+            "SELECT ",
+            bet_columns!(),
+            " FROM bets WHERE user_id = $1 AND idempotency_key = $2"
+        ))
+        .bind(user.get())
+        .bind(key.as_str())
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    pub async fn get(&self, bet: BetId) -> Result<Option<BetRow>, BettingError> {
+        Ok(sqlx::query_as(concat!(
+            "SELECT ",
+            bet_columns!(),
+            " FROM bets WHERE bet_id = $1"
+        ))
+        .bind(bet.as_uuid())
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// Writes a new PLACING bet if the round is open and the key is new, in one
+    /// statement. `None` tells the caller to find out which of the two failed.
+    pub async fn insert_placing(
+        &self,
+        bet: BetId,
+        user: UserId,
+        key: &IdempotencyKey,
+        round: &RoundId,
+        side: Side,
+        amount: Amount,
+    ) -> Result<Option<BetRow>, BettingError> {
+        Ok(sqlx::query_as(concat!(
+            "INSERT INTO bets (bet_id, user_id, idempotency_key, round_id, side, amount, status) \
+             SELECT $1, $2, $3, $4, $5, $6, 'PLACING' \
+             WHERE EXISTS (SELECT 1 FROM rounds WHERE round_id = $4 AND status = 'OPEN') \
+             ON CONFLICT ON CONSTRAINT bets_user_key_unique DO NOTHING \
+             RETURNING ",
+            bet_columns!()
+        ))
+        .bind(bet.as_uuid())
+        .bind(user.get())
+        .bind(key.as_str())
+        .bind(round.as_str())
+        .bind(side.as_db())
+        .bind(amount.as_decimal())
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    pub async fn round_status(&self, round: &RoundId) -> Result<Option<RoundStatus>, BettingError> {
+        let status: Option<String> =
+            sqlx::query_scalar("SELECT status FROM rounds WHERE round_id = $1")
+                .bind(round.as_str())
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(status.as_deref().and_then(RoundStatus::from_db))
+    }
+
+    /// PLACING -> PENDING once the stake is held. `None` if the bet had already
+    /// moved on (a concurrent retry or the recovery pass got there first).
+    pub async fn mark_pending(
+        &self,
+        bet: BetId,
+        balance_after: Decimal,
+    ) -> Result<Option<BetRow>, BettingError> {
+        Ok(sqlx::query_as(concat!(
+            "UPDATE bets SET status = 'PENDING', balance_after = $2, version = version + 1, \
+               updated_at = now() \
+             WHERE bet_id = $1 AND status = 'PLACING' RETURNING ",
+            bet_columns!()
+        ))
+        .bind(bet.as_uuid())
+        .bind(balance_after)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// PLACING -> REJECTED when the stake cannot be taken.
+    pub async fn mark_rejected(&self, bet: BetId, reason: &str) -> Result<(), BettingError> {
+        sqlx::query(
+            "UPDATE bets SET status = 'REJECTED', reject_reason = $2, updated_at = now() \
+             WHERE bet_id = $1 AND status = 'PLACING'",
+        )
+        .bind(bet.as_uuid())
+        .bind(reason)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// A page of a user's visible bets, newest first, strictly before `before`.
+    pub async fn list(
+        &self,
+        user: UserId,
+        round: Option<&RoundId>,
+        status: Option<BetStatus>,
+        before: Option<Uuid>,
+        limit: i64,
+    ) -> Result<Vec<BetRow>, BettingError> {
+        Ok(sqlx::query_as(concat!(
+            "SELECT ",
+            bet_columns!(),
+            " FROM bets \
+             WHERE user_id = $1 AND status NOT IN ('PLACING', 'REJECTED') \
+               AND ($2::TEXT IS NULL OR round_id = $2) \
+               AND ($3::TEXT IS NULL OR status = $3) \
+               AND ($4::UUID IS NULL OR bet_id < $4) \
+             ORDER BY bet_id DESC LIMIT $5"
+        ))
+        .bind(user.get())
+        .bind(round.map(RoundId::as_str))
+        .bind(status.map(BetStatus::as_db))
+        .bind(before)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// PENDING -> REFUNDED, and the refund owed written in the same
+    /// transaction, so the money is owed the moment the bet says so. `None` if
+    /// the bet was not PENDING (or not this user's).
+    pub async fn refund_pending(
+        &self,
+        bet: BetId,
+        owner: Option<UserId>,
+        reason: RefundReason,
+    ) -> Result<Option<BetRow>, BettingError> {
+        let mut tx = self.pool.begin().await?;
+        let row: Option<BetRow> = sqlx::query_as(concat!(
+            "UPDATE bets SET status = 'REFUNDED', refund_reason = $3, version = version + 1, \
+               updated_at = now() \
+             WHERE bet_id = $1 AND status = 'PENDING' AND ($2::BIGINT IS NULL OR user_id = $2) \
+             RETURNING ",
+            bet_columns!()
+        ))
+        .bind(bet.as_uuid())
+        .bind(owner.map(UserId::get))
+        .bind(reason.as_db())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        sqlx::query(
+            "INSERT INTO wallet_commands (idempotency_key, kind, user_id, amount, bet_id) \
+             VALUES ($1, 'REFUND', $2, $3, $4)",
+        )
+        .bind(IdempotencyKey::refund(bet).as_str())
+        .bind(row.user_id)
+        .bind(row.amount)
+        .bind(row.bet_id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Some(row))
+    }
+
+    pub async fn command(
+        &self,
+        key: &IdempotencyKey,
+    ) -> Result<Option<WalletCommand>, BettingError> {
+        Ok(sqlx::query_as(concat!(
+            "SELECT ",
+            command_columns!(),
+            " FROM wallet_commands WHERE idempotency_key = $1"
+        ))
+        .bind(key.as_str())
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// Commands not yet carried out, older than `age` (younger ones are still
+    /// being carried out by the request that wrote them).
+    pub async fn due_commands(
+        &self,
+        age: Duration,
+        limit: i64,
+    ) -> Result<Vec<WalletCommand>, BettingError> {
+        Ok(sqlx::query_as(concat!(
+            "SELECT ",
+            command_columns!(),
+            " FROM wallet_commands \
+             WHERE done_at IS NULL AND created_at < now() - make_interval(secs => $1) \
+             ORDER BY created_at LIMIT $2"
+        ))
+        .bind(age.as_secs_f64())
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    pub async fn command_done(&self, key: &str) -> Result<(), BettingError> {
+        sqlx::query(
+            "UPDATE wallet_commands SET done_at = now(), attempts = attempts + 1 \
+             WHERE idempotency_key = $1 AND done_at IS NULL",
+        )
+        .bind(key)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn command_failed(&self, key: &str, error: &str) -> Result<(), BettingError> {
+        sqlx::query(
+            "UPDATE wallet_commands SET attempts = attempts + 1, last_error = $2 \
+             WHERE idempotency_key = $1 AND done_at IS NULL",
+        )
+        .bind(key)
+        .bind(error)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// PLACING bets older than `age`: left behind by a crash or an outage.
+    pub async fn stale_placing(
+        &self,
+        age: Duration,
+        limit: i64,
+    ) -> Result<Vec<BetRow>, BettingError> {
+        Ok(sqlx::query_as(concat!(
+            "SELECT ",
+            bet_columns!(),
+            " FROM bets \
+             WHERE status = 'PLACING' AND created_at < now() - make_interval(secs => $1) \
+             ORDER BY created_at LIMIT $2"
+        ))
+        .bind(age.as_secs_f64())
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// PENDING bets older than `age`, oldest first: the matcher's work, re-derived.
+    pub async fn pending_older_than(
+        &self,
+        age: Duration,
+        limit: i64,
+    ) -> Result<Vec<(Uuid, String)>, BettingError> {
+        Ok(sqlx::query_as(
+            "SELECT bet_id, round_id FROM bets \
+             WHERE status = 'PENDING' AND created_at < now() - make_interval(secs => $1) \
+             ORDER BY created_at LIMIT $2",
+        )
+        .bind(age.as_secs_f64())
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+}

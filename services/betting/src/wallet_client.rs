@@ -1,0 +1,118 @@
+//! BettingService's view of WalletService: a gRPC client that authenticates as
+//! a backend and sorts the wallet's answers into "refused" and "try again".
+
+use std::time::Duration;
+
+use betting_api::{pb, pb::wallet_service_client::WalletServiceClient, reason_of};
+use betting_auth::ServiceCredentials;
+use betting_domain::{Amount, BetId, IdempotencyKey, UserId};
+use rust_decimal::Decimal;
+use tonic::{
+    Code, Status,
+    service::interceptor::InterceptedService,
+    transport::{Channel, Endpoint},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WalletCallError {
+    /// The wallet said no for good (insufficient funds, ...); `reason` is its
+    /// `ErrorInfo.reason`.
+    #[error("wallet refused: {reason}")]
+    Refused { reason: String, status: Status },
+    /// The wallet could not be reached or failed: the same call may be retried.
+    #[error("wallet unavailable")]
+    Unavailable(#[source] Status),
+}
+
+impl WalletCallError {
+    fn from_status(status: Status) -> Self {
+        match status.code() {
+            Code::FailedPrecondition
+            | Code::AlreadyExists
+            | Code::InvalidArgument
+            | Code::NotFound
+            | Code::PermissionDenied
+            | Code::Unauthenticated => WalletCallError::Refused {
+                reason: reason_of(&status).unwrap_or_else(|| status.code().to_string()),
+                status,
+            },
+            _ => WalletCallError::Unavailable(status),
+        }
+    }
+
+    pub fn is_insufficient_funds(&self) -> bool {
+        matches!(self, WalletCallError::Refused { reason, .. } if reason == "INSUFFICIENT_FUNDS")
+    }
+}
+
+#[derive(Clone)]
+pub struct WalletClient {
+    inner: WalletServiceClient<InterceptedService<Channel, ServiceCredentials>>,
+}
+
+impl WalletClient {
+    /// A lazily connecting client: nothing is dialled until the first call.
+    pub fn new(
+        endpoint: &str,
+        credentials: ServiceCredentials,
+    ) -> Result<Self, tonic::transport::Error> {
+        let channel = Endpoint::from_shared(endpoint.to_owned())?
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(10))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        Ok(Self {
+            inner: WalletServiceClient::with_interceptor(channel, credentials),
+        })
+    }
+
+    /// Holds a bet's stake; returns the balance right after.
+    pub async fn hold_stake(
+        &self,
+        user: UserId,
+        amount: Amount,
+        bet: BetId,
+    ) -> Result<Decimal, WalletCallError> {
+        let response = self
+            .inner
+            .clone()
+            .hold_stake(pb::HoldStakeRequest {
+                user_id: user.get(),
+                amount: amount.to_string(),
+                idempotency_key: IdempotencyKey::stake(bet).to_string(),
+                bet_id: bet.to_string(),
+            })
+            .await
+            .map_err(WalletCallError::from_status)?;
+        balance_of(response.into_inner().wallet)
+    }
+
+    /// Returns a bet's stake; returns the balance right after.
+    pub async fn refund_stake(
+        &self,
+        user: UserId,
+        amount: Amount,
+        bet: BetId,
+    ) -> Result<Decimal, WalletCallError> {
+        let response = self
+            .inner
+            .clone()
+            .refund_stake(pb::RefundStakeRequest {
+                user_id: user.get(),
+                amount: amount.to_string(),
+                idempotency_key: IdempotencyKey::refund(bet).to_string(),
+                bet_id: bet.to_string(),
+            })
+            .await
+            .map_err(WalletCallError::from_status)?;
+        balance_of(response.into_inner().wallet)
+    }
+}
+
+fn balance_of(wallet: Option<pb::Wallet>) -> Result<Decimal, WalletCallError> {
+    wallet
+        .and_then(|w| w.balance.parse::<Decimal>().ok())
+        .ok_or_else(|| {
+            WalletCallError::Unavailable(Status::internal("wallet answered without a balance"))
+        })
+}

@@ -1,0 +1,220 @@
+//! Settings for `betting serve`: flags with environment fallbacks, validated
+//! before anything starts. Secrets are wrapped so they never print.
+
+#![forbid(unsafe_code)]
+
+use std::{fmt, net::SocketAddr, str::FromStr, time::Duration};
+
+/// A value that must never reach a log line.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
+/// The parts of the suite a process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum Role {
+    /// WalletService (gRPC).
+    Wallet,
+    /// BettingService (gRPC) and its maintenance pass.
+    Betting,
+    /// SettlementService (gRPC).
+    Settlement,
+    /// The matcher worker.
+    Matcher,
+    /// The settler worker.
+    Settler,
+}
+
+impl Role {
+    pub const ALL: [Role; 5] = [
+        Role::Wallet,
+        Role::Betting,
+        Role::Settlement,
+        Role::Matcher,
+        Role::Settler,
+    ];
+}
+
+/// Connection settings shared by every subcommand that talks to storage.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StorageSettings {
+    /// PostgreSQL URL.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Secret,
+
+    /// Largest number of PostgreSQL connections this process opens.
+    #[arg(long, env = "BETTING_DB_MAX_CONNECTIONS", default_value_t = 32)]
+    pub db_max_connections: u32,
+}
+
+/// Everything `betting serve` needs.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Settings {
+    #[command(flatten)]
+    pub storage: StorageSettings,
+
+    /// Redis URL.
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    pub redis_url: Secret,
+
+    /// Prefix of every Redis key, so deployments (and tests) can share a Redis.
+    #[arg(long, env = "BETTING_REDIS_NAMESPACE", default_value = "betting")]
+    pub redis_namespace: String,
+
+    /// Where the gRPC server listens. Port 0 picks a free port.
+    #[arg(long, env = "BETTING_LISTEN_ADDR", default_value = "127.0.0.1:50051")]
+    pub listen_addr: SocketAddr,
+
+    /// Where Prometheus metrics are served. Port 0 picks a free port.
+    #[arg(long, env = "BETTING_METRICS_ADDR", default_value = "127.0.0.1:9464")]
+    pub metrics_addr: SocketAddr,
+
+    /// HS256 secret for bearer tokens; at least 32 bytes.
+    #[arg(long, env = "BETTING_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Secret,
+
+    /// Required `iss` claim, when set.
+    #[arg(long, env = "BETTING_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// Required `aud` claim, when set.
+    #[arg(long, env = "BETTING_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// Where other roles reach WalletService, e.g. http://wallet:50051.
+    /// Defaults to this process's own server when it runs the wallet role.
+    #[arg(long, env = "BETTING_WALLET_ENDPOINT")]
+    pub wallet_endpoint: Option<String>,
+
+    /// The roles to run; repeat the flag. None means all of them.
+    #[arg(
+        long = "role",
+        value_enum,
+        env = "BETTING_ROLES",
+        value_delimiter = ','
+    )]
+    pub roles: Vec<Role>,
+
+    /// Seconds a PLACING bet is left to its request before the recovery pass takes over.
+    #[arg(long, env = "BETTING_PLACING_GRACE_SECS", default_value_t = 10)]
+    pub placing_grace_secs: u64,
+
+    /// Seconds between maintenance passes.
+    #[arg(long, env = "BETTING_MAINTENANCE_INTERVAL_MS", default_value_t = 2000)]
+    pub maintenance_interval_ms: u64,
+
+    /// Seconds in-flight requests get to finish on shutdown.
+    #[arg(long, env = "BETTING_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
+    pub shutdown_grace_secs: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("BETTING_JWT_SECRET must be at least 32 bytes")]
+    WeakSecret,
+    #[error(
+        "BETTING_WALLET_ENDPOINT is required when the betting role runs without the wallet role"
+    )]
+    NoWalletEndpoint,
+    #[error("BETTING_WALLET_ENDPOINT must be an http:// or https:// URL")]
+    BadWalletEndpoint,
+    #[error("{0} must be a postgres:// URL")]
+    BadDatabaseUrl(&'static str),
+    #[error("REDIS_URL must be a redis:// or rediss:// URL")]
+    BadRedisUrl,
+    #[error("BETTING_REDIS_NAMESPACE must be 1-64 characters of [A-Za-z0-9._:-]")]
+    BadNamespace,
+}
+
+impl Settings {
+    /// The roles to run, all of them when none was named.
+    pub fn roles(&self) -> Vec<Role> {
+        if self.roles.is_empty() {
+            Role::ALL.to_vec()
+        } else {
+            let mut roles = self.roles.clone();
+            roles.dedup();
+            roles
+        }
+    }
+
+    pub fn runs(&self, role: Role) -> bool {
+        self.roles.is_empty() || self.roles.contains(&role)
+    }
+
+    pub fn placing_grace(&self) -> Duration {
+        Duration::from_secs(self.placing_grace_secs)
+    }
+
+    pub fn maintenance_interval(&self) -> Duration {
+        Duration::from_millis(self.maintenance_interval_ms.max(10))
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs)
+    }
+
+    /// Checks what clap cannot: run before anything is started.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.jwt_secret.expose().len() < 32 {
+            return Err(ConfigError::WeakSecret);
+        }
+        self.storage.validate()?;
+        let redis = self.redis_url.expose();
+        if !(redis.starts_with("redis://") || redis.starts_with("rediss://")) {
+            return Err(ConfigError::BadRedisUrl);
+        }
+        let ns = &self.redis_namespace;
+        let ns_ok = !ns.is_empty()
+            && ns.len() <= 64
+            && ns
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
+        if !ns_ok {
+            return Err(ConfigError::BadNamespace);
+        }
+        match &self.wallet_endpoint {
+            Some(e) if !(e.starts_with("http://") || e.starts_with("https://")) => {
+                return Err(ConfigError::BadWalletEndpoint);
+            }
+            None if self.runs(Role::Betting) && !self.runs(Role::Wallet) => {
+                return Err(ConfigError::NoWalletEndpoint);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+impl StorageSettings {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let url = self.database_url.expose();
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(ConfigError::BadDatabaseUrl("DATABASE_URL"));
+        }
+        Ok(())
+    }
+}

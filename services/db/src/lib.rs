@@ -1,0 +1,109 @@
+//! PostgreSQL: the pool, the embedded migrations, and the one place that tells
+//! what kind of failure a `sqlx::Error` is.
+//!
+//! Storage errors are classified here and turned into service errors at each
+//! service's storage boundary; driver text never travels further than a log line.
+
+#![forbid(unsafe_code)]
+
+use std::time::Duration;
+
+use sqlx::{
+    migrate::Migrator,
+    postgres::{PgConnectOptions, PgPool, PgPoolOptions},
+};
+
+pub use sqlx::PgPool as Pool;
+
+/// Every migration in `migrations/`, compiled into the binary.
+pub static MIGRATOR: Migrator = sqlx::migrate!("../../migrations");
+
+/// Pool settings.
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    pub max_connections: u32,
+    /// How long a request waits for a connection before it is told UNAVAILABLE.
+    pub acquire_timeout: Duration,
+    /// Server-side guard against a runaway query holding locks.
+    pub statement_timeout: Duration,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        Self {
+            max_connections: 32,
+            acquire_timeout: Duration::from_secs(3),
+            statement_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Builds a pool that connects lazily: the process starts (and reports
+/// NOT_SERVING) while PostgreSQL is down, and recovers when it returns.
+pub fn connect_lazy(url: &str, settings: &PoolSettings) -> Result<PgPool, sqlx::Error> {
+    let options: PgConnectOptions = url.parse()?;
+    let options = options.options([(
+        "statement_timeout",
+        settings.statement_timeout.as_millis().to_string(),
+    )]);
+    Ok(PgPoolOptions::new()
+        .max_connections(settings.max_connections)
+        .acquire_timeout(settings.acquire_timeout)
+        .connect_lazy_with(options))
+}
+
+/// Applies every pending migration.
+pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    MIGRATOR.run(pool).await
+}
+
+/// Whether PostgreSQL answers right now.
+pub async fn ping(pool: &PgPool) -> bool {
+    sqlx::query("SELECT 1").execute(pool).await.is_ok()
+}
+
+/// What kind of failure a storage error is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// The database cannot be reached or is shutting down: retry later.
+    Unavailable,
+    /// A unique constraint, by name.
+    UniqueViolation(String),
+    /// A CHECK constraint, by name.
+    CheckViolation(String),
+    /// A serialization failure or deadlock: the transaction may simply be retried.
+    Conflict,
+    /// Anything else: a bug.
+    Other,
+}
+
+pub fn classify(err: &sqlx::Error) -> Failure {
+    match err {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => Failure::Unavailable,
+        sqlx::Error::Database(db) => {
+            let code = db.code().unwrap_or_default();
+            let constraint = db.constraint().unwrap_or_default().to_owned();
+            match code.as_ref() {
+                "23505" => Failure::UniqueViolation(constraint),
+                "23514" => Failure::CheckViolation(constraint),
+                "40001" | "40P01" => Failure::Conflict,
+                // Class 08: connection exceptions; 57P0x: shutdown, crash
+                // recovery; 53300: too many connections.
+                c if c.starts_with("08") || c.starts_with("57P") || c == "53300" => {
+                    Failure::Unavailable
+                }
+                _ => Failure::Other,
+            }
+        }
+        _ => Failure::Other,
+    }
+}
+
+/// Whether an error means "the database is not there right now".
+pub fn is_unavailable(err: &sqlx::Error) -> bool {
+    classify(err) == Failure::Unavailable
+}

@@ -1,0 +1,125 @@
+//! The error contract between services and the gRPC edge.
+//!
+//! Each service has its own `thiserror` enum and says, through [`ServiceError`],
+//! which [`ErrorCode`] each variant is. The API crate turns that into a
+//! `tonic::Status` in exactly one place, so codes are consistent everywhere and
+//! internal detail never reaches a client.
+
+/// What kind of failure an error is, independent of the transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// The request itself is malformed; see the field violations.
+    InvalidArgument,
+    /// The request is well formed but the system is not in a state that allows it
+    /// (insufficient funds, round not open, bet not cancellable).
+    FailedPrecondition,
+    NotFound,
+    /// The thing exists already, or an idempotency key was reused with another payload.
+    AlreadyExists,
+    PermissionDenied,
+    Unauthenticated,
+    /// A dependency (PostgreSQL, Redis, another service) cannot be reached; retry.
+    Unavailable,
+    /// A limit was hit.
+    ResourceExhausted,
+    /// A bug or an unexpected failure. The message sent is generic; the detail is logged.
+    Internal,
+}
+
+/// One bad field of a request, reported as a `google.rpc.BadRequest` violation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldViolation {
+    pub field: &'static str,
+    pub description: String,
+}
+
+impl FieldViolation {
+    pub fn new(field: &'static str, description: impl Into<String>) -> Self {
+        Self {
+            field,
+            description: description.into(),
+        }
+    }
+}
+
+/// Implemented by every service's error enum.
+pub trait ServiceError: std::error::Error {
+    fn code(&self) -> ErrorCode;
+
+    /// A stable, machine-readable reason in UPPER_SNAKE_CASE (`INSUFFICIENT_FUNDS`),
+    /// sent as `google.rpc.ErrorInfo.reason`.
+    fn reason(&self) -> &'static str;
+
+    /// For [`ErrorCode::InvalidArgument`]: which fields were bad and why.
+    fn violations(&self) -> Vec<FieldViolation> {
+        Vec::new()
+    }
+}
+
+/// Collects every bad field of a request while it is parsed, so a client learns
+/// about all of them at once.
+#[derive(Debug, Default)]
+pub struct Violations(Vec<FieldViolation>);
+
+impl Violations {
+    /// Keeps the value of a field that parsed, records why one did not.
+    pub fn check<T, E: std::fmt::Display>(
+        &mut self,
+        field: &'static str,
+        parsed: Result<T, E>,
+    ) -> Option<T> {
+        match parsed {
+            Ok(value) => Some(value),
+            Err(e) => {
+                self.0.push(FieldViolation::new(field, e.to_string()));
+                None
+            }
+        }
+    }
+
+    pub fn add(&mut self, field: &'static str, description: impl Into<String>) {
+        self.0.push(FieldViolation::new(field, description));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The error to return once parsing is over: only meaningful when some field failed.
+    pub fn into_error(self) -> InvalidRequest {
+        InvalidRequest(self.0)
+    }
+}
+
+/// A request with one or more bad fields.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid request: {}", summary(.0))]
+pub struct InvalidRequest(pub Vec<FieldViolation>);
+
+impl InvalidRequest {
+    pub fn field(field: &'static str, description: impl Into<String>) -> Self {
+        Self(vec![FieldViolation::new(field, description)])
+    }
+}
+
+fn summary(violations: &[FieldViolation]) -> String {
+    violations
+        .iter()
+        .map(|v| format!("{} {}", v.field, v.description))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl ServiceError for InvalidRequest {
+    fn code(&self) -> ErrorCode {
+        ErrorCode::InvalidArgument
+    }
+
+    fn reason(&self) -> &'static str {
+        "INVALID_ARGUMENT"
+    }
+
+    fn violations(&self) -> Vec<FieldViolation> {
+        self.0.clone()
+    }
+}

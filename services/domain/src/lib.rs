@@ -1,0 +1,18 @@
+//! Domain types shared by every service.
+//!
+//! Everything here is parsed, not validated: once a value of one of these types
+//! exists it is known to be well formed (an [`Amount`] is positive, has at most
+//! eight fractional digits and fits the ledger; a [`RoundId`] has the allowed
+//! characters). Protobuf and storage types never appear here.
+
+#![forbid(unsafe_code)]
+
+mod error;
+mod ids;
+mod money;
+mod status;
+
+pub use error::{ErrorCode, FieldViolation, InvalidRequest, ServiceError, Violations};
+pub use ids::{BetId, IdempotencyKey, MatchId, ParseIdError, Reference, RoundId, UserId};
+pub use money::{Amount, AmountError, format_money};
+pub use status::{Account, BetResult, BetStatus, EntryKind, RefundReason, RoundStatus, Side};

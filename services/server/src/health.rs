@@ -1,0 +1,79 @@
+//! `grpc.health.v1.Health`: SERVING only while PostgreSQL and Redis both answer.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::sync::watch;
+use tonic_health::{ServingStatus, server::HealthReporter};
+
+#[derive(Clone)]
+pub struct HealthWatch {
+    reporter: HealthReporter,
+    services: Arc<Vec<&'static str>>,
+    pool: sqlx::PgPool,
+    redis: fred::prelude::Client,
+}
+
+impl HealthWatch {
+    pub fn new(
+        reporter: HealthReporter,
+        services: Vec<&'static str>,
+        pool: sqlx::PgPool,
+        redis: fred::prelude::Client,
+    ) -> Self {
+        Self {
+            reporter,
+            services: Arc::new(services),
+            pool,
+            redis,
+        }
+    }
+
+    async fn set(&self, status: ServingStatus) {
+        // "" is the whole server.
+        self.reporter.set_service_status("", status).await;
+        for service in self.services.iter() {
+            self.reporter.set_service_status(*service, status).await;
+        }
+    }
+
+    /// Probes both stores once and publishes the result.
+    pub async fn check_once(&self) -> bool {
+        let probe = Duration::from_secs(2);
+        let (db, redis) = tokio::join!(
+            tokio::time::timeout(probe, betting_db::ping(&self.pool)),
+            tokio::time::timeout(probe, betting_queue::ping(&self.redis)),
+        );
+        let db = db.unwrap_or(false);
+        let redis = redis.unwrap_or(false);
+        let healthy = db && redis;
+        self.set(if healthy {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        })
+        .await;
+        if !healthy {
+            tracing::warn!(postgres = db, redis, "not serving: a store is unreachable");
+        }
+        healthy
+    }
+
+    pub async fn shutting_down(&self) {
+        self.set(ServingStatus::NotServing).await;
+    }
+
+    pub async fn run(self, every: Duration, mut stop: watch::Receiver<bool>) {
+        let mut ticker = tokio::time::interval(every);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = stop.changed() => return,
+            }
+            if *stop.borrow() {
+                return;
+            }
+            self.check_once().await;
+        }
+    }
+}

@@ -1,0 +1,278 @@
+//! The application: everything a `betting serve` process runs, for a set of roles.
+//!
+//! [`Application::build`] constructs every part (pools, clients, listeners,
+//! services) and binds the ports, so callers (the binary and the tests alike)
+//! learn the real port before anything is served; [`Application::run_until`]
+//! serves until a shutdown signal, then drains. Tests run exactly this path.
+
+#![forbid(unsafe_code)]
+
+mod health;
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use betting_auth::{AuthInterceptor, ServiceCredentials, TokenMinter, Verifier};
+use betting_bets::{
+    BetStore, BettingService, MATCH_QUEUE, WalletClient, maintenance::MaintenanceSettings,
+};
+use betting_config::{Role, Settings};
+use betting_db::PoolSettings;
+use betting_queue::Queue;
+use betting_settlement::SettlementService;
+use betting_wallet::WalletService;
+use futures::StreamExt;
+use sqlx::PgPool;
+use tokio::{net::TcpListener, sync::watch};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+
+pub use health::HealthWatch;
+
+/// A built, bound, not yet running process.
+pub struct Application {
+    settings: Settings,
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    metrics_listener: TcpListener,
+    metrics_addr: SocketAddr,
+    pool: PgPool,
+    redis: fred::prelude::Client,
+    auth: AuthInterceptor,
+    wallet: Option<WalletService>,
+    betting: Option<BettingService>,
+    settlement: Option<SettlementService>,
+}
+
+impl Application {
+    /// Validates the settings, connects (lazily) to PostgreSQL and Redis, binds
+    /// the gRPC and metrics ports and builds the services of the chosen roles.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        settings.validate()?;
+        let listener = TcpListener::bind(settings.listen_addr)
+            .await
+            .with_context(|| format!("cannot listen on {}", settings.listen_addr))?;
+        let local_addr = listener.local_addr()?;
+        let metrics_listener = TcpListener::bind(settings.metrics_addr)
+            .await
+            .with_context(|| format!("cannot listen on {}", settings.metrics_addr))?;
+        let metrics_addr = metrics_listener.local_addr()?;
+
+        let pool = betting_db::connect_lazy(
+            settings.storage.database_url.expose(),
+            &PoolSettings {
+                max_connections: settings.storage.db_max_connections,
+                ..PoolSettings::default()
+            },
+        )
+        .context("invalid DATABASE_URL")?;
+        let redis =
+            betting_queue::connect(settings.redis_url.expose()).context("invalid REDIS_URL")?;
+
+        let secret = settings.jwt_secret.expose().as_bytes();
+        let issuer = settings.jwt_issuer.as_deref();
+        let audience = settings.jwt_audience.as_deref();
+        let auth = AuthInterceptor::new(Arc::new(Verifier::new(secret, issuer, audience)));
+
+        let wallet = settings
+            .runs(Role::Wallet)
+            .then(|| WalletService::new(pool.clone()));
+        let settlement = settings
+            .runs(Role::Settlement)
+            .then(|| SettlementService::new(pool.clone()));
+        let betting = if settings.runs(Role::Betting) {
+            // In all-in-one mode the wallet is this very server, reached over
+            // loopback exactly as a split deployment reaches it over the network.
+            let endpoint = match &settings.wallet_endpoint {
+                Some(endpoint) => endpoint.clone(),
+                None => format!("http://{}", loopback(local_addr)),
+            };
+            let credentials = ServiceCredentials::new(TokenMinter::new(secret, issuer, audience));
+            let client = WalletClient::new(&endpoint, credentials)
+                .with_context(|| format!("invalid wallet endpoint {endpoint}"))?;
+            let queue = Queue::new(redis.clone(), &settings.redis_namespace, MATCH_QUEUE);
+            Some(BettingService::new(
+                BetStore::new(pool.clone()),
+                client,
+                queue,
+            ))
+        } else {
+            None
+        };
+
+        Ok(Self {
+            settings,
+            listener,
+            local_addr,
+            metrics_listener,
+            metrics_addr,
+            pool,
+            redis,
+            auth,
+            wallet,
+            betting,
+            settlement,
+        })
+    }
+
+    /// The address the gRPC server is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn port(&self) -> u16 {
+        self.local_addr.port()
+    }
+
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The betting service, when this process runs the betting role.
+    pub fn betting(&self) -> Option<&BettingService> {
+        self.betting.as_ref()
+    }
+
+    /// Serves until SIGINT or SIGTERM.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        self.run_until(shutdown_signal()).await
+    }
+
+    /// Serves until `signal` completes, then shuts down gracefully: health
+    /// turns NOT_SERVING, background work stops, and in-flight requests get
+    /// the configured grace period to finish.
+    pub async fn run_until(self, signal: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let roles = self.settings.roles();
+        tracing::info!(addr = %self.local_addr, metrics = %self.metrics_addr, ?roles, "serving");
+
+        let (reporter, health_service) = tonic_health::server::health_reporter();
+        let mut served = Vec::new();
+        if self.wallet.is_some() {
+            served.push("betting.v1.WalletService");
+        }
+        if self.betting.is_some() {
+            served.push("betting.v1.BettingService");
+        }
+        if self.settlement.is_some() {
+            served.push("betting.v1.SettlementService");
+        }
+        let health = HealthWatch::new(reporter, served, self.pool.clone(), self.redis.clone());
+        health.check_once().await;
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(health.clone().run(Duration::from_secs(1), stop_rx.clone()));
+        tasks.spawn(betting_telemetry::serve_metrics(
+            self.metrics_listener,
+            stop_rx.clone(),
+        ));
+        if let Some(betting) = &self.betting {
+            let maintenance = MaintenanceSettings {
+                interval: self.settings.maintenance_interval(),
+                placing_grace: self.settings.placing_grace(),
+                ..MaintenanceSettings::default()
+            };
+            tasks.spawn(
+                betting
+                    .clone()
+                    .run_maintenance(maintenance, stop_rx.clone()),
+            );
+        }
+        for role in [Role::Matcher, Role::Settler] {
+            if roles.contains(&role) {
+                tracing::info!(?role, "worker role accepted; its worker is not built yet");
+            }
+        }
+
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(betting_api::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .context("reflection v1")?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(betting_api::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .context("reflection v1alpha")?;
+
+        let auth = self.auth.clone();
+        let router = Server::builder()
+            // Keep idle client connections alive through NATs and notice dead peers.
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_optional_service(self.wallet.map(|s| s.into_server(auth.clone())))
+            .add_optional_service(self.betting.map(|s| s.into_server(auth.clone())))
+            .add_optional_service(self.settlement.map(|s| s.into_server(auth.clone())));
+
+        // Small RPCs: don't let Nagle hold replies back.
+        let incoming = TcpListenerStream::new(self.listener).map(|conn| {
+            conn.inspect(|stream| {
+                let _ = stream.set_nodelay(true);
+            })
+        });
+
+        let grace = self.settings.shutdown_grace();
+        let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+        let shutdown = {
+            let health = health.clone();
+            async move {
+                signal.await;
+                tracing::info!("shutting down");
+                health.shutting_down().await;
+                let _ = stop_tx.send(true);
+                let _ = drain_tx.send(());
+            }
+        };
+        let server = router.serve_with_incoming_shutdown(incoming, shutdown);
+        tokio::pin!(server);
+        // Serve until the signal; then give in-flight requests the grace period.
+        tokio::select! {
+            result = &mut server => result.context("gRPC server failed")?,
+            _ = async {
+                let _ = drain_rx.await;
+                tokio::time::sleep(grace).await;
+            } => tracing::warn!("grace period over; dropping remaining requests"),
+        }
+        tasks.shutdown().await;
+        Ok(())
+    }
+}
+
+/// Where this process reaches its own server.
+fn loopback(addr: SocketAddr) -> SocketAddr {
+    let ip = if addr.ip().is_unspecified() {
+        match addr {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        }
+    } else {
+        addr.ip()
+    };
+    SocketAddr::new(ip, addr.port())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+}

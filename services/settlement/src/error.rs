@@ -1,0 +1,66 @@
+//! What can go wrong running rounds.
+
+use betting_auth::AuthError;
+use betting_domain::{ErrorCode, FieldViolation, InvalidRequest, ServiceError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettlementError {
+    #[error(transparent)]
+    Invalid(#[from] InvalidRequest),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error("round not found")]
+    RoundNotFound,
+    #[error("round already exists and is {0}")]
+    RoundExists(&'static str),
+    #[error("round is {0}")]
+    WrongState(&'static str),
+    #[error("database unavailable")]
+    Unavailable(#[source] sqlx::Error),
+    #[error("unexpected settlement failure")]
+    Internal(#[source] anyhow::Error),
+}
+
+impl From<sqlx::Error> for SettlementError {
+    fn from(err: sqlx::Error) -> Self {
+        if betting_db::is_unavailable(&err) {
+            SettlementError::Unavailable(err)
+        } else {
+            SettlementError::Internal(err.into())
+        }
+    }
+}
+
+impl ServiceError for SettlementError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            SettlementError::Invalid(e) => e.code(),
+            SettlementError::Auth(e) => e.code(),
+            SettlementError::RoundNotFound => ErrorCode::NotFound,
+            SettlementError::RoundExists(_) => ErrorCode::AlreadyExists,
+            SettlementError::WrongState(_) => ErrorCode::FailedPrecondition,
+            SettlementError::Unavailable(_) => ErrorCode::Unavailable,
+            SettlementError::Internal(_) => ErrorCode::Internal,
+        }
+    }
+
+    fn reason(&self) -> &'static str {
+        match self {
+            SettlementError::Invalid(e) => e.reason(),
+            SettlementError::Auth(e) => e.reason(),
+            SettlementError::RoundNotFound => "ROUND_NOT_FOUND",
+            SettlementError::RoundExists(_) => "ROUND_EXISTS",
+            SettlementError::WrongState(_) => "ROUND_WRONG_STATE",
+            SettlementError::Unavailable(_) => "UNAVAILABLE",
+            SettlementError::Internal(_) => "INTERNAL",
+        }
+    }
+
+    fn violations(&self) -> Vec<FieldViolation> {
+        match self {
+            SettlementError::Invalid(e) => e.violations(),
+            SettlementError::Auth(e) => e.violations(),
+            _ => Vec::new(),
+        }
+    }
+}

@@ -1,0 +1,74 @@
+//! What can go wrong when moving money.
+
+use betting_auth::AuthError;
+use betting_domain::{ErrorCode, FieldViolation, InvalidRequest, ServiceError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WalletError {
+    #[error(transparent)]
+    Invalid(#[from] InvalidRequest),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error("insufficient funds")]
+    InsufficientFunds,
+    #[error("the wallet balance would exceed its limit")]
+    BalanceLimit,
+    #[error("idempotency key already used with a different request")]
+    IdempotencyConflict,
+    #[error("no stake is held for this bet with this user and amount")]
+    NoMatchingStake,
+    #[error("database unavailable")]
+    Unavailable(#[source] sqlx::Error),
+    #[error("unexpected wallet failure")]
+    Internal(#[source] anyhow::Error),
+}
+
+impl From<sqlx::Error> for WalletError {
+    fn from(err: sqlx::Error) -> Self {
+        use betting_db::Failure;
+        match betting_db::classify(&err) {
+            Failure::Unavailable => WalletError::Unavailable(err),
+            Failure::CheckViolation(c) if c == "wallets_balance_non_negative" => {
+                WalletError::InsufficientFunds
+            }
+            Failure::CheckViolation(c) if c == "wallets_balance_limit" => WalletError::BalanceLimit,
+            _ => WalletError::Internal(err.into()),
+        }
+    }
+}
+
+impl ServiceError for WalletError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            WalletError::Invalid(e) => e.code(),
+            WalletError::Auth(e) => e.code(),
+            WalletError::InsufficientFunds
+            | WalletError::BalanceLimit
+            | WalletError::NoMatchingStake => ErrorCode::FailedPrecondition,
+            WalletError::IdempotencyConflict => ErrorCode::AlreadyExists,
+            WalletError::Unavailable(_) => ErrorCode::Unavailable,
+            WalletError::Internal(_) => ErrorCode::Internal,
+        }
+    }
+
+    fn reason(&self) -> &'static str {
+        match self {
+            WalletError::Invalid(e) => e.reason(),
+            WalletError::Auth(e) => e.reason(),
+            WalletError::InsufficientFunds => "INSUFFICIENT_FUNDS",
+            WalletError::BalanceLimit => "BALANCE_LIMIT",
+            WalletError::IdempotencyConflict => "IDEMPOTENCY_KEY_REUSED",
+            WalletError::NoMatchingStake => "NO_MATCHING_STAKE",
+            WalletError::Unavailable(_) => "UNAVAILABLE",
+            WalletError::Internal(_) => "INTERNAL",
+        }
+    }
+
+    fn violations(&self) -> Vec<FieldViolation> {
+        match self {
+            WalletError::Invalid(e) => e.violations(),
+            WalletError::Auth(e) => e.violations(),
+            _ => Vec::new(),
+        }
+    }
+}

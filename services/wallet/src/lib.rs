@@ -1,0 +1,16 @@
+//! WalletService: wallets and the ledger.
+//!
+//! This is the only code that writes `wallets` and `ledger_entries`. Every
+//! movement goes through [`Ledger::post`], which is idempotent by key, never
+//! overdraws, and writes exactly one ledger row (a transfer between the user's
+//! wallet and a system account) in the same transaction as the balance change.
+
+#![forbid(unsafe_code)]
+
+mod error;
+mod ledger;
+mod service;
+
+pub use error::WalletError;
+pub use ledger::{Entry, Ledger, Posted, Transfer, WalletView};
+pub use service::WalletService;

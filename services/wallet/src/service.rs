@@ -1,0 +1,350 @@
+//! The gRPC face of the wallet: parse, authorise, post, convert.
+
+use betting_api::{
+    convert, pb,
+    pb::wallet_service_server::{WalletService as WalletApi, WalletServiceServer},
+    to_status,
+};
+use betting_auth::{AuthInterceptor, Principal};
+use betting_domain::{
+    Amount, BetId, EntryKind, IdempotencyKey, Reference, UserId, Violations, format_money,
+};
+use sqlx::PgPool;
+use tonic::{
+    Request, Response, Status, metadata::MetadataValue, service::interceptor::InterceptedService,
+};
+
+use crate::{Entry, Ledger, Posted, Transfer, WalletError, WalletView};
+
+/// Keys our own services use; clients may not take them.
+const RESERVED_KEY_PREFIXES: &[&str] = &["BET:", "REFUND:", "SETTLE:"];
+
+#[derive(Clone)]
+pub struct WalletService {
+    ledger: Ledger,
+}
+
+impl WalletService {
+    pub fn new(pool: PgPool) -> Self {
+        Self {
+            ledger: Ledger::new(pool),
+        }
+    }
+
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// The tonic service, behind the bearer-token check.
+    pub fn into_server(
+        self,
+        auth: AuthInterceptor,
+    ) -> InterceptedService<WalletServiceServer<Self>, AuthInterceptor> {
+        WalletServiceServer::with_interceptor(self, auth)
+    }
+
+    /// Deposit and Withdraw share everything but the direction.
+    async fn external(
+        &self,
+        principal: &Principal,
+        kind: EntryKind,
+        user_id: i64,
+        amount: &str,
+        key: &str,
+        reference: &str,
+    ) -> Result<Posted, WalletError> {
+        principal.require_backend()?;
+        let mut v = Violations::default();
+        let user = v.check("user_id", UserId::new(user_id));
+        let amount = v.check("amount", Amount::parse(amount));
+        let key = v.check("idempotency_key", IdempotencyKey::parse(key));
+        if let Some(k) = &key {
+            if RESERVED_KEY_PREFIXES
+                .iter()
+                .any(|p| k.as_str().starts_with(p))
+            {
+                v.add(
+                    "idempotency_key",
+                    "must not start with BET:, REFUND: or SETTLE:",
+                );
+            }
+        }
+        let reference = v.check("reference", Reference::parse(reference));
+        let (Some(user), Some(amount), Some(key), Some(reference), true) =
+            (user, amount, key, reference, v.is_empty())
+        else {
+            return Err(v.into_error().into());
+        };
+        self.ledger
+            .post(&Transfer {
+                kind,
+                user,
+                amount,
+                key,
+                reference: reference.as_str().to_owned(),
+            })
+            .await
+    }
+
+    /// HoldStake and RefundStake: our own services, keys of a fixed shape.
+    async fn internal(
+        &self,
+        principal: &Principal,
+        kind: EntryKind,
+        user_id: i64,
+        amount: &str,
+        key: &str,
+        bet_id: &str,
+    ) -> Result<Posted, WalletError> {
+        principal.require_backend()?;
+        let mut v = Violations::default();
+        let user = v.check("user_id", UserId::new(user_id));
+        let amount = v.check("amount", Amount::parse(amount));
+        let bet = v.check("bet_id", BetId::parse(bet_id));
+        let key = v.check("idempotency_key", IdempotencyKey::parse(key));
+        if let (Some(bet), Some(k)) = (bet, &key) {
+            // One stake and at most one refund per bet, whatever the caller sends.
+            let expected = match kind {
+                EntryKind::Stake => IdempotencyKey::stake(bet),
+                _ => IdempotencyKey::refund(bet),
+            };
+            if *k != expected {
+                v.add("idempotency_key", format!("must be {expected}"));
+            }
+        }
+        let (Some(user), Some(amount), Some(bet), Some(key), true) =
+            (user, amount, bet, key, v.is_empty())
+        else {
+            return Err(v.into_error().into());
+        };
+        let reference = bet.to_string();
+        if kind == EntryKind::Refund {
+            // Never return more than was held, nor to anyone else.
+            let stake = self.ledger.find_stake(&reference).await?;
+            let held =
+                stake.is_some_and(|s| s.user_id == user.get() && -s.amount == amount.as_decimal());
+            if !held {
+                return Err(WalletError::NoMatchingStake);
+            }
+        }
+        self.ledger
+            .post(&Transfer {
+                kind,
+                user,
+                amount,
+                key,
+                reference,
+            })
+            .await
+    }
+}
+
+fn wallet_pb(w: &WalletView) -> pb::Wallet {
+    pb::Wallet {
+        user_id: w.user_id,
+        balance: format_money(w.balance),
+        updated_at: w.updated_at.map(convert::timestamp),
+    }
+}
+
+fn entry_pb(e: &Entry) -> pb::LedgerEntry {
+    pb::LedgerEntry {
+        entry_id: e.entry_id,
+        transfer_id: e.transfer_id.to_string(),
+        user_id: e.user_id,
+        kind: e
+            .kind()
+            .map_or(pb::EntryKind::Unspecified, convert::entry_kind_to_pb) as i32,
+        amount: format_money(e.amount),
+        balance_after: format_money(e.balance_after),
+        counterparty: e
+            .counterparty()
+            .map_or(pb::Account::Unspecified, convert::account_to_pb) as i32,
+        idempotency_key: e.idempotency_key.clone(),
+        reference: e.reference.clone(),
+        created_at: Some(convert::timestamp(e.created_at)),
+    }
+}
+
+/// Wraps a posted movement, marking replays in a response header so that the
+/// body of a replay is exactly the original's.
+fn respond<T>(posted: &Posted, body: T) -> Response<T> {
+    let mut response = Response::new(body);
+    if posted.replayed {
+        response.metadata_mut().insert(
+            betting_api::IDEMPOTENT_REPLAYED,
+            MetadataValue::from_static("true"),
+        );
+    }
+    response
+}
+
+fn principal<T>(request: &Request<T>) -> Result<Principal, Status> {
+    Principal::of(request)
+        .cloned()
+        .map_err(|e| to_status(&WalletError::from(e)))
+}
+
+#[tonic::async_trait]
+impl WalletApi for WalletService {
+    #[tracing::instrument(skip_all, fields(user_id = request.get_ref().user_id))]
+    async fn get_wallet(
+        &self,
+        request: Request<pb::GetWalletRequest>,
+    ) -> Result<Response<pb::GetWalletResponse>, Status> {
+        let principal = principal(&request)?;
+        let result = async {
+            let user = principal.resolve_user(request.get_ref().user_id)?;
+            self.ledger.wallet(user).await
+        }
+        .await;
+        let wallet = result.map_err(|e| to_status(&e))?;
+        Ok(Response::new(pb::GetWalletResponse {
+            wallet: Some(wallet_pb(&wallet)),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(user_id = request.get_ref().user_id))]
+    async fn deposit(
+        &self,
+        request: Request<pb::DepositRequest>,
+    ) -> Result<Response<pb::DepositResponse>, Status> {
+        let principal = principal(&request)?;
+        let r = request.get_ref();
+        let posted = self
+            .external(
+                &principal,
+                EntryKind::Deposit,
+                r.user_id,
+                &r.amount,
+                &r.idempotency_key,
+                &r.reference,
+            )
+            .await
+            .map_err(|e| to_status(&e))?;
+        let body = pb::DepositResponse {
+            entry: Some(entry_pb(&posted.entry)),
+            wallet: Some(wallet_pb(&posted.wallet)),
+        };
+        Ok(respond(&posted, body))
+    }
+
+    #[tracing::instrument(skip_all, fields(user_id = request.get_ref().user_id))]
+    async fn withdraw(
+        &self,
+        request: Request<pb::WithdrawRequest>,
+    ) -> Result<Response<pb::WithdrawResponse>, Status> {
+        let principal = principal(&request)?;
+        let r = request.get_ref();
+        let posted = self
+            .external(
+                &principal,
+                EntryKind::Withdrawal,
+                r.user_id,
+                &r.amount,
+                &r.idempotency_key,
+                &r.reference,
+            )
+            .await
+            .map_err(|e| to_status(&e))?;
+        let body = pb::WithdrawResponse {
+            entry: Some(entry_pb(&posted.entry)),
+            wallet: Some(wallet_pb(&posted.wallet)),
+        };
+        Ok(respond(&posted, body))
+    }
+
+    #[tracing::instrument(skip_all, fields(user_id = request.get_ref().user_id))]
+    async fn list_ledger_entries(
+        &self,
+        request: Request<pb::ListLedgerEntriesRequest>,
+    ) -> Result<Response<pb::ListLedgerEntriesResponse>, Status> {
+        let principal = principal(&request)?;
+        let r = request.get_ref();
+        let result = async {
+            let user = principal.resolve_user(r.user_id)?;
+            let mut v = Violations::default();
+            let limit = v.check("page_size", convert::page_size(r.page_size));
+            let before = v
+                .check("page_token", convert::decode_page_token(&r.page_token))
+                .map(|cursor| cursor.map(|c| c.parse::<i64>()));
+            let before = match before {
+                Some(Some(Ok(id))) => Some(Some(id)),
+                Some(Some(Err(_))) => {
+                    v.add("page_token", "is not a page token this service issued");
+                    None
+                }
+                Some(None) => Some(None),
+                None => None,
+            };
+            let (Some(limit), Some(before), true) = (limit, before, v.is_empty()) else {
+                return Err(WalletError::from(v.into_error()));
+            };
+            // One more than asked tells whether another page exists.
+            let mut entries = self.ledger.entries(user, before, limit + 1).await?;
+            let more = entries.len() as i64 > limit;
+            entries.truncate(limit as usize);
+            let next = match (more, entries.last()) {
+                (true, Some(last)) => convert::encode_page_token(&last.entry_id.to_string()),
+                _ => String::new(),
+            };
+            Ok((entries, next))
+        }
+        .await;
+        let (entries, next_page_token) = result.map_err(|e| to_status(&e))?;
+        Ok(Response::new(pb::ListLedgerEntriesResponse {
+            entries: entries.iter().map(entry_pb).collect(),
+            next_page_token,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(bet_id = %request.get_ref().bet_id))]
+    async fn hold_stake(
+        &self,
+        request: Request<pb::HoldStakeRequest>,
+    ) -> Result<Response<pb::HoldStakeResponse>, Status> {
+        let principal = principal(&request)?;
+        let r = request.get_ref();
+        let posted = self
+            .internal(
+                &principal,
+                EntryKind::Stake,
+                r.user_id,
+                &r.amount,
+                &r.idempotency_key,
+                &r.bet_id,
+            )
+            .await
+            .map_err(|e| to_status(&e))?;
+        let body = pb::HoldStakeResponse {
+            entry: Some(entry_pb(&posted.entry)),
+            wallet: Some(wallet_pb(&posted.wallet)),
+        };
+        Ok(respond(&posted, body))
+    }
+
+    #[tracing::instrument(skip_all, fields(bet_id = %request.get_ref().bet_id))]
+    async fn refund_stake(
+        &self,
+        request: Request<pb::RefundStakeRequest>,
+    ) -> Result<Response<pb::RefundStakeResponse>, Status> {
+        let principal = principal(&request)?;
+        let r = request.get_ref();
+        let posted = self
+            .internal(
+                &principal,
+                EntryKind::Refund,
+                r.user_id,
+                &r.amount,
+                &r.idempotency_key,
+                &r.bet_id,
+            )
+            .await
+            .map_err(|e| to_status(&e))?;
+        let body = pb::RefundStakeResponse {
+            entry: Some(entry_pb(&posted.entry)),
+            wallet: Some(wallet_pb(&posted.wallet)),
+        };
+        Ok(respond(&posted, body))
+    }
+}
