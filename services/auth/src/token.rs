@@ -180,12 +180,15 @@ impl Interceptor for AuthInterceptor {
     }
 }
 
+/// A minted `authorization` value and when it expires (seconds since the epoch).
+type CachedToken = (MetadataValue<tonic::metadata::Ascii>, u64);
+
 /// Client side: attaches a short-lived backend token to our own calls to other
 /// services, minting a new one shortly before the old one expires.
 #[derive(Clone)]
 pub struct ServiceCredentials {
     minter: TokenMinter,
-    cached: Arc<Mutex<Option<(MetadataValue<tonic::metadata::Ascii>, u64)>>>,
+    cached: Arc<Mutex<Option<CachedToken>>>,
 }
 
 impl ServiceCredentials {
@@ -204,10 +207,10 @@ impl ServiceCredentials {
             .lock()
             .map_err(|_| Status::internal("internal error"))?;
         let now = now();
-        if let Some((value, expires)) = cached.as_ref() {
-            if *expires > now + 60 {
-                return Ok(value.clone());
-            }
+        if let Some((value, expires)) = cached.as_ref()
+            && *expires > now + 60
+        {
+            return Ok(value.clone());
         }
         let token = self
             .minter

@@ -65,7 +65,7 @@ impl SettlementService {
             SettlementError::Internal(anyhow::anyhow!("stored round id is invalid"))
         })?;
         let totals = self.rounds.totals(&round).await?;
-        Ok(round_pb(row, &totals)?)
+        round_pb(row, &totals)
     }
 }
 

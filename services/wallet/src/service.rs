@@ -58,16 +58,15 @@ impl WalletService {
         let user = v.check("user_id", UserId::new(user_id));
         let amount = v.check("amount", Amount::parse(amount));
         let key = v.check("idempotency_key", IdempotencyKey::parse(key));
-        if let Some(k) = &key {
-            if RESERVED_KEY_PREFIXES
+        if let Some(k) = &key
+            && RESERVED_KEY_PREFIXES
                 .iter()
                 .any(|p| k.as_str().starts_with(p))
-            {
-                v.add(
-                    "idempotency_key",
-                    "must not start with BET:, REFUND: or SETTLE:",
-                );
-            }
+        {
+            v.add(
+                "idempotency_key",
+                "must not start with BET:, REFUND: or SETTLE:",
+            );
         }
         let reference = v.check("reference", Reference::parse(reference));
         let (Some(user), Some(amount), Some(key), Some(reference), true) =

@@ -1,0 +1,185 @@
+//! Health and reflection, and what clients see while a store is down.
+
+use std::{net::TcpListener, process::Stdio, time::Duration};
+
+use betting_api::pb;
+use tonic::Code;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+use crate::helpers::{TestApp, authed, expect_code, fresh_database, settings};
+
+async fn status(app: &TestApp, service: &str) -> ServingStatus {
+    let response = HealthClient::new(app.channel.clone())
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .expect("health check")
+        .into_inner();
+    ServingStatus::try_from(response.status).expect("known status")
+}
+
+async fn wait_for(app: &TestApp, want: ServingStatus) {
+    for _ in 0..100 {
+        if status(app, "").await == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("health never became {want:?}");
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+#[tokio::test]
+async fn every_service_reports_serving_and_reflection_lists_them() {
+    let app = TestApp::spawn().await;
+    for service in [
+        "",
+        "betting.v1.WalletService",
+        "betting.v1.BettingService",
+        "betting.v1.SettlementService",
+    ] {
+        assert_eq!(
+            status(&app, service).await,
+            ServingStatus::Serving,
+            "{service:?}"
+        );
+    }
+    use tonic_reflection_client::*;
+    let services = list_services(app.channel.clone()).await;
+    for wanted in [
+        "betting.v1.WalletService",
+        "betting.v1.BettingService",
+        "betting.v1.SettlementService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            services.iter().any(|s| s == wanted),
+            "{wanted} missing from {services:?}"
+        );
+    }
+}
+
+/// A minimal reflection client (v1) over the generated tonic-reflection types.
+mod tonic_reflection_client {
+    use tonic::transport::Channel;
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+
+    pub async fn list_services(channel: Channel) -> Vec<String> {
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut stream = ServerReflectionClient::new(channel)
+            .server_reflection_info(tokio_stream::iter(vec![request]))
+            .await
+            .expect("reflection")
+            .into_inner();
+        let response = stream
+            .message()
+            .await
+            .expect("message")
+            .expect("a response");
+        match response.message_response {
+            Some(MessageResponse::ListServicesResponse(list)) => {
+                list.service.into_iter().map(|s| s.name).collect()
+            }
+            other => panic!("unexpected reflection answer {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn health_follows_redis_down_and_back() {
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("redis-{port}"));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let start_redis = || {
+        std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed by deploy/local/test")
+    };
+    let mut redis = start_redis();
+    let url = fresh_database().await;
+    let app = TestApp::spawn_with(settings(&url, &format!("redis://127.0.0.1:{port}"))).await;
+    wait_for(&app, ServingStatus::Serving).await;
+
+    redis.kill().expect("kill redis");
+    redis.wait().expect("reap redis");
+    wait_for(&app, ServingStatus::NotServing).await;
+
+    let mut redis = start_redis();
+    wait_for(&app, ServingStatus::Serving).await;
+    redis.kill().expect("kill redis");
+    let _ = redis.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn postgres_down_means_not_serving_and_unavailable_without_internals() {
+    // A database URL where nothing listens.
+    let url = format!("postgres://postgres@127.0.0.1:{}/nowhere", free_port());
+    let app = TestApp::spawn_with(settings(
+        &url,
+        &std::env::var("REDIS_URL").expect("REDIS_URL"),
+    ))
+    .await;
+    wait_for(&app, ServingStatus::NotServing).await;
+    let status = expect_code(
+        app.wallet()
+            .get_wallet(authed(pb::GetWalletRequest { user_id: 0 }, &app.player(1)))
+            .await,
+        Code::Unavailable,
+    );
+    let message = status.message().to_lowercase();
+    for leak in [
+        "sql",
+        "connection refused",
+        "postgres",
+        "127.0.0.1",
+        "pool",
+        "/",
+    ] {
+        assert!(!message.contains(leak), "{leak:?} leaked in {message:?}");
+    }
+    expect_code(
+        app.place(1, "r", pb::Side::A, "1", "k").await,
+        Code::Unavailable,
+    );
+}
+
+#[tokio::test]
+async fn shutdown_is_graceful() {
+    let app = TestApp::spawn().await;
+    app.deposit(1, "1").await;
+    // Returns only once the server has drained and every background task stopped.
+    tokio::time::timeout(Duration::from_secs(10), app.stop())
+        .await
+        .expect("the server stops within its grace period");
+}

@@ -1,0 +1,322 @@
+//! Spawning an application per test, and small conveniences.
+
+use std::time::Duration;
+
+use betting_api::pb::{
+    self, betting_service_client::BettingServiceClient,
+    settlement_service_client::SettlementServiceClient, wallet_service_client::WalletServiceClient,
+};
+use betting_auth::{Role, TokenMinter};
+use betting_bets::BettingService;
+use betting_config::{Secret, Settings, StorageSettings};
+use betting_server::Application;
+use rust_decimal::Decimal;
+use sqlx::PgPool;
+use tokio::{sync::oneshot, task::JoinHandle};
+use tonic::{Code, Request, Status, transport::Channel};
+use uuid::Uuid;
+
+pub const SECRET: &str = "test-secret-test-secret-test-secret-0123";
+
+fn env(name: &str) -> String {
+    std::env::var(name)
+        .unwrap_or_else(|_| panic!("{name} is not set: run the tests through deploy/local/test"))
+}
+
+/// The admin URL with another database name.
+fn database_url(admin: &str, name: &str) -> String {
+    let (base, query) = match admin.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (admin, None),
+    };
+    let prefix = match base.rfind('/') {
+        Some(i) if i > "postgres://".len() => &base[..i],
+        _ => base,
+    };
+    match query {
+        Some(q) => format!("{prefix}/{name}?{q}"),
+        None => format!("{prefix}/{name}"),
+    }
+}
+
+/// A fresh, migrated database; returns its URL.
+pub async fn fresh_database() -> String {
+    let admin = env("DATABASE_URL");
+    let name = format!("test_{}", Uuid::new_v4().simple());
+    let admin_pool = PgPool::connect(&admin)
+        .await
+        .expect("connect to DATABASE_URL");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&admin_pool)
+        .await
+        .expect("create test database");
+    admin_pool.close().await;
+    let url = database_url(&admin, &name);
+    let pool = PgPool::connect(&url)
+        .await
+        .expect("connect to test database");
+    betting_db::migrate(&pool).await.expect("migrate");
+    pool.close().await;
+    url
+}
+
+pub fn settings(database_url: &str, redis_url: &str) -> Settings {
+    Settings {
+        storage: StorageSettings {
+            database_url: Secret::new(database_url),
+            db_max_connections: 20,
+        },
+        redis_url: Secret::new(redis_url),
+        redis_namespace: format!("t-{}", Uuid::new_v4().simple()),
+        listen_addr: "127.0.0.1:0".parse().expect("addr"),
+        metrics_addr: "127.0.0.1:0".parse().expect("addr"),
+        jwt_secret: Secret::new(SECRET),
+        jwt_issuer: None,
+        jwt_audience: None,
+        wallet_endpoint: None,
+        roles: Vec::new(),
+        // Tests drive maintenance passes themselves.
+        placing_grace_secs: 3600,
+        maintenance_interval_ms: 3_600_000,
+        shutdown_grace_secs: 5,
+    }
+}
+
+pub struct TestApp {
+    pub pool: PgPool,
+    pub channel: Channel,
+    pub betting: Option<BettingService>,
+    pub namespace: String,
+    minter: TokenMinter,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestApp {
+    /// The whole suite in one process, on its own database.
+    pub async fn spawn() -> Self {
+        let url = fresh_database().await;
+        Self::spawn_with(settings(&url, &env("REDIS_URL"))).await
+    }
+
+    pub async fn spawn_with(settings: Settings) -> Self {
+        if std::env::var("TEST_LOG").is_ok() {
+            betting_telemetry::init_tracing();
+        }
+        let namespace = settings.redis_namespace.clone();
+        let url = settings.storage.database_url.expose().to_owned();
+        let app = Application::build(settings)
+            .await
+            .expect("build application");
+        let addr = app.local_addr();
+        let betting = app.betting().cloned();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(app.run_until(async {
+            let _ = stopped.await;
+        }));
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect to the test server");
+        Self {
+            pool: PgPool::connect_lazy(&url).expect("pool"),
+            channel,
+            betting,
+            namespace,
+            minter: TokenMinter::new(SECRET.as_bytes(), None, None),
+            stop: Some(stop),
+            server: Some(server),
+        }
+    }
+
+    pub fn token(&self, user: i64, role: Role) -> String {
+        self.minter
+            .mint(user, role, Duration::from_secs(600))
+            .expect("mint token")
+    }
+
+    pub fn player(&self, user: i64) -> String {
+        self.token(user, Role::Player)
+    }
+
+    pub fn backend(&self) -> String {
+        self.token(0, Role::Backend)
+    }
+
+    pub fn wallet(&self) -> WalletServiceClient<Channel> {
+        WalletServiceClient::new(self.channel.clone())
+    }
+
+    pub fn bets(&self) -> BettingServiceClient<Channel> {
+        BettingServiceClient::new(self.channel.clone())
+    }
+
+    pub fn rounds(&self) -> SettlementServiceClient<Channel> {
+        SettlementServiceClient::new(self.channel.clone())
+    }
+
+    pub fn betting(&self) -> &BettingService {
+        self.betting
+            .as_ref()
+            .expect("this app runs the betting role")
+    }
+
+    pub async fn deposit(&self, user: i64, amount: &str) -> pb::DepositResponse {
+        self.wallet()
+            .deposit(authed(
+                pb::DepositRequest {
+                    user_id: user,
+                    amount: amount.into(),
+                    idempotency_key: format!("dep-{}", Uuid::new_v4()),
+                    reference: String::new(),
+                },
+                &self.backend(),
+            ))
+            .await
+            .expect("deposit")
+            .into_inner()
+    }
+
+    pub async fn open_round(&self, round: &str) {
+        self.rounds()
+            .open_round(authed(
+                pb::OpenRoundRequest {
+                    round_id: round.into(),
+                },
+                &self.backend(),
+            ))
+            .await
+            .expect("open round");
+    }
+
+    pub async fn balance(&self, user: i64) -> Decimal {
+        let wallet = self
+            .wallet()
+            .get_wallet(authed(
+                pb::GetWalletRequest { user_id: user },
+                &self.backend(),
+            ))
+            .await
+            .expect("get wallet")
+            .into_inner()
+            .wallet
+            .expect("wallet");
+        wallet.balance.parse().expect("balance is a decimal")
+    }
+
+    pub async fn place(
+        &self,
+        user: i64,
+        round: &str,
+        side: pb::Side,
+        amount: &str,
+        key: &str,
+    ) -> Result<tonic::Response<pb::PlaceBetResponse>, Status> {
+        self.bets()
+            .place_bet(authed(
+                pb::PlaceBetRequest {
+                    round_id: round.into(),
+                    side: side as i32,
+                    amount: amount.into(),
+                    idempotency_key: key.into(),
+                },
+                &self.player(user),
+            ))
+            .await
+    }
+
+    /// Checks the books: every wallet equals the sum of its entries, and all
+    /// accounts (the derived system accounts included) sum to zero.
+    pub async fn assert_books_balanced(&self) {
+        let mismatched: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM wallets w LEFT JOIN \
+               (SELECT user_id, sum(amount) AS total FROM ledger_entries GROUP BY user_id) e \
+               USING (user_id) \
+             WHERE w.balance <> coalesce(e.total, 0)",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .expect("wallet check");
+        assert_eq!(mismatched, 0, "a wallet balance differs from its ledger");
+        let total: Option<Decimal> =
+            sqlx::query_scalar("SELECT sum(balance) FROM account_balances")
+                .fetch_one(&self.pool)
+                .await
+                .expect("sum of accounts");
+        assert_eq!(
+            total.unwrap_or_default(),
+            Decimal::ZERO,
+            "accounts do not sum to zero"
+        );
+    }
+
+    /// The derived escrow balance.
+    pub async fn escrow(&self) -> Decimal {
+        let escrow: Option<Decimal> =
+            sqlx::query_scalar("SELECT balance FROM account_balances WHERE account = 'ESCROW'")
+                .fetch_optional(&self.pool)
+                .await
+                .expect("escrow")
+                .flatten();
+        escrow.unwrap_or_default()
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.await.expect("server task").expect("server result");
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// A request with a bearer token.
+pub fn authed<T>(message: T, token: &str) -> Request<T> {
+    let mut request = Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("header value"),
+    );
+    request
+}
+
+/// Asserts a failed call's code and returns the status.
+#[track_caller]
+pub fn expect_code<T: std::fmt::Debug>(result: Result<T, Status>, code: Code) -> Status {
+    match result {
+        Ok(value) => panic!("expected {code:?}, got success: {value:?}"),
+        Err(status) => {
+            assert_eq!(status.code(), code, "unexpected status: {status:?}");
+            status
+        }
+    }
+}
+
+/// The `ErrorInfo.reason` of a status.
+pub fn reason(status: &Status) -> String {
+    betting_api::reason_of(status).unwrap_or_default()
+}
+
+/// The `BadRequest` fields of a status.
+pub fn bad_fields(status: &Status) -> Vec<String> {
+    use tonic_types::StatusExt;
+    status
+        .get_error_details()
+        .bad_request()
+        .map(|b| b.field_violations.iter().map(|v| v.field.clone()).collect())
+        .unwrap_or_default()
+}
+
+pub fn dec(text: &str) -> Decimal {
+    text.parse().expect("decimal")
+}

@@ -1,0 +1,14 @@
+//! Black-box tests: the real server on port 0, called through the generated
+//! tonic clients, against real PostgreSQL and Redis (`DATABASE_URL` and
+//! `REDIS_URL`, as `deploy/local/test` sets them). Each test gets its own
+//! database and its own Redis namespace.
+
+mod helpers;
+
+mod auth;
+mod betting;
+mod concurrency;
+mod crash;
+mod health;
+mod ledger;
+mod wallet;
