@@ -10,6 +10,7 @@ const FILES: &[&str] = &[
     "betting/v1/wallet.proto",
     "betting/v1/betting.proto",
     "betting/v1/settlement.proto",
+    "betting/v1/admin.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -15,17 +15,20 @@
 
 #![forbid(unsafe_code)]
 
+mod commands;
 mod error;
 mod faults;
 pub mod maintenance;
+pub mod matcher;
 mod service;
 mod store;
 mod wallet_client;
 
+pub use commands::CommandRunner;
 pub use error::BettingError;
 pub use faults::Faults;
 pub use service::BettingService;
-pub use store::{BetRow, BetStore, WalletCommand};
+pub use store::{BetRow, BetStore, WalletCommand, refund_round_bets};
 pub use wallet_client::{WalletCallError, WalletClient};
 
 /// The queue the matcher consumes.

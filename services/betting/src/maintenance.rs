@@ -1,18 +1,16 @@
-//! The betting role's background pass: it finishes what requests left
-//! unfinished, so that no crash, outage or lost Redis job strands a bet or a
-//! cent.
+//! The betting role's recovery pass: PLACING bets left behind by a crash or
+//! an outage (older than a grace period) are driven forward through the same
+//! idempotent saga a client retry would run ([`BettingService::complete`]), so
+//! each ends PENDING with its stake held or REJECTED with nothing debited.
 //!
-//! - PLACING bets older than a grace period are driven forward through the
-//!   same idempotent saga a retry would run ([`BettingService::complete`]).
-//! - Wallet commands not yet carried out are carried out.
-//! - PENDING bets are handed to the matcher queue again; the queue drops
-//!   duplicates, so this re-derives lost jobs after a Redis flush.
+//! Everything else that re-derives work from PostgreSQL (match jobs, refunds,
+//! payouts) is the reconciler's, in the settlement crate.
 
 use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::BettingService;
+use crate::{BettingError, BettingService};
 
 #[derive(Debug, Clone)]
 pub struct MaintenanceSettings {
@@ -21,9 +19,7 @@ pub struct MaintenanceSettings {
     /// How old a PLACING bet must be before the pass takes it over from the
     /// request that wrote it.
     pub placing_grace: Duration,
-    /// How old a PENDING bet must be before the pass re-enqueues it.
-    pub sweep_after: Duration,
-    /// Rows per step per pass.
+    /// Bets per pass.
     pub batch: i64,
 }
 
@@ -32,7 +28,6 @@ impl Default for MaintenanceSettings {
         Self {
             interval: Duration::from_secs(2),
             placing_grace: Duration::from_secs(10),
-            sweep_after: Duration::from_secs(5),
             batch: 500,
         }
     }
@@ -41,91 +36,40 @@ impl Default for MaintenanceSettings {
 /// What one pass did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct PassReport {
+    /// Bets resolved: now PENDING or REJECTED.
     pub recovered: usize,
-    pub commands: usize,
-    pub requeued: usize,
     pub failures: usize,
 }
 
 impl BettingService {
-    /// One maintenance pass.
+    /// One recovery pass.
     pub async fn maintain(&self, settings: &MaintenanceSettings) -> PassReport {
         let mut report = PassReport::default();
-
-        match self
+        let rows = match self
             .store()
             .stale_placing(settings.placing_grace, settings.batch)
             .await
         {
-            Ok(rows) => {
-                for row in rows {
-                    let bet_id = row.bet_id;
-                    match self.complete(row, true).await {
-                        Ok(_) => report.recovered += 1,
-                        // A rejection is a resolution too.
-                        Err(crate::BettingError::InsufficientFunds) => report.recovered += 1,
-                        Err(error) => {
-                            report.failures += 1;
-                            tracing::warn!(%bet_id, %error, "placing bet not recovered yet");
-                        }
-                    }
-                }
-            }
+            Ok(rows) => rows,
             Err(error) => {
-                report.failures += 1;
                 tracing::warn!(%error, "could not read placing bets");
+                report.failures += 1;
+                return report;
             }
-        }
-
-        match self
-            .store()
-            .due_commands(Duration::from_secs(1), settings.batch)
-            .await
-        {
-            Ok(commands) => {
-                for command in commands {
-                    match self.execute(&command).await {
-                        Ok(_) => report.commands += 1,
-                        Err(error) => {
-                            report.failures += 1;
-                            tracing::warn!(key = %command.idempotency_key, %error, "wallet command not carried out yet");
-                        }
-                    }
+        };
+        for row in rows {
+            let bet_id = row.bet_id;
+            match self.complete(row, true).await {
+                // A rejection is a resolution too.
+                Ok(_) | Err(BettingError::InsufficientFunds) => report.recovered += 1,
+                Err(error) => {
+                    report.failures += 1;
+                    tracing::warn!(%bet_id, %error, "placing bet not recovered yet");
                 }
             }
-            Err(error) => {
-                report.failures += 1;
-                tracing::warn!(%error, "could not read wallet commands");
-            }
         }
-
-        match self
-            .store()
-            .pending_older_than(settings.sweep_after, settings.batch)
-            .await
-        {
-            Ok(pending) => {
-                for (bet_id, round_id) in pending {
-                    let (id, payload) = crate::match_job(bet_id, &round_id);
-                    match self.match_queue().enqueue(&id, payload).await {
-                        Ok(true) => report.requeued += 1,
-                        Ok(false) => {}
-                        Err(error) => {
-                            report.failures += 1;
-                            tracing::warn!(%error, "match queue unavailable");
-                            break;
-                        }
-                    }
-                }
-            }
-            Err(error) => {
-                report.failures += 1;
-                tracing::warn!(%error, "could not read pending bets");
-            }
-        }
-
         if report != PassReport::default() {
-            tracing::info!(?report, "maintenance pass");
+            tracing::info!(?report, "recovery pass");
         }
         report
     }

@@ -19,12 +19,13 @@ use tonic::{
 };
 use uuid::Uuid;
 
-use crate::{BetRow, BetStore, BettingError, Faults, WalletCallError, WalletClient, WalletCommand};
+use crate::{BetRow, BetStore, BettingError, CommandRunner, Faults, WalletCallError, WalletClient};
 
 #[derive(Clone)]
 pub struct BettingService {
     store: BetStore,
     wallet: WalletClient,
+    commands: CommandRunner,
     match_queue: Queue,
     faults: Arc<Faults>,
 }
@@ -41,6 +42,7 @@ pub struct Placed {
 impl BettingService {
     pub fn new(store: BetStore, wallet: WalletClient, match_queue: Queue) -> Self {
         Self {
+            commands: CommandRunner::new(store.clone(), wallet.clone()),
             store,
             wallet,
             match_queue,
@@ -203,8 +205,12 @@ impl BettingService {
                 row
             }
         };
-        let balance = match self.store.command(&IdempotencyKey::refund(bet)).await? {
-            Some(command) => self.execute(&command).await?,
+        let balance = match self
+            .store
+            .command_by_key(IdempotencyKey::refund(bet).as_str())
+            .await?
+        {
+            Some(command) => self.commands.execute(&command).await?,
             None => {
                 return Err(BettingError::Internal(anyhow::anyhow!(
                     "cancelled bet {bet} has no refund command"
@@ -212,51 +218,6 @@ impl BettingService {
             }
         };
         Ok((row, balance))
-    }
-
-    /// Carries out a wallet command and records it done; returns the balance
-    /// right after. Safe to repeat: the wallet answers a repeat from the
-    /// original movement.
-    pub async fn execute(&self, command: &WalletCommand) -> Result<Decimal, BettingError> {
-        let bet = command.bet_id.map(BetId::from).ok_or_else(|| {
-            BettingError::Internal(anyhow::anyhow!(
-                "wallet command {} names no bet",
-                command.idempotency_key
-            ))
-        })?;
-        let user = UserId::new(command.user_id)
-            .map_err(|_| BettingError::Internal(anyhow::anyhow!("bad user in wallet command")))?;
-        let amount = Amount::try_from_decimal(command.amount)
-            .map_err(|_| BettingError::Internal(anyhow::anyhow!("bad amount in wallet command")))?;
-        let result = match command.kind.as_str() {
-            "REFUND" => self.wallet.refund_stake(user, amount, bet).await,
-            other => {
-                return Err(BettingError::Internal(anyhow::anyhow!(
-                    "wallet command kind {other} is not carried out by betting"
-                )));
-            }
-        };
-        match result {
-            Ok(balance) => {
-                self.store.command_done(&command.idempotency_key).await?;
-                Ok(balance)
-            }
-            Err(e) => {
-                self.store
-                    .command_failed(&command.idempotency_key, &e.to_string())
-                    .await?;
-                Err(match e {
-                    WalletCallError::Unavailable(status) => BettingError::WalletUnavailable(status),
-                    WalletCallError::Refused { reason, status } => {
-                        BettingError::Internal(anyhow::anyhow!(
-                            "wallet refused {}: {reason}: {}",
-                            command.idempotency_key,
-                            status.message()
-                        ))
-                    }
-                })
-            }
-        }
     }
 }
 

@@ -90,6 +90,7 @@ pub struct WalletCommand {
     pub bet_id: Option<Uuid>,
     pub match_id: Option<Uuid>,
     pub attempts: i32,
+    pub done_at: Option<DateTime<Utc>>,
 }
 
 macro_rules! bet_columns {
@@ -101,7 +102,7 @@ macro_rules! bet_columns {
 
 macro_rules! command_columns {
     () => {
-        "idempotency_key, kind, user_id, amount, bet_id, match_id, attempts"
+        "idempotency_key, kind, user_id, amount, bet_id, match_id, attempts, done_at"
     };
 }
 
@@ -283,16 +284,13 @@ impl BetStore {
         Ok(Some(row))
     }
 
-    pub async fn command(
-        &self,
-        key: &IdempotencyKey,
-    ) -> Result<Option<WalletCommand>, BettingError> {
+    pub async fn command_by_key(&self, key: &str) -> Result<Option<WalletCommand>, BettingError> {
         Ok(sqlx::query_as(concat!(
             "SELECT ",
             command_columns!(),
             " FROM wallet_commands WHERE idempotency_key = $1"
         ))
-        .bind(key.as_str())
+        .bind(key)
         .fetch_optional(&self.pool)
         .await?)
     }
@@ -375,4 +373,94 @@ impl BetStore {
         .fetch_all(&self.pool)
         .await?)
     }
+
+    /// PENDING bets older than `timeout`, refunded (MATCH_TIMEOUT) together
+    /// with the refunds they are owed, in one statement. Bets a matcher holds
+    /// right now are skipped: if it matches them, they are no longer PENDING.
+    pub async fn refund_overdue(
+        &self,
+        timeout: Duration,
+        limit: i64,
+    ) -> Result<Vec<Uuid>, BettingError> {
+        Ok(sqlx::query_scalar(
+            "WITH due AS ( \
+               SELECT bet_id FROM bets \
+               WHERE status = 'PENDING' AND created_at < now() - make_interval(secs => $1) \
+               ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED \
+             ), refunded AS ( \
+               UPDATE bets b SET status = 'REFUNDED', refund_reason = 'MATCH_TIMEOUT', \
+                 version = b.version + 1, updated_at = now() \
+               FROM due WHERE b.bet_id = due.bet_id AND b.status = 'PENDING' \
+               RETURNING b.bet_id, b.user_id, b.amount \
+             ) \
+             INSERT INTO wallet_commands (idempotency_key, kind, user_id, amount, bet_id) \
+             SELECT 'REFUND:' || bet_id, 'REFUND', user_id, amount, bet_id FROM refunded \
+             ON CONFLICT (idempotency_key) DO NOTHING \
+             RETURNING idempotency_key",
+        )
+        .bind(timeout.as_secs_f64())
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .filter_map(|key: String| {
+            key.strip_prefix("REFUND:")
+                .and_then(|id| Uuid::try_parse(id).ok())
+        })
+        .collect())
+    }
+
+    /// PENDING bets of rounds that are no longer open — a bet that became
+    /// PENDING just after its round closed — refunded with their refunds owed.
+    pub async fn refund_stranded(&self, limit: i64) -> Result<Vec<Uuid>, BettingError> {
+        Ok(sqlx::query_scalar(
+            "WITH due AS ( \
+               SELECT b.bet_id, r.status AS round_status FROM bets b JOIN rounds r USING (round_id) \
+               WHERE b.status = 'PENDING' AND r.status <> 'OPEN' \
+               LIMIT $1 FOR UPDATE OF b SKIP LOCKED \
+             ), refunded AS ( \
+               UPDATE bets b SET status = 'REFUNDED', \
+                 refund_reason = CASE due.round_status WHEN 'VOIDED' THEN 'ROUND_VOIDED' ELSE 'ROUND_CLOSED' END, \
+                 version = b.version + 1, updated_at = now() \
+               FROM due WHERE b.bet_id = due.bet_id AND b.status = 'PENDING' \
+               RETURNING b.bet_id, b.user_id, b.amount \
+             ) \
+             INSERT INTO wallet_commands (idempotency_key, kind, user_id, amount, bet_id) \
+             SELECT 'REFUND:' || bet_id, 'REFUND', user_id, amount, bet_id FROM refunded \
+             ON CONFLICT (idempotency_key) DO NOTHING \
+             RETURNING bet_id",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+}
+
+/// Refunds, inside the caller's transaction (which holds the round lock),
+/// every bet of a round in one of `statuses`, and records the refunds owed.
+/// Returns the refund keys.
+pub async fn refund_round_bets(
+    conn: &mut sqlx::PgConnection,
+    round: &str,
+    statuses: &[BetStatus],
+    reason: RefundReason,
+) -> Result<Vec<String>, sqlx::Error> {
+    let statuses: Vec<&str> = statuses.iter().map(|s| s.as_db()).collect();
+    sqlx::query_scalar(
+        "WITH refunded AS ( \
+           UPDATE bets SET status = 'REFUNDED', refund_reason = $3, version = version + 1, \
+             updated_at = now() \
+           WHERE round_id = $1 AND status = ANY($2) \
+           RETURNING bet_id, user_id, amount \
+         ) \
+         INSERT INTO wallet_commands (idempotency_key, kind, user_id, amount, bet_id) \
+         SELECT 'REFUND:' || bet_id, 'REFUND', user_id, amount, bet_id FROM refunded \
+         ON CONFLICT (idempotency_key) DO NOTHING \
+         RETURNING idempotency_key",
+    )
+    .bind(round)
+    .bind(&statuses)
+    .bind(reason.as_db())
+    .fetch_all(conn)
+    .await
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use betting_api::{pb, pb::wallet_service_client::WalletServiceClient, reason_of};
 use betting_auth::ServiceCredentials;
-use betting_domain::{Amount, BetId, IdempotencyKey, UserId};
+use betting_domain::{Amount, BetId, IdempotencyKey, MatchId, UserId};
 use rust_decimal::Decimal;
 use tonic::{
     Code, Status,
@@ -102,6 +102,31 @@ impl WalletClient {
                 amount: amount.to_string(),
                 idempotency_key: IdempotencyKey::refund(bet).to_string(),
                 bet_id: bet.to_string(),
+            })
+            .await
+            .map_err(WalletCallError::from_status)?;
+        balance_of(response.into_inner().wallet)
+    }
+}
+
+impl WalletClient {
+    /// Pays a match's winner twice the stake; returns the winner's balance right after.
+    pub async fn pay_winnings(
+        &self,
+        winner: UserId,
+        payout: Amount,
+        matched: MatchId,
+        bets: [BetId; 2],
+    ) -> Result<Decimal, WalletCallError> {
+        let response = self
+            .inner
+            .clone()
+            .pay_winnings(pb::PayWinningsRequest {
+                user_id: winner.get(),
+                amount: payout.to_string(),
+                idempotency_key: IdempotencyKey::settle(matched).to_string(),
+                match_id: matched.to_string(),
+                bet_ids: bets.iter().map(ToString::to_string).collect(),
             })
             .await
             .map_err(WalletCallError::from_status)?;

@@ -2,7 +2,9 @@
 //!
 //! - `betting serve [--role ...]` runs the chosen roles (all by default);
 //! - `betting migrate` applies the database migrations;
-//! - `betting token --user 42 --role player` mints a bearer token for local use.
+//! - `betting token --user 42 --role player` mints a bearer token for local use;
+//! - `betting audit` checks the books and exits non-zero on any violation;
+//! - `betting queue stats|dead|retry` inspects the job queues and requeues dead jobs.
 
 #![forbid(unsafe_code)]
 
@@ -28,6 +30,53 @@ enum Command {
     Migrate(StorageSettings),
     /// Mint a bearer token; the token alone is printed on the last line.
     Token(TokenArgs),
+    /// Check every invariant of the books and the bets; exit 1 on any violation.
+    Audit(AuditArgs),
+    /// Inspect the job queues.
+    Queue(QueueArgs),
+}
+
+#[derive(clap::Args)]
+struct AuditArgs {
+    #[command(flatten)]
+    storage: StorageSettings,
+    /// Seconds of work that may still legitimately be in flight.
+    #[arg(long, default_value_t = 30)]
+    quiescence_secs: u64,
+    /// The match timeout the suite runs with.
+    #[arg(long, env = "BETTING_MATCH_TIMEOUT_SECS", default_value_t = 300)]
+    match_timeout_secs: u64,
+}
+
+#[derive(clap::Args)]
+struct QueueArgs {
+    #[command(subcommand)]
+    command: QueueCommand,
+    #[arg(long, env = "REDIS_URL", hide_env_values = true, global = true)]
+    redis_url: Option<Secret>,
+    #[arg(
+        long,
+        env = "BETTING_REDIS_NAMESPACE",
+        default_value = "betting",
+        global = true
+    )]
+    redis_namespace: String,
+    /// match, settle or refund; all of them when absent.
+    #[arg(long, global = true)]
+    queue: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum QueueCommand {
+    /// Depth, in flight, delayed, dead, processed and failed counts.
+    Stats,
+    /// The dead-letter list: every job out of attempts, with its last error.
+    Dead {
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
+    /// Requeue a dead job by id, or all of them.
+    Retry { id: String },
 }
 
 #[derive(clap::Args)]
@@ -55,6 +104,8 @@ fn main() -> ExitCode {
         Command::Token(args) => token(&args),
         Command::Serve(settings) => runtime().and_then(|rt| rt.block_on(serve(*settings))),
         Command::Migrate(storage) => runtime().and_then(|rt| rt.block_on(migrate(storage))),
+        Command::Audit(args) => runtime().and_then(|rt| rt.block_on(audit(args))),
+        Command::Queue(args) => runtime().and_then(|rt| rt.block_on(queue(args))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -93,6 +144,77 @@ async fn migrate(storage: StorageSettings) -> anyhow::Result<()> {
         .await
         .context("migration failed")?;
     tracing::info!("migrations applied");
+    Ok(())
+}
+
+async fn audit(args: AuditArgs) -> anyhow::Result<()> {
+    args.storage.validate()?;
+    let pool = betting_db::connect_lazy(
+        args.storage.database_url.expose(),
+        &betting_db::PoolSettings {
+            max_connections: 2,
+            ..Default::default()
+        },
+    )
+    .context("invalid DATABASE_URL")?;
+    let settings = betting_audit::AuditSettings {
+        quiescence: Duration::from_secs(args.quiescence_secs),
+        match_timeout: Duration::from_secs(args.match_timeout_secs),
+    };
+    let report = betting_audit::run(&pool, &settings)
+        .await
+        .context("the audit could not run")?;
+    for v in &report.violations {
+        println!("VIOLATION {}: {}", v.check, v.detail);
+    }
+    if report.is_clean() {
+        println!("audit clean: {} checks, no violations", report.checks_run);
+        Ok(())
+    } else {
+        anyhow::bail!(
+            "audit found {} violation(s) in {} checks",
+            report.violations.len(),
+            report.checks_run
+        )
+    }
+}
+
+async fn queue(args: QueueArgs) -> anyhow::Result<()> {
+    use betting_queue::{Queue, QueueSettings};
+    let url = args
+        .redis_url
+        .context("REDIS_URL (or --redis-url) is required")?;
+    let client = betting_queue::connect(url.expose()).context("invalid REDIS_URL")?;
+    let names: Vec<String> = match args.queue {
+        Some(name) => vec![name],
+        None => ["match", "settle", "refund"].map(String::from).to_vec(),
+    };
+    for name in names {
+        let queue = Queue::new(
+            client.clone(),
+            &args.redis_namespace,
+            &name,
+            QueueSettings::default(),
+        );
+        match &args.command {
+            QueueCommand::Stats => {
+                println!("{}", serde_json::to_string(&queue.stats().await?)?);
+            }
+            QueueCommand::Dead { limit } => {
+                for job in queue.dead(*limit).await? {
+                    println!("{}", serde_json::to_string(&job)?);
+                }
+            }
+            QueueCommand::Retry { id } if id == "all" => {
+                println!("{name}: requeued {}", queue.retry_all_dead().await?);
+            }
+            QueueCommand::Retry { id } => {
+                if queue.retry_dead(id).await? {
+                    println!("{name}: requeued {id}");
+                }
+            }
+        }
+    }
     Ok(())
 }
 

@@ -126,6 +126,18 @@ pub struct Settings {
     #[arg(long, env = "BETTING_MAINTENANCE_INTERVAL_MS", default_value_t = 2000)]
     pub maintenance_interval_ms: u64,
 
+    /// Seconds a bet may wait for an opponent before it is refunded.
+    #[arg(long, env = "BETTING_MATCH_TIMEOUT_SECS", default_value_t = 300)]
+    pub match_timeout_secs: u64,
+
+    /// Jobs each worker runs at once.
+    #[arg(long, env = "BETTING_WORKER_CONCURRENCY", default_value_t = 8)]
+    pub worker_concurrency: usize,
+
+    /// Milliseconds between reconciler passes.
+    #[arg(long, env = "BETTING_RECONCILE_INTERVAL_MS", default_value_t = 5000)]
+    pub reconcile_interval_ms: u64,
+
     /// Seconds in-flight requests get to finish on shutdown.
     #[arg(long, env = "BETTING_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     pub shutdown_grace_secs: u64,
@@ -136,7 +148,7 @@ pub enum ConfigError {
     #[error("BETTING_JWT_SECRET must be at least 32 bytes")]
     WeakSecret,
     #[error(
-        "BETTING_WALLET_ENDPOINT is required when the betting role runs without the wallet role"
+        "BETTING_WALLET_ENDPOINT is required when the betting or settler role runs without the wallet role"
     )]
     NoWalletEndpoint,
     #[error("BETTING_WALLET_ENDPOINT must be an http:// or https:// URL")]
@@ -173,6 +185,14 @@ impl Settings {
         Duration::from_millis(self.maintenance_interval_ms.max(10))
     }
 
+    pub fn match_timeout(&self) -> Duration {
+        Duration::from_secs(self.match_timeout_secs)
+    }
+
+    pub fn reconcile_interval(&self) -> Duration {
+        Duration::from_millis(self.reconcile_interval_ms.max(10))
+    }
+
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_secs)
     }
@@ -200,7 +220,9 @@ impl Settings {
             Some(e) if !(e.starts_with("http://") || e.starts_with("https://")) => {
                 return Err(ConfigError::BadWalletEndpoint);
             }
-            None if self.runs(Role::Betting) && !self.runs(Role::Wallet) => {
+            None if (self.runs(Role::Betting) || self.runs(Role::Settler))
+                && !self.runs(Role::Wallet) =>
+            {
                 return Err(ConfigError::NoWalletEndpoint);
             }
             _ => {}

@@ -107,3 +107,14 @@ pub fn classify(err: &sqlx::Error) -> Failure {
 pub fn is_unavailable(err: &sqlx::Error) -> bool {
     classify(err) == Failure::Unavailable
 }
+
+/// Serialises, inside the caller's transaction, everything that changes which
+/// bets of a round are matchable: matching, closing, settling, voiding. Until
+/// the transaction ends, no other of those runs for this round.
+pub async fn lock_round(conn: &mut sqlx::PgConnection, round_id: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('round:' || $1, 0))")
+        .bind(round_id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}

@@ -1,29 +1,44 @@
-//! A job queue over Redis lists.
+//! A reliable job queue over Redis lists.
 //!
-//! Producers [`Queue::enqueue`] a job under an id; while a job with that id is
-//! known to the queue, enqueueing it again is a no-op, so a sweeper may re-derive
-//! work from PostgreSQL as often as it likes. Every key of one queue shares a
-//! hash tag (`{match}`), so a queue lives in one Redis Cluster slot and its Lua
-//! scripts stay atomic there.
+//! What a BullMQ or Sidekiq Pro user expects, built on plain lists, a hash and
+//! two sorted sets:
 //!
-//! Redis is never the source of truth: anything here may vanish on a restart,
-//! and the producers' sweepers put it back from table state.
+//! - **Reliable hand-off**: a consumer moves a job id atomically from the wait
+//!   list into its own active list (`BLMOVE`) and acknowledges it only after its
+//!   work committed. Consumers hold a lease they renew by heartbeat; a reaper
+//!   returns the jobs of a consumer whose lease expired (it died, even by
+//!   SIGKILL) to the wait list.
+//! - **Retries** with exponential backoff and jitter through a delayed sorted
+//!   set, up to a per-queue attempt limit; then a **dead-letter** hash that keeps
+//!   the job with its last error and attempt count until someone requeues it.
+//! - **Dedupe by id** while a job is waiting, delayed or in flight; once it is
+//!   acknowledged or dead its id is free again (BullMQ's trap avoided).
+//! - **Cluster-ready**: every key of a queue shares the hash tag `{name}`.
+//!
+//! Redis is never the source of truth: producers re-derive lost work from
+//! PostgreSQL, so a Redis restarted empty delays work but loses none.
 
 #![forbid(unsafe_code)]
+
+mod scripts;
+mod worker;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fred::{
+    interfaces::{HashesInterface, ListInterface, SortedSetsInterface},
     prelude::{Builder, Client, ClientLike, Config, ReconnectPolicy},
-    types::scripts::Script,
+    types::{lists::LMoveDirection, scripts::Script},
 };
+
+pub use worker::{Handler, JobError, Worker, WorkerSettings};
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
     #[error("redis unavailable")]
     Redis(#[from] fred::error::Error),
-    #[error("job payload could not be encoded")]
-    Encode(#[from] serde_json::Error),
+    #[error("job could not be encoded or decoded")]
+    Codec(#[from] serde_json::Error),
 }
 
 /// Builds a Redis client that keeps reconnecting forever and fails commands
@@ -38,7 +53,7 @@ pub fn connect(url: &str) -> Result<Client, QueueError> {
             c.max_command_attempts = 2;
         })
         .with_performance_config(|p| {
-            p.default_command_timeout = Duration::from_secs(2);
+            p.default_command_timeout = Duration::from_secs(3);
         })
         // Unlimited attempts, 100 ms doubling to 2 s.
         .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
@@ -60,48 +75,131 @@ pub struct Job {
     pub payload: serde_json::Value,
     /// Milliseconds since the epoch when first enqueued.
     pub enqueued_at_ms: u64,
+    /// Failed attempts so far.
+    #[serde(default)]
     pub attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_at_ms: Option<u64>,
 }
 
-/// Keys of one queue.
+/// Per-queue behaviour.
+#[derive(Debug, Clone)]
+pub struct QueueSettings {
+    /// Attempts before a job goes to the dead-letter list.
+    pub max_attempts: u32,
+    /// First retry delay; doubles each attempt, with full jitter.
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    /// How long a consumer's lease lasts without a heartbeat.
+    pub visibility_timeout: Duration,
+}
+
+impl Default for QueueSettings {
+    fn default() -> Self {
+        Self {
+            max_attempts: 5,
+            backoff_base: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(60),
+            visibility_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Counts of one queue.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct QueueStats {
+    pub queue: String,
+    pub waiting: u64,
+    pub delayed: u64,
+    pub in_flight: u64,
+    pub dead: u64,
+    pub consumers: u64,
+    pub processed: u64,
+    pub failed: u64,
+}
+
+/// What happened to a failed job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailOutcome {
+    /// It will run again after this delay.
+    Retrying {
+        attempt: u32,
+        delay: Duration,
+    },
+    Dead,
+    /// The job was not known (already acknowledged, or Redis lost it).
+    Unknown,
+}
+
 #[derive(Debug, Clone)]
 struct Keys {
-    /// Hash: job id -> job JSON, for every job queued or in flight.
+    /// Hash: id -> job JSON, for every job waiting, delayed or in flight.
     jobs: String,
-    /// List of job ids waiting for a consumer.
+    /// List of ids ready to run; producers push left, consumers take right.
     wait: String,
+    /// Sorted set: id -> due time (ms), for retries waiting out their backoff.
+    delayed: String,
+    /// Hash: id -> job JSON with its last error, for jobs out of attempts.
+    dead: String,
+    /// List of dead ids, newest first.
+    dead_order: String,
+    /// Sorted set: consumer -> lease deadline (ms).
+    consumers: String,
+    /// Hash of counters.
+    stats: String,
+    /// Prefix of each consumer's active list.
+    active_prefix: String,
 }
 
-/// Adds a job unless one with its id is already queued or in flight.
-const ENQUEUE: &str = r#"
-if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
-  redis.call('LPUSH', KEYS[2], ARGV[1])
-  return 1
-end
-return 0
-"#;
+struct Scripts {
+    enqueue: Script,
+    ack: Script,
+    fail: Script,
+    release: Script,
+    promote: Script,
+    reap: Script,
+    retry_dead: Script,
+}
 
 /// One named queue.
 #[derive(Clone)]
 pub struct Queue {
     client: Client,
     name: String,
-    keys: Keys,
-    enqueue: Script,
+    keys: std::sync::Arc<Keys>,
+    scripts: std::sync::Arc<Scripts>,
+    settings: QueueSettings,
 }
 
 impl Queue {
     /// `namespace` separates deployments (and tests) sharing one Redis.
-    pub fn new(client: Client, namespace: &str, name: &str) -> Self {
+    pub fn new(client: Client, namespace: &str, name: &str, settings: QueueSettings) -> Self {
         let prefix = format!("{namespace}:{{{name}}}");
         Self {
             client,
             name: name.to_owned(),
-            keys: Keys {
+            keys: std::sync::Arc::new(Keys {
                 jobs: format!("{prefix}:jobs"),
                 wait: format!("{prefix}:wait"),
-            },
-            enqueue: Script::from_lua(ENQUEUE),
+                delayed: format!("{prefix}:delayed"),
+                dead: format!("{prefix}:dead"),
+                dead_order: format!("{prefix}:dead-order"),
+                consumers: format!("{prefix}:consumers"),
+                stats: format!("{prefix}:stats"),
+                active_prefix: format!("{prefix}:active:"),
+            }),
+            scripts: std::sync::Arc::new(Scripts {
+                enqueue: Script::from_lua(scripts::ENQUEUE),
+                ack: Script::from_lua(scripts::ACK),
+                fail: Script::from_lua(scripts::FAIL),
+                release: Script::from_lua(scripts::RELEASE),
+                promote: Script::from_lua(scripts::PROMOTE),
+                reap: Script::from_lua(scripts::REAP),
+                retry_dead: Script::from_lua(scripts::RETRY_DEAD),
+            }),
+            settings,
         }
     }
 
@@ -109,16 +207,32 @@ impl Queue {
         &self.name
     }
 
-    /// Enqueues a job; `false` when a job with this id was already there.
+    pub fn settings(&self) -> &QueueSettings {
+        &self.settings
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    fn active(&self, consumer: &str) -> String {
+        format!("{}{consumer}", self.keys.active_prefix)
+    }
+
+    /// Enqueues a job; `false` when a job with this id is already waiting,
+    /// delayed or in flight.
     pub async fn enqueue(&self, id: &str, payload: serde_json::Value) -> Result<bool, QueueError> {
         let job = Job {
             id: id.to_owned(),
             payload,
             enqueued_at_ms: now_ms(),
             attempts: 0,
+            last_error: None,
+            failed_at_ms: None,
         };
         let encoded = serde_json::to_string(&job)?;
         let added: i64 = self
+            .scripts
             .enqueue
             .evalsha_with_reload(
                 &self.client,
@@ -126,27 +240,292 @@ impl Queue {
                 vec![id.to_owned(), encoded],
             )
             .await?;
+        if added == 1 {
+            metrics::counter!("queue_jobs_enqueued_total", "queue" => self.name.clone())
+                .increment(1);
+        }
         Ok(added == 1)
+    }
+
+    /// Waits up to `timeout` for a job and moves it into `consumer`'s active
+    /// list. `blocking` must be a client of its own: BLMOVE blocks its connection.
+    pub async fn fetch(
+        &self,
+        blocking: &Client,
+        consumer: &str,
+        timeout: Duration,
+    ) -> Result<Option<Job>, QueueError> {
+        let id: Option<String> = blocking
+            .blmove(
+                &self.keys.wait,
+                self.active(consumer),
+                LMoveDirection::Right,
+                LMoveDirection::Left,
+                timeout.as_secs_f64(),
+            )
+            .await?;
+        let Some(id) = id else {
+            return Ok(None);
+        };
+        let raw: Option<String> = self.client.hget(&self.keys.jobs, &id).await?;
+        match raw {
+            Some(raw) => Ok(Some(serde_json::from_str(&raw)?)),
+            None => {
+                // An id without a job (its hash entry was lost): nothing to run.
+                let _: i64 = self.client.lrem(self.active(consumer), 1, &id).await?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// The job's work committed.
+    pub async fn ack(&self, consumer: &str, id: &str) -> Result<(), QueueError> {
+        let _: i64 = self
+            .scripts
+            .ack
+            .evalsha_with_reload(
+                &self.client,
+                vec![
+                    self.active(consumer),
+                    self.keys.jobs.clone(),
+                    self.keys.stats.clone(),
+                ],
+                vec![id.to_owned()],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// The job failed: retry it after a backoff, or bury it once out of
+    /// attempts (at once when `permanent`).
+    pub async fn fail(
+        &self,
+        consumer: &str,
+        job: &Job,
+        error: &str,
+        permanent: bool,
+    ) -> Result<FailOutcome, QueueError> {
+        let delay = self.backoff(job.attempts + 1);
+        let now = now_ms();
+        let due = now + u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        let result: i64 = self
+            .scripts
+            .fail
+            .evalsha_with_reload(
+                &self.client,
+                vec![
+                    self.active(consumer),
+                    self.keys.jobs.clone(),
+                    self.keys.delayed.clone(),
+                    self.keys.dead.clone(),
+                    self.keys.dead_order.clone(),
+                    self.keys.stats.clone(),
+                ],
+                vec![
+                    job.id.clone(),
+                    error.to_owned(),
+                    now.to_string(),
+                    self.settings.max_attempts.to_string(),
+                    due.to_string(),
+                    if permanent { "1" } else { "0" }.to_owned(),
+                ],
+            )
+            .await?;
+        Ok(match result {
+            0 => FailOutcome::Dead,
+            n if n > 0 => FailOutcome::Retrying {
+                attempt: u32::try_from(n).unwrap_or(u32::MAX),
+                delay,
+            },
+            _ => FailOutcome::Unknown,
+        })
+    }
+
+    /// Exponential backoff with full jitter: a random delay in
+    /// [base·2^(attempt-1) / 2, base·2^(attempt-1)], capped.
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let exp = self
+            .settings
+            .backoff_base
+            .saturating_mul(
+                1_u32
+                    .checked_shl(attempt.saturating_sub(1).min(20))
+                    .unwrap_or(u32::MAX),
+            )
+            .min(self.settings.backoff_max);
+        let half = exp / 2;
+        half + exp.saturating_sub(half).mul_f64(rand::random::<f64>())
+    }
+
+    /// Hands an unfinished job back to the front of the queue.
+    pub async fn release(&self, consumer: &str, id: &str) -> Result<(), QueueError> {
+        let _: i64 = self
+            .scripts
+            .release
+            .evalsha_with_reload(
+                &self.client,
+                vec![self.active(consumer), self.keys.wait.clone()],
+                vec![id.to_owned()],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Renews `consumer`'s lease.
+    pub async fn heartbeat(&self, consumer: &str) -> Result<(), QueueError> {
+        let deadline = now_ms()
+            + u64::try_from(self.settings.visibility_timeout.as_millis()).unwrap_or(u64::MAX);
+        let _: i64 = self
+            .client
+            .zadd(
+                &self.keys.consumers,
+                None,
+                None,
+                false,
+                false,
+                (deadline as f64, consumer),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Forgets a consumer that stopped cleanly (after handing its jobs back).
+    pub async fn leave(&self, consumer: &str) -> Result<(), QueueError> {
+        let _: i64 = self.client.zrem(&self.keys.consumers, consumer).await?;
+        Ok(())
+    }
+
+    /// Moves due retries onto the wait list.
+    pub async fn promote_due(&self) -> Result<u64, QueueError> {
+        let moved: i64 = self
+            .scripts
+            .promote
+            .evalsha_with_reload(
+                &self.client,
+                vec![self.keys.delayed.clone(), self.keys.wait.clone()],
+                vec![now_ms().to_string(), "1000".to_owned()],
+            )
+            .await?;
+        Ok(u64::try_from(moved).unwrap_or(0))
+    }
+
+    /// Returns the jobs of every consumer whose lease expired.
+    pub async fn reap_expired(&self) -> Result<u64, QueueError> {
+        let now = now_ms();
+        let expired: Vec<String> = self
+            .client
+            .zrangebyscore(&self.keys.consumers, "-inf", now as f64, false, None)
+            .await?;
+        let mut moved = 0;
+        for consumer in expired {
+            let n: i64 = self
+                .scripts
+                .reap
+                .evalsha_with_reload(
+                    &self.client,
+                    vec![
+                        self.keys.consumers.clone(),
+                        self.active(&consumer),
+                        self.keys.wait.clone(),
+                    ],
+                    vec![consumer.clone(), now.to_string()],
+                )
+                .await?;
+            if n > 0 {
+                tracing::warn!(queue = %self.name, %consumer, jobs = n, "reaped the jobs of a consumer whose lease expired");
+                moved += u64::try_from(n).unwrap_or(0);
+            }
+        }
+        Ok(moved)
+    }
+
+    pub async fn stats(&self) -> Result<QueueStats, QueueError> {
+        let waiting: u64 = self.client.llen(&self.keys.wait).await?;
+        let delayed: u64 = self.client.zcard(&self.keys.delayed).await?;
+        let dead: u64 = self.client.hlen(&self.keys.dead).await?;
+        let jobs: u64 = self.client.hlen(&self.keys.jobs).await?;
+        let consumers: u64 = self.client.zcard(&self.keys.consumers).await?;
+        let counters: std::collections::HashMap<String, u64> =
+            self.client.hgetall(&self.keys.stats).await?;
+        Ok(QueueStats {
+            queue: self.name.clone(),
+            waiting,
+            delayed,
+            // Every known job is waiting, delayed or in flight.
+            in_flight: jobs.saturating_sub(waiting + delayed),
+            dead,
+            consumers,
+            processed: counters.get("processed").copied().unwrap_or(0),
+            failed: counters.get("failed").copied().unwrap_or(0),
+        })
     }
 
     /// Jobs waiting for a consumer.
     pub async fn depth(&self) -> Result<u64, QueueError> {
-        use fred::interfaces::ListInterface;
         Ok(self.client.llen(&self.keys.wait).await?)
     }
 
-    /// A job's stored form, if the queue knows it.
+    /// A live job's stored form, if the queue knows it.
     pub async fn job(&self, id: &str) -> Result<Option<Job>, QueueError> {
-        use fred::interfaces::HashesInterface;
         let raw: Option<String> = self.client.hget(&self.keys.jobs, id).await?;
-        Ok(match raw {
-            Some(raw) => Some(serde_json::from_str(&raw)?),
-            None => None,
-        })
+        raw.map(|raw| serde_json::from_str(&raw))
+            .transpose()
+            .map_err(Into::into)
+    }
+
+    /// Dead jobs, newest first.
+    pub async fn dead(&self, limit: i64) -> Result<Vec<Job>, QueueError> {
+        let ids: Vec<String> = self
+            .client
+            .lrange(&self.keys.dead_order, 0, limit - 1)
+            .await?;
+        let mut jobs = Vec::with_capacity(ids.len());
+        for id in ids {
+            let raw: Option<String> = self.client.hget(&self.keys.dead, &id).await?;
+            if let Some(raw) = raw {
+                jobs.push(serde_json::from_str(&raw)?);
+            }
+        }
+        Ok(jobs)
+    }
+
+    /// Requeues one dead job; `false` if there was none with this id.
+    pub async fn retry_dead(&self, id: &str) -> Result<bool, QueueError> {
+        let n: i64 = self
+            .scripts
+            .retry_dead
+            .evalsha_with_reload(
+                &self.client,
+                vec![
+                    self.keys.jobs.clone(),
+                    self.keys.wait.clone(),
+                    self.keys.dead.clone(),
+                    self.keys.dead_order.clone(),
+                ],
+                vec![id.to_owned()],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// Requeues every dead job; returns how many.
+    pub async fn retry_all_dead(&self) -> Result<u64, QueueError> {
+        let mut total = 0;
+        loop {
+            let ids: Vec<String> = self.client.lrange(&self.keys.dead_order, 0, 99).await?;
+            if ids.is_empty() {
+                return Ok(total);
+            }
+            for id in ids {
+                if self.retry_dead(&id).await? {
+                    total += 1;
+                }
+            }
+        }
     }
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))

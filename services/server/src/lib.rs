@@ -12,14 +12,22 @@ mod health;
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
+use betting_audit::{AdminService, AuditSettings};
 use betting_auth::{AuthInterceptor, ServiceCredentials, TokenMinter, Verifier};
 use betting_bets::{
-    BetStore, BettingService, MATCH_QUEUE, WalletClient, maintenance::MaintenanceSettings,
+    BetStore, BettingService, CommandRunner, MATCH_QUEUE, WalletClient,
+    maintenance::MaintenanceSettings,
+    matcher::{MatchHandler, Matcher},
 };
 use betting_config::{Role, Settings};
 use betting_db::PoolSettings;
-use betting_queue::Queue;
-use betting_settlement::SettlementService;
+use betting_queue::{Queue, QueueSettings, Worker, WorkerSettings};
+use betting_settlement::{
+    RoundStore, SettlementService,
+    jobs::{REFUND_QUEUE, SETTLE_QUEUE},
+    reconciler::{Reconciler, ReconcilerSettings},
+    settler::{RefundHandler, SettleHandler},
+};
 use betting_wallet::WalletService;
 use futures::StreamExt;
 use sqlx::PgPool;
@@ -42,6 +50,26 @@ pub struct Application {
     wallet: Option<WalletService>,
     betting: Option<BettingService>,
     settlement: Option<SettlementService>,
+    admin: Option<AdminService>,
+    workers: Workers,
+    reconciler: Option<Reconciler>,
+    queues: Queues,
+}
+
+/// The three queues of the suite.
+#[derive(Clone)]
+pub struct Queues {
+    pub matches: Queue,
+    pub settle: Queue,
+    pub refund: Queue,
+}
+
+/// Consumers to start, by role.
+#[derive(Default)]
+struct Workers {
+    matcher: Option<(Worker, MatchHandler)>,
+    settler: Option<(Worker, SettleHandler)>,
+    refunder: Option<(Worker, RefundHandler)>,
 }
 
 impl Application {
@@ -74,31 +102,111 @@ impl Application {
         let audience = settings.jwt_audience.as_deref();
         let auth = AuthInterceptor::new(Arc::new(Verifier::new(secret, issuer, audience)));
 
+        let queue = |name: &str, max_attempts: u32| {
+            Queue::new(
+                redis.clone(),
+                &settings.redis_namespace,
+                name,
+                QueueSettings {
+                    max_attempts,
+                    ..QueueSettings::default()
+                },
+            )
+        };
+        let queues = Queues {
+            matches: queue(MATCH_QUEUE, 5),
+            // Money jobs keep trying longer before they need a human.
+            settle: queue(SETTLE_QUEUE, 10),
+            refund: queue(REFUND_QUEUE, 10),
+        };
+
         let wallet = settings
             .runs(Role::Wallet)
             .then(|| WalletService::new(pool.clone()));
-        let settlement = settings
+        let settlement = settings.runs(Role::Settlement).then(|| {
+            SettlementService::new(pool.clone(), queues.settle.clone(), queues.refund.clone())
+        });
+        let audit = AuditSettings {
+            match_timeout: settings.match_timeout(),
+            ..AuditSettings::default()
+        };
+        let admin = settings
             .runs(Role::Settlement)
-            .then(|| SettlementService::new(pool.clone()));
-        let betting = if settings.runs(Role::Betting) {
-            // In all-in-one mode the wallet is this very server, reached over
-            // loopback exactly as a split deployment reaches it over the network.
+            .then(|| AdminService::new(pool.clone(), audit));
+
+        // In all-in-one mode the wallet is this very server, reached over
+        // loopback exactly as a split deployment reaches it over the network.
+        let wallet_client = if settings.runs(Role::Betting) || settings.runs(Role::Settler) {
             let endpoint = match &settings.wallet_endpoint {
                 Some(endpoint) => endpoint.clone(),
                 None => format!("http://{}", loopback(local_addr)),
             };
             let credentials = ServiceCredentials::new(TokenMinter::new(secret, issuer, audience));
-            let client = WalletClient::new(&endpoint, credentials)
-                .with_context(|| format!("invalid wallet endpoint {endpoint}"))?;
-            let queue = Queue::new(redis.clone(), &settings.redis_namespace, MATCH_QUEUE);
-            Some(BettingService::new(
-                BetStore::new(pool.clone()),
-                client,
-                queue,
-            ))
+            Some(
+                WalletClient::new(&endpoint, credentials)
+                    .with_context(|| format!("invalid wallet endpoint {endpoint}"))?,
+            )
         } else {
             None
         };
+        let bets = BetStore::new(pool.clone());
+        let betting = match (&wallet_client, settings.runs(Role::Betting)) {
+            (Some(client), true) => Some(BettingService::new(
+                bets.clone(),
+                client.clone(),
+                queues.matches.clone(),
+            )),
+            _ => None,
+        };
+
+        let worker_settings = WorkerSettings {
+            concurrency: settings.worker_concurrency,
+            shutdown_grace: settings.shutdown_grace(),
+            ..WorkerSettings::default()
+        };
+        // Each consumer blocks in BLMOVE, so each gets a Redis connection of its own.
+        let consumer = |queue: &Queue| -> anyhow::Result<Worker> {
+            let blocking = betting_queue::connect(settings.redis_url.expose())?;
+            Ok(Worker::new(
+                queue.clone(),
+                blocking,
+                worker_settings.clone(),
+            ))
+        };
+        let mut workers = Workers::default();
+        if settings.runs(Role::Matcher) {
+            workers.matcher = Some((
+                consumer(&queues.matches)?,
+                MatchHandler::new(Matcher::new(pool.clone())),
+            ));
+        }
+        if let (Some(client), true) = (&wallet_client, settings.runs(Role::Settler)) {
+            workers.settler = Some((
+                consumer(&queues.settle)?,
+                SettleHandler::new(RoundStore::new(pool.clone()), client.clone()),
+            ));
+            workers.refunder = Some((
+                consumer(&queues.refund)?,
+                RefundHandler::new(CommandRunner::new(bets.clone(), client.clone())),
+            ));
+        }
+        let reconciler =
+            (settings.runs(Role::Matcher) || settings.runs(Role::Settler)).then(|| {
+                Reconciler::new(
+                    bets.clone(),
+                    RoundStore::new(pool.clone()),
+                    [
+                        queues.matches.clone(),
+                        queues.settle.clone(),
+                        queues.refund.clone(),
+                    ],
+                    ReconcilerSettings {
+                        interval: settings.reconcile_interval(),
+                        match_timeout: settings.match_timeout(),
+                        ..ReconcilerSettings::default()
+                    },
+                )
+            });
 
         Ok(Self {
             settings,
@@ -112,6 +220,10 @@ impl Application {
             wallet,
             betting,
             settlement,
+            admin,
+            workers,
+            reconciler,
+            queues,
         })
     }
 
@@ -137,6 +249,19 @@ impl Application {
         self.betting.as_ref()
     }
 
+    pub fn settlement(&self) -> Option<&SettlementService> {
+        self.settlement.as_ref()
+    }
+
+    /// The reconciler, when this process runs a worker role.
+    pub fn reconciler(&self) -> Option<&Reconciler> {
+        self.reconciler.as_ref()
+    }
+
+    pub fn queues(&self) -> &Queues {
+        &self.queues
+    }
+
     /// Serves until SIGINT or SIGTERM.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         self.run_until(shutdown_signal()).await
@@ -160,6 +285,7 @@ impl Application {
         }
         if self.settlement.is_some() {
             served.push("betting.v1.SettlementService");
+            served.push("betting.v1.AdminService");
         }
         let health = HealthWatch::new(reporter, served, self.pool.clone(), self.redis.clone());
         health.check_once().await;
@@ -181,10 +307,17 @@ impl Application {
                     .run_maintenance(maintenance, stop_rx.clone()),
             );
         }
-        for role in [Role::Matcher, Role::Settler] {
-            if roles.contains(&role) {
-                tracing::info!(?role, "worker role accepted; its worker is not built yet");
-            }
+        if let Some((worker, handler)) = self.workers.matcher {
+            tasks.spawn(worker.run(Arc::new(handler), stop_rx.clone()));
+        }
+        if let Some((worker, handler)) = self.workers.settler {
+            tasks.spawn(worker.run(Arc::new(handler), stop_rx.clone()));
+        }
+        if let Some((worker, handler)) = self.workers.refunder {
+            tasks.spawn(worker.run(Arc::new(handler), stop_rx.clone()));
+        }
+        if let Some(reconciler) = self.reconciler {
+            tasks.spawn(reconciler.run(stop_rx.clone()));
         }
 
         let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -207,7 +340,8 @@ impl Application {
             .add_service(reflection_v1alpha)
             .add_optional_service(self.wallet.map(|s| s.into_server(auth.clone())))
             .add_optional_service(self.betting.map(|s| s.into_server(auth.clone())))
-            .add_optional_service(self.settlement.map(|s| s.into_server(auth.clone())));
+            .add_optional_service(self.settlement.map(|s| s.into_server(auth.clone())))
+            .add_optional_service(self.admin.map(|s| s.into_server(auth.clone())));
 
         // Small RPCs: don't let Nagle hold replies back.
         let incoming = TcpListenerStream::new(self.listener).map(|conn| {
@@ -238,6 +372,12 @@ impl Application {
                 tokio::time::sleep(grace).await;
             } => tracing::warn!("grace period over; dropping remaining requests"),
         }
+        // Workers drain their in-flight jobs within the grace period and hand
+        // back the rest; give them that long before stopping what remains.
+        let _ = tokio::time::timeout(grace + Duration::from_secs(1), async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
         tasks.shutdown().await;
         Ok(())
     }

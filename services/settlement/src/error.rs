@@ -15,6 +15,8 @@ pub enum SettlementError {
     RoundExists(&'static str),
     #[error("round is {0}")]
     WrongState(&'static str),
+    #[error("round was already settled with the other outcome")]
+    OtherOutcome,
     #[error("database unavailable")]
     Unavailable(#[source] sqlx::Error),
     #[error("unexpected settlement failure")]
@@ -38,7 +40,9 @@ impl ServiceError for SettlementError {
             SettlementError::Auth(e) => e.code(),
             SettlementError::RoundNotFound => ErrorCode::NotFound,
             SettlementError::RoundExists(_) => ErrorCode::AlreadyExists,
-            SettlementError::WrongState(_) => ErrorCode::FailedPrecondition,
+            SettlementError::WrongState(_) | SettlementError::OtherOutcome => {
+                ErrorCode::FailedPrecondition
+            }
             SettlementError::Unavailable(_) => ErrorCode::Unavailable,
             SettlementError::Internal(_) => ErrorCode::Internal,
         }
@@ -51,6 +55,7 @@ impl ServiceError for SettlementError {
             SettlementError::RoundNotFound => "ROUND_NOT_FOUND",
             SettlementError::RoundExists(_) => "ROUND_EXISTS",
             SettlementError::WrongState(_) => "ROUND_WRONG_STATE",
+            SettlementError::OtherOutcome => "ROUND_SETTLED_OTHERWISE",
             SettlementError::Unavailable(_) => "UNAVAILABLE",
             SettlementError::Internal(_) => "INTERNAL",
         }

@@ -6,22 +6,34 @@ use betting_api::{
     to_status,
 };
 use betting_auth::{AuthInterceptor, Principal};
-use betting_domain::{InvalidRequest, RoundId, RoundStatus, format_money};
+use betting_domain::{InvalidRequest, RoundId, Side, Violations, format_money};
+use betting_queue::Queue;
 use sqlx::PgPool;
 use tonic::{Request, Response, Status, service::interceptor::InterceptedService};
 
-use crate::{RoundRow, RoundStore, RoundTotals, SettlementError};
+use crate::{
+    RoundRow, RoundStore, RoundTotals, SettlementError, Transition,
+    jobs::{enqueue_all, refund_job, settle_job},
+};
 
 #[derive(Clone)]
 pub struct SettlementService {
     rounds: RoundStore,
+    settle_queue: Queue,
+    refund_queue: Queue,
 }
 
 impl SettlementService {
-    pub fn new(pool: PgPool) -> Self {
+    pub fn new(pool: PgPool, settle_queue: Queue, refund_queue: Queue) -> Self {
         Self {
             rounds: RoundStore::new(pool),
+            settle_queue,
+            refund_queue,
         }
+    }
+
+    pub fn rounds(&self) -> &RoundStore {
+        &self.rounds
     }
 
     pub fn into_server(
@@ -40,24 +52,51 @@ impl SettlementService {
         })?;
         match row.status()? {
             // Opening an open round again is a retry.
-            RoundStatus::Open => Ok(row),
+            betting_domain::RoundStatus::Open => Ok(row),
             status => Err(SettlementError::RoundExists(status.as_db())),
         }
     }
 
+    /// Hands what a committed transition made owed to the workers. Only
+    /// committed work is enqueued; the reconciler re-derives anything lost.
+    async fn dispatch(
+        &self,
+        round: &RoundId,
+        transition: &Transition,
+    ) -> Result<(), SettlementError> {
+        let refunds: Vec<_> = transition.refunds.iter().map(|k| refund_job(k)).collect();
+        enqueue_all(&self.refund_queue, refunds).await;
+        if transition.round.status == "SETTLED" {
+            let matches = self.rounds.open_matches(round).await?;
+            let jobs: Vec<_> = matches.into_iter().map(settle_job).collect();
+            enqueue_all(&self.settle_queue, jobs).await;
+        }
+        Ok(())
+    }
+
     pub async fn close(&self, round: &RoundId) -> Result<RoundRow, SettlementError> {
-        if let Some(row) = self.rounds.close(round).await? {
-            return Ok(row);
+        let transition = self.rounds.close(round).await?;
+        self.dispatch(round, &transition).await?;
+        Ok(transition.round)
+    }
+
+    pub async fn settle(&self, round: &RoundId, winner: Side) -> Result<RoundRow, SettlementError> {
+        let transition = self.rounds.settle(round, winner).await?;
+        // Dispatch on a retry too: it is idempotent, and it heals lost jobs.
+        self.dispatch(round, &transition).await?;
+        if transition.changed {
+            tracing::info!(%round, winner = winner.as_db(), refunds = transition.refunds.len(), "round settled");
         }
-        let row = self
-            .rounds
-            .get(round)
-            .await?
-            .ok_or(SettlementError::RoundNotFound)?;
-        match row.status()? {
-            RoundStatus::Closed => Ok(row),
-            status => Err(SettlementError::WrongState(status.as_db())),
+        Ok(transition.round)
+    }
+
+    pub async fn void(&self, round: &RoundId, reason: &str) -> Result<RoundRow, SettlementError> {
+        let transition = self.rounds.void(round, reason).await?;
+        self.dispatch(round, &transition).await?;
+        if transition.changed {
+            tracing::info!(%round, refunds = transition.refunds.len(), "round voided");
         }
+        Ok(transition.round)
     }
 
     async fn round_pb(&self, row: &RoundRow) -> Result<pb::Round, SettlementError> {
@@ -84,10 +123,14 @@ fn round_pb(row: &RoundRow, totals: &RoundTotals) -> Result<pb::Round, Settlemen
             total_staked: format_money(totals.staked),
             total_paid_out: format_money(totals.paid_out),
             total_refunded: format_money(totals.refunded_amount),
+            matches: totals.matches,
+            settled_matches: totals.settled_matches,
+            outstanding_jobs: totals.outstanding_jobs,
         }),
         created_at: Some(convert::timestamp(row.created_at)),
         closed_at: row.closed_at.map(convert::timestamp),
         settled_at: row.settled_at.map(convert::timestamp),
+        void_reason: row.void_reason.clone().unwrap_or_default(),
     })
 }
 
@@ -155,5 +198,55 @@ impl SettlementApi for SettlementService {
         .await;
         let round = result.map_err(|e| to_status(&e))?;
         Ok(Response::new(pb::GetRoundResponse { round: Some(round) }))
+    }
+
+    #[tracing::instrument(skip_all, fields(round_id = %request.get_ref().round_id))]
+    async fn settle_round(
+        &self,
+        request: Request<pb::SettleRoundRequest>,
+    ) -> Result<Response<pb::SettleRoundResponse>, Status> {
+        let principal = principal(&request)?;
+        let result = async {
+            principal.require_backend()?;
+            let r = request.get_ref();
+            let mut v = Violations::default();
+            let round = v.check("round_id", RoundId::parse(&r.round_id));
+            let side = v.check("winning_side", convert::side_from_pb(r.winning_side));
+            let (Some(round), Some(side), true) = (round, side, v.is_empty()) else {
+                return Err(SettlementError::from(v.into_error()));
+            };
+            let row = self.settle(&round, side).await?;
+            self.round_pb(&row).await
+        }
+        .await;
+        let round = result.map_err(|e| to_status(&e))?;
+        Ok(Response::new(pb::SettleRoundResponse {
+            round: Some(round),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(round_id = %request.get_ref().round_id))]
+    async fn void_round(
+        &self,
+        request: Request<pb::VoidRoundRequest>,
+    ) -> Result<Response<pb::VoidRoundResponse>, Status> {
+        let principal = principal(&request)?;
+        let result = async {
+            principal.require_backend()?;
+            let r = request.get_ref();
+            let mut v = Violations::default();
+            let round = v.check("round_id", RoundId::parse(&r.round_id));
+            if r.reason.chars().count() > 256 || r.reason.chars().any(char::is_control) {
+                v.add("reason", "must be at most 256 printable characters");
+            }
+            let (Some(round), true) = (round, v.is_empty()) else {
+                return Err(SettlementError::from(v.into_error()));
+            };
+            let row = self.void(&round, &r.reason).await?;
+            self.round_pb(&row).await
+        }
+        .await;
+        let round = result.map_err(|e| to_status(&e))?;
+        Ok(Response::new(pb::VoidRoundResponse { round: Some(round) }))
     }
 }

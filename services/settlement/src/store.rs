@@ -1,9 +1,11 @@
 //! Rounds in PostgreSQL.
 
-use betting_domain::{RoundId, RoundStatus, Side};
+use betting_bets::refund_round_bets;
+use betting_domain::{BetStatus, RefundReason, RoundId, RoundStatus, Side};
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use sqlx::PgPool;
+use uuid::Uuid;
 
 use crate::SettlementError;
 
@@ -12,6 +14,7 @@ pub struct RoundRow {
     pub round_id: String,
     pub status: String,
     pub winning_side: Option<String>,
+    pub void_reason: Option<String>,
     pub version: i64,
     pub created_at: DateTime<Utc>,
     pub closed_at: Option<DateTime<Utc>>,
@@ -40,11 +43,39 @@ pub struct RoundTotals {
     pub staked: Decimal,
     pub paid_out: Decimal,
     pub refunded_amount: Decimal,
+    pub matches: i64,
+    pub settled_matches: i64,
+    pub outstanding_jobs: i64,
+}
+
+/// A round's change of state and the refunds it made owed.
+#[derive(Debug, Clone)]
+pub struct Transition {
+    pub round: RoundRow,
+    /// False when the round already was in the asked-for state (a retry).
+    pub changed: bool,
+    /// Keys of the refunds owed by this change.
+    pub refunds: Vec<String>,
+}
+
+/// A match with what a settler needs to pay it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct MatchView {
+    pub match_id: Uuid,
+    pub round_id: String,
+    pub amount: Decimal,
+    pub status: String,
+    pub round_status: String,
+    pub winning_side: Option<String>,
+    pub bet_a_id: Uuid,
+    pub user_a: i64,
+    pub bet_b_id: Uuid,
+    pub user_b: i64,
 }
 
 macro_rules! round_columns {
     () => {
-        "round_id, status, winning_side, version, created_at, closed_at, settled_at"
+        "round_id, status, winning_side, void_reason, version, created_at, closed_at, settled_at"
     };
 }
 
@@ -80,16 +111,209 @@ impl RoundStore {
         .await?)
     }
 
-    /// OPEN -> CLOSED; `None` if the round was not OPEN.
-    pub async fn close(&self, round: &RoundId) -> Result<Option<RoundRow>, SettlementError> {
-        Ok(sqlx::query_as(concat!(
+    /// Locks the round (advisory lock and row) for a change of state.
+    async fn lock(
+        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+        round: &RoundId,
+    ) -> Result<RoundRow, SettlementError> {
+        betting_db::lock_round(tx, round.as_str()).await?;
+        sqlx::query_as(concat!(
+            "SELECT ",
+            round_columns!(),
+            " FROM rounds WHERE round_id = $1 FOR UPDATE"
+        ))
+        .bind(round.as_str())
+        .fetch_optional(&mut **tx)
+        .await?
+        .ok_or(SettlementError::RoundNotFound)
+    }
+
+    /// OPEN -> CLOSED, refunding the round's unmatched bets.
+    pub async fn close(&self, round: &RoundId) -> Result<Transition, SettlementError> {
+        let mut tx = self.pool.begin().await?;
+        let row = Self::lock(&mut tx, round).await?;
+        match row.status()? {
+            RoundStatus::Open => {}
+            RoundStatus::Closed => return Ok(unchanged(row)),
+            status => return Err(SettlementError::WrongState(status.as_db())),
+        }
+        let row: RoundRow = sqlx::query_as(concat!(
             "UPDATE rounds SET status = 'CLOSED', closed_at = now(), version = version + 1 \
-             WHERE round_id = $1 AND status = 'OPEN' RETURNING ",
+             WHERE round_id = $1 RETURNING ",
             round_columns!()
         ))
         .bind(round.as_str())
+        .fetch_one(&mut *tx)
+        .await?;
+        let refunds = refund_round_bets(
+            &mut tx,
+            round.as_str(),
+            &[BetStatus::Pending],
+            RefundReason::RoundClosed,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Transition {
+            round: row,
+            changed: true,
+            refunds,
+        })
+    }
+
+    /// OPEN or CLOSED -> SETTLED with the winning side, refunding unmatched bets.
+    pub async fn settle(
+        &self,
+        round: &RoundId,
+        winner: Side,
+    ) -> Result<Transition, SettlementError> {
+        let mut tx = self.pool.begin().await?;
+        let row = Self::lock(&mut tx, round).await?;
+        match row.status()? {
+            RoundStatus::Open | RoundStatus::Closed => {}
+            RoundStatus::Settled if row.winning_side() == Some(winner) => {
+                return Ok(unchanged(row));
+            }
+            RoundStatus::Settled => return Err(SettlementError::OtherOutcome),
+            status => return Err(SettlementError::WrongState(status.as_db())),
+        }
+        let row: RoundRow = sqlx::query_as(concat!(
+            "UPDATE rounds SET status = 'SETTLED', winning_side = $2, settled_at = now(), \
+               closed_at = coalesce(closed_at, now()), version = version + 1 \
+             WHERE round_id = $1 RETURNING ",
+            round_columns!()
+        ))
+        .bind(round.as_str())
+        .bind(winner.as_db())
+        .fetch_one(&mut *tx)
+        .await?;
+        let refunds = refund_round_bets(
+            &mut tx,
+            round.as_str(),
+            &[BetStatus::Pending],
+            RefundReason::RoundClosed,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Transition {
+            round: row,
+            changed: true,
+            refunds,
+        })
+    }
+
+    /// OPEN or CLOSED -> VOIDED: every bet, matched or not, is refunded and
+    /// every match voided, in one transaction.
+    pub async fn void(&self, round: &RoundId, reason: &str) -> Result<Transition, SettlementError> {
+        let mut tx = self.pool.begin().await?;
+        let row = Self::lock(&mut tx, round).await?;
+        match row.status()? {
+            RoundStatus::Open | RoundStatus::Closed => {}
+            RoundStatus::Voided => return Ok(unchanged(row)),
+            status => return Err(SettlementError::WrongState(status.as_db())),
+        }
+        let row: RoundRow = sqlx::query_as(concat!(
+            "UPDATE rounds SET status = 'VOIDED', void_reason = $2, \
+               closed_at = coalesce(closed_at, now()), version = version + 1 \
+             WHERE round_id = $1 RETURNING ",
+            round_columns!()
+        ))
+        .bind(round.as_str())
+        .bind(reason)
+        .fetch_one(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE matches SET status = 'VOIDED' WHERE round_id = $1 AND status = 'OPEN'")
+            .bind(round.as_str())
+            .execute(&mut *tx)
+            .await?;
+        let refunds = refund_round_bets(
+            &mut tx,
+            round.as_str(),
+            &[BetStatus::Pending, BetStatus::Matched],
+            RefundReason::RoundVoided,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Transition {
+            round: row,
+            changed: true,
+            refunds,
+        })
+    }
+
+    /// The unpaid matches of a round.
+    pub async fn open_matches(&self, round: &RoundId) -> Result<Vec<Uuid>, SettlementError> {
+        Ok(sqlx::query_scalar(
+            "SELECT match_id FROM matches WHERE round_id = $1 AND status = 'OPEN'",
+        )
+        .bind(round.as_str())
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Unpaid matches of settled rounds, settled more than `age` ago: lost settle jobs.
+    pub async fn unpaid_matches(
+        &self,
+        age: std::time::Duration,
+        limit: i64,
+    ) -> Result<Vec<Uuid>, SettlementError> {
+        Ok(sqlx::query_scalar(
+            "SELECT m.match_id FROM matches m JOIN rounds r USING (round_id) \
+             WHERE m.status = 'OPEN' AND r.status = 'SETTLED' \
+               AND r.settled_at < now() - make_interval(secs => $1) \
+             LIMIT $2",
+        )
+        .bind(age.as_secs_f64())
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    pub async fn match_view(&self, match_id: Uuid) -> Result<Option<MatchView>, SettlementError> {
+        Ok(sqlx::query_as(
+            "SELECT m.match_id, m.round_id, m.amount, m.status, r.status AS round_status, \
+               r.winning_side, m.bet_a_id, a.user_id AS user_a, m.bet_b_id, b.user_id AS user_b \
+             FROM matches m JOIN rounds r USING (round_id) \
+               JOIN bets a ON a.bet_id = m.bet_a_id JOIN bets b ON b.bet_id = m.bet_b_id \
+             WHERE m.match_id = $1",
+        )
+        .bind(match_id)
         .fetch_optional(&self.pool)
         .await?)
+    }
+
+    /// Records a paid match: the match and both bets SETTLED, with results and
+    /// payouts. A no-op if it was recorded already.
+    pub async fn mark_match_settled(
+        &self,
+        match_id: Uuid,
+        winner: Side,
+    ) -> Result<bool, SettlementError> {
+        let mut tx = self.pool.begin().await?;
+        let changed = sqlx::query(
+            "UPDATE matches SET status = 'SETTLED', winning_side = $2, settled_at = now() \
+             WHERE match_id = $1 AND status = 'OPEN'",
+        )
+        .bind(match_id)
+        .bind(winner.as_db())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if changed == 0 {
+            return Ok(false);
+        }
+        sqlx::query(
+            "UPDATE bets SET status = 'SETTLED', \
+               result = CASE WHEN side = $2 THEN 'WON' ELSE 'LOST' END, \
+               payout = CASE WHEN side = $2 THEN amount * 2 ELSE 0 END, \
+               version = version + 1, updated_at = now() \
+             WHERE match_id = $1 AND status = 'MATCHED'",
+        )
+        .bind(match_id)
+        .bind(winner.as_db())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     pub async fn totals(&self, round: &RoundId) -> Result<RoundTotals, SettlementError> {
@@ -117,6 +341,38 @@ impl RoundStore {
                 }
             }
         }
+        let (matches, settled_matches, open_matches): (i64, i64, i64) = sqlx::query_as(
+            "SELECT count(*), count(*) FILTER (WHERE status = 'SETTLED'), \
+               count(*) FILTER (WHERE status = 'OPEN') \
+             FROM matches WHERE round_id = $1",
+        )
+        .bind(round.as_str())
+        .fetch_one(&self.pool)
+        .await?;
+        let owed: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM wallet_commands c JOIN bets b USING (bet_id) \
+             WHERE b.round_id = $1 AND c.done_at IS NULL",
+        )
+        .bind(round.as_str())
+        .fetch_one(&self.pool)
+        .await?;
+        let settled: bool =
+            sqlx::query_scalar("SELECT status = 'SETTLED' FROM rounds WHERE round_id = $1")
+                .bind(round.as_str())
+                .fetch_optional(&self.pool)
+                .await?
+                .unwrap_or(false);
+        totals.matches = matches;
+        totals.settled_matches = settled_matches;
+        totals.outstanding_jobs = owed + if settled { open_matches } else { 0 };
         Ok(totals)
+    }
+}
+
+fn unchanged(round: RoundRow) -> Transition {
+    Transition {
+        round,
+        changed: false,
+        refunds: Vec::new(),
     }
 }

@@ -17,6 +17,10 @@ pub enum WalletError {
     IdempotencyConflict,
     #[error("no stake is held for this bet with this user and amount")]
     NoMatchingStake,
+    #[error("a bet of this movement was already paid out")]
+    AlreadyPaid,
+    #[error("a bet of this movement was already refunded")]
+    AlreadyRefunded,
     #[error("database unavailable")]
     Unavailable(#[source] sqlx::Error),
     #[error("unexpected wallet failure")]
@@ -44,7 +48,9 @@ impl ServiceError for WalletError {
             WalletError::Auth(e) => e.code(),
             WalletError::InsufficientFunds
             | WalletError::BalanceLimit
-            | WalletError::NoMatchingStake => ErrorCode::FailedPrecondition,
+            | WalletError::NoMatchingStake
+            | WalletError::AlreadyPaid
+            | WalletError::AlreadyRefunded => ErrorCode::FailedPrecondition,
             WalletError::IdempotencyConflict => ErrorCode::AlreadyExists,
             WalletError::Unavailable(_) => ErrorCode::Unavailable,
             WalletError::Internal(_) => ErrorCode::Internal,
@@ -59,6 +65,8 @@ impl ServiceError for WalletError {
             WalletError::BalanceLimit => "BALANCE_LIMIT",
             WalletError::IdempotencyConflict => "IDEMPOTENCY_KEY_REUSED",
             WalletError::NoMatchingStake => "NO_MATCHING_STAKE",
+            WalletError::AlreadyPaid => "ALREADY_PAID",
+            WalletError::AlreadyRefunded => "ALREADY_REFUNDED",
             WalletError::Unavailable(_) => "UNAVAILABLE",
             WalletError::Internal(_) => "INTERNAL",
         }

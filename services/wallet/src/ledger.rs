@@ -17,6 +17,26 @@ pub struct Transfer {
     pub key: IdempotencyKey,
     /// A bet id for stakes and refunds, a match id for payouts, free text otherwise.
     pub reference: String,
+    /// What must hold for the movement to be allowed, checked in its transaction.
+    pub guard: Guard,
+}
+
+/// Conditions checked under lock in the movement's own transaction, so that a
+/// refund and a payout of the same bet can never both happen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Guard {
+    None,
+    /// Return a bet's stake: held by this user, for this amount, and the bet
+    /// was not paid out.
+    Refund {
+        bet: Uuid,
+    },
+    /// Pay a match: both stakes held, each of `stake`, neither refunded nor
+    /// paid before; the winner owns one of them and gets both.
+    Payout {
+        bets: [Uuid; 2],
+        stake: Decimal,
+    },
 }
 
 /// One posted movement, as stored.
@@ -123,6 +143,7 @@ impl Ledger {
             -t.amount.as_decimal()
         };
         let mut tx = self.pool.begin().await?;
+        check_guard(&mut tx, t).await?;
         let wallet: Option<(Decimal, DateTime<Utc>)> = if credit {
             // A credit creates the wallet on first use.
             sqlx::query_as(
@@ -171,6 +192,14 @@ impl Ledger {
             // Dropping the transaction rolls the balance change back.
             return Ok(None);
         };
+        if let Guard::Payout { bets, .. } = &t.guard {
+            // The primary key makes "each bet paid at most once" a database fact.
+            sqlx::query("INSERT INTO payout_bets (bet_id, entry_id) SELECT unnest($1::UUID[]), $2")
+                .bind(&bets[..])
+                .bind(entry.entry_id)
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
         Ok(Some(Posted {
             entry,
@@ -245,6 +274,84 @@ impl Ledger {
         .bind(limit)
         .fetch_all(&self.pool)
         .await?)
+    }
+}
+
+/// Locks the bets a guarded movement is about and checks its conditions.
+async fn check_guard(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    t: &Transfer,
+) -> Result<(), WalletError> {
+    let bets: Vec<Uuid> = match &t.guard {
+        Guard::None => return Ok(()),
+        Guard::Refund { bet } => vec![*bet],
+        Guard::Payout { bets, .. } => {
+            let mut bets = bets.to_vec();
+            bets.sort();
+            bets
+        }
+    };
+    // Serialise every refund and payout of these bets; sorted, so two
+    // movements over the same pair never deadlock.
+    for bet in &bets {
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('bet:' || $1::TEXT, 0))")
+            .bind(bet)
+            .execute(&mut **tx)
+            .await?;
+    }
+    let references: Vec<String> = bets.iter().map(Uuid::to_string).collect();
+    let stakes: Vec<(String, i64, Decimal)> = sqlx::query_as(
+        "SELECT reference, user_id, -amount FROM ledger_entries \
+         WHERE kind = 'STAKE' AND reference = ANY($1)",
+    )
+    .bind(&references)
+    .fetch_all(&mut **tx)
+    .await?;
+    let paid: i64 = sqlx::query_scalar("SELECT count(*) FROM payout_bets WHERE bet_id = ANY($1)")
+        .bind(&bets)
+        .fetch_one(&mut **tx)
+        .await?;
+    if paid > 0 {
+        return Err(WalletError::AlreadyPaid);
+    }
+    match &t.guard {
+        Guard::None => Ok(()),
+        Guard::Refund { .. } => {
+            let held = stakes.len() == 1
+                && stakes[0].1 == t.user.get()
+                && stakes[0].2 == t.amount.as_decimal();
+            if held {
+                Ok(())
+            } else {
+                Err(WalletError::NoMatchingStake)
+            }
+        }
+        Guard::Payout { stake, .. } => {
+            let refund_keys: Vec<String> = bets
+                .iter()
+                .map(|b| {
+                    betting_domain::IdempotencyKey::refund(betting_domain::BetId::from(*b))
+                        .to_string()
+                })
+                .collect();
+            let refunded: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM ledger_entries WHERE idempotency_key = ANY($1)",
+            )
+            .bind(&refund_keys)
+            .fetch_one(&mut **tx)
+            .await?;
+            let held = stakes.len() == 2
+                && stakes.iter().all(|s| s.2 == *stake)
+                && stakes.iter().any(|s| s.1 == t.user.get())
+                && t.amount.as_decimal() == *stake * Decimal::TWO;
+            if refunded > 0 {
+                Err(WalletError::AlreadyRefunded)
+            } else if held {
+                Ok(())
+            } else {
+                Err(WalletError::NoMatchingStake)
+            }
+        }
     }
 }
 

@@ -12,5 +12,5 @@ mod ledger;
 mod service;
 
 pub use error::WalletError;
-pub use ledger::{Entry, Ledger, Posted, Transfer, WalletView};
+pub use ledger::{Entry, Guard, Ledger, Posted, Transfer, WalletView};
 pub use service::WalletService;

@@ -7,14 +7,14 @@ use betting_api::{
 };
 use betting_auth::{AuthInterceptor, Principal};
 use betting_domain::{
-    Amount, BetId, EntryKind, IdempotencyKey, Reference, UserId, Violations, format_money,
+    Amount, BetId, EntryKind, IdempotencyKey, MatchId, Reference, UserId, Violations, format_money,
 };
 use sqlx::PgPool;
 use tonic::{
     Request, Response, Status, metadata::MetadataValue, service::interceptor::InterceptedService,
 };
 
-use crate::{Entry, Ledger, Posted, Transfer, WalletError, WalletView};
+use crate::{Entry, Guard, Ledger, Posted, Transfer, WalletError, WalletView};
 
 /// Keys our own services use; clients may not take them.
 const RESERVED_KEY_PREFIXES: &[&str] = &["BET:", "REFUND:", "SETTLE:"];
@@ -81,6 +81,7 @@ impl WalletService {
                 amount,
                 key,
                 reference: reference.as_str().to_owned(),
+                guard: Guard::None,
             })
             .await
     }
@@ -116,23 +117,77 @@ impl WalletService {
         else {
             return Err(v.into_error().into());
         };
-        let reference = bet.to_string();
-        if kind == EntryKind::Refund {
-            // Never return more than was held, nor to anyone else.
-            let stake = self.ledger.find_stake(&reference).await?;
-            let held =
-                stake.is_some_and(|s| s.user_id == user.get() && -s.amount == amount.as_decimal());
-            if !held {
-                return Err(WalletError::NoMatchingStake);
-            }
-        }
+        // A refund never returns more than was held, nor to anyone else, nor
+        // for a bet that was paid out; checked under lock by the ledger.
+        let guard = match kind {
+            EntryKind::Refund => Guard::Refund { bet: bet.as_uuid() },
+            _ => Guard::None,
+        };
         self.ledger
             .post(&Transfer {
                 kind,
                 user,
                 amount,
                 key,
-                reference,
+                reference: bet.to_string(),
+                guard,
+            })
+            .await
+    }
+
+    /// PayWinnings: twice the stake, once per match, to the owner of one of its bets.
+    async fn payout(
+        &self,
+        principal: &Principal,
+        r: &pb::PayWinningsRequest,
+    ) -> Result<Posted, WalletError> {
+        principal.require_backend()?;
+        let mut v = Violations::default();
+        let user = v.check("user_id", UserId::new(r.user_id));
+        let amount = v.check("amount", Amount::parse(&r.amount));
+        let matched = v.check("match_id", MatchId::parse(&r.match_id));
+        let key = v.check("idempotency_key", IdempotencyKey::parse(&r.idempotency_key));
+        let bets: Option<Vec<BetId>> = if r.bet_ids.len() == 2 {
+            let a = v.check("bet_ids", BetId::parse(&r.bet_ids[0]));
+            let b = v.check("bet_ids", BetId::parse(&r.bet_ids[1]));
+            match (a, b) {
+                (Some(a), Some(b)) if a != b => Some(vec![a, b]),
+                (Some(_), Some(_)) => {
+                    v.add("bet_ids", "must name two different bets");
+                    None
+                }
+                _ => None,
+            }
+        } else {
+            v.add("bet_ids", "must name the two bets of the match");
+            None
+        };
+        if let (Some(m), Some(k)) = (matched, &key)
+            && *k != IdempotencyKey::settle(m)
+        {
+            v.add(
+                "idempotency_key",
+                format!("must be {}", IdempotencyKey::settle(m)),
+            );
+        }
+        let (Some(user), Some(amount), Some(matched), Some(key), Some(bets), true) =
+            (user, amount, matched, key, bets, v.is_empty())
+        else {
+            return Err(v.into_error().into());
+        };
+        // Each bet staked half of the payout.
+        let stake = amount.as_decimal() / rust_decimal::Decimal::TWO;
+        self.ledger
+            .post(&Transfer {
+                kind: EntryKind::Payout,
+                user,
+                amount,
+                key,
+                reference: matched.to_string(),
+                guard: Guard::Payout {
+                    bets: [bets[0].as_uuid(), bets[1].as_uuid()],
+                    stake,
+                },
             })
             .await
     }
@@ -341,6 +396,23 @@ impl WalletApi for WalletService {
             .await
             .map_err(|e| to_status(&e))?;
         let body = pb::RefundStakeResponse {
+            entry: Some(entry_pb(&posted.entry)),
+            wallet: Some(wallet_pb(&posted.wallet)),
+        };
+        Ok(respond(&posted, body))
+    }
+
+    #[tracing::instrument(skip_all, fields(match_id = %request.get_ref().match_id))]
+    async fn pay_winnings(
+        &self,
+        request: Request<pb::PayWinningsRequest>,
+    ) -> Result<Response<pb::PayWinningsResponse>, Status> {
+        let principal = principal(&request)?;
+        let posted = self
+            .payout(&principal, request.get_ref())
+            .await
+            .map_err(|e| to_status(&e))?;
+        let body = pb::PayWinningsResponse {
             entry: Some(entry_pb(&posted.entry)),
             wallet: Some(wallet_pb(&posted.wallet)),
         };

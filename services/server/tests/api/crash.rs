@@ -2,6 +2,8 @@
 
 use betting_api::pb;
 use betting_bets::maintenance::MaintenanceSettings;
+use betting_config::Role;
+use betting_settlement::reconciler::ReconcilerSettings;
 use std::time::Duration;
 use tonic::Code;
 
@@ -142,7 +144,8 @@ async fn a_bet_written_before_the_debit_is_resolved_without_money_lost() {
 
 #[tokio::test]
 async fn a_lost_match_job_is_re_derived_from_postgres() {
-    let app = TestApp::spawn().await;
+    // No matcher: the job must sit in Redis for this test to look at it.
+    let app = TestApp::spawn_roles(&[Role::Wallet, Role::Betting, Role::Settlement]).await;
     app.deposit(42, "10").await;
     app.open_round("r").await;
     let bet = app
@@ -174,16 +177,18 @@ async fn a_lost_match_job_is_re_derived_from_postgres() {
     assert!(queue.job(&id).await.expect("redis").is_none());
 
     let report = app
-        .betting()
-        .maintain(&MaintenanceSettings {
+        .reconciler_with(ReconcilerSettings {
             sweep_after: Duration::ZERO,
-            ..MaintenanceSettings::default()
+            ..ReconcilerSettings::default()
         })
-        .await;
-    assert_eq!(report.requeued, 1);
+        .pass()
+        .await
+        .expect("reconcile");
+    assert!(report.ran);
+    assert_eq!(report.match_jobs, 1);
     assert!(
         queue.job(&id).await.expect("redis").is_some(),
-        "the sweeper put the job back"
+        "the reconciler put the job back"
     );
     assert_eq!(queue.depth().await.expect("depth"), 1);
 }

@@ -60,6 +60,7 @@ async fn every_service_reports_serving_and_reflection_lists_them() {
         "betting.v1.WalletService",
         "betting.v1.BettingService",
         "betting.v1.SettlementService",
+        "betting.v1.AdminService",
         "grpc.health.v1.Health",
     ] {
         assert!(

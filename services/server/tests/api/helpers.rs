@@ -78,6 +78,9 @@ pub fn settings(database_url: &str, redis_url: &str) -> Settings {
         // Tests drive maintenance passes themselves.
         placing_grace_secs: 3600,
         maintenance_interval_ms: 3_600_000,
+        match_timeout_secs: 300,
+        worker_concurrency: 4,
+        reconcile_interval_ms: 3_600_000,
         shutdown_grace_secs: 5,
     }
 }
@@ -86,6 +89,8 @@ pub struct TestApp {
     pub pool: PgPool,
     pub channel: Channel,
     pub betting: Option<BettingService>,
+    pub reconciler: Option<betting_settlement::reconciler::Reconciler>,
+    pub queues: betting_server::Queues,
     pub namespace: String,
     minter: TokenMinter,
     stop: Option<oneshot::Sender<()>>,
@@ -99,6 +104,31 @@ impl TestApp {
         Self::spawn_with(settings(&url, &env("REDIS_URL"))).await
     }
 
+    /// Only some roles, e.g. no workers, so that a test sees jobs sit in Redis.
+    pub async fn spawn_roles(roles: &[betting_config::Role]) -> Self {
+        let url = fresh_database().await;
+        let mut settings = settings(&url, &env("REDIS_URL"));
+        settings.roles = roles.to_vec();
+        Self::spawn_with(settings).await
+    }
+
+    /// A reconciler over this app's database and queues, with its own settings.
+    pub fn reconciler_with(
+        &self,
+        settings: betting_settlement::reconciler::ReconcilerSettings,
+    ) -> betting_settlement::reconciler::Reconciler {
+        betting_settlement::reconciler::Reconciler::new(
+            betting_bets::BetStore::new(self.pool.clone()),
+            betting_settlement::RoundStore::new(self.pool.clone()),
+            [
+                self.queues.matches.clone(),
+                self.queues.settle.clone(),
+                self.queues.refund.clone(),
+            ],
+            settings,
+        )
+    }
+
     pub async fn spawn_with(settings: Settings) -> Self {
         if std::env::var("TEST_LOG").is_ok() {
             betting_telemetry::init_tracing();
@@ -110,6 +140,8 @@ impl TestApp {
             .expect("build application");
         let addr = app.local_addr();
         let betting = app.betting().cloned();
+        let reconciler = app.reconciler().cloned();
+        let queues = app.queues().clone();
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(app.run_until(async {
             let _ = stopped.await;
@@ -123,6 +155,8 @@ impl TestApp {
             pool: PgPool::connect_lazy(&url).expect("pool"),
             channel,
             betting,
+            reconciler,
+            queues,
             namespace,
             minter: TokenMinter::new(SECRET.as_bytes(), None, None),
             stop: Some(stop),
@@ -319,4 +353,129 @@ pub fn bad_fields(status: &Status) -> Vec<String> {
 
 pub fn dec(text: &str) -> Decimal {
     text.parse().expect("decimal")
+}
+
+impl TestApp {
+    pub fn reconciler(&self) -> &betting_settlement::reconciler::Reconciler {
+        self.reconciler
+            .as_ref()
+            .expect("this app runs a worker role")
+    }
+
+    pub fn admin(&self) -> betting_api::pb::admin_service_client::AdminServiceClient<Channel> {
+        betting_api::pb::admin_service_client::AdminServiceClient::new(self.channel.clone())
+    }
+
+    /// Runs the audit with no quiescence period: call it once work is done.
+    pub async fn assert_audit_clean(&self) {
+        let report = betting_audit::run(
+            &self.pool,
+            &betting_audit::AuditSettings {
+                quiescence: Duration::ZERO,
+                match_timeout: Duration::from_secs(300),
+            },
+        )
+        .await
+        .expect("audit runs");
+        assert!(
+            report.is_clean(),
+            "audit violations: {:#?}",
+            report.violations
+        );
+    }
+
+    pub async fn bet(&self, user: i64, bet_id: &str) -> pb::Bet {
+        self.bets()
+            .get_bet(authed(
+                pb::GetBetRequest {
+                    bet_id: bet_id.into(),
+                },
+                &self.player(user),
+            ))
+            .await
+            .expect("get bet")
+            .into_inner()
+            .bet
+            .expect("bet")
+    }
+
+    /// Polls until the bet reaches `status` (the workers run in the background).
+    pub async fn wait_for_bet(&self, user: i64, bet_id: &str, status: pb::BetStatus) -> pb::Bet {
+        for _ in 0..200 {
+            let bet = self.bet(user, bet_id).await;
+            if bet.status == status as i32 {
+                return bet;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!(
+            "bet {bet_id} never became {status:?}: {:?}",
+            self.bet(user, bet_id).await
+        );
+    }
+
+    pub async fn round(&self, round: &str) -> pb::Round {
+        self.rounds()
+            .get_round(authed(
+                pb::GetRoundRequest {
+                    round_id: round.into(),
+                },
+                &self.backend(),
+            ))
+            .await
+            .expect("get round")
+            .into_inner()
+            .round
+            .expect("round")
+    }
+
+    /// Polls until the round has no outstanding work.
+    pub async fn wait_for_round_done(&self, round: &str) -> pb::Round {
+        for _ in 0..200 {
+            let r = self.round(round).await;
+            if r.stats.as_ref().is_some_and(|s| s.outstanding_jobs == 0) {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!(
+            "round {round} never finished: {:?}",
+            self.round(round).await
+        );
+    }
+
+    pub async fn settle_round(&self, round: &str, side: pb::Side) -> Result<pb::Round, Status> {
+        self.rounds()
+            .settle_round(authed(
+                pb::SettleRoundRequest {
+                    round_id: round.into(),
+                    winning_side: side as i32,
+                },
+                &self.backend(),
+            ))
+            .await
+            .map(|r| r.into_inner().round.expect("round"))
+    }
+
+    pub async fn void_round(&self, round: &str) -> Result<pb::Round, Status> {
+        self.rounds()
+            .void_round(authed(
+                pb::VoidRoundRequest {
+                    round_id: round.into(),
+                    reason: "game server crashed".into(),
+                },
+                &self.backend(),
+            ))
+            .await
+            .map(|r| r.into_inner().round.expect("round"))
+    }
+
+    pub async fn place_ok(&self, user: i64, round: &str, side: pb::Side, amount: &str) -> pb::Bet {
+        self.place(user, round, side, amount, &Uuid::new_v4().to_string())
+            .await
+            .expect("place bet")
+            .into_inner()
+            .bet
+            .expect("bet")
+    }
 }

@@ -1,0 +1,234 @@
+//! The audit: every money and bet invariant, checked by SQL against the live
+//! tables. `betting audit` and `AdminService.RunAudit` both run [`run`].
+//!
+//! (a) WALLET_LEDGER_MISMATCH: every wallet balance equals the sum of its entries.
+//! (b) ACCOUNTS_NOT_ZERO: all accounts, system ones derived, sum to zero.
+//! (c) ESCROW_MISMATCH: escrow equals the stakes of bets not yet SETTLED or
+//!     REFUNDED (counting refunds owed but not yet carried out, and stakes held
+//!     for bets still PLACING), and every bet's money agrees with its state.
+//! (d) DUPLICATE_KEY: no idempotency key, stake, refund or payout twice.
+//! (e) PAYOUT_WRONG: every settled match paid exactly once, 2 × stake, to the
+//!     owner of the winning bet; nothing paid for any other match.
+//! (f) MATCHABLE_PAIR_WAITING: no open round holds a PENDING A and a PENDING B
+//!     of equal stake from different users, older than the quiescence period.
+//! (g) OVERDUE_BET: no bet in a non-terminal state past its deadline.
+
+#![forbid(unsafe_code)]
+
+mod service;
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+
+pub use service::AdminService;
+
+#[derive(Debug, Clone)]
+pub struct AuditSettings {
+    /// Work younger than this may legitimately still be in flight.
+    pub quiescence: Duration,
+    /// The match timeout: PENDING bets older than this (plus quiescence) are overdue.
+    pub match_timeout: Duration,
+}
+
+impl Default for AuditSettings {
+    fn default() -> Self {
+        Self {
+            quiescence: Duration::from_secs(30),
+            match_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Violation {
+    pub check: &'static str,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct AuditReport {
+    pub violations: Vec<Violation>,
+    pub checks_run: u32,
+}
+
+impl AuditReport {
+    pub fn is_clean(&self) -> bool {
+        self.violations.is_empty()
+    }
+}
+
+/// One check: its name and a query returning one text row per violation.
+struct Check {
+    name: &'static str,
+    sql: &'static str,
+    /// Binds $1 (quiescence, seconds) and $2 (match timeout, seconds).
+    params: u8,
+}
+
+const CHECKS: &[Check] = &[
+    Check {
+        name: "WALLET_LEDGER_MISMATCH",
+        sql: "SELECT format('wallet of user %s holds %s but its entries sum to %s', \
+                w.user_id, w.balance, coalesce(e.total, 0)) \
+              FROM wallets w LEFT JOIN \
+                (SELECT user_id, sum(amount) AS total FROM ledger_entries GROUP BY user_id) e \
+                USING (user_id) \
+              WHERE w.balance <> coalesce(e.total, 0) \
+              UNION ALL \
+              SELECT format('user %s has ledger entries but no wallet', e.user_id) \
+              FROM (SELECT DISTINCT user_id FROM ledger_entries) e \
+              WHERE NOT EXISTS (SELECT 1 FROM wallets w WHERE w.user_id = e.user_id) \
+              LIMIT 20",
+        params: 0,
+    },
+    Check {
+        name: "ACCOUNTS_NOT_ZERO",
+        sql: "SELECT format('all accounts sum to %s', total) FROM \
+                (SELECT coalesce(sum(balance), 0) AS total FROM account_balances) t \
+              WHERE total <> 0",
+        params: 0,
+    },
+    Check {
+        name: "ESCROW_MISMATCH",
+        sql: "WITH ledger AS ( \
+                SELECT coalesce(-sum(amount), 0) AS escrow FROM ledger_entries \
+                WHERE counterparty = 'ESCROW' \
+              ), held AS ( \
+                SELECT coalesce(sum(b.amount), 0) AS expected FROM bets b \
+                WHERE b.status IN ('PENDING', 'MATCHED') \
+                   OR (b.status = 'PLACING' AND EXISTS (SELECT 1 FROM ledger_entries s \
+                         WHERE s.kind = 'STAKE' AND s.reference = b.bet_id::TEXT)) \
+                   OR (b.status = 'REFUNDED' AND NOT EXISTS (SELECT 1 FROM ledger_entries r \
+                         WHERE r.idempotency_key = 'REFUND:' || b.bet_id)) \
+              ), paid_early AS ( \
+                SELECT coalesce(sum(b.amount), 0) AS amount FROM bets b \
+                JOIN payout_bets p ON p.bet_id = b.bet_id WHERE b.status = 'MATCHED' \
+              ) \
+              SELECT format('escrow holds %s but bets account for %s', ledger.escrow, \
+                held.expected - paid_early.amount) \
+              FROM ledger, held, paid_early WHERE ledger.escrow <> held.expected - paid_early.amount \
+              UNION ALL \
+              SELECT format('bet %s is %s but %s', b.bet_id, b.status, problem) FROM ( \
+                SELECT b.*, CASE \
+                  WHEN b.status IN ('PENDING', 'MATCHED', 'SETTLED', 'REFUNDED') AND s.entry_id IS NULL \
+                    THEN 'no stake was taken' \
+                  WHEN b.status = 'REJECTED' AND s.entry_id IS NOT NULL THEN 'its stake was taken' \
+                  WHEN s.entry_id IS NOT NULL AND (-s.amount <> b.amount OR s.user_id <> b.user_id) \
+                    THEN 'its stake differs from the bet' \
+                  WHEN b.status = 'SETTLED' AND p.bet_id IS NULL THEN 'its match was not paid' \
+                  WHEN b.status <> 'SETTLED' AND b.status <> 'MATCHED' AND p.bet_id IS NOT NULL \
+                    THEN 'its match was paid' \
+                  WHEN b.status <> 'REFUNDED' AND r.entry_id IS NOT NULL THEN 'it was refunded' \
+                END AS problem \
+                FROM bets b \
+                LEFT JOIN ledger_entries s ON s.kind = 'STAKE' AND s.reference = b.bet_id::TEXT \
+                LEFT JOIN ledger_entries r ON r.idempotency_key = 'REFUND:' || b.bet_id \
+                LEFT JOIN payout_bets p ON p.bet_id = b.bet_id \
+              ) b WHERE problem IS NOT NULL \
+              LIMIT 20",
+        params: 0,
+    },
+    Check {
+        name: "DUPLICATE_KEY",
+        sql: "SELECT format('idempotency key %s used %s times', idempotency_key, count(*)) \
+              FROM ledger_entries GROUP BY idempotency_key HAVING count(*) > 1 \
+              UNION ALL \
+              SELECT format('%s %s recorded %s times', kind, reference, count(*)) \
+              FROM ledger_entries WHERE kind IN ('STAKE', 'REFUND', 'PAYOUT') \
+              GROUP BY kind, reference HAVING count(*) > 1 \
+              LIMIT 20",
+        params: 0,
+    },
+    Check {
+        name: "PAYOUT_WRONG",
+        sql: "SELECT format('settled match %s: %s', m.match_id, problem) FROM ( \
+                SELECT m.match_id, CASE \
+                  WHEN count(p.entry_id) = 0 THEN 'not paid' \
+                  WHEN count(p.entry_id) > 1 THEN 'paid ' || count(p.entry_id) || ' times' \
+                  WHEN min(p.amount) <> 2 * m.amount THEN 'paid ' || min(p.amount) || ' instead of ' || 2 * m.amount \
+                  WHEN min(p.user_id) <> min(w.user_id) THEN 'paid user ' || min(p.user_id) || ', not the winner ' || min(w.user_id) \
+                END AS problem \
+                FROM matches m \
+                JOIN bets w ON w.match_id = m.match_id AND w.side = m.winning_side \
+                LEFT JOIN ledger_entries p ON p.kind = 'PAYOUT' AND p.reference = m.match_id::TEXT \
+                WHERE m.status = 'SETTLED' GROUP BY m.match_id, m.amount \
+              ) m WHERE problem IS NOT NULL \
+              UNION ALL \
+              SELECT format('match %s is %s but was paid', m.match_id, m.status) \
+              FROM matches m JOIN ledger_entries p ON p.kind = 'PAYOUT' AND p.reference = m.match_id::TEXT \
+              WHERE m.status = 'VOIDED' \
+              UNION ALL \
+              SELECT format('payout %s names no match', p.reference) FROM ledger_entries p \
+              WHERE p.kind = 'PAYOUT' AND NOT EXISTS \
+                (SELECT 1 FROM matches m WHERE m.match_id::TEXT = p.reference) \
+              LIMIT 20",
+        params: 0,
+    },
+    Check {
+        name: "MATCHABLE_PAIR_WAITING",
+        sql: "SELECT format('round %s: bets %s (A) and %s (B) of %s are both PENDING', \
+                a.round_id, a.bet_id, b.bet_id, a.amount) \
+              FROM bets a JOIN rounds r ON r.round_id = a.round_id AND r.status = 'OPEN' \
+              JOIN bets b ON b.round_id = a.round_id AND b.amount = a.amount \
+                AND b.side = 'B' AND b.status = 'PENDING' AND b.user_id <> a.user_id \
+              WHERE a.side = 'A' AND a.status = 'PENDING' \
+                AND a.updated_at < now() - make_interval(secs => $1) \
+                AND b.updated_at < now() - make_interval(secs => $1) \
+              LIMIT 20",
+        params: 1,
+    },
+    Check {
+        name: "OVERDUE_BET",
+        sql: "SELECT format('bet %s has been PENDING since %s', bet_id, created_at) FROM bets \
+              WHERE status = 'PENDING' AND created_at < now() - make_interval(secs => $1 + $2) \
+              UNION ALL \
+              SELECT format('bet %s has been PLACING since %s', bet_id, created_at) FROM bets \
+              WHERE status = 'PLACING' AND created_at < now() - make_interval(secs => $1 + 60) \
+              UNION ALL \
+              SELECT format('bet %s is PENDING in round %s, which is %s', b.bet_id, r.round_id, r.status) \
+              FROM bets b JOIN rounds r USING (round_id) \
+              WHERE b.status = 'PENDING' AND r.status <> 'OPEN' \
+                AND b.updated_at < now() - make_interval(secs => $1) \
+              UNION ALL \
+              SELECT format('bet %s is MATCHED in round %s, which is %s', b.bet_id, r.round_id, r.status) \
+              FROM bets b JOIN rounds r USING (round_id) \
+              WHERE b.status = 'MATCHED' AND r.status IN ('SETTLED', 'VOIDED') \
+                AND coalesce(r.settled_at, r.closed_at) < now() - make_interval(secs => $1) \
+              UNION ALL \
+              SELECT format('refund %s owed since %s not carried out', idempotency_key, created_at) \
+              FROM wallet_commands WHERE done_at IS NULL \
+                AND created_at < now() - make_interval(secs => $1) \
+              LIMIT 20",
+        params: 2,
+    },
+];
+
+/// Runs every check.
+pub async fn run(pool: &PgPool, settings: &AuditSettings) -> Result<AuditReport, sqlx::Error> {
+    let mut report = AuditReport::default();
+    // One snapshot for all checks, so they agree with each other.
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .execute(&mut *tx)
+        .await?;
+    for check in CHECKS {
+        let mut query = sqlx::query_scalar(check.sql);
+        if check.params >= 1 {
+            query = query.bind(settings.quiescence.as_secs_f64());
+        }
+        if check.params >= 2 {
+            query = query.bind(settings.match_timeout.as_secs_f64());
+        }
+        let rows: Vec<String> = query.fetch_all(&mut *tx).await?;
+        report.checks_run += 1;
+        report
+            .violations
+            .extend(rows.into_iter().map(|detail| Violation {
+                check: check.name,
+                detail,
+            }));
+    }
+    tx.commit().await?;
+    Ok(report)
+}

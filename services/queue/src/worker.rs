@@ -1,0 +1,214 @@
+//! Consumers: fetch, run, acknowledge; heartbeat; reap; drain on shutdown.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use fred::prelude::Client;
+use tokio::{
+    sync::{Semaphore, watch},
+    task::JoinSet,
+};
+
+use crate::{FailOutcome, Job, Queue, QueueError};
+
+/// Why a job did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// Worth another attempt after a backoff (a store was unavailable, a race lost).
+    #[error("{0}")]
+    Retry(String),
+    /// Will never succeed (a malformed payload): straight to the dead-letter list.
+    #[error("{0}")]
+    Permanent(String),
+}
+
+/// Runs one kind of job. It must be idempotent: a job may run more than once
+/// (a consumer may die after its work committed but before the acknowledgement).
+pub trait Handler: Send + Sync + 'static {
+    fn handle(&self, job: &Job) -> impl Future<Output = Result<(), JobError>> + Send;
+}
+
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    /// Jobs run at once by this consumer.
+    pub concurrency: usize,
+    /// How long on shutdown in-flight jobs get to finish before they are handed back.
+    pub shutdown_grace: Duration,
+    /// How long one BLMOVE waits; bounds how quickly shutdown is noticed.
+    pub poll: Duration,
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        Self {
+            concurrency: 8,
+            shutdown_grace: Duration::from_secs(10),
+            poll: Duration::from_secs(1),
+        }
+    }
+}
+
+/// One consumer of one queue.
+pub struct Worker {
+    queue: Queue,
+    /// A connection of its own for BLMOVE.
+    blocking: Client,
+    consumer: String,
+    settings: WorkerSettings,
+}
+
+impl Worker {
+    pub fn new(queue: Queue, blocking: Client, settings: WorkerSettings) -> Self {
+        let consumer = format!("{}-{}", queue.name(), uuid::Uuid::new_v4().simple());
+        Self {
+            queue,
+            blocking,
+            consumer,
+            settings,
+        }
+    }
+
+    pub fn consumer(&self) -> &str {
+        &self.consumer
+    }
+
+    /// Runs until `shutdown` turns true: then stops fetching, gives in-flight
+    /// jobs the grace period, and hands back whatever is still running.
+    pub async fn run<H: Handler>(self, handler: Arc<H>, mut shutdown: watch::Receiver<bool>) {
+        let Worker {
+            queue,
+            blocking,
+            consumer,
+            settings,
+        } = self;
+        tracing::info!(queue = %queue.name(), %consumer, concurrency = settings.concurrency, "worker started");
+        let permits = Arc::new(Semaphore::new(settings.concurrency.max(1)));
+        let mut running: JoinSet<String> = JoinSet::new();
+        let mut housekeeping = tokio::time::interval(
+            (queue.settings().visibility_timeout / 3)
+                .clamp(Duration::from_millis(100), Duration::from_secs(5)),
+        );
+        housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+        loop {
+            // Reap finished tasks so the set does not grow.
+            while running.try_join_next().is_some() {}
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => {
+                    if *shutdown.borrow() { break; }
+                    continue;
+                }
+                _ = housekeeping.tick() => {
+                    // Every consumer helps: renew its own lease, promote due
+                    // retries, return the jobs of dead consumers. All idempotent.
+                    if let Err(error) = housekeep(&queue, &consumer).await {
+                        tracing::warn!(queue = %queue.name(), %error, "queue housekeeping failed");
+                    }
+                    continue;
+                }
+                permit = permits.clone().acquire_owned() => {
+                    let Ok(permit) = permit else { break };
+                    let fetched = tokio::select! {
+                        fetched = queue.fetch(&blocking, &consumer, settings.poll) => fetched,
+                        _ = shutdown.changed() => break,
+                    };
+                    match fetched {
+                        Ok(Some(job)) => {
+                            let queue = queue.clone();
+                            let consumer = consumer.clone();
+                            let handler = handler.clone();
+                            running.spawn(async move {
+                                let id = job.id.clone();
+                                run_one(&queue, &consumer, handler.as_ref(), job).await;
+                                drop(permit);
+                                id
+                            });
+                        }
+                        Ok(None) => {}
+                        Err(error) => {
+                            tracing::warn!(queue = %queue.name(), %error, "fetch failed; backing off");
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                    }
+                }
+            }
+        }
+
+        // Drain: in-flight jobs get the grace period, then are handed back.
+        tracing::info!(queue = %queue.name(), %consumer, in_flight = running.len(), "worker stopping");
+        let drained = tokio::time::timeout(settings.shutdown_grace, async {
+            while running.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            running.abort_all();
+            while running.join_next().await.is_some() {}
+        }
+        // Whatever is still in our active list did not finish: hand it back.
+        if let Err(error) = hand_back(&queue, &consumer).await {
+            tracing::warn!(queue = %queue.name(), %error, "could not hand jobs back; the reaper will");
+        }
+        tracing::info!(queue = %queue.name(), %consumer, "worker stopped");
+    }
+}
+
+async fn housekeep(queue: &Queue, consumer: &str) -> Result<(), QueueError> {
+    queue.heartbeat(consumer).await?;
+    queue.promote_due().await?;
+    queue.reap_expired().await?;
+    Ok(())
+}
+
+async fn hand_back(queue: &Queue, consumer: &str) -> Result<(), QueueError> {
+    use fred::interfaces::ListInterface;
+    let ids: Vec<String> = queue.client().lrange(queue.active(consumer), 0, -1).await?;
+    for id in ids {
+        queue.release(consumer, &id).await?;
+    }
+    queue.leave(consumer).await
+}
+
+async fn run_one<H: Handler>(queue: &Queue, consumer: &str, handler: &H, job: Job) {
+    let name = queue.name().to_owned();
+    let started = std::time::Instant::now();
+    let waited = crate::now_ms().saturating_sub(job.enqueued_at_ms);
+    metrics::histogram!("queue_job_wait_seconds", "queue" => name.clone())
+        .record(waited as f64 / 1000.0);
+    let result = handler.handle(&job).await;
+    metrics::histogram!("queue_job_duration_seconds", "queue" => name.clone())
+        .record(started.elapsed().as_secs_f64());
+    let outcome = match result {
+        Ok(()) => queue.ack(consumer, &job.id).await.map(|()| None),
+        Err(error) => {
+            let permanent = matches!(error, JobError::Permanent(_));
+            queue
+                .fail(consumer, &job, &error.to_string(), permanent)
+                .await
+                .map(|outcome| Some((outcome, error)))
+        }
+    };
+    match outcome {
+        Ok(None) => {
+            metrics::counter!("queue_jobs_processed_total", "queue" => name).increment(1);
+        }
+        Ok(Some((outcome, error))) => {
+            metrics::counter!("queue_jobs_failed_total", "queue" => name.clone()).increment(1);
+            match outcome {
+                FailOutcome::Retrying { attempt, delay } => tracing::warn!(
+                    queue = %name, job = %job.id, attempt, ?delay, %error, "job failed; will retry"
+                ),
+                FailOutcome::Dead => {
+                    metrics::counter!("queue_jobs_dead_total", "queue" => name.clone())
+                        .increment(1);
+                    tracing::error!(queue = %name, job = %job.id, %error, "job failed for good; moved to the dead-letter list")
+                }
+                FailOutcome::Unknown => {}
+            }
+        }
+        // The job stays in our active list; the reaper returns it if we die,
+        // and a later run repeats the (idempotent) work.
+        Err(error) => {
+            tracing::warn!(queue = %name, job = %job.id, %error, "could not record the job's outcome")
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! The reconciler: re-derives from PostgreSQL the work Redis should be holding.
+//!
+//! Redis may restart empty; PostgreSQL is the source of truth. Each pass finds
+//! work that exists in the tables but may have no job, and enqueues it (the
+//! queue drops duplicates), and refunds bets whose time is up:
+//!
+//! - PENDING bets of open rounds → match jobs;
+//! - PENDING bets past the match timeout → refunded (MATCH_TIMEOUT);
+//! - PENDING bets of rounds no longer open → refunded (a bet that raced a close);
+//! - unpaid matches of settled rounds → settle jobs;
+//! - refunds owed but not carried out → refund jobs.
+//!
+//! Passes are safe to run anywhere and at once; a PostgreSQL advisory lock
+//! keeps it to one pass at a time across processes, to save work.
+
+use std::time::Duration;
+
+use betting_bets::{BetStore, match_job};
+use betting_queue::Queue;
+use tokio::sync::watch;
+
+use crate::{
+    RoundStore, SettlementError,
+    jobs::{enqueue_all, refund_job, settle_job},
+};
+
+#[derive(Debug, Clone)]
+pub struct ReconcilerSettings {
+    pub interval: Duration,
+    /// A PENDING bet older than this is re-enqueued for matching.
+    pub sweep_after: Duration,
+    /// A PENDING bet older than this is refunded.
+    pub match_timeout: Duration,
+    /// Settled matches and owed refunds older than this are re-enqueued.
+    pub retry_after: Duration,
+    pub batch: i64,
+}
+
+impl Default for ReconcilerSettings {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(5),
+            sweep_after: Duration::from_secs(5),
+            match_timeout: Duration::from_secs(300),
+            retry_after: Duration::from_secs(5),
+            batch: 1000,
+        }
+    }
+}
+
+/// What one pass found and did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReconcileReport {
+    /// False when another process held the pass lock.
+    pub ran: bool,
+    pub match_jobs: usize,
+    pub timed_out: usize,
+    pub stranded: usize,
+    pub settle_jobs: usize,
+    pub refund_jobs: usize,
+}
+
+#[derive(Clone)]
+pub struct Reconciler {
+    bets: BetStore,
+    rounds: RoundStore,
+    match_queue: Queue,
+    settle_queue: Queue,
+    refund_queue: Queue,
+    settings: ReconcilerSettings,
+}
+
+/// The advisory lock key of a pass.
+const PASS_LOCK: i64 = 0x6265_7474_696e_6701;
+
+impl Reconciler {
+    pub fn new(
+        bets: BetStore,
+        rounds: RoundStore,
+        queues: [Queue; 3],
+        settings: ReconcilerSettings,
+    ) -> Self {
+        let [match_queue, settle_queue, refund_queue] = queues;
+        Self {
+            bets,
+            rounds,
+            match_queue,
+            settle_queue,
+            refund_queue,
+            settings,
+        }
+    }
+
+    pub fn settings(&self) -> &ReconcilerSettings {
+        &self.settings
+    }
+
+    /// One pass, if no other process is running one.
+    pub async fn pass(&self) -> Result<ReconcileReport, SettlementError> {
+        let mut conn = self.bets.pool().acquire().await?;
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(PASS_LOCK)
+            .fetch_one(&mut *conn)
+            .await?;
+        if !locked {
+            return Ok(ReconcileReport::default());
+        }
+        let result = self.work().await;
+        // Dropping the connection would also release it; say so explicitly.
+        let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(PASS_LOCK)
+            .execute(&mut *conn)
+            .await;
+        result
+    }
+
+    async fn work(&self) -> Result<ReconcileReport, SettlementError> {
+        let s = &self.settings;
+        let mut report = ReconcileReport {
+            ran: true,
+            ..ReconcileReport::default()
+        };
+        let fail = |e: betting_bets::BettingError| SettlementError::Internal(anyhow::Error::new(e));
+
+        let stranded = self.bets.refund_stranded(s.batch).await.map_err(fail)?;
+        report.stranded = stranded.len();
+        let timed_out = self
+            .bets
+            .refund_overdue(s.match_timeout, s.batch)
+            .await
+            .map_err(fail)?;
+        report.timed_out = timed_out.len();
+
+        let pending = self
+            .bets
+            .pending_older_than(s.sweep_after, s.batch)
+            .await
+            .map_err(fail)?;
+        report.match_jobs = pending.len();
+        let jobs: Vec<_> = pending
+            .iter()
+            .map(|(bet, round)| match_job(*bet, round))
+            .collect();
+        enqueue_all(&self.match_queue, jobs).await;
+
+        let unpaid = self.rounds.unpaid_matches(s.retry_after, s.batch).await?;
+        report.settle_jobs = unpaid.len();
+        let jobs: Vec<_> = unpaid.into_iter().map(settle_job).collect();
+        enqueue_all(&self.settle_queue, jobs).await;
+
+        // Fresh refunds (just made above) are owed too: no age for them.
+        let owed = self
+            .bets
+            .due_commands(Duration::ZERO, s.batch)
+            .await
+            .map_err(fail)?;
+        report.refund_jobs = owed.len();
+        let jobs: Vec<_> = owed
+            .iter()
+            .map(|c| refund_job(&c.idempotency_key))
+            .collect();
+        enqueue_all(&self.refund_queue, jobs).await;
+
+        if report.timed_out + report.stranded > 0 {
+            tracing::info!(?report, "reconciler refunded bets");
+        }
+        Ok(report)
+    }
+
+    /// Runs passes until `shutdown` turns true.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut ticker = tokio::time::interval(self.settings.interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {
+                    if let Err(error) = self.pass().await {
+                        tracing::warn!(%error, "reconciler pass failed");
+                    }
+                }
+                _ = shutdown.changed() => break,
+            }
+            if *shutdown.borrow() {
+                break;
+            }
+        }
+    }
+}
