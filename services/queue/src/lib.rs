@@ -255,7 +255,7 @@ impl Queue {
         consumer: &str,
         timeout: Duration,
     ) -> Result<Option<Job>, QueueError> {
-        let id: Option<String> = blocking
+        let moved = blocking
             .blmove(
                 &self.keys.wait,
                 self.active(consumer),
@@ -263,7 +263,14 @@ impl Queue {
                 LMoveDirection::Left,
                 timeout.as_secs_f64(),
             )
-            .await?;
+            .await;
+        let id: Option<String> = match moved {
+            Ok(id) => id,
+            // The client's own timer can fire just as Redis's BLMOVE timeout
+            // does; either way nothing was waiting.
+            Err(e) if *e.kind() == fred::error::ErrorKind::Timeout => None,
+            Err(e) => return Err(e.into()),
+        };
         let Some(id) = id else {
             return Ok(None);
         };

@@ -82,6 +82,9 @@ impl Worker {
         } = self;
         tracing::info!(queue = %queue.name(), %consumer, concurrency = settings.concurrency, "worker started");
         let permits = Arc::new(Semaphore::new(settings.concurrency.max(1)));
+        // Ids this consumer is running right now, to spot strays in its active list.
+        let live: Arc<std::sync::Mutex<std::collections::HashSet<String>>> = Arc::default();
+        let mut strays: std::collections::HashSet<String> = std::collections::HashSet::new();
         let mut running: JoinSet<String> = JoinSet::new();
         let mut housekeeping = tokio::time::interval(
             (queue.settings().visibility_timeout / 3)
@@ -104,6 +107,14 @@ impl Worker {
                     if let Err(error) = housekeep(&queue, &consumer).await {
                         tracing::warn!(queue = %queue.name(), %error, "queue housekeeping failed");
                     }
+                    // A BLMOVE whose reply was lost (client timeout racing the
+                    // server) leaves an id in our active list that we never
+                    // ran. Hand back any id seen there, not running, twice in a row.
+                    match release_strays(&queue, &consumer, &live, &mut strays).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::warn!(queue = %queue.name(), released = n, "handed back stray jobs"),
+                        Err(error) => tracing::warn!(queue = %queue.name(), %error, "stray check failed"),
+                    }
                     continue;
                 }
                 permit = permits.clone().acquire_owned() => {
@@ -117,9 +128,16 @@ impl Worker {
                             let queue = queue.clone();
                             let consumer = consumer.clone();
                             let handler = handler.clone();
+                            let live = live.clone();
+                            if let Ok(mut set) = live.lock() {
+                                set.insert(job.id.clone());
+                            }
                             running.spawn(async move {
                                 let id = job.id.clone();
                                 run_one(&queue, &consumer, handler.as_ref(), job).await;
+                                if let Ok(mut set) = live.lock() {
+                                    set.remove(&id);
+                                }
                                 drop(permit);
                                 id
                             });
@@ -157,6 +175,26 @@ async fn housekeep(queue: &Queue, consumer: &str) -> Result<(), QueueError> {
     queue.promote_due().await?;
     queue.reap_expired().await?;
     Ok(())
+}
+
+async fn release_strays(
+    queue: &Queue,
+    consumer: &str,
+    live: &std::sync::Mutex<std::collections::HashSet<String>>,
+    seen_before: &mut std::collections::HashSet<String>,
+) -> Result<usize, QueueError> {
+    use fred::interfaces::ListInterface;
+    let ids: Vec<String> = queue.client().lrange(queue.active(consumer), 0, -1).await?;
+    let running = live.lock().map(|set| set.clone()).unwrap_or_default();
+    let candidates: std::collections::HashSet<String> =
+        ids.into_iter().filter(|id| !running.contains(id)).collect();
+    let mut released = 0;
+    for id in candidates.intersection(seen_before) {
+        queue.release(consumer, id).await?;
+        released += 1;
+    }
+    *seen_before = candidates;
+    Ok(released)
 }
 
 async fn hand_back(queue: &Queue, consumer: &str) -> Result<(), QueueError> {

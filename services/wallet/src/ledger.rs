@@ -143,7 +143,10 @@ impl Ledger {
             -t.amount.as_decimal()
         };
         let mut tx = self.pool.begin().await?;
-        check_guard(&mut tx, t).await?;
+        if !check_guard(&mut tx, t).await? {
+            // The same movement committed while we waited for the lock: answer from it.
+            return Ok(None);
+        }
         let wallet: Option<(Decimal, DateTime<Utc>)> = if credit {
             // A credit creates the wallet on first use.
             sqlx::query_as(
@@ -278,12 +281,13 @@ impl Ledger {
 }
 
 /// Locks the bets a guarded movement is about and checks its conditions.
+/// `Ok(false)` when this very movement (same key) committed while we waited.
 async fn check_guard(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     t: &Transfer,
-) -> Result<(), WalletError> {
+) -> Result<bool, WalletError> {
     let bets: Vec<Uuid> = match &t.guard {
-        Guard::None => return Ok(()),
+        Guard::None => return Ok(true),
         Guard::Refund { bet } => vec![*bet],
         Guard::Payout { bets, .. } => {
             let mut bets = bets.to_vec();
@@ -298,6 +302,15 @@ async fn check_guard(
             .bind(bet)
             .execute(&mut **tx)
             .await?;
+    }
+    let done: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM ledger_entries WHERE idempotency_key = $1)",
+    )
+    .bind(t.key.as_str())
+    .fetch_one(&mut **tx)
+    .await?;
+    if done {
+        return Ok(false);
     }
     let references: Vec<String> = bets.iter().map(Uuid::to_string).collect();
     let stakes: Vec<(String, i64, Decimal)> = sqlx::query_as(
@@ -315,13 +328,13 @@ async fn check_guard(
         return Err(WalletError::AlreadyPaid);
     }
     match &t.guard {
-        Guard::None => Ok(()),
+        Guard::None => Ok(true),
         Guard::Refund { .. } => {
             let held = stakes.len() == 1
                 && stakes[0].1 == t.user.get()
                 && stakes[0].2 == t.amount.as_decimal();
             if held {
-                Ok(())
+                Ok(true)
             } else {
                 Err(WalletError::NoMatchingStake)
             }
@@ -347,7 +360,7 @@ async fn check_guard(
             if refunded > 0 {
                 Err(WalletError::AlreadyRefunded)
             } else if held {
-                Ok(())
+                Ok(true)
             } else {
                 Err(WalletError::NoMatchingStake)
             }

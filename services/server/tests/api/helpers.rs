@@ -89,7 +89,7 @@ pub struct TestApp {
     pub pool: PgPool,
     pub channel: Channel,
     pub betting: Option<BettingService>,
-    pub reconciler: Option<betting_settlement::reconciler::Reconciler>,
+    pub addr: std::net::SocketAddr,
     pub queues: betting_server::Queues,
     pub namespace: String,
     minter: TokenMinter,
@@ -140,7 +140,6 @@ impl TestApp {
             .expect("build application");
         let addr = app.local_addr();
         let betting = app.betting().cloned();
-        let reconciler = app.reconciler().cloned();
         let queues = app.queues().clone();
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(app.run_until(async {
@@ -152,10 +151,10 @@ impl TestApp {
             .await
             .expect("connect to the test server");
         Self {
+            addr,
             pool: PgPool::connect_lazy(&url).expect("pool"),
             channel,
             betting,
-            reconciler,
             queues,
             namespace,
             minter: TokenMinter::new(SECRET.as_bytes(), None, None),
@@ -356,10 +355,8 @@ pub fn dec(text: &str) -> Decimal {
 }
 
 impl TestApp {
-    pub fn reconciler(&self) -> &betting_settlement::reconciler::Reconciler {
-        self.reconciler
-            .as_ref()
-            .expect("this app runs a worker role")
+    pub fn channel_addr(&self) -> std::net::SocketAddr {
+        self.addr
     }
 
     pub fn admin(&self) -> betting_api::pb::admin_service_client::AdminServiceClient<Channel> {

@@ -11,4 +11,6 @@ mod concurrency;
 mod crash;
 mod health;
 mod ledger;
+mod lifecycle;
+mod queue;
 mod wallet;

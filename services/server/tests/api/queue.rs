@@ -1,0 +1,240 @@
+//! The Redis list queue on its own, against the real Redis.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::Duration,
+};
+
+use betting_queue::{
+    FailOutcome, Handler, Job, JobError, Queue, QueueSettings, Worker, WorkerSettings,
+};
+use tokio::sync::watch;
+
+fn redis_url() -> String {
+    std::env::var("REDIS_URL").expect("REDIS_URL")
+}
+
+fn queue(settings: QueueSettings) -> Queue {
+    let client = betting_queue::connect(&redis_url()).expect("redis");
+    Queue::new(
+        client,
+        &format!("t-{}", uuid::Uuid::new_v4().simple()),
+        "q",
+        settings,
+    )
+}
+
+fn quick() -> QueueSettings {
+    QueueSettings {
+        max_attempts: 3,
+        backoff_base: Duration::from_millis(10),
+        backoff_max: Duration::from_millis(40),
+        visibility_timeout: Duration::from_millis(300),
+    }
+}
+
+async fn wait_connected(q: &Queue) {
+    wait_client(q.client()).await;
+}
+
+async fn wait_client(client: &fred::prelude::Client) {
+    for _ in 0..50 {
+        if betting_queue::ping(client).await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("redis not reachable");
+}
+
+#[tokio::test]
+async fn dedupes_while_live_and_frees_the_id_once_done() {
+    let q = queue(quick());
+    wait_connected(&q).await;
+    let blocking = betting_queue::connect(&redis_url()).expect("redis");
+    wait_client(&blocking).await;
+    assert!(
+        q.enqueue("job-1", serde_json::json!({"n": "1"}))
+            .await
+            .expect("enqueue")
+    );
+    assert!(
+        !q.enqueue("job-1", serde_json::json!({"n": "2"}))
+            .await
+            .expect("dedupe while waiting")
+    );
+    let job = q
+        .fetch(&blocking, "c1", Duration::from_secs(1))
+        .await
+        .expect("fetch")
+        .expect("a job");
+    assert_eq!(job.payload["n"], "1");
+    assert!(
+        !q.enqueue("job-1", serde_json::json!({}))
+            .await
+            .expect("dedupe in flight")
+    );
+    assert_eq!(q.stats().await.expect("stats").in_flight, 1);
+    q.ack("c1", &job.id).await.expect("ack");
+    assert!(
+        q.enqueue("job-1", serde_json::json!({"n": "3"}))
+            .await
+            .expect("enqueue"),
+        "a later job with the same id is accepted once the first is done"
+    );
+    let stats = q.stats().await.expect("stats");
+    assert_eq!((stats.waiting, stats.in_flight, stats.processed), (1, 0, 1));
+}
+
+#[tokio::test]
+async fn failures_back_off_then_go_to_the_dead_letter_list_and_can_be_retried() {
+    let q = queue(quick());
+    wait_connected(&q).await;
+    let blocking = betting_queue::connect(&redis_url()).expect("redis");
+    wait_client(&blocking).await;
+    q.enqueue("doomed", serde_json::json!({}))
+        .await
+        .expect("enqueue");
+    for attempt in 1..=3 {
+        let job = loop {
+            q.promote_due().await.expect("promote");
+            if let Some(job) = q
+                .fetch(&blocking, "c", Duration::from_millis(100))
+                .await
+                .expect("fetch")
+            {
+                break job;
+            }
+        };
+        assert_eq!(job.attempts, attempt - 1);
+        let outcome = q
+            .fail("c", &job, &format!("boom {attempt}"), false)
+            .await
+            .expect("fail");
+        if attempt < 3 {
+            assert!(matches!(outcome, FailOutcome::Retrying { attempt: a, .. } if a == attempt));
+            assert_eq!(q.stats().await.expect("stats").delayed, 1);
+        } else {
+            assert_eq!(outcome, FailOutcome::Dead);
+        }
+    }
+    let dead = q.dead(10).await.expect("dead");
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].attempts, 3);
+    assert_eq!(dead[0].last_error.as_deref(), Some("boom 3"));
+    let stats = q.stats().await.expect("stats");
+    assert_eq!(
+        (stats.dead, stats.failed, stats.waiting, stats.delayed),
+        (1, 3, 0, 0)
+    );
+    assert!(q.retry_dead("doomed").await.expect("retry"));
+    let stats = q.stats().await.expect("stats");
+    assert_eq!((stats.dead, stats.waiting), (0, 1));
+    let job = q.job("doomed").await.expect("job").expect("requeued");
+    assert_eq!(job.attempts, 0);
+}
+
+#[tokio::test]
+async fn jobs_of_a_consumer_that_died_mid_job_are_reaped_and_run() {
+    let q = queue(quick());
+    wait_connected(&q).await;
+    let blocking = betting_queue::connect(&redis_url()).expect("redis");
+    wait_client(&blocking).await;
+    q.enqueue("orphan", serde_json::json!({}))
+        .await
+        .expect("enqueue");
+    // A consumer takes the job and dies without a word: no ack, no heartbeat after this one.
+    q.heartbeat("dead-consumer").await.expect("heartbeat");
+    let job = q
+        .fetch(&blocking, "dead-consumer", Duration::from_secs(1))
+        .await
+        .expect("fetch")
+        .expect("job");
+    assert_eq!(q.stats().await.expect("stats").in_flight, 1);
+    assert_eq!(
+        q.reap_expired().await.expect("reap"),
+        0,
+        "its lease still runs"
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(q.reap_expired().await.expect("reap"), 1);
+
+    // A live worker now runs it to completion.
+    struct Count(AtomicU32);
+    impl Handler for Count {
+        async fn handle(&self, _job: &Job) -> Result<(), JobError> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+    let handler = Arc::new(Count(AtomicU32::new(0)));
+    let (stop, stopped) = watch::channel(false);
+    let worker = Worker::new(
+        q.clone(),
+        betting_queue::connect(&redis_url()).expect("redis"),
+        WorkerSettings {
+            poll: Duration::from_millis(100),
+            ..WorkerSettings::default()
+        },
+    );
+    let running = tokio::spawn(worker.run(handler.clone(), stopped));
+    for _ in 0..100 {
+        if handler.0.load(Ordering::SeqCst) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(handler.0.load(Ordering::SeqCst), 1, "the reaped job ran");
+    stop.send(true).expect("stop");
+    running.await.expect("worker stops");
+    let stats = q.stats().await.expect("stats");
+    assert_eq!((stats.waiting, stats.in_flight, stats.processed), (0, 0, 1));
+    assert_eq!(job.id, "orphan");
+}
+
+#[tokio::test]
+async fn a_stopping_worker_hands_back_what_it_could_not_finish() {
+    let q = queue(quick());
+    wait_connected(&q).await;
+    struct Slow;
+    impl Handler for Slow {
+        async fn handle(&self, _job: &Job) -> Result<(), JobError> {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            Ok(())
+        }
+    }
+    q.enqueue("slow", serde_json::json!({}))
+        .await
+        .expect("enqueue");
+    let (stop, stopped) = watch::channel(false);
+    let worker = Worker::new(
+        q.clone(),
+        betting_queue::connect(&redis_url()).expect("redis"),
+        WorkerSettings {
+            poll: Duration::from_millis(100),
+            shutdown_grace: Duration::from_millis(200),
+            ..WorkerSettings::default()
+        },
+    );
+    let running = tokio::spawn(worker.run(Arc::new(Slow), stopped));
+    for _ in 0..100 {
+        if q.stats().await.expect("stats").in_flight == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.send(true).expect("stop");
+    tokio::time::timeout(Duration::from_secs(5), running)
+        .await
+        .expect("stops within the grace period")
+        .expect("worker task");
+    let stats = q.stats().await.expect("stats");
+    assert_eq!(
+        (stats.waiting, stats.in_flight, stats.consumers),
+        (1, 0, 0),
+        "{stats:?}"
+    );
+}
