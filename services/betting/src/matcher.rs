@@ -180,6 +180,33 @@ impl Matcher {
     }
 }
 
+/// The match queue's handler: `match:{bet_id}` matches the bet's group.
+pub struct MatchHandler {
+    matcher: Matcher,
+}
+
+impl MatchHandler {
+    pub fn new(matcher: Matcher) -> Self {
+        Self { matcher }
+    }
+}
+
+impl betting_queue::Handler for MatchHandler {
+    async fn handle(&self, job: &betting_queue::Job) -> Result<(), betting_queue::JobError> {
+        let bet = job
+            .payload
+            .get("bet_id")
+            .and_then(|v| v.as_str())
+            .and_then(|s| Uuid::try_parse(s).ok())
+            .ok_or_else(|| betting_queue::JobError::Permanent("payload has no bet_id".into()))?;
+        self.matcher
+            .match_bet(bet)
+            .await
+            .map(|_| ())
+            .map_err(|e| betting_queue::JobError::Retry(e.to_string()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,32 +275,5 @@ mod tests {
                 }
             }
         }
-    }
-}
-
-/// The match queue's handler: `match:{bet_id}` matches the bet's group.
-pub struct MatchHandler {
-    matcher: Matcher,
-}
-
-impl MatchHandler {
-    pub fn new(matcher: Matcher) -> Self {
-        Self { matcher }
-    }
-}
-
-impl betting_queue::Handler for MatchHandler {
-    async fn handle(&self, job: &betting_queue::Job) -> Result<(), betting_queue::JobError> {
-        let bet = job
-            .payload
-            .get("bet_id")
-            .and_then(|v| v.as_str())
-            .and_then(|s| Uuid::try_parse(s).ok())
-            .ok_or_else(|| betting_queue::JobError::Permanent("payload has no bet_id".into()))?;
-        self.matcher
-            .match_bet(bet)
-            .await
-            .map(|_| ())
-            .map_err(|e| betting_queue::JobError::Retry(e.to_string()))
     }
 }
