@@ -134,6 +134,11 @@ pub struct Settings {
     #[arg(long, env = "BETTING_WORKER_CONCURRENCY", default_value_t = 8)]
     pub worker_concurrency: usize,
 
+    /// Milliseconds a consumer's lease lasts without a heartbeat; after that a
+    /// dead consumer's jobs go back to the queue.
+    #[arg(long, env = "BETTING_QUEUE_VISIBILITY_MS", default_value_t = 30_000)]
+    pub queue_visibility_ms: u64,
+
     /// Milliseconds between reconciler passes.
     #[arg(long, env = "BETTING_RECONCILE_INTERVAL_MS", default_value_t = 5000)]
     pub reconcile_interval_ms: u64,
@@ -187,6 +192,10 @@ impl Settings {
 
     pub fn match_timeout(&self) -> Duration {
         Duration::from_secs(self.match_timeout_secs)
+    }
+
+    pub fn queue_visibility(&self) -> Duration {
+        Duration::from_millis(self.queue_visibility_ms.max(100))
     }
 
     pub fn reconcile_interval(&self) -> Duration {

@@ -109,6 +109,7 @@ impl Application {
                 name,
                 QueueSettings {
                     max_attempts,
+                    visibility_timeout: settings.queue_visibility(),
                     ..QueueSettings::default()
                 },
             )

@@ -164,7 +164,23 @@ impl Reconciler {
         if report.timed_out + report.stranded > 0 {
             tracing::info!(?report, "reconciler refunded bets");
         }
+        self.record_queue_gauges().await;
         Ok(report)
+    }
+
+    /// Publishes each queue's counts as gauges (one process does it per pass).
+    async fn record_queue_gauges(&self) {
+        for queue in [&self.match_queue, &self.settle_queue, &self.refund_queue] {
+            let Ok(stats) = queue.stats().await else {
+                continue;
+            };
+            let name = queue.name().to_owned();
+            metrics::gauge!("queue_waiting", "queue" => name.clone()).set(stats.waiting as f64);
+            metrics::gauge!("queue_delayed", "queue" => name.clone()).set(stats.delayed as f64);
+            metrics::gauge!("queue_in_flight", "queue" => name.clone()).set(stats.in_flight as f64);
+            metrics::gauge!("queue_dead", "queue" => name.clone()).set(stats.dead as f64);
+            metrics::gauge!("queue_consumers", "queue" => name).set(stats.consumers as f64);
+        }
     }
 
     /// Runs passes until `shutdown` turns true.

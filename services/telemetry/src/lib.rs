@@ -28,8 +28,10 @@ pub fn init_tracing() {
             .with(fmt::layer().json().with_writer(std::io::stderr))
             .try_init()
     } else {
+        // Colours only for a person at a terminal, not in log files.
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
         registry
-            .with(fmt::layer().with_writer(std::io::stderr))
+            .with(fmt::layer().with_ansi(ansi).with_writer(std::io::stderr))
             .try_init()
     };
     // Already installed (a second app in one test binary): keep the first.

@@ -81,6 +81,7 @@ pub fn settings(database_url: &str, redis_url: &str) -> Settings {
         match_timeout_secs: 300,
         worker_concurrency: 4,
         reconcile_interval_ms: 3_600_000,
+        queue_visibility_ms: 30_000,
         shutdown_grace_secs: 5,
     }
 }

@@ -12,5 +12,6 @@ mod crash;
 mod health;
 mod ledger;
 mod lifecycle;
+mod property;
 mod queue;
 mod wallet;
