@@ -7,6 +7,7 @@ mod helpers;
 
 mod auth;
 mod betting;
+mod chaos;
 mod concurrency;
 mod crash;
 mod health;
