@@ -3,7 +3,7 @@
 use std::{net::TcpListener, process::Stdio, time::Duration};
 
 use betting_api::pb;
-use fred::prelude::{ClientLike, ServerInterface};
+use fred::prelude::ClientLike;
 
 use crate::helpers::{TestApp, dec, fresh_database, settings};
 

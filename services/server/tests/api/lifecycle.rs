@@ -268,35 +268,40 @@ async fn two_matchers_on_one_round_match_every_bet_once() {
     for user in 1..=8 {
         app.deposit(user, "1000").await;
     }
-    app.open_round("m").await;
-    let mut bets = Vec::new();
-    for i in 0..40_i64 {
-        let user = i % 8 + 1;
-        let side = if i % 2 == 0 { pb::Side::A } else { pb::Side::B };
-        bets.push((user, app.place_ok(user, "m", side, "3").await));
-    }
     let one = Matcher::new(app.pool.clone());
     let two = Matcher::new(app.pool.clone());
-    let runs = bets.iter().enumerate().map(|(i, (_, bet))| {
-        let matcher = if i % 2 == 0 { one.clone() } else { two.clone() };
-        let id: Uuid = bet.bet_id.parse().expect("uuid");
-        async move { matcher.match_bet(id).await.expect("match") }
-    });
-    let made: usize = join_all(runs).await.into_iter().sum();
-    assert_eq!(made, 20, "every pair made exactly once");
+    for iteration in 0..5 {
+        let round = format!("m{iteration}");
+        app.open_round(&round).await;
+        let mut bets = Vec::new();
+        for i in 0..24_i64 {
+            let user = i % 8 + 1;
+            let side = if i % 2 == 0 { pb::Side::A } else { pb::Side::B };
+            bets.push(app.place_ok(user, &round, side, "3").await);
+        }
+        // Every bet's job runs at once, split between two matchers.
+        let runs = bets.iter().enumerate().map(|(i, bet)| {
+            let matcher = if i % 2 == 0 { one.clone() } else { two.clone() };
+            let id: Uuid = bet.bet_id.parse().expect("uuid");
+            async move { matcher.match_bet(id).await.expect("match") }
+        });
+        let made: usize = join_all(runs).await.into_iter().sum();
+        assert_eq!(made, 12, "every pair made exactly once");
+    }
     let unmatched: i64 = sqlx::query_scalar("SELECT count(*) FROM bets WHERE status = 'PENDING'")
         .fetch_one(&app.pool)
         .await
         .expect("count");
     assert_eq!(unmatched, 0);
-    let selfish: i64 = sqlx::query_scalar(
+    let wrong: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM matches m JOIN bets a ON a.bet_id = m.bet_a_id \
-         JOIN bets b ON b.bet_id = m.bet_b_id WHERE a.user_id = b.user_id OR a.side = b.side",
+         JOIN bets b ON b.bet_id = m.bet_b_id \
+         WHERE a.user_id = b.user_id OR a.side = b.side OR a.amount <> b.amount",
     )
     .fetch_one(&app.pool)
     .await
     .expect("count");
-    assert_eq!(selfish, 0);
+    assert_eq!(wrong, 0);
     app.assert_audit_clean().await;
 }
 
