@@ -54,6 +54,8 @@ pub struct Principal {
     /// user (`sub` = "0"), in which case it has no wallet of its own.
     pub user_id: Option<UserId>,
     pub role: Role,
+    /// When the token expires (seconds since the epoch): long-lived streams end then.
+    pub expires_at: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -162,6 +164,7 @@ mod tests {
         Principal {
             user_id: UserId::new(id).ok(),
             role: Role::Player,
+            expires_at: None,
         }
     }
 
@@ -179,6 +182,7 @@ mod tests {
         let b = Principal {
             user_id: None,
             role: Role::Backend,
+            expires_at: None,
         };
         assert_eq!(b.resolve_user(8).map(UserId::get), Ok(8));
         assert_eq!(b.resolve_user(0), Err(AuthError::NoUser));

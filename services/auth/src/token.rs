@@ -99,6 +99,7 @@ impl Verifier {
         Ok(Principal {
             user_id,
             role: claims.role,
+            expires_at: Some(claims.exp),
         })
     }
 

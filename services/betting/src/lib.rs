@@ -23,6 +23,7 @@ pub mod matcher;
 mod service;
 mod store;
 mod wallet_client;
+mod watch;
 
 pub use commands::CommandRunner;
 pub use error::BettingError;

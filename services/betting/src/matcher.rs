@@ -59,11 +59,21 @@ pub fn pair_oldest_first(candidates: &[Candidate]) -> Vec<(Uuid, Uuid)> {
 #[derive(Clone)]
 pub struct Matcher {
     pool: PgPool,
+    publisher: Option<betting_streams::Publisher>,
 }
 
 impl Matcher {
     pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+        Self {
+            pool,
+            publisher: None,
+        }
+    }
+
+    /// Announces matches to live streams.
+    pub fn with_publisher(mut self, publisher: betting_streams::Publisher) -> Self {
+        self.publisher = Some(publisher);
+        self
     }
 
     /// Matches the group of one bet; returns how many pairs were made.
@@ -153,28 +163,46 @@ impl Matcher {
         .bind(amount)
         .execute(&mut *tx)
         .await?;
-        let updated = sqlx::query(
+        let updated: Vec<(i64, Uuid, String, i64)> = sqlx::query_as(
             "UPDATE bets SET status = 'MATCHED', match_id = t.m, version = version + 1, \
                updated_at = now() \
              FROM UNNEST($1::UUID[] || $1::UUID[], $2::UUID[] || $3::UUID[]) AS t(m, b) \
-             WHERE bets.bet_id = t.b AND bets.status = 'PENDING'",
+             WHERE bets.bet_id = t.b AND bets.status = 'PENDING' \
+             RETURNING bets.user_id, bets.bet_id, bets.round_id, bets.version",
         )
         .bind(&match_ids)
         .bind(&a_ids)
         .bind(&b_ids)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if updated != 2 * pairs.len() as u64 {
+        .fetch_all(&mut *tx)
+        .await?;
+        if updated.len() != 2 * pairs.len() {
             // Every row was locked above, so this cannot happen; refuse to
             // commit a half-made match if it ever does.
             return Err(BettingError::Internal(anyhow::anyhow!(
-                "matched {updated} bets for {} pairs in round {round}",
+                "matched {} bets for {} pairs in round {round}",
+                updated.len(),
                 pairs.len()
             )));
         }
         tx.commit().await?;
         metrics::counter!("bets_matched_total").increment(2 * pairs.len() as u64);
+        if let Some(publisher) = &self.publisher {
+            publisher
+                .bets(
+                    updated
+                        .into_iter()
+                        .map(
+                            |(user_id, bet_id, round_id, version)| betting_streams::BetNote {
+                                user_id,
+                                bet_id,
+                                round_id,
+                                version: Some(version),
+                            },
+                        )
+                        .collect(),
+                )
+                .await;
+        }
         tracing::debug!(round, %amount, pairs = pairs.len(), "matched");
         Ok(pairs.len())
     }

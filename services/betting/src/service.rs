@@ -13,6 +13,7 @@ use betting_domain::{
     Violations, format_money,
 };
 use betting_queue::Queue;
+use betting_streams::{Changes, Publisher, StreamContext};
 use rust_decimal::Decimal;
 use tonic::{
     Request, Response, Status, metadata::MetadataValue, service::interceptor::InterceptedService,
@@ -28,6 +29,8 @@ pub struct BettingService {
     commands: CommandRunner,
     match_queue: Queue,
     faults: Arc<Faults>,
+    publisher: Publisher,
+    streams: Option<StreamContext>,
 }
 
 /// A placed bet and the owner's balance right after its stake was taken.
@@ -40,14 +43,31 @@ pub struct Placed {
 }
 
 impl BettingService {
-    pub fn new(store: BetStore, wallet: WalletClient, match_queue: Queue) -> Self {
+    pub fn new(
+        store: BetStore,
+        wallet: WalletClient,
+        match_queue: Queue,
+        publisher: Publisher,
+    ) -> Self {
         Self {
             commands: CommandRunner::new(store.clone(), wallet.clone()),
             store,
             wallet,
             match_queue,
             faults: Arc::default(),
+            publisher,
+            streams: None,
         }
+    }
+
+    /// Serves WatchBets from this instance's hub.
+    pub fn with_streams(mut self, streams: StreamContext) -> Self {
+        self.streams = Some(streams);
+        self
+    }
+
+    pub(crate) fn stream_context(&self) -> Option<&StreamContext> {
+        self.streams.as_ref()
     }
 
     pub fn store(&self) -> &BetStore {
@@ -149,6 +169,10 @@ impl BettingService {
         }
         let row = match self.store.mark_pending(id, balance).await? {
             Some(row) => {
+                self.publisher.spawn_publish(Changes {
+                    bets: vec![row.note()],
+                    rounds: Vec::new(),
+                });
                 self.enqueue_match(&row).await;
                 row
             }
@@ -188,7 +212,13 @@ impl BettingService {
             .refund_pending(bet, owner, RefundReason::Cancelled)
             .await?
         {
-            Some(row) => row,
+            Some(row) => {
+                self.publisher.spawn_publish(Changes {
+                    bets: vec![row.note()],
+                    rounds: Vec::new(),
+                });
+                row
+            }
             None => {
                 let row = self
                     .store
@@ -387,5 +417,20 @@ impl BettingApi for BettingService {
             bet: Some(bet_pb(&row)),
             balance: format_money(balance),
         }))
+    }
+
+    type WatchBetsStream = betting_streams::EventStream<pb::WatchBetsResponse>;
+
+    #[tracing::instrument(skip_all)]
+    async fn watch_bets(
+        &self,
+        request: Request<pb::WatchBetsRequest>,
+    ) -> Result<Response<Self::WatchBetsStream>, Status> {
+        let principal = principal(&request)?;
+        let stream = self
+            .watch(principal, request.into_inner())
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(stream))
     }
 }

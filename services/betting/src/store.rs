@@ -11,6 +11,8 @@ use rust_decimal::Decimal;
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use betting_streams::BetNote;
+
 use crate::BettingError;
 
 /// A bet as stored.
@@ -183,6 +185,45 @@ impl BetStore {
                 .fetch_optional(&self.pool)
                 .await?;
         Ok(status.as_deref().and_then(RoundStatus::from_db))
+    }
+
+    /// A stream's snapshot: the named bets if any, else the user's bets still
+    /// in play plus those changed since `since` (a resume).
+    pub async fn watch_snapshot(
+        &self,
+        user: UserId,
+        bet_ids: &[Uuid],
+        since: Option<DateTime<Utc>>,
+    ) -> Result<Vec<BetRow>, BettingError> {
+        Ok(sqlx::query_as(concat!(
+            "SELECT ",
+            bet_columns!(),
+            " FROM bets \
+             WHERE user_id = $1 AND status NOT IN ('PLACING', 'REJECTED') AND ( \
+               (cardinality($2::UUID[]) > 0 AND bet_id = ANY($2)) \
+               OR (cardinality($2::UUID[]) = 0 AND (status IN ('PENDING', 'MATCHED') \
+                   OR ($3::TIMESTAMPTZ IS NOT NULL AND updated_at >= $3)))) \
+             ORDER BY updated_at LIMIT 2000"
+        ))
+        .bind(user.get())
+        .bind(bet_ids)
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// The user's visible bets among `ids`.
+    pub async fn user_bets(&self, user: UserId, ids: &[Uuid]) -> Result<Vec<BetRow>, BettingError> {
+        Ok(sqlx::query_as(concat!(
+            "SELECT ",
+            bet_columns!(),
+            " FROM bets \
+             WHERE bet_id = ANY($1) AND user_id = $2 AND status NOT IN ('PLACING', 'REJECTED')"
+        ))
+        .bind(ids)
+        .bind(user.get())
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     /// PLACING -> PENDING once the stake is held. `None` if the bet had already
@@ -412,8 +453,8 @@ impl BetStore {
 
     /// PENDING bets of rounds that are no longer open — a bet that became
     /// PENDING just after its round closed — refunded with their refunds owed.
-    pub async fn refund_stranded(&self, limit: i64) -> Result<Vec<Uuid>, BettingError> {
-        Ok(sqlx::query_scalar(
+    pub async fn refund_stranded(&self, limit: i64) -> Result<Vec<BetNote>, BettingError> {
+        Ok(sqlx::query_as(
             "WITH due AS ( \
                SELECT b.bet_id, r.status AS round_status FROM bets b JOIN rounds r USING (round_id) \
                WHERE b.status = 'PENDING' AND r.status <> 'OPEN' \
@@ -423,44 +464,74 @@ impl BetStore {
                  refund_reason = CASE due.round_status WHEN 'VOIDED' THEN 'ROUND_VOIDED' ELSE 'ROUND_CLOSED' END, \
                  version = b.version + 1, updated_at = now() \
                FROM due WHERE b.bet_id = due.bet_id AND b.status = 'PENDING' \
-               RETURNING b.bet_id, b.user_id, b.amount \
+               RETURNING b.bet_id, b.user_id, b.amount, b.round_id, b.version \
+             ), owed AS ( \
+               INSERT INTO wallet_commands (idempotency_key, kind, user_id, amount, bet_id) \
+               SELECT 'REFUND:' || bet_id, 'REFUND', user_id, amount, bet_id FROM refunded \
+               ON CONFLICT (idempotency_key) DO NOTHING \
              ) \
-             INSERT INTO wallet_commands (idempotency_key, kind, user_id, amount, bet_id) \
-             SELECT 'REFUND:' || bet_id, 'REFUND', user_id, amount, bet_id FROM refunded \
-             ON CONFLICT (idempotency_key) DO NOTHING \
-             RETURNING bet_id",
+             SELECT user_id, bet_id, round_id, version FROM refunded",
         )
         .bind(limit)
         .fetch_all(&self.pool)
-        .await?)
+        .await?
+        .into_iter()
+        .map(note)
+        .collect())
     }
 }
 
 /// Refunds, inside the caller's transaction (which holds the round lock),
-/// every bet of a round in one of `statuses`, and records the refunds owed.
-/// Returns the refund keys.
+/// every bet of a round in one of `statuses`, and records the refunds owed
+/// (key `REFUND:{bet_id}`). Returns the refunded bets.
 pub async fn refund_round_bets(
     conn: &mut sqlx::PgConnection,
     round: &str,
     statuses: &[BetStatus],
     reason: RefundReason,
-) -> Result<Vec<String>, sqlx::Error> {
+) -> Result<Vec<BetNote>, sqlx::Error> {
     let statuses: Vec<&str> = statuses.iter().map(|s| s.as_db()).collect();
-    sqlx::query_scalar(
+    Ok(sqlx::query_as(
         "WITH refunded AS ( \
            UPDATE bets SET status = 'REFUNDED', refund_reason = $3, version = version + 1, \
              updated_at = now() \
            WHERE round_id = $1 AND status = ANY($2) \
-           RETURNING bet_id, user_id, amount \
+           RETURNING bet_id, user_id, amount, round_id, version \
+         ), owed AS ( \
+           INSERT INTO wallet_commands (idempotency_key, kind, user_id, amount, bet_id) \
+           SELECT 'REFUND:' || bet_id, 'REFUND', user_id, amount, bet_id FROM refunded \
+           ON CONFLICT (idempotency_key) DO NOTHING \
          ) \
-         INSERT INTO wallet_commands (idempotency_key, kind, user_id, amount, bet_id) \
-         SELECT 'REFUND:' || bet_id, 'REFUND', user_id, amount, bet_id FROM refunded \
-         ON CONFLICT (idempotency_key) DO NOTHING \
-         RETURNING idempotency_key",
+         SELECT user_id, bet_id, round_id, version FROM refunded",
     )
     .bind(round)
     .bind(&statuses)
     .bind(reason.as_db())
     .fetch_all(conn)
-    .await
+    .await?
+    .into_iter()
+    .map(note)
+    .collect())
+}
+
+/// A changed bet as a change note.
+fn note((user_id, bet_id, round_id, version): (i64, Uuid, String, i64)) -> BetNote {
+    BetNote {
+        user_id,
+        bet_id,
+        round_id,
+        version: Some(version),
+    }
+}
+
+impl BetRow {
+    /// This bet's change note.
+    pub fn note(&self) -> BetNote {
+        BetNote {
+            user_id: self.user_id,
+            bet_id: self.bet_id,
+            round_id: self.round_id.clone(),
+            version: Some(self.version),
+        }
+    }
 }

@@ -143,6 +143,15 @@ pub struct Settings {
     #[arg(long, env = "BETTING_RECONCILE_INTERVAL_MS", default_value_t = 5000)]
     pub reconcile_interval_ms: u64,
 
+    /// Milliseconds between heartbeats on an idle stream.
+    #[arg(long, env = "BETTING_STREAM_HEARTBEAT_MS", default_value_t = 15_000)]
+    pub stream_heartbeat_ms: u64,
+
+    /// Milliseconds a stream waits for a client that stopped reading before
+    /// ending it with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "BETTING_STREAM_SEND_TIMEOUT_MS", default_value_t = 10_000)]
+    pub stream_send_timeout_ms: u64,
+
     /// Seconds in-flight requests get to finish on shutdown.
     #[arg(long, env = "BETTING_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     pub shutdown_grace_secs: u64,

@@ -28,6 +28,7 @@ use betting_settlement::{
     reconciler::{Reconciler, ReconcilerSettings},
     settler::{RefundHandler, SettleHandler},
 };
+use betting_streams::{Hub, Publisher, StreamContext, StreamSettings};
 use betting_wallet::WalletService;
 use futures::StreamExt;
 use sqlx::PgPool;
@@ -54,6 +55,9 @@ pub struct Application {
     workers: Workers,
     reconciler: Option<Reconciler>,
     queues: Queues,
+    hub: Option<Hub>,
+    stop_tx: watch::Sender<bool>,
+    stop_rx: watch::Receiver<bool>,
 }
 
 /// The three queues of the suite.
@@ -121,12 +125,42 @@ impl Application {
             refund: queue(REFUND_QUEUE, 10),
         };
 
+        // Shutdown reaches every long-lived task, streams included, through this.
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let publisher = Publisher::new(redis.clone(), &settings.redis_namespace);
+        let serves_streams = settings.runs(Role::Betting) || settings.runs(Role::Settlement);
+        let hub = serves_streams.then(|| {
+            Hub::new(
+                pool.clone(),
+                settings.redis_url.expose(),
+                &settings.redis_namespace,
+            )
+        });
+        let streams = hub.as_ref().map(|hub| StreamContext {
+            hub: hub.clone(),
+            settings: StreamSettings {
+                heartbeat: Duration::from_millis(settings.stream_heartbeat_ms.max(10)),
+                send_timeout: Duration::from_millis(settings.stream_send_timeout_ms.max(10)),
+                ..StreamSettings::default()
+            },
+            stop: stop_rx.clone(),
+        });
+
         let wallet = settings
             .runs(Role::Wallet)
             .then(|| WalletService::new(pool.clone()));
-        let settlement = settings.runs(Role::Settlement).then(|| {
-            SettlementService::new(pool.clone(), queues.settle.clone(), queues.refund.clone())
-        });
+        let settlement = match (&streams, settings.runs(Role::Settlement)) {
+            (Some(streams), true) => Some(
+                SettlementService::new(
+                    pool.clone(),
+                    queues.settle.clone(),
+                    queues.refund.clone(),
+                    publisher.clone(),
+                )
+                .with_streams(streams.clone()),
+            ),
+            _ => None,
+        };
         let audit = AuditSettings {
             match_timeout: settings.match_timeout(),
             ..AuditSettings::default()
@@ -151,12 +185,16 @@ impl Application {
             None
         };
         let bets = BetStore::new(pool.clone());
-        let betting = match (&wallet_client, settings.runs(Role::Betting)) {
-            (Some(client), true) => Some(BettingService::new(
-                bets.clone(),
-                client.clone(),
-                queues.matches.clone(),
-            )),
+        let betting = match (&wallet_client, &streams, settings.runs(Role::Betting)) {
+            (Some(client), Some(streams), true) => Some(
+                BettingService::new(
+                    bets.clone(),
+                    client.clone(),
+                    queues.matches.clone(),
+                    publisher.clone(),
+                )
+                .with_streams(streams.clone()),
+            ),
             _ => None,
         };
 
@@ -178,13 +216,14 @@ impl Application {
         if settings.runs(Role::Matcher) {
             workers.matcher = Some((
                 consumer(&queues.matches)?,
-                MatchHandler::new(Matcher::new(pool.clone())),
+                MatchHandler::new(Matcher::new(pool.clone()).with_publisher(publisher.clone())),
             ));
         }
         if let (Some(client), true) = (&wallet_client, settings.runs(Role::Settler)) {
             workers.settler = Some((
                 consumer(&queues.settle)?,
-                SettleHandler::new(RoundStore::new(pool.clone()), client.clone()),
+                SettleHandler::new(RoundStore::new(pool.clone()), client.clone())
+                    .with_publisher(publisher.clone()),
             ));
             workers.refunder = Some((
                 consumer(&queues.refund)?,
@@ -225,6 +264,9 @@ impl Application {
             workers,
             reconciler,
             queues,
+            hub,
+            stop_tx,
+            stop_rx,
         })
     }
 
@@ -263,6 +305,11 @@ impl Application {
         &self.queues
     }
 
+    /// This instance's stream hub, when it serves streams.
+    pub fn hub(&self) -> Option<&Hub> {
+        self.hub.as_ref()
+    }
+
     /// Serves until SIGINT or SIGTERM.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         self.run_until(shutdown_signal()).await
@@ -272,7 +319,7 @@ impl Application {
     /// turns NOT_SERVING, background work stops, and in-flight requests get
     /// the configured grace period to finish.
     pub async fn run_until(self, signal: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
-        let (stop_tx, stop_rx) = watch::channel(false);
+        let (stop_tx, stop_rx) = (self.stop_tx, self.stop_rx);
         let roles = self.settings.roles();
         tracing::info!(addr = %self.local_addr, metrics = %self.metrics_addr, ?roles, "serving");
 
@@ -320,6 +367,9 @@ impl Application {
         if let Some(reconciler) = self.reconciler {
             tasks.spawn(reconciler.run(stop_rx.clone()));
         }
+        if let Some(hub) = self.hub.clone() {
+            tasks.spawn(hub.run(stop_rx.clone()));
+        }
 
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(betting_api::FILE_DESCRIPTOR_SET)
@@ -336,6 +386,10 @@ impl Application {
         let router = Server::builder()
             // Keep idle client connections alive through NATs and notice dead peers.
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            // Browsers speak gRPC-Web over HTTP/1.1 (and need CORS to call us).
+            .accept_http1(true)
+            .layer(cors())
+            .layer(tonic_web::GrpcWebLayer::new())
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -382,6 +436,23 @@ impl Application {
         tasks.shutdown().await;
         Ok(())
     }
+}
+
+/// CORS for browser clients: any origin may call (tokens, not cookies,
+/// authenticate), and may read the gRPC status headers.
+fn cors() -> tower_http::cors::CorsLayer {
+    use http::{HeaderName, Method};
+    tower_http::cors::CorsLayer::new()
+        .allow_origin(tower_http::cors::Any)
+        .allow_methods([Method::POST, Method::OPTIONS])
+        .allow_headers(tower_http::cors::Any)
+        .expose_headers([
+            HeaderName::from_static("grpc-status"),
+            HeaderName::from_static("grpc-message"),
+            HeaderName::from_static("grpc-status-details-bin"),
+            HeaderName::from_static("idempotent-replayed"),
+        ])
+        .max_age(Duration::from_secs(600))
 }
 
 /// Where this process reaches its own server.

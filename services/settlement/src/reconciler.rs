@@ -68,6 +68,7 @@ pub struct Reconciler {
     settle_queue: Queue,
     refund_queue: Queue,
     settings: ReconcilerSettings,
+    publisher: Option<betting_streams::Publisher>,
 }
 
 /// The advisory lock key of a pass.
@@ -88,7 +89,14 @@ impl Reconciler {
             settle_queue,
             refund_queue,
             settings,
+            publisher: None,
         }
+    }
+
+    /// Announces the refunds it makes to live streams.
+    pub fn with_publisher(mut self, publisher: betting_streams::Publisher) -> Self {
+        self.publisher = Some(publisher);
+        self
     }
 
     pub fn settings(&self) -> &ReconcilerSettings {

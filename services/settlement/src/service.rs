@@ -6,14 +6,18 @@ use betting_api::{
     to_status,
 };
 use betting_auth::{AuthInterceptor, Principal};
-use betting_domain::{InvalidRequest, RoundId, Side, Violations, format_money};
+use betting_domain::{
+    BetId, IdempotencyKey, InvalidRequest, RoundId, Side, Violations, format_money,
+};
 use betting_queue::Queue;
+use betting_streams::{Changes, Publisher, StreamContext};
 use sqlx::PgPool;
 use tonic::{Request, Response, Status, service::interceptor::InterceptedService};
 
 use crate::{
     RoundRow, RoundStore, RoundTotals, SettlementError, Transition,
     jobs::{enqueue_all, refund_job, settle_job},
+    watch::RoundFeeds,
 };
 
 #[derive(Clone)]
@@ -21,15 +25,30 @@ pub struct SettlementService {
     rounds: RoundStore,
     settle_queue: Queue,
     refund_queue: Queue,
+    publisher: Publisher,
+    feeds: Option<RoundFeeds>,
 }
 
 impl SettlementService {
-    pub fn new(pool: PgPool, settle_queue: Queue, refund_queue: Queue) -> Self {
+    pub fn new(
+        pool: PgPool,
+        settle_queue: Queue,
+        refund_queue: Queue,
+        publisher: Publisher,
+    ) -> Self {
         Self {
             rounds: RoundStore::new(pool),
             settle_queue,
             refund_queue,
+            publisher,
+            feeds: None,
         }
+    }
+
+    /// Serves WatchRound from this instance's hub.
+    pub fn with_streams(mut self, streams: StreamContext) -> Self {
+        self.feeds = Some(RoundFeeds::new(streams));
+        self
     }
 
     pub fn rounds(&self) -> &RoundStore {
@@ -45,6 +64,10 @@ impl SettlementService {
 
     pub async fn open(&self, round: &RoundId) -> Result<RoundRow, SettlementError> {
         if let Some(row) = self.rounds.insert(round).await? {
+            self.publisher.spawn_publish(Changes {
+                bets: Vec::new(),
+                rounds: vec![round.to_string()],
+            });
             return Ok(row);
         }
         let row = self.rounds.get(round).await?.ok_or_else(|| {
@@ -64,7 +87,17 @@ impl SettlementService {
         round: &RoundId,
         transition: &Transition,
     ) -> Result<(), SettlementError> {
-        let refunds: Vec<_> = transition.refunds.iter().map(|k| refund_job(k)).collect();
+        if transition.changed {
+            self.publisher.spawn_publish(Changes {
+                bets: transition.refunds.clone(),
+                rounds: vec![round.to_string()],
+            });
+        }
+        let refunds: Vec<_> = transition
+            .refunds
+            .iter()
+            .map(|b| refund_job(IdempotencyKey::refund(BetId::from(b.bet_id)).as_str()))
+            .collect();
         enqueue_all(&self.refund_queue, refunds).await;
         if transition.round.status == "SETTLED" {
             let matches = self.rounds.open_matches(round).await?;
@@ -99,7 +132,7 @@ impl SettlementService {
         Ok(transition.round)
     }
 
-    async fn round_pb(&self, row: &RoundRow) -> Result<pb::Round, SettlementError> {
+    pub(crate) async fn round_pb(&self, row: &RoundRow) -> Result<pb::Round, SettlementError> {
         let round = RoundId::parse(&row.round_id).map_err(|_| {
             SettlementError::Internal(anyhow::anyhow!("stored round id is invalid"))
         })?;
@@ -248,5 +281,31 @@ impl SettlementApi for SettlementService {
         .await;
         let round = result.map_err(|e| to_status(&e))?;
         Ok(Response::new(pb::VoidRoundResponse { round: Some(round) }))
+    }
+
+    type WatchRoundStream = betting_streams::EventStream<pb::WatchRoundResponse>;
+
+    #[tracing::instrument(skip_all, fields(round_id = %request.get_ref().round_id))]
+    async fn watch_round(
+        &self,
+        request: Request<pb::WatchRoundRequest>,
+    ) -> Result<Response<Self::WatchRoundStream>, Status> {
+        let principal = principal(&request)?;
+        let result = async {
+            let round = parse_round(&request.get_ref().round_id)?;
+            let row = self
+                .rounds
+                .get(&round)
+                .await?
+                .ok_or(SettlementError::RoundNotFound)?;
+            let feeds = self.feeds.as_ref().ok_or_else(|| {
+                SettlementError::Internal(anyhow::anyhow!("streams are not set up"))
+            })?;
+            let first = self.round_pb(&row).await?;
+            Ok::<_, SettlementError>(feeds.watch(self.clone(), round, first, principal.expires_at))
+        }
+        .await;
+        let stream = result.map_err(|e| to_status(&e))?;
+        Ok(Response::new(stream))
     }
 }

@@ -17,11 +17,22 @@ use crate::{RoundStore, SettlementError};
 pub struct SettleHandler {
     rounds: RoundStore,
     wallet: WalletClient,
+    publisher: Option<betting_streams::Publisher>,
 }
 
 impl SettleHandler {
     pub fn new(rounds: RoundStore, wallet: WalletClient) -> Self {
-        Self { rounds, wallet }
+        Self {
+            rounds,
+            wallet,
+            publisher: None,
+        }
+    }
+
+    /// Announces settled bets to live streams.
+    pub fn with_publisher(mut self, publisher: betting_streams::Publisher) -> Self {
+        self.publisher = Some(publisher);
+        self
     }
 
     /// Pays the match if it is due; returns whether this call recorded it.
@@ -78,15 +89,19 @@ impl SettleHandler {
                 )));
             }
         }
-        let recorded = self
+        let changed = self
             .rounds
             .mark_match_settled(match_id, winner)
             .await
             .map_err(retry)?;
-        if recorded {
-            metrics::counter!("matches_settled_total").increment(1);
+        if changed.is_empty() {
+            return Ok(false);
         }
-        Ok(recorded)
+        metrics::counter!("matches_settled_total").increment(1);
+        if let Some(publisher) = &self.publisher {
+            publisher.bets(changed).await;
+        }
+        Ok(true)
     }
 }
 

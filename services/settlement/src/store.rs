@@ -54,8 +54,8 @@ pub struct Transition {
     pub round: RoundRow,
     /// False when the round already was in the asked-for state (a retry).
     pub changed: bool,
-    /// Keys of the refunds owed by this change.
-    pub refunds: Vec<String>,
+    /// The bets refunded by this change (each now owed `REFUND:{bet_id}`).
+    pub refunds: Vec<betting_streams::BetNote>,
 }
 
 /// A match with what a settler needs to pay it.
@@ -287,7 +287,7 @@ impl RoundStore {
         &self,
         match_id: Uuid,
         winner: Side,
-    ) -> Result<bool, SettlementError> {
+    ) -> Result<Vec<betting_streams::BetNote>, SettlementError> {
         let mut tx = self.pool.begin().await?;
         let changed = sqlx::query(
             "UPDATE matches SET status = 'SETTLED', winning_side = $2, settled_at = now() \
@@ -299,21 +299,32 @@ impl RoundStore {
         .await?
         .rows_affected();
         if changed == 0 {
-            return Ok(false);
+            return Ok(Vec::new());
         }
-        sqlx::query(
+        let bets: Vec<(i64, Uuid, String, i64)> = sqlx::query_as(
             "UPDATE bets SET status = 'SETTLED', \
                result = CASE WHEN side = $2 THEN 'WON' ELSE 'LOST' END, \
                payout = CASE WHEN side = $2 THEN amount * 2 ELSE 0 END, \
                version = version + 1, updated_at = now() \
-             WHERE match_id = $1 AND status = 'MATCHED'",
+             WHERE match_id = $1 AND status = 'MATCHED' \
+             RETURNING user_id, bet_id, round_id, version",
         )
         .bind(match_id)
         .bind(winner.as_db())
-        .execute(&mut *tx)
+        .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(true)
+        Ok(bets
+            .into_iter()
+            .map(
+                |(user_id, bet_id, round_id, version)| betting_streams::BetNote {
+                    user_id,
+                    bet_id,
+                    round_id,
+                    version: Some(version),
+                },
+            )
+            .collect())
     }
 
     pub async fn totals(&self, round: &RoundId) -> Result<RoundTotals, SettlementError> {

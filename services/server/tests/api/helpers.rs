@@ -82,6 +82,8 @@ pub fn settings(database_url: &str, redis_url: &str) -> Settings {
         worker_concurrency: 4,
         reconcile_interval_ms: 3_600_000,
         queue_visibility_ms: 30_000,
+        stream_heartbeat_ms: 15_000,
+        stream_send_timeout_ms: 10_000,
         shutdown_grace_secs: 5,
     }
 }

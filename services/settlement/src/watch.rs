@@ -1,0 +1,182 @@
+//! WatchRound: a round's status, totals and outcome, live.
+//!
+//! However many clients watch a round, this instance computes its state once
+//! per change: one feed per watched round listens to the hub, waits a moment
+//! for changes to settle (a settle changes many bets at once), reads the round
+//! and publishes it on a `watch` channel. Watchers only ever hold the latest
+//! value, so a slow client costs no memory: it just skips intermediate states.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use betting_api::{convert, pb};
+use betting_domain::RoundId;
+use betting_streams::{EventStream, Note, StreamContext, event_stream};
+use tokio::sync::watch;
+use tonic::Status;
+
+use crate::SettlementService;
+
+/// Changes closer together than this are sent as one.
+const DEBOUNCE: Duration = Duration::from_millis(50);
+
+#[derive(Clone)]
+pub struct RoundFeeds {
+    context: StreamContext,
+    feeds: Arc<Mutex<HashMap<String, watch::Receiver<Arc<pb::Round>>>>>,
+}
+
+impl RoundFeeds {
+    pub fn new(context: StreamContext) -> Self {
+        Self {
+            context,
+            feeds: Arc::default(),
+        }
+    }
+
+    /// A stream of the round, starting with `first`.
+    pub fn watch(
+        &self,
+        service: SettlementService,
+        round: RoundId,
+        first: pb::Round,
+        expires_at: Option<u64>,
+    ) -> EventStream<pb::WatchRoundResponse> {
+        let mut rx = self.feed(service, &round, first);
+        let settings = self.context.settings.clone();
+        let (sink, stream) = event_stream(settings.buffer, settings.send_timeout);
+        let mut stop = self.context.stop.clone();
+        let deadline = betting_streams::token_deadline(expires_at);
+        tokio::spawn(async move {
+            let mut heartbeat = tokio::time::interval(settings.heartbeat);
+            heartbeat.reset();
+            let event = |round: Option<Arc<pb::Round>>| pb::WatchRoundResponse {
+                heartbeat: round.is_none(),
+                round: round.map(|r| (*r).clone()),
+                sent_at: Some(convert::timestamp(chrono::Utc::now())),
+            };
+            let current = rx.borrow_and_update().clone();
+            if sink.send(event(Some(current))).await.is_err() {
+                return;
+            }
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = stop.changed() => {
+                        sink.end(Status::unavailable("server shutting down; reconnect"));
+                        return;
+                    }
+                    _ = tokio::time::sleep_until(deadline) => {
+                        sink.end(Status::unauthenticated("token expired"));
+                        return;
+                    }
+                    () = sink.closed() => return,
+                    changed = rx.changed() => {
+                        if changed.is_err() {
+                            sink.end(Status::unavailable("round feed ended; reconnect"));
+                            return;
+                        }
+                        let round = rx.borrow_and_update().clone();
+                        if sink.send(event(Some(round))).await.is_err() {
+                            return;
+                        }
+                    }
+                    _ = heartbeat.tick() => {
+                        if sink.try_send(event(None)).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        stream
+    }
+
+    /// The round's feed, started if nobody here watches it yet.
+    fn feed(
+        &self,
+        service: SettlementService,
+        round: &RoundId,
+        first: pb::Round,
+    ) -> watch::Receiver<Arc<pb::Round>> {
+        let mut feeds = match self.feeds.lock() {
+            Ok(f) => f,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(rx) = feeds.get(round.as_str()) {
+            return rx.clone();
+        }
+        let (tx, rx) = watch::channel(Arc::new(first));
+        feeds.insert(round.to_string(), rx.clone());
+        let sub = self.context.hub.watch_round(round.as_str());
+        let this = self.clone();
+        let round = round.clone();
+        tokio::spawn(async move {
+            this.run_feed(service, round, sub, tx).await;
+        });
+        rx
+    }
+
+    async fn run_feed(
+        &self,
+        service: SettlementService,
+        round: RoundId,
+        mut sub: betting_streams::Subscription,
+        tx: watch::Sender<Arc<pb::Round>>,
+    ) {
+        let mut stop = self.context.stop.clone();
+        let mut idle_check = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = stop.changed() => break,
+                note = sub.recv() => {
+                    match note {
+                        Some(Note::Round | Note::Resync | Note::Bet { .. }) => {}
+                        None => break,
+                    }
+                    tokio::time::sleep(DEBOUNCE).await;
+                    while sub.try_recv().is_some() {}
+                    sub.take_lagged();
+                    self.refresh(&service, &round, &tx).await;
+                }
+                _ = idle_check.tick() => {
+                    // Every watcher gone: stop, under the lock so no one joins meanwhile.
+                    let mut feeds = match self.feeds.lock() {
+                        Ok(f) => f,
+                        Err(poisoned) => poisoned.into_inner(),
+                    };
+                    if tx.receiver_count() <= 1 {
+                        feeds.remove(round.as_str());
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn refresh(
+        &self,
+        service: &SettlementService,
+        round: &RoundId,
+        tx: &watch::Sender<Arc<pb::Round>>,
+    ) {
+        let row = match service.rounds().get(round).await {
+            Ok(Some(row)) => row,
+            _ => return,
+        };
+        let Ok(fresh) = service.round_pb(&row).await else {
+            return;
+        };
+        tx.send_if_modified(|current| {
+            if **current == fresh {
+                false
+            } else {
+                *current = Arc::new(fresh);
+                true
+            }
+        });
+    }
+}

@@ -1,0 +1,354 @@
+//! Each instance's fan-out: one Redis subscription, many local streams.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex, Weak,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use chrono::{DateTime, Utc};
+use fred::prelude::{ClientLike, Config, EventInterface, PubsubInterface, ReconnectPolicy};
+use sqlx::PgPool;
+use tokio::sync::{mpsc, watch};
+use uuid::Uuid;
+
+use crate::{BetNote, Changes};
+
+/// What a stream is told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Note {
+    /// This bet (of the stream's user) changed, to this version if known.
+    Bet { bet_id: Uuid, version: Option<i64> },
+    /// The stream's round changed.
+    Round,
+    /// Notes may have been lost: send a fresh snapshot.
+    Resync,
+}
+
+/// Notes waiting per stream; past this the stream is marked lagged and will
+/// resynchronise instead of buffering without bound.
+const NOTE_BUFFER: usize = 256;
+/// How far back a sweep looks, beyond the previous sweep: longer than any
+/// bet-changing transaction takes to commit.
+const SWEEP_MARGIN: Duration = Duration::from_secs(3);
+
+struct Entry {
+    id: u64,
+    tx: mpsc::Sender<Note>,
+    lagged: Arc<AtomicBool>,
+}
+
+#[derive(Default)]
+struct Registry {
+    next_id: u64,
+    users: HashMap<i64, Vec<Entry>>,
+    rounds: HashMap<String, Vec<Entry>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Key {
+    User(i64),
+    Round(String),
+}
+
+struct Inner {
+    registry: Mutex<Registry>,
+    pool: PgPool,
+    redis_url: String,
+    channel: String,
+}
+
+/// The instance's hub. Cheap to clone.
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<Inner>,
+}
+
+/// A stream's registration; dropping it unregisters.
+pub struct Subscription {
+    rx: mpsc::Receiver<Note>,
+    lagged: Arc<AtomicBool>,
+    _guard: Guard,
+}
+
+impl Subscription {
+    pub async fn recv(&mut self) -> Option<Note> {
+        self.rx.recv().await
+    }
+
+    pub fn try_recv(&mut self) -> Option<Note> {
+        self.rx.try_recv().ok()
+    }
+
+    /// Whether notes were dropped since the last call (the stream fell behind).
+    pub fn take_lagged(&self) -> bool {
+        self.lagged.swap(false, Ordering::AcqRel)
+    }
+}
+
+struct Guard {
+    hub: Weak<Inner>,
+    key: Key,
+    id: u64,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let Some(inner) = self.hub.upgrade() else {
+            return;
+        };
+        let Ok(mut registry) = inner.registry.lock() else {
+            return;
+        };
+        match &self.key {
+            Key::User(user) => remove(&mut registry.users, user, self.id),
+            Key::Round(round) => remove(&mut registry.rounds, round, self.id),
+        }
+    }
+}
+
+fn remove<K: std::hash::Hash + Eq + Clone>(map: &mut HashMap<K, Vec<Entry>>, key: &K, id: u64) {
+    if let Some(entries) = map.get_mut(key) {
+        entries.retain(|e| e.id != id);
+        if entries.is_empty() {
+            map.remove(key);
+        }
+    }
+}
+
+impl Hub {
+    pub fn new(pool: PgPool, redis_url: &str, namespace: &str) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                registry: Mutex::new(Registry::default()),
+                pool,
+                redis_url: redis_url.to_owned(),
+                channel: crate::channel(namespace),
+            }),
+        }
+    }
+
+    pub fn watch_user(&self, user: i64) -> Subscription {
+        self.register(Key::User(user))
+    }
+
+    pub fn watch_round(&self, round: &str) -> Subscription {
+        self.register(Key::Round(round.to_owned()))
+    }
+
+    fn register(&self, key: Key) -> Subscription {
+        let (tx, rx) = mpsc::channel(NOTE_BUFFER);
+        let lagged = Arc::new(AtomicBool::new(false));
+        let id = {
+            let mut registry = match self.inner.registry.lock() {
+                Ok(r) => r,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            registry.next_id += 1;
+            let id = registry.next_id;
+            let entry = Entry {
+                id,
+                tx,
+                lagged: lagged.clone(),
+            };
+            match &key {
+                Key::User(user) => registry.users.entry(*user).or_default().push(entry),
+                Key::Round(round) => registry
+                    .rounds
+                    .entry(round.clone())
+                    .or_default()
+                    .push(entry),
+            }
+            id
+        };
+        metrics::gauge!("streams_open").increment(1.0);
+        Subscription {
+            rx,
+            lagged,
+            _guard: Guard {
+                hub: Arc::downgrade(&self.inner),
+                key,
+                id,
+            },
+        }
+    }
+
+    /// Streams registered here right now.
+    pub fn stream_count(&self) -> usize {
+        self.inner.registry.lock().map_or(0, |r| {
+            r.users.values().map(Vec::len).sum::<usize>()
+                + r.rounds.values().map(Vec::len).sum::<usize>()
+        })
+    }
+
+    /// Hands notes to the local streams they concern.
+    pub fn route(&self, changes: &Changes) {
+        let Ok(registry) = self.inner.registry.lock() else {
+            return;
+        };
+        let deliver = |entries: &Vec<Entry>, note: Note| {
+            for entry in entries {
+                if let Err(mpsc::error::TrySendError::Full(_)) = entry.tx.try_send(note.clone()) {
+                    entry.lagged.store(true, Ordering::Release);
+                }
+            }
+        };
+        for bet in &changes.bets {
+            if let Some(entries) = registry.users.get(&bet.user_id) {
+                deliver(
+                    entries,
+                    Note::Bet {
+                        bet_id: bet.bet_id,
+                        version: bet.version,
+                    },
+                );
+            }
+            if let Some(entries) = registry.rounds.get(&bet.round_id) {
+                deliver(entries, Note::Round);
+            }
+        }
+        for round in &changes.rounds {
+            if let Some(entries) = registry.rounds.get(round) {
+                deliver(entries, Note::Round);
+            }
+        }
+    }
+
+    /// Tells every local stream to send a fresh snapshot.
+    pub fn resync_all(&self) {
+        let Ok(registry) = self.inner.registry.lock() else {
+            return;
+        };
+        for entry in registry
+            .users
+            .values()
+            .chain(registry.rounds.values())
+            .flatten()
+        {
+            if entry.tx.try_send(Note::Resync).is_err() {
+                entry.lagged.store(true, Ordering::Release);
+            }
+        }
+    }
+
+    /// Runs the subscription and the sweep until `stop` turns true.
+    pub async fn run(self, stop: watch::Receiver<bool>) {
+        tokio::join!(self.clone().subscribe(stop.clone()), self.sweep(stop));
+    }
+
+    async fn subscribe(self, mut stop: watch::Receiver<bool>) {
+        let client = match Config::from_url(&self.inner.redis_url).and_then(|config| {
+            fred::prelude::Builder::from_config(config)
+                .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
+                .build_subscriber_client()
+        }) {
+            Ok(client) => client,
+            Err(error) => {
+                tracing::error!(%error, "cannot build the change subscriber; streams rely on sweeps");
+                return;
+            }
+        };
+        let mut messages = client.message_rx();
+        let mut reconnects = client.reconnect_rx();
+        drop(client.connect());
+        // Re-subscribes after every reconnect.
+        let _resubscriber = client.manage_subscriptions();
+        loop {
+            if client.subscribe(self.inner.channel.clone()).await.is_ok() {
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = stop.changed() => return,
+            }
+        }
+        tracing::info!(channel = %self.inner.channel, "subscribed to change notes");
+        loop {
+            tokio::select! {
+                message = messages.recv() => match message {
+                    Ok(message) => {
+                        let text: Option<String> = message.value.convert().ok();
+                        match text.as_deref().map(serde_json::from_str::<Changes>) {
+                            Some(Ok(changes)) => self.route(&changes),
+                            _ => tracing::debug!("ignored a malformed change note"),
+                        }
+                    }
+                    // We fell behind the channel: anything may be missing.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => self.resync_all(),
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                },
+                reconnect = reconnects.recv() => {
+                    if reconnect.is_ok() {
+                        // Notes published while we were away are lost: resynchronise.
+                        tracing::info!("change subscriber reconnected; resynchronising streams");
+                        self.resync_all();
+                    }
+                }
+                _ = stop.changed() => {
+                    let _ = client.quit().await;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Every second, routes whatever changed in PostgreSQL lately: the safety
+    /// net under pub/sub.
+    async fn sweep(self, mut stop: watch::Receiver<bool>) {
+        let mut ticker = tokio::time::interval(Duration::from_secs(1));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut since: Option<DateTime<Utc>> = None;
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = stop.changed() => return,
+            }
+            if self.stream_count() == 0 {
+                since = None;
+                continue;
+            }
+            let started = Utc::now();
+            let from = since.unwrap_or(started) - SWEEP_MARGIN;
+            match self.changed_since(from).await {
+                Ok(changes) => {
+                    self.route(&changes);
+                    since = Some(started);
+                }
+                Err(error) => tracing::debug!(%error, "sweep failed"),
+            }
+        }
+    }
+
+    async fn changed_since(&self, from: DateTime<Utc>) -> Result<Changes, sqlx::Error> {
+        let bets: Vec<(i64, Uuid, String, i64)> = sqlx::query_as(
+            "SELECT user_id, bet_id, round_id, version FROM bets \
+             WHERE updated_at >= $1 AND status NOT IN ('PLACING', 'REJECTED') \
+             ORDER BY updated_at LIMIT 10000",
+        )
+        .bind(from)
+        .fetch_all(&self.inner.pool)
+        .await?;
+        let rounds: Vec<String> = sqlx::query_scalar(
+            "SELECT round_id FROM rounds \
+             WHERE greatest(created_at, closed_at, settled_at) >= $1 LIMIT 10000",
+        )
+        .bind(from)
+        .fetch_all(&self.inner.pool)
+        .await?;
+        Ok(Changes {
+            bets: bets
+                .into_iter()
+                .map(|(user_id, bet_id, round_id, version)| BetNote {
+                    user_id,
+                    bet_id,
+                    round_id,
+                    version: Some(version),
+                })
+                .collect(),
+            rounds,
+        })
+    }
+}
