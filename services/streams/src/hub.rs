@@ -252,7 +252,6 @@ impl Hub {
             }
         };
         let mut messages = client.message_rx();
-        let mut reconnects = client.reconnect_rx();
         drop(client.connect());
         // Re-subscribes after every reconnect.
         let _resubscriber = client.manage_subscriptions();
@@ -266,6 +265,8 @@ impl Hub {
             }
         }
         tracing::info!(channel = %self.inner.channel, "subscribed to change notes");
+        // From now on every connection event is a *re*connection.
+        let mut reconnects = client.reconnect_rx();
         loop {
             tokio::select! {
                 message = messages.recv() => match message {

@@ -94,6 +94,7 @@ pub struct TestApp {
     pub betting: Option<BettingService>,
     pub addr: std::net::SocketAddr,
     pub queues: betting_server::Queues,
+    pub hub: Option<betting_streams::Hub>,
     pub namespace: String,
     minter: TokenMinter,
     stop: Option<oneshot::Sender<()>>,
@@ -144,6 +145,7 @@ impl TestApp {
         let addr = app.local_addr();
         let betting = app.betting().cloned();
         let queues = app.queues().clone();
+        let hub = app.hub().cloned();
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(app.run_until(async {
             let _ = stopped.await;
@@ -159,6 +161,7 @@ impl TestApp {
             channel,
             betting,
             queues,
+            hub,
             namespace,
             minter: TokenMinter::new(SECRET.as_bytes(), None, None),
             stop: Some(stop),

@@ -15,4 +15,5 @@ mod ledger;
 mod lifecycle;
 mod property;
 mod queue;
+mod streams;
 mod wallet;

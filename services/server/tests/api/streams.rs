@@ -1,0 +1,554 @@
+//! WatchBets and WatchRound: live, across instances, resumable, bounded.
+
+use std::{net::TcpListener, process::Stdio, time::Duration};
+
+use betting_api::pb::{self, WatchEventType};
+use betting_auth::{Claims, Role, TokenMinter};
+use tonic::{Code, Streaming};
+
+use crate::helpers::{SECRET, TestApp, authed, fresh_database, settings};
+
+type Events = Streaming<pb::WatchBetsResponse>;
+
+async fn watch(app: &TestApp, user: i64, bet_ids: Vec<String>, cursor: &str) -> Events {
+    app.bets()
+        .watch_bets(authed(
+            pb::WatchBetsRequest {
+                bet_ids,
+                cursor: cursor.into(),
+            },
+            &app.player(user),
+        ))
+        .await
+        .expect("watch bets")
+        .into_inner()
+}
+
+async fn next(events: &mut Events) -> pb::WatchBetsResponse {
+    tokio::time::timeout(Duration::from_secs(10), events.message())
+        .await
+        .expect("an event within 10 s")
+        .expect("stream ok")
+        .expect("stream open")
+}
+
+/// Reads until `pred` holds for an event with a bet; returns that event.
+async fn until(
+    events: &mut Events,
+    mut pred: impl FnMut(&pb::Bet) -> bool,
+) -> pb::WatchBetsResponse {
+    loop {
+        let event = next(events).await;
+        if let Some(bet) = &event.bet
+            && pred(bet)
+        {
+            return event;
+        }
+    }
+}
+
+async fn snapshot(events: &mut Events) -> Vec<pb::Bet> {
+    snapshot_and_cursor(events).await.0
+}
+
+/// The snapshot's bets and the cursor its end carries.
+async fn snapshot_and_cursor(events: &mut Events) -> (Vec<pb::Bet>, String) {
+    let mut bets = Vec::new();
+    loop {
+        let event = next(events).await;
+        match WatchEventType::try_from(event.r#type) {
+            Ok(WatchEventType::Snapshot) => bets.push(event.bet.expect("snapshot bet")),
+            Ok(WatchEventType::SnapshotEnd) => return (bets, event.cursor),
+            other => panic!("unexpected event before the snapshot ended: {other:?}"),
+        }
+    }
+}
+
+fn status(bet: &pb::Bet) -> pb::BetStatus {
+    pb::BetStatus::try_from(bet.status).expect("status")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_player_sees_their_bets_move_and_nobody_elses() {
+    let app = TestApp::spawn().await;
+    app.deposit(1, "100").await;
+    app.deposit(2, "100").await;
+    app.open_round("live").await;
+    let mut events = watch(&app, 1, vec![], "").await;
+    assert!(snapshot(&mut events).await.is_empty());
+
+    let mine = app.place_ok(1, "live", pb::Side::A, "10").await;
+    let theirs = app.place_ok(2, "live", pb::Side::B, "10").await;
+    let mut seen = Vec::new();
+    let matched = until(&mut events, |b| {
+        seen.push(b.clone());
+        status(b) == pb::BetStatus::Matched
+    })
+    .await;
+    assert_eq!(matched.bet.as_ref().expect("bet").bet_id, mine.bet_id);
+    assert!(!matched.cursor.is_empty());
+    app.settle_round("live", pb::Side::A).await.expect("settle");
+    let settled = until(&mut events, |b| {
+        seen.push(b.clone());
+        status(b) == pb::BetStatus::Settled
+    })
+    .await
+    .bet
+    .expect("bet");
+    assert_eq!(settled.result, pb::BetResult::Won as i32);
+    assert_eq!(settled.payout, "20");
+    // Only the caller's bets, versions only ever growing.
+    assert!(
+        seen.iter()
+            .all(|b| b.user_id == 1 && b.bet_id != theirs.bet_id)
+    );
+    let versions: Vec<i64> = seen.iter().map(|b| b.version).collect();
+    assert!(versions.windows(2).all(|w| w[0] < w[1]), "{versions:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_on_one_instance_sees_changes_made_through_another() {
+    let url = fresh_database().await;
+    let one = TestApp::spawn_with(settings(
+        &url,
+        &std::env::var("REDIS_URL").expect("REDIS_URL"),
+    ))
+    .await;
+    // Instance two: the betting and settlement services only, same stores.
+    let mut s = settings(&url, &std::env::var("REDIS_URL").expect("REDIS_URL"));
+    s.redis_namespace = one.namespace.clone();
+    s.roles = vec![
+        betting_config::Role::Wallet,
+        betting_config::Role::Betting,
+        betting_config::Role::Settlement,
+    ];
+    let two = TestApp::spawn_with(s).await;
+    one.deposit(1, "50").await;
+    one.deposit(2, "50").await;
+    one.open_round("x").await;
+    let mut events = watch(&two, 1, vec![], "").await;
+    snapshot(&mut events).await;
+    let mut round_events = two
+        .rounds()
+        .watch_round(authed(
+            pb::WatchRoundRequest {
+                round_id: "x".into(),
+            },
+            &two.player(1),
+        ))
+        .await
+        .expect("watch round")
+        .into_inner();
+    let first = round_events
+        .message()
+        .await
+        .expect("ok")
+        .expect("first")
+        .round
+        .expect("round");
+    assert_eq!(first.status, pb::RoundStatus::Open as i32);
+
+    // Everything happens through instance one and its workers.
+    let bet = one.place_ok(1, "x", pb::Side::B, "5").await;
+    one.place_ok(2, "x", pb::Side::A, "5").await;
+    until(&mut events, |b| {
+        b.bet_id == bet.bet_id && status(b) == pb::BetStatus::Matched
+    })
+    .await;
+    one.settle_round("x", pb::Side::A).await.expect("settle");
+    let lost = until(&mut events, |b| status(b) == pb::BetStatus::Settled)
+        .await
+        .bet
+        .expect("bet");
+    assert_eq!(
+        (lost.result, lost.payout.as_str()),
+        (pb::BetResult::Lost as i32, "0")
+    );
+
+    // The round's watchers see the outcome and the totals.
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(10), round_events.message())
+            .await
+            .expect("round event in time")
+            .expect("ok")
+            .expect("open");
+        let Some(round) = event.round else { continue };
+        let stats = round.stats.clone().expect("stats");
+        if round.status == pb::RoundStatus::Settled as i32 && stats.settled_bets == 2 {
+            assert_eq!(round.winning_side, pb::Side::A as i32);
+            assert_eq!(stats.total_paid_out, "10");
+            break;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reconnecting_with_the_cursor_resumes_without_missing_a_final_state() {
+    let app = TestApp::spawn().await;
+    app.deposit(1, "100").await;
+    app.deposit(2, "100").await;
+    app.open_round("r").await;
+    let bet = app.place_ok(1, "r", pb::Side::A, "10").await;
+    let mut events = watch(&app, 1, vec![], "").await;
+    let (snap, cursor) = snapshot_and_cursor(&mut events).await;
+    assert_eq!(snap.len(), 1);
+    assert!(!cursor.is_empty(), "the snapshot's end carries a cursor");
+    drop(events);
+
+    // While it is away, its bet is matched and settled: a final state.
+    app.place_ok(2, "r", pb::Side::B, "10").await;
+    app.wait_for_bet(1, &bet.bet_id, pb::BetStatus::Matched)
+        .await;
+    app.settle_round("r", pb::Side::A).await.expect("settle");
+    app.wait_for_bet(1, &bet.bet_id, pb::BetStatus::Settled)
+        .await;
+
+    let mut events = watch(&app, 1, vec![], &cursor).await;
+    let resumed = snapshot(&mut events).await;
+    let settled = resumed
+        .iter()
+        .find(|b| b.bet_id == bet.bet_id)
+        .expect("the settled bet is resent");
+    assert_eq!(status(settled), pb::BetStatus::Settled);
+
+    // Without a cursor, a settled bet is not part of the snapshot; named, it is.
+    let mut fresh = watch(&app, 1, vec![], "").await;
+    assert!(snapshot(&mut fresh).await.is_empty());
+    let mut named = watch(&app, 1, vec![bet.bet_id.clone()], "").await;
+    assert_eq!(snapshot(&mut named).await.len(), 1);
+    // Someone else's bet id, named, shows nothing.
+    let mut intruder = watch(&app, 2, vec![bet.bet_id.clone()], "").await;
+    assert!(snapshot(&mut intruder).await.is_empty());
+    let status = app
+        .bets()
+        .watch_bets(authed(
+            pb::WatchBetsRequest {
+                bet_ids: vec![],
+                cursor: "not-a-cursor!".into(),
+            },
+            &app.player(1),
+        ))
+        .await
+        .expect_err("bad cursor");
+    assert_eq!(status.code(), Code::InvalidArgument);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn heartbeats_keep_idle_streams_alive() {
+    let url = fresh_database().await;
+    let mut s = settings(&url, &std::env::var("REDIS_URL").expect("REDIS_URL"));
+    s.stream_heartbeat_ms = 100;
+    let app = TestApp::spawn_with(s).await;
+    let mut events = watch(&app, 1, vec![], "").await;
+    snapshot(&mut events).await;
+    for _ in 0..3 {
+        let event = next(&mut events).await;
+        assert_eq!(event.r#type, WatchEventType::Heartbeat as i32);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_expired_token_ends_the_stream_with_unauthenticated() {
+    let app = TestApp::spawn().await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let token = TokenMinter::new(SECRET.as_bytes(), None, None)
+        .mint_claims(&Claims {
+            sub: "1".into(),
+            role: Role::Player,
+            iat: now,
+            exp: now + 2,
+            iss: None,
+            aud: None,
+        })
+        .expect("mint");
+    let mut events = app
+        .bets()
+        .watch_bets(authed(pb::WatchBetsRequest::default(), &token))
+        .await
+        .expect("watch")
+        .into_inner();
+    snapshot(&mut events).await;
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match events.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("stream ended without a status"),
+                Err(status) => return status,
+            }
+        }
+    })
+    .await
+    .expect("the stream ends when the token expires");
+    assert_eq!(ended.code(), Code::Unauthenticated);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shutdown_ends_streams_with_unavailable() {
+    let app = TestApp::spawn().await;
+    let mut events = watch(&app, 1, vec![], "").await;
+    snapshot(&mut events).await;
+    let stopping = tokio::spawn(app.stop());
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match events.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("stream ended without a status"),
+                Err(status) => return status,
+            }
+        }
+    })
+    .await
+    .expect("the stream ends at shutdown");
+    assert_eq!(ended.code(), Code::Unavailable);
+    stopping.await.expect("stopped");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_never_reads_is_cut_off_and_its_memory_freed() {
+    let url = fresh_database().await;
+    let mut s = settings(&url, &std::env::var("REDIS_URL").expect("REDIS_URL"));
+    s.stream_send_timeout_ms = 300;
+    s.roles = vec![
+        betting_config::Role::Wallet,
+        betting_config::Role::Betting,
+        betting_config::Role::Settlement,
+    ];
+    let app = TestApp::spawn_with(s).await;
+    let hub = app.hub.clone().expect("hub");
+    app.deposit(1, "100000").await;
+    app.open_round("flood").await;
+    // A client whose HTTP/2 windows are small, as a phone on a poor link, that never reads.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", app.channel_addr()))
+        .expect("endpoint")
+        .initial_stream_window_size(Some(16 * 1024))
+        .initial_connection_window_size(Some(16 * 1024))
+        .connect()
+        .await
+        .expect("connect");
+    let mut events = pb::betting_service_client::BettingServiceClient::new(channel)
+        .watch_bets(authed(pb::WatchBetsRequest::default(), &app.player(1)))
+        .await
+        .expect("watch")
+        .into_inner();
+    assert_eq!(hub.stream_count(), 1);
+    // Far more changes than fit in the stream's buffers, and nobody reads.
+    const BETS: usize = 600;
+    for i in 0..BETS {
+        app.place(1, "flood", pb::Side::A, "1", &format!("f{i}"))
+            .await
+            .expect("place");
+    }
+    // The stream is cut off and unregistered: nothing is held for it any more.
+    for _ in 0..100 {
+        if hub.stream_count() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(hub.stream_count(), 0, "the slow stream was dropped");
+    // When the client finally reads: what HTTP/2 had buffered, then the verdict.
+    let mut delivered = 0;
+    let verdict = loop {
+        match tokio::time::timeout(Duration::from_secs(10), events.message())
+            .await
+            .expect("in time")
+        {
+            Ok(Some(_)) => delivered += 1,
+            Ok(None) => panic!("ended without a status"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(verdict.code(), Code::ResourceExhausted);
+    assert!(
+        delivered < BETS,
+        "only a bounded buffer was kept ({delivered} events)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_thousand_concurrent_streams() {
+    let app = TestApp::spawn_roles(&[
+        betting_config::Role::Wallet,
+        betting_config::Role::Betting,
+        betting_config::Role::Settlement,
+    ])
+    .await;
+    let hub = app.hub.clone().expect("hub");
+    app.open_round("crowd").await;
+    const STREAMS: i64 = 1000;
+    // A few connections, many streams each, as real clients multiplex.
+    let channels: Vec<tonic::transport::Channel> = {
+        let mut v = Vec::new();
+        for _ in 0..4 {
+            v.push(
+                tonic::transport::Channel::from_shared(format!("http://{}", app.channel_addr()))
+                    .expect("endpoint")
+                    .connect()
+                    .await
+                    .expect("connect"),
+            );
+        }
+        v
+    };
+    let opened = futures::future::join_all((1..=STREAMS).map(|user| {
+        let channel = channels[(user % 4) as usize].clone();
+        let token = app.player(user);
+        async move {
+            let mut client = pb::betting_service_client::BettingServiceClient::new(channel);
+            let mut events = client
+                .watch_bets(authed(pb::WatchBetsRequest::default(), &token))
+                .await
+                .expect("watch")
+                .into_inner();
+            assert!(snapshot(&mut events).await.is_empty());
+            (user, events)
+        }
+    }))
+    .await;
+    assert_eq!(hub.stream_count(), STREAMS as usize);
+    // A change for a sample of users reaches exactly their streams.
+    let sample: Vec<i64> = (1..=STREAMS).step_by(50).collect();
+    for user in &sample {
+        app.deposit(*user, "1").await;
+        app.place_ok(*user, "crowd", pb::Side::A, "1").await;
+    }
+    let mut streams: std::collections::HashMap<i64, Events> = opened.into_iter().collect();
+    for user in &sample {
+        let events = streams.get_mut(user).expect("stream");
+        let event = until(events, |b| status(b) == pb::BetStatus::Pending).await;
+        assert_eq!(event.bet.expect("bet").user_id, *user);
+    }
+    drop(streams);
+    for _ in 0..50 {
+        if hub.stream_count() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(hub.stream_count(), 0, "closed streams are unregistered");
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redis_restart_mid_stream_heals() {
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("redis-stream-{port}"));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let start = || {
+        std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server")
+    };
+    let mut redis = start();
+    let url = fresh_database().await;
+    let mut s = settings(&url, &format!("redis://127.0.0.1:{port}"));
+    s.roles = vec![
+        betting_config::Role::Wallet,
+        betting_config::Role::Betting,
+        betting_config::Role::Settlement,
+    ];
+    let app = TestApp::spawn_with(s).await;
+    app.deposit(1, "100").await;
+    app.open_round("rr").await;
+    let mut events = watch(&app, 1, vec![], "").await;
+    snapshot(&mut events).await;
+    let first = app.place_ok(1, "rr", pb::Side::A, "1").await;
+    until(&mut events, |b| b.bet_id == first.bet_id).await;
+
+    redis.kill().expect("kill redis");
+    redis.wait().expect("reap");
+    // Redis is gone: bets still work (PostgreSQL is the truth), notes are lost...
+    let during = app.place_ok(1, "rr", pb::Side::A, "2").await;
+    // ...but the stream still delivers it, and heals when Redis is back.
+    until(&mut events, |b| b.bet_id == during.bet_id).await;
+    let mut redis = start();
+    let mut resynced = false;
+    for _ in 0..200 {
+        let event = next(&mut events).await;
+        if event.r#type == WatchEventType::Resync as i32 {
+            resynced = true;
+            break;
+        }
+    }
+    assert!(
+        resynced,
+        "the hub resynchronised its streams after re-subscribing"
+    );
+    let after = app.place_ok(1, "rr", pb::Side::A, "3").await;
+    until(&mut events, |b| b.bet_id == after.bet_id).await;
+    redis.kill().expect("kill redis");
+    let _ = redis.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn browsers_can_watch_over_grpc_web() {
+    if std::process::Command::new("buf")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        panic!("buf is installed by deploy/local/test");
+    }
+    let app = TestApp::spawn().await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    // A token that expires in two seconds ends the stream by itself.
+    let token = TokenMinter::new(SECRET.as_bytes(), None, None)
+        .mint_claims(&Claims {
+            sub: "1".into(),
+            role: Role::Player,
+            iat: now,
+            exp: now + 2,
+            iss: None,
+            aud: None,
+        })
+        .expect("mint");
+    let url = format!(
+        "http://{}/betting.v1.BettingService/WatchBets",
+        app.channel_addr()
+    );
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("buf")
+            .args(["curl", "--protocol", "grpcweb", "-H"])
+            .arg(format!("authorization: Bearer {token}"))
+            .args(["-d", "{}", &url])
+            .output()
+    })
+    .await
+    .expect("join")
+    .expect("run buf curl");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stdout.contains("WATCH_EVENT_TYPE_SNAPSHOT_END"),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
+    assert!(stderr.contains("unauthenticated"), "stderr: {stderr}");
+}
