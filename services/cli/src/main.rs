@@ -8,6 +8,8 @@
 
 #![forbid(unsafe_code)]
 
+mod bench;
+
 use std::{process::ExitCode, time::Duration};
 
 use anyhow::Context;
@@ -34,6 +36,20 @@ enum Command {
     Audit(AuditArgs),
     /// Inspect the job queues.
     Queue(QueueArgs),
+    /// Benchmarks against a running suite.
+    Bench(BenchCommand),
+}
+
+#[derive(clap::Args)]
+struct BenchCommand {
+    #[command(subcommand)]
+    command: BenchKind,
+}
+
+#[derive(Subcommand)]
+enum BenchKind {
+    /// Live stream delivery latency and memory per stream.
+    Streams(bench::BenchArgs),
 }
 
 #[derive(clap::Args)]
@@ -106,6 +122,9 @@ fn main() -> ExitCode {
         Command::Migrate(storage) => runtime().and_then(|rt| rt.block_on(migrate(storage))),
         Command::Audit(args) => runtime().and_then(|rt| rt.block_on(audit(args))),
         Command::Queue(args) => runtime().and_then(|rt| rt.block_on(queue(args))),
+        Command::Bench(BenchCommand {
+            command: BenchKind::Streams(args),
+        }) => runtime().and_then(|rt| rt.block_on(bench::streams(args))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
