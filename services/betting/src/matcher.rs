@@ -191,14 +191,7 @@ impl Matcher {
                 .bets(
                     updated
                         .into_iter()
-                        .map(
-                            |(user_id, bet_id, round_id, version)| betting_streams::BetNote {
-                                user_id,
-                                bet_id,
-                                round_id,
-                                version: Some(version),
-                            },
-                        )
+                        .map(betting_streams::BetNote::from)
                         .collect(),
                 )
                 .await;

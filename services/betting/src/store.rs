@@ -454,7 +454,7 @@ impl BetStore {
     /// PENDING bets of rounds that are no longer open — a bet that became
     /// PENDING just after its round closed — refunded with their refunds owed.
     pub async fn refund_stranded(&self, limit: i64) -> Result<Vec<BetNote>, BettingError> {
-        Ok(sqlx::query_as(
+        Ok(sqlx::query_as::<_, (i64, Uuid, String, i64)>(
             "WITH due AS ( \
                SELECT b.bet_id, r.status AS round_status FROM bets b JOIN rounds r USING (round_id) \
                WHERE b.status = 'PENDING' AND r.status <> 'OPEN' \
@@ -476,7 +476,7 @@ impl BetStore {
         .fetch_all(&self.pool)
         .await?
         .into_iter()
-        .map(note)
+        .map(BetNote::from)
         .collect())
     }
 }
@@ -491,7 +491,7 @@ pub async fn refund_round_bets(
     reason: RefundReason,
 ) -> Result<Vec<BetNote>, sqlx::Error> {
     let statuses: Vec<&str> = statuses.iter().map(|s| s.as_db()).collect();
-    Ok(sqlx::query_as(
+    Ok(sqlx::query_as::<_, (i64, Uuid, String, i64)>(
         "WITH refunded AS ( \
            UPDATE bets SET status = 'REFUNDED', refund_reason = $3, version = version + 1, \
              updated_at = now() \
@@ -510,18 +510,8 @@ pub async fn refund_round_bets(
     .fetch_all(conn)
     .await?
     .into_iter()
-    .map(note)
+    .map(BetNote::from)
     .collect())
-}
-
-/// A changed bet as a change note.
-fn note((user_id, bet_id, round_id, version): (i64, Uuid, String, i64)) -> BetNote {
-    BetNote {
-        user_id,
-        bet_id,
-        round_id,
-        version: Some(version),
-    }
 }
 
 impl BetRow {

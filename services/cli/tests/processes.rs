@@ -43,14 +43,6 @@ fn worker(app: &TestApp, database_url: &str) -> Child {
         .expect("start a worker process")
 }
 
-async fn count(app: &TestApp, status: &str) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM bets WHERE status = $1")
-        .bind(status)
-        .fetch_one(&app.pool)
-        .await
-        .expect("count")
-}
-
 async fn wait_until(what: &str, mut check: impl AsyncFnMut() -> bool) {
     for _ in 0..600 {
         if check().await {
@@ -83,7 +75,7 @@ async fn workers_killed_with_sigkill_lose_nothing() {
     }
     // Kill the first worker while it is matching.
     wait_until("some bets are matched", async || {
-        count(&app, "MATCHED").await > 0
+        app.count_bets("MATCHED").await > 0
     })
     .await;
     first.kill().expect("SIGKILL");
@@ -91,7 +83,7 @@ async fn workers_killed_with_sigkill_lose_nothing() {
 
     let mut second = worker(&app, &url);
     wait_until("every bet is matched", async || {
-        count(&app, "MATCHED").await == 2 * PAIRS
+        app.count_bets("MATCHED").await == 2 * PAIRS
     })
     .await;
     app.settle_round("chaos", pb::Side::B)
@@ -99,7 +91,7 @@ async fn workers_killed_with_sigkill_lose_nothing() {
         .expect("settle");
     // Kill the second while it is paying.
     wait_until("some bets are settled", async || {
-        count(&app, "SETTLED").await > 0
+        app.count_bets("SETTLED").await > 0
     })
     .await;
     second.kill().expect("SIGKILL");
@@ -107,7 +99,7 @@ async fn workers_killed_with_sigkill_lose_nothing() {
 
     let mut third = worker(&app, &url);
     wait_until("every bet is settled", async || {
-        count(&app, "SETTLED").await == 2 * PAIRS
+        app.count_bets("SETTLED").await == 2 * PAIRS
     })
     .await;
     let round = app.wait_for_round_done("chaos").await;

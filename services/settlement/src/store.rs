@@ -316,14 +316,7 @@ impl RoundStore {
         tx.commit().await?;
         Ok(bets
             .into_iter()
-            .map(
-                |(user_id, bet_id, round_id, version)| betting_streams::BetNote {
-                    user_id,
-                    bet_id,
-                    round_id,
-                    version: Some(version),
-                },
-            )
+            .map(betting_streams::BetNote::from)
             .collect())
     }
 

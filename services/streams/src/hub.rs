@@ -340,15 +340,7 @@ impl Hub {
         .fetch_all(&self.inner.pool)
         .await?;
         Ok(Changes {
-            bets: bets
-                .into_iter()
-                .map(|(user_id, bet_id, round_id, version)| BetNote {
-                    user_id,
-                    bet_id,
-                    round_id,
-                    version: Some(version),
-                })
-                .collect(),
+            bets: bets.into_iter().map(BetNote::from).collect(),
             rounds,
         })
     }

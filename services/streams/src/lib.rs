@@ -41,6 +41,18 @@ pub struct BetNote {
     pub version: Option<i64>,
 }
 
+impl From<(i64, Uuid, String, i64)> for BetNote {
+    /// From a `RETURNING user_id, bet_id, round_id, version` row.
+    fn from((user_id, bet_id, round_id, version): (i64, Uuid, String, i64)) -> Self {
+        Self {
+            user_id,
+            bet_id,
+            round_id,
+            version: Some(version),
+        }
+    }
+}
+
 /// One message on the channel: what changed in one transaction.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Changes {

@@ -1,62 +1,27 @@
 //! Redis losing everything in the middle of a run.
 
-use std::{net::TcpListener, process::Stdio, time::Duration};
+use std::time::Duration;
 
 use betting_api::pb;
 use fred::prelude::ClientLike;
 
-use crate::helpers::{TestApp, dec, fresh_database, settings};
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
-async fn count(app: &TestApp, status: &str) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM bets WHERE status = $1")
-        .bind(status)
-        .fetch_one(&app.pool)
-        .await
-        .expect("count")
-}
+use crate::helpers::{TestApp, TestRedis, dec, fresh_database, settings};
 
 async fn wait_until(app: &TestApp, status: &str, n: i64) {
     for _ in 0..400 {
-        if count(app, status).await == n {
+        if app.count_bets(status).await == n {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("never {n} bets {status}: {}", count(app, status).await);
+    panic!("never {n} bets {status}: {}", app.count_bets(status).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn flushall_mid_run_delays_work_but_loses_none() {
     // A Redis of our own: FLUSHALL must not hit the other tests.
-    let port = free_port();
-    let dir = std::env::temp_dir().join(format!("redis-flush-{port}"));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let mut redis_server = std::process::Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .arg("--dir")
-        .arg(&dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("redis-server is installed by deploy/local/test");
-    let redis_url = format!("redis://127.0.0.1:{port}");
+    let redis = TestRedis::start();
+    let redis_url = redis.url();
     let url = fresh_database().await;
     let mut s = settings(&url, &redis_url);
     s.reconcile_interval_ms = 200;
@@ -99,7 +64,4 @@ async fn flushall_mid_run_delays_work_but_loses_none() {
     assert_eq!(app.balance(2).await, dec("400"));
     app.assert_books_balanced().await;
     app.assert_audit_clean().await;
-    redis_server.kill().expect("stop redis");
-    let _ = redis_server.wait();
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1,6 +1,6 @@
 //! Health and reflection, and what clients see while a store is down.
 
-use std::{net::TcpListener, process::Stdio, time::Duration};
+use std::time::Duration;
 
 use betting_api::pb;
 use tonic::Code;
@@ -8,7 +8,9 @@ use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
-use crate::helpers::{TestApp, authed, expect_code, fresh_database, settings};
+use crate::helpers::{
+    TestApp, TestRedis, authed, expect_code, free_port, fresh_database, settings,
+};
 
 async fn status(app: &TestApp, service: &str) -> ServingStatus {
     let response = HealthClient::new(app.channel.clone())
@@ -29,14 +31,6 @@ async fn wait_for(app: &TestApp, want: ServingStatus) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("health never became {want:?}");
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
 }
 
 #[tokio::test]
@@ -104,42 +98,14 @@ mod tonic_reflection_client {
 
 #[tokio::test]
 async fn health_follows_redis_down_and_back() {
-    let port = free_port();
-    let dir = std::env::temp_dir().join(format!("redis-{port}"));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let start_redis = || {
-        std::process::Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .arg("--dir")
-            .arg(&dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed by deploy/local/test")
-    };
-    let mut redis = start_redis();
+    let mut redis = TestRedis::start();
     let url = fresh_database().await;
-    let app = TestApp::spawn_with(settings(&url, &format!("redis://127.0.0.1:{port}"))).await;
+    let app = TestApp::spawn_with(settings(&url, &redis.url())).await;
     wait_for(&app, ServingStatus::Serving).await;
-
-    redis.kill().expect("kill redis");
-    redis.wait().expect("reap redis");
+    redis.stop();
     wait_for(&app, ServingStatus::NotServing).await;
-
-    let mut redis = start_redis();
+    redis.restart();
     wait_for(&app, ServingStatus::Serving).await;
-    redis.kill().expect("kill redis");
-    let _ = redis.wait();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test]

@@ -482,3 +482,80 @@ impl TestApp {
             .expect("bet")
     }
 }
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// A Redis server of a test's own, for tests that stop, restart or flush it
+/// without disturbing the others. Stopped and removed on drop.
+pub struct TestRedis {
+    port: u16,
+    dir: std::path::PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl TestRedis {
+    pub fn start() -> Self {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("betting-test-redis-{port}"));
+        std::fs::create_dir_all(&dir).expect("redis dir");
+        let mut redis = Self {
+            port,
+            dir,
+            child: None,
+        };
+        redis.restart();
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills it (SIGKILL: no chance to save anything, not that it would).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("kill redis");
+            child.wait().expect("reap redis");
+        }
+    }
+
+    /// Starts it again, empty, on the same port.
+    pub fn restart(&mut self) {
+        self.stop();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is installed by deploy/local/test");
+        self.child = Some(child);
+    }
+}
+
+impl Drop for TestRedis {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl TestApp {
+    /// How many bets are in `status`.
+    pub async fn count_bets(&self, status: &str) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM bets WHERE status = $1")
+            .bind(status)
+            .fetch_one(&self.pool)
+            .await
+            .expect("count bets")
+    }
+}

@@ -1,12 +1,12 @@
 //! WatchBets and WatchRound: live, across instances, resumable, bounded.
 
-use std::{net::TcpListener, process::Stdio, time::Duration};
+use std::time::Duration;
 
 use betting_api::pb::{self, WatchEventType};
 use betting_auth::{Claims, Role, TokenMinter};
 use tonic::{Code, Streaming};
 
-use crate::helpers::{SECRET, TestApp, authed, fresh_database, settings};
+use crate::helpers::{SECRET, TestApp, TestRedis, authed, fresh_database, settings};
 
 type Events = Streaming<pb::WatchBetsResponse>;
 
@@ -431,41 +431,11 @@ async fn a_thousand_concurrent_streams() {
     assert_eq!(hub.stream_count(), 0, "closed streams are unregistered");
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_redis_restart_mid_stream_heals() {
-    let port = free_port();
-    let dir = std::env::temp_dir().join(format!("redis-stream-{port}"));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let start = || {
-        std::process::Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .arg("--dir")
-            .arg(&dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server")
-    };
-    let mut redis = start();
+    let mut redis = TestRedis::start();
     let url = fresh_database().await;
-    let mut s = settings(&url, &format!("redis://127.0.0.1:{port}"));
+    let mut s = settings(&url, &redis.url());
     s.roles = vec![
         betting_config::Role::Wallet,
         betting_config::Role::Betting,
@@ -479,13 +449,12 @@ async fn a_redis_restart_mid_stream_heals() {
     let first = app.place_ok(1, "rr", pb::Side::A, "1").await;
     until(&mut events, |b| b.bet_id == first.bet_id).await;
 
-    redis.kill().expect("kill redis");
-    redis.wait().expect("reap");
+    redis.stop();
     // Redis is gone: bets still work (PostgreSQL is the truth), notes are lost...
     let during = app.place_ok(1, "rr", pb::Side::A, "2").await;
     // ...but the stream still delivers it, and heals when Redis is back.
     until(&mut events, |b| b.bet_id == during.bet_id).await;
-    let mut redis = start();
+    redis.restart();
     let mut resynced = false;
     for _ in 0..200 {
         let event = next(&mut events).await;
@@ -500,9 +469,6 @@ async fn a_redis_restart_mid_stream_heals() {
     );
     let after = app.place_ok(1, "rr", pb::Side::A, "3").await;
     until(&mut events, |b| b.bet_id == after.bet_id).await;
-    redis.kill().expect("kill redis");
-    let _ = redis.wait();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
