@@ -64,6 +64,39 @@ async fn snapshot_and_cursor(events: &mut Events) -> (Vec<pb::Bet>, String) {
     }
 }
 
+/// A player token that expires `secs` from now.
+fn expiring_token(user: i64, secs: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    TokenMinter::new(SECRET.as_bytes(), None, None)
+        .mint_claims(&Claims {
+            sub: user.to_string(),
+            role: Role::Player,
+            iat: now,
+            exp: now + secs,
+            iss: None,
+            aud: None,
+        })
+        .expect("mint")
+}
+
+/// Reads until the stream ends with a status, within 10 s.
+async fn end_status(events: &mut Events) -> tonic::Status {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match events.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("stream ended without a status"),
+                Err(status) => return status,
+            }
+        }
+    })
+    .await
+    .expect("the stream ends in time")
+}
+
 fn status(bet: &pb::Bet) -> pb::BetStatus {
     pb::BetStatus::try_from(bet.status).expect("status")
 }
@@ -250,20 +283,8 @@ async fn heartbeats_keep_idle_streams_alive() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_expired_token_ends_the_stream_with_unauthenticated() {
     let app = TestApp::spawn().await;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_secs();
-    let token = TokenMinter::new(SECRET.as_bytes(), None, None)
-        .mint_claims(&Claims {
-            sub: "1".into(),
-            role: Role::Player,
-            iat: now,
-            exp: now + 2,
-            iss: None,
-            aud: None,
-        })
-        .expect("mint");
+    // A token that expires in two seconds ends the stream by itself.
+    let token = expiring_token(1, 2);
     let mut events = app
         .bets()
         .watch_bets(authed(pb::WatchBetsRequest::default(), &token))
@@ -271,17 +292,7 @@ async fn an_expired_token_ends_the_stream_with_unauthenticated() {
         .expect("watch")
         .into_inner();
     snapshot(&mut events).await;
-    let ended = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match events.message().await {
-                Ok(Some(_)) => continue,
-                Ok(None) => panic!("stream ended without a status"),
-                Err(status) => return status,
-            }
-        }
-    })
-    .await
-    .expect("the stream ends when the token expires");
+    let ended = end_status(&mut events).await;
     assert_eq!(ended.code(), Code::Unauthenticated);
 }
 
@@ -291,17 +302,7 @@ async fn shutdown_ends_streams_with_unavailable() {
     let mut events = watch(&app, 1, vec![], "").await;
     snapshot(&mut events).await;
     let stopping = tokio::spawn(app.stop());
-    let ended = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match events.message().await {
-                Ok(Some(_)) => continue,
-                Ok(None) => panic!("stream ended without a status"),
-                Err(status) => return status,
-            }
-        }
-    })
-    .await
-    .expect("the stream ends at shutdown");
+    let ended = end_status(&mut events).await;
     assert_eq!(ended.code(), Code::Unavailable);
     stopping.await.expect("stopped");
 }
@@ -481,21 +482,8 @@ async fn browsers_can_watch_over_grpc_web() {
         panic!("buf is installed by deploy/local/test");
     }
     let app = TestApp::spawn().await;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_secs();
     // A token that expires in two seconds ends the stream by itself.
-    let token = TokenMinter::new(SECRET.as_bytes(), None, None)
-        .mint_claims(&Claims {
-            sub: "1".into(),
-            role: Role::Player,
-            iat: now,
-            exp: now + 2,
-            iss: None,
-            aud: None,
-        })
-        .expect("mint");
+    let token = expiring_token(1, 2);
     let url = format!(
         "http://{}/betting.v1.BettingService/WatchBets",
         app.channel_addr()
