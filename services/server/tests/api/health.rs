@@ -150,3 +150,23 @@ async fn shutdown_is_graceful() {
         .await
         .expect("the server stops within its grace period");
 }
+
+#[tokio::test]
+async fn prometheus_metrics_are_served() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::spawn().await;
+    app.deposit(1, "5").await;
+    app.open_round("m").await;
+    app.place_ok(1, "m", pb::Side::A, "1").await;
+    let mut stream = tokio::net::TcpStream::connect(app.metrics_addr)
+        .await
+        .expect("connect");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await
+        .expect("request");
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await.expect("response");
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    assert!(body.contains("queue_jobs_enqueued_total"), "{body}");
+}

@@ -93,6 +93,7 @@ pub struct TestApp {
     pub channel: Channel,
     pub betting: Option<BettingService>,
     pub addr: std::net::SocketAddr,
+    pub metrics_addr: std::net::SocketAddr,
     pub queues: betting_server::Queues,
     pub hub: Option<betting_streams::Hub>,
     pub namespace: String,
@@ -143,6 +144,7 @@ impl TestApp {
             .await
             .expect("build application");
         let addr = app.local_addr();
+        let metrics_addr = app.metrics_addr();
         let betting = app.betting().cloned();
         let queues = app.queues().clone();
         let hub = app.hub().cloned();
@@ -157,6 +159,7 @@ impl TestApp {
             .expect("connect to the test server");
         Self {
             addr,
+            metrics_addr,
             pool: PgPool::connect_lazy(&url).expect("pool"),
             channel,
             betting,
