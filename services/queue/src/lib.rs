@@ -434,8 +434,16 @@ impl Queue {
                         self.keys.consumers.clone(),
                         self.active(&consumer),
                         self.keys.wait.clone(),
+                        self.keys.jobs.clone(),
+                        self.keys.dead.clone(),
+                        self.keys.dead_order.clone(),
+                        self.keys.stats.clone(),
                     ],
-                    vec![consumer.clone(), now.to_string()],
+                    vec![
+                        consumer.clone(),
+                        now.to_string(),
+                        self.settings.max_attempts.to_string(),
+                    ],
                 )
                 .await?;
             if n > 0 {

@@ -68,17 +68,37 @@ end
 return #ids
 "#;
 
-/// KEYS: consumers, active (of the consumer), wait. ARGV: consumer, now_ms.
+/// KEYS: consumers, active (of the consumer), wait, jobs, dead, dead_order, stats.
+/// ARGV: consumer, now_ms, max_attempts.
 /// If the consumer's lease has expired, returns every job it held to the front
-/// of the wait list and forgets the consumer. Returns how many jobs moved.
+/// of the wait list and forgets the consumer. A job whose consumer died counts
+/// an attempt, so a job that kills every worker that runs it ends up dead
+/// rather than cycling forever. Returns how many jobs moved.
 pub const REAP: &str = r#"
 local deadline = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if not deadline or tonumber(deadline) > tonumber(ARGV[2]) then return -1 end
 local moved = 0
 while true do
-  local id = redis.call('LMOVE', KEYS[2], KEYS[3], 'LEFT', 'RIGHT')
+  local id = redis.call('LPOP', KEYS[2])
   if not id then break end
   moved = moved + 1
+  local raw = redis.call('HGET', KEYS[4], id)
+  if raw then
+    local job = cjson.decode(raw)
+    job.attempts = (job.attempts or 0) + 1
+    job.last_error = 'its consumer died while running it'
+    if job.attempts >= tonumber(ARGV[3]) then
+      job.failed_at_ms = tonumber(ARGV[2])
+      redis.call('HDEL', KEYS[4], id)
+      redis.call('HSET', KEYS[5], id, cjson.encode(job))
+      redis.call('LREM', KEYS[6], 0, id)
+      redis.call('LPUSH', KEYS[6], id)
+      redis.call('HINCRBY', KEYS[7], 'dead', 1)
+    else
+      redis.call('HSET', KEYS[4], id, cjson.encode(job))
+      redis.call('RPUSH', KEYS[3], id)
+    end
+  end
 end
 redis.call('ZREM', KEYS[1], ARGV[1])
 return moved

@@ -161,6 +161,11 @@ async fn jobs_of_a_consumer_that_died_mid_job_are_reaped_and_run() {
     );
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(q.reap_expired().await.expect("reap"), 1);
+    let reaped = q.job("orphan").await.expect("job").expect("still known");
+    assert_eq!(
+        reaped.attempts, 1,
+        "a consumer dying mid-job counts an attempt"
+    );
 
     // A live worker now runs it to completion.
     struct Count(AtomicU32);
@@ -236,5 +241,39 @@ async fn a_stopping_worker_hands_back_what_it_could_not_finish() {
         (stats.waiting, stats.in_flight, stats.consumers),
         (1, 0, 0),
         "{stats:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_job_that_kills_every_consumer_ends_in_the_dead_letter_list() {
+    let q = queue(quick());
+    wait_connected(&q).await;
+    let blocking = betting_queue::connect(&redis_url()).expect("redis");
+    wait_client(&blocking).await;
+    q.enqueue("poison", serde_json::json!({}))
+        .await
+        .expect("enqueue");
+    // Three consumers in a row take it and die (max_attempts is 3).
+    for n in 0..3 {
+        let consumer = format!("doomed-{n}");
+        q.heartbeat(&consumer).await.expect("heartbeat");
+        q.fetch(&blocking, &consumer, Duration::from_secs(1))
+            .await
+            .expect("fetch")
+            .expect("the poison job");
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        assert_eq!(q.reap_expired().await.expect("reap"), 1);
+    }
+    let stats = q.stats().await.expect("stats");
+    assert_eq!(
+        (stats.waiting, stats.in_flight, stats.dead),
+        (0, 0, 1),
+        "{stats:?}"
+    );
+    let dead = q.dead(10).await.expect("dead");
+    assert_eq!(dead[0].attempts, 3);
+    assert_eq!(
+        dead[0].last_error.as_deref(),
+        Some("its consumer died while running it")
     );
 }
