@@ -1,3 +1,7 @@
+//! Benchmarks against a running suite.
+//!
+//! `betting bench place`: PlaceBet throughput and latency from many clients.
+//!
 //! `betting bench streams`: how fast bet changes reach live streams.
 //!
 //! Against a running suite: opens N WatchBets streams (one user each, many
@@ -256,5 +260,141 @@ pub async fn streams(args: BenchArgs) -> anyhow::Result<()> {
             (open.saturating_sub(before)) as f64 / ready.max(1) as f64
         );
     }
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct PlaceArgs {
+    /// The suite to measure.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    target: String,
+    /// Concurrent clients, each betting for a user of its own.
+    #[arg(long, default_value_t = 64)]
+    clients: usize,
+    /// Seconds to run.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// HTTP/2 connections the clients share.
+    #[arg(long, default_value_t = 8)]
+    connections: usize,
+    /// First user id used.
+    #[arg(long, default_value_t = 5_000_000)]
+    first_user: i64,
+    #[arg(long, env = "BETTING_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: betting_config::Secret,
+}
+
+/// `betting bench place`: closed-loop clients, each placing bets back to back.
+pub async fn place(args: PlaceArgs) -> anyhow::Result<()> {
+    let minter = TokenMinter::new(args.jwt_secret.expose().as_bytes(), None, None);
+    let ttl = Duration::from_secs(3600);
+    let backend = minter
+        .mint(0, Role::Backend, ttl)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut channels = Vec::new();
+    for _ in 0..args.connections.max(1) {
+        channels.push(
+            Channel::from_shared(args.target.clone())?
+                .connect()
+                .await
+                .context("cannot reach the suite")?,
+        );
+    }
+    let round = format!("bench-place-{}", uuid::Uuid::now_v7().simple());
+    SettlementServiceClient::new(channels[0].clone())
+        .open_round(authed(
+            pb::OpenRoundRequest {
+                round_id: round.clone(),
+            },
+            &backend,
+        )?)
+        .await?;
+    let users: Vec<i64> = (0..args.clients as i64)
+        .map(|i| args.first_user + i)
+        .collect();
+    for user in &users {
+        WalletServiceClient::new(channels[0].clone())
+            .deposit(authed(
+                pb::DepositRequest {
+                    user_id: *user,
+                    amount: "1000000".into(),
+                    idempotency_key: format!("bench-{}", uuid::Uuid::now_v7()),
+                    reference: "bench".into(),
+                },
+                &backend,
+            )?)
+            .await?;
+    }
+    println!(
+        "{} clients placing bets for {} s",
+        users.len(),
+        args.seconds
+    );
+    let deadline = Instant::now() + Duration::from_secs(args.seconds);
+    let mut clients = tokio::task::JoinSet::new();
+    for (i, user) in users.iter().copied().enumerate() {
+        let channel = channels[i % channels.len()].clone();
+        let token = minter
+            .mint(user, Role::Player, ttl)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let round = round.clone();
+        clients.spawn(async move {
+            let mut client = BettingServiceClient::new(channel);
+            let mut latencies = Vec::new();
+            let mut failures = 0_u64;
+            let mut n = 0_u64;
+            while Instant::now() < deadline {
+                n += 1;
+                let side = if (i + n as usize).is_multiple_of(2) {
+                    pb::Side::A
+                } else {
+                    pb::Side::B
+                };
+                let Ok(request) = authed(
+                    pb::PlaceBetRequest {
+                        round_id: round.clone(),
+                        side: side as i32,
+                        amount: "1".into(),
+                        idempotency_key: format!("p-{n}"),
+                    },
+                    &token,
+                ) else {
+                    break;
+                };
+                let started = Instant::now();
+                match client.place_bet(request).await {
+                    Ok(_) => latencies.push(started.elapsed().as_secs_f64() * 1000.0),
+                    Err(_) => failures += 1,
+                }
+            }
+            (latencies, failures)
+        });
+    }
+    let started = Instant::now();
+    let mut all = Vec::new();
+    let mut failures = 0;
+    while let Some(done) = clients.join_next().await {
+        let (latencies, failed) = done?;
+        all.extend(latencies);
+        failures += failed;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort_by(f64::total_cmp);
+    println!();
+    println!(
+        "bets placed     {} ({failures} failed) in {elapsed:.1} s",
+        all.len()
+    );
+    println!(
+        "throughput      {:.0} PlaceBet/s",
+        all.len() as f64 / elapsed
+    );
+    println!(
+        "latency         p50 {:.1} ms   p90 {:.1} ms   p99 {:.1} ms   max {:.1} ms",
+        percentile(&all, 50.0),
+        percentile(&all, 90.0),
+        percentile(&all, 99.0),
+        all.last().copied().unwrap_or(f64::NAN)
+    );
     Ok(())
 }

@@ -50,6 +50,8 @@ struct BenchCommand {
 enum BenchKind {
     /// Live stream delivery latency and memory per stream.
     Streams(bench::BenchArgs),
+    /// PlaceBet throughput and latency.
+    Place(bench::PlaceArgs),
 }
 
 #[derive(clap::Args)]
@@ -125,6 +127,9 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand {
             command: BenchKind::Streams(args),
         }) => runtime().and_then(|rt| rt.block_on(bench::streams(args))),
+        Command::Bench(BenchCommand {
+            command: BenchKind::Place(args),
+        }) => runtime().and_then(|rt| rt.block_on(bench::place(args))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
