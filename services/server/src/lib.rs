@@ -283,10 +283,6 @@ impl Application {
         self.metrics_addr
     }
 
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
-    }
-
     /// The betting service, when this process runs the betting role.
     pub fn betting(&self) -> Option<&BettingService> {
         self.betting.as_ref()

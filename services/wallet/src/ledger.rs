@@ -102,10 +102,6 @@ impl Ledger {
         Self { pool }
     }
 
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
-    }
-
     /// Posts a movement exactly once per idempotency key.
     ///
     /// A retry with the same key and payload gets the original entry back; the
@@ -222,18 +218,6 @@ impl Ledger {
             " FROM ledger_entries WHERE idempotency_key = $1"
         ))
         .bind(key)
-        .fetch_optional(&self.pool)
-        .await?)
-    }
-
-    /// The stake held for a bet, if any.
-    pub async fn find_stake(&self, bet_reference: &str) -> Result<Option<Entry>, WalletError> {
-        Ok(sqlx::query_as(concat!(
-            "SELECT ",
-            entry_columns!(),
-            " FROM ledger_entries WHERE reference = $1 AND kind = 'STAKE'"
-        ))
-        .bind(bet_reference)
         .fetch_optional(&self.pool)
         .await?)
     }

@@ -31,10 +31,6 @@ impl WalletService {
         }
     }
 
-    pub fn ledger(&self) -> &Ledger {
-        &self.ledger
-    }
-
     /// The tonic service, behind the bearer-token check.
     pub fn into_server(
         self,
