@@ -77,46 +77,43 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.min(sorted.len() - 1)]
 }
 
-pub async fn streams(args: BenchArgs) -> anyhow::Result<()> {
-    let minter = TokenMinter::new(args.jwt_secret.expose().as_bytes(), None, None);
-    let ttl = Duration::from_secs(3600);
-    let backend = minter
-        .mint(0, Role::Backend, ttl)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let connect = || async {
-        Channel::from_shared(args.target.clone())?
-            .connect()
-            .await
-            .context("cannot reach the suite")
-    };
-    let control = connect().await?;
-    let round = format!("bench-{}", uuid::Uuid::now_v7().simple());
-    SettlementServiceClient::new(control.clone())
+async fn connect(target: &str) -> anyhow::Result<Channel> {
+    Channel::from_shared(target.to_owned())?
+        .connect()
+        .await
+        .context("cannot reach the suite")
+}
+
+/// Opens a round of the benchmark's own.
+async fn open_round(channel: &Channel, backend: &str, prefix: &str) -> anyhow::Result<String> {
+    let round = format!("{prefix}-{}", uuid::Uuid::now_v7().simple());
+    SettlementServiceClient::new(channel.clone())
         .open_round(authed(
             pb::OpenRoundRequest {
                 round_id: round.clone(),
             },
-            &backend,
+            backend,
         )?)
         .await?;
-    let users: Vec<i64> = (0..args.streams as i64)
-        .map(|i| args.first_user + i)
-        .collect();
+    Ok(round)
+}
+
+/// Deposits `amount` into every user's wallet, 32 at a time.
+async fn fund(channel: &Channel, backend: &str, users: &[i64], amount: &str) -> anyhow::Result<()> {
     println!("funding {} users", users.len());
     stream::iter(users.iter().copied())
         .map(|user| {
-            let mut wallet = WalletServiceClient::new(control.clone());
-            let backend = backend.clone();
+            let mut wallet = WalletServiceClient::new(channel.clone());
             async move {
                 wallet
                     .deposit(authed(
                         pb::DepositRequest {
                             user_id: user,
-                            amount: "1000".into(),
+                            amount: amount.into(),
                             idempotency_key: format!("bench-{}", uuid::Uuid::now_v7()),
                             reference: "bench".into(),
                         },
-                        &backend,
+                        backend,
                     )?)
                     .await?;
                 anyhow::Ok(())
@@ -127,13 +124,39 @@ pub async fn streams(args: BenchArgs) -> anyhow::Result<()> {
         .await
         .into_iter()
         .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(())
+}
+
+/// Prints p50/p90/p99/max of sorted milliseconds.
+fn print_latency(label: &str, sorted: &[f64]) {
+    println!(
+        "{label:<20}p50 {:.1} ms   p90 {:.1} ms   p99 {:.1} ms   max {:.1} ms",
+        percentile(sorted, 50.0),
+        percentile(sorted, 90.0),
+        percentile(sorted, 99.0),
+        sorted.last().copied().unwrap_or(f64::NAN)
+    );
+}
+
+pub async fn streams(args: BenchArgs) -> anyhow::Result<()> {
+    let minter = TokenMinter::new(args.jwt_secret.expose().as_bytes(), None, None);
+    let ttl = Duration::from_secs(3600);
+    let backend = minter
+        .mint(0, Role::Backend, ttl)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let control = connect(&args.target).await?;
+    let round = open_round(&control, &backend, "bench").await?;
+    let users: Vec<i64> = (0..args.streams as i64)
+        .map(|i| args.first_user + i)
+        .collect();
+    fund(&control, &backend, &users, "1000").await?;
 
     let rss_before = args.server_pid.and_then(rss_kib);
     println!("opening {} streams", users.len());
     let connections = users.len().div_ceil(args.streams_per_connection.max(1));
     let mut channels = Vec::with_capacity(connections);
     for _ in 0..connections {
-        channels.push(connect().await?);
+        channels.push(connect(&args.target).await?);
     }
     let latencies: Arc<Mutex<Vec<f64>>> = Arc::default();
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(users.len());
@@ -245,13 +268,7 @@ pub async fn streams(args: BenchArgs) -> anyhow::Result<()> {
         (args.bets - failures) as f64 / driven.as_secs_f64()
     );
     println!("change events       {}", all.len());
-    println!(
-        "delivery latency    p50 {:.1} ms   p90 {:.1} ms   p99 {:.1} ms   max {:.1} ms",
-        percentile(&all, 50.0),
-        percentile(&all, 90.0),
-        percentile(&all, 99.0),
-        all.last().copied().unwrap_or(f64::NAN)
-    );
+    print_latency("delivery latency", &all);
     if let (Some(before), Some(open)) = (rss_before, rss_open) {
         println!(
             "server memory       {} KiB before, {} KiB with streams open: {:.1} KiB per stream",
@@ -293,38 +310,13 @@ pub async fn place(args: PlaceArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut channels = Vec::new();
     for _ in 0..args.connections.max(1) {
-        channels.push(
-            Channel::from_shared(args.target.clone())?
-                .connect()
-                .await
-                .context("cannot reach the suite")?,
-        );
+        channels.push(connect(&args.target).await?);
     }
-    let round = format!("bench-place-{}", uuid::Uuid::now_v7().simple());
-    SettlementServiceClient::new(channels[0].clone())
-        .open_round(authed(
-            pb::OpenRoundRequest {
-                round_id: round.clone(),
-            },
-            &backend,
-        )?)
-        .await?;
+    let round = open_round(&channels[0], &backend, "bench-place").await?;
     let users: Vec<i64> = (0..args.clients as i64)
         .map(|i| args.first_user + i)
         .collect();
-    for user in &users {
-        WalletServiceClient::new(channels[0].clone())
-            .deposit(authed(
-                pb::DepositRequest {
-                    user_id: *user,
-                    amount: "1000000".into(),
-                    idempotency_key: format!("bench-{}", uuid::Uuid::now_v7()),
-                    reference: "bench".into(),
-                },
-                &backend,
-            )?)
-            .await?;
-    }
+    fund(&channels[0], &backend, &users, "1000000").await?;
     println!(
         "{} clients placing bets for {} s",
         users.len(),
@@ -382,19 +374,13 @@ pub async fn place(args: PlaceArgs) -> anyhow::Result<()> {
     all.sort_by(f64::total_cmp);
     println!();
     println!(
-        "bets placed     {} ({failures} failed) in {elapsed:.1} s",
+        "bets placed         {} ({failures} failed) in {elapsed:.1} s",
         all.len()
     );
     println!(
-        "throughput      {:.0} PlaceBet/s",
+        "throughput          {:.0} PlaceBet/s",
         all.len() as f64 / elapsed
     );
-    println!(
-        "latency         p50 {:.1} ms   p90 {:.1} ms   p99 {:.1} ms   max {:.1} ms",
-        percentile(&all, 50.0),
-        percentile(&all, 90.0),
-        percentile(&all, 99.0),
-        all.last().copied().unwrap_or(f64::NAN)
-    );
+    print_latency("latency", &all);
     Ok(())
 }

@@ -36,6 +36,15 @@ fn quick() -> QueueSettings {
     }
 }
 
+/// A fresh queue and a connected client of its own for BLMOVE.
+async fn setup() -> (Queue, fred::prelude::Client) {
+    let q = queue(quick());
+    wait_connected(&q).await;
+    let blocking = betting_queue::connect(&redis_url()).expect("redis");
+    wait_client(&blocking).await;
+    (q, blocking)
+}
+
 async fn wait_connected(q: &Queue) {
     wait_client(q.client()).await;
 }
@@ -52,10 +61,7 @@ async fn wait_client(client: &fred::prelude::Client) {
 
 #[tokio::test]
 async fn dedupes_while_live_and_frees_the_id_once_done() {
-    let q = queue(quick());
-    wait_connected(&q).await;
-    let blocking = betting_queue::connect(&redis_url()).expect("redis");
-    wait_client(&blocking).await;
+    let (q, blocking) = setup().await;
     assert!(
         q.enqueue("job-1", serde_json::json!({"n": "1"}))
             .await
@@ -91,10 +97,7 @@ async fn dedupes_while_live_and_frees_the_id_once_done() {
 
 #[tokio::test]
 async fn failures_back_off_then_go_to_the_dead_letter_list_and_can_be_retried() {
-    let q = queue(quick());
-    wait_connected(&q).await;
-    let blocking = betting_queue::connect(&redis_url()).expect("redis");
-    wait_client(&blocking).await;
+    let (q, blocking) = setup().await;
     q.enqueue("doomed", serde_json::json!({}))
         .await
         .expect("enqueue");
@@ -139,10 +142,7 @@ async fn failures_back_off_then_go_to_the_dead_letter_list_and_can_be_retried() 
 
 #[tokio::test]
 async fn jobs_of_a_consumer_that_died_mid_job_are_reaped_and_run() {
-    let q = queue(quick());
-    wait_connected(&q).await;
-    let blocking = betting_queue::connect(&redis_url()).expect("redis");
-    wait_client(&blocking).await;
+    let (q, blocking) = setup().await;
     q.enqueue("orphan", serde_json::json!({}))
         .await
         .expect("enqueue");
@@ -246,10 +246,7 @@ async fn a_stopping_worker_hands_back_what_it_could_not_finish() {
 
 #[tokio::test]
 async fn a_job_that_kills_every_consumer_ends_in_the_dead_letter_list() {
-    let q = queue(quick());
-    wait_connected(&q).await;
-    let blocking = betting_queue::connect(&redis_url()).expect("redis");
-    wait_client(&blocking).await;
+    let (q, blocking) = setup().await;
     q.enqueue("poison", serde_json::json!({}))
         .await
         .expect("enqueue");
