@@ -10,8 +10,12 @@
 //!
 //! Pairing is greedy, oldest first: each bet takes the oldest unmatched
 //! opposite bet of another user. After it, no opposite pair of different users
-//! is left unmatched in the group (if X and a later Y were both left, Y would
-//! have taken X). Matching moves no money.
+//! is left unmatched in the batch (if X and a later Y were both left, Y would
+//! have taken X). Batches are bounded, with at most `PER_USER` bets of one user
+//! per side, so every user with a bet on a side is represented in a batch as
+//! long as there are fewer than BATCH/PER_USER such users, and at least two
+//! users are whenever two exist: a batch that pairs nothing therefore proves
+//! that no matchable pair exists in the group. Matching moves no money.
 
 use betting_domain::{BetStatus, RoundStatus, Side};
 use rust_decimal::Decimal;
@@ -22,6 +26,10 @@ use crate::BettingError;
 
 /// Bets read per side per batch.
 const BATCH: i64 = 500;
+/// At most this many of one user's bets per side per batch, so that one user
+/// with many bets (who cannot be matched with themselves) never crowds the
+/// others out of a batch. Must be below `BATCH`.
+const PER_USER: i64 = 50;
 
 /// A PENDING bet as the matcher sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +68,8 @@ pub fn pair_oldest_first(candidates: &[Candidate]) -> Vec<(Uuid, Uuid)> {
 pub struct Matcher {
     pool: PgPool,
     publisher: Option<betting_streams::Publisher>,
+    batch: i64,
+    per_user: i64,
 }
 
 impl Matcher {
@@ -67,7 +77,17 @@ impl Matcher {
         Self {
             pool,
             publisher: None,
+            batch: BATCH,
+            per_user: PER_USER,
         }
+    }
+
+    /// Smaller batches, for tests of the batch boundaries. `per_user` must be
+    /// below `batch` (then a batch that pairs nothing proves no pair exists).
+    pub fn with_batch(mut self, batch: i64, per_user: i64) -> Self {
+        self.batch = batch.max(2);
+        self.per_user = per_user.clamp(1, self.batch - 1);
+        self
     }
 
     /// Announces matches to live streams.
@@ -122,14 +142,21 @@ impl Matcher {
         for side in [Side::A, Side::B] {
             rows.extend(
                 sqlx::query_as::<_, (chrono::DateTime<chrono::Utc>, Uuid, i64, String)>(
-                    "SELECT created_at, bet_id, user_id, side FROM bets \
-                     WHERE round_id = $1 AND amount = $2 AND status = 'PENDING' AND side = $3 \
-                     ORDER BY created_at, bet_id LIMIT $4 FOR UPDATE",
+                    "SELECT created_at, bet_id, user_id, side FROM bets WHERE bet_id IN ( \
+                       SELECT bet_id FROM ( \
+                         SELECT bet_id, created_at, row_number() OVER \
+                           (PARTITION BY user_id ORDER BY created_at, bet_id) AS nth \
+                         FROM bets \
+                         WHERE round_id = $1 AND amount = $2 AND status = 'PENDING' AND side = $3 \
+                       ) ranked WHERE nth <= $5 ORDER BY created_at, bet_id LIMIT $4) \
+                     AND status = 'PENDING' \
+                     ORDER BY created_at, bet_id FOR UPDATE",
                 )
                 .bind(round)
                 .bind(amount)
                 .bind(side.as_db())
-                .bind(BATCH)
+                .bind(self.batch)
+                .bind(self.per_user)
                 .fetch_all(&mut *tx)
                 .await?,
             );

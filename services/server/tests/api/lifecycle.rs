@@ -454,3 +454,34 @@ async fn the_wallet_refuses_to_refund_a_paid_bet_or_pay_a_refunded_one() {
     assert_eq!(app.balance(1).await, dec("110"));
     app.assert_audit_clean().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_user_with_many_bets_cannot_hide_a_pair_from_the_matcher() {
+    let app = TestApp::spawn_roles(&[
+        betting_config::Role::Wallet,
+        betting_config::Role::Betting,
+        betting_config::Role::Settlement,
+    ])
+    .await;
+    app.deposit(1, "1000").await;
+    app.deposit(2, "10").await;
+    app.open_round("crowded").await;
+    // User 1 fills both sides, more than a (small) batch holds; they cannot match themselves.
+    for _ in 0..12 {
+        app.place_ok(1, "crowded", pb::Side::A, "1").await;
+        app.place_ok(1, "crowded", pb::Side::B, "1").await;
+    }
+    // The newest bet, by someone else, behind all of them.
+    let late = app.place_ok(2, "crowded", pb::Side::B, "1").await;
+    let matcher = Matcher::new(app.pool.clone()).with_batch(8, 3);
+    let made = matcher
+        .match_bet(late.bet_id.parse().expect("uuid"))
+        .await
+        .expect("match");
+    assert_eq!(made, 1);
+    assert_eq!(
+        app.bet(2, &late.bet_id).await.status,
+        pb::BetStatus::Matched as i32
+    );
+    app.assert_audit_clean().await;
+}
