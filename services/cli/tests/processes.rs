@@ -11,7 +11,6 @@ use std::{
 };
 
 use betting_api::pb;
-use betting_config::Role;
 use helpers::{SECRET, TestApp, dec, fresh_database, settings};
 
 /// Starts `betting serve --role matcher --role settler` against the app's stores.
@@ -58,7 +57,7 @@ async fn workers_killed_with_sigkill_lose_nothing() {
     let url = fresh_database().await;
     let mut s = settings(&url, &std::env::var("REDIS_URL").expect("REDIS_URL"));
     // The API in this process; every worker in child processes.
-    s.roles = vec![Role::Wallet, Role::Betting, Role::Settlement];
+    s.roles = helpers::API_ONLY.to_vec();
     let app = TestApp::spawn_with(s).await;
     const PAIRS: i64 = 40;
     for user in 1..=4 {

@@ -145,19 +145,7 @@ impl RoundStore {
         .bind(round.as_str())
         .fetch_one(&mut *tx)
         .await?;
-        let refunds = refund_round_bets(
-            &mut tx,
-            round.as_str(),
-            &[BetStatus::Pending],
-            RefundReason::RoundClosed,
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(Transition {
-            round: row,
-            changed: true,
-            refunds,
-        })
+        refund_and_commit(tx, row, &[BetStatus::Pending], RefundReason::RoundClosed).await
     }
 
     /// OPEN or CLOSED -> SETTLED with the winning side, refunding unmatched bets.
@@ -186,19 +174,7 @@ impl RoundStore {
         .bind(winner.as_db())
         .fetch_one(&mut *tx)
         .await?;
-        let refunds = refund_round_bets(
-            &mut tx,
-            round.as_str(),
-            &[BetStatus::Pending],
-            RefundReason::RoundClosed,
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(Transition {
-            round: row,
-            changed: true,
-            refunds,
-        })
+        refund_and_commit(tx, row, &[BetStatus::Pending], RefundReason::RoundClosed).await
     }
 
     /// OPEN or CLOSED -> VOIDED: every bet, matched or not, is refunded and
@@ -225,19 +201,13 @@ impl RoundStore {
             .bind(round.as_str())
             .execute(&mut *tx)
             .await?;
-        let refunds = refund_round_bets(
-            &mut tx,
-            round.as_str(),
+        refund_and_commit(
+            tx,
+            row,
             &[BetStatus::Pending, BetStatus::Matched],
             RefundReason::RoundVoided,
         )
-        .await?;
-        tx.commit().await?;
-        Ok(Transition {
-            round: row,
-            changed: true,
-            refunds,
-        })
+        .await
     }
 
     /// The unpaid matches of a round.
@@ -371,6 +341,23 @@ impl RoundStore {
         totals.outstanding_jobs = owed + if settled { open_matches } else { 0 };
         Ok(totals)
     }
+}
+
+/// Ends a transition: refunds the round's bets in `statuses` (recording the
+/// refunds owed) in the same transaction, and commits.
+async fn refund_and_commit(
+    mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
+    round: RoundRow,
+    statuses: &[BetStatus],
+    reason: RefundReason,
+) -> Result<Transition, SettlementError> {
+    let refunds = refund_round_bets(&mut tx, &round.round_id, statuses, reason).await?;
+    tx.commit().await?;
+    Ok(Transition {
+        round,
+        changed: true,
+        refunds,
+    })
 }
 
 fn unchanged(round: RoundRow) -> Transition {

@@ -3,17 +3,12 @@
 use betting_api::{IDEMPOTENT_REPLAYED, pb};
 use tonic::Code;
 
-use crate::helpers::{TestApp, authed, bad_fields, dec, expect_code, reason};
+use crate::helpers::{API_ONLY, TestApp, authed, bad_fields, dec, expect_code, reason};
 
 #[tokio::test]
 async fn place_bet_takes_the_stake_and_hands_the_bet_to_the_matcher() {
     // No matcher running: the job stays in Redis for us to see.
-    let app = TestApp::spawn_roles(&[
-        betting_config::Role::Wallet,
-        betting_config::Role::Betting,
-        betting_config::Role::Settlement,
-    ])
-    .await;
+    let app = TestApp::spawn_roles(API_ONLY).await;
     app.deposit(42, "100").await;
     app.open_round("round-1").await;
     let placed = app

@@ -2,12 +2,11 @@
 
 use betting_api::pb;
 use betting_bets::maintenance::MaintenanceSettings;
-use betting_config::Role;
 use betting_settlement::reconciler::ReconcilerSettings;
 use std::time::Duration;
 use tonic::Code;
 
-use crate::helpers::{TestApp, authed, dec, expect_code};
+use crate::helpers::{API_ONLY, TestApp, authed, dec, expect_code};
 
 async fn bet_status(app: &TestApp, key: &str) -> String {
     sqlx::query_scalar("SELECT status FROM bets WHERE idempotency_key = $1")
@@ -145,7 +144,7 @@ async fn a_bet_written_before_the_debit_is_resolved_without_money_lost() {
 #[tokio::test]
 async fn a_lost_match_job_is_re_derived_from_postgres() {
     // No matcher: the job must sit in Redis for this test to look at it.
-    let app = TestApp::spawn_roles(&[Role::Wallet, Role::Betting, Role::Settlement]).await;
+    let app = TestApp::spawn_roles(API_ONLY).await;
     app.deposit(42, "10").await;
     app.open_round("r").await;
     let bet = app

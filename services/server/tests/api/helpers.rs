@@ -108,8 +108,18 @@ impl TestApp {
         let url = fresh_database().await;
         Self::spawn_with(settings(&url, &env("REDIS_URL"))).await
     }
+}
 
-    /// Only some roles, e.g. no workers, so that a test sees jobs sit in Redis.
+/// The API roles without any worker: jobs sit in Redis for a test to look at,
+/// and matching happens only when the test runs a matcher itself.
+pub const API_ONLY: &[betting_config::Role] = &[
+    betting_config::Role::Wallet,
+    betting_config::Role::Betting,
+    betting_config::Role::Settlement,
+];
+
+impl TestApp {
+    /// Only some roles, e.g. [`API_ONLY`], so that a test sees jobs sit in Redis.
     pub async fn spawn_roles(roles: &[betting_config::Role]) -> Self {
         let url = fresh_database().await;
         let mut settings = settings(&url, &env("REDIS_URL"));

@@ -8,7 +8,7 @@ use futures::future::join_all;
 use tonic::Code;
 use uuid::Uuid;
 
-use crate::helpers::{TestApp, authed, dec, expect_code, reason};
+use crate::helpers::{API_ONLY, TestApp, authed, dec, expect_code, reason};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_whole_round_pays_winners_and_refunds_the_rest() {
@@ -200,12 +200,7 @@ async fn users_are_never_matched_against_themselves_nor_unequal_stakes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cancel_racing_the_matcher_has_exactly_one_winner() {
-    let app = TestApp::spawn_roles(&[
-        betting_config::Role::Wallet,
-        betting_config::Role::Betting,
-        betting_config::Role::Settlement,
-    ])
-    .await;
+    let app = TestApp::spawn_roles(API_ONLY).await;
     app.deposit(1, "1000").await;
     app.deposit(2, "1000").await;
     app.open_round("race").await;
@@ -259,12 +254,7 @@ async fn cancel_racing_the_matcher_has_exactly_one_winner() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_matchers_on_one_round_match_every_bet_once() {
-    let app = TestApp::spawn_roles(&[
-        betting_config::Role::Wallet,
-        betting_config::Role::Betting,
-        betting_config::Role::Settlement,
-    ])
-    .await;
+    let app = TestApp::spawn_roles(API_ONLY).await;
     for user in 1..=8 {
         app.deposit(user, "1000").await;
     }
@@ -457,12 +447,7 @@ async fn the_wallet_refuses_to_refund_a_paid_bet_or_pay_a_refunded_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_user_with_many_bets_cannot_hide_a_pair_from_the_matcher() {
-    let app = TestApp::spawn_roles(&[
-        betting_config::Role::Wallet,
-        betting_config::Role::Betting,
-        betting_config::Role::Settlement,
-    ])
-    .await;
+    let app = TestApp::spawn_roles(API_ONLY).await;
     app.deposit(1, "1000").await;
     app.deposit(2, "10").await;
     app.open_round("crowded").await;

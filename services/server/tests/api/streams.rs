@@ -6,7 +6,7 @@ use betting_api::pb::{self, WatchEventType};
 use betting_auth::{Claims, Role, TokenMinter};
 use tonic::{Code, Streaming};
 
-use crate::helpers::{SECRET, TestApp, TestRedis, authed, fresh_database, settings};
+use crate::helpers::{API_ONLY, SECRET, TestApp, TestRedis, authed, fresh_database, settings};
 
 type Events = Streaming<pb::WatchBetsResponse>;
 
@@ -150,11 +150,7 @@ async fn a_client_on_one_instance_sees_changes_made_through_another() {
     // Instance two: the betting and settlement services only, same stores.
     let mut s = settings(&url, &std::env::var("REDIS_URL").expect("REDIS_URL"));
     s.redis_namespace = one.namespace.clone();
-    s.roles = vec![
-        betting_config::Role::Wallet,
-        betting_config::Role::Betting,
-        betting_config::Role::Settlement,
-    ];
+    s.roles = API_ONLY.to_vec();
     let two = TestApp::spawn_with(s).await;
     one.deposit(1, "50").await;
     one.deposit(2, "50").await;
@@ -312,11 +308,7 @@ async fn a_client_that_never_reads_is_cut_off_and_its_memory_freed() {
     let url = fresh_database().await;
     let mut s = settings(&url, &std::env::var("REDIS_URL").expect("REDIS_URL"));
     s.stream_send_timeout_ms = 300;
-    s.roles = vec![
-        betting_config::Role::Wallet,
-        betting_config::Role::Betting,
-        betting_config::Role::Settlement,
-    ];
+    s.roles = API_ONLY.to_vec();
     let app = TestApp::spawn_with(s).await;
     let hub = app.hub.clone().expect("hub");
     app.deposit(1, "100000").await;
@@ -371,12 +363,7 @@ async fn a_client_that_never_reads_is_cut_off_and_its_memory_freed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_thousand_concurrent_streams() {
-    let app = TestApp::spawn_roles(&[
-        betting_config::Role::Wallet,
-        betting_config::Role::Betting,
-        betting_config::Role::Settlement,
-    ])
-    .await;
+    let app = TestApp::spawn_roles(API_ONLY).await;
     let hub = app.hub.clone().expect("hub");
     app.open_round("crowd").await;
     const STREAMS: i64 = 1000;
@@ -437,11 +424,7 @@ async fn a_redis_restart_mid_stream_heals() {
     let mut redis = TestRedis::start();
     let url = fresh_database().await;
     let mut s = settings(&url, &redis.url());
-    s.roles = vec![
-        betting_config::Role::Wallet,
-        betting_config::Role::Betting,
-        betting_config::Role::Settlement,
-    ];
+    s.roles = API_ONLY.to_vec();
     let app = TestApp::spawn_with(s).await;
     app.deposit(1, "100").await;
     app.open_round("rr").await;
