@@ -9,7 +9,7 @@ use betting_api::{
 };
 use betting_auth::{AuthInterceptor, Principal};
 use betting_domain::{
-    Amount, BetId, BetStatus, IdempotencyKey, RefundReason, RoundId, RoundStatus, UserId,
+    BetId, BetStatus, IdempotencyKey, RefundReason, RoundId, RoundStatus, Stake, UserId,
     Violations, format_money,
 };
 use betting_queue::Queue;
@@ -95,7 +95,7 @@ impl BettingService {
         user: UserId,
         round: RoundId,
         side: betting_domain::Side,
-        amount: Amount,
+        amount: Stake,
         key: IdempotencyKey,
     ) -> Result<Placed, BettingError> {
         let existing = match self.store.find_by_key(user, &key).await? {
@@ -114,7 +114,9 @@ impl BettingService {
             }
         };
         match existing {
-            Some(row) if row.same_request(&round, side, amount) => self.complete(row, true).await,
+            Some(row) if row.same_request(&round, side, amount.amount()) => {
+                self.complete(row, true).await
+            }
             Some(_) => Err(BettingError::IdempotencyConflict),
             None => match self.store.round_status(&round).await? {
                 None => Err(BettingError::RoundNotFound),
@@ -145,18 +147,22 @@ impl BettingService {
         let id = bet.id();
         let balance = match self.wallet.hold_stake(bet.user()?, bet.amount()?, id).await {
             Ok(balance) => balance,
+            // The rejection rule: a bet becomes REJECTED only on the wallet's
+            // INSUFFICIENT_FUNDS, which the wallet records under the stake's
+            // key (`BET:{bet_id}`) and answers to every later HoldStake of
+            // that key. It is final: no late or stale hold can take the
+            // stake afterwards, so REJECTED and "stake held" never meet.
             Err(e) if e.is_insufficient_funds() => {
                 self.store.mark_rejected(id, "INSUFFICIENT_FUNDS").await?;
                 return Err(BettingError::InsufficientFunds);
             }
+            // Any other refusal (a rotated credential, a malformed call) says
+            // nothing about an earlier attempt whose reply was lost: it may
+            // hold the stake. The bet stays PLACING; a retry or the recovery
+            // pass finishes it once the wallet answers again.
             Err(WalletCallError::Refused { reason, status }) => {
-                // The wallet refused for a reason a well-formed stake cannot
-                // have: a bug. Nothing was debited; the bet will never be.
-                self.store.mark_rejected(id, &reason).await?;
-                return Err(BettingError::Internal(anyhow::anyhow!(
-                    "wallet refused stake of bet {id}: {reason}: {}",
-                    status.message()
-                )));
+                tracing::error!(bet_id = %id, %reason, message = status.message(), "the wallet refused a stake; the bet stays PLACING");
+                return Err(BettingError::WalletUnavailable(status));
             }
             Err(WalletCallError::Unavailable(status)) => {
                 return Err(BettingError::WalletUnavailable(status));
@@ -299,7 +305,7 @@ impl BettingApi for BettingService {
             let mut v = Violations::default();
             let round = v.check("round_id", RoundId::parse(&r.round_id));
             let side = v.check("side", convert::side_from_pb(r.side));
-            let amount = v.check("amount", Amount::parse(&r.amount));
+            let amount = v.check("amount", Stake::parse(&r.amount));
             let key = v.check("idempotency_key", IdempotencyKey::parse(&r.idempotency_key));
             let (Some(round), Some(side), Some(amount), Some(key), true) =
                 (round, side, amount, key, v.is_empty())

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use betting_domain::{
     Amount, BetId, BetResult, BetStatus, IdempotencyKey, RefundReason, RoundId, RoundStatus, Side,
-    UserId,
+    Stake, UserId,
 };
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -158,7 +158,7 @@ impl BetStore {
         key: &IdempotencyKey,
         round: &RoundId,
         side: Side,
-        amount: Amount,
+        amount: Stake,
     ) -> Result<Option<BetRow>, BettingError> {
         Ok(sqlx::query_as(concat!(
             "INSERT INTO bets (bet_id, user_id, idempotency_key, round_id, side, amount, status) \

@@ -14,5 +14,5 @@ mod status;
 
 pub use error::{ErrorCode, FieldViolation, InvalidRequest, ServiceError, Violations};
 pub use ids::{BetId, IdempotencyKey, MatchId, ParseIdError, Reference, RoundId, UserId};
-pub use money::{Amount, AmountError, format_money};
+pub use money::{Amount, AmountError, Stake, format_money};
 pub use status::{Account, BetResult, BetStatus, EntryKind, RefundReason, RoundStatus, Side};

@@ -32,6 +32,8 @@ pub enum AmountError {
     NotPositive,
     #[error("must not exceed 1000000000000")]
     TooLarge,
+    #[error("must not exceed 500000000000: a winning bet is paid twice its stake")]
+    StakeTooLarge,
 }
 
 impl Amount {
@@ -82,6 +84,52 @@ impl Amount {
     }
 }
 
+/// A bet's stake: an [`Amount`] of at most [`Stake::MAX`], half of
+/// [`Amount::MAX`], so that the payout of a winning bet (twice the stake) is
+/// always an amount the wallet can pay. Every accepted bet can be paid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Stake(Amount);
+
+impl Stake {
+    /// 5 × 10^11.
+    pub const MAX: Decimal = Decimal::from_parts(1_783_793_664, 116, 0, false, 0);
+
+    /// Parses the wire form, as [`Amount::parse`] does, and caps it.
+    pub fn parse(text: &str) -> Result<Self, AmountError> {
+        Self::new(Amount::parse(text)?)
+    }
+
+    pub fn new(amount: Amount) -> Result<Self, AmountError> {
+        if amount.as_decimal() > Self::MAX {
+            return Err(AmountError::StakeTooLarge);
+        }
+        Ok(Self(amount))
+    }
+
+    pub fn amount(&self) -> Amount {
+        self.0
+    }
+
+    pub fn as_decimal(&self) -> Decimal {
+        self.0.as_decimal()
+    }
+
+    /// What a winning bet is paid: twice its stake, never more than
+    /// [`Amount::MAX`].
+    pub fn payout(&self) -> Amount {
+        Amount(self.0.0 * Decimal::TWO)
+    }
+}
+
+// The payout of the largest stake is the largest amount, no more.
+const _: () = assert!(Stake::MAX.mantissa() * 2 == Amount::MAX.mantissa());
+
+impl fmt::Display for Stake {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 impl fmt::Display for Amount {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&format_money(self.0))
@@ -106,6 +154,26 @@ mod tests {
     #[test]
     fn max_is_one_trillion() {
         assert_eq!(Amount::MAX, Decimal::from(1_000_000_000_000_i64));
+    }
+
+    #[test]
+    fn stakes_are_capped_at_half_the_largest_amount() {
+        assert_eq!(Stake::MAX, Decimal::from(500_000_000_000_i64));
+        let max = Stake::parse("500000000000").expect("the largest stake");
+        assert_eq!(max.payout().as_decimal(), Amount::MAX);
+        assert_eq!(
+            Stake::parse("500000000000.00000001"),
+            Err(AmountError::StakeTooLarge)
+        );
+        assert_eq!(
+            Stake::parse("1000000000000"),
+            Err(AmountError::StakeTooLarge)
+        );
+        assert_eq!(Stake::parse("0"), Err(AmountError::NotPositive));
+        assert_eq!(
+            Stake::parse("0.25").map(|s| s.payout().to_string()),
+            Ok("0.5".to_owned())
+        );
     }
 
     #[test]

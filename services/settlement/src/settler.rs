@@ -6,9 +6,8 @@
 //! state it moves from. A job run twice, or on two settlers at once, pays once.
 
 use betting_bets::{BettingError, CommandRunner, WalletCallError, WalletClient};
-use betting_domain::{Amount, BetId, MatchId, Side, UserId};
+use betting_domain::{Amount, BetId, MatchId, Side, Stake, UserId};
 use betting_queue::{Handler, Job, JobError};
-use rust_decimal::Decimal;
 use uuid::Uuid;
 
 use crate::{RoundStore, SettlementError};
@@ -62,8 +61,10 @@ impl SettleHandler {
             Side::A => view.user_a,
             Side::B => view.user_b,
         };
-        let payout = Amount::try_from_decimal(view.amount * Decimal::TWO)
-            .map_err(|e| JobError::Permanent(format!("payout of match {match_id}: {e}")))?;
+        let payout = Amount::try_from_decimal(view.amount)
+            .and_then(Stake::new)
+            .map(|stake| stake.payout())
+            .map_err(|e| JobError::Permanent(format!("stake of match {match_id}: {e}")))?;
         let user = UserId::new(winner_user).map_err(|e| JobError::Permanent(e.to_string()))?;
         match self
             .wallet

@@ -35,7 +35,6 @@ impl From<sqlx::Error> for WalletError {
             Failure::CheckViolation(c) if c == "wallets_balance_non_negative" => {
                 WalletError::InsufficientFunds
             }
-            Failure::CheckViolation(c) if c == "wallets_balance_limit" => WalletError::BalanceLimit,
             _ => WalletError::Internal(err.into()),
         }
     }

@@ -1,12 +1,16 @@
 //! The ledger: storage of wallets and movements.
 
-use betting_domain::{Account, Amount, EntryKind, IdempotencyKey, UserId};
+use betting_domain::{Account, Amount, EntryKind, IdempotencyKey, ServiceError, UserId};
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::WalletError;
+
+/// Deposits may fill a wallet up to 10^15. Refunds and payouts are credited
+/// past it (the money is owed); the column's CHECK is a far higher backstop.
+pub const DEPOSIT_LIMIT: Decimal = Decimal::from_parts(2_764_472_320, 232_830, 0, false, 0);
 
 /// A movement to post.
 #[derive(Debug, Clone)]
@@ -102,57 +106,63 @@ impl Ledger {
         Self { pool }
     }
 
-    /// Posts a movement exactly once per idempotency key.
+    /// Posts a movement exactly once per idempotency key, or refuses it for
+    /// good.
     ///
-    /// A retry with the same key and payload gets the original entry back; the
-    /// same key with another payload is refused and changes nothing. The
-    /// balance check and the debit are one conditional UPDATE, which also locks
-    /// the wallet row, so concurrent debits serialise on it and can never
-    /// overdraw; the CHECK constraint is the backstop.
+    /// The contract: the same key and payload get the same answer, whatever
+    /// the concurrency — the original entry, or the original refusal; the same
+    /// key with another payload is refused and changes nothing. Every attempt
+    /// takes the key's lock first and decides under it, with a fresh snapshot
+    /// (READ COMMITTED: each statement sees everything committed before it
+    /// started, and the lock is granted only after the previous holder
+    /// committed or rolled back). So for one key exactly one decision is ever
+    /// made, and every later or concurrent attempt finds it:
+    ///
+    /// - a retry racing the original waits for its lock, then replays it;
+    /// - a refusal (insufficient funds, balance limit) is recorded under the
+    ///   key in the same transaction, so a late retry cannot turn it into a
+    ///   movement when the balance has changed meanwhile;
+    /// - a reply lost after commit is recovered by the retry's replay.
+    ///
+    /// The debit itself is one conditional UPDATE, which also locks the
+    /// wallet row, so concurrent debits with different keys serialise on it
+    /// and can never overdraw; the CHECK constraint is the backstop.
     pub async fn post(&self, transfer: &Transfer) -> Result<Posted, WalletError> {
-        // A concurrent request with the same key can win the race between our
-        // lookup and our insert; then we roll back and answer from its entry.
-        // Two rounds always suffice: after a lost race the entry exists.
-        for _ in 0..2 {
-            if let Some(existing) = self.find_by_key(transfer.key.as_str()).await? {
-                return replay(existing, transfer);
-            }
-            if let Some(posted) = self.try_post(transfer).await? {
-                return Ok(posted);
-            }
+        let t = transfer;
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('wallet-key:' || $1, 0))")
+            .bind(t.key.as_str())
+            .execute(&mut *tx)
+            .await?;
+        // Dropping `tx` on any early return rolls back (and unlocks).
+        if let Some(existing) = entry_by_key(&mut tx, t.key.as_str()).await? {
+            return replay(existing, t);
         }
-        match self.find_by_key(transfer.key.as_str()).await? {
-            Some(existing) => replay(existing, transfer),
-            None => Err(WalletError::Internal(anyhow::anyhow!(
-                "idempotency race did not resolve for key {}",
-                transfer.key
-            ))),
+        if let Some(refusal) = refusal_by_key(&mut tx, t.key.as_str()).await? {
+            return Err(refusal.replay(t));
         }
-    }
-
-    /// One attempt; `None` when another request with the same key committed first.
-    async fn try_post(&self, t: &Transfer) -> Result<Option<Posted>, WalletError> {
+        check_guard(&mut tx, t).await?;
         let (counterparty, credit) = t.kind.counterparty();
         let delta = if credit {
             t.amount.as_decimal()
         } else {
             -t.amount.as_decimal()
         };
-        let mut tx = self.pool.begin().await?;
-        if !check_guard(&mut tx, t).await? {
-            // The same movement committed while we waited for the lock: answer from it.
-            return Ok(None);
-        }
         let wallet: Option<(Decimal, DateTime<Utc>)> = if credit {
-            // A credit creates the wallet on first use.
+            // A credit creates the wallet on first use. Deposits may fill a
+            // wallet up to the limit; money owed back (refunds, payouts) is
+            // always credited, so it can never be stuck behind the limit.
+            let limit = (t.kind == EntryKind::Deposit).then_some(DEPOSIT_LIMIT);
             sqlx::query_as(
                 "INSERT INTO wallets AS w (user_id, balance) VALUES ($1, $2) \
                  ON CONFLICT (user_id) DO UPDATE \
                    SET balance = w.balance + EXCLUDED.balance, updated_at = now() \
+                   WHERE $3::NUMERIC IS NULL OR w.balance + EXCLUDED.balance <= $3 \
                  RETURNING balance, updated_at",
             )
             .bind(t.user.get())
             .bind(delta)
+            .bind(limit)
             .fetch_optional(&mut *tx)
             .await?
         } else {
@@ -168,13 +178,20 @@ impl Ledger {
             .await?
         };
         let Some((balance, updated_at)) = wallet else {
-            return Err(WalletError::InsufficientFunds);
+            let refusal = if credit {
+                WalletError::BalanceLimit
+            } else {
+                WalletError::InsufficientFunds
+            };
+            record_refusal(&mut tx, t, refusal.reason()).await?;
+            tx.commit().await?;
+            return Err(refusal);
         };
-        let entry: Option<Entry> = sqlx::query_as(concat!(
+        // The key lock makes the key new here; its unique index is the backstop.
+        let entry: Entry = sqlx::query_as(concat!(
             "INSERT INTO ledger_entries \
                (transfer_id, idempotency_key, kind, user_id, counterparty, amount, balance_after, reference) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-             ON CONFLICT ON CONSTRAINT ledger_entries_idempotency_key_unique DO NOTHING \
              RETURNING ", entry_columns!(), ""
         ))
         .bind(Uuid::now_v7())
@@ -185,12 +202,8 @@ impl Ledger {
         .bind(delta)
         .bind(balance)
         .bind(&t.reference)
-        .fetch_optional(&mut *tx)
+        .fetch_one(&mut *tx)
         .await?;
-        let Some(entry) = entry else {
-            // Dropping the transaction rolls the balance change back.
-            return Ok(None);
-        };
         if let Guard::Payout { bets, .. } = &t.guard {
             // The primary key makes "each bet paid at most once" a database fact.
             sqlx::query("INSERT INTO payout_bets (bet_id, entry_id) SELECT unnest($1::UUID[]), $2")
@@ -200,7 +213,7 @@ impl Ledger {
                 .await?;
         }
         tx.commit().await?;
-        Ok(Some(Posted {
+        Ok(Posted {
             entry,
             wallet: WalletView {
                 user_id: t.user.get(),
@@ -208,18 +221,7 @@ impl Ledger {
                 updated_at: Some(updated_at),
             },
             replayed: false,
-        }))
-    }
-
-    pub async fn find_by_key(&self, key: &str) -> Result<Option<Entry>, WalletError> {
-        Ok(sqlx::query_as(concat!(
-            "SELECT ",
-            entry_columns!(),
-            " FROM ledger_entries WHERE idempotency_key = $1"
-        ))
-        .bind(key)
-        .fetch_optional(&self.pool)
-        .await?)
+        })
     }
 
     pub async fn wallet(&self, user: UserId) -> Result<WalletView, WalletError> {
@@ -265,13 +267,13 @@ impl Ledger {
 }
 
 /// Locks the bets a guarded movement is about and checks its conditions.
-/// `Ok(false)` when this very movement (same key) committed while we waited.
+/// Runs under the key's lock, after the key was found new.
 async fn check_guard(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     t: &Transfer,
-) -> Result<bool, WalletError> {
+) -> Result<(), WalletError> {
     let bets: Vec<Uuid> = match &t.guard {
-        Guard::None => return Ok(true),
+        Guard::None => return Ok(()),
         Guard::Refund { bet } => vec![*bet],
         Guard::Payout { bets, .. } => {
             let mut bets = bets.to_vec();
@@ -286,15 +288,6 @@ async fn check_guard(
             .bind(bet)
             .execute(&mut **tx)
             .await?;
-    }
-    let done: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM ledger_entries WHERE idempotency_key = $1)",
-    )
-    .bind(t.key.as_str())
-    .fetch_one(&mut **tx)
-    .await?;
-    if done {
-        return Ok(false);
     }
     let references: Vec<String> = bets.iter().map(Uuid::to_string).collect();
     let stakes: Vec<(String, i64, Decimal)> = sqlx::query_as(
@@ -312,13 +305,13 @@ async fn check_guard(
         return Err(WalletError::AlreadyPaid);
     }
     match &t.guard {
-        Guard::None => Ok(true),
+        Guard::None => Ok(()),
         Guard::Refund { .. } => {
             let held = stakes.len() == 1
                 && stakes[0].1 == t.user.get()
                 && stakes[0].2 == t.amount.as_decimal();
             if held {
-                Ok(true)
+                Ok(())
             } else {
                 Err(WalletError::NoMatchingStake)
             }
@@ -344,12 +337,84 @@ async fn check_guard(
             if refunded > 0 {
                 Err(WalletError::AlreadyRefunded)
             } else if held {
-                Ok(true)
+                Ok(())
             } else {
                 Err(WalletError::NoMatchingStake)
             }
         }
     }
+}
+
+async fn entry_by_key(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    key: &str,
+) -> Result<Option<Entry>, WalletError> {
+    Ok(sqlx::query_as(concat!(
+        "SELECT ",
+        entry_columns!(),
+        " FROM ledger_entries WHERE idempotency_key = $1"
+    ))
+    .bind(key)
+    .fetch_optional(&mut **tx)
+    .await?)
+}
+
+/// A movement the wallet refused for good, as stored under its key.
+#[derive(Debug, Clone, sqlx::FromRow)]
+struct Refusal {
+    kind: String,
+    user_id: i64,
+    amount: Decimal,
+    reference: String,
+    reason: String,
+}
+
+impl Refusal {
+    /// The original refusal for a retry, or a reused-key refusal.
+    fn replay(&self, t: &Transfer) -> WalletError {
+        let same = self.kind == t.kind.as_db()
+            && self.user_id == t.user.get()
+            && self.amount == t.amount.as_decimal()
+            && self.reference == t.reference;
+        match (same, self.reason.as_str()) {
+            (false, _) => WalletError::IdempotencyConflict,
+            (true, "BALANCE_LIMIT") => WalletError::BalanceLimit,
+            (true, _) => WalletError::InsufficientFunds,
+        }
+    }
+}
+
+async fn refusal_by_key(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    key: &str,
+) -> Result<Option<Refusal>, WalletError> {
+    Ok(sqlx::query_as(
+        "SELECT kind, user_id, amount, reference, reason FROM wallet_refusals \
+         WHERE idempotency_key = $1",
+    )
+    .bind(key)
+    .fetch_optional(&mut **tx)
+    .await?)
+}
+
+async fn record_refusal(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    t: &Transfer,
+    reason: &str,
+) -> Result<(), WalletError> {
+    sqlx::query(
+        "INSERT INTO wallet_refusals (idempotency_key, kind, user_id, amount, reference, reason) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(t.key.as_str())
+    .bind(t.kind.as_db())
+    .bind(t.user.get())
+    .bind(t.amount.as_decimal())
+    .bind(&t.reference)
+    .bind(reason)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 /// Answers a retry from the original entry, or refuses a reused key.
@@ -370,4 +435,14 @@ fn replay(existing: Entry, t: &Transfer) -> Result<Posted, WalletError> {
         entry: existing,
         replayed: true,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_deposit_limit_is_ten_to_the_fifteenth() {
+        assert_eq!(DEPOSIT_LIMIT, Decimal::from(1_000_000_000_000_000_i64));
+    }
 }

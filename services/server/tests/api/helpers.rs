@@ -572,3 +572,31 @@ impl TestApp {
             .expect("count bets")
     }
 }
+
+impl TestApp {
+    /// Opens a wallet with `balance` in one go, written as the wallet writes a
+    /// deposit (a wallet near the balance limit would take a thousand
+    /// deposits of the largest amount).
+    pub async fn genesis(&self, user: i64, balance: Decimal) {
+        let mut tx = self.pool.begin().await.expect("begin");
+        sqlx::query("INSERT INTO wallets (user_id, balance) VALUES ($1, $2)")
+            .bind(user)
+            .bind(balance)
+            .execute(&mut *tx)
+            .await
+            .expect("wallet");
+        sqlx::query(
+            "INSERT INTO ledger_entries (transfer_id, idempotency_key, kind, user_id, \
+               counterparty, amount, balance_after, reference) \
+             VALUES ($1, $2, 'DEPOSIT', $3, 'EXTERNAL', $4, $4, 'genesis')",
+        )
+        .bind(Uuid::now_v7())
+        .bind(format!("genesis-{user}"))
+        .bind(user)
+        .bind(balance)
+        .execute(&mut *tx)
+        .await
+        .expect("entry");
+        tx.commit().await.expect("commit");
+    }
+}

@@ -13,6 +13,7 @@ mod crash;
 mod health;
 mod ledger;
 mod lifecycle;
+mod money_safety;
 mod property;
 mod queue;
 mod streams;

@@ -1,0 +1,209 @@
+//! A fault-injecting WalletService in front of the real one.
+//!
+//! The betting instances and the settlers reach the wallet through this proxy,
+//! exactly as a split deployment reaches it over the network. The schedule
+//! arms faults for the next call of one RPC for one user; everything else is
+//! forwarded untouched, the caller's bearer token included.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    future::Future,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use betting_api::pb::{
+    self,
+    wallet_service_client::WalletServiceClient,
+    wallet_service_server::{WalletService, WalletServiceServer},
+};
+use tonic::{Request, Response, Status, transport::Channel};
+
+/// The RPCs whose calls can be faulted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Rpc {
+    Deposit,
+    Withdraw,
+    HoldStake,
+    RefundStake,
+    PayWinnings,
+}
+
+/// What happens to one call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Refused before it reaches the wallet: nothing happened.
+    FailBefore,
+    /// Carried out, then the reply is lost: it happened, the caller cannot tell.
+    LoseReply,
+    /// Refused as a misconfigured or rotated credential would be: nothing
+    /// happened on this call, though an earlier one may have.
+    Refuse,
+    /// Carried out after a pause, so that retries and recovery passes race it.
+    Delay(Duration),
+}
+
+/// Faults armed per (RPC, user), consumed in order by the calls that match.
+#[derive(Debug, Default)]
+pub struct FaultTable {
+    armed: Mutex<HashMap<(Rpc, i64), VecDeque<Fault>>>,
+}
+
+impl FaultTable {
+    pub fn arm(&self, rpc: Rpc, user: i64, fault: Fault) {
+        if let Ok(mut armed) = self.armed.lock() {
+            armed.entry((rpc, user)).or_default().push_back(fault);
+        }
+    }
+
+    /// Heals the link: no armed fault survives.
+    pub fn clear(&self) {
+        if let Ok(mut armed) = self.armed.lock() {
+            armed.clear();
+        }
+    }
+
+    fn take(&self, rpc: Rpc, user: i64) -> Option<Fault> {
+        let mut armed = self.armed.lock().ok()?;
+        let queue = armed.get_mut(&(rpc, user))?;
+        let fault = queue.pop_front();
+        if queue.is_empty() {
+            armed.remove(&(rpc, user));
+        }
+        fault
+    }
+}
+
+#[derive(Clone)]
+pub struct FaultProxy {
+    upstream: WalletServiceClient<Channel>,
+    faults: Arc<FaultTable>,
+}
+
+impl FaultProxy {
+    pub fn new(upstream: Channel, faults: Arc<FaultTable>) -> Self {
+        Self {
+            upstream: WalletServiceClient::new(upstream),
+            faults,
+        }
+    }
+
+    pub fn into_server(self) -> WalletServiceServer<Self> {
+        WalletServiceServer::new(self)
+    }
+
+    /// Forwards one call through whatever fault is armed for it.
+    async fn call<Req, Res, F, Fut>(
+        &self,
+        rpc: Rpc,
+        user: i64,
+        request: Request<Req>,
+        forward: F,
+    ) -> Result<Response<Res>, Status>
+    where
+        F: FnOnce(WalletServiceClient<Channel>, Request<Req>) -> Fut,
+        Fut: Future<Output = Result<Response<Res>, Status>>,
+    {
+        let fault = self.faults.take(rpc, user);
+        let authorization = request.metadata().get("authorization").cloned();
+        let mut upstream_request = Request::new(request.into_inner());
+        if let Some(value) = authorization {
+            upstream_request
+                .metadata_mut()
+                .insert("authorization", value);
+        }
+        let upstream = self.upstream.clone();
+        match fault {
+            None => forward(upstream, upstream_request).await,
+            Some(Fault::FailBefore) => Err(Status::unavailable("injected: connection refused")),
+            Some(Fault::Refuse) => Err(Status::unauthenticated("injected: credential refused")),
+            Some(Fault::LoseReply) => {
+                let _ = forward(upstream, upstream_request).await;
+                Err(Status::unavailable("injected: reply lost after the call"))
+            }
+            Some(Fault::Delay(pause)) => {
+                tokio::time::sleep(pause).await;
+                forward(upstream, upstream_request).await
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl WalletService for FaultProxy {
+    async fn get_wallet(
+        &self,
+        request: Request<pb::GetWalletRequest>,
+    ) -> Result<Response<pb::GetWalletResponse>, Status> {
+        let authorization = request.metadata().get("authorization").cloned();
+        let mut upstream = Request::new(request.into_inner());
+        if let Some(value) = authorization {
+            upstream.metadata_mut().insert("authorization", value);
+        }
+        self.upstream.clone().get_wallet(upstream).await
+    }
+
+    async fn deposit(
+        &self,
+        request: Request<pb::DepositRequest>,
+    ) -> Result<Response<pb::DepositResponse>, Status> {
+        let user = request.get_ref().user_id;
+        self.call(Rpc::Deposit, user, request, |mut c, r| async move {
+            c.deposit(r).await
+        })
+        .await
+    }
+
+    async fn withdraw(
+        &self,
+        request: Request<pb::WithdrawRequest>,
+    ) -> Result<Response<pb::WithdrawResponse>, Status> {
+        let user = request.get_ref().user_id;
+        self.call(Rpc::Withdraw, user, request, |mut c, r| async move {
+            c.withdraw(r).await
+        })
+        .await
+    }
+
+    async fn list_ledger_entries(
+        &self,
+        _request: Request<pb::ListLedgerEntriesRequest>,
+    ) -> Result<Response<pb::ListLedgerEntriesResponse>, Status> {
+        Err(Status::unimplemented(
+            "the simulation does not list entries",
+        ))
+    }
+
+    async fn hold_stake(
+        &self,
+        request: Request<pb::HoldStakeRequest>,
+    ) -> Result<Response<pb::HoldStakeResponse>, Status> {
+        let user = request.get_ref().user_id;
+        self.call(Rpc::HoldStake, user, request, |mut c, r| async move {
+            c.hold_stake(r).await
+        })
+        .await
+    }
+
+    async fn refund_stake(
+        &self,
+        request: Request<pb::RefundStakeRequest>,
+    ) -> Result<Response<pb::RefundStakeResponse>, Status> {
+        let user = request.get_ref().user_id;
+        self.call(Rpc::RefundStake, user, request, |mut c, r| async move {
+            c.refund_stake(r).await
+        })
+        .await
+    }
+
+    async fn pay_winnings(
+        &self,
+        request: Request<pb::PayWinningsRequest>,
+    ) -> Result<Response<pb::PayWinningsResponse>, Status> {
+        let user = request.get_ref().user_id;
+        self.call(Rpc::PayWinnings, user, request, |mut c, r| async move {
+            c.pay_winnings(r).await
+        })
+        .await
+    }
+}

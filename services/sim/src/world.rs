@@ -1,0 +1,393 @@
+//! The system under test for one seed: a database of its own, the wallet, a
+//! fault-injecting proxy in front of it, two betting instances and any number
+//! of worker processes, all real [`Application`]s on loopback ports.
+
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use betting_auth::{Role as TokenRole, TokenMinter};
+use betting_bets::{BetStore, BettingService, MATCH_QUEUE};
+use betting_config::{Role, Secret, Settings, StorageSettings};
+use betting_queue::{Queue, QueueSettings};
+use betting_server::{Application, Queues};
+use betting_settlement::{
+    RoundStore,
+    jobs::{REFUND_QUEUE, SETTLE_QUEUE},
+    reconciler::{Reconciler, ReconcilerSettings},
+};
+use sqlx::PgPool;
+use tokio::{sync::oneshot, task::JoinHandle};
+use tonic::transport::{Channel, Server};
+
+use crate::proxy::{FaultProxy, FaultTable};
+
+pub const SECRET: &str = "simulation-secret-simulation-secret-0123";
+
+/// One running `betting serve` process (in this process).
+pub struct Process {
+    pub channel: Channel,
+    pub betting: Option<BettingService>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Process {
+    async fn start(settings: Settings) -> anyhow::Result<Self> {
+        let app = Application::build(settings).await?;
+        let addr = app.local_addr();
+        let betting = app.betting().cloned();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(app.run_until(async {
+            let _ = stopped.await;
+        }));
+        Ok(Self {
+            channel: connect(addr).await?,
+            betting,
+            stop: Some(stop),
+            task,
+        })
+    }
+
+    /// SIGTERM: drain and hand work back. Returns the task to await later.
+    pub fn stop(mut self) -> JoinHandle<anyhow::Result<()>> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task
+    }
+
+    /// SIGKILL: everything it was doing stops between two awaits.
+    pub fn kill(self) {
+        self.task.abort();
+    }
+}
+
+async fn connect(addr: SocketAddr) -> anyhow::Result<Channel> {
+    Ok(Channel::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await?)
+}
+
+/// A Redis server of the simulation's own, so that flushing it disturbs
+/// nobody else. Killed on drop.
+pub struct PrivateRedis {
+    port: u16,
+    dir: std::path::PathBuf,
+    child: std::process::Child,
+}
+
+impl PrivateRedis {
+    pub fn start() -> anyhow::Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let dir = std::env::temp_dir().join(format!("betting-sim-redis-{port}"));
+        std::fs::create_dir_all(&dir)?;
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("redis-server must be installed (deploy/local/test installs it)")?;
+        Ok(Self { port, dir, child })
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Databases for seeds, cloned from one migrated template per process.
+pub struct Databases {
+    admin: String,
+    template: String,
+}
+
+impl Databases {
+    pub async fn new(admin: &str) -> anyhow::Result<Self> {
+        let template = format!("simtpl_{}", uuid::Uuid::new_v4().simple());
+        let pool = PgPool::connect(admin).await.context("DATABASE_URL")?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {template}")))
+            .execute(&pool)
+            .await?;
+        pool.close().await;
+        let migrated = PgPool::connect(&database_url(admin, &template)).await?;
+        betting_db::migrate(&migrated).await?;
+        migrated.close().await;
+        Ok(Self {
+            admin: admin.to_owned(),
+            template,
+        })
+    }
+
+    /// A fresh database; returns its name and URL.
+    pub async fn create(&self) -> anyhow::Result<(String, String)> {
+        let name = format!("sim_{}", uuid::Uuid::new_v4().simple());
+        let pool = PgPool::connect(&self.admin).await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "CREATE DATABASE {name} TEMPLATE {}",
+            self.template
+        )))
+        .execute(&pool)
+        .await?;
+        pool.close().await;
+        let url = database_url(&self.admin, &name);
+        Ok((name, url))
+    }
+
+    pub async fn drop_database(&self, name: &str) {
+        if let Ok(pool) = PgPool::connect(&self.admin).await {
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+            )))
+            .execute(&pool)
+            .await;
+            pool.close().await;
+        }
+    }
+
+    pub async fn close(self) {
+        let template = self.template.clone();
+        self.drop_database(&template).await;
+    }
+}
+
+/// The admin URL with another database name.
+fn database_url(admin: &str, name: &str) -> String {
+    let (base, query) = match admin.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (admin, None),
+    };
+    let prefix = match base.rfind('/') {
+        Some(i) if i > "postgres://".len() => &base[..i],
+        _ => base,
+    };
+    match query {
+        Some(q) => format!("{prefix}/{name}?{q}"),
+        None => format!("{prefix}/{name}"),
+    }
+}
+
+/// Everything running for one seed.
+pub struct World {
+    pub pool: PgPool,
+    pub faults: Arc<FaultTable>,
+    pub wallet: Process,
+    pub betting: Vec<Process>,
+    pub workers: tokio::sync::Mutex<Vec<Process>>,
+    /// Workers stopped gracefully, still draining.
+    pub stopping: std::sync::Mutex<Vec<JoinHandle<anyhow::Result<()>>>>,
+    /// The "network" path to the wallet: through the fault proxy.
+    pub proxy: Channel,
+    pub queues: Queues,
+    pub redis: fred::prelude::Client,
+    minter: TokenMinter,
+    config: WorldSettings,
+    proxy_addr: SocketAddr,
+    proxy_task: JoinHandle<()>,
+}
+
+impl World {
+    pub async fn start(database_url: &str, redis_url: &str) -> anyhow::Result<Self> {
+        let namespace = format!("sim-{}", uuid::Uuid::new_v4().simple());
+        let config = WorldSettings {
+            database_url: database_url.to_owned(),
+            redis_url: redis_url.to_owned(),
+            namespace: namespace.clone(),
+        };
+        let wallet = Process::start(config.settings(&[Role::Wallet], None)).await?;
+
+        let faults = Arc::new(FaultTable::default());
+        let proxy = FaultProxy::new(wallet.channel.clone(), faults.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let proxy_addr = listener.local_addr()?;
+        let proxy_task = tokio::spawn(async move {
+            let incoming = tokio_stream_listener(listener);
+            let _ = Server::builder()
+                .add_service(proxy.into_server())
+                .serve_with_incoming(incoming)
+                .await;
+        });
+        let via_proxy = Some(format!("http://{proxy_addr}"));
+
+        let mut betting = Vec::new();
+        for _ in 0..2 {
+            betting.push(
+                Process::start(
+                    config.settings(&[Role::Betting, Role::Settlement], via_proxy.clone()),
+                )
+                .await?,
+            );
+        }
+        let redis = betting_queue::connect(redis_url)?;
+        let queue =
+            |name: &str| Queue::new(redis.clone(), &namespace, name, QueueSettings::default());
+        let queues = Queues {
+            matches: queue(MATCH_QUEUE),
+            settle: queue(SETTLE_QUEUE),
+            refund: queue(REFUND_QUEUE),
+        };
+        let world = Self {
+            pool: PgPool::connect(database_url).await?,
+            faults,
+            wallet,
+            betting,
+            workers: tokio::sync::Mutex::new(Vec::new()),
+            stopping: std::sync::Mutex::new(Vec::new()),
+            proxy: connect(proxy_addr).await?,
+            queues,
+            redis,
+            minter: TokenMinter::new(SECRET.as_bytes(), None, None),
+            config,
+            proxy_addr,
+            proxy_task,
+        };
+        world.start_worker().await?;
+        Ok(world)
+    }
+
+    /// A matcher + settler process.
+    pub async fn start_worker(&self) -> anyhow::Result<()> {
+        let settings = self.config.settings(
+            &[Role::Matcher, Role::Settler],
+            Some(format!("http://{}", self.proxy_addr)),
+        );
+        let process = Process::start(settings).await?;
+        self.workers.lock().await.push(process);
+        Ok(())
+    }
+
+    /// Stops the oldest worker process, if any: gracefully or abruptly.
+    pub async fn stop_worker(&self, graceful: bool) {
+        let process = {
+            let mut workers = self.workers.lock().await;
+            if workers.is_empty() {
+                return;
+            }
+            workers.remove(0)
+        };
+        if graceful {
+            let handle = process.stop();
+            if let Ok(mut stopping) = self.stopping.lock() {
+                stopping.push(handle);
+            }
+        } else {
+            process.kill();
+        }
+    }
+
+    pub fn token(&self, user: i64, role: TokenRole) -> String {
+        self.minter
+            .mint(user, role, Duration::from_secs(3600))
+            .unwrap_or_default()
+    }
+
+    /// A reconciler pass with the simulation's clock: nothing needs to age
+    /// first, and with `timeout` every PENDING bet counts as timed out.
+    pub async fn reconcile(&self, timeout: bool) -> anyhow::Result<()> {
+        let settings = ReconcilerSettings {
+            interval: Duration::from_secs(3600),
+            sweep_after: Duration::ZERO,
+            match_timeout: if timeout {
+                Duration::ZERO
+            } else {
+                Duration::from_secs(3600)
+            },
+            retry_after: Duration::ZERO,
+            batch: 1000,
+        };
+        Reconciler::new(
+            BetStore::new(self.pool.clone()),
+            RoundStore::new(self.pool.clone()),
+            [
+                self.queues.matches.clone(),
+                self.queues.settle.clone(),
+                self.queues.refund.clone(),
+            ],
+            settings,
+        )
+        .pass()
+        .await?;
+        Ok(())
+    }
+
+    /// Stops everything and waits (bounded) for graceful stops to finish.
+    pub async fn shut_down(self) {
+        let mut handles = self.stopping.into_inner().unwrap_or_default();
+        for process in self.workers.into_inner().into_iter().chain(self.betting) {
+            handles.push(process.stop());
+        }
+        handles.push(self.wallet.stop());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for handle in handles {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let abort = handle.abort_handle();
+            if tokio::time::timeout(left, handle).await.is_err() {
+                abort.abort();
+            }
+        }
+        self.proxy_task.abort();
+        self.pool.close().await;
+    }
+}
+
+struct WorldSettings {
+    database_url: String,
+    redis_url: String,
+    namespace: String,
+}
+
+impl WorldSettings {
+    fn settings(&self, roles: &[Role], wallet_endpoint: Option<String>) -> Settings {
+        Settings {
+            storage: StorageSettings {
+                database_url: Secret::new(&self.database_url),
+                db_max_connections: 8,
+            },
+            redis_url: Secret::new(&self.redis_url),
+            redis_namespace: self.namespace.clone(),
+            listen_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            jwt_secret: Secret::new(SECRET),
+            jwt_issuer: None,
+            jwt_audience: None,
+            wallet_endpoint,
+            roles: roles.to_vec(),
+            // The schedule runs recovery and reconciler passes itself.
+            placing_grace_secs: 3600,
+            maintenance_interval_ms: 3_600_000,
+            match_timeout_secs: 3600,
+            worker_concurrency: 4,
+            queue_visibility_ms: 4_000,
+            reconcile_interval_ms: 3_600_000,
+            stream_heartbeat_ms: 15_000,
+            stream_send_timeout_ms: 10_000,
+            shutdown_grace_secs: 1,
+        }
+    }
+}
+
+fn tokio_stream_listener(
+    listener: tokio::net::TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    futures::stream::unfold(listener, |listener| async move {
+        let accepted = listener.accept().await.map(|(stream, _)| stream);
+        Some((accepted, listener))
+    })
+}
