@@ -2,7 +2,10 @@
 //! tables. `betting audit` and `AdminService.RunAudit` both run [`run`].
 //!
 //! (a) WALLET_LEDGER_MISMATCH: every wallet balance equals the sum of its entries.
-//! (b) ACCOUNTS_NOT_ZERO: all accounts, system ones derived, sum to zero.
+//! (b) ACCOUNTS_NOT_ZERO: the stored wallet balances plus the escrow the bets
+//!     account for equal the money that came in from outside (deposits less
+//!     withdrawals); no system account, derived from the ledger, has the wrong
+//!     sign (escrow below zero, more withdrawn than deposited).
 //! (c) ESCROW_MISMATCH: escrow equals the stakes of bets not yet SETTLED or
 //!     REFUNDED (counting refunds owed but not yet carried out, and stakes held
 //!     for bets still PLACING), and every bet's money agrees with its state.
@@ -58,6 +61,30 @@ impl AuditReport {
     }
 }
 
+/// The escrow the bets account for, as the CTE `bets_escrow (amount)`: the
+/// stakes of PENDING and MATCHED bets, of PLACING bets whose stake was already
+/// taken, and of REFUNDED bets whose refund is not yet carried out; less the
+/// stakes of MATCHED bets whose match is already paid (the payout lands before
+/// its bets say SETTLED). A macro, not a `const`, so `concat!` can splice it
+/// into (b) and (c), which must agree on it.
+macro_rules! bets_escrow_cte {
+    () => {
+        "bets_escrow AS ( \
+           SELECT held.expected - paid_early.amount AS amount FROM ( \
+             SELECT coalesce(sum(b.amount), 0) AS expected FROM bets b \
+             WHERE b.status IN ('PENDING', 'MATCHED') \
+                OR (b.status = 'PLACING' AND EXISTS (SELECT 1 FROM ledger_entries s \
+                      WHERE s.kind = 'STAKE' AND s.reference = b.bet_id::TEXT)) \
+                OR (b.status = 'REFUNDED' AND NOT EXISTS (SELECT 1 FROM ledger_entries r \
+                      WHERE r.idempotency_key = 'REFUND:' || b.bet_id)) \
+           ) held, ( \
+             SELECT coalesce(sum(b.amount), 0) AS amount FROM bets b \
+             JOIN payout_bets p ON p.bet_id = b.bet_id WHERE b.status = 'MATCHED' \
+           ) paid_early \
+         )"
+    };
+}
+
 /// One check: its name and a query returning one text row per violation.
 struct Check {
     name: &'static str,
@@ -82,32 +109,47 @@ const CHECKS: &[Check] = &[
               LIMIT 20",
         params: 0,
     },
+    // The ledger's system accounts mirror its user rows, so summing them
+    // proves nothing; this compares sources kept apart: the stored balances,
+    // the bets' states, and the money the ledger says came in and went out.
+    // HOUSE takes no entries (the counterparty constraint), so it is not a term.
     Check {
         name: "ACCOUNTS_NOT_ZERO",
-        sql: "SELECT format('all accounts sum to %s', total) FROM \
-                (SELECT coalesce(sum(balance), 0) AS total FROM account_balances) t \
-              WHERE total <> 0",
+        sql: concat!(
+            "WITH stored AS ( \
+               SELECT coalesce(sum(balance), 0) AS amount FROM wallets \
+             ), external AS ( \
+               SELECT coalesce(sum(amount) FILTER (WHERE kind = 'DEPOSIT'), 0) AS deposited, \
+                 coalesce(-sum(amount) FILTER (WHERE kind = 'WITHDRAWAL'), 0) AS withdrawn \
+               FROM ledger_entries WHERE kind IN ('DEPOSIT', 'WITHDRAWAL') \
+             ), ",
+            bets_escrow_cte!(),
+            " SELECT format('wallets hold %s and bets account for %s in escrow, but %s came in \
+                (%s deposited, %s withdrawn)', stored.amount, bets_escrow.amount, \
+                external.deposited - external.withdrawn, external.deposited, external.withdrawn) \
+              FROM stored, external, bets_escrow \
+              WHERE stored.amount + bets_escrow.amount <> external.deposited - external.withdrawn \
+              UNION ALL \
+              SELECT format('%s account holds %s: %s', account, balance, CASE account \
+                  WHEN 'ESCROW' THEN 'more returned than staked' \
+                  ELSE 'more withdrawn than deposited' END) \
+              FROM account_balances \
+              WHERE (account = 'ESCROW' AND balance < 0) OR (account = 'EXTERNAL' AND balance > 0) \
+              LIMIT 20"
+        ),
         params: 0,
     },
     Check {
         name: "ESCROW_MISMATCH",
-        sql: "WITH ledger AS ( \
-                SELECT coalesce(-sum(amount), 0) AS escrow FROM ledger_entries \
-                WHERE counterparty = 'ESCROW' \
-              ), held AS ( \
-                SELECT coalesce(sum(b.amount), 0) AS expected FROM bets b \
-                WHERE b.status IN ('PENDING', 'MATCHED') \
-                   OR (b.status = 'PLACING' AND EXISTS (SELECT 1 FROM ledger_entries s \
-                         WHERE s.kind = 'STAKE' AND s.reference = b.bet_id::TEXT)) \
-                   OR (b.status = 'REFUNDED' AND NOT EXISTS (SELECT 1 FROM ledger_entries r \
-                         WHERE r.idempotency_key = 'REFUND:' || b.bet_id)) \
-              ), paid_early AS ( \
-                SELECT coalesce(sum(b.amount), 0) AS amount FROM bets b \
-                JOIN payout_bets p ON p.bet_id = b.bet_id WHERE b.status = 'MATCHED' \
-              ) \
-              SELECT format('escrow holds %s but bets account for %s', ledger.escrow, \
-                held.expected - paid_early.amount) \
-              FROM ledger, held, paid_early WHERE ledger.escrow <> held.expected - paid_early.amount \
+        sql: concat!(
+            "WITH ledger AS ( \
+               SELECT coalesce(-sum(amount), 0) AS escrow FROM ledger_entries \
+               WHERE counterparty = 'ESCROW' \
+             ), ",
+            bets_escrow_cte!(),
+            " SELECT format('escrow holds %s but bets account for %s', ledger.escrow, \
+                bets_escrow.amount) \
+              FROM ledger, bets_escrow WHERE ledger.escrow <> bets_escrow.amount \
               UNION ALL \
               SELECT format('bet %s is %s but %s', b.bet_id, b.status, problem) FROM ( \
                 SELECT b.*, CASE \
@@ -126,7 +168,8 @@ const CHECKS: &[Check] = &[
                 LEFT JOIN ledger_entries r ON r.idempotency_key = 'REFUND:' || b.bet_id \
                 LEFT JOIN payout_bets p ON p.bet_id = b.bet_id \
               ) b WHERE problem IS NOT NULL \
-              LIMIT 20",
+              LIMIT 20"
+        ),
         params: 0,
     },
     Check {
