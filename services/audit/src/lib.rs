@@ -15,6 +15,12 @@
 //! (f) MATCHABLE_PAIR_WAITING: no open round holds a PENDING A and a PENDING B
 //!     of equal stake from different users, older than the quiescence period.
 //! (g) OVERDUE_BET: no bet in a non-terminal state past its deadline.
+//! (h) LEDGER_CHAIN_BROKEN: each user's entries, in order, form a chain: every
+//!     entry's balance_after is the previous one's plus its amount.
+//! (i) REFUND_MISSING: every REFUNDED bet whose stake was taken has its refund
+//!     owed or paid.
+//! (j) PAYOUT_UNSETTLED_ROUND: no payout for a match of a round not SETTLED.
+//! (k) REJECTED_WITH_STAKE: no REJECTED bet had its stake taken.
 
 #![forbid(unsafe_code)]
 
@@ -155,7 +161,6 @@ const CHECKS: &[Check] = &[
                 SELECT b.*, CASE \
                   WHEN b.status IN ('PENDING', 'MATCHED', 'SETTLED', 'REFUNDED') AND s.entry_id IS NULL \
                     THEN 'no stake was taken' \
-                  WHEN b.status = 'REJECTED' AND s.entry_id IS NOT NULL THEN 'its stake was taken' \
                   WHEN s.entry_id IS NOT NULL AND (-s.amount <> b.amount OR s.user_id <> b.user_id) \
                     THEN 'its stake differs from the bet' \
                   WHEN b.status = 'SETTLED' AND p.bet_id IS NULL THEN 'its match was not paid' \
@@ -245,7 +250,62 @@ const CHECKS: &[Check] = &[
               LIMIT 20",
         params: 2,
     },
+    // Entry ids are assigned by the INSERT that follows the UPDATE locking the
+    // wallet row, and the lock is held until commit: one user's entries get
+    // their ids in commit order, so entry_id order is the order of the chain.
+    Check {
+        name: "LEDGER_CHAIN_BROKEN",
+        sql: "SELECT format('user %s: entry %s leaves the balance at %s, but %s before it \
+                plus its %s makes %s', user_id, entry_id, balance_after, coalesce(previous, 0), \
+                amount, coalesce(previous, 0) + amount) FROM ( \
+                SELECT user_id, entry_id, amount, balance_after, \
+                  lag(balance_after) OVER (PARTITION BY user_id ORDER BY entry_id) AS previous \
+                FROM ledger_entries \
+              ) e WHERE balance_after <> coalesce(previous, 0) + amount \
+              LIMIT 20",
+        params: 0,
+    },
+    Check {
+        name: "REFUND_MISSING",
+        sql: "SELECT format('bet %s is REFUNDED (%s) but no refund is owed or paid', \
+                b.bet_id, b.refund_reason) FROM bets b \
+              WHERE b.status = 'REFUNDED' \
+                AND EXISTS (SELECT 1 FROM ledger_entries s \
+                  WHERE s.kind = 'STAKE' AND s.reference = b.bet_id::TEXT) \
+                AND NOT EXISTS (SELECT 1 FROM wallet_commands c \
+                  WHERE c.idempotency_key = 'REFUND:' || b.bet_id) \
+                AND NOT EXISTS (SELECT 1 FROM ledger_entries r \
+                  WHERE r.idempotency_key = 'REFUND:' || b.bet_id) \
+              LIMIT 20",
+        params: 0,
+    },
+    // A round becomes SETTLED before any of its matches is paid, and the
+    // settler pays only matches of SETTLED rounds, which never change again.
+    Check {
+        name: "PAYOUT_UNSETTLED_ROUND",
+        sql: "SELECT format('match %s was paid but its round %s is %s', \
+                m.match_id, m.round_id, coalesce(r.status, 'missing')) \
+              FROM ledger_entries p JOIN matches m ON m.match_id::TEXT = p.reference \
+              LEFT JOIN rounds r ON r.round_id = m.round_id \
+              WHERE p.kind = 'PAYOUT' AND r.status IS DISTINCT FROM 'SETTLED' \
+              LIMIT 20",
+        params: 0,
+    },
+    Check {
+        name: "REJECTED_WITH_STAKE",
+        sql: "SELECT format('bet %s is REJECTED (%s) but its stake %s was taken', \
+                b.bet_id, b.reject_reason, s.idempotency_key) \
+              FROM bets b JOIN ledger_entries s ON s.kind = 'STAKE' AND s.reference = b.bet_id::TEXT \
+              WHERE b.status = 'REJECTED' \
+              LIMIT 20",
+        params: 0,
+    },
 ];
+
+/// The name of every check, in the order [`run`] runs them.
+pub fn check_names() -> impl Iterator<Item = &'static str> {
+    CHECKS.iter().map(|check| check.name)
+}
 
 /// Runs every check.
 pub async fn run(pool: &PgPool, settings: &AuditSettings) -> Result<AuditReport, sqlx::Error> {
