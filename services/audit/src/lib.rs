@@ -2,7 +2,10 @@
 //! tables. `betting audit` and `AdminService.RunAudit` both run [`run`].
 //!
 //! (a) WALLET_LEDGER_MISMATCH: every wallet balance equals the sum of its entries.
-//! (b) ACCOUNTS_NOT_ZERO: all accounts, system ones derived, sum to zero.
+//! (b) ACCOUNTS_NOT_ZERO: the stored wallet balances plus the escrow the bets
+//!     account for equal the money that came in from outside (deposits less
+//!     withdrawals); no system account, derived from the ledger, has the wrong
+//!     sign (escrow below zero, more withdrawn than deposited).
 //! (c) ESCROW_MISMATCH: escrow equals the stakes of bets not yet SETTLED or
 //!     REFUNDED (counting refunds owed but not yet carried out, and stakes held
 //!     for bets still PLACING), and every bet's money agrees with its state.
@@ -12,6 +15,12 @@
 //! (f) MATCHABLE_PAIR_WAITING: no open round holds a PENDING A and a PENDING B
 //!     of equal stake from different users, older than the quiescence period.
 //! (g) OVERDUE_BET: no bet in a non-terminal state past its deadline.
+//! (h) LEDGER_CHAIN_BROKEN: each user's entries, in order, form a chain: every
+//!     entry's balance_after is the previous one's plus its amount.
+//! (i) REFUND_MISSING: every REFUNDED bet whose stake was taken has its refund
+//!     owed or paid.
+//! (j) PAYOUT_UNSETTLED_ROUND: no payout for a match of a round not SETTLED.
+//! (k) REJECTED_WITH_STAKE: no REJECTED bet had its stake taken.
 
 #![forbid(unsafe_code)]
 
@@ -58,6 +67,30 @@ impl AuditReport {
     }
 }
 
+/// The escrow the bets account for, as the CTE `bets_escrow (amount)`: the
+/// stakes of PENDING and MATCHED bets, of PLACING bets whose stake was already
+/// taken, and of REFUNDED bets whose refund is not yet carried out; less the
+/// stakes of MATCHED bets whose match is already paid (the payout lands before
+/// its bets say SETTLED). A macro, not a `const`, so `concat!` can splice it
+/// into (b) and (c), which must agree on it.
+macro_rules! bets_escrow_cte {
+    () => {
+        "bets_escrow AS ( \
+           SELECT held.expected - paid_early.amount AS amount FROM ( \
+             SELECT coalesce(sum(b.amount), 0) AS expected FROM bets b \
+             WHERE b.status IN ('PENDING', 'MATCHED') \
+                OR (b.status = 'PLACING' AND EXISTS (SELECT 1 FROM ledger_entries s \
+                      WHERE s.kind = 'STAKE' AND s.reference = b.bet_id::TEXT)) \
+                OR (b.status = 'REFUNDED' AND NOT EXISTS (SELECT 1 FROM ledger_entries r \
+                      WHERE r.idempotency_key = 'REFUND:' || b.bet_id)) \
+           ) held, ( \
+             SELECT coalesce(sum(b.amount), 0) AS amount FROM bets b \
+             JOIN payout_bets p ON p.bet_id = b.bet_id WHERE b.status = 'MATCHED' \
+           ) paid_early \
+         )"
+    };
+}
+
 /// One check: its name and a query returning one text row per violation.
 struct Check {
     name: &'static str,
@@ -82,38 +115,52 @@ const CHECKS: &[Check] = &[
               LIMIT 20",
         params: 0,
     },
+    // The ledger's system accounts mirror its user rows, so summing them
+    // proves nothing; this compares sources kept apart: the stored balances,
+    // the bets' states, and the money the ledger says came in and went out.
+    // HOUSE takes no entries (the counterparty constraint), so it is not a term.
     Check {
         name: "ACCOUNTS_NOT_ZERO",
-        sql: "SELECT format('all accounts sum to %s', total) FROM \
-                (SELECT coalesce(sum(balance), 0) AS total FROM account_balances) t \
-              WHERE total <> 0",
+        sql: concat!(
+            "WITH stored AS ( \
+               SELECT coalesce(sum(balance), 0) AS amount FROM wallets \
+             ), external AS ( \
+               SELECT coalesce(sum(amount) FILTER (WHERE kind = 'DEPOSIT'), 0) AS deposited, \
+                 coalesce(-sum(amount) FILTER (WHERE kind = 'WITHDRAWAL'), 0) AS withdrawn \
+               FROM ledger_entries WHERE kind IN ('DEPOSIT', 'WITHDRAWAL') \
+             ), ",
+            bets_escrow_cte!(),
+            " SELECT format('wallets hold %s and bets account for %s in escrow, but %s came in \
+                (%s deposited, %s withdrawn)', stored.amount, bets_escrow.amount, \
+                external.deposited - external.withdrawn, external.deposited, external.withdrawn) \
+              FROM stored, external, bets_escrow \
+              WHERE stored.amount + bets_escrow.amount <> external.deposited - external.withdrawn \
+              UNION ALL \
+              SELECT format('%s account holds %s: %s', account, balance, CASE account \
+                  WHEN 'ESCROW' THEN 'more returned than staked' \
+                  ELSE 'more withdrawn than deposited' END) \
+              FROM account_balances \
+              WHERE (account = 'ESCROW' AND balance < 0) OR (account = 'EXTERNAL' AND balance > 0) \
+              LIMIT 20"
+        ),
         params: 0,
     },
     Check {
         name: "ESCROW_MISMATCH",
-        sql: "WITH ledger AS ( \
-                SELECT coalesce(-sum(amount), 0) AS escrow FROM ledger_entries \
-                WHERE counterparty = 'ESCROW' \
-              ), held AS ( \
-                SELECT coalesce(sum(b.amount), 0) AS expected FROM bets b \
-                WHERE b.status IN ('PENDING', 'MATCHED') \
-                   OR (b.status = 'PLACING' AND EXISTS (SELECT 1 FROM ledger_entries s \
-                         WHERE s.kind = 'STAKE' AND s.reference = b.bet_id::TEXT)) \
-                   OR (b.status = 'REFUNDED' AND NOT EXISTS (SELECT 1 FROM ledger_entries r \
-                         WHERE r.idempotency_key = 'REFUND:' || b.bet_id)) \
-              ), paid_early AS ( \
-                SELECT coalesce(sum(b.amount), 0) AS amount FROM bets b \
-                JOIN payout_bets p ON p.bet_id = b.bet_id WHERE b.status = 'MATCHED' \
-              ) \
-              SELECT format('escrow holds %s but bets account for %s', ledger.escrow, \
-                held.expected - paid_early.amount) \
-              FROM ledger, held, paid_early WHERE ledger.escrow <> held.expected - paid_early.amount \
+        sql: concat!(
+            "WITH ledger AS ( \
+               SELECT coalesce(-sum(amount), 0) AS escrow FROM ledger_entries \
+               WHERE counterparty = 'ESCROW' \
+             ), ",
+            bets_escrow_cte!(),
+            " SELECT format('escrow holds %s but bets account for %s', ledger.escrow, \
+                bets_escrow.amount) \
+              FROM ledger, bets_escrow WHERE ledger.escrow <> bets_escrow.amount \
               UNION ALL \
               SELECT format('bet %s is %s but %s', b.bet_id, b.status, problem) FROM ( \
                 SELECT b.*, CASE \
                   WHEN b.status IN ('PENDING', 'MATCHED', 'SETTLED', 'REFUNDED') AND s.entry_id IS NULL \
                     THEN 'no stake was taken' \
-                  WHEN b.status = 'REJECTED' AND s.entry_id IS NOT NULL THEN 'its stake was taken' \
                   WHEN s.entry_id IS NOT NULL AND (-s.amount <> b.amount OR s.user_id <> b.user_id) \
                     THEN 'its stake differs from the bet' \
                   WHEN b.status = 'SETTLED' AND p.bet_id IS NULL THEN 'its match was not paid' \
@@ -126,7 +173,8 @@ const CHECKS: &[Check] = &[
                 LEFT JOIN ledger_entries r ON r.idempotency_key = 'REFUND:' || b.bet_id \
                 LEFT JOIN payout_bets p ON p.bet_id = b.bet_id \
               ) b WHERE problem IS NOT NULL \
-              LIMIT 20",
+              LIMIT 20"
+        ),
         params: 0,
     },
     Check {
@@ -202,7 +250,62 @@ const CHECKS: &[Check] = &[
               LIMIT 20",
         params: 2,
     },
+    // Entry ids are assigned by the INSERT that follows the UPDATE locking the
+    // wallet row, and the lock is held until commit: one user's entries get
+    // their ids in commit order, so entry_id order is the order of the chain.
+    Check {
+        name: "LEDGER_CHAIN_BROKEN",
+        sql: "SELECT format('user %s: entry %s leaves the balance at %s, but %s before it \
+                plus its %s makes %s', user_id, entry_id, balance_after, coalesce(previous, 0), \
+                amount, coalesce(previous, 0) + amount) FROM ( \
+                SELECT user_id, entry_id, amount, balance_after, \
+                  lag(balance_after) OVER (PARTITION BY user_id ORDER BY entry_id) AS previous \
+                FROM ledger_entries \
+              ) e WHERE balance_after <> coalesce(previous, 0) + amount \
+              LIMIT 20",
+        params: 0,
+    },
+    Check {
+        name: "REFUND_MISSING",
+        sql: "SELECT format('bet %s is REFUNDED (%s) but no refund is owed or paid', \
+                b.bet_id, b.refund_reason) FROM bets b \
+              WHERE b.status = 'REFUNDED' \
+                AND EXISTS (SELECT 1 FROM ledger_entries s \
+                  WHERE s.kind = 'STAKE' AND s.reference = b.bet_id::TEXT) \
+                AND NOT EXISTS (SELECT 1 FROM wallet_commands c \
+                  WHERE c.idempotency_key = 'REFUND:' || b.bet_id) \
+                AND NOT EXISTS (SELECT 1 FROM ledger_entries r \
+                  WHERE r.idempotency_key = 'REFUND:' || b.bet_id) \
+              LIMIT 20",
+        params: 0,
+    },
+    // A round becomes SETTLED before any of its matches is paid, and the
+    // settler pays only matches of SETTLED rounds, which never change again.
+    Check {
+        name: "PAYOUT_UNSETTLED_ROUND",
+        sql: "SELECT format('match %s was paid but its round %s is %s', \
+                m.match_id, m.round_id, coalesce(r.status, 'missing')) \
+              FROM ledger_entries p JOIN matches m ON m.match_id::TEXT = p.reference \
+              LEFT JOIN rounds r ON r.round_id = m.round_id \
+              WHERE p.kind = 'PAYOUT' AND r.status IS DISTINCT FROM 'SETTLED' \
+              LIMIT 20",
+        params: 0,
+    },
+    Check {
+        name: "REJECTED_WITH_STAKE",
+        sql: "SELECT format('bet %s is REJECTED (%s) but its stake %s was taken', \
+                b.bet_id, b.reject_reason, s.idempotency_key) \
+              FROM bets b JOIN ledger_entries s ON s.kind = 'STAKE' AND s.reference = b.bet_id::TEXT \
+              WHERE b.status = 'REJECTED' \
+              LIMIT 20",
+        params: 0,
+    },
 ];
+
+/// The name of every check, in the order [`run`] runs them.
+pub fn check_names() -> impl Iterator<Item = &'static str> {
+    CHECKS.iter().map(|check| check.name)
+}
 
 /// Runs every check.
 pub async fn run(pool: &PgPool, settings: &AuditSettings) -> Result<AuditReport, sqlx::Error> {
