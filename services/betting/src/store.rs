@@ -337,10 +337,13 @@ impl BetStore {
     }
 
     /// Commands not yet carried out, older than `age` (younger ones are still
-    /// being carried out by the request that wrote them).
+    /// being carried out by the request that wrote them), in key order after
+    /// `after`: a caller pages through all of them across calls, so commands
+    /// that never complete cannot hide the ones behind them.
     pub async fn due_commands(
         &self,
         age: Duration,
+        after: Option<&str>,
         limit: i64,
     ) -> Result<Vec<WalletCommand>, BettingError> {
         Ok(sqlx::query_as(concat!(
@@ -348,9 +351,11 @@ impl BetStore {
             command_columns!(),
             " FROM wallet_commands \
              WHERE done_at IS NULL AND created_at < now() - make_interval(secs => $1) \
-             ORDER BY created_at LIMIT $2"
+               AND ($2::TEXT IS NULL OR idempotency_key > $2) \
+             ORDER BY idempotency_key LIMIT $3"
         ))
         .bind(age.as_secs_f64())
+        .bind(after)
         .bind(limit)
         .fetch_all(&self.pool)
         .await?)
@@ -398,18 +403,23 @@ impl BetStore {
         .await?)
     }
 
-    /// PENDING bets older than `age`, oldest first: the matcher's work, re-derived.
+    /// PENDING bets older than `age`, in id order (time order: ids are
+    /// UUIDv7) after `after`: the matcher's work, re-derived, paged through
+    /// across calls so that no bet is starved by the ones before it.
     pub async fn pending_older_than(
         &self,
         age: Duration,
+        after: Option<Uuid>,
         limit: i64,
     ) -> Result<Vec<(Uuid, String)>, BettingError> {
         Ok(sqlx::query_as(
             "SELECT bet_id, round_id FROM bets \
              WHERE status = 'PENDING' AND created_at < now() - make_interval(secs => $1) \
-             ORDER BY created_at LIMIT $2",
+               AND ($2::UUID IS NULL OR bet_id > $2) \
+             ORDER BY bet_id LIMIT $3",
         )
         .bind(age.as_secs_f64())
+        .bind(after)
         .bind(limit)
         .fetch_all(&self.pool)
         .await?)
@@ -422,8 +432,8 @@ impl BetStore {
         &self,
         timeout: Duration,
         limit: i64,
-    ) -> Result<Vec<Uuid>, BettingError> {
-        Ok(sqlx::query_scalar(
+    ) -> Result<Vec<BetNote>, BettingError> {
+        Ok(sqlx::query_as::<_, (i64, Uuid, String, i64)>(
             "WITH due AS ( \
                SELECT bet_id FROM bets \
                WHERE status = 'PENDING' AND created_at < now() - make_interval(secs => $1) \
@@ -432,22 +442,20 @@ impl BetStore {
                UPDATE bets b SET status = 'REFUNDED', refund_reason = 'MATCH_TIMEOUT', \
                  version = b.version + 1, updated_at = now() \
                FROM due WHERE b.bet_id = due.bet_id AND b.status = 'PENDING' \
-               RETURNING b.bet_id, b.user_id, b.amount \
+               RETURNING b.bet_id, b.user_id, b.amount, b.round_id, b.version \
+             ), owed AS ( \
+               INSERT INTO wallet_commands (idempotency_key, kind, user_id, amount, bet_id) \
+               SELECT 'REFUND:' || bet_id, 'REFUND', user_id, amount, bet_id FROM refunded \
+               ON CONFLICT (idempotency_key) DO NOTHING \
              ) \
-             INSERT INTO wallet_commands (idempotency_key, kind, user_id, amount, bet_id) \
-             SELECT 'REFUND:' || bet_id, 'REFUND', user_id, amount, bet_id FROM refunded \
-             ON CONFLICT (idempotency_key) DO NOTHING \
-             RETURNING idempotency_key",
+             SELECT user_id, bet_id, round_id, version FROM refunded",
         )
         .bind(timeout.as_secs_f64())
         .bind(limit)
         .fetch_all(&self.pool)
         .await?
         .into_iter()
-        .filter_map(|key: String| {
-            key.strip_prefix("REFUND:")
-                .and_then(|id| Uuid::try_parse(id).ok())
-        })
+        .map(BetNote::from)
         .collect())
     }
 

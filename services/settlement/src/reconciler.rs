@@ -13,7 +13,10 @@
 //! Passes are safe to run anywhere and at once; a PostgreSQL advisory lock
 //! keeps it to one pass at a time across processes, to save work.
 
-use std::time::Duration;
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use betting_bets::{BetStore, match_job};
 use betting_queue::Queue;
@@ -69,6 +72,15 @@ pub struct Reconciler {
     refund_queue: Queue,
     settings: ReconcilerSettings,
     publisher: Option<betting_streams::Publisher>,
+    cursors: Arc<Mutex<Cursors>>,
+}
+
+/// Where the next pass goes on in each list it pages through.
+#[derive(Debug, Default)]
+struct Cursors {
+    pending: Option<uuid::Uuid>,
+    matches: Option<uuid::Uuid>,
+    commands: Option<String>,
 }
 
 /// The advisory lock key of a pass.
@@ -90,6 +102,7 @@ impl Reconciler {
             refund_queue,
             settings,
             publisher: None,
+            cursors: Arc::default(),
         }
     }
 
@@ -130,6 +143,8 @@ impl Reconciler {
         };
         let fail = |e: betting_bets::BettingError| SettlementError::Internal(anyhow::Error::new(e));
 
+        // Refunds change the bets they touch, so each statement takes the
+        // next ones on its own; both are announced like every bet change.
         let stranded = self.bets.refund_stranded(s.batch).await.map_err(fail)?;
         report.stranded = stranded.len();
         let timed_out = self
@@ -138,12 +153,28 @@ impl Reconciler {
             .await
             .map_err(fail)?;
         report.timed_out = timed_out.len();
+        if let Some(publisher) = &self.publisher {
+            let refunded: Vec<_> = stranded.into_iter().chain(timed_out).collect();
+            if !refunded.is_empty() {
+                publisher.bets(refunded).await;
+            }
+        }
 
+        // The rest only reads, so each pass takes the next page after the
+        // previous pass's cursor and wraps around at the end: work that never
+        // completes (a dead job, say) cannot starve the work behind it.
+        let after = self.cursor(|c| c.pending);
         let pending = self
             .bets
-            .pending_older_than(s.sweep_after, s.batch)
+            .pending_older_than(s.sweep_after, after, s.batch)
             .await
             .map_err(fail)?;
+        self.advance(
+            |c| &mut c.pending,
+            pending.last().map(|p| p.0),
+            pending.len(),
+            s.batch,
+        );
         report.match_jobs = pending.len();
         let jobs: Vec<_> = pending
             .iter()
@@ -151,17 +182,34 @@ impl Reconciler {
             .collect();
         enqueue_all(&self.match_queue, jobs).await;
 
-        let unpaid = self.rounds.unpaid_matches(s.retry_after, s.batch).await?;
+        let after = self.cursor(|c| c.matches);
+        let unpaid = self
+            .rounds
+            .unpaid_matches(s.retry_after, after, s.batch)
+            .await?;
+        self.advance(
+            |c| &mut c.matches,
+            unpaid.last().copied(),
+            unpaid.len(),
+            s.batch,
+        );
         report.settle_jobs = unpaid.len();
         let jobs: Vec<_> = unpaid.into_iter().map(settle_job).collect();
         enqueue_all(&self.settle_queue, jobs).await;
 
         // Fresh refunds (just made above) are owed too: no age for them.
+        let after = self.cursor(|c| c.commands.clone());
         let owed = self
             .bets
-            .due_commands(Duration::ZERO, s.batch)
+            .due_commands(Duration::ZERO, after.as_deref(), s.batch)
             .await
             .map_err(fail)?;
+        self.advance(
+            |c| &mut c.commands,
+            owed.last().map(|c| c.idempotency_key.clone()),
+            owed.len(),
+            s.batch,
+        );
         report.refund_jobs = owed.len();
         let jobs: Vec<_> = owed
             .iter()
@@ -172,8 +220,29 @@ impl Reconciler {
         if report.timed_out + report.stranded > 0 {
             tracing::info!(?report, "reconciler refunded bets");
         }
+        metrics::counter!("reconciler_repairs_total", "kind" => "timed_out")
+            .increment(report.timed_out as u64);
+        metrics::counter!("reconciler_repairs_total", "kind" => "stranded")
+            .increment(report.stranded as u64);
         self.record_queue_gauges().await;
         Ok(report)
+    }
+
+    fn cursor<T>(&self, read: impl FnOnce(&Cursors) -> T) -> T {
+        read(&self.cursors.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The next page starts after `last`; a short page was the end, so the
+    /// next pass starts from the beginning again.
+    fn advance<T>(
+        &self,
+        field: impl FnOnce(&mut Cursors) -> &mut Option<T>,
+        last: Option<T>,
+        got: usize,
+        batch: i64,
+    ) {
+        let mut cursors = self.cursors.lock().unwrap_or_else(|e| e.into_inner());
+        *field(&mut cursors) = if (got as i64) < batch { None } else { last };
     }
 
     /// Publishes each queue's counts as gauges (one process does it per pass).

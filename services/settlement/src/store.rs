@@ -220,19 +220,24 @@ impl RoundStore {
         .await?)
     }
 
-    /// Unpaid matches of settled rounds, settled more than `age` ago: lost settle jobs.
+    /// Unpaid matches of settled rounds, settled more than `age` ago (lost
+    /// settle jobs), in id order after `after`, so that a caller pages
+    /// through all of them across calls.
     pub async fn unpaid_matches(
         &self,
         age: std::time::Duration,
+        after: Option<Uuid>,
         limit: i64,
     ) -> Result<Vec<Uuid>, SettlementError> {
         Ok(sqlx::query_scalar(
             "SELECT m.match_id FROM matches m JOIN rounds r USING (round_id) \
              WHERE m.status = 'OPEN' AND r.status = 'SETTLED' \
                AND r.settled_at < now() - make_interval(secs => $1) \
-             LIMIT $2",
+               AND ($2::UUID IS NULL OR m.match_id > $2) \
+             ORDER BY m.match_id LIMIT $3",
         )
         .bind(age.as_secs_f64())
+        .bind(after)
         .bind(limit)
         .fetch_all(&self.pool)
         .await?)

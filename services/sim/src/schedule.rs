@@ -212,11 +212,12 @@ impl Generator {
         Decimal::from(*[1_i64, 2, 5].choose(&mut self.rng).unwrap_or(&1))
     }
 
+    /// A fault on a client's own deposit or withdrawal: the network's, not
+    /// a refusal (a client whose credential is refused is not retrying).
     fn wallet_fault(&mut self) -> Option<Fault> {
         match self.rng.random_range(0..10) {
             0 => Some(Fault::FailBefore),
-            1 => Some(Fault::LoseReply),
-            2 => Some(Fault::Refuse),
+            1 | 2 => Some(Fault::LoseReply),
             3 => Some(Fault::Delay(Duration::from_millis(
                 self.rng.random_range(5..60),
             ))),
@@ -336,7 +337,10 @@ impl Generator {
                     Rpc::RefundStake
                 };
                 let user = self.user();
-                let fault = self.wallet_fault().unwrap_or(Fault::LoseReply);
+                let fault = match self.rng.random_range(0..4) {
+                    0 => Fault::Refuse,
+                    _ => self.wallet_fault().unwrap_or(Fault::LoseReply),
+                };
                 Step::Arm { rpc, user, fault }
             }
             _ => Step::Pause(Duration::from_millis(self.rng.random_range(1..40))),
