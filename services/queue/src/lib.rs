@@ -12,7 +12,12 @@
 //!   set, up to a per-queue attempt limit; then a **dead-letter** hash that keeps
 //!   the job with its last error and attempt count until someone requeues it.
 //! - **Dedupe by id** while a job is waiting, delayed or in flight; once it is
-//!   acknowledged or dead its id is free again (BullMQ's trap avoided).
+//!   acknowledged its id is free again (BullMQ's trap avoided).
+//! - **Dead stays dead**: `enqueue` refuses an id that is in the dead-letter
+//!   hash. Producers re-derive their work from PostgreSQL on every pass, and
+//!   would otherwise put a poison job back every pass; only an operator's
+//!   [`Queue::retry_dead`] or [`Queue::retry_all_dead`] (`betting queue retry`)
+//!   requeues it.
 //! - **Cluster-ready**: every key of a queue shares the hash tag `{name}`.
 //!
 //! Redis is never the source of truth: producers re-derive lost work from
@@ -120,6 +125,18 @@ pub struct QueueStats {
     pub failed: u64,
 }
 
+/// What `enqueue` did with a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EnqueueOutcome {
+    /// It is on the wait list.
+    Enqueued,
+    /// A job with this id is already waiting, delayed or in flight.
+    Duplicate,
+    /// A job with this id is in the dead-letter list; only an operator's retry
+    /// puts it back.
+    Dead,
+}
+
 /// What happened to a failed job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailOutcome {
@@ -219,9 +236,13 @@ impl Queue {
         format!("{}{consumer}", self.keys.active_prefix)
     }
 
-    /// Enqueues a job; `false` when a job with this id is already waiting,
-    /// delayed or in flight.
-    pub async fn enqueue(&self, id: &str, payload: serde_json::Value) -> Result<bool, QueueError> {
+    /// Enqueues a job unless a job with this id is live (waiting, delayed or
+    /// in flight) or dead.
+    pub async fn enqueue(
+        &self,
+        id: &str,
+        payload: serde_json::Value,
+    ) -> Result<EnqueueOutcome, QueueError> {
         let job = Job {
             id: id.to_owned(),
             payload,
@@ -231,20 +252,32 @@ impl Queue {
             failed_at_ms: None,
         };
         let encoded = serde_json::to_string(&job)?;
-        let added: i64 = self
+        let result: i64 = self
             .scripts
             .enqueue
             .evalsha_with_reload(
                 &self.client,
-                vec![self.keys.jobs.clone(), self.keys.wait.clone()],
+                vec![
+                    self.keys.jobs.clone(),
+                    self.keys.wait.clone(),
+                    self.keys.dead.clone(),
+                ],
                 vec![id.to_owned(), encoded],
             )
             .await?;
-        if added == 1 {
-            metrics::counter!("queue_jobs_enqueued_total", "queue" => self.name.clone())
-                .increment(1);
-        }
-        Ok(added == 1)
+        Ok(match result {
+            1 => {
+                metrics::counter!("queue_jobs_enqueued_total", "queue" => self.name.clone())
+                    .increment(1);
+                EnqueueOutcome::Enqueued
+            }
+            2 => {
+                metrics::counter!("queue_enqueue_refused_dead_total", "queue" => self.name.clone())
+                    .increment(1);
+                EnqueueOutcome::Dead
+            }
+            _ => EnqueueOutcome::Duplicate,
+        })
     }
 
     /// Waits up to `timeout` for a job and moves it into `consumer`'s active

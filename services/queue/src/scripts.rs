@@ -2,9 +2,12 @@
 //! touches is passed in KEYS and shares the queue's hash tag, so they are
 //! valid on Redis Cluster.
 
-/// KEYS: jobs, wait. ARGV: id, job JSON.
-/// Adds a job unless one with its id is queued, delayed or in flight.
+/// KEYS: jobs, wait, dead. ARGV: id, job JSON.
+/// Adds a job unless one with its id is queued, delayed or in flight (returns
+/// 0) or dead (returns 2): a dead id comes back only through RETRY_DEAD, an
+/// operator's decision, never through a producer re-deriving its work.
 pub const ENQUEUE: &str = r#"
+if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then return 2 end
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
   redis.call('LPUSH', KEYS[2], ARGV[1])
   return 1

@@ -9,7 +9,8 @@ use std::{
 };
 
 use betting_queue::{
-    FailOutcome, Handler, Job, JobError, Queue, QueueSettings, Worker, WorkerSettings,
+    EnqueueOutcome, FailOutcome, Handler, Job, JobError, Queue, QueueSettings, Worker,
+    WorkerSettings,
 };
 use tokio::sync::watch;
 
@@ -62,15 +63,17 @@ async fn wait_client(client: &fred::prelude::Client) {
 #[tokio::test]
 async fn dedupes_while_live_and_frees_the_id_once_done() {
     let (q, blocking) = setup().await;
-    assert!(
+    assert_eq!(
         q.enqueue("job-1", serde_json::json!({"n": "1"}))
             .await
-            .expect("enqueue")
+            .expect("enqueue"),
+        EnqueueOutcome::Enqueued
     );
-    assert!(
-        !q.enqueue("job-1", serde_json::json!({"n": "2"}))
+    assert_eq!(
+        q.enqueue("job-1", serde_json::json!({"n": "2"}))
             .await
-            .expect("dedupe while waiting")
+            .expect("dedupe while waiting"),
+        EnqueueOutcome::Duplicate
     );
     let job = q
         .fetch(&blocking, "c1", Duration::from_secs(1))
@@ -78,17 +81,19 @@ async fn dedupes_while_live_and_frees_the_id_once_done() {
         .expect("fetch")
         .expect("a job");
     assert_eq!(job.payload["n"], "1");
-    assert!(
-        !q.enqueue("job-1", serde_json::json!({}))
+    assert_eq!(
+        q.enqueue("job-1", serde_json::json!({}))
             .await
-            .expect("dedupe in flight")
+            .expect("dedupe in flight"),
+        EnqueueOutcome::Duplicate
     );
     assert_eq!(q.stats().await.expect("stats").in_flight, 1);
     q.ack("c1", &job.id).await.expect("ack");
-    assert!(
+    assert_eq!(
         q.enqueue("job-1", serde_json::json!({"n": "3"}))
             .await
             .expect("enqueue"),
+        EnqueueOutcome::Enqueued,
         "a later job with the same id is accepted once the first is done"
     );
     let stats = q.stats().await.expect("stats");
@@ -272,5 +277,45 @@ async fn a_job_that_kills_every_consumer_ends_in_the_dead_letter_list() {
     assert_eq!(
         dead[0].last_error.as_deref(),
         Some("its consumer died while running it")
+    );
+}
+
+/// Guards against the reconciler resurrecting dead-letter jobs: `enqueue`
+/// only checked the live jobs, so a producer re-deriving its work put a
+/// poison job back on every pass and the dead-letter list meant nothing.
+#[tokio::test]
+async fn a_dead_job_is_not_enqueued_again_until_an_operator_retries_it() {
+    let (q, blocking) = setup().await;
+    q.enqueue("poison", serde_json::json!({}))
+        .await
+        .expect("enqueue");
+    let job = q
+        .fetch(&blocking, "c", Duration::from_secs(1))
+        .await
+        .expect("fetch")
+        .expect("the job");
+    assert_eq!(
+        q.fail("c", &job, "malformed", true).await.expect("fail"),
+        FailOutcome::Dead
+    );
+    assert_eq!(
+        q.enqueue("poison", serde_json::json!({}))
+            .await
+            .expect("enqueue"),
+        EnqueueOutcome::Dead,
+        "a dead job is refused"
+    );
+    let stats = q.stats().await.expect("stats");
+    assert_eq!((stats.waiting, stats.dead), (0, 1), "{stats:?}");
+
+    assert!(q.retry_dead("poison").await.expect("retry"));
+    let stats = q.stats().await.expect("stats");
+    assert_eq!((stats.waiting, stats.dead), (1, 0), "{stats:?}");
+    assert_eq!(
+        q.enqueue("poison", serde_json::json!({}))
+            .await
+            .expect("enqueue"),
+        EnqueueOutcome::Duplicate,
+        "once retried it is live again"
     );
 }
