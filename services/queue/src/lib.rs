@@ -89,6 +89,9 @@ pub struct Job {
     pub failed_at_ms: Option<u64>,
 }
 
+/// Most dead jobs one [`Queue::retry_all_dead`] requeues.
+pub const RETRY_ALL_LIMIT: i64 = 10_000;
+
 /// Per-queue behaviour.
 #[derive(Debug, Clone)]
 pub struct QueueSettings {
@@ -556,20 +559,25 @@ impl Queue {
         Ok(n == 1)
     }
 
-    /// Requeues every dead job; returns how many.
+    /// Requeues every dead job once; returns how many.
+    ///
+    /// It works from one snapshot of the newest [`RETRY_ALL_LIMIT`] dead ids:
+    /// re-reading the dead list until it is empty never ends while jobs die
+    /// again as fast as they are retried. A job that dies again meanwhile
+    /// stays dead; older ones beyond the limit wait for the next call.
     pub async fn retry_all_dead(&self) -> Result<u64, QueueError> {
+        let ids: Vec<String> = self
+            .client
+            .lrange(&self.keys.dead_order, 0, RETRY_ALL_LIMIT - 1)
+            .await?;
         let mut total = 0;
-        loop {
-            let ids: Vec<String> = self.client.lrange(&self.keys.dead_order, 0, 99).await?;
-            if ids.is_empty() {
-                return Ok(total);
-            }
-            for id in ids {
-                if self.retry_dead(&id).await? {
-                    total += 1;
-                }
+        // Bounded by the snapshot: at most RETRY_ALL_LIMIT ids.
+        for id in ids {
+            if self.retry_dead(&id).await? {
+                total += 1;
             }
         }
+        Ok(total)
     }
 }
 

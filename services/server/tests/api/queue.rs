@@ -319,3 +319,64 @@ async fn a_dead_job_is_not_enqueued_again_until_an_operator_retries_it() {
         "once retried it is live again"
     );
 }
+
+/// Guards against `retry_all_dead` looping for ever: it re-read the head of
+/// the dead list until it was empty, so jobs that died again at once kept it
+/// going.
+#[tokio::test]
+async fn retry_all_retries_each_dead_job_once_even_if_it_dies_again_at_once() {
+    let (q, blocking) = setup().await;
+    const JOBS: u64 = 5;
+    for n in 0..JOBS {
+        let id = format!("poison-{n}");
+        q.enqueue(&id, serde_json::json!({}))
+            .await
+            .expect("enqueue");
+        let job = q
+            .fetch(&blocking, "c", Duration::from_secs(1))
+            .await
+            .expect("fetch")
+            .expect("the job");
+        q.fail("c", &job, "malformed", true).await.expect("fail");
+    }
+    assert_eq!(q.stats().await.expect("stats").dead, JOBS);
+
+    struct Reject;
+    impl Handler for Reject {
+        async fn handle(&self, _job: &Job) -> Result<(), JobError> {
+            Err(JobError::Permanent("still malformed".into()))
+        }
+    }
+    let (stop, stopped) = watch::channel(false);
+    let worker = Worker::new(
+        q.clone(),
+        betting_queue::connect(&redis_url()).expect("redis"),
+        WorkerSettings {
+            poll: Duration::from_millis(50),
+            ..WorkerSettings::default()
+        },
+    );
+    let running = tokio::spawn(worker.run(Arc::new(Reject), stopped));
+    // Let the worker take its lease and block in its fetch.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let retried = tokio::time::timeout(Duration::from_secs(10), q.retry_all_dead())
+        .await
+        .expect("retry_all returns although every job dies again at once")
+        .expect("retry_all");
+    assert_eq!(retried, JOBS, "each dead job is retried exactly once");
+    let mut stats = q.stats().await.expect("stats");
+    for _ in 0..100 {
+        if stats.dead == JOBS && stats.waiting == 0 && stats.in_flight == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        stats = q.stats().await.expect("stats");
+    }
+    assert_eq!(
+        (stats.dead, stats.waiting, stats.in_flight),
+        (JOBS, 0, 0),
+        "every job ran once more and died again: {stats:?}"
+    );
+    stop.send(true).expect("stop");
+    running.await.expect("worker stops");
+}
