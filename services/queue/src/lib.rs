@@ -36,7 +36,10 @@ use fred::{
     types::{lists::LMoveDirection, scripts::Script},
 };
 
-pub use worker::{Handler, JobError, Worker, WorkerSettings};
+pub use worker::{
+    DEFAULT_POLL, Handler, JobError, MIN_POLL, Worker, WorkerSettings, WorkerSettingsError,
+    housekeeping_interval, min_visibility_timeout,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
@@ -100,7 +103,8 @@ pub struct QueueSettings {
     /// First retry delay; doubles each attempt, with full jitter.
     pub backoff_base: Duration,
     pub backoff_max: Duration,
-    /// How long a consumer's lease lasts without a heartbeat.
+    /// How long a consumer's lease lasts without a heartbeat. A worker
+    /// refuses one too short for its poll ([`WorkerSettings::check`]).
     pub visibility_timeout: Duration,
 }
 

@@ -210,7 +210,7 @@ impl Application {
                 queue.clone(),
                 blocking,
                 worker_settings.clone(),
-            ))
+            )?)
         };
         let mut workers = Workers::default();
         if settings.runs(Role::Matcher) {

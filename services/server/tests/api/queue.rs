@@ -186,10 +186,12 @@ async fn jobs_of_a_consumer_that_died_mid_job_are_reaped_and_run() {
         q.clone(),
         betting_queue::connect(&redis_url()).expect("redis"),
         WorkerSettings {
-            poll: Duration::from_millis(100),
+            // Six polls fit in quick()'s 300 ms lease.
+            poll: Duration::from_millis(50),
             ..WorkerSettings::default()
         },
-    );
+    )
+    .expect("worker settings");
     let running = tokio::spawn(worker.run(handler.clone(), stopped));
     for _ in 0..100 {
         if handler.0.load(Ordering::SeqCst) == 1 {
@@ -224,11 +226,12 @@ async fn a_stopping_worker_hands_back_what_it_could_not_finish() {
         q.clone(),
         betting_queue::connect(&redis_url()).expect("redis"),
         WorkerSettings {
-            poll: Duration::from_millis(100),
+            poll: Duration::from_millis(50),
             shutdown_grace: Duration::from_millis(200),
             ..WorkerSettings::default()
         },
-    );
+    )
+    .expect("worker settings");
     let running = tokio::spawn(worker.run(Arc::new(Slow), stopped));
     for _ in 0..100 {
         if q.stats().await.expect("stats").in_flight == 1 {
@@ -355,7 +358,8 @@ async fn retry_all_retries_each_dead_job_once_even_if_it_dies_again_at_once() {
             poll: Duration::from_millis(50),
             ..WorkerSettings::default()
         },
-    );
+    )
+    .expect("worker settings");
     let running = tokio::spawn(worker.run(Arc::new(Reject), stopped));
     // Let the worker take its lease and block in its fetch.
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -379,4 +383,61 @@ async fn retry_all_retries_each_dead_job_once_even_if_it_dies_again_at_once() {
     );
     stop.send(true).expect("stop");
     running.await.expect("worker stops");
+}
+
+/// Guards against a visibility timeout too short for the fetch poll: a worker
+/// heartbeats from the loop that fetches, so its heartbeat can come a whole
+/// poll late, and under such a lease the reaper took live consumers' jobs.
+#[tokio::test]
+async fn a_visibility_timeout_too_short_for_the_poll_is_refused() {
+    let q = queue(quick());
+    let blocking = betting_queue::connect(&redis_url()).expect("redis");
+    let refused = Worker::new(
+        q.clone(),
+        blocking.clone(),
+        WorkerSettings {
+            poll: Duration::from_millis(100),
+            ..WorkerSettings::default()
+        },
+    )
+    .err()
+    .expect("a 300 ms lease with a 100 ms poll is refused");
+    let message = refused.to_string();
+    assert!(
+        message.contains("visibility timeout of 300ms is too short for a 100ms poll")
+            && message.contains("use at least 600ms"),
+        "{message}"
+    );
+    Worker::new(
+        q,
+        blocking,
+        WorkerSettings {
+            poll: Duration::from_millis(50),
+            ..WorkerSettings::default()
+        },
+    )
+    .expect("six polls fit in the lease");
+
+    // The server checks its setting against the default poll at start-up.
+    let mut s = crate::helpers::settings("postgres://127.0.0.1:1/unused", &redis_url());
+    s.queue_visibility_ms = 1000;
+    let refused = s
+        .validate()
+        .expect_err("a 1 s lease with the 1 s default poll is refused");
+    assert!(
+        refused
+            .to_string()
+            .starts_with("BETTING_QUEUE_VISIBILITY_MS must be at least 6000:"),
+        "{refused}"
+    );
+    let refused = betting_server::Application::build(s.clone())
+        .await
+        .err()
+        .expect("the server does not start");
+    assert!(
+        refused.to_string().contains("BETTING_QUEUE_VISIBILITY_MS"),
+        "{refused}"
+    );
+    s.queue_visibility_ms = 6000;
+    s.validate().expect("six polls are enough");
 }
