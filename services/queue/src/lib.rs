@@ -33,7 +33,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fred::{
     interfaces::{HashesInterface, ListInterface, SortedSetsInterface},
     prelude::{Builder, Client, ClientLike, Config, ReconnectPolicy},
-    types::{lists::LMoveDirection, scripts::Script},
+    types::{config::Options, lists::LMoveDirection, scripts::Script},
 };
 
 pub use worker::{
@@ -91,6 +91,9 @@ pub struct Job {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failed_at_ms: Option<u64>,
 }
+
+/// How long after its own timeout a BLMOVE's reply may take to arrive.
+const FETCH_REPLY_MARGIN: Duration = Duration::from_secs(1);
 
 /// Most dead jobs one [`Queue::retry_all_dead`] requeues.
 pub const RETRY_ALL_LIMIT: i64 = 10_000;
@@ -289,13 +292,26 @@ impl Queue {
 
     /// Waits up to `timeout` for a job and moves it into `consumer`'s active
     /// list. `blocking` must be a client of its own: BLMOVE blocks its connection.
+    ///
+    /// Dropping the returned future does not cancel the BLMOVE: it stays
+    /// blocked on the server and may still move a job into the active list.
+    /// Await it to the end instead (it is bounded by `timeout`).
     pub async fn fetch(
         &self,
         blocking: &Client,
         consumer: &str,
         timeout: Duration,
     ) -> Result<Option<Job>, QueueError> {
+        // The client gives up only a margin after Redis's own timeout, so
+        // Redis answers first even for a poll longer than the client's
+        // default command timeout; a client giving up first would leave the
+        // BLMOVE blocked behind its back.
+        let options = Options {
+            timeout: Some(timeout.saturating_add(FETCH_REPLY_MARGIN)),
+            ..Options::default()
+        };
         let moved = blocking
+            .with_options(&options)
             .blmove(
                 &self.keys.wait,
                 self.active(consumer),

@@ -168,8 +168,9 @@ impl Worker {
         &self.consumer
     }
 
-    /// Runs until `shutdown` turns true: then stops fetching, gives in-flight
-    /// jobs the grace period, and hands back whatever is still running.
+    /// Runs until `shutdown` turns true: then lets a fetch under way finish
+    /// (at most one poll), stops fetching, gives in-flight jobs the grace
+    /// period, and hands back whatever is still running or was just fetched.
     pub async fn run<H: Handler>(self, handler: Arc<H>, mut shutdown: watch::Receiver<bool>) {
         let Worker {
             queue,
@@ -223,10 +224,19 @@ impl Worker {
                 }
                 permit = permits.clone().acquire_owned(), if !backing_off => {
                     let Ok(permit) = permit else { break };
-                    let fetched = tokio::select! {
-                        fetched = queue.fetch(&blocking, &consumer, settings.poll) => fetched,
-                        _ = shutdown.changed() => break,
-                    };
+                    // Not raced against shutdown: dropping the fetch would not
+                    // cancel its BLMOVE, which would stay blocked on the server
+                    // and could move a job into our active list after
+                    // hand_back emptied it and we left the lease set, where no
+                    // reaper looks. The fetch is bounded by the poll.
+                    let fetched = queue.fetch(&blocking, &consumer, settings.poll).await;
+                    if *shutdown.borrow() {
+                        // Stopping: start nothing more. A job the fetch
+                        // returned is in our active list, and hand_back
+                        // returns it to the front of the queue below.
+                        drop(permit);
+                        break;
+                    }
                     match fetched {
                         Ok(Some(job)) => {
                             let queue = queue.clone();
@@ -266,7 +276,9 @@ impl Worker {
             running.abort_all();
             while running.join_next().await.is_some() {}
         }
-        // Whatever is still in our active list did not finish: hand it back.
+        // Whatever is still in our active list did not finish, or was fetched
+        // as we stopped: hand it back. No BLMOVE of ours is pending any more,
+        // so nothing lands there after this.
         if let Err(error) = hand_back(&queue, &consumer).await {
             tracing::warn!(queue = %queue.name(), %error, "could not hand jobs back; the reaper will");
         }

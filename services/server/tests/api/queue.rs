@@ -441,3 +441,104 @@ async fn a_visibility_timeout_too_short_for_the_poll_is_refused() {
     s.queue_visibility_ms = 6000;
     s.validate().expect("six polls are enough");
 }
+
+/// Counts runs and remembers the attempt count each run saw.
+struct Record(std::sync::Mutex<Vec<(String, u32)>>);
+
+impl Handler for Record {
+    async fn handle(&self, job: &Job) -> Result<(), JobError> {
+        if let Ok(mut runs) = self.0.lock() {
+            runs.push((job.id.clone(), job.attempts));
+        }
+        Ok(())
+    }
+}
+
+impl Record {
+    fn new() -> Arc<Self> {
+        Arc::new(Self(std::sync::Mutex::new(Vec::new())))
+    }
+
+    fn runs(&self) -> Vec<(String, u32)> {
+        self.0.lock().map(|runs| runs.clone()).unwrap_or_default()
+    }
+
+    async fn wait_for_runs(&self, n: usize, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        while self.runs().len() < n && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Guards against a graceful shutdown orphaning a job for ever: the stopping
+/// worker used to drop its pending fetch, but the BLMOVE stayed blocked on the
+/// server and moved a job pushed meanwhile into the active list of a consumer
+/// that had already handed its jobs back and left the lease set, where no
+/// reaper looks and the dedupe entry refused every re-enqueue.
+#[tokio::test]
+async fn a_worker_stopped_while_its_fetch_blocks_leaves_no_job_behind() {
+    let q = queue(QueueSettings {
+        visibility_timeout: Duration::from_secs(12),
+        ..quick()
+    });
+    wait_connected(&q).await;
+    let long_poll = WorkerSettings {
+        poll: Duration::from_secs(2),
+        ..WorkerSettings::default()
+    };
+    let (stop, stopped) = watch::channel(false);
+    let worker = Worker::new(
+        q.clone(),
+        betting_queue::connect(&redis_url()).expect("redis"),
+        long_poll.clone(),
+    )
+    .expect("twelve seconds fit a 2 s poll");
+    let first = Record::new();
+    let running = tokio::spawn(worker.run(first.clone(), stopped));
+    // Its lease is taken before its first fetch; then it blocks in BLMOVE.
+    for _ in 0..100 {
+        if q.stats().await.expect("stats").consumers == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.send(true).expect("stop");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    q.enqueue("late", serde_json::json!({}))
+        .await
+        .expect("enqueue");
+    tokio::time::timeout(Duration::from_secs(5), running)
+        .await
+        .expect("stops within a poll")
+        .expect("worker task");
+    assert!(first.runs().is_empty(), "a stopping worker starts nothing");
+    let stats = q.stats().await.expect("stats");
+    assert_eq!(
+        (stats.waiting, stats.in_flight, stats.consumers),
+        (1, 0, 0),
+        "the job is back on the wait list, not stranded: {stats:?}"
+    );
+
+    // The next worker runs it.
+    let (stop, stopped) = watch::channel(false);
+    let worker = Worker::new(
+        q.clone(),
+        betting_queue::connect(&redis_url()).expect("redis"),
+        long_poll,
+    )
+    .expect("worker settings");
+    let second = Record::new();
+    let running = tokio::spawn(worker.run(second.clone(), stopped));
+    second.wait_for_runs(1, Duration::from_secs(5)).await;
+    assert_eq!(second.runs(), vec![("late".to_owned(), 0)]);
+    stop.send(true).expect("stop");
+    running.await.expect("worker stops");
+    let stats = q.stats().await.expect("stats");
+    assert_eq!(
+        (stats.waiting, stats.in_flight, stats.processed),
+        (0, 0, 1),
+        "{stats:?}"
+    );
+}
