@@ -8,6 +8,12 @@
 //!   work committed. Consumers hold a lease they renew by heartbeat; a reaper
 //!   returns the jobs of a consumer whose lease expired (it died, even by
 //!   SIGKILL) to the wait list.
+//! - **Orphan sweep**: a BLMOVE still blocked in Redis when its consumer left
+//!   (or was reaped) can move a job into an active list nobody holds a lease
+//!   for, where the reaper never looks. Workers sweep such lists (SCAN over the
+//!   queue's active prefix, a bounded slice per visibility timeout) and return
+//!   their jobs, without counting an attempt. A consumer takes its lease before
+//!   its first fetch, so the sweep never touches a live consumer's list.
 //! - **Retries** with exponential backoff and jitter through a delayed sorted
 //!   set, up to a per-queue attempt limit; then a **dead-letter** hash that keeps
 //!   the job with its last error and attempt count until someone requeues it.
@@ -33,7 +39,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fred::{
     interfaces::{HashesInterface, ListInterface, SortedSetsInterface},
     prelude::{Builder, Client, ClientLike, Config, ReconnectPolicy},
-    types::{config::Options, lists::LMoveDirection, scripts::Script},
+    types::{CustomCommand, config::Options, lists::LMoveDirection, scripts::Script},
 };
 
 pub use worker::{
@@ -91,6 +97,14 @@ pub struct Job {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failed_at_ms: Option<u64>,
 }
+
+/// SCAN pages one orphan sweep reads, and keys it asks for per page: a sweep
+/// looks at no more than 10,000 keys, and the next one carries on from there.
+const SWEEP_PAGES: usize = 10;
+const SWEEP_PAGE_SIZE: u32 = 1_000;
+
+/// Ids one sweep moves out of one active list; the rest wait for the next.
+const SWEEP_LIST_LIMIT: u32 = 1_000;
 
 /// How long after its own timeout a BLMOVE's reply may take to arrive.
 const FETCH_REPLY_MARGIN: Duration = Duration::from_secs(1);
@@ -187,7 +201,26 @@ struct Scripts {
     release: Script,
     promote: Script,
     reap: Script,
+    sweep: Script,
     retry_dead: Script,
+}
+
+/// Where an orphan sweep of a queue stopped: a SCAN cursor, carried from one
+/// [`Queue::sweep_orphans`] call to the next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SweepCursor(String);
+
+impl Default for SweepCursor {
+    fn default() -> Self {
+        Self("0".to_owned())
+    }
+}
+
+impl SweepCursor {
+    /// Whether the next sweep starts a new pass over the keyspace.
+    pub fn at_start(&self) -> bool {
+        self.0 == "0"
+    }
 }
 
 /// One named queue.
@@ -224,6 +257,7 @@ impl Queue {
                 release: Script::from_lua(scripts::RELEASE),
                 promote: Script::from_lua(scripts::PROMOTE),
                 reap: Script::from_lua(scripts::REAP),
+                sweep: Script::from_lua(scripts::SWEEP),
                 retry_dead: Script::from_lua(scripts::RETRY_DEAD),
             }),
             settings,
@@ -510,6 +544,77 @@ impl Queue {
         Ok(moved)
     }
 
+    /// Returns the jobs stranded in the active lists of consumers that hold no
+    /// lease at all; returns how many.
+    ///
+    /// A consumer that left (or was reaped) while a BLMOVE of its was still
+    /// blocked in Redis can find a job in its active list after its jobs were
+    /// handed back; the reaper only knows consumers in the lease set, and the
+    /// job's dedupe entry refuses every re-enqueue, so without this sweep the
+    /// job never runs. The SWEEP script re-checks, atomically, that the
+    /// consumer holds no lease, so it never takes a live consumer's jobs (a
+    /// consumer takes its lease before its first fetch); an expired lease is
+    /// left to [`Queue::reap_expired`], which counts an attempt.
+    ///
+    /// Bounded: one call reads at most 10 SCAN pages from `cursor` (all keys
+    /// of a queue share its hash tag, so on a cluster this scans the one node
+    /// that holds them) and moves at most 1,000 ids per list; the cursor lets
+    /// the next call carry on where this one stopped.
+    pub async fn sweep_orphans(&self, cursor: &mut SweepCursor) -> Result<u64, QueueError> {
+        let prefix = &self.keys.active_prefix;
+        let pattern = format!("{}*", glob_escape(prefix));
+        // The slot of the queue's hash tag, so a cluster client asks its node.
+        let slot = fred::util::redis_keyslot(prefix.as_bytes());
+        let mut moved = 0;
+        for _ in 0..SWEEP_PAGES {
+            let (next, keys): (String, Vec<String>) = self
+                .client
+                .custom(
+                    CustomCommand::new_static("SCAN", slot, false),
+                    vec![
+                        cursor.0.clone(),
+                        "MATCH".to_owned(),
+                        pattern.clone(),
+                        "COUNT".to_owned(),
+                        SWEEP_PAGE_SIZE.to_string(),
+                    ],
+                )
+                .await?;
+            // At most SWEEP_PAGE_SIZE keys, give or take what SCAN adds.
+            for key in keys {
+                let Some(consumer) = key.strip_prefix(prefix.as_str()) else {
+                    continue;
+                };
+                let n: i64 = self
+                    .scripts
+                    .sweep
+                    .evalsha_with_reload(
+                        &self.client,
+                        vec![
+                            self.keys.consumers.clone(),
+                            key.clone(),
+                            self.keys.wait.clone(),
+                            self.keys.jobs.clone(),
+                        ],
+                        vec![consumer.to_owned(), SWEEP_LIST_LIMIT.to_string()],
+                    )
+                    .await?;
+                if n > 0 {
+                    tracing::warn!(queue = %self.name, %consumer, jobs = n, "returned the jobs of a consumer that holds no lease");
+                    metrics::counter!("queue_orphans_recovered_total", "queue" => self.name.clone())
+                        .increment(u64::try_from(n).unwrap_or(0));
+                    moved += u64::try_from(n).unwrap_or(0);
+                }
+            }
+            cursor.0 = next;
+            if cursor.at_start() {
+                // A whole pass is done; the next call starts another.
+                break;
+            }
+        }
+        Ok(moved)
+    }
+
     pub async fn stats(&self) -> Result<QueueStats, QueueError> {
         let waiting: u64 = self.client.llen(&self.keys.wait).await?;
         let delayed: u64 = self.client.zcard(&self.keys.delayed).await?;
@@ -599,6 +704,18 @@ impl Queue {
         }
         Ok(total)
     }
+}
+
+/// `text` as a literal in a Redis glob pattern.
+fn glob_escape(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            escaped.push('\\');
+        }
+        escaped.push(c);
+    }
+    escaped
 }
 
 pub(crate) fn now_ms() -> u64 {

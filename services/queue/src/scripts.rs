@@ -107,6 +107,29 @@ redis.call('ZREM', KEYS[1], ARGV[1])
 return moved
 "#;
 
+/// KEYS: consumers, active (of the consumer), wait, jobs. ARGV: consumer, limit.
+/// Returns the jobs in the active list of a consumer that holds no lease at
+/// all to the front of the wait list: such a list is left by a BLMOVE that
+/// landed after its consumer left. No attempt is counted: a consumer takes its
+/// lease before its first fetch, so no live consumer ever ran these jobs.
+/// Returns -1, touching nothing, if the consumer holds a lease, even an
+/// expired one: those go through REAP. Moves at most `limit` ids (the rest wait
+/// for the next sweep); an id without a job is dropped, as a fetch drops it.
+/// Returns how many moved.
+pub const SWEEP: &str = r#"
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return -1 end
+local moved = 0
+for _ = 1, tonumber(ARGV[2]) do
+  local id = redis.call('LPOP', KEYS[2])
+  if not id then break end
+  if redis.call('HEXISTS', KEYS[4], id) == 1 then
+    redis.call('RPUSH', KEYS[3], id)
+    moved = moved + 1
+  end
+end
+return moved
+"#;
+
 /// KEYS: jobs, wait, dead, dead_order. ARGV: id.
 /// Puts a dead job back on the queue with a fresh attempt budget. If a live
 /// job with the same id exists meanwhile, the dead one is simply dropped.

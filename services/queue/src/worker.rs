@@ -1,4 +1,5 @@
-//! Consumers: fetch, run, acknowledge; heartbeat; reap; drain on shutdown.
+//! Consumers: fetch, run, acknowledge; heartbeat; reap; sweep orphans; drain
+//! on shutdown.
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -8,7 +9,7 @@ use tokio::{
     task::JoinSet,
 };
 
-use crate::{FailOutcome, Job, Queue, QueueError, QueueSettings};
+use crate::{FailOutcome, Job, Queue, QueueError, QueueSettings, SweepCursor};
 
 /// Why a job did not succeed.
 #[derive(Debug, thiserror::Error)]
@@ -191,11 +192,26 @@ impl Worker {
         // of the loop, not a sleep inside the fetch branch, so it never delays
         // a heartbeat (WorkerSettings::check relies on it).
         let mut fetch_after: Option<tokio::time::Instant> = None;
+        let visibility = queue.settings().visibility_timeout;
+        // Until when our lease runs, by our own clock, from the start of the
+        // last heartbeat that succeeded (Redis's deadline is no earlier).
+        let mut leased_until: Option<tokio::time::Instant> = None;
+        // The orphan sweep runs at the first tick, then once per lease.
+        let mut next_sweep = tokio::time::Instant::now();
+        let mut sweep_cursor = SweepCursor::default();
 
         loop {
             // Reap finished tasks so the set does not grow.
             while running.try_join_next().is_some() {}
             let backing_off = fetch_after.is_some();
+            // A consumer fetches only while it holds a lease: the first tick
+            // fires at once, and until a heartbeat succeeded (or after our
+            // lease ran out unrenewed) the fetch branch stays off. So a job
+            // never sits in the active list of a live consumer without a
+            // lease, which is what lets the orphan sweep take the jobs of any
+            // consumer without one: keep it so.
+            let may_fetch =
+                !backing_off && leased_until.is_some_and(|t| tokio::time::Instant::now() < t);
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => {
@@ -204,9 +220,23 @@ impl Worker {
                 }
                 _ = housekeeping.tick() => {
                     // Every consumer helps: renew its own lease, promote due
-                    // retries, return the jobs of dead consumers. All idempotent.
-                    if let Err(error) = housekeep(&queue, &consumer).await {
+                    // retries, return the jobs of dead consumers and of
+                    // consumers without a lease. All idempotent.
+                    let renewing = tokio::time::Instant::now();
+                    match queue.heartbeat(&consumer).await {
+                        Ok(()) => leased_until = Some(renewing + visibility),
+                        Err(error) => tracing::warn!(queue = %queue.name(), %error, "could not renew the consumer's lease"),
+                    }
+                    if let Err(error) = housekeep(&queue).await {
                         tracing::warn!(queue = %queue.name(), %error, "queue housekeeping failed");
+                    }
+                    // Orphans are rare (a BLMOVE outliving its consumer) and
+                    // a sweep SCANs: once per lease is soon enough.
+                    if renewing >= next_sweep {
+                        next_sweep = renewing + visibility;
+                        if let Err(error) = queue.sweep_orphans(&mut sweep_cursor).await {
+                            tracing::warn!(queue = %queue.name(), %error, "orphan sweep failed");
+                        }
                     }
                     // A BLMOVE whose reply was lost (client timeout racing the
                     // server) leaves an id in our active list that we never
@@ -222,7 +252,7 @@ impl Worker {
                     fetch_after = None;
                     continue;
                 }
-                permit = permits.clone().acquire_owned(), if !backing_off => {
+                permit = permits.clone().acquire_owned(), if may_fetch => {
                     let Ok(permit) = permit else { break };
                     // Not raced against shutdown: dropping the fetch would not
                     // cancel its BLMOVE, which would stay blocked on the server
@@ -286,8 +316,7 @@ impl Worker {
     }
 }
 
-async fn housekeep(queue: &Queue, consumer: &str) -> Result<(), QueueError> {
-    queue.heartbeat(consumer).await?;
+async fn housekeep(queue: &Queue) -> Result<(), QueueError> {
     queue.promote_due().await?;
     queue.reap_expired().await?;
     Ok(())

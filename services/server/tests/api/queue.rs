@@ -542,3 +542,100 @@ async fn a_worker_stopped_while_its_fetch_blocks_leaves_no_job_behind() {
         "{stats:?}"
     );
 }
+
+/// Guards against jobs stranded in the active list of a consumer that holds
+/// no lease (it left, or its BLMOVE landed after it left): the reaper only
+/// looked at consumers in the lease set, so such a job never ran again.
+#[tokio::test]
+async fn a_job_in_the_active_list_of_a_consumer_without_a_lease_is_run() {
+    let (q, blocking) = setup().await;
+    q.enqueue("stranded", serde_json::json!({}))
+        .await
+        .expect("enqueue");
+    // A consumer that never took a lease ends up holding it.
+    q.fetch(&blocking, "gone", Duration::from_secs(1))
+        .await
+        .expect("fetch")
+        .expect("the job");
+    let stats = q.stats().await.expect("stats");
+    assert_eq!((stats.in_flight, stats.consumers), (1, 0), "{stats:?}");
+
+    let (stop, stopped) = watch::channel(false);
+    let worker = Worker::new(
+        q.clone(),
+        betting_queue::connect(&redis_url()).expect("redis"),
+        WorkerSettings {
+            poll: Duration::from_millis(50),
+            ..WorkerSettings::default()
+        },
+    )
+    .expect("worker settings");
+    let handler = Record::new();
+    let running = tokio::spawn(worker.run(handler.clone(), stopped));
+    handler.wait_for_runs(1, Duration::from_secs(5)).await;
+    stop.send(true).expect("stop");
+    running.await.expect("worker stops");
+    assert_eq!(
+        handler.runs(),
+        vec![("stranded".to_owned(), 0)],
+        "it ran once, and no attempt was counted: no live consumer ever ran it"
+    );
+    let stats = q.stats().await.expect("stats");
+    assert_eq!(
+        (stats.waiting, stats.in_flight, stats.processed),
+        (0, 0, 1),
+        "{stats:?}"
+    );
+}
+
+/// Guards the orphan sweep's other side: it must never take the jobs of a
+/// consumer that holds a lease (a live one runs them), and leaves an expired
+/// lease to the reaper, which counts an attempt.
+#[tokio::test]
+async fn the_orphan_sweep_spares_consumers_that_hold_a_lease() {
+    let (q, blocking) = setup().await;
+    for id in ["held", "stranded"] {
+        q.enqueue(id, serde_json::json!({})).await.expect("enqueue");
+    }
+    q.heartbeat("alive").await.expect("heartbeat");
+    let held = q
+        .fetch(&blocking, "alive", Duration::from_secs(1))
+        .await
+        .expect("fetch")
+        .expect("a job");
+    assert_eq!(held.id, "held");
+    q.fetch(&blocking, "gone", Duration::from_secs(1))
+        .await
+        .expect("fetch")
+        .expect("a job");
+
+    // One whole pass over the keyspace, however many calls it takes.
+    async fn full_sweep(q: &Queue) -> u64 {
+        let mut cursor = betting_queue::SweepCursor::default();
+        let mut moved = 0;
+        for _ in 0..1000 {
+            moved += q.sweep_orphans(&mut cursor).await.expect("sweep");
+            if cursor.at_start() {
+                return moved;
+            }
+        }
+        panic!("the sweep never finished a pass");
+    }
+    assert_eq!(full_sweep(&q).await, 1, "only the lease-less list is swept");
+    let stats = q.stats().await.expect("stats");
+    assert_eq!((stats.waiting, stats.in_flight), (1, 1), "{stats:?}");
+    let stranded = q.job("stranded").await.expect("job").expect("still known");
+    assert_eq!(stranded.attempts, 0, "no attempt counted");
+
+    // Once the lease expires, the sweep still leaves it to the reaper.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(full_sweep(&q).await, 0);
+    assert_eq!(q.reap_expired().await.expect("reap"), 1);
+    let reaped = q.job("held").await.expect("job").expect("still known");
+    assert_eq!(
+        reaped.attempts, 1,
+        "a consumer dying mid-job counts an attempt"
+    );
+    let stats = q.stats().await.expect("stats");
+    assert_eq!((stats.waiting, stats.in_flight), (2, 0), "{stats:?}");
+}
