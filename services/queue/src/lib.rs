@@ -106,6 +106,9 @@ const SWEEP_PAGE_SIZE: u32 = 1_000;
 /// Ids one sweep moves out of one active list; the rest wait for the next.
 const SWEEP_LIST_LIMIT: u32 = 1_000;
 
+/// Consumers one reap looks at.
+const REAP_LIMIT: i64 = 100;
+
 /// How long after its own timeout a BLMOVE's reply may take to arrive.
 const FETCH_REPLY_MARGIN: Duration = Duration::from_secs(1);
 
@@ -506,14 +509,22 @@ impl Queue {
         Ok(u64::try_from(moved).unwrap_or(0))
     }
 
-    /// Returns the jobs of every consumer whose lease expired.
+    /// Returns the jobs of consumers whose lease expired: of at most 100 of
+    /// them per call (the longest expired first), the rest next call.
     pub async fn reap_expired(&self) -> Result<u64, QueueError> {
         let now = now_ms();
         let expired: Vec<String> = self
             .client
-            .zrangebyscore(&self.keys.consumers, "-inf", now as f64, false, None)
+            .zrangebyscore(
+                &self.keys.consumers,
+                "-inf",
+                now as f64,
+                false,
+                Some((0, REAP_LIMIT)),
+            )
             .await?;
         let mut moved = 0;
+        // Bounded: at most REAP_LIMIT consumers.
         for consumer in expired {
             let n: i64 = self
                 .scripts
@@ -649,13 +660,18 @@ impl Queue {
             .map_err(Into::into)
     }
 
-    /// Dead jobs, newest first.
+    /// Dead jobs, newest first: at most `limit` of them.
     pub async fn dead(&self, limit: i64) -> Result<Vec<Job>, QueueError> {
+        // LRANGE 0 -1 would read the whole list.
+        if limit <= 0 {
+            return Ok(Vec::new());
+        }
         let ids: Vec<String> = self
             .client
             .lrange(&self.keys.dead_order, 0, limit - 1)
             .await?;
         let mut jobs = Vec::with_capacity(ids.len());
+        // Bounded: at most `limit` ids.
         for id in ids {
             let raw: Option<String> = self.client.hget(&self.keys.dead, &id).await?;
             if let Some(raw) = raw {

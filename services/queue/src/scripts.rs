@@ -61,7 +61,7 @@ return 0
 "#;
 
 /// KEYS: delayed, wait. ARGV: now_ms, limit.
-/// Moves delayed jobs that are due onto the wait list.
+/// Moves delayed jobs that are due onto the wait list, at most `limit` of them.
 pub const PROMOTE: &str = r#"
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
 for _, id in ipairs(ids) do
@@ -76,12 +76,14 @@ return #ids
 /// If the consumer's lease has expired, returns every job it held to the front
 /// of the wait list and forgets the consumer. A job whose consumer died counts
 /// an attempt, so a job that kills every worker that runs it ends up dead
-/// rather than cycling forever. Returns how many jobs moved.
+/// rather than cycling forever. Returns how many jobs moved. The loop runs
+/// once per id in the list (a consumer's few jobs in flight): nothing else can
+/// push to it while the script runs.
 pub const REAP: &str = r#"
 local deadline = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if not deadline or tonumber(deadline) > tonumber(ARGV[2]) then return -1 end
 local moved = 0
-while true do
+for _ = 1, redis.call('LLEN', KEYS[2]) do
   local id = redis.call('LPOP', KEYS[2])
   if not id then break end
   moved = moved + 1

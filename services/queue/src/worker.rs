@@ -200,8 +200,12 @@ impl Worker {
         let mut next_sweep = tokio::time::Instant::now();
         let mut sweep_cursor = SweepCursor::default();
 
+        // Ends when shutdown is asked for (or can no longer be: the sender
+        // is gone). Each turn waits in one branch of the select, so it never
+        // spins: a tick, a back-off, a free permit and at most one poll.
         loop {
-            // Reap finished tasks so the set does not grow.
+            // Reap finished tasks so the set does not grow; bounded by the
+            // tasks started, at most `concurrency`.
             while running.try_join_next().is_some() {}
             let backing_off = fetch_after.is_some();
             // A consumer fetches only while it holds a lease: the first tick
@@ -214,8 +218,11 @@ impl Worker {
                 !backing_off && leased_until.is_some_and(|t| tokio::time::Instant::now() < t);
             tokio::select! {
                 biased;
-                _ = shutdown.changed() => {
-                    if *shutdown.borrow() { break; }
+                changed = shutdown.changed() => {
+                    // Err: the sender is gone and would make this branch ready
+                    // at once on every turn; nobody can stop us any more, so
+                    // stop now rather than spin.
+                    if changed.is_err() || *shutdown.borrow() { break; }
                     continue;
                 }
                 _ = housekeeping.tick() => {
@@ -298,6 +305,9 @@ impl Worker {
 
         // Drain: in-flight jobs get the grace period, then are handed back.
         tracing::info!(queue = %queue.name(), %consumer, in_flight = running.len(), "worker stopping");
+        // Both waits end: the first by the grace period, the second because an
+        // aborted task ends at its next await (handlers are async), and the
+        // set holds at most `concurrency` tasks.
         let drained = tokio::time::timeout(settings.shutdown_grace, async {
             while running.join_next().await.is_some() {}
         })
@@ -334,6 +344,8 @@ async fn release_strays(
     let candidates: std::collections::HashSet<String> =
         ids.into_iter().filter(|id| !running.contains(id)).collect();
     let mut released = 0;
+    // Bounded by our own active list: the jobs we run (at most `concurrency`)
+    // and the rare stray.
     for id in candidates.intersection(seen_before) {
         queue.release(consumer, id).await?;
         released += 1;
@@ -345,6 +357,7 @@ async fn release_strays(
 async fn hand_back(queue: &Queue, consumer: &str) -> Result<(), QueueError> {
     use fred::interfaces::ListInterface;
     let ids: Vec<String> = queue.client().lrange(queue.active(consumer), 0, -1).await?;
+    // Bounded by our own active list, as in release_strays.
     for id in ids {
         queue.release(consumer, &id).await?;
     }

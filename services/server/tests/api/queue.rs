@@ -639,3 +639,30 @@ async fn the_orphan_sweep_spares_consumers_that_hold_a_lease() {
     let stats = q.stats().await.expect("stats");
     assert_eq!((stats.waiting, stats.in_flight), (2, 0), "{stats:?}");
 }
+
+/// Guards against the worker loop spinning for ever once its shutdown sender
+/// is gone: `changed()` then fails at once on every turn, and the loop used
+/// to go round again instead of stopping.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_shutdown_sender_is_gone_stops() {
+    let q = queue(quick());
+    wait_connected(&q).await;
+    let (stop, stopped) = watch::channel(false);
+    let worker = Worker::new(
+        q.clone(),
+        betting_queue::connect(&redis_url()).expect("redis"),
+        WorkerSettings {
+            poll: Duration::from_millis(50),
+            ..WorkerSettings::default()
+        },
+    )
+    .expect("worker settings");
+    let running = tokio::spawn(worker.run(Record::new(), stopped));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(stop);
+    tokio::time::timeout(Duration::from_secs(5), running)
+        .await
+        .expect("the worker stops")
+        .expect("worker task");
+    assert_eq!(q.stats().await.expect("stats").consumers, 0, "it left");
+}
