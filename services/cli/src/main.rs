@@ -230,7 +230,11 @@ async fn queue(args: QueueArgs) -> anyhow::Result<()> {
                 }
             }
             QueueCommand::Retry { id } if id == "all" => {
-                println!("{name}: requeued {}", queue.retry_all_dead().await?);
+                let requeued = queue.retry_all_dead().await?;
+                println!("{name}: requeued {requeued}");
+                if requeued >= betting_queue::RETRY_ALL_LIMIT.unsigned_abs() {
+                    println!("{name}: more dead jobs may remain; run it again");
+                }
             }
             QueueCommand::Retry { id } => {
                 if queue.retry_dead(id).await? {

@@ -27,8 +27,9 @@ fn worker(app: &TestApp, database_url: &str) -> Child {
         )
         .env("BETTING_LISTEN_ADDR", "127.0.0.1:0")
         .env("BETTING_METRICS_ADDR", "127.0.0.1:0")
-        // A dead worker's jobs come back after a second, and the reconciler looks often.
-        .env("BETTING_QUEUE_VISIBILITY_MS", "1000")
+        // A dead worker's jobs come back after six seconds (the shortest lease
+        // the default 1 s fetch poll allows), and the reconciler looks often.
+        .env("BETTING_QUEUE_VISIBILITY_MS", "6000")
         .env("BETTING_RECONCILE_INTERVAL_MS", "300")
         .env("BETTING_WORKER_CONCURRENCY", "4")
         .env("RUST_LOG", "warn")

@@ -135,7 +135,8 @@ pub struct Settings {
     pub worker_concurrency: usize,
 
     /// Milliseconds a consumer's lease lasts without a heartbeat; after that a
-    /// dead consumer's jobs go back to the queue.
+    /// dead consumer's jobs go back to the queue. At least six fetch polls
+    /// (6 s), so a live consumer's heartbeat is never late.
     #[arg(long, env = "BETTING_QUEUE_VISIBILITY_MS", default_value_t = 30_000)]
     pub queue_visibility_ms: u64,
 
@@ -173,6 +174,10 @@ pub enum ConfigError {
     BadRedisUrl,
     #[error("BETTING_REDIS_NAMESPACE must be 1-64 characters of [A-Za-z0-9._:-]")]
     BadNamespace,
+    #[error(
+        "BETTING_QUEUE_VISIBILITY_MS must be at least {minimum_ms}: a worker heartbeats between fetches that wait up to {poll_ms} ms, and its lease must outlast twice the longest gap between heartbeats"
+    )]
+    ShortVisibility { minimum_ms: u128, poll_ms: u128 },
 }
 
 impl Settings {
@@ -233,6 +238,15 @@ impl Settings {
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
         if !ns_ok {
             return Err(ConfigError::BadNamespace);
+        }
+        // Workers poll with the default poll; `Worker::new` checks the same
+        // rule again, this is only the clearer message at start-up.
+        let minimum = betting_queue::min_visibility_timeout(betting_queue::DEFAULT_POLL);
+        if self.queue_visibility() < minimum {
+            return Err(ConfigError::ShortVisibility {
+                minimum_ms: minimum.as_millis(),
+                poll_ms: betting_queue::DEFAULT_POLL.as_millis(),
+            });
         }
         match &self.wallet_endpoint {
             Some(e) if !(e.starts_with("http://") || e.starts_with("https://")) => {

@@ -8,11 +8,22 @@
 //!   work committed. Consumers hold a lease they renew by heartbeat; a reaper
 //!   returns the jobs of a consumer whose lease expired (it died, even by
 //!   SIGKILL) to the wait list.
+//! - **Orphan sweep**: a BLMOVE still blocked in Redis when its consumer left
+//!   (or was reaped) can move a job into an active list nobody holds a lease
+//!   for, where the reaper never looks. Workers sweep such lists (SCAN over the
+//!   queue's active prefix, a bounded slice per visibility timeout) and return
+//!   their jobs, without counting an attempt. A consumer takes its lease before
+//!   its first fetch, so the sweep never touches a live consumer's list.
 //! - **Retries** with exponential backoff and jitter through a delayed sorted
 //!   set, up to a per-queue attempt limit; then a **dead-letter** hash that keeps
 //!   the job with its last error and attempt count until someone requeues it.
 //! - **Dedupe by id** while a job is waiting, delayed or in flight; once it is
-//!   acknowledged or dead its id is free again (BullMQ's trap avoided).
+//!   acknowledged its id is free again (BullMQ's trap avoided).
+//! - **Dead stays dead**: `enqueue` refuses an id that is in the dead-letter
+//!   hash. Producers re-derive their work from PostgreSQL on every pass, and
+//!   would otherwise put a poison job back every pass; only an operator's
+//!   [`Queue::retry_dead`] or [`Queue::retry_all_dead`] (`betting queue retry`)
+//!   requeues it.
 //! - **Cluster-ready**: every key of a queue shares the hash tag `{name}`.
 //!
 //! Redis is never the source of truth: producers re-derive lost work from
@@ -28,10 +39,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fred::{
     interfaces::{HashesInterface, ListInterface, SortedSetsInterface},
     prelude::{Builder, Client, ClientLike, Config, ReconnectPolicy},
-    types::{lists::LMoveDirection, scripts::Script},
+    types::{CustomCommand, config::Options, lists::LMoveDirection, scripts::Script},
 };
 
-pub use worker::{Handler, JobError, Worker, WorkerSettings};
+pub use worker::{
+    DEFAULT_POLL, Handler, JobError, MIN_POLL, Worker, WorkerSettings, WorkerSettingsError,
+    housekeeping_interval, min_visibility_timeout,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
@@ -84,6 +98,23 @@ pub struct Job {
     pub failed_at_ms: Option<u64>,
 }
 
+/// SCAN pages one orphan sweep reads, and keys it asks for per page: a sweep
+/// looks at no more than 10,000 keys, and the next one carries on from there.
+const SWEEP_PAGES: usize = 10;
+const SWEEP_PAGE_SIZE: u32 = 1_000;
+
+/// Ids one sweep moves out of one active list; the rest wait for the next.
+const SWEEP_LIST_LIMIT: u32 = 1_000;
+
+/// Consumers one reap looks at.
+const REAP_LIMIT: i64 = 100;
+
+/// How long after its own timeout a BLMOVE's reply may take to arrive.
+const FETCH_REPLY_MARGIN: Duration = Duration::from_secs(1);
+
+/// Most dead jobs one [`Queue::retry_all_dead`] requeues.
+pub const RETRY_ALL_LIMIT: i64 = 10_000;
+
 /// Per-queue behaviour.
 #[derive(Debug, Clone)]
 pub struct QueueSettings {
@@ -92,7 +123,8 @@ pub struct QueueSettings {
     /// First retry delay; doubles each attempt, with full jitter.
     pub backoff_base: Duration,
     pub backoff_max: Duration,
-    /// How long a consumer's lease lasts without a heartbeat.
+    /// How long a consumer's lease lasts without a heartbeat. A worker
+    /// refuses one too short for its poll ([`WorkerSettings::check`]).
     pub visibility_timeout: Duration,
 }
 
@@ -118,6 +150,18 @@ pub struct QueueStats {
     pub consumers: u64,
     pub processed: u64,
     pub failed: u64,
+}
+
+/// What `enqueue` did with a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EnqueueOutcome {
+    /// It is on the wait list.
+    Enqueued,
+    /// A job with this id is already waiting, delayed or in flight.
+    Duplicate,
+    /// A job with this id is in the dead-letter list; only an operator's retry
+    /// puts it back.
+    Dead,
 }
 
 /// What happened to a failed job.
@@ -160,7 +204,26 @@ struct Scripts {
     release: Script,
     promote: Script,
     reap: Script,
+    sweep: Script,
     retry_dead: Script,
+}
+
+/// Where an orphan sweep of a queue stopped: a SCAN cursor, carried from one
+/// [`Queue::sweep_orphans`] call to the next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SweepCursor(String);
+
+impl Default for SweepCursor {
+    fn default() -> Self {
+        Self("0".to_owned())
+    }
+}
+
+impl SweepCursor {
+    /// Whether the next sweep starts a new pass over the keyspace.
+    pub fn at_start(&self) -> bool {
+        self.0 == "0"
+    }
 }
 
 /// One named queue.
@@ -197,6 +260,7 @@ impl Queue {
                 release: Script::from_lua(scripts::RELEASE),
                 promote: Script::from_lua(scripts::PROMOTE),
                 reap: Script::from_lua(scripts::REAP),
+                sweep: Script::from_lua(scripts::SWEEP),
                 retry_dead: Script::from_lua(scripts::RETRY_DEAD),
             }),
             settings,
@@ -219,9 +283,13 @@ impl Queue {
         format!("{}{consumer}", self.keys.active_prefix)
     }
 
-    /// Enqueues a job; `false` when a job with this id is already waiting,
-    /// delayed or in flight.
-    pub async fn enqueue(&self, id: &str, payload: serde_json::Value) -> Result<bool, QueueError> {
+    /// Enqueues a job unless a job with this id is live (waiting, delayed or
+    /// in flight) or dead.
+    pub async fn enqueue(
+        &self,
+        id: &str,
+        payload: serde_json::Value,
+    ) -> Result<EnqueueOutcome, QueueError> {
         let job = Job {
             id: id.to_owned(),
             payload,
@@ -231,31 +299,56 @@ impl Queue {
             failed_at_ms: None,
         };
         let encoded = serde_json::to_string(&job)?;
-        let added: i64 = self
+        let result: i64 = self
             .scripts
             .enqueue
             .evalsha_with_reload(
                 &self.client,
-                vec![self.keys.jobs.clone(), self.keys.wait.clone()],
+                vec![
+                    self.keys.jobs.clone(),
+                    self.keys.wait.clone(),
+                    self.keys.dead.clone(),
+                ],
                 vec![id.to_owned(), encoded],
             )
             .await?;
-        if added == 1 {
-            metrics::counter!("queue_jobs_enqueued_total", "queue" => self.name.clone())
-                .increment(1);
-        }
-        Ok(added == 1)
+        Ok(match result {
+            1 => {
+                metrics::counter!("queue_jobs_enqueued_total", "queue" => self.name.clone())
+                    .increment(1);
+                EnqueueOutcome::Enqueued
+            }
+            2 => {
+                metrics::counter!("queue_enqueue_refused_dead_total", "queue" => self.name.clone())
+                    .increment(1);
+                EnqueueOutcome::Dead
+            }
+            _ => EnqueueOutcome::Duplicate,
+        })
     }
 
     /// Waits up to `timeout` for a job and moves it into `consumer`'s active
     /// list. `blocking` must be a client of its own: BLMOVE blocks its connection.
+    ///
+    /// Dropping the returned future does not cancel the BLMOVE: it stays
+    /// blocked on the server and may still move a job into the active list.
+    /// Await it to the end instead (it is bounded by `timeout`).
     pub async fn fetch(
         &self,
         blocking: &Client,
         consumer: &str,
         timeout: Duration,
     ) -> Result<Option<Job>, QueueError> {
+        // The client gives up only a margin after Redis's own timeout, so
+        // Redis answers first even for a poll longer than the client's
+        // default command timeout; a client giving up first would leave the
+        // BLMOVE blocked behind its back.
+        let options = Options {
+            timeout: Some(timeout.saturating_add(FETCH_REPLY_MARGIN)),
+            ..Options::default()
+        };
         let moved = blocking
+            .with_options(&options)
             .blmove(
                 &self.keys.wait,
                 self.active(consumer),
@@ -416,14 +509,22 @@ impl Queue {
         Ok(u64::try_from(moved).unwrap_or(0))
     }
 
-    /// Returns the jobs of every consumer whose lease expired.
+    /// Returns the jobs of consumers whose lease expired: of at most 100 of
+    /// them per call (the longest expired first), the rest next call.
     pub async fn reap_expired(&self) -> Result<u64, QueueError> {
         let now = now_ms();
         let expired: Vec<String> = self
             .client
-            .zrangebyscore(&self.keys.consumers, "-inf", now as f64, false, None)
+            .zrangebyscore(
+                &self.keys.consumers,
+                "-inf",
+                now as f64,
+                false,
+                Some((0, REAP_LIMIT)),
+            )
             .await?;
         let mut moved = 0;
+        // Bounded: at most REAP_LIMIT consumers.
         for consumer in expired {
             let n: i64 = self
                 .scripts
@@ -449,6 +550,77 @@ impl Queue {
             if n > 0 {
                 tracing::warn!(queue = %self.name, %consumer, jobs = n, "reaped the jobs of a consumer whose lease expired");
                 moved += u64::try_from(n).unwrap_or(0);
+            }
+        }
+        Ok(moved)
+    }
+
+    /// Returns the jobs stranded in the active lists of consumers that hold no
+    /// lease at all; returns how many.
+    ///
+    /// A consumer that left (or was reaped) while a BLMOVE of its was still
+    /// blocked in Redis can find a job in its active list after its jobs were
+    /// handed back; the reaper only knows consumers in the lease set, and the
+    /// job's dedupe entry refuses every re-enqueue, so without this sweep the
+    /// job never runs. The SWEEP script re-checks, atomically, that the
+    /// consumer holds no lease, so it never takes a live consumer's jobs (a
+    /// consumer takes its lease before its first fetch); an expired lease is
+    /// left to [`Queue::reap_expired`], which counts an attempt.
+    ///
+    /// Bounded: one call reads at most 10 SCAN pages from `cursor` (all keys
+    /// of a queue share its hash tag, so on a cluster this scans the one node
+    /// that holds them) and moves at most 1,000 ids per list; the cursor lets
+    /// the next call carry on where this one stopped.
+    pub async fn sweep_orphans(&self, cursor: &mut SweepCursor) -> Result<u64, QueueError> {
+        let prefix = &self.keys.active_prefix;
+        let pattern = format!("{}*", glob_escape(prefix));
+        // The slot of the queue's hash tag, so a cluster client asks its node.
+        let slot = fred::util::redis_keyslot(prefix.as_bytes());
+        let mut moved = 0;
+        for _ in 0..SWEEP_PAGES {
+            let (next, keys): (String, Vec<String>) = self
+                .client
+                .custom(
+                    CustomCommand::new_static("SCAN", slot, false),
+                    vec![
+                        cursor.0.clone(),
+                        "MATCH".to_owned(),
+                        pattern.clone(),
+                        "COUNT".to_owned(),
+                        SWEEP_PAGE_SIZE.to_string(),
+                    ],
+                )
+                .await?;
+            // At most SWEEP_PAGE_SIZE keys, give or take what SCAN adds.
+            for key in keys {
+                let Some(consumer) = key.strip_prefix(prefix.as_str()) else {
+                    continue;
+                };
+                let n: i64 = self
+                    .scripts
+                    .sweep
+                    .evalsha_with_reload(
+                        &self.client,
+                        vec![
+                            self.keys.consumers.clone(),
+                            key.clone(),
+                            self.keys.wait.clone(),
+                            self.keys.jobs.clone(),
+                        ],
+                        vec![consumer.to_owned(), SWEEP_LIST_LIMIT.to_string()],
+                    )
+                    .await?;
+                if n > 0 {
+                    tracing::warn!(queue = %self.name, %consumer, jobs = n, "returned the jobs of a consumer that holds no lease");
+                    metrics::counter!("queue_orphans_recovered_total", "queue" => self.name.clone())
+                        .increment(u64::try_from(n).unwrap_or(0));
+                    moved += u64::try_from(n).unwrap_or(0);
+                }
+            }
+            cursor.0 = next;
+            if cursor.at_start() {
+                // A whole pass is done; the next call starts another.
+                break;
             }
         }
         Ok(moved)
@@ -488,13 +660,18 @@ impl Queue {
             .map_err(Into::into)
     }
 
-    /// Dead jobs, newest first.
+    /// Dead jobs, newest first: at most `limit` of them.
     pub async fn dead(&self, limit: i64) -> Result<Vec<Job>, QueueError> {
+        // LRANGE 0 -1 would read the whole list.
+        if limit <= 0 {
+            return Ok(Vec::new());
+        }
         let ids: Vec<String> = self
             .client
             .lrange(&self.keys.dead_order, 0, limit - 1)
             .await?;
         let mut jobs = Vec::with_capacity(ids.len());
+        // Bounded: at most `limit` ids.
         for id in ids {
             let raw: Option<String> = self.client.hget(&self.keys.dead, &id).await?;
             if let Some(raw) = raw {
@@ -523,21 +700,38 @@ impl Queue {
         Ok(n == 1)
     }
 
-    /// Requeues every dead job; returns how many.
+    /// Requeues every dead job once; returns how many.
+    ///
+    /// It works from one snapshot of the newest [`RETRY_ALL_LIMIT`] dead ids:
+    /// re-reading the dead list until it is empty never ends while jobs die
+    /// again as fast as they are retried. A job that dies again meanwhile
+    /// stays dead; older ones beyond the limit wait for the next call.
     pub async fn retry_all_dead(&self) -> Result<u64, QueueError> {
+        let ids: Vec<String> = self
+            .client
+            .lrange(&self.keys.dead_order, 0, RETRY_ALL_LIMIT - 1)
+            .await?;
         let mut total = 0;
-        loop {
-            let ids: Vec<String> = self.client.lrange(&self.keys.dead_order, 0, 99).await?;
-            if ids.is_empty() {
-                return Ok(total);
-            }
-            for id in ids {
-                if self.retry_dead(&id).await? {
-                    total += 1;
-                }
+        // Bounded by the snapshot: at most RETRY_ALL_LIMIT ids.
+        for id in ids {
+            if self.retry_dead(&id).await? {
+                total += 1;
             }
         }
+        Ok(total)
     }
+}
+
+/// `text` as a literal in a Redis glob pattern.
+fn glob_escape(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            escaped.push('\\');
+        }
+        escaped.push(c);
+    }
+    escaped
 }
 
 pub(crate) fn now_ms() -> u64 {

@@ -2,9 +2,12 @@
 //! touches is passed in KEYS and shares the queue's hash tag, so they are
 //! valid on Redis Cluster.
 
-/// KEYS: jobs, wait. ARGV: id, job JSON.
-/// Adds a job unless one with its id is queued, delayed or in flight.
+/// KEYS: jobs, wait, dead. ARGV: id, job JSON.
+/// Adds a job unless one with its id is queued, delayed or in flight (returns
+/// 0) or dead (returns 2): a dead id comes back only through RETRY_DEAD, an
+/// operator's decision, never through a producer re-deriving its work.
 pub const ENQUEUE: &str = r#"
+if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then return 2 end
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
   redis.call('LPUSH', KEYS[2], ARGV[1])
   return 1
@@ -58,7 +61,7 @@ return 0
 "#;
 
 /// KEYS: delayed, wait. ARGV: now_ms, limit.
-/// Moves delayed jobs that are due onto the wait list.
+/// Moves delayed jobs that are due onto the wait list, at most `limit` of them.
 pub const PROMOTE: &str = r#"
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
 for _, id in ipairs(ids) do
@@ -73,12 +76,14 @@ return #ids
 /// If the consumer's lease has expired, returns every job it held to the front
 /// of the wait list and forgets the consumer. A job whose consumer died counts
 /// an attempt, so a job that kills every worker that runs it ends up dead
-/// rather than cycling forever. Returns how many jobs moved.
+/// rather than cycling forever. Returns how many jobs moved. The loop runs
+/// once per id in the list (a consumer's few jobs in flight): nothing else can
+/// push to it while the script runs.
 pub const REAP: &str = r#"
 local deadline = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if not deadline or tonumber(deadline) > tonumber(ARGV[2]) then return -1 end
 local moved = 0
-while true do
+for _ = 1, redis.call('LLEN', KEYS[2]) do
   local id = redis.call('LPOP', KEYS[2])
   if not id then break end
   moved = moved + 1
@@ -101,6 +106,29 @@ while true do
   end
 end
 redis.call('ZREM', KEYS[1], ARGV[1])
+return moved
+"#;
+
+/// KEYS: consumers, active (of the consumer), wait, jobs. ARGV: consumer, limit.
+/// Returns the jobs in the active list of a consumer that holds no lease at
+/// all to the front of the wait list: such a list is left by a BLMOVE that
+/// landed after its consumer left. No attempt is counted: a consumer takes its
+/// lease before its first fetch, so no live consumer ever ran these jobs.
+/// Returns -1, touching nothing, if the consumer holds a lease, even an
+/// expired one: those go through REAP. Moves at most `limit` ids (the rest wait
+/// for the next sweep); an id without a job is dropped, as a fetch drops it.
+/// Returns how many moved.
+pub const SWEEP: &str = r#"
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return -1 end
+local moved = 0
+for _ = 1, tonumber(ARGV[2]) do
+  local id = redis.call('LPOP', KEYS[2])
+  if not id then break end
+  if redis.call('HEXISTS', KEYS[4], id) == 1 then
+    redis.call('RPUSH', KEYS[3], id)
+    moved = moved + 1
+  end
+end
 return moved
 "#;
 

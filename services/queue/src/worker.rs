@@ -1,4 +1,5 @@
-//! Consumers: fetch, run, acknowledge; heartbeat; reap; drain on shutdown.
+//! Consumers: fetch, run, acknowledge; heartbeat; reap; sweep orphans; drain
+//! on shutdown.
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -8,7 +9,7 @@ use tokio::{
     task::JoinSet,
 };
 
-use crate::{FailOutcome, Job, Queue, QueueError};
+use crate::{FailOutcome, Job, Queue, QueueError, QueueSettings, SweepCursor};
 
 /// Why a job did not succeed.
 #[derive(Debug, thiserror::Error)]
@@ -27,13 +28,52 @@ pub trait Handler: Send + Sync + 'static {
     fn handle(&self, job: &Job) -> impl Future<Output = Result<(), JobError>> + Send;
 }
 
+/// How long one BLMOVE waits by default.
+pub const DEFAULT_POLL: Duration = Duration::from_secs(1);
+
+/// The shortest poll: Redis reads a blocking timeout in whole milliseconds,
+/// and a timeout of 0 blocks for ever.
+pub const MIN_POLL: Duration = Duration::from_millis(10);
+
+/// How long a worker waits before fetching again after a fetch failed.
+const FETCH_ERROR_BACKOFF: Duration = Duration::from_millis(500);
+
+/// Bounds of the housekeeping interval.
+const HOUSEKEEPING_MIN: Duration = Duration::from_millis(100);
+const HOUSEKEEPING_MAX: Duration = Duration::from_secs(5);
+
+/// How often a worker heartbeats, promotes due retries and reaps: a third of
+/// the lease, within [100 ms, 5 s].
+pub fn housekeeping_interval(visibility_timeout: Duration) -> Duration {
+    (visibility_timeout / 3).clamp(HOUSEKEEPING_MIN, HOUSEKEEPING_MAX)
+}
+
+/// The shortest visibility timeout a worker polling every `poll` accepts:
+/// the smallest `v` with `v >= 2 × (housekeeping_interval(v) + poll)` (see
+/// [`WorkerSettings::check`]). `v - 2 × housekeeping_interval(v)` grows with
+/// `v`, so each piece of the clamp is solved on its own.
+pub fn min_visibility_timeout(poll: Duration) -> Duration {
+    let six_polls = poll.saturating_mul(6);
+    if six_polls < HOUSEKEEPING_MIN * 3 {
+        // Below 300 ms the interval is pinned at 100 ms.
+        (HOUSEKEEPING_MIN.saturating_add(poll)).saturating_mul(2)
+    } else if six_polls <= HOUSEKEEPING_MAX * 3 {
+        // The interval is a third of the lease: v ≥ 2 × (v/3 + poll).
+        six_polls
+    } else {
+        // Above 15 s the interval is pinned at 5 s.
+        (HOUSEKEEPING_MAX.saturating_add(poll)).saturating_mul(2)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
     /// Jobs run at once by this consumer.
     pub concurrency: usize,
     /// How long on shutdown in-flight jobs get to finish before they are handed back.
     pub shutdown_grace: Duration,
-    /// How long one BLMOVE waits; bounds how quickly shutdown is noticed.
+    /// How long one BLMOVE waits; bounds how quickly shutdown is noticed, and
+    /// how late a heartbeat can be (see [`WorkerSettings::check`]).
     pub poll: Duration,
 }
 
@@ -42,8 +82,59 @@ impl Default for WorkerSettings {
         Self {
             concurrency: 8,
             shutdown_grace: Duration::from_secs(10),
-            poll: Duration::from_secs(1),
+            poll: DEFAULT_POLL,
         }
+    }
+}
+
+/// Settings a worker refuses to start with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WorkerSettingsError {
+    #[error(
+        "a queue worker's poll must be at least {MIN_POLL:?} (Redis reads a blocking timeout in milliseconds, and 0 blocks for ever), not {0:?}"
+    )]
+    PollTooShort(Duration),
+    #[error(
+        "queue {queue}: a visibility timeout of {visibility:?} is too short for a {poll:?} poll: a heartbeat can come one housekeeping interval ({housekeeping:?}) plus one poll late, and the lease must last twice that; use at least {minimum:?}, or a shorter poll"
+    )]
+    VisibilityTooShort {
+        queue: String,
+        visibility: Duration,
+        poll: Duration,
+        housekeeping: Duration,
+        minimum: Duration,
+    },
+}
+
+impl WorkerSettings {
+    /// Refuses settings under which a live consumer could lose its lease.
+    ///
+    /// A worker renews its lease from the same loop that fetches: the
+    /// housekeeping tick comes every [`housekeeping_interval`], and a tick that
+    /// falls due while a fetch blocks in BLMOVE is served when the fetch
+    /// returns, up to one `poll` later (nothing else in the loop waits: a
+    /// failed fetch backs off without blocking the loop). So two heartbeats
+    /// are at most `interval + poll` apart, and the lease must last twice that:
+    /// a heartbeat delayed by a whole poll still lands with half the lease to
+    /// spare for Redis latency and for clock skew between the worker that sets
+    /// the deadline and the reaper that reads it. With the lease's third as
+    /// interval this means a lease of at least six polls.
+    pub fn check(&self, queue: &str, settings: &QueueSettings) -> Result<(), WorkerSettingsError> {
+        if self.poll < MIN_POLL {
+            return Err(WorkerSettingsError::PollTooShort(self.poll));
+        }
+        let visibility = settings.visibility_timeout;
+        let housekeeping = housekeeping_interval(visibility);
+        if visibility < housekeeping.saturating_add(self.poll).saturating_mul(2) {
+            return Err(WorkerSettingsError::VisibilityTooShort {
+                queue: queue.to_owned(),
+                visibility,
+                poll: self.poll,
+                housekeeping,
+                minimum: min_visibility_timeout(self.poll),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -57,22 +148,30 @@ pub struct Worker {
 }
 
 impl Worker {
-    pub fn new(queue: Queue, blocking: Client, settings: WorkerSettings) -> Self {
+    /// Refuses settings under which a live consumer could lose its lease (see
+    /// [`WorkerSettings::check`]).
+    pub fn new(
+        queue: Queue,
+        blocking: Client,
+        settings: WorkerSettings,
+    ) -> Result<Self, WorkerSettingsError> {
+        settings.check(queue.name(), queue.settings())?;
         let consumer = format!("{}-{}", queue.name(), uuid::Uuid::new_v4().simple());
-        Self {
+        Ok(Self {
             queue,
             blocking,
             consumer,
             settings,
-        }
+        })
     }
 
     pub fn consumer(&self) -> &str {
         &self.consumer
     }
 
-    /// Runs until `shutdown` turns true: then stops fetching, gives in-flight
-    /// jobs the grace period, and hands back whatever is still running.
+    /// Runs until `shutdown` turns true: then lets a fetch under way finish
+    /// (at most one poll), stops fetching, gives in-flight jobs the grace
+    /// period, and hands back whatever is still running or was just fetched.
     pub async fn run<H: Handler>(self, handler: Arc<H>, mut shutdown: watch::Receiver<bool>) {
         let Worker {
             queue,
@@ -86,26 +185,65 @@ impl Worker {
         let live: Arc<std::sync::Mutex<std::collections::HashSet<String>>> = Arc::default();
         let mut strays: std::collections::HashSet<String> = std::collections::HashSet::new();
         let mut running: JoinSet<String> = JoinSet::new();
-        let mut housekeeping = tokio::time::interval(
-            (queue.settings().visibility_timeout / 3)
-                .clamp(Duration::from_millis(100), Duration::from_secs(5)),
-        );
+        let mut housekeeping =
+            tokio::time::interval(housekeeping_interval(queue.settings().visibility_timeout));
         housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // After a failed fetch, no fetch before this. The back-off is a branch
+        // of the loop, not a sleep inside the fetch branch, so it never delays
+        // a heartbeat (WorkerSettings::check relies on it).
+        let mut fetch_after: Option<tokio::time::Instant> = None;
+        let visibility = queue.settings().visibility_timeout;
+        // Until when our lease runs, by our own clock, from the start of the
+        // last heartbeat that succeeded (Redis's deadline is no earlier).
+        let mut leased_until: Option<tokio::time::Instant> = None;
+        // The orphan sweep runs at the first tick, then once per lease.
+        let mut next_sweep = tokio::time::Instant::now();
+        let mut sweep_cursor = SweepCursor::default();
 
+        // Ends when shutdown is asked for (or can no longer be: the sender
+        // is gone). Each turn waits in one branch of the select, so it never
+        // spins: a tick, a back-off, a free permit and at most one poll.
         loop {
-            // Reap finished tasks so the set does not grow.
+            // Reap finished tasks so the set does not grow; bounded by the
+            // tasks started, at most `concurrency`.
             while running.try_join_next().is_some() {}
+            let backing_off = fetch_after.is_some();
+            // A consumer fetches only while it holds a lease: the first tick
+            // fires at once, and until a heartbeat succeeded (or after our
+            // lease ran out unrenewed) the fetch branch stays off. So a job
+            // never sits in the active list of a live consumer without a
+            // lease, which is what lets the orphan sweep take the jobs of any
+            // consumer without one: keep it so.
+            let may_fetch =
+                !backing_off && leased_until.is_some_and(|t| tokio::time::Instant::now() < t);
             tokio::select! {
                 biased;
-                _ = shutdown.changed() => {
-                    if *shutdown.borrow() { break; }
+                changed = shutdown.changed() => {
+                    // Err: the sender is gone and would make this branch ready
+                    // at once on every turn; nobody can stop us any more, so
+                    // stop now rather than spin.
+                    if changed.is_err() || *shutdown.borrow() { break; }
                     continue;
                 }
                 _ = housekeeping.tick() => {
                     // Every consumer helps: renew its own lease, promote due
-                    // retries, return the jobs of dead consumers. All idempotent.
-                    if let Err(error) = housekeep(&queue, &consumer).await {
+                    // retries, return the jobs of dead consumers and of
+                    // consumers without a lease. All idempotent.
+                    let renewing = tokio::time::Instant::now();
+                    match queue.heartbeat(&consumer).await {
+                        Ok(()) => leased_until = Some(renewing + visibility),
+                        Err(error) => tracing::warn!(queue = %queue.name(), %error, "could not renew the consumer's lease"),
+                    }
+                    if let Err(error) = housekeep(&queue).await {
                         tracing::warn!(queue = %queue.name(), %error, "queue housekeeping failed");
+                    }
+                    // Orphans are rare (a BLMOVE outliving its consumer) and
+                    // a sweep SCANs: once per lease is soon enough.
+                    if renewing >= next_sweep {
+                        next_sweep = renewing + visibility;
+                        if let Err(error) = queue.sweep_orphans(&mut sweep_cursor).await {
+                            tracing::warn!(queue = %queue.name(), %error, "orphan sweep failed");
+                        }
                     }
                     // A BLMOVE whose reply was lost (client timeout racing the
                     // server) leaves an id in our active list that we never
@@ -117,12 +255,25 @@ impl Worker {
                     }
                     continue;
                 }
-                permit = permits.clone().acquire_owned() => {
+                _ = tokio::time::sleep_until(fetch_after.unwrap_or_else(tokio::time::Instant::now)), if backing_off => {
+                    fetch_after = None;
+                    continue;
+                }
+                permit = permits.clone().acquire_owned(), if may_fetch => {
                     let Ok(permit) = permit else { break };
-                    let fetched = tokio::select! {
-                        fetched = queue.fetch(&blocking, &consumer, settings.poll) => fetched,
-                        _ = shutdown.changed() => break,
-                    };
+                    // Not raced against shutdown: dropping the fetch would not
+                    // cancel its BLMOVE, which would stay blocked on the server
+                    // and could move a job into our active list after
+                    // hand_back emptied it and we left the lease set, where no
+                    // reaper looks. The fetch is bounded by the poll.
+                    let fetched = queue.fetch(&blocking, &consumer, settings.poll).await;
+                    if *shutdown.borrow() {
+                        // Stopping: start nothing more. A job the fetch
+                        // returned is in our active list, and hand_back
+                        // returns it to the front of the queue below.
+                        drop(permit);
+                        break;
+                    }
                     match fetched {
                         Ok(Some(job)) => {
                             let queue = queue.clone();
@@ -145,7 +296,7 @@ impl Worker {
                         Ok(None) => {}
                         Err(error) => {
                             tracing::warn!(queue = %queue.name(), %error, "fetch failed; backing off");
-                            tokio::time::sleep(Duration::from_millis(500)).await;
+                            fetch_after = Some(tokio::time::Instant::now() + FETCH_ERROR_BACKOFF);
                         }
                     }
                 }
@@ -154,6 +305,9 @@ impl Worker {
 
         // Drain: in-flight jobs get the grace period, then are handed back.
         tracing::info!(queue = %queue.name(), %consumer, in_flight = running.len(), "worker stopping");
+        // Both waits end: the first by the grace period, the second because an
+        // aborted task ends at its next await (handlers are async), and the
+        // set holds at most `concurrency` tasks.
         let drained = tokio::time::timeout(settings.shutdown_grace, async {
             while running.join_next().await.is_some() {}
         })
@@ -162,7 +316,9 @@ impl Worker {
             running.abort_all();
             while running.join_next().await.is_some() {}
         }
-        // Whatever is still in our active list did not finish: hand it back.
+        // Whatever is still in our active list did not finish, or was fetched
+        // as we stopped: hand it back. No BLMOVE of ours is pending any more,
+        // so nothing lands there after this.
         if let Err(error) = hand_back(&queue, &consumer).await {
             tracing::warn!(queue = %queue.name(), %error, "could not hand jobs back; the reaper will");
         }
@@ -170,8 +326,7 @@ impl Worker {
     }
 }
 
-async fn housekeep(queue: &Queue, consumer: &str) -> Result<(), QueueError> {
-    queue.heartbeat(consumer).await?;
+async fn housekeep(queue: &Queue) -> Result<(), QueueError> {
     queue.promote_due().await?;
     queue.reap_expired().await?;
     Ok(())
@@ -189,6 +344,8 @@ async fn release_strays(
     let candidates: std::collections::HashSet<String> =
         ids.into_iter().filter(|id| !running.contains(id)).collect();
     let mut released = 0;
+    // Bounded by our own active list: the jobs we run (at most `concurrency`)
+    // and the rare stray.
     for id in candidates.intersection(seen_before) {
         queue.release(consumer, id).await?;
         released += 1;
@@ -200,6 +357,7 @@ async fn release_strays(
 async fn hand_back(queue: &Queue, consumer: &str) -> Result<(), QueueError> {
     use fred::interfaces::ListInterface;
     let ids: Vec<String> = queue.client().lrange(queue.active(consumer), 0, -1).await?;
+    // Bounded by our own active list, as in release_strays.
     for id in ids {
         queue.release(consumer, &id).await?;
     }
@@ -248,5 +406,60 @@ async fn run_one<H: Handler>(queue: &Queue, consumer: &str, handler: &H, job: Jo
         Err(error) => {
             tracing::warn!(queue = %name, job = %job.id, %error, "could not record the job's outcome")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queue_settings(visibility: Duration) -> QueueSettings {
+        QueueSettings {
+            visibility_timeout: visibility,
+            ..QueueSettings::default()
+        }
+    }
+
+    fn worker(poll: Duration) -> WorkerSettings {
+        WorkerSettings {
+            poll,
+            ..WorkerSettings::default()
+        }
+    }
+
+    #[test]
+    fn the_minimum_visibility_is_the_smallest_the_check_accepts() {
+        for poll_ms in [
+            10, 30, 50, 51, 100, 333, 1000, 2000, 2500, 2501, 4000, 60_000,
+        ] {
+            let poll = Duration::from_millis(poll_ms);
+            let minimum = min_visibility_timeout(poll);
+            assert_eq!(
+                worker(poll).check("q", &queue_settings(minimum)),
+                Ok(()),
+                "poll {poll:?}"
+            );
+            assert!(
+                worker(poll)
+                    .check("q", &queue_settings(minimum - Duration::from_millis(1)))
+                    .is_err(),
+                "poll {poll:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn defaults_are_valid_and_a_short_lease_for_the_default_poll_is_not() {
+        assert_eq!(min_visibility_timeout(DEFAULT_POLL), Duration::from_secs(6));
+        let defaults = WorkerSettings::default();
+        assert_eq!(defaults.check("q", &QueueSettings::default()), Ok(()));
+        let refused = defaults
+            .check("q", &queue_settings(Duration::from_secs(1)))
+            .expect_err("a 1 s lease with a 1 s poll");
+        assert!(refused.to_string().contains("at least 6s"), "{refused}");
+        assert_eq!(
+            worker(Duration::ZERO).check("q", &QueueSettings::default()),
+            Err(WorkerSettingsError::PollTooShort(Duration::ZERO))
+        );
     }
 }

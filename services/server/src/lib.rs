@@ -210,7 +210,7 @@ impl Application {
                 queue.clone(),
                 blocking,
                 worker_settings.clone(),
-            ))
+            )?)
         };
         let mut workers = Workers::default();
         if settings.runs(Role::Matcher) {
@@ -423,9 +423,11 @@ impl Application {
                 tokio::time::sleep(grace).await;
             } => tracing::warn!("grace period over; dropping remaining requests"),
         }
-        // Workers drain their in-flight jobs within the grace period and hand
-        // back the rest; give them that long before stopping what remains.
-        let _ = tokio::time::timeout(grace + Duration::from_secs(1), async {
+        // Workers finish a fetch under way (one poll), drain their in-flight
+        // jobs within the grace period and hand back the rest; give them that
+        // long before stopping what remains.
+        let workers_stop = grace + betting_queue::DEFAULT_POLL + Duration::from_secs(1);
+        let _ = tokio::time::timeout(workers_stop, async {
             while tasks.join_next().await.is_some() {}
         })
         .await;

@@ -25,7 +25,8 @@ async fn flushall_mid_run_delays_work_but_loses_none() {
     let url = fresh_database().await;
     let mut s = settings(&url, &redis_url);
     s.reconcile_interval_ms = 200;
-    s.queue_visibility_ms = 1000;
+    // The shortest lease the default 1 s fetch poll allows.
+    s.queue_visibility_ms = 6000;
     let app = TestApp::spawn_with(s).await;
     let admin = fred::prelude::Client::new(
         fred::prelude::Config::from_url(&redis_url).expect("url"),

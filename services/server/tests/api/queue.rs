@@ -9,7 +9,8 @@ use std::{
 };
 
 use betting_queue::{
-    FailOutcome, Handler, Job, JobError, Queue, QueueSettings, Worker, WorkerSettings,
+    EnqueueOutcome, FailOutcome, Handler, Job, JobError, Queue, QueueSettings, Worker,
+    WorkerSettings,
 };
 use tokio::sync::watch;
 
@@ -62,15 +63,17 @@ async fn wait_client(client: &fred::prelude::Client) {
 #[tokio::test]
 async fn dedupes_while_live_and_frees_the_id_once_done() {
     let (q, blocking) = setup().await;
-    assert!(
+    assert_eq!(
         q.enqueue("job-1", serde_json::json!({"n": "1"}))
             .await
-            .expect("enqueue")
+            .expect("enqueue"),
+        EnqueueOutcome::Enqueued
     );
-    assert!(
-        !q.enqueue("job-1", serde_json::json!({"n": "2"}))
+    assert_eq!(
+        q.enqueue("job-1", serde_json::json!({"n": "2"}))
             .await
-            .expect("dedupe while waiting")
+            .expect("dedupe while waiting"),
+        EnqueueOutcome::Duplicate
     );
     let job = q
         .fetch(&blocking, "c1", Duration::from_secs(1))
@@ -78,17 +81,19 @@ async fn dedupes_while_live_and_frees_the_id_once_done() {
         .expect("fetch")
         .expect("a job");
     assert_eq!(job.payload["n"], "1");
-    assert!(
-        !q.enqueue("job-1", serde_json::json!({}))
+    assert_eq!(
+        q.enqueue("job-1", serde_json::json!({}))
             .await
-            .expect("dedupe in flight")
+            .expect("dedupe in flight"),
+        EnqueueOutcome::Duplicate
     );
     assert_eq!(q.stats().await.expect("stats").in_flight, 1);
     q.ack("c1", &job.id).await.expect("ack");
-    assert!(
+    assert_eq!(
         q.enqueue("job-1", serde_json::json!({"n": "3"}))
             .await
             .expect("enqueue"),
+        EnqueueOutcome::Enqueued,
         "a later job with the same id is accepted once the first is done"
     );
     let stats = q.stats().await.expect("stats");
@@ -181,10 +186,12 @@ async fn jobs_of_a_consumer_that_died_mid_job_are_reaped_and_run() {
         q.clone(),
         betting_queue::connect(&redis_url()).expect("redis"),
         WorkerSettings {
-            poll: Duration::from_millis(100),
+            // Six polls fit in quick()'s 300 ms lease.
+            poll: Duration::from_millis(50),
             ..WorkerSettings::default()
         },
-    );
+    )
+    .expect("worker settings");
     let running = tokio::spawn(worker.run(handler.clone(), stopped));
     for _ in 0..100 {
         if handler.0.load(Ordering::SeqCst) == 1 {
@@ -219,11 +226,12 @@ async fn a_stopping_worker_hands_back_what_it_could_not_finish() {
         q.clone(),
         betting_queue::connect(&redis_url()).expect("redis"),
         WorkerSettings {
-            poll: Duration::from_millis(100),
+            poll: Duration::from_millis(50),
             shutdown_grace: Duration::from_millis(200),
             ..WorkerSettings::default()
         },
-    );
+    )
+    .expect("worker settings");
     let running = tokio::spawn(worker.run(Arc::new(Slow), stopped));
     for _ in 0..100 {
         if q.stats().await.expect("stats").in_flight == 1 {
@@ -273,4 +281,388 @@ async fn a_job_that_kills_every_consumer_ends_in_the_dead_letter_list() {
         dead[0].last_error.as_deref(),
         Some("its consumer died while running it")
     );
+}
+
+/// Guards against the reconciler resurrecting dead-letter jobs: `enqueue`
+/// only checked the live jobs, so a producer re-deriving its work put a
+/// poison job back on every pass and the dead-letter list meant nothing.
+#[tokio::test]
+async fn a_dead_job_is_not_enqueued_again_until_an_operator_retries_it() {
+    let (q, blocking) = setup().await;
+    q.enqueue("poison", serde_json::json!({}))
+        .await
+        .expect("enqueue");
+    let job = q
+        .fetch(&blocking, "c", Duration::from_secs(1))
+        .await
+        .expect("fetch")
+        .expect("the job");
+    assert_eq!(
+        q.fail("c", &job, "malformed", true).await.expect("fail"),
+        FailOutcome::Dead
+    );
+    assert_eq!(
+        q.enqueue("poison", serde_json::json!({}))
+            .await
+            .expect("enqueue"),
+        EnqueueOutcome::Dead,
+        "a dead job is refused"
+    );
+    let stats = q.stats().await.expect("stats");
+    assert_eq!((stats.waiting, stats.dead), (0, 1), "{stats:?}");
+
+    assert!(q.retry_dead("poison").await.expect("retry"));
+    let stats = q.stats().await.expect("stats");
+    assert_eq!((stats.waiting, stats.dead), (1, 0), "{stats:?}");
+    assert_eq!(
+        q.enqueue("poison", serde_json::json!({}))
+            .await
+            .expect("enqueue"),
+        EnqueueOutcome::Duplicate,
+        "once retried it is live again"
+    );
+}
+
+/// Guards against `retry_all_dead` looping for ever: it re-read the head of
+/// the dead list until it was empty, so jobs that died again at once kept it
+/// going.
+#[tokio::test]
+async fn retry_all_retries_each_dead_job_once_even_if_it_dies_again_at_once() {
+    let (q, blocking) = setup().await;
+    const JOBS: u64 = 5;
+    for n in 0..JOBS {
+        let id = format!("poison-{n}");
+        q.enqueue(&id, serde_json::json!({}))
+            .await
+            .expect("enqueue");
+        let job = q
+            .fetch(&blocking, "c", Duration::from_secs(1))
+            .await
+            .expect("fetch")
+            .expect("the job");
+        q.fail("c", &job, "malformed", true).await.expect("fail");
+    }
+    assert_eq!(q.stats().await.expect("stats").dead, JOBS);
+
+    struct Reject;
+    impl Handler for Reject {
+        async fn handle(&self, _job: &Job) -> Result<(), JobError> {
+            Err(JobError::Permanent("still malformed".into()))
+        }
+    }
+    let (stop, stopped) = watch::channel(false);
+    let worker = Worker::new(
+        q.clone(),
+        betting_queue::connect(&redis_url()).expect("redis"),
+        WorkerSettings {
+            poll: Duration::from_millis(50),
+            ..WorkerSettings::default()
+        },
+    )
+    .expect("worker settings");
+    let running = tokio::spawn(worker.run(Arc::new(Reject), stopped));
+    // Let the worker take its lease and block in its fetch.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let retried = tokio::time::timeout(Duration::from_secs(10), q.retry_all_dead())
+        .await
+        .expect("retry_all returns although every job dies again at once")
+        .expect("retry_all");
+    assert_eq!(retried, JOBS, "each dead job is retried exactly once");
+    let mut stats = q.stats().await.expect("stats");
+    for _ in 0..100 {
+        if stats.dead == JOBS && stats.waiting == 0 && stats.in_flight == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        stats = q.stats().await.expect("stats");
+    }
+    assert_eq!(
+        (stats.dead, stats.waiting, stats.in_flight),
+        (JOBS, 0, 0),
+        "every job ran once more and died again: {stats:?}"
+    );
+    stop.send(true).expect("stop");
+    running.await.expect("worker stops");
+}
+
+/// Guards against a visibility timeout too short for the fetch poll: a worker
+/// heartbeats from the loop that fetches, so its heartbeat can come a whole
+/// poll late, and under such a lease the reaper took live consumers' jobs.
+#[tokio::test]
+async fn a_visibility_timeout_too_short_for_the_poll_is_refused() {
+    let q = queue(quick());
+    let blocking = betting_queue::connect(&redis_url()).expect("redis");
+    let refused = Worker::new(
+        q.clone(),
+        blocking.clone(),
+        WorkerSettings {
+            poll: Duration::from_millis(100),
+            ..WorkerSettings::default()
+        },
+    )
+    .err()
+    .expect("a 300 ms lease with a 100 ms poll is refused");
+    let message = refused.to_string();
+    assert!(
+        message.contains("visibility timeout of 300ms is too short for a 100ms poll")
+            && message.contains("use at least 600ms"),
+        "{message}"
+    );
+    Worker::new(
+        q,
+        blocking,
+        WorkerSettings {
+            poll: Duration::from_millis(50),
+            ..WorkerSettings::default()
+        },
+    )
+    .expect("six polls fit in the lease");
+
+    // The server checks its setting against the default poll at start-up.
+    let mut s = crate::helpers::settings("postgres://127.0.0.1:1/unused", &redis_url());
+    s.queue_visibility_ms = 1000;
+    let refused = s
+        .validate()
+        .expect_err("a 1 s lease with the 1 s default poll is refused");
+    assert!(
+        refused
+            .to_string()
+            .starts_with("BETTING_QUEUE_VISIBILITY_MS must be at least 6000:"),
+        "{refused}"
+    );
+    let refused = betting_server::Application::build(s.clone())
+        .await
+        .err()
+        .expect("the server does not start");
+    assert!(
+        refused.to_string().contains("BETTING_QUEUE_VISIBILITY_MS"),
+        "{refused}"
+    );
+    s.queue_visibility_ms = 6000;
+    s.validate().expect("six polls are enough");
+}
+
+/// Counts runs and remembers the attempt count each run saw.
+struct Record(std::sync::Mutex<Vec<(String, u32)>>);
+
+impl Handler for Record {
+    async fn handle(&self, job: &Job) -> Result<(), JobError> {
+        if let Ok(mut runs) = self.0.lock() {
+            runs.push((job.id.clone(), job.attempts));
+        }
+        Ok(())
+    }
+}
+
+impl Record {
+    fn new() -> Arc<Self> {
+        Arc::new(Self(std::sync::Mutex::new(Vec::new())))
+    }
+
+    fn runs(&self) -> Vec<(String, u32)> {
+        self.0.lock().map(|runs| runs.clone()).unwrap_or_default()
+    }
+
+    async fn wait_for_runs(&self, n: usize, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        while self.runs().len() < n && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Guards against a graceful shutdown orphaning a job for ever: the stopping
+/// worker used to drop its pending fetch, but the BLMOVE stayed blocked on the
+/// server and moved a job pushed meanwhile into the active list of a consumer
+/// that had already handed its jobs back and left the lease set, where no
+/// reaper looks and the dedupe entry refused every re-enqueue.
+#[tokio::test]
+async fn a_worker_stopped_while_its_fetch_blocks_leaves_no_job_behind() {
+    let q = queue(QueueSettings {
+        visibility_timeout: Duration::from_secs(12),
+        ..quick()
+    });
+    wait_connected(&q).await;
+    let long_poll = WorkerSettings {
+        poll: Duration::from_secs(2),
+        ..WorkerSettings::default()
+    };
+    let (stop, stopped) = watch::channel(false);
+    let worker = Worker::new(
+        q.clone(),
+        betting_queue::connect(&redis_url()).expect("redis"),
+        long_poll.clone(),
+    )
+    .expect("twelve seconds fit a 2 s poll");
+    let first = Record::new();
+    let running = tokio::spawn(worker.run(first.clone(), stopped));
+    // Its lease is taken before its first fetch; then it blocks in BLMOVE.
+    for _ in 0..100 {
+        if q.stats().await.expect("stats").consumers == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.send(true).expect("stop");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    q.enqueue("late", serde_json::json!({}))
+        .await
+        .expect("enqueue");
+    tokio::time::timeout(Duration::from_secs(5), running)
+        .await
+        .expect("stops within a poll")
+        .expect("worker task");
+    assert!(first.runs().is_empty(), "a stopping worker starts nothing");
+    let stats = q.stats().await.expect("stats");
+    assert_eq!(
+        (stats.waiting, stats.in_flight, stats.consumers),
+        (1, 0, 0),
+        "the job is back on the wait list, not stranded: {stats:?}"
+    );
+
+    // The next worker runs it.
+    let (stop, stopped) = watch::channel(false);
+    let worker = Worker::new(
+        q.clone(),
+        betting_queue::connect(&redis_url()).expect("redis"),
+        long_poll,
+    )
+    .expect("worker settings");
+    let second = Record::new();
+    let running = tokio::spawn(worker.run(second.clone(), stopped));
+    second.wait_for_runs(1, Duration::from_secs(5)).await;
+    assert_eq!(second.runs(), vec![("late".to_owned(), 0)]);
+    stop.send(true).expect("stop");
+    running.await.expect("worker stops");
+    let stats = q.stats().await.expect("stats");
+    assert_eq!(
+        (stats.waiting, stats.in_flight, stats.processed),
+        (0, 0, 1),
+        "{stats:?}"
+    );
+}
+
+/// Guards against jobs stranded in the active list of a consumer that holds
+/// no lease (it left, or its BLMOVE landed after it left): the reaper only
+/// looked at consumers in the lease set, so such a job never ran again.
+#[tokio::test]
+async fn a_job_in_the_active_list_of_a_consumer_without_a_lease_is_run() {
+    let (q, blocking) = setup().await;
+    q.enqueue("stranded", serde_json::json!({}))
+        .await
+        .expect("enqueue");
+    // A consumer that never took a lease ends up holding it.
+    q.fetch(&blocking, "gone", Duration::from_secs(1))
+        .await
+        .expect("fetch")
+        .expect("the job");
+    let stats = q.stats().await.expect("stats");
+    assert_eq!((stats.in_flight, stats.consumers), (1, 0), "{stats:?}");
+
+    let (stop, stopped) = watch::channel(false);
+    let worker = Worker::new(
+        q.clone(),
+        betting_queue::connect(&redis_url()).expect("redis"),
+        WorkerSettings {
+            poll: Duration::from_millis(50),
+            ..WorkerSettings::default()
+        },
+    )
+    .expect("worker settings");
+    let handler = Record::new();
+    let running = tokio::spawn(worker.run(handler.clone(), stopped));
+    handler.wait_for_runs(1, Duration::from_secs(5)).await;
+    stop.send(true).expect("stop");
+    running.await.expect("worker stops");
+    assert_eq!(
+        handler.runs(),
+        vec![("stranded".to_owned(), 0)],
+        "it ran once, and no attempt was counted: no live consumer ever ran it"
+    );
+    let stats = q.stats().await.expect("stats");
+    assert_eq!(
+        (stats.waiting, stats.in_flight, stats.processed),
+        (0, 0, 1),
+        "{stats:?}"
+    );
+}
+
+/// Guards the orphan sweep's other side: it must never take the jobs of a
+/// consumer that holds a lease (a live one runs them), and leaves an expired
+/// lease to the reaper, which counts an attempt.
+#[tokio::test]
+async fn the_orphan_sweep_spares_consumers_that_hold_a_lease() {
+    let (q, blocking) = setup().await;
+    for id in ["held", "stranded"] {
+        q.enqueue(id, serde_json::json!({})).await.expect("enqueue");
+    }
+    q.heartbeat("alive").await.expect("heartbeat");
+    let held = q
+        .fetch(&blocking, "alive", Duration::from_secs(1))
+        .await
+        .expect("fetch")
+        .expect("a job");
+    assert_eq!(held.id, "held");
+    q.fetch(&blocking, "gone", Duration::from_secs(1))
+        .await
+        .expect("fetch")
+        .expect("a job");
+
+    // One whole pass over the keyspace, however many calls it takes.
+    async fn full_sweep(q: &Queue) -> u64 {
+        let mut cursor = betting_queue::SweepCursor::default();
+        let mut moved = 0;
+        for _ in 0..1000 {
+            moved += q.sweep_orphans(&mut cursor).await.expect("sweep");
+            if cursor.at_start() {
+                return moved;
+            }
+        }
+        panic!("the sweep never finished a pass");
+    }
+    assert_eq!(full_sweep(&q).await, 1, "only the lease-less list is swept");
+    let stats = q.stats().await.expect("stats");
+    assert_eq!((stats.waiting, stats.in_flight), (1, 1), "{stats:?}");
+    let stranded = q.job("stranded").await.expect("job").expect("still known");
+    assert_eq!(stranded.attempts, 0, "no attempt counted");
+
+    // Once the lease expires, the sweep still leaves it to the reaper.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(full_sweep(&q).await, 0);
+    assert_eq!(q.reap_expired().await.expect("reap"), 1);
+    let reaped = q.job("held").await.expect("job").expect("still known");
+    assert_eq!(
+        reaped.attempts, 1,
+        "a consumer dying mid-job counts an attempt"
+    );
+    let stats = q.stats().await.expect("stats");
+    assert_eq!((stats.waiting, stats.in_flight), (2, 0), "{stats:?}");
+}
+
+/// Guards against the worker loop spinning for ever once its shutdown sender
+/// is gone: `changed()` then fails at once on every turn, and the loop used
+/// to go round again instead of stopping.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_shutdown_sender_is_gone_stops() {
+    let q = queue(quick());
+    wait_connected(&q).await;
+    let (stop, stopped) = watch::channel(false);
+    let worker = Worker::new(
+        q.clone(),
+        betting_queue::connect(&redis_url()).expect("redis"),
+        WorkerSettings {
+            poll: Duration::from_millis(50),
+            ..WorkerSettings::default()
+        },
+    )
+    .expect("worker settings");
+    let running = tokio::spawn(worker.run(Record::new(), stopped));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(stop);
+    tokio::time::timeout(Duration::from_secs(5), running)
+        .await
+        .expect("the worker stops")
+        .expect("worker task");
+    assert_eq!(q.stats().await.expect("stats").consumers, 0, "it left");
 }
