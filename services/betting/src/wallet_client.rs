@@ -15,11 +15,13 @@ use tonic::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum WalletCallError {
-    /// The wallet said no for good (insufficient funds, ...); `reason` is its
-    /// `ErrorInfo.reason`.
+    /// The wallet considered the call and said no (insufficient funds, ...);
+    /// `reason` is its `ErrorInfo.reason`.
     #[error("wallet refused: {reason}")]
     Refused { reason: String, status: Status },
-    /// The wallet could not be reached or failed: the same call may be retried.
+    /// The wallet could not be reached, failed, or did not consider the call
+    /// at all: the same call may be retried, and an earlier attempt may have
+    /// taken effect.
     #[error("wallet unavailable")]
     Unavailable(#[source] Status),
 }
@@ -27,12 +29,14 @@ pub enum WalletCallError {
 impl WalletCallError {
     fn from_status(status: Status) -> Self {
         match status.code() {
+            // Our credentials were not accepted (a rotated secret, clock
+            // skew): the wallet never looked at the request, so this says
+            // nothing about the money. Retry once the credentials are right.
+            Code::Unauthenticated | Code::PermissionDenied => WalletCallError::Unavailable(status),
             Code::FailedPrecondition
             | Code::AlreadyExists
             | Code::InvalidArgument
-            | Code::NotFound
-            | Code::PermissionDenied
-            | Code::Unauthenticated => WalletCallError::Refused {
+            | Code::NotFound => WalletCallError::Refused {
                 reason: reason_of(&status).unwrap_or_else(|| status.code().to_string()),
                 status,
             },

@@ -374,7 +374,7 @@ impl WorldSettings {
             maintenance_interval_ms: 3_600_000,
             match_timeout_secs: 3600,
             worker_concurrency: 4,
-            queue_visibility_ms: 4_000,
+            queue_visibility_ms: 6_000,
             reconcile_interval_ms: 3_600_000,
             stream_heartbeat_ms: 15_000,
             stream_send_timeout_ms: 10_000,
