@@ -172,6 +172,42 @@ impl Simulator {
     }
 }
 
+/// Runs `seeds` on `lanes` simulators at once (each with a Redis of its
+/// own), sending each outcome as it comes. The lanes end, and close their
+/// servers, once the seeds run out or the receiver is dropped; await the
+/// returned set to wait for that.
+pub async fn run_seeds(
+    database_url: &str,
+    seeds: Vec<u64>,
+    lanes: usize,
+    settings: SimSettings,
+) -> anyhow::Result<(
+    tokio::sync::mpsc::UnboundedReceiver<Outcome>,
+    tokio::task::JoinSet<()>,
+)> {
+    let seeds = std::sync::Arc::new(seeds);
+    let next = std::sync::Arc::new(AtomicUsize::new(0));
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..lanes.clamp(1, 64) {
+        let simulator = Simulator::new(database_url).await?;
+        let (seeds, next, tx, settings) =
+            (seeds.clone(), next.clone(), tx.clone(), settings.clone());
+        set.spawn(async move {
+            loop {
+                let Some(&seed) = seeds.get(next.fetch_add(1, Ordering::SeqCst)) else {
+                    break;
+                };
+                if tx.send(simulator.run(seed, &settings).await).is_err() {
+                    break;
+                }
+            }
+            simulator.close().await;
+        });
+    }
+    Ok((rx, set))
+}
+
 struct Report {
     violations: Vec<String>,
     bets: usize,

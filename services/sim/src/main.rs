@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use betting_sim::{SimSettings, Simulator};
+use betting_sim::SimSettings;
 use clap::Parser;
 
 #[derive(Parser)]
@@ -30,6 +30,10 @@ struct Args {
     /// Stop after this many failing seeds.
     #[arg(long, default_value_t = 10)]
     max_failures: usize,
+    /// Seeds run at once, each lane with a Redis of its own (runs mostly
+    /// wait on timers, so lanes scale well past the core count).
+    #[arg(long, default_value_t = 1)]
+    jobs: usize,
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: String,
 }
@@ -45,22 +49,23 @@ async fn main() -> anyhow::Result<()> {
         Some(seed) => vec![seed],
         None => (args.first..args.first + args.seeds).collect(),
     };
-    let simulator = Simulator::new(&args.database_url).await?;
     let started = Instant::now();
+    let (mut outcomes, mut lanes) =
+        betting_sim::run_seeds(&args.database_url, seeds, args.jobs, settings).await?;
     let mut failed = Vec::new();
     let mut times = Vec::new();
     let (mut bets, mut unknown) = (0, 0);
-    for (i, &seed) in seeds.iter().enumerate() {
-        let outcome = simulator.run(seed, &settings).await;
+    while let Some(outcome) = outcomes.recv().await {
+        let seed = outcome.seed;
         times.push(outcome.elapsed);
         bets += outcome.bets;
         unknown += outcome.unknown_answers;
         if outcome.passed() {
-            if args.seed.is_some() || (i + 1) % 50 == 0 {
+            if args.seed.is_some() || times.len() % 100 == 0 {
                 println!(
                     "seed {seed}: ok in {:.1?} ({} seeds done, {} failed, {:.0?} so far)",
                     outcome.elapsed,
-                    i + 1,
+                    times.len(),
                     failed.len(),
                     started.elapsed()
                 );
@@ -86,7 +91,9 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
-    simulator.close().await;
+    // Lanes finish the seed they are on, then close their servers.
+    drop(outcomes);
+    while lanes.join_next().await.is_some() {}
     times.sort();
     let median = times
         .get(times.len() / 2)

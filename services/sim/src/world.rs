@@ -358,7 +358,7 @@ impl WorldSettings {
         Settings {
             storage: StorageSettings {
                 database_url: Secret::new(&self.database_url),
-                db_max_connections: 8,
+                db_max_connections: 4,
             },
             redis_url: Secret::new(&self.redis_url),
             redis_namespace: self.namespace.clone(),

@@ -4,9 +4,9 @@
 //! `BETTING_SIM_SEEDS` (default 24) and `BETTING_SIM_FIRST` (default: a
 //! fixed set, so CI is repeatable) choose the seeds.
 
-use betting_sim::{SimSettings, Simulator};
+use betting_sim::SimSettings;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn random_schedules_lose_nothing() {
     let database_url = std::env::var("DATABASE_URL")
         .expect("DATABASE_URL is not set: run the tests through deploy/local/test");
@@ -18,18 +18,25 @@ async fn random_schedules_lose_nothing() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(1);
-    let simulator = Simulator::new(&database_url).await.expect("simulator");
-    let settings = SimSettings::default();
+    let seeds: Vec<u64> = (first..first + count).collect();
+    let (mut outcomes, mut lanes) =
+        betting_sim::run_seeds(&database_url, seeds, 4, SimSettings::default())
+            .await
+            .expect("simulator");
     let mut failures = Vec::new();
-    for seed in first..first + count {
-        let outcome = simulator.run(seed, &settings).await;
+    let mut ran = 0;
+    while let Some(outcome) = outcomes.recv().await {
+        ran += 1;
         if !outcome.passed() {
             failures.push(format!(
-                "seed {seed} (replay: betting-sim --seed {seed}):\n  {}",
+                "seed {} (replay: deploy/local/sim --seed {}):\n  {}",
+                outcome.seed,
+                outcome.seed,
                 outcome.violations.join("\n  ")
             ));
         }
     }
-    simulator.close().await;
+    while lanes.join_next().await.is_some() {}
+    assert_eq!(ran, count, "every seed ran");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
