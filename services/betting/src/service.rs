@@ -119,10 +119,10 @@ impl BettingService {
             }
             Some(_) => Err(BettingError::IdempotencyConflict),
             None => match self.store.round_status(&round).await? {
-                None => Err(BettingError::RoundNotFound),
-                Some(RoundStatus::Open) => Err(BettingError::Internal(anyhow::anyhow!(
-                    "bet insert refused for an open round"
-                ))),
+                // Open now, but not when our insert looked (rounds never
+                // reopen, and bets are never deleted): the round was opened
+                // in between. Answer as of the insert; a retry places the bet.
+                None | Some(RoundStatus::Open) => Err(BettingError::RoundNotFound),
                 Some(_) => Err(BettingError::RoundNotOpen),
             },
         }

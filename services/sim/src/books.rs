@@ -127,34 +127,30 @@ impl Books {
         };
         let slot = (request.user, request.key.clone());
         match self.bets.get(&slot) {
-            None => {
-                self.bets.insert(
-                    slot,
-                    Record {
-                        request: request.clone(),
-                        answer,
-                    },
-                );
-            }
-            Some(first) if first.request == *request => {
-                if first.answer != answer {
-                    self.violations.push(format!(
-                        "PlaceBet key {} of user {}: the same request was answered {:?}, then {:?}",
-                        request.key, request.user, first.answer, answer
-                    ));
-                }
-            }
+            // Once an answer stored something under the key, it is the key's
+            // answer for good: the same payload gets it again, another payload
+            // is a reused key.
             Some(first) if first.answer.stores() => {
-                if answer != Answer::Refused("IDEMPOTENCY_KEY_REUSED".into()) {
+                // (A changed payload may also be malformed: validation
+                // comes before the key is looked up.)
+                let malformed = answer == Answer::Refused("INVALID_ARGUMENT".into());
+                let expected = if first.request == *request {
+                    first.answer.clone()
+                } else {
+                    Answer::Refused("IDEMPOTENCY_KEY_REUSED".into())
+                };
+                if answer != expected && !(malformed && first.request != *request) {
                     self.violations.push(format!(
-                        "PlaceBet key {} of user {} reused with another payload was answered {:?} (first answer {:?})",
-                        request.key, request.user, answer, first.answer
+                        "PlaceBet key {} of user {} ({request:?}) was answered {answer:?} after {:?}",
+                        request.key, request.user, first.answer
                     ));
                 }
             }
-            // The first request stored nothing (round not open, bad stake):
-            // the key was free, and this answer is the key's now.
-            Some(_) => {
+            // Nothing is known to be stored yet (the round was not open yet,
+            // say): this answer is the key's now. A reused-key answer says
+            // something is stored whose own answer is still on its way (or
+            // was lost and will be retried); it settles nothing.
+            _ => {
                 if answer != Answer::Refused("IDEMPOTENCY_KEY_REUSED".into()) {
                     self.bets.insert(
                         slot,

@@ -41,6 +41,10 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // The services' own logs, when asked for (RUST_LOG=warn, say).
+    if std::env::var_os("RUST_LOG").is_some() {
+        betting_telemetry::init_tracing();
+    }
     let settings = SimSettings {
         steps: args.steps,
         ..SimSettings::default()

@@ -244,7 +244,10 @@ impl World {
             refund: queue(REFUND_QUEUE),
         };
         let world = Self {
-            pool: PgPool::connect(database_url).await?,
+            pool: sqlx::postgres::PgPoolOptions::new()
+                .max_connections(3)
+                .connect(database_url)
+                .await?,
             faults,
             wallet,
             betting,
@@ -358,7 +361,7 @@ impl WorldSettings {
         Settings {
             storage: StorageSettings {
                 database_url: Secret::new(&self.database_url),
-                db_max_connections: 4,
+                db_max_connections: 3,
             },
             redis_url: Secret::new(&self.redis_url),
             redis_namespace: self.namespace.clone(),

@@ -357,3 +357,31 @@ async fn refunds_and_payouts_land_past_the_deposit_limit() {
     assert_eq!(app.balance(whale).await, Decimal::from(BALANCE_LIMIT + 23));
     app.assert_audit_clean().await;
 }
+
+/// Found by the simulation (seeds 1107 and 1119): a PlaceBet racing the
+/// OpenRound of its round could find the round missing at its insert and open
+/// right after, and answered INTERNAL. It is answered as of its insert now:
+/// ROUND_NOT_FOUND, and a retry places the bet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_bet_racing_the_opening_of_its_round_gets_a_clear_answer() {
+    let app = TestApp::spawn_roles(API_ONLY).await;
+    app.deposit(5, "1000").await;
+    for i in 0..100 {
+        let round = format!("race-{i}");
+        let (_, placed) = tokio::join!(
+            app.open_round(&round),
+            app.place(5, &round, pb::Side::A, "1", &round)
+        );
+        match placed {
+            Ok(_) => {}
+            Err(status) => {
+                assert_eq!(status.code(), Code::NotFound, "{status:?}");
+                assert_eq!(reason(&status), "ROUND_NOT_FOUND");
+                app.place(5, &round, pb::Side::A, "1", &round)
+                    .await
+                    .expect("the retry places the bet");
+            }
+        }
+    }
+    assert_eq!(app.count_bets("PENDING").await, 100);
+}
