@@ -82,6 +82,9 @@ struct QueueArgs {
     /// match, settle or refund; all of them when absent.
     #[arg(long, global = true)]
     queue: Option<String>,
+    /// With it, `stats` also says how much money dead jobs hold up.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
+    database_url: Option<Secret>,
 }
 
 #[derive(Subcommand)]
@@ -213,6 +216,13 @@ async fn queue(args: QueueArgs) -> anyhow::Result<()> {
         Some(name) => vec![name],
         None => ["match", "settle", "refund"].map(String::from).to_vec(),
     };
+    let pool = match &args.database_url {
+        Some(url) => Some(
+            betting_db::connect_lazy(url.expose(), &betting_db::PoolSettings::default())
+                .context("invalid DATABASE_URL")?,
+        ),
+        None => None,
+    };
     for name in names {
         let queue = Queue::new(
             client.clone(),
@@ -222,7 +232,15 @@ async fn queue(args: QueueArgs) -> anyhow::Result<()> {
         );
         match &args.command {
             QueueCommand::Stats => {
-                println!("{}", serde_json::to_string(&queue.stats().await?)?);
+                let mut stats = serde_json::to_value(queue.stats().await?)?;
+                if let (Some(pool), Some(fields)) = (&pool, stats.as_object_mut()) {
+                    let money = betting_settlement::stuck::dead_money(pool, &queue).await?;
+                    fields.insert(
+                        "dead_money".into(),
+                        betting_domain::format_money(money).into(),
+                    );
+                }
+                println!("{stats}");
             }
             QueueCommand::Dead { limit } => {
                 for job in queue.dead(*limit).await? {

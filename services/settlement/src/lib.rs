@@ -15,6 +15,7 @@ pub mod reconciler;
 mod service;
 pub mod settler;
 mod store;
+pub mod stuck;
 mod watch;
 
 pub use error::SettlementError;

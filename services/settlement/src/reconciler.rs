@@ -256,7 +256,12 @@ impl Reconciler {
             metrics::gauge!("queue_delayed", "queue" => name.clone()).set(stats.delayed as f64);
             metrics::gauge!("queue_in_flight", "queue" => name.clone()).set(stats.in_flight as f64);
             metrics::gauge!("queue_dead", "queue" => name.clone()).set(stats.dead as f64);
-            metrics::gauge!("queue_consumers", "queue" => name).set(stats.consumers as f64);
+            metrics::gauge!("queue_consumers", "queue" => name.clone()).set(stats.consumers as f64);
+            // Money a human must release (`betting queue retry`): alert on it.
+            if let Ok(money) = crate::stuck::dead_money(self.bets.pool(), queue).await {
+                metrics::gauge!("queue_dead_money", "queue" => name)
+                    .set(rust_decimal::prelude::ToPrimitive::to_f64(&money).unwrap_or(f64::MAX));
+            }
         }
     }
 

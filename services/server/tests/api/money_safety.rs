@@ -385,3 +385,69 @@ async fn a_bet_racing_the_opening_of_its_round_gets_a_clear_answer() {
     }
     assert_eq!(app.count_bets("PENDING").await, 100);
 }
+
+/// The dead-letter policy: a settle job that died stays dead — the reconciler
+/// used to put it back every pass, so a poison job cycled for ever — and the
+/// money it holds up is counted until an operator requeues it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_settle_job_stays_dead_and_its_money_is_counted() {
+    let app = TestApp::spawn_roles(API_ONLY).await;
+    app.open_round("poison").await;
+    for user in [1, 2] {
+        app.deposit(user, "10").await;
+    }
+    app.place_ok(1, "poison", pb::Side::A, "4").await;
+    app.place_ok(2, "poison", pb::Side::B, "4").await;
+    // No matcher runs here: match by hand, then settle.
+    let matcher = betting_bets::matcher::Matcher::new(app.pool.clone());
+    let round_bets: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT bet_id FROM bets")
+        .fetch_all(&app.pool)
+        .await
+        .expect("bets");
+    matcher.match_bet(round_bets[0]).await.expect("match");
+    app.settle_round("poison", pb::Side::A)
+        .await
+        .expect("settle");
+
+    // The settle job dies.
+    let settle = &app.queues.settle;
+    let blocking =
+        betting_queue::connect(&std::env::var("REDIS_URL").expect("REDIS_URL")).expect("redis");
+    let mut fetched = None;
+    for _ in 0..20 {
+        fetched = settle
+            .fetch(&blocking, "poisoned-consumer", Duration::from_millis(500))
+            .await
+            .expect("fetch");
+        if fetched.is_some() {
+            break;
+        }
+    }
+    let job = fetched.expect("the settle job was enqueued");
+    settle
+        .fail("poisoned-consumer", &job, "poisoned", true)
+        .await
+        .expect("fail");
+    let money = betting_settlement::stuck::dead_money(&app.pool, settle)
+        .await
+        .expect("dead money");
+    assert_eq!(money, dec("8"), "the payout the dead job holds up");
+
+    // The reconciler finds the unpaid match, but does not resurrect the job.
+    let report = app
+        .reconciler_with(betting_settlement::reconciler::ReconcilerSettings {
+            retry_after: Duration::ZERO,
+            ..Default::default()
+        })
+        .pass()
+        .await
+        .expect("pass");
+    assert_eq!(report.settle_jobs, 1);
+    let stats = settle.stats().await.expect("stats");
+    assert_eq!((stats.waiting, stats.dead), (0, 1));
+
+    // An operator requeues it.
+    assert!(settle.retry_dead(&job.id).await.expect("retry"));
+    let stats = settle.stats().await.expect("stats");
+    assert_eq!((stats.waiting, stats.dead), (1, 0));
+}
