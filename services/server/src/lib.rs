@@ -246,6 +246,8 @@ impl Application {
                         ..ReconcilerSettings::default()
                     },
                 )
+                // Its refunds are bet changes like any other: announce them.
+                .with_publisher(publisher.clone())
             });
 
         Ok(Self {

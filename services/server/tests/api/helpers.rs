@@ -142,6 +142,10 @@ impl TestApp {
             ],
             settings,
         )
+        .with_publisher(betting_streams::Publisher::new(
+            self.queues.matches.client().clone(),
+            &self.namespace,
+        ))
     }
 
     pub async fn spawn_with(settings: Settings) -> Self {

@@ -451,3 +451,88 @@ async fn a_dead_settle_job_stays_dead_and_its_money_is_counted() {
     let stats = settle.stats().await.expect("stats");
     assert_eq!((stats.waiting, stats.dead), (1, 0));
 }
+
+/// Bug 3, through the server: a matcher process stopped gracefully while its
+/// fetch was blocked used to drop the fetch, but Redis kept it blocked; a job
+/// pushed right after landed in the active list of a consumer that had
+/// already left, where nothing ever looked again (and the job's entry made
+/// every re-enqueue a no-op). Now the stopping worker lets its fetch finish
+/// and hands back what it got, and the reaper sweeps lease-less lists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_pushed_while_a_matcher_stops_is_still_run() {
+    let url = crate::helpers::fresh_database().await;
+    let redis = std::env::var("REDIS_URL").expect("REDIS_URL");
+    let mut api_settings = crate::helpers::settings(&url, &redis);
+    api_settings.roles = API_ONLY.to_vec();
+    let namespace = api_settings.redis_namespace.clone();
+    let api = TestApp::spawn_with(api_settings).await;
+    let matcher_settings = || {
+        let mut s = crate::helpers::settings(&url, &redis);
+        s.roles = vec![betting_config::Role::Matcher];
+        s.redis_namespace = namespace.clone();
+        s
+    };
+    api.open_round("r").await;
+    for user in [1, 2] {
+        api.deposit(user, "10").await;
+    }
+    let first = TestApp::spawn_with(matcher_settings()).await;
+    let a = api.place_ok(1, "r", pb::Side::A, "5").await;
+    // Its match job ran (nothing to pair yet) and the matcher sits in BLMOVE.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    first.stop().await;
+    // Within the blocked fetch's second: the partner's match job.
+    let b = api.place_ok(2, "r", pb::Side::B, "5").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let _second = TestApp::spawn_with(matcher_settings()).await;
+    api.wait_for_bet(1, &a.bet_id, pb::BetStatus::Matched).await;
+    api.wait_for_bet(2, &b.bet_id, pb::BetStatus::Matched).await;
+}
+
+/// Refunds made by the reconciler (a match timeout here) used to reach live
+/// streams only through the hubs' once-a-second sweep: nothing published
+/// them. Every change of a bet now goes out as a change note.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refund_made_by_the_reconciler_is_announced() {
+    use fred::prelude::{ClientLike, EventInterface, PubsubInterface};
+    let url = crate::helpers::fresh_database().await;
+    let redis = std::env::var("REDIS_URL").expect("REDIS_URL");
+    let mut settings = crate::helpers::settings(&url, &redis);
+    settings.reconcile_interval_ms = 200;
+    settings.match_timeout_secs = 1;
+    let app = TestApp::spawn_with(settings).await;
+
+    let listener = fred::prelude::Client::new(
+        fred::prelude::Config::from_url(&redis).expect("url"),
+        None,
+        None,
+        None,
+    );
+    listener.init().await.expect("connect");
+    let mut notes = listener.message_rx();
+    listener
+        .subscribe(betting_streams::channel(&app.namespace))
+        .await
+        .expect("subscribe");
+
+    app.open_round("lonely").await;
+    app.deposit(4, "5").await;
+    let bet = app.place_ok(4, "lonely", pb::Side::A, "5").await;
+    let announced = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let Ok(message) = notes.recv().await else {
+                return false;
+            };
+            let text = message.value.as_string().unwrap_or_default();
+            // Version 1 is PENDING; the refund is version 2.
+            if text.contains(&bet.bet_id) && text.contains("\"v\":2") {
+                return true;
+            }
+        }
+    })
+    .await;
+    assert_eq!(announced, Ok(true), "the refund was published");
+    let refunded = app.bet(4, &bet.bet_id).await;
+    assert_eq!(refunded.status(), pb::BetStatus::Refunded);
+    assert_eq!(refunded.refund_reason(), pb::RefundReason::MatchTimeout);
+}
