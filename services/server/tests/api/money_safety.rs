@@ -536,3 +536,48 @@ async fn a_refund_made_by_the_reconciler_is_announced() {
     assert_eq!(refunded.status(), pb::BetStatus::Refunded);
     assert_eq!(refunded.refund_reason(), pb::RefundReason::MatchTimeout);
 }
+
+/// Found by the simulation: a settle job whose payout was refused for the
+/// settler's credentials (a rotated secret) went straight to the dead-letter
+/// list. It is retried instead: the wallet never looked at the payout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_settle_refused_for_credentials_is_retried_not_buried() {
+    let app = TestApp::spawn_roles(API_ONLY).await;
+    app.open_round("cred").await;
+    for user in [1, 2] {
+        app.deposit(user, "10").await;
+    }
+    app.place_ok(1, "cred", pb::Side::A, "4").await;
+    app.place_ok(2, "cred", pb::Side::B, "4").await;
+    let first: uuid::Uuid = sqlx::query_scalar("SELECT bet_id FROM bets LIMIT 1")
+        .fetch_one(&app.pool)
+        .await
+        .expect("bet");
+    betting_bets::matcher::Matcher::new(app.pool.clone())
+        .match_bet(first)
+        .await
+        .expect("match");
+    app.settle_round("cred", pb::Side::A).await.expect("settle");
+    let match_id: uuid::Uuid = sqlx::query_scalar("SELECT match_id FROM matches")
+        .fetch_one(&app.pool)
+        .await
+        .expect("match");
+    let refused = WalletClient::new(
+        &format!("http://{}", app.addr),
+        ServiceCredentials::new(TokenMinter::new(
+            b"a-rotated-secret-nobody-accepts-any-more",
+            None,
+            None,
+        )),
+    )
+    .expect("client");
+    let handler = betting_settlement::settler::SettleHandler::new(
+        betting_settlement::RoundStore::new(app.pool.clone()),
+        refused,
+    );
+    let result = handler.settle(match_id).await;
+    assert!(
+        matches!(result, Err(betting_queue::JobError::Retry(_))),
+        "{result:?}"
+    );
+}
