@@ -5,6 +5,7 @@
 
 mod helpers;
 
+mod attack;
 mod audit;
 mod auth;
 mod betting;

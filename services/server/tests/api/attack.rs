@@ -1,0 +1,308 @@
+//! Hostile review of the money paths: each test shows one way the code as it
+//! is loses, strands, doubles or invents money, or breaks the wallet's
+//! idempotency contract. They are expected to FAIL on the current code; the
+//! doc comment of each says what it shows.
+
+use std::{sync::Arc, time::Duration};
+
+use betting_api::{IDEMPOTENT_REPLAYED, pb};
+use betting_auth::{ServiceCredentials, TokenMinter};
+use betting_bets::{BetStore, CommandRunner, WalletClient, matcher::Matcher};
+use betting_queue::{Queue, QueueSettings, Worker, WorkerSettings};
+use betting_settlement::{
+    RoundStore,
+    reconciler::ReconcilerSettings,
+    settler::{RefundHandler, SettleHandler},
+};
+use rust_decimal::Decimal;
+use tokio::sync::watch;
+use tonic::Code;
+use uuid::Uuid;
+
+use crate::helpers::{API_ONLY, SECRET, TestApp, authed, dec, reason};
+
+fn wallet_client(endpoint: &str) -> WalletClient {
+    WalletClient::new(
+        endpoint,
+        ServiceCredentials::new(TokenMinter::new(SECRET.as_bytes(), None, None)),
+    )
+    .expect("wallet client")
+}
+
+fn good_wallet(app: &TestApp) -> WalletClient {
+    wallet_client(&format!("http://{}", app.addr))
+}
+
+/// A wallet endpoint nothing listens on: every call fails UNAVAILABLE.
+fn dead_wallet() -> WalletClient {
+    wallet_client(&format!("http://127.0.0.1:{}", crate::helpers::free_port()))
+}
+
+/// Runs `handler` on `queue` until `done` says so (or `limit` passes).
+async fn run_worker<H: betting_queue::Handler>(
+    queue: Queue,
+    handler: H,
+    limit: Duration,
+    done: impl AsyncFn() -> bool,
+) {
+    let worker = Worker::new(
+        queue,
+        betting_queue::connect(&std::env::var("REDIS_URL").expect("REDIS_URL")).expect("redis"),
+        WorkerSettings {
+            poll: Duration::from_millis(50),
+            concurrency: 2,
+            shutdown_grace: Duration::from_secs(2),
+        },
+    )
+    .expect("worker settings");
+    let (stop, stopped) = watch::channel(false);
+    let running = tokio::spawn(worker.run(Arc::new(handler), stopped));
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline && !done().await {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.send(true).expect("stop");
+    running.await.expect("worker stops");
+}
+
+/// A bet of `user`, matched against a bet of `other` (run by the test's own
+/// matcher): returns (bet of user, bet of other, match id).
+async fn matched_pair(
+    app: &TestApp,
+    round: &str,
+    user: i64,
+    other: i64,
+    stake: &str,
+) -> (String, String, Uuid) {
+    let a = app.place_ok(user, round, pb::Side::A, stake).await;
+    let b = app.place_ok(other, round, pb::Side::B, stake).await;
+    Matcher::new(app.pool.clone())
+        .match_bet(a.bet_id.parse().expect("uuid"))
+        .await
+        .expect("match");
+    let a = app.bet(user, &a.bet_id).await;
+    assert_eq!(a.status, pb::BetStatus::Matched as i32, "{a:?}");
+    let match_id = a.match_id.parse().expect("match id");
+    (a.bet_id, b.bet_id, match_id)
+}
+
+/// STRANDS a refund for good. A round is voided during a wallet outage; the
+/// refund job fails UNAVAILABLE on each of its 10 attempts and goes to the
+/// dead-letter hash. Once the wallet is back, nothing carries the refund out:
+/// the reconciler re-derives the owed refund from `wallet_commands`, but
+/// ENQUEUE now refuses an id that is dead ("dead stays dead"), so the user's
+/// stake sits in escrow until an operator runs `betting queue retry`. The same
+/// holds for settle jobs (unpaid matches). With the production backoff
+/// (0.5 s doubling, capped at 60 s, 10 attempts) an outage of about 1.5 to 3
+/// minutes is enough; the test compresses the backoff (a queue handle on the
+/// same Redis keys with a 1 ms base), nothing else.
+///
+/// Fails now: the balance stays 0 and the audit reports the missing refund.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn attack_refund_dead_lettered_by_a_wallet_outage_is_never_carried_out() {
+    let app = TestApp::spawn_roles(API_ONLY).await;
+    app.deposit(1, "10").await;
+    app.open_round("r").await;
+    let bet = app.place_ok(1, "r", pb::Side::A, "10").await;
+    app.void_round("r").await.expect("void");
+    assert_eq!(app.balance(1).await, dec("0"), "the refund is owed, not done");
+
+    // The outage: the refunder cannot reach the wallet; its job dies.
+    let during_outage = Queue::new(
+        app.queues.refund.client().clone(),
+        &app.namespace,
+        app.queues.refund.name(),
+        QueueSettings {
+            backoff_base: Duration::from_millis(1),
+            backoff_max: Duration::from_millis(2),
+            visibility_timeout: Duration::from_millis(600),
+            ..app.queues.refund.settings().clone()
+        },
+    );
+    assert_eq!(during_outage.settings().max_attempts, 10, "production budget");
+    let q = app.queues.refund.clone();
+    run_worker(
+        during_outage,
+        RefundHandler::new(CommandRunner::new(
+            BetStore::new(app.pool.clone()),
+            dead_wallet(),
+        )),
+        Duration::from_secs(30),
+        async || q.stats().await.map(|s| s.dead == 1).unwrap_or(false),
+    )
+    .await;
+    assert_eq!(app.queues.refund.stats().await.expect("stats").dead, 1);
+
+    // The wallet is back. The reconciler finds the refund owed and tries to
+    // enqueue it; real refunders run.
+    let reconciler = app.reconciler_with(ReconcilerSettings::default());
+    let report = reconciler.pass().await.expect("pass");
+    assert_eq!(report.refund_jobs, 1, "the reconciler knows it is owed");
+    let app_ref = &app;
+    run_worker(
+        app.queues.refund.clone(),
+        RefundHandler::new(CommandRunner::new(
+            BetStore::new(app.pool.clone()),
+            good_wallet(&app),
+        )),
+        Duration::from_secs(5),
+        async || app_ref.balance(1).await == dec("10"),
+    )
+    .await;
+    assert_eq!(
+        app.balance(1).await,
+        dec("10"),
+        "the voided bet {} was never refunded: its job is dead and the reconciler may not requeue it",
+        bet.bet_id
+    );
+    app.assert_audit_clean().await;
+}
+
+/// STRANDS a payout (and answers INTERNAL). "Refunds and payouts are credited
+/// past the deposit limit (backstop CHECK 10^18)": a wallet above the deposit
+/// limit is reachable through winnings (money is only conserved overall, and
+/// a thousand wallets may each hold 10^15), and near the backstop a payout
+/// (or a refund) violates `wallets_balance_range`. The wallet maps that
+/// CHECK to INTERNAL (it only knows the old constraint names), the settler
+/// retries it as "unavailable" until the job is dead, and the match is never
+/// paid: the winner's 2 × stake stays in escrow forever, the bets MATCHED.
+///
+/// Fails now: the settler gets "wallet unavailable: internal error".
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn attack_a_payout_near_the_balance_backstop_is_never_paid() {
+    let app = TestApp::spawn_roles(API_ONLY).await;
+    // A winner who already won a lot (written as the wallet writes it).
+    app.genesis(1, Decimal::from(1_000_000_000_000_000_000_i64) - Decimal::ONE)
+        .await;
+    app.deposit(2, "10").await;
+    app.open_round("r").await;
+    let (_, _, match_id) = matched_pair(&app, "r", 1, 2, "10").await;
+    app.settle_round("r", pb::Side::A).await.expect("settle");
+
+    let settler = SettleHandler::new(RoundStore::new(app.pool.clone()), good_wallet(&app));
+    let paid = settler.settle(match_id).await;
+    // What the wallet itself answers to the payout.
+    let direct = app
+        .wallet()
+        .pay_winnings(authed(
+            pb::PayWinningsRequest {
+                user_id: 1,
+                amount: "20".into(),
+                idempotency_key: format!("SETTLE:{match_id}"),
+                match_id: match_id.to_string(),
+                bet_ids: sqlx::query_as::<_, (Uuid, Uuid)>(
+                    "SELECT bet_a_id, bet_b_id FROM matches WHERE match_id = $1",
+                )
+                .bind(match_id)
+                .fetch_one(&app.pool)
+                .await
+                .map(|(a, b)| vec![a.to_string(), b.to_string()])
+                .expect("bets"),
+            },
+            &app.backend(),
+        ))
+        .await;
+    assert!(
+        !matches!(&direct, Err(s) if s.code() == Code::Internal),
+        "the wallet answers INTERNAL to a payout it owes: {direct:?}"
+    );
+    assert!(
+        matches!(paid, Ok(true)),
+        "the match is never paid; the settler got {paid:?}"
+    );
+}
+
+/// BREAKS the idempotency contract ("the same key with another payload is
+/// refused and changes nothing"): a PayWinnings replay compares the user,
+/// amount and match id but not the bets. A second PayWinnings under the same
+/// `SETTLE:{match}` key naming two other bets — bets whose payout guard was
+/// never checked — is answered as a successful replay instead of
+/// ALREADY_EXISTS, so a caller believes bets were paid that were not (and
+/// `payout_bets` never records them).
+///
+/// Fails now: the second call succeeds, marked replayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn attack_pay_winnings_replay_ignores_which_bets_it_pays() {
+    let app = TestApp::spawn_roles(API_ONLY).await;
+    for user in 1..=4 {
+        app.deposit(user, "10").await;
+    }
+    app.open_round("r").await;
+    let (a, b, match_id) = matched_pair(&app, "r", 1, 2, "10").await;
+    let (c, d, _) = matched_pair(&app, "r", 3, 4, "10").await;
+    let pay = |bets: Vec<String>| {
+        let mut wallet = app.wallet();
+        let request = authed(
+            pb::PayWinningsRequest {
+                user_id: 1,
+                amount: "20".into(),
+                idempotency_key: format!("SETTLE:{match_id}"),
+                match_id: match_id.to_string(),
+                bet_ids: bets,
+            },
+            &app.backend(),
+        );
+        async move { wallet.pay_winnings(request).await }
+    };
+    pay(vec![a.clone(), b.clone()]).await.expect("the real payout");
+    // Same key, other payload: the bets of another match.
+    let other = pay(vec![c.clone(), d.clone()]).await;
+    match other {
+        Err(status) => assert_eq!(status.code(), Code::AlreadyExists, "{status:?}"),
+        Ok(response) => panic!(
+            "a PayWinnings naming bets {c} and {d} was answered as a replay of the payout of {a} and {b} \
+             (replayed header: {:?}) instead of ALREADY_EXISTS",
+            response.metadata().get(IDEMPOTENT_REPLAYED)
+        ),
+    }
+}
+
+/// BREAKS the idempotency contract ("the same key and payload get the same
+/// answer ... the original entry, or the original refusal"): only
+/// INSUFFICIENT_FUNDS and BALANCE_LIMIT are recorded under the key. A guard
+/// refusal (NO_MATCHING_STAKE, ALREADY_PAID, ALREADY_REFUNDED) is not, so the
+/// very same RefundStake that was refused moves money when retried later.
+/// (Not reachable through the betting flow today, which only refunds bets
+/// whose stake is held; it is the wallet's own contract that fails.)
+///
+/// Fails now: the retry of the refused refund is credited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn attack_a_refused_refund_is_not_the_answer_for_its_key() {
+    let app = TestApp::spawn_roles(API_ONLY).await;
+    app.deposit(1, "10").await;
+    let bet = Uuid::now_v7().to_string();
+    let refund = || {
+        let mut wallet = app.wallet();
+        let request = authed(
+            pb::RefundStakeRequest {
+                user_id: 1,
+                amount: "10".into(),
+                idempotency_key: format!("REFUND:{bet}"),
+                bet_id: bet.clone(),
+            },
+            &app.backend(),
+        );
+        async move { wallet.refund_stake(request).await }
+    };
+    let first = refund().await.expect_err("no stake is held: refused");
+    assert_eq!(first.code(), Code::FailedPrecondition);
+    assert_eq!(reason(&first), "NO_MATCHING_STAKE");
+
+    app.wallet()
+        .hold_stake(authed(
+            pb::HoldStakeRequest {
+                user_id: 1,
+                amount: "10".into(),
+                idempotency_key: format!("BET:{bet}"),
+                bet_id: bet.clone(),
+            },
+            &app.backend(),
+        ))
+        .await
+        .expect("stake");
+    let retry = refund().await;
+    assert!(
+        matches!(&retry, Err(s) if reason(s) == "NO_MATCHING_STAKE"),
+        "the same key and payload got another answer: first NO_MATCHING_STAKE, now {retry:?}"
+    );
+}
