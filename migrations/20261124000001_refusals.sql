@@ -2,7 +2,9 @@
 -- applies to deposits only.
 
 -- The wallet's refusals (INSUFFICIENT_FUNDS for a debit, BALANCE_LIMIT for a
--- deposit), kept under their idempotency key exactly as movements are, so
+-- deposit, and the guards' NO_MATCHING_STAKE, ALREADY_PAID, ALREADY_REFUNDED
+-- for refunds and payouts), kept under their idempotency key exactly as
+-- movements are, so
 -- that the same key and payload always get the same answer: a retry of a
 -- refused HoldStake can never take the stake later, and a rejected bet stays
 -- rejected. A key is in at most one of ledger_entries and wallet_refusals;
@@ -14,7 +16,8 @@ CREATE TABLE wallet_refusals (
     -- The amount asked for (positive), to tell a retry from a reused key.
     amount          NUMERIC(30, 8) NOT NULL CHECK (amount > 0),
     reference       TEXT NOT NULL DEFAULT '',
-    reason          TEXT NOT NULL CHECK (reason IN ('INSUFFICIENT_FUNDS', 'BALANCE_LIMIT')),
+    reason          TEXT NOT NULL CHECK (reason IN ('INSUFFICIENT_FUNDS', 'BALANCE_LIMIT',
+                        'NO_MATCHING_STAKE', 'ALREADY_PAID', 'ALREADY_REFUNDED')),
     created_at      TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 

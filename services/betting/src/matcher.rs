@@ -251,7 +251,10 @@ impl betting_queue::Handler for MatchHandler {
             .match_bet(bet)
             .await
             .map(|_| ())
-            .map_err(|e| betting_queue::JobError::Retry(e.to_string()))
+            .map_err(|e| match e {
+                BettingError::Unavailable(_) => betting_queue::JobError::Unavailable(e.to_string()),
+                e => betting_queue::JobError::Retry(e.to_string()),
+            })
     }
 }
 

@@ -92,6 +92,9 @@ pub struct Job {
     /// Failed attempts so far.
     #[serde(default)]
     pub attempts: u32,
+    /// Times a dependency was unavailable (not counted as attempts).
+    #[serde(default)]
+    pub outages: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -295,6 +298,7 @@ impl Queue {
             payload,
             enqueued_at_ms: now_ms(),
             attempts: 0,
+            outages: 0,
             last_error: None,
             failed_at_ms: None,
         };
@@ -405,7 +409,33 @@ impl Queue {
         error: &str,
         permanent: bool,
     ) -> Result<FailOutcome, QueueError> {
-        let delay = self.backoff(job.attempts + 1);
+        let mode = if permanent { "1" } else { "0" };
+        self.fail_as(consumer, job, error, mode, job.attempts + 1)
+            .await
+    }
+
+    /// A dependency the job needs (the wallet, PostgreSQL) was unavailable:
+    /// retry after a backoff (capped, growing with the outage) without using
+    /// up an attempt. Money owed is never buried because something was down.
+    pub async fn defer(
+        &self,
+        consumer: &str,
+        job: &Job,
+        error: &str,
+    ) -> Result<FailOutcome, QueueError> {
+        self.fail_as(consumer, job, error, "2", job.outages + 1)
+            .await
+    }
+
+    async fn fail_as(
+        &self,
+        consumer: &str,
+        job: &Job,
+        error: &str,
+        mode: &str,
+        backoff_step: u32,
+    ) -> Result<FailOutcome, QueueError> {
+        let delay = self.backoff(backoff_step);
         let now = now_ms();
         let due = now + u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
         let result: i64 = self
@@ -427,12 +457,16 @@ impl Queue {
                     now.to_string(),
                     self.settings.max_attempts.to_string(),
                     due.to_string(),
-                    if permanent { "1" } else { "0" }.to_owned(),
+                    mode.to_owned(),
                 ],
             )
             .await?;
         Ok(match result {
             0 => FailOutcome::Dead,
+            -2 => FailOutcome::Retrying {
+                attempt: job.attempts,
+                delay,
+            },
             n if n > 0 => FailOutcome::Retrying {
                 attempt: u32::try_from(n).unwrap_or(u32::MAX),
                 delay,

@@ -25,17 +25,26 @@ return 1
 "#;
 
 /// KEYS: active, jobs, delayed, dead, dead_order, stats.
-/// ARGV: id, error, now_ms, max_attempts, due_ms, dead_now (1: skip retries).
+/// ARGV: id, error, now_ms, max_attempts, due_ms, mode — '0' a failed
+/// attempt (retried until out of attempts), '1' permanent (dead at once),
+/// '2' a dependency was unavailable (retried, no attempt used up: an outage
+/// of any length never buries a job).
 /// Returns the attempt count when retried later, 0 when the job went to the
-/// dead-letter list, -1 when the job was unknown.
+/// dead-letter list, -1 when the job was unknown, -2 when deferred (mode 2).
 pub const FAIL: &str = r#"
 redis.call('LREM', KEYS[1], 1, ARGV[1])
 local raw = redis.call('HGET', KEYS[2], ARGV[1])
 if not raw then return -1 end
 local job = cjson.decode(raw)
-job.attempts = (job.attempts or 0) + 1
 job.last_error = ARGV[2]
 redis.call('HINCRBY', KEYS[6], 'failed', 1)
+if ARGV[6] == '2' then
+  job.outages = (job.outages or 0) + 1
+  redis.call('HSET', KEYS[2], ARGV[1], cjson.encode(job))
+  redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1])
+  return -2
+end
+job.attempts = (job.attempts or 0) + 1
 if ARGV[6] == '1' or job.attempts >= tonumber(ARGV[4]) then
   job.failed_at_ms = tonumber(ARGV[3])
   redis.call('HDEL', KEYS[2], ARGV[1])
@@ -142,6 +151,7 @@ if not raw then return 0 end
 redis.call('HDEL', KEYS[3], ARGV[1])
 local job = cjson.decode(raw)
 job.attempts = 0
+job.outages = 0
 job.failed_at_ms = nil
 if redis.call('HSETNX', KEYS[1], ARGV[1], cjson.encode(job)) == 1 then
   redis.call('LPUSH', KEYS[2], ARGV[1])

@@ -20,6 +20,10 @@ pub enum JobError {
     /// Will never succeed (a malformed payload): straight to the dead-letter list.
     #[error("{0}")]
     Permanent(String),
+    /// A dependency (the wallet, PostgreSQL) could not be reached: retried
+    /// with a capped backoff for as long as it takes, using up no attempt.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// Runs one kind of job. It must be idempotent: a job may run more than once
@@ -376,11 +380,13 @@ async fn run_one<H: Handler>(queue: &Queue, consumer: &str, handler: &H, job: Jo
     let outcome = match result {
         Ok(()) => queue.ack(consumer, &job.id).await.map(|()| None),
         Err(error) => {
-            let permanent = matches!(error, JobError::Permanent(_));
-            queue
-                .fail(consumer, &job, &error.to_string(), permanent)
-                .await
-                .map(|outcome| Some((outcome, error)))
+            let text = error.to_string();
+            let recorded = match &error {
+                JobError::Unavailable(_) => queue.defer(consumer, &job, &text).await,
+                JobError::Permanent(_) => queue.fail(consumer, &job, &text, true).await,
+                JobError::Retry(_) => queue.fail(consumer, &job, &text, false).await,
+            };
+            recorded.map(|outcome| Some((outcome, error)))
         }
     };
     match outcome {

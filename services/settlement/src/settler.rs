@@ -78,7 +78,7 @@ impl SettleHandler {
         {
             Ok(_) => {}
             Err(WalletCallError::Unavailable(status)) => {
-                return Err(JobError::Retry(format!(
+                return Err(JobError::Unavailable(format!(
                     "wallet unavailable: {}",
                     status.message()
                 )));
@@ -138,8 +138,9 @@ impl Handler for RefundHandler {
             .ok_or_else(|| JobError::Permanent("payload has no key".into()))?;
         match self.runner.execute_key(key).await {
             Ok(_) => Ok(()),
+            // An outage uses up no attempt: the refund is owed until done.
             Err(e @ (BettingError::WalletUnavailable(_) | BettingError::Unavailable(_))) => {
-                Err(JobError::Retry(e.to_string()))
+                Err(JobError::Unavailable(e.to_string()))
             }
             Err(e) => Err(JobError::Retry(format!(
                 "{e}: {:?}",
@@ -150,5 +151,8 @@ impl Handler for RefundHandler {
 }
 
 fn retry(e: SettlementError) -> JobError {
-    JobError::Retry(e.to_string())
+    match e {
+        SettlementError::Unavailable(_) => JobError::Unavailable(e.to_string()),
+        e => JobError::Retry(e.to_string()),
+    }
 }

@@ -35,7 +35,28 @@ impl From<sqlx::Error> for WalletError {
             Failure::CheckViolation(c) if c == "wallets_balance_non_negative" => {
                 WalletError::InsufficientFunds
             }
+            // The column's backstop (10^18), far past the deposit limit: money
+            // owed into such a wallet is refused visibly (the job that carries
+            // it ends in the dead-letter list, its money counted) for an
+            // operator, rather than failing as an internal error.
+            Failure::CheckViolation(c) if c == "wallets_balance_range" => WalletError::BalanceLimit,
             _ => WalletError::Internal(err.into()),
+        }
+    }
+}
+
+impl WalletError {
+    /// The reason this refusal is kept under its key as the key's answer for
+    /// good (`wallet_refusals`); `None` for failures that are not answers
+    /// (unavailable, internal, a malformed request, a reused key).
+    pub(crate) fn recorded_reason(&self) -> Option<&'static str> {
+        match self {
+            WalletError::InsufficientFunds
+            | WalletError::BalanceLimit
+            | WalletError::NoMatchingStake
+            | WalletError::AlreadyPaid
+            | WalletError::AlreadyRefunded => Some(self.reason()),
+            _ => None,
         }
     }
 }

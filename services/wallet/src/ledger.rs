@@ -136,12 +136,30 @@ impl Ledger {
             .await?;
         // Dropping `tx` on any early return rolls back (and unlocks).
         if let Some(existing) = entry_by_key(&mut tx, t.key.as_str()).await? {
+            if let Guard::Payout { bets, .. } = &t.guard {
+                // A payout's key names the match; the bets it paid must be
+                // the ones asked for, too.
+                let mut paid = paid_bets(&mut tx, existing.entry_id).await?;
+                let mut asked = bets.to_vec();
+                paid.sort();
+                asked.sort();
+                if paid != asked {
+                    return Err(WalletError::IdempotencyConflict);
+                }
+            }
             return replay(existing, t);
         }
         if let Some(refusal) = refusal_by_key(&mut tx, t.key.as_str()).await? {
             return Err(refusal.replay(t));
         }
-        check_guard(&mut tx, t).await?;
+        if let Err(refusal) = check_guard(&mut tx, t).await {
+            // A guard's refusal is the key's answer for good, like any other.
+            if let Some(reason) = refusal.recorded_reason() {
+                record_refusal(&mut tx, t, reason).await?;
+                tx.commit().await?;
+            }
+            return Err(refusal);
+        }
         let (counterparty, credit) = t.kind.counterparty();
         let delta = if credit {
             t.amount.as_decimal()
@@ -379,9 +397,25 @@ impl Refusal {
         match (same, self.reason.as_str()) {
             (false, _) => WalletError::IdempotencyConflict,
             (true, "BALANCE_LIMIT") => WalletError::BalanceLimit,
+            (true, "NO_MATCHING_STAKE") => WalletError::NoMatchingStake,
+            (true, "ALREADY_PAID") => WalletError::AlreadyPaid,
+            (true, "ALREADY_REFUNDED") => WalletError::AlreadyRefunded,
             (true, _) => WalletError::InsufficientFunds,
         }
     }
+}
+
+/// The bets a payout entry paid.
+async fn paid_bets(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    entry_id: i64,
+) -> Result<Vec<Uuid>, WalletError> {
+    Ok(
+        sqlx::query_scalar("SELECT bet_id FROM payout_bets WHERE entry_id = $1")
+            .bind(entry_id)
+            .fetch_all(&mut **tx)
+            .await?,
+    )
 }
 
 async fn refusal_by_key(

@@ -1,7 +1,7 @@
-//! Hostile review of the money paths: each test shows one way the code as it
-//! is loses, strands, doubles or invents money, or breaks the wallet's
-//! idempotency contract. They are expected to FAIL on the current code; the
-//! doc comment of each says what it shows.
+//! Hostile review of the money paths (a reviewer briefed to find an
+//! interleaving that loses, strands, doubles or invents money): each test
+//! showed one such way, failed on the code it was written against, and
+//! passes since its fix. The doc comment of each says what it showed.
 
 use std::{sync::Arc, time::Duration};
 
@@ -86,7 +86,7 @@ async fn matched_pair(
     (a.bet_id, b.bet_id, match_id)
 }
 
-/// STRANDS a refund for good. A round is voided during a wallet outage; the
+/// STRANDED a refund for good. A round is voided during a wallet outage; the
 /// refund job fails UNAVAILABLE on each of its 10 attempts and goes to the
 /// dead-letter hash. Once the wallet is back, nothing carries the refund out:
 /// the reconciler re-derives the owed refund from `wallet_commands`, but
@@ -97,17 +97,24 @@ async fn matched_pair(
 /// minutes is enough; the test compresses the backoff (a queue handle on the
 /// same Redis keys with a 1 ms base), nothing else.
 ///
-/// Fails now: the balance stays 0 and the audit reports the missing refund.
+/// Failed before: the balance stayed 0 and the audit reported the missing
+/// refund. Now an outage uses up no attempt (`JobError::Unavailable`): the
+/// job is deferred, never buried, and runs once the wallet is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn attack_refund_dead_lettered_by_a_wallet_outage_is_never_carried_out() {
+async fn attack_a_wallet_outage_longer_than_the_attempts_never_buries_a_refund() {
     let app = TestApp::spawn_roles(API_ONLY).await;
     app.deposit(1, "10").await;
     app.open_round("r").await;
     let bet = app.place_ok(1, "r", pb::Side::A, "10").await;
     app.void_round("r").await.expect("void");
-    assert_eq!(app.balance(1).await, dec("0"), "the refund is owed, not done");
+    assert_eq!(
+        app.balance(1).await,
+        dec("0"),
+        "the refund is owed, not done"
+    );
 
-    // The outage: the refunder cannot reach the wallet; its job dies.
+    // The outage: the refunder cannot reach the wallet, for more failures
+    // than the job has attempts.
     let during_outage = Queue::new(
         app.queues.refund.client().clone(),
         &app.namespace,
@@ -119,8 +126,20 @@ async fn attack_refund_dead_lettered_by_a_wallet_outage_is_never_carried_out() {
             ..app.queues.refund.settings().clone()
         },
     );
-    assert_eq!(during_outage.settings().max_attempts, 10, "production budget");
+    assert_eq!(
+        during_outage.settings().max_attempts,
+        10,
+        "production budget"
+    );
     let q = app.queues.refund.clone();
+    let job_id = format!("refund:REFUND:{}", bet.bet_id);
+    let outlasted = async || {
+        q.job(&job_id)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|job| job.outages > 12)
+    };
     run_worker(
         during_outage,
         RefundHandler::new(CommandRunner::new(
@@ -128,10 +147,20 @@ async fn attack_refund_dead_lettered_by_a_wallet_outage_is_never_carried_out() {
             dead_wallet(),
         )),
         Duration::from_secs(30),
-        async || q.stats().await.map(|s| s.dead == 1).unwrap_or(false),
+        outlasted,
     )
     .await;
-    assert_eq!(app.queues.refund.stats().await.expect("stats").dead, 1);
+    let stats = app.queues.refund.stats().await.expect("stats");
+    assert_eq!(stats.dead, 0, "an outage buries nothing");
+    let job = app
+        .queues
+        .refund
+        .job(&job_id)
+        .await
+        .expect("job")
+        .expect("the refund job is still queued");
+    assert!(job.outages > 12, "{job:?}");
+    assert_eq!(job.attempts, 0, "an outage uses up no attempt");
 
     // The wallet is back. The reconciler finds the refund owed and tries to
     // enqueue it; real refunders run.
@@ -158,22 +187,24 @@ async fn attack_refund_dead_lettered_by_a_wallet_outage_is_never_carried_out() {
     app.assert_audit_clean().await;
 }
 
-/// STRANDS a payout (and answers INTERNAL). "Refunds and payouts are credited
-/// past the deposit limit (backstop CHECK 10^18)": a wallet above the deposit
-/// limit is reachable through winnings (money is only conserved overall, and
-/// a thousand wallets may each hold 10^15), and near the backstop a payout
-/// (or a refund) violates `wallets_balance_range`. The wallet maps that
-/// CHECK to INTERNAL (it only knows the old constraint names), the settler
-/// retries it as "unavailable" until the job is dead, and the match is never
-/// paid: the winner's 2 × stake stays in escrow forever, the bets MATCHED.
-///
-/// Fails now: the settler gets "wallet unavailable: internal error".
+/// STRANDED a payout behind an INTERNAL answer. Money owed is credited past
+/// the deposit limit, up to the column's backstop (10^18, which keeps sums
+/// inside rust_decimal's range at 8 fractional digits). A payout past the
+/// backstop (reachable only through winnings: a thousand wallets' worth of
+/// deposits won by one player) used to violate the CHECK, come back as
+/// INTERNAL, be retried as "unavailable" and never settle. Now it is parked
+/// visibly for an operator: the wallet answers FAILED_PRECONDITION
+/// BALANCE_LIMIT, the settle job fails for good (to the dead-letter list,
+/// where its money is counted), and the bets stay MATCHED until a human acts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn attack_a_payout_near_the_balance_backstop_is_never_paid() {
+async fn attack_a_payout_past_the_balance_backstop_is_parked_visibly() {
     let app = TestApp::spawn_roles(API_ONLY).await;
     // A winner who already won a lot (written as the wallet writes it).
-    app.genesis(1, Decimal::from(1_000_000_000_000_000_000_i64) - Decimal::ONE)
-        .await;
+    app.genesis(
+        1,
+        Decimal::from(1_000_000_000_000_000_000_i64) - Decimal::ONE,
+    )
+    .await;
     app.deposit(2, "10").await;
     app.open_round("r").await;
     let (_, _, match_id) = matched_pair(&app, "r", 1, 2, "10").await;
@@ -206,9 +237,17 @@ async fn attack_a_payout_near_the_balance_backstop_is_never_paid() {
         !matches!(&direct, Err(s) if s.code() == Code::Internal),
         "the wallet answers INTERNAL to a payout it owes: {direct:?}"
     );
+    let status = direct.expect_err("past the backstop");
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert_eq!(reason(&status), "BALANCE_LIMIT");
     assert!(
-        matches!(paid, Ok(true)),
-        "the match is never paid; the settler got {paid:?}"
+        matches!(paid, Err(betting_queue::JobError::Permanent(_))),
+        "the settle job is parked for an operator, not retried for ever: {paid:?}"
+    );
+    assert_eq!(
+        app.balance(1).await,
+        Decimal::from(1_000_000_000_000_000_000_i64) - Decimal::from(11),
+        "the stake left; nothing else moved"
     );
 }
 
@@ -220,7 +259,8 @@ async fn attack_a_payout_near_the_balance_backstop_is_never_paid() {
 /// ALREADY_EXISTS, so a caller believes bets were paid that were not (and
 /// `payout_bets` never records them).
 ///
-/// Fails now: the second call succeeds, marked replayed.
+/// Failed before: the second call succeeded, marked replayed. Now a payout's
+/// replay compares the bets it paid (`payout_bets`) too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn attack_pay_winnings_replay_ignores_which_bets_it_pays() {
     let app = TestApp::spawn_roles(API_ONLY).await;
@@ -244,7 +284,9 @@ async fn attack_pay_winnings_replay_ignores_which_bets_it_pays() {
         );
         async move { wallet.pay_winnings(request).await }
     };
-    pay(vec![a.clone(), b.clone()]).await.expect("the real payout");
+    pay(vec![a.clone(), b.clone()])
+        .await
+        .expect("the real payout");
     // Same key, other payload: the bets of another match.
     let other = pay(vec![c.clone(), d.clone()]).await;
     match other {
@@ -265,7 +307,8 @@ async fn attack_pay_winnings_replay_ignores_which_bets_it_pays() {
 /// (Not reachable through the betting flow today, which only refunds bets
 /// whose stake is held; it is the wallet's own contract that fails.)
 ///
-/// Fails now: the retry of the refused refund is credited.
+/// Failed before: the retry of the refused refund was credited. Now every
+/// refusal, the guards' too, is recorded under its key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn attack_a_refused_refund_is_not_the_answer_for_its_key() {
     let app = TestApp::spawn_roles(API_ONLY).await;

@@ -539,7 +539,8 @@ async fn a_refund_made_by_the_reconciler_is_announced() {
 
 /// Found by the simulation: a settle job whose payout was refused for the
 /// settler's credentials (a rotated secret) went straight to the dead-letter
-/// list. It is retried instead: the wallet never looked at the payout.
+/// list. It is retried instead, using up no attempt: the wallet never looked
+/// at the payout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_settle_refused_for_credentials_is_retried_not_buried() {
     let app = TestApp::spawn_roles(API_ONLY).await;
@@ -577,7 +578,7 @@ async fn a_settle_refused_for_credentials_is_retried_not_buried() {
     );
     let result = handler.settle(match_id).await;
     assert!(
-        matches!(result, Err(betting_queue::JobError::Retry(_))),
+        matches!(result, Err(betting_queue::JobError::Unavailable(_))),
         "{result:?}"
     );
 }
