@@ -326,6 +326,8 @@ impl Worker {
         if let Err(error) = hand_back(&queue, &consumer).await {
             tracing::warn!(queue = %queue.name(), %error, "could not hand jobs back; the reaper will");
         }
+        // The blocking connection is this worker's own: close it.
+        let _ = fred::prelude::ClientLike::quit(&blocking).await;
         tracing::info!(queue = %queue.name(), %consumer, "worker stopped");
     }
 }

@@ -434,6 +434,10 @@ impl Application {
         })
         .await;
         tasks.shutdown().await;
+        // A fred client keeps its connection (and reconnects) until told to
+        // quit; everything that used this one has stopped.
+        let _ = fred::prelude::ClientLike::quit(&self.redis).await;
+        self.pool.close().await;
         Ok(())
     }
 }
