@@ -194,10 +194,7 @@ pub async fn run_seeds(
         let (seeds, next, tx, settings) =
             (seeds.clone(), next.clone(), tx.clone(), settings.clone());
         set.spawn(async move {
-            loop {
-                let Some(&seed) = seeds.get(next.fetch_add(1, Ordering::SeqCst)) else {
-                    break;
-                };
+            while let Some(&seed) = seeds.get(next.fetch_add(1, Ordering::SeqCst)) {
                 if tx.send(simulator.run(seed, &settings).await).is_err() {
                     break;
                 }
