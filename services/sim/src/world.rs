@@ -346,6 +346,7 @@ impl World {
             }
         }
         self.proxy_task.abort();
+        let _ = fred::prelude::ClientLike::quit(&self.redis).await;
         self.pool.close().await;
     }
 }
