@@ -1,7 +1,7 @@
 //! A bounded number of seeds in the test command (`deploy/local/test`); the
 //! long runs are by hand (`deploy/local/sim`, see RELIABILITY.md).
 //!
-//! `BETTING_SIM_SEEDS` (default 24) and `BETTING_SIM_FIRST` (default: a
+//! `BETTING_SIM_SEEDS` (default 40) and `BETTING_SIM_FIRST` (default: a
 //! fixed set, so CI is repeatable) choose the seeds.
 
 use betting_sim::SimSettings;
@@ -13,7 +13,7 @@ async fn random_schedules_lose_nothing() {
     let count: u64 = std::env::var("BETTING_SIM_SEEDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(24);
+        .unwrap_or(40);
     let first: u64 = std::env::var("BETTING_SIM_FIRST")
         .ok()
         .and_then(|s| s.parse().ok())
