@@ -703,10 +703,7 @@ impl Run {
                 return;
             }
             for (i, request) in pending.iter().enumerate() {
-                match request {
-                    Request::Place(r) => self.place(r, i).await,
-                    Request::Money(r) => self.money(r).await,
-                }
+                self.resend(request, i).await;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -794,10 +791,15 @@ impl Run {
     async fn replay_all(&self) {
         let replays = self.books().replays();
         for (i, request) in replays.iter().enumerate() {
-            match request {
-                Request::Place(r) => self.place(r, i).await,
-                Request::Money(r) => self.money(r).await,
-            }
+            self.resend(request, i).await;
+        }
+    }
+
+    /// Sends a request again, with its own key (through instance `i` for a bet).
+    async fn resend(&self, request: &Request, i: usize) {
+        match request {
+            Request::Place(r) => self.place(r, i).await,
+            Request::Money(r) => self.money(r).await,
         }
     }
 

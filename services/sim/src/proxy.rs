@@ -105,13 +105,7 @@ impl FaultProxy {
         Fut: Future<Output = Result<Response<Res>, Status>>,
     {
         let fault = self.faults.take(rpc, user);
-        let authorization = request.metadata().get("authorization").cloned();
-        let mut upstream_request = Request::new(request.into_inner());
-        if let Some(value) = authorization {
-            upstream_request
-                .metadata_mut()
-                .insert("authorization", value);
-        }
+        let upstream_request = upstream(request);
         let upstream = self.upstream.clone();
         match fault {
             None => forward(upstream, upstream_request).await,
@@ -129,18 +123,23 @@ impl FaultProxy {
     }
 }
 
+/// The request to send on: the same message and the caller's bearer token.
+fn upstream<T>(request: Request<T>) -> Request<T> {
+    let authorization = request.metadata().get("authorization").cloned();
+    let mut upstream = Request::new(request.into_inner());
+    if let Some(value) = authorization {
+        upstream.metadata_mut().insert("authorization", value);
+    }
+    upstream
+}
+
 #[tonic::async_trait]
 impl WalletService for FaultProxy {
     async fn get_wallet(
         &self,
         request: Request<pb::GetWalletRequest>,
     ) -> Result<Response<pb::GetWalletResponse>, Status> {
-        let authorization = request.metadata().get("authorization").cloned();
-        let mut upstream = Request::new(request.into_inner());
-        if let Some(value) = authorization {
-            upstream.metadata_mut().insert("authorization", value);
-        }
-        self.upstream.clone().get_wallet(upstream).await
+        self.upstream.clone().get_wallet(upstream(request)).await
     }
 
     async fn deposit(
