@@ -1,6 +1,7 @@
 //! What can go wrong placing, reading or cancelling bets.
 
 use betting_auth::AuthError;
+use betting_db::StoreError;
 use betting_domain::{ErrorCode, FieldViolation, InvalidRequest, ServiceError};
 
 #[derive(Debug, thiserror::Error)]
@@ -22,19 +23,26 @@ pub enum BettingError {
     #[error("bet is {0} and can no longer be cancelled")]
     NotCancellable(&'static str),
     #[error("wallet service unavailable")]
-    WalletUnavailable(#[source] tonic::Status),
-    #[error("database unavailable")]
-    Unavailable(#[source] sqlx::Error),
+    WalletUnavailable(#[source] betting_wallet_client::WalletCallError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
     #[error("unexpected betting failure")]
     Internal(#[source] anyhow::Error),
 }
 
 impl From<sqlx::Error> for BettingError {
     fn from(err: sqlx::Error) -> Self {
-        if betting_db::is_unavailable(&err) {
-            BettingError::Unavailable(err)
-        } else {
-            BettingError::Internal(err.into())
+        BettingError::Store(err.into())
+    }
+}
+
+impl From<betting_refunds::RefundError> for BettingError {
+    fn from(err: betting_refunds::RefundError) -> Self {
+        use betting_refunds::RefundError;
+        match err {
+            RefundError::Store(e) => BettingError::Store(e),
+            RefundError::WalletUnavailable(e) => BettingError::WalletUnavailable(e),
+            e @ RefundError::Refused { .. } => BettingError::Internal(e.into()),
         }
     }
 }
@@ -49,9 +57,9 @@ impl ServiceError for BettingError {
             | BettingError::InsufficientFunds
             | BettingError::NotCancellable(_) => ErrorCode::FailedPrecondition,
             BettingError::IdempotencyConflict => ErrorCode::AlreadyExists,
-            BettingError::WalletUnavailable(_) | BettingError::Unavailable(_) => {
-                ErrorCode::Unavailable
-            }
+            BettingError::WalletUnavailable(_) => ErrorCode::Unavailable,
+            BettingError::Store(e) if e.is_unavailable() => ErrorCode::Unavailable,
+            BettingError::Store(_) => ErrorCode::Internal,
             BettingError::Internal(_) => ErrorCode::Internal,
         }
     }
@@ -66,8 +74,9 @@ impl ServiceError for BettingError {
             BettingError::IdempotencyConflict => "IDEMPOTENCY_KEY_REUSED",
             BettingError::BetNotFound => "BET_NOT_FOUND",
             BettingError::NotCancellable(_) => "BET_NOT_CANCELLABLE",
-            BettingError::WalletUnavailable(_) | BettingError::Unavailable(_) => "UNAVAILABLE",
-            BettingError::Internal(_) => "INTERNAL",
+            BettingError::WalletUnavailable(_) => "UNAVAILABLE",
+            BettingError::Store(e) if e.is_unavailable() => "UNAVAILABLE",
+            BettingError::Store(_) | BettingError::Internal(_) => "INTERNAL",
         }
     }
 

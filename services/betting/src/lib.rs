@@ -15,30 +15,15 @@
 
 #![forbid(unsafe_code)]
 
-mod commands;
 mod error;
 mod faults;
 pub mod maintenance;
 pub mod matcher;
 mod service;
 mod store;
-mod wallet_client;
 mod watch;
 
-pub use commands::CommandRunner;
 pub use error::BettingError;
 pub use faults::Faults;
 pub use service::BettingService;
-pub use store::{BetRow, BetStore, WalletCommand, refund_round_bets};
-pub use wallet_client::{WalletCallError, WalletClient};
-
-/// The queue the matcher consumes.
-pub const MATCH_QUEUE: &str = "match";
-
-/// The matcher's job for a PENDING bet: its id (one job per bet) and payload.
-pub fn match_job(bet_id: uuid::Uuid, round_id: &str) -> (String, serde_json::Value) {
-    (
-        format!("match:{bet_id}"),
-        serde_json::json!({ "bet_id": bet_id.to_string(), "round_id": round_id }),
-    )
-}
+pub use store::{BetRow, BetStore, PendingBet};

@@ -17,12 +17,14 @@
 //! users are whenever two exist: a batch that pairs nothing therefore proves
 //! that no matchable pair exists in the group. Matching moves no money.
 
+use betting_db::{ChangedBet, StoreError};
 use betting_domain::{BetStatus, RoundStatus, Side};
+use betting_jobs::{JobKind, MatchJob};
+use betting_queue::{Handler, Job, JobError};
+use betting_streams::BetNote;
 use rust_decimal::Decimal;
 use sqlx::PgPool;
 use uuid::Uuid;
-
-use crate::BettingError;
 
 /// Bets read per side per batch.
 const BATCH: i64 = 500;
@@ -30,6 +32,8 @@ const BATCH: i64 = 500;
 /// with many bets (who cannot be matched with themselves) never crowds the
 /// others out of a batch. Must be below `BATCH`.
 const PER_USER: i64 = 50;
+// The proof above needs room for two users in a batch.
+const _: () = assert!(PER_USER < BATCH && PER_USER >= 1);
 
 /// A PENDING bet as the matcher sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,7 +101,7 @@ impl Matcher {
     }
 
     /// Matches the group of one bet; returns how many pairs were made.
-    pub async fn match_bet(&self, bet: Uuid) -> Result<usize, BettingError> {
+    pub async fn match_bet(&self, bet: Uuid) -> Result<usize, StoreError> {
         let row: Option<(String, Decimal, String)> =
             sqlx::query_as("SELECT round_id, amount, status FROM bets WHERE bet_id = $1")
                 .bind(bet)
@@ -113,7 +117,7 @@ impl Matcher {
     }
 
     /// Matches every matchable pair of a (round, stake) group.
-    pub async fn match_group(&self, round: &str, amount: Decimal) -> Result<usize, BettingError> {
+    pub async fn match_group(&self, round: &str, amount: Decimal) -> Result<usize, StoreError> {
         let mut total = 0;
         loop {
             let made = self.match_batch(round, amount).await?;
@@ -124,7 +128,7 @@ impl Matcher {
         }
     }
 
-    async fn match_batch(&self, round: &str, amount: Decimal) -> Result<usize, BettingError> {
+    async fn match_batch(&self, round: &str, amount: Decimal) -> Result<usize, StoreError> {
         let mut tx = self.pool.begin().await?;
         betting_db::lock_round(&mut tx, round).await?;
         let status: Option<String> =
@@ -190,7 +194,7 @@ impl Matcher {
         .bind(amount)
         .execute(&mut *tx)
         .await?;
-        let updated: Vec<(i64, Uuid, String, i64)> = sqlx::query_as(
+        let updated: Vec<ChangedBet> = sqlx::query_as(
             "UPDATE bets SET status = 'MATCHED', match_id = t.m, version = version + 1, \
                updated_at = now() \
              FROM UNNEST($1::UUID[] || $1::UUID[], $2::UUID[] || $3::UUID[]) AS t(m, b) \
@@ -205,7 +209,7 @@ impl Matcher {
         if updated.len() != 2 * pairs.len() {
             // Every row was locked above, so this cannot happen; refuse to
             // commit a half-made match if it ever does.
-            return Err(BettingError::Internal(anyhow::anyhow!(
+            return Err(StoreError::Corrupt(format!(
                 "matched {} bets for {} pairs in round {round}",
                 updated.len(),
                 pairs.len()
@@ -218,7 +222,7 @@ impl Matcher {
                 .bets(
                     updated
                         .into_iter()
-                        .map(betting_streams::BetNote::from)
+                        .map(|b| BetNote::changed(b.user_id, b.bet_id, b.round_id, b.version))
                         .collect(),
                 )
                 .await;
@@ -239,21 +243,16 @@ impl MatchHandler {
     }
 }
 
-impl betting_queue::Handler for MatchHandler {
-    async fn handle(&self, job: &betting_queue::Job) -> Result<(), betting_queue::JobError> {
-        let bet = job
-            .payload
-            .get("bet_id")
-            .and_then(|v| v.as_str())
-            .and_then(|s| Uuid::try_parse(s).ok())
-            .ok_or_else(|| betting_queue::JobError::Permanent("payload has no bet_id".into()))?;
+impl Handler for MatchHandler {
+    async fn handle(&self, job: &Job) -> Result<(), JobError> {
+        let job = MatchJob::decode(job)?;
         self.matcher
-            .match_bet(bet)
+            .match_bet(job.bet_id)
             .await
             .map(|_| ())
             .map_err(|e| match e {
-                BettingError::Unavailable(_) => betting_queue::JobError::Unavailable(e.to_string()),
-                e => betting_queue::JobError::Retry(e.to_string()),
+                StoreError::Unavailable(_) => JobError::Unavailable(e.to_string()),
+                e => JobError::Retry(e.to_string()),
             })
     }
 }

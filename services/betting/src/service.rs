@@ -20,13 +20,17 @@ use tonic::{
 };
 use uuid::Uuid;
 
-use crate::{BetRow, BetStore, BettingError, CommandRunner, Faults, WalletCallError, WalletClient};
+use betting_jobs::MatchJob;
+use betting_refunds::{Outbox, Refunder};
+use betting_wallet_client::{WalletCallError, WalletClient};
+
+use crate::{BetRow, BetStore, BettingError, Faults};
 
 #[derive(Clone)]
 pub struct BettingService {
     store: BetStore,
     wallet: WalletClient,
-    commands: CommandRunner,
+    refunder: Refunder,
     match_queue: Queue,
     faults: Arc<Faults>,
     publisher: Publisher,
@@ -50,7 +54,7 @@ impl BettingService {
         publisher: Publisher,
     ) -> Self {
         Self {
-            commands: CommandRunner::new(store.clone(), wallet.clone()),
+            refunder: Refunder::new(Outbox::new(store.pool().clone()), wallet.clone()),
             store,
             wallet,
             match_queue,
@@ -160,12 +164,12 @@ impl BettingService {
             // nothing about an earlier attempt whose reply was lost: it may
             // hold the stake. The bet stays PLACING; a retry or the recovery
             // pass finishes it once the wallet answers again.
-            Err(WalletCallError::Refused { reason, status }) => {
-                tracing::error!(bet_id = %id, %reason, message = status.message(), "the wallet refused a stake; the bet stays PLACING");
-                return Err(BettingError::WalletUnavailable(status));
+            Err(e @ WalletCallError::Refused { .. }) => {
+                tracing::error!(bet_id = %id, error = %e, "the wallet refused a stake; the bet stays PLACING");
+                return Err(BettingError::WalletUnavailable(e));
             }
-            Err(WalletCallError::Unavailable(status)) => {
-                return Err(BettingError::WalletUnavailable(status));
+            Err(e @ WalletCallError::Unavailable(_)) => {
+                return Err(BettingError::WalletUnavailable(e));
             }
         };
         if self.faults.fail_after_stake() {
@@ -192,13 +196,11 @@ impl BettingService {
         })
     }
 
-    /// Hands a PENDING bet to the matcher. Best effort: the sweeper re-derives
-    /// every PENDING bet from PostgreSQL, so a failure here only delays it.
+    /// Hands a PENDING bet to the matcher. Best effort: the reconciler
+    /// re-derives every PENDING bet from PostgreSQL, so a failure here only
+    /// delays it.
     pub async fn enqueue_match(&self, bet: &BetRow) {
-        let (id, payload) = crate::match_job(bet.bet_id, &bet.round_id);
-        if let Err(error) = self.match_queue.enqueue(&id, payload).await {
-            tracing::warn!(bet_id = %bet.bet_id, %error, "match job not enqueued; the sweeper will");
-        }
+        betting_jobs::enqueue(&self.match_queue, &MatchJob::new(bet.id(), &bet.round_id)).await;
     }
 
     /// CancelBet, after parsing.
@@ -242,11 +244,12 @@ impl BettingService {
             }
         };
         let balance = match self
-            .store
-            .command_by_key(IdempotencyKey::refund(bet).as_str())
+            .refunder
+            .outbox()
+            .get(IdempotencyKey::refund(bet).as_str())
             .await?
         {
-            Some(command) => self.commands.execute(&command).await?,
+            Some(owed) => self.refunder.execute(&owed).await?,
             None => {
                 return Err(BettingError::Internal(anyhow::anyhow!(
                     "cancelled bet {bet} has no refund command"

@@ -1,7 +1,8 @@
-//! Bets and wallet commands in PostgreSQL.
+//! Bets in PostgreSQL.
 
 use std::time::Duration;
 
+use betting_db::{ChangedBet, StoreError};
 use betting_domain::{
     Amount, BetId, BetResult, BetStatus, IdempotencyKey, RefundReason, RoundId, RoundStatus, Side,
     Stake, UserId,
@@ -12,8 +13,6 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use betting_streams::BetNote;
-
-use crate::BettingError;
 
 /// A bet as stored.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
@@ -37,11 +36,11 @@ pub struct BetRow {
 }
 
 impl BetRow {
-    pub fn status(&self) -> Result<BetStatus, BettingError> {
+    pub fn status(&self) -> Result<BetStatus, StoreError> {
         BetStatus::from_db(&self.status).ok_or_else(|| corrupt("status", &self.status))
     }
 
-    pub fn side(&self) -> Result<Side, BettingError> {
+    pub fn side(&self) -> Result<Side, StoreError> {
         Side::from_db(&self.side).ok_or_else(|| corrupt("side", &self.side))
     }
 
@@ -55,12 +54,12 @@ impl BetRow {
             .and_then(RefundReason::from_db)
     }
 
-    pub fn amount(&self) -> Result<Amount, BettingError> {
+    pub fn amount(&self) -> Result<Amount, StoreError> {
         Amount::try_from_decimal(self.amount)
             .map_err(|_| corrupt("amount", &self.amount.to_string()))
     }
 
-    pub fn user(&self) -> Result<UserId, BettingError> {
+    pub fn user(&self) -> Result<UserId, StoreError> {
         UserId::new(self.user_id).map_err(|_| corrupt("user_id", &self.user_id.to_string()))
     }
 
@@ -76,35 +75,14 @@ impl BetRow {
     }
 }
 
-fn corrupt(what: &str, value: &str) -> BettingError {
-    BettingError::Internal(anyhow::anyhow!(
-        "stored bet has an impossible {what}: {value:?}"
-    ))
-}
-
-/// Money the betting side owes a user, to be carried out through WalletService.
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
-pub struct WalletCommand {
-    pub idempotency_key: String,
-    pub kind: String,
-    pub user_id: i64,
-    pub amount: Decimal,
-    pub bet_id: Option<Uuid>,
-    pub match_id: Option<Uuid>,
-    pub attempts: i32,
-    pub done_at: Option<DateTime<Utc>>,
+fn corrupt(what: &str, value: &str) -> StoreError {
+    StoreError::Corrupt(format!("stored bet has an impossible {what}: {value:?}"))
 }
 
 macro_rules! bet_columns {
     () => {
         "bet_id, user_id, idempotency_key, round_id, side, amount, status, reject_reason, \
          match_id, result, payout, refund_reason, balance_after, version, created_at, updated_at"
-    };
-}
-
-macro_rules! command_columns {
-    () => {
-        "idempotency_key, kind, user_id, amount, bet_id, match_id, attempts, done_at"
     };
 }
 
@@ -126,7 +104,7 @@ impl BetStore {
         &self,
         user: UserId,
         key: &IdempotencyKey,
-    ) -> Result<Option<BetRow>, BettingError> {
+    ) -> Result<Option<BetRow>, StoreError> {
         Ok(sqlx::query_as(concat!(
             "SELECT ",
             bet_columns!(),
@@ -138,7 +116,7 @@ impl BetStore {
         .await?)
     }
 
-    pub async fn get(&self, bet: BetId) -> Result<Option<BetRow>, BettingError> {
+    pub async fn get(&self, bet: BetId) -> Result<Option<BetRow>, StoreError> {
         Ok(sqlx::query_as(concat!(
             "SELECT ",
             bet_columns!(),
@@ -159,7 +137,7 @@ impl BetStore {
         round: &RoundId,
         side: Side,
         amount: Stake,
-    ) -> Result<Option<BetRow>, BettingError> {
+    ) -> Result<Option<BetRow>, StoreError> {
         Ok(sqlx::query_as(concat!(
             "INSERT INTO bets (bet_id, user_id, idempotency_key, round_id, side, amount, status) \
              SELECT $1, $2, $3, $4, $5, $6, 'PLACING' \
@@ -178,7 +156,7 @@ impl BetStore {
         .await?)
     }
 
-    pub async fn round_status(&self, round: &RoundId) -> Result<Option<RoundStatus>, BettingError> {
+    pub async fn round_status(&self, round: &RoundId) -> Result<Option<RoundStatus>, StoreError> {
         let status: Option<String> =
             sqlx::query_scalar("SELECT status FROM rounds WHERE round_id = $1")
                 .bind(round.as_str())
@@ -194,7 +172,7 @@ impl BetStore {
         user: UserId,
         bet_ids: &[Uuid],
         since: Option<DateTime<Utc>>,
-    ) -> Result<Vec<BetRow>, BettingError> {
+    ) -> Result<Vec<BetRow>, StoreError> {
         Ok(sqlx::query_as(concat!(
             "SELECT ",
             bet_columns!(),
@@ -213,7 +191,7 @@ impl BetStore {
     }
 
     /// The user's visible bets among `ids`.
-    pub async fn user_bets(&self, user: UserId, ids: &[Uuid]) -> Result<Vec<BetRow>, BettingError> {
+    pub async fn user_bets(&self, user: UserId, ids: &[Uuid]) -> Result<Vec<BetRow>, StoreError> {
         Ok(sqlx::query_as(concat!(
             "SELECT ",
             bet_columns!(),
@@ -232,7 +210,7 @@ impl BetStore {
         &self,
         bet: BetId,
         balance_after: Decimal,
-    ) -> Result<Option<BetRow>, BettingError> {
+    ) -> Result<Option<BetRow>, StoreError> {
         Ok(sqlx::query_as(concat!(
             "UPDATE bets SET status = 'PENDING', balance_after = $2, version = version + 1, \
                updated_at = now() \
@@ -246,7 +224,7 @@ impl BetStore {
     }
 
     /// PLACING -> REJECTED when the stake cannot be taken.
-    pub async fn mark_rejected(&self, bet: BetId, reason: &str) -> Result<(), BettingError> {
+    pub async fn mark_rejected(&self, bet: BetId, reason: &str) -> Result<(), StoreError> {
         sqlx::query(
             "UPDATE bets SET status = 'REJECTED', reject_reason = $2, updated_at = now() \
              WHERE bet_id = $1 AND status = 'PLACING'",
@@ -266,7 +244,7 @@ impl BetStore {
         status: Option<BetStatus>,
         before: Option<Uuid>,
         limit: i64,
-    ) -> Result<Vec<BetRow>, BettingError> {
+    ) -> Result<Vec<BetRow>, StoreError> {
         Ok(sqlx::query_as(concat!(
             "SELECT ",
             bet_columns!(),
@@ -286,102 +264,32 @@ impl BetStore {
         .await?)
     }
 
-    /// PENDING -> REFUNDED, and the refund owed written in the same
-    /// transaction, so the money is owed the moment the bet says so. `None` if
-    /// the bet was not PENDING (or not this user's).
+    /// PENDING -> REFUNDED (a cancel), with the refund owed recorded in the
+    /// same transaction ([`betting_refunds::refund_bets`]). `None` if the bet
+    /// was not PENDING (or not this user's).
     pub async fn refund_pending(
         &self,
         bet: BetId,
         owner: Option<UserId>,
         reason: RefundReason,
-    ) -> Result<Option<BetRow>, BettingError> {
+    ) -> Result<Option<BetRow>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let row: Option<BetRow> = sqlx::query_as(concat!(
-            "UPDATE bets SET status = 'REFUNDED', refund_reason = $3, version = version + 1, \
-               updated_at = now() \
-             WHERE bet_id = $1 AND status = 'PENDING' AND ($2::BIGINT IS NULL OR user_id = $2) \
-             RETURNING ",
-            bet_columns!()
+        let refunded =
+            betting_refunds::refund_bets(&mut tx, &[(bet, reason)], &[BetStatus::Pending], owner)
+                .await?;
+        if refunded.is_empty() {
+            return Ok(None);
+        }
+        let row: BetRow = sqlx::query_as(concat!(
+            "SELECT ",
+            bet_columns!(),
+            " FROM bets WHERE bet_id = $1"
         ))
         .bind(bet.as_uuid())
-        .bind(owner.map(UserId::get))
-        .bind(reason.as_db())
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(row) = row else {
-            return Ok(None);
-        };
-        sqlx::query(
-            "INSERT INTO wallet_commands (idempotency_key, kind, user_id, amount, bet_id) \
-             VALUES ($1, 'REFUND', $2, $3, $4)",
-        )
-        .bind(IdempotencyKey::refund(bet).as_str())
-        .bind(row.user_id)
-        .bind(row.amount)
-        .bind(row.bet_id)
-        .execute(&mut *tx)
+        .fetch_one(&mut *tx)
         .await?;
         tx.commit().await?;
         Ok(Some(row))
-    }
-
-    pub async fn command_by_key(&self, key: &str) -> Result<Option<WalletCommand>, BettingError> {
-        Ok(sqlx::query_as(concat!(
-            "SELECT ",
-            command_columns!(),
-            " FROM wallet_commands WHERE idempotency_key = $1"
-        ))
-        .bind(key)
-        .fetch_optional(&self.pool)
-        .await?)
-    }
-
-    /// Commands not yet carried out, older than `age` (younger ones are still
-    /// being carried out by the request that wrote them), in key order after
-    /// `after`: a caller pages through all of them across calls, so commands
-    /// that never complete cannot hide the ones behind them.
-    pub async fn due_commands(
-        &self,
-        age: Duration,
-        after: Option<&str>,
-        limit: i64,
-    ) -> Result<Vec<WalletCommand>, BettingError> {
-        Ok(sqlx::query_as(concat!(
-            "SELECT ",
-            command_columns!(),
-            " FROM wallet_commands \
-             WHERE done_at IS NULL AND created_at < now() - make_interval(secs => $1) \
-               AND ($2::TEXT IS NULL OR idempotency_key > $2) \
-             ORDER BY idempotency_key LIMIT $3"
-        ))
-        .bind(age.as_secs_f64())
-        .bind(after)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?)
-    }
-
-    pub async fn command_done(&self, key: &str) -> Result<(), BettingError> {
-        sqlx::query(
-            "UPDATE wallet_commands SET done_at = now(), attempts = attempts + 1 \
-             WHERE idempotency_key = $1 AND done_at IS NULL",
-        )
-        .bind(key)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    pub async fn command_failed(&self, key: &str, error: &str) -> Result<(), BettingError> {
-        sqlx::query(
-            "UPDATE wallet_commands SET attempts = attempts + 1, last_error = $2 \
-             WHERE idempotency_key = $1 AND done_at IS NULL",
-        )
-        .bind(key)
-        .bind(error)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
     }
 
     /// PLACING bets older than `age`: left behind by a crash or an outage.
@@ -389,7 +297,7 @@ impl BetStore {
         &self,
         age: Duration,
         limit: i64,
-    ) -> Result<Vec<BetRow>, BettingError> {
+    ) -> Result<Vec<BetRow>, StoreError> {
         Ok(sqlx::query_as(concat!(
             "SELECT ",
             bet_columns!(),
@@ -411,7 +319,7 @@ impl BetStore {
         age: Duration,
         after: Option<Uuid>,
         limit: i64,
-    ) -> Result<Vec<(Uuid, String)>, BettingError> {
+    ) -> Result<Vec<PendingBet>, StoreError> {
         Ok(sqlx::query_as(
             "SELECT bet_id, round_id FROM bets \
              WHERE status = 'PENDING' AND created_at < now() - make_interval(secs => $1) \
@@ -424,102 +332,31 @@ impl BetStore {
         .fetch_all(&self.pool)
         .await?)
     }
-
-    /// PENDING bets older than `timeout`, refunded (MATCH_TIMEOUT) together
-    /// with the refunds they are owed, in one statement. Bets a matcher holds
-    /// right now are skipped: if it matches them, they are no longer PENDING.
-    pub async fn refund_overdue(
-        &self,
-        timeout: Duration,
-        limit: i64,
-    ) -> Result<Vec<BetNote>, BettingError> {
-        Ok(sqlx::query_as::<_, (i64, Uuid, String, i64)>(
-            "WITH due AS ( \
-               SELECT bet_id FROM bets \
-               WHERE status = 'PENDING' AND created_at < now() - make_interval(secs => $1) \
-               ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED \
-             ), refunded AS ( \
-               UPDATE bets b SET status = 'REFUNDED', refund_reason = 'MATCH_TIMEOUT', \
-                 version = b.version + 1, updated_at = now() \
-               FROM due WHERE b.bet_id = due.bet_id AND b.status = 'PENDING' \
-               RETURNING b.bet_id, b.user_id, b.amount, b.round_id, b.version \
-             ), owed AS ( \
-               INSERT INTO wallet_commands (idempotency_key, kind, user_id, amount, bet_id) \
-               SELECT 'REFUND:' || bet_id, 'REFUND', user_id, amount, bet_id FROM refunded \
-               ON CONFLICT (idempotency_key) DO NOTHING \
-             ) \
-             SELECT user_id, bet_id, round_id, version FROM refunded",
-        )
-        .bind(timeout.as_secs_f64())
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?
-        .into_iter()
-        .map(BetNote::from)
-        .collect())
-    }
-
-    /// PENDING bets of rounds that are no longer open — a bet that became
-    /// PENDING just after its round closed — refunded with their refunds owed.
-    pub async fn refund_stranded(&self, limit: i64) -> Result<Vec<BetNote>, BettingError> {
-        Ok(sqlx::query_as::<_, (i64, Uuid, String, i64)>(
-            "WITH due AS ( \
-               SELECT b.bet_id, r.status AS round_status FROM bets b JOIN rounds r USING (round_id) \
-               WHERE b.status = 'PENDING' AND r.status <> 'OPEN' \
-               LIMIT $1 FOR UPDATE OF b SKIP LOCKED \
-             ), refunded AS ( \
-               UPDATE bets b SET status = 'REFUNDED', \
-                 refund_reason = CASE due.round_status WHEN 'VOIDED' THEN 'ROUND_VOIDED' ELSE 'ROUND_CLOSED' END, \
-                 version = b.version + 1, updated_at = now() \
-               FROM due WHERE b.bet_id = due.bet_id AND b.status = 'PENDING' \
-               RETURNING b.bet_id, b.user_id, b.amount, b.round_id, b.version \
-             ), owed AS ( \
-               INSERT INTO wallet_commands (idempotency_key, kind, user_id, amount, bet_id) \
-               SELECT 'REFUND:' || bet_id, 'REFUND', user_id, amount, bet_id FROM refunded \
-               ON CONFLICT (idempotency_key) DO NOTHING \
-             ) \
-             SELECT user_id, bet_id, round_id, version FROM refunded",
-        )
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?
-        .into_iter()
-        .map(BetNote::from)
-        .collect())
-    }
 }
 
-/// Refunds, inside the caller's transaction (which holds the round lock),
-/// every bet of a round in one of `statuses`, and records the refunds owed
-/// (key `REFUND:{bet_id}`). Returns the refunded bets.
-pub async fn refund_round_bets(
-    conn: &mut sqlx::PgConnection,
-    round: &str,
-    statuses: &[BetStatus],
-    reason: RefundReason,
-) -> Result<Vec<BetNote>, sqlx::Error> {
-    let statuses: Vec<&str> = statuses.iter().map(|s| s.as_db()).collect();
-    Ok(sqlx::query_as::<_, (i64, Uuid, String, i64)>(
-        "WITH refunded AS ( \
-           UPDATE bets SET status = 'REFUNDED', refund_reason = $3, version = version + 1, \
-             updated_at = now() \
-           WHERE round_id = $1 AND status = ANY($2) \
-           RETURNING bet_id, user_id, amount, round_id, version \
-         ), owed AS ( \
-           INSERT INTO wallet_commands (idempotency_key, kind, user_id, amount, bet_id) \
-           SELECT 'REFUND:' || bet_id, 'REFUND', user_id, amount, bet_id FROM refunded \
-           ON CONFLICT (idempotency_key) DO NOTHING \
-         ) \
-         SELECT user_id, bet_id, round_id, version FROM refunded",
-    )
-    .bind(round)
-    .bind(&statuses)
-    .bind(reason.as_db())
-    .fetch_all(conn)
-    .await?
-    .into_iter()
-    .map(BetNote::from)
-    .collect())
+/// A PENDING bet, as the reconciler re-derives match jobs.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct PendingBet {
+    pub bet_id: Uuid,
+    pub round_id: String,
+}
+
+impl BetStore {
+    /// Bets changed since `from` that streams may show: the hubs' sweep.
+    pub async fn changed_since(&self, from: DateTime<Utc>) -> Result<Vec<BetNote>, StoreError> {
+        let bets: Vec<ChangedBet> = sqlx::query_as(
+            "SELECT user_id, bet_id, round_id, version FROM bets \
+             WHERE updated_at >= $1 AND status NOT IN ('PLACING', 'REJECTED') \
+             ORDER BY updated_at LIMIT 10000",
+        )
+        .bind(from)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(bets
+            .into_iter()
+            .map(|b| BetNote::changed(b.user_id, b.bet_id, b.round_id, b.version))
+            .collect())
+    }
 }
 
 impl BetRow {

@@ -214,7 +214,9 @@ async fn queue(args: QueueArgs) -> anyhow::Result<()> {
     let client = betting_queue::connect(url.expose()).context("invalid REDIS_URL")?;
     let names: Vec<String> = match args.queue {
         Some(name) => vec![name],
-        None => ["match", "settle", "refund"].map(String::from).to_vec(),
+        None => betting_jobs::QUEUES
+            .map(|spec| spec.name.to_owned())
+            .to_vec(),
     };
     let pool = match &args.database_url {
         Some(url) => Some(
@@ -234,7 +236,7 @@ async fn queue(args: QueueArgs) -> anyhow::Result<()> {
             QueueCommand::Stats => {
                 let mut stats = serde_json::to_value(queue.stats().await?)?;
                 if let (Some(pool), Some(fields)) = (&pool, stats.as_object_mut()) {
-                    let money = betting_settlement::stuck::dead_money(pool, &queue).await?;
+                    let money = betting_reconciler::stuck::dead_money(pool, &queue).await?;
                     fields.insert(
                         "dead_money".into(),
                         betting_domain::format_money(money).into(),

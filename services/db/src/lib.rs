@@ -118,3 +118,46 @@ pub async fn lock_round(conn: &mut sqlx::PgConnection, round_id: &str) -> Result
         .await?;
     Ok(())
 }
+
+/// A storage failure, as the stores hand it to the services: whether to try
+/// again later, or a bug. The driver's text stays inside (for logs); the
+/// services' error mappings never show it to a client.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached right now (UNAVAILABLE to a client;
+    /// an outage, not an attempt, to a queue job).
+    #[error("database unavailable")]
+    Unavailable(#[source] sqlx::Error),
+    /// A stored value the code cannot hold (a status no version wrote).
+    #[error("stored data is impossible: {0}")]
+    Corrupt(String),
+    /// Anything else the database said: a bug.
+    #[error("unexpected database error")]
+    Other(#[source] sqlx::Error),
+}
+
+impl StoreError {
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(err: sqlx::Error) -> Self {
+        if is_unavailable(&err) {
+            StoreError::Unavailable(err)
+        } else {
+            StoreError::Other(err)
+        }
+    }
+}
+
+/// A bet a statement changed, as its `RETURNING user_id, bet_id, round_id,
+/// version` reads: what a change note needs.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct ChangedBet {
+    pub user_id: i64,
+    pub bet_id: uuid::Uuid,
+    pub round_id: String,
+    pub version: i64,
+}

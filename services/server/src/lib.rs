@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+mod feed;
 mod health;
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
@@ -15,21 +16,20 @@ use anyhow::Context;
 use betting_audit::{AdminService, AuditSettings};
 use betting_auth::{AuthInterceptor, ServiceCredentials, TokenMinter, Verifier};
 use betting_bets::{
-    BetStore, BettingService, CommandRunner, MATCH_QUEUE, WalletClient,
+    BetStore, BettingService,
     maintenance::MaintenanceSettings,
     matcher::{MatchHandler, Matcher},
 };
 use betting_config::{Role, Settings};
 use betting_db::PoolSettings;
+use betting_jobs::QueueSpec;
 use betting_queue::{Queue, QueueSettings, Worker, WorkerSettings};
-use betting_settlement::{
-    RoundStore, SettlementService,
-    jobs::{REFUND_QUEUE, SETTLE_QUEUE},
-    reconciler::{Reconciler, ReconcilerSettings},
-    settler::{RefundHandler, SettleHandler},
-};
+use betting_reconciler::{Reconciler, ReconcilerSettings};
+use betting_refunds::{Outbox, RefundHandler, Refunder};
+use betting_settlement::{RoundStore, SettlementService, settler::SettleHandler};
 use betting_streams::{Hub, Publisher, StreamContext, StreamSettings};
 use betting_wallet::WalletService;
+use betting_wallet_client::WalletClient;
 use futures::StreamExt;
 use sqlx::PgPool;
 use tokio::{net::TcpListener, sync::watch};
@@ -106,23 +106,22 @@ impl Application {
         let audience = settings.jwt_audience.as_deref();
         let auth = AuthInterceptor::new(Arc::new(Verifier::new(secret, issuer, audience)));
 
-        let queue = |name: &str, max_attempts: u32| {
+        let queue = |spec: QueueSpec| {
             Queue::new(
                 redis.clone(),
                 &settings.redis_namespace,
-                name,
+                spec.name,
                 QueueSettings {
-                    max_attempts,
+                    max_attempts: spec.max_attempts,
                     visibility_timeout: settings.queue_visibility(),
                     ..QueueSettings::default()
                 },
             )
         };
         let queues = Queues {
-            matches: queue(MATCH_QUEUE, 5),
-            // Money jobs keep trying longer before they need a human.
-            settle: queue(SETTLE_QUEUE, 10),
-            refund: queue(REFUND_QUEUE, 10),
+            matches: queue(betting_jobs::MATCH),
+            settle: queue(betting_jobs::SETTLE),
+            refund: queue(betting_jobs::REFUND),
         };
 
         // Shutdown reaches every long-lived task, streams included, through this.
@@ -131,7 +130,10 @@ impl Application {
         let serves_streams = settings.runs(Role::Betting) || settings.runs(Role::Settlement);
         let hub = serves_streams.then(|| {
             Hub::new(
-                pool.clone(),
+                Arc::new(feed::StoreFeed {
+                    bets: BetStore::new(pool.clone()),
+                    rounds: RoundStore::new(pool.clone()),
+                }),
                 settings.redis_url.expose(),
                 &settings.redis_namespace,
             )
@@ -227,14 +229,13 @@ impl Application {
             ));
             workers.refunder = Some((
                 consumer(&queues.refund)?,
-                RefundHandler::new(CommandRunner::new(bets.clone(), client.clone())),
+                RefundHandler::new(Refunder::new(Outbox::new(pool.clone()), client.clone())),
             ));
         }
         let reconciler =
             (settings.runs(Role::Matcher) || settings.runs(Role::Settler)).then(|| {
                 Reconciler::new(
-                    bets.clone(),
-                    RoundStore::new(pool.clone()),
+                    pool.clone(),
                     [
                         queues.matches.clone(),
                         queues.settle.clone(),

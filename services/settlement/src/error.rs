@@ -1,6 +1,7 @@
 //! What can go wrong running rounds.
 
 use betting_auth::AuthError;
+use betting_db::StoreError;
 use betting_domain::{ErrorCode, FieldViolation, InvalidRequest, ServiceError};
 
 #[derive(Debug, thiserror::Error)]
@@ -17,19 +18,15 @@ pub enum SettlementError {
     WrongState(&'static str),
     #[error("round was already settled with the other outcome")]
     OtherOutcome,
-    #[error("database unavailable")]
-    Unavailable(#[source] sqlx::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
     #[error("unexpected settlement failure")]
     Internal(#[source] anyhow::Error),
 }
 
 impl From<sqlx::Error> for SettlementError {
     fn from(err: sqlx::Error) -> Self {
-        if betting_db::is_unavailable(&err) {
-            SettlementError::Unavailable(err)
-        } else {
-            SettlementError::Internal(err.into())
-        }
+        SettlementError::Store(err.into())
     }
 }
 
@@ -43,8 +40,8 @@ impl ServiceError for SettlementError {
             SettlementError::WrongState(_) | SettlementError::OtherOutcome => {
                 ErrorCode::FailedPrecondition
             }
-            SettlementError::Unavailable(_) => ErrorCode::Unavailable,
-            SettlementError::Internal(_) => ErrorCode::Internal,
+            SettlementError::Store(e) if e.is_unavailable() => ErrorCode::Unavailable,
+            SettlementError::Store(_) | SettlementError::Internal(_) => ErrorCode::Internal,
         }
     }
 
@@ -56,8 +53,8 @@ impl ServiceError for SettlementError {
             SettlementError::RoundExists(_) => "ROUND_EXISTS",
             SettlementError::WrongState(_) => "ROUND_WRONG_STATE",
             SettlementError::OtherOutcome => "ROUND_SETTLED_OTHERWISE",
-            SettlementError::Unavailable(_) => "UNAVAILABLE",
-            SettlementError::Internal(_) => "INTERNAL",
+            SettlementError::Store(e) if e.is_unavailable() => "UNAVAILABLE",
+            SettlementError::Store(_) | SettlementError::Internal(_) => "INTERNAL",
         }
     }
 

@@ -4,18 +4,16 @@
 //! VOIDED; every transition is idempotent and takes the round's lock, so it
 //! serialises with matching. Closing, settling and voiding refund what they
 //! must in the same transaction (as owed wallet commands) and, once committed,
-//! hand matches and refunds to the settler workers ([`settler`]). The
-//! [`reconciler`] re-derives from PostgreSQL any of that work Redis lost.
+//! hand matches and refunds to the settler workers ([`settler`] pays
+//! matches; `betting-refunds` carries out refunds). The reconciler (its own
+//! crate) re-derives from PostgreSQL any of that work Redis lost.
 
 #![forbid(unsafe_code)]
 
 mod error;
-pub mod jobs;
-pub mod reconciler;
 mod service;
 pub mod settler;
 mod store;
-pub mod stuck;
 mod watch;
 
 pub use error::SettlementError;

@@ -6,19 +6,16 @@ use betting_api::{
     to_status,
 };
 use betting_auth::{AuthInterceptor, Principal};
-use betting_domain::{
-    BetId, IdempotencyKey, InvalidRequest, RoundId, Side, Violations, format_money,
-};
+use betting_domain::{BetId, InvalidRequest, RoundId, Side, Violations, format_money};
 use betting_queue::Queue;
 use betting_streams::{Changes, Publisher, StreamContext};
 use sqlx::PgPool;
 use tonic::{Request, Response, Status, service::interceptor::InterceptedService};
 
-use crate::{
-    RoundRow, RoundStore, RoundTotals, SettlementError, Transition,
-    jobs::{enqueue_all, refund_job, settle_job},
-    watch::RoundFeeds,
-};
+use betting_domain::MatchId;
+use betting_jobs::{RefundJob, SettleJob, enqueue_all};
+
+use crate::{RoundRow, RoundStore, RoundTotals, SettlementError, Transition, watch::RoundFeeds};
 
 #[derive(Clone)]
 pub struct SettlementService {
@@ -96,13 +93,16 @@ impl SettlementService {
         let refunds: Vec<_> = transition
             .refunds
             .iter()
-            .map(|b| refund_job(IdempotencyKey::refund(BetId::from(b.bet_id)).as_str()))
+            .map(|b| RefundJob::for_bet(BetId::from(b.bet_id)))
             .collect();
-        enqueue_all(&self.refund_queue, refunds).await;
+        enqueue_all(&self.refund_queue, &refunds).await;
         if transition.round.status == "SETTLED" {
             let matches = self.rounds.open_matches(round).await?;
-            let jobs: Vec<_> = matches.into_iter().map(settle_job).collect();
-            enqueue_all(&self.settle_queue, jobs).await;
+            let jobs: Vec<_> = matches
+                .into_iter()
+                .map(|m| SettleJob::new(MatchId::from(m)))
+                .collect();
+            enqueue_all(&self.settle_queue, &jobs).await;
         }
         Ok(())
     }

@@ -1,16 +1,20 @@
-//! The settler role's job handlers: pay matches, carry out refunds.
+//! The settler role's payout handler (its refund handler is
+//! `betting_refunds::RefundHandler`).
 //!
-//! Both are idempotent end to end: WalletService answers a repeated payment or
-//! refund from the original movement (keys `SETTLE:{match_id}` and
-//! `REFUND:{bet_id}`), and the bookkeeping afterwards is conditional on the
-//! state it moves from. A job run twice, or on two settlers at once, pays once.
+//! Idempotent end to end: WalletService answers a repeated payment from the
+//! original movement (key `SETTLE:{match_id}`), and the bookkeeping
+//! afterwards is conditional on the state it moves from. A job run twice, or
+//! on two settlers at once, pays once.
 
-use betting_bets::{BettingError, CommandRunner, WalletCallError, WalletClient};
 use betting_domain::{Amount, BetId, MatchId, Side, Stake, UserId};
+use betting_jobs::{JobKind, SettleJob};
 use betting_queue::{Handler, Job, JobError};
+use betting_wallet_client::{WalletCallError, WalletClient};
 use uuid::Uuid;
 
-use crate::{RoundStore, SettlementError};
+use betting_db::StoreError;
+
+use crate::RoundStore;
 
 /// Pays one match: `settle:{match_id}`.
 pub struct SettleHandler {
@@ -108,51 +112,16 @@ impl SettleHandler {
 
 impl Handler for SettleHandler {
     async fn handle(&self, job: &Job) -> Result<(), JobError> {
-        let match_id = job
-            .payload
-            .get("match_id")
-            .and_then(|v| v.as_str())
-            .and_then(|s| Uuid::try_parse(s).ok())
-            .ok_or_else(|| JobError::Permanent("payload has no match_id".into()))?;
-        self.settle(match_id).await.map(|_| ())
+        let job = SettleJob::decode(job)?;
+        self.settle(job.match_id).await.map(|_| ())
     }
 }
 
-/// Carries out one owed refund: `refund:REFUND:{bet_id}`.
-pub struct RefundHandler {
-    runner: CommandRunner,
-}
-
-impl RefundHandler {
-    pub fn new(runner: CommandRunner) -> Self {
-        Self { runner }
-    }
-}
-
-impl Handler for RefundHandler {
-    async fn handle(&self, job: &Job) -> Result<(), JobError> {
-        let key = job
-            .payload
-            .get("key")
-            .and_then(|v| v.as_str())
-            .ok_or_else(|| JobError::Permanent("payload has no key".into()))?;
-        match self.runner.execute_key(key).await {
-            Ok(_) => Ok(()),
-            // An outage uses up no attempt: the refund is owed until done.
-            Err(e @ (BettingError::WalletUnavailable(_) | BettingError::Unavailable(_))) => {
-                Err(JobError::Unavailable(e.to_string()))
-            }
-            Err(e) => Err(JobError::Retry(format!(
-                "{e}: {:?}",
-                std::error::Error::source(&e).map(ToString::to_string)
-            ))),
-        }
-    }
-}
-
-fn retry(e: SettlementError) -> JobError {
-    match e {
-        SettlementError::Unavailable(_) => JobError::Unavailable(e.to_string()),
-        e => JobError::Retry(e.to_string()),
+fn retry(e: StoreError) -> JobError {
+    if e.is_unavailable() {
+        // An outage uses up no attempt.
+        JobError::Unavailable(e.to_string())
+    } else {
+        JobError::Retry(e.to_string())
     }
 }

@@ -1,6 +1,6 @@
 //! Rounds in PostgreSQL.
 
-use betting_bets::refund_round_bets;
+use betting_db::{ChangedBet, StoreError};
 use betting_domain::{BetStatus, RefundReason, RoundId, RoundStatus, Side};
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -90,7 +90,7 @@ impl RoundStore {
     }
 
     /// A new OPEN round; `None` if the id is taken.
-    pub async fn insert(&self, round: &RoundId) -> Result<Option<RoundRow>, SettlementError> {
+    pub async fn insert(&self, round: &RoundId) -> Result<Option<RoundRow>, StoreError> {
         Ok(sqlx::query_as(concat!(
             "INSERT INTO rounds (round_id) VALUES ($1) ON CONFLICT (round_id) DO NOTHING RETURNING ",
             round_columns!()
@@ -100,7 +100,7 @@ impl RoundStore {
         .await?)
     }
 
-    pub async fn get(&self, round: &RoundId) -> Result<Option<RoundRow>, SettlementError> {
+    pub async fn get(&self, round: &RoundId) -> Result<Option<RoundRow>, StoreError> {
         Ok(sqlx::query_as(concat!(
             "SELECT ",
             round_columns!(),
@@ -211,7 +211,7 @@ impl RoundStore {
     }
 
     /// The unpaid matches of a round.
-    pub async fn open_matches(&self, round: &RoundId) -> Result<Vec<Uuid>, SettlementError> {
+    pub async fn open_matches(&self, round: &RoundId) -> Result<Vec<Uuid>, StoreError> {
         Ok(sqlx::query_scalar(
             "SELECT match_id FROM matches WHERE round_id = $1 AND status = 'OPEN'",
         )
@@ -228,7 +228,7 @@ impl RoundStore {
         age: std::time::Duration,
         after: Option<Uuid>,
         limit: i64,
-    ) -> Result<Vec<Uuid>, SettlementError> {
+    ) -> Result<Vec<Uuid>, StoreError> {
         Ok(sqlx::query_scalar(
             "SELECT m.match_id FROM matches m JOIN rounds r USING (round_id) \
              WHERE m.status = 'OPEN' AND r.status = 'SETTLED' \
@@ -243,7 +243,7 @@ impl RoundStore {
         .await?)
     }
 
-    pub async fn match_view(&self, match_id: Uuid) -> Result<Option<MatchView>, SettlementError> {
+    pub async fn match_view(&self, match_id: Uuid) -> Result<Option<MatchView>, StoreError> {
         Ok(sqlx::query_as(
             "SELECT m.match_id, m.round_id, m.amount, m.status, r.status AS round_status, \
                r.winning_side, m.bet_a_id, a.user_id AS user_a, m.bet_b_id, b.user_id AS user_b \
@@ -262,7 +262,7 @@ impl RoundStore {
         &self,
         match_id: Uuid,
         winner: Side,
-    ) -> Result<Vec<betting_streams::BetNote>, SettlementError> {
+    ) -> Result<Vec<betting_streams::BetNote>, StoreError> {
         let mut tx = self.pool.begin().await?;
         let changed = sqlx::query(
             "UPDATE matches SET status = 'SETTLED', winning_side = $2, settled_at = now() \
@@ -276,7 +276,7 @@ impl RoundStore {
         if changed == 0 {
             return Ok(Vec::new());
         }
-        let bets: Vec<(i64, Uuid, String, i64)> = sqlx::query_as(
+        let bets: Vec<ChangedBet> = sqlx::query_as(
             "UPDATE bets SET status = 'SETTLED', \
                result = CASE WHEN side = $2 THEN 'WON' ELSE 'LOST' END, \
                payout = CASE WHEN side = $2 THEN amount * 2 ELSE 0 END, \
@@ -291,11 +291,22 @@ impl RoundStore {
         tx.commit().await?;
         Ok(bets
             .into_iter()
-            .map(betting_streams::BetNote::from)
+            .map(|b| betting_streams::BetNote::changed(b.user_id, b.bet_id, b.round_id, b.version))
             .collect())
     }
 
-    pub async fn totals(&self, round: &RoundId) -> Result<RoundTotals, SettlementError> {
+    /// Rounds created, closed or settled since `from`: the hubs' sweep.
+    pub async fn changed_since(&self, from: DateTime<Utc>) -> Result<Vec<String>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT round_id FROM rounds \
+             WHERE greatest(created_at, closed_at, settled_at) >= $1 LIMIT 10000",
+        )
+        .bind(from)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    pub async fn totals(&self, round: &RoundId) -> Result<RoundTotals, StoreError> {
         let rows: Vec<(String, i64, Decimal, Option<Decimal>)> = sqlx::query_as(
             "SELECT status, count(*), sum(amount), sum(payout) FROM bets \
              WHERE round_id = $1 AND status IN ('PENDING', 'MATCHED', 'SETTLED', 'REFUNDED') \
@@ -356,7 +367,8 @@ async fn refund_and_commit(
     statuses: &[BetStatus],
     reason: RefundReason,
 ) -> Result<Transition, SettlementError> {
-    let refunds = refund_round_bets(&mut tx, &round.round_id, statuses, reason).await?;
+    let refunds =
+        betting_refunds::Refunds::round(&mut tx, &round.round_id, statuses, reason).await?;
     tx.commit().await?;
     Ok(Transition {
         round,

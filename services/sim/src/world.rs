@@ -10,15 +10,11 @@ use std::{
 
 use anyhow::Context;
 use betting_auth::{Role as TokenRole, TokenMinter};
-use betting_bets::{BetStore, BettingService, MATCH_QUEUE};
+use betting_bets::BettingService;
 use betting_config::{Role, Secret, Settings, StorageSettings};
 use betting_queue::{Queue, QueueSettings};
+use betting_reconciler::{Reconciler, ReconcilerSettings};
 use betting_server::{Application, Queues};
-use betting_settlement::{
-    RoundStore,
-    jobs::{REFUND_QUEUE, SETTLE_QUEUE},
-    reconciler::{Reconciler, ReconcilerSettings},
-};
 use sqlx::PgPool;
 use tokio::{sync::oneshot, task::JoinHandle};
 use tonic::transport::{Channel, Server};
@@ -239,9 +235,9 @@ impl World {
         let queue =
             |name: &str| Queue::new(redis.clone(), &namespace, name, QueueSettings::default());
         let queues = Queues {
-            matches: queue(MATCH_QUEUE),
-            settle: queue(SETTLE_QUEUE),
-            refund: queue(REFUND_QUEUE),
+            matches: queue(betting_jobs::MATCH.name),
+            settle: queue(betting_jobs::SETTLE.name),
+            refund: queue(betting_jobs::REFUND.name),
         };
         let world = Self {
             pool: sqlx::postgres::PgPoolOptions::new()
@@ -316,8 +312,7 @@ impl World {
             batch: 1000,
         };
         Reconciler::new(
-            BetStore::new(self.pool.clone()),
-            RoundStore::new(self.pool.clone()),
+            self.pool.clone(),
             [
                 self.queues.matches.clone(),
                 self.queues.settle.clone(),

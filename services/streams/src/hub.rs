@@ -11,11 +11,10 @@ use std::{
 
 use chrono::{DateTime, Utc};
 use fred::prelude::{ClientLike, Config, EventInterface, PubsubInterface, ReconnectPolicy};
-use sqlx::PgPool;
 use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
 
-use crate::{BetNote, Changes};
+use crate::{ChangeFeed, Changes};
 
 /// What a stream is told.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,7 +55,7 @@ enum Key {
 
 struct Inner {
     registry: Mutex<Registry>,
-    pool: PgPool,
+    feed: Arc<dyn ChangeFeed>,
     redis_url: String,
     channel: String,
 }
@@ -120,11 +119,13 @@ fn remove<K: std::hash::Hash + Eq + Clone>(map: &mut HashMap<K, Vec<Entry>>, key
 }
 
 impl Hub {
-    pub fn new(pool: PgPool, redis_url: &str, namespace: &str) -> Self {
+    /// A hub that subscribes to the deployment's channel on `redis_url` and
+    /// sweeps `feed` under it.
+    pub fn new(feed: Arc<dyn ChangeFeed>, redis_url: &str, namespace: &str) -> Self {
         Self {
             inner: Arc::new(Inner {
                 registry: Mutex::new(Registry::default()),
-                pool,
+                feed,
                 redis_url: redis_url.to_owned(),
                 channel: crate::channel(namespace),
             }),
@@ -313,7 +314,7 @@ impl Hub {
             }
             let started = Utc::now();
             let from = since.unwrap_or(started) - SWEEP_MARGIN;
-            match self.changed_since(from).await {
+            match self.inner.feed.changed_since(from).await {
                 Ok(changes) => {
                     self.route(&changes);
                     since = Some(started);
@@ -321,27 +322,5 @@ impl Hub {
                 Err(error) => tracing::debug!(%error, "sweep failed"),
             }
         }
-    }
-
-    async fn changed_since(&self, from: DateTime<Utc>) -> Result<Changes, sqlx::Error> {
-        let bets: Vec<(i64, Uuid, String, i64)> = sqlx::query_as(
-            "SELECT user_id, bet_id, round_id, version FROM bets \
-             WHERE updated_at >= $1 AND status NOT IN ('PLACING', 'REJECTED') \
-             ORDER BY updated_at LIMIT 10000",
-        )
-        .bind(from)
-        .fetch_all(&self.inner.pool)
-        .await?;
-        let rounds: Vec<String> = sqlx::query_scalar(
-            "SELECT round_id FROM rounds \
-             WHERE greatest(created_at, closed_at, settled_at) >= $1 LIMIT 10000",
-        )
-        .bind(from)
-        .fetch_all(&self.inner.pool)
-        .await?;
-        Ok(Changes {
-            bets: bets.into_iter().map(BetNote::from).collect(),
-            rounds,
-        })
     }
 }

@@ -8,10 +8,11 @@
 //! round). Streams then read the current state from PostgreSQL, so a note
 //! carries no data a client could see.
 //!
-//! Pub/sub is fire-and-forget, so the hub does not rely on it alone: it sweeps
-//! PostgreSQL for recent changes every second, re-subscribes after a Redis
-//! restart and then tells every stream to resynchronise. A lost note delays
-//! an event; it never loses a final state.
+//! Pub/sub is fire-and-forget, so the hub does not rely on it alone: every
+//! second it sweeps a [`ChangeFeed`] (what the services' stores say changed
+//! lately; this crate knows no tables), re-subscribes after a Redis restart
+//! and then tells every stream to resynchronise. A lost note delays an event;
+//! it never loses a final state.
 
 #![forbid(unsafe_code)]
 
@@ -20,7 +21,9 @@ mod stream;
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use fred::prelude::{Client, PubsubInterface};
+use futures::future::BoxFuture;
 use uuid::Uuid;
 
 pub use hub::{Hub, Note, Subscription};
@@ -41,9 +44,9 @@ pub struct BetNote {
     pub version: Option<i64>,
 }
 
-impl From<(i64, Uuid, String, i64)> for BetNote {
-    /// From a `RETURNING user_id, bet_id, round_id, version` row.
-    fn from((user_id, bet_id, round_id, version): (i64, Uuid, String, i64)) -> Self {
+impl BetNote {
+    /// A bet that changed to `version`.
+    pub fn changed(user_id: i64, bet_id: Uuid, round_id: String, version: i64) -> Self {
         Self {
             user_id,
             bet_id,
@@ -51,6 +54,17 @@ impl From<(i64, Uuid, String, i64)> for BetNote {
             version: Some(version),
         }
     }
+}
+
+/// Where a hub's sweep reads what changed lately: implemented over the
+/// services' stores by whoever builds the hub.
+pub trait ChangeFeed: Send + Sync + 'static {
+    /// Bets and rounds changed at or after `from` (bounded; a sweep only
+    /// needs what a lost note would have said).
+    fn changed_since(
+        &self,
+        from: DateTime<Utc>,
+    ) -> BoxFuture<'_, Result<Changes, Box<dyn std::error::Error + Send + Sync>>>;
 }
 
 /// One message on the channel: what changed in one transaction.

@@ -7,13 +7,12 @@ use std::{sync::Arc, time::Duration};
 
 use betting_api::{IDEMPOTENT_REPLAYED, pb};
 use betting_auth::{ServiceCredentials, TokenMinter};
-use betting_bets::{BetStore, CommandRunner, WalletClient, matcher::Matcher};
+use betting_bets::matcher::Matcher;
 use betting_queue::{Queue, QueueSettings, Worker, WorkerSettings};
-use betting_settlement::{
-    RoundStore,
-    reconciler::ReconcilerSettings,
-    settler::{RefundHandler, SettleHandler},
-};
+use betting_reconciler::ReconcilerSettings;
+use betting_refunds::{Outbox, RefundHandler, Refunder};
+use betting_settlement::{RoundStore, settler::SettleHandler};
+use betting_wallet_client::WalletClient;
 use rust_decimal::Decimal;
 use tokio::sync::watch;
 use tonic::Code;
@@ -142,10 +141,7 @@ async fn attack_a_wallet_outage_longer_than_the_attempts_never_buries_a_refund()
     };
     run_worker(
         during_outage,
-        RefundHandler::new(CommandRunner::new(
-            BetStore::new(app.pool.clone()),
-            dead_wallet(),
-        )),
+        RefundHandler::new(Refunder::new(Outbox::new(app.pool.clone()), dead_wallet())),
         Duration::from_secs(30),
         outlasted,
     )
@@ -170,8 +166,8 @@ async fn attack_a_wallet_outage_longer_than_the_attempts_never_buries_a_refund()
     let app_ref = &app;
     run_worker(
         app.queues.refund.clone(),
-        RefundHandler::new(CommandRunner::new(
-            BetStore::new(app.pool.clone()),
+        RefundHandler::new(Refunder::new(
+            Outbox::new(app.pool.clone()),
             good_wallet(&app),
         )),
         Duration::from_secs(5),

@@ -2,7 +2,7 @@
 
 use betting_api::pb;
 use betting_bets::maintenance::MaintenanceSettings;
-use betting_settlement::reconciler::ReconcilerSettings;
+use betting_reconciler::ReconcilerSettings;
 use std::time::Duration;
 use tonic::Code;
 

@@ -130,11 +130,10 @@ impl TestApp {
     /// A reconciler over this app's database and queues, with its own settings.
     pub fn reconciler_with(
         &self,
-        settings: betting_settlement::reconciler::ReconcilerSettings,
-    ) -> betting_settlement::reconciler::Reconciler {
-        betting_settlement::reconciler::Reconciler::new(
-            betting_bets::BetStore::new(self.pool.clone()),
-            betting_settlement::RoundStore::new(self.pool.clone()),
+        settings: betting_reconciler::ReconcilerSettings,
+    ) -> betting_reconciler::Reconciler {
+        betting_reconciler::Reconciler::new(
+            self.pool.clone(),
             [
                 self.queues.matches.clone(),
                 self.queues.settle.clone(),

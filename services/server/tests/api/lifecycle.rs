@@ -158,7 +158,7 @@ async fn a_bet_nobody_takes_is_refunded_after_the_match_timeout() {
     // A pass finds nothing to do while the app's own reconciler holds the
     // pass lock, and skips a bet the matcher holds right now (SKIP LOCKED):
     // run passes until one has run and the bet was free, counting refunds.
-    let reconciler = app.reconciler_with(betting_settlement::reconciler::ReconcilerSettings {
+    let reconciler = app.reconciler_with(betting_reconciler::ReconcilerSettings {
         match_timeout: Duration::ZERO,
         ..Default::default()
     });
@@ -326,7 +326,7 @@ async fn the_same_settle_job_on_two_settlers_pays_once() {
     }
     app.settle_round("p", pb::Side::B).await.expect("settle");
     let wallet = || {
-        betting_bets::WalletClient::new(
+        betting_wallet_client::WalletClient::new(
             &format!("http://{}", app.channel_addr()),
             betting_auth::ServiceCredentials::new(betting_auth::TokenMinter::new(
                 crate::helpers::SECRET.as_bytes(),

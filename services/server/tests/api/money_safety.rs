@@ -6,10 +6,9 @@ use std::time::Duration;
 
 use betting_api::pb;
 use betting_auth::{ServiceCredentials, TokenMinter};
-use betting_bets::{
-    BetStore, BettingError, BettingService, WalletClient, maintenance::MaintenanceSettings,
-};
+use betting_bets::{BetStore, BettingError, BettingService, maintenance::MaintenanceSettings};
 use betting_domain::{BetId, IdempotencyKey, RoundId, Side, Stake, UserId};
+use betting_wallet_client::WalletClient;
 use futures::future::join_all;
 use rust_decimal::Decimal;
 use tonic::Code;
@@ -428,14 +427,14 @@ async fn a_dead_settle_job_stays_dead_and_its_money_is_counted() {
         .fail("poisoned-consumer", &job, "poisoned", true)
         .await
         .expect("fail");
-    let money = betting_settlement::stuck::dead_money(&app.pool, settle)
+    let money = betting_reconciler::stuck::dead_money(&app.pool, settle)
         .await
         .expect("dead money");
     assert_eq!(money, dec("8"), "the payout the dead job holds up");
 
     // The reconciler finds the unpaid match, but does not resurrect the job.
     let report = app
-        .reconciler_with(betting_settlement::reconciler::ReconcilerSettings {
+        .reconciler_with(betting_reconciler::ReconcilerSettings {
             retry_after: Duration::ZERO,
             ..Default::default()
         })

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use betting_api::pb;
 use betting_bets::maintenance::MaintenanceSettings;
-use betting_settlement::reconciler::ReconcilerSettings;
+use betting_reconciler::ReconcilerSettings;
 use proptest::prelude::*;
 use rust_decimal::Decimal;
 

@@ -11,21 +11,46 @@
 //! - refunds owed but not carried out → refund jobs.
 //!
 //! Passes are safe to run anywhere and at once; a PostgreSQL advisory lock
-//! keeps it to one pass at a time across processes, to save work.
+//! keeps it to one pass at a time across processes, to save work. Every
+//! process of a worker role (matcher, settler) runs one.
+//!
+//! It is a crate of its own because it is the one piece that reads every
+//! other piece's tables and feeds every queue; [`stuck`] (money held up by
+//! dead jobs) is here for the same reason.
+
+#![forbid(unsafe_code)]
+
+pub mod stuck;
 
 use std::{
     sync::{Arc, Mutex},
     time::Duration,
 };
 
-use betting_bets::{BetStore, match_job};
-use betting_queue::Queue;
+use betting_bets::BetStore;
+use betting_db::StoreError;
+use betting_domain::{BetId, MatchId};
+use betting_jobs::{MatchJob, RefundJob, SettleJob, enqueue_all};
+use betting_queue::{Queue, QueueError};
+use betting_refunds::{Outbox, Refunds};
+use betting_settlement::RoundStore;
+use sqlx::PgPool;
 use tokio::sync::watch;
 
-use crate::{
-    RoundStore, SettlementError,
-    jobs::{enqueue_all, refund_job, settle_job},
-};
+/// What can stop a pass (or a count of dead money).
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcilerError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+}
+
+impl From<sqlx::Error> for ReconcilerError {
+    fn from(err: sqlx::Error) -> Self {
+        ReconcilerError::Store(err.into())
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct ReconcilerSettings {
@@ -65,8 +90,11 @@ pub struct ReconcileReport {
 
 #[derive(Clone)]
 pub struct Reconciler {
+    pool: PgPool,
     bets: BetStore,
     rounds: RoundStore,
+    refunds: Refunds,
+    outbox: Outbox,
     match_queue: Queue,
     settle_queue: Queue,
     refund_queue: Queue,
@@ -87,16 +115,15 @@ struct Cursors {
 const PASS_LOCK: i64 = 0x6265_7474_696e_6701;
 
 impl Reconciler {
-    pub fn new(
-        bets: BetStore,
-        rounds: RoundStore,
-        queues: [Queue; 3],
-        settings: ReconcilerSettings,
-    ) -> Self {
+    /// Over the stores in `pool`, feeding the match, settle and refund queues.
+    pub fn new(pool: PgPool, queues: [Queue; 3], settings: ReconcilerSettings) -> Self {
         let [match_queue, settle_queue, refund_queue] = queues;
         Self {
-            bets,
-            rounds,
+            bets: BetStore::new(pool.clone()),
+            rounds: RoundStore::new(pool.clone()),
+            refunds: Refunds::new(pool.clone()),
+            outbox: Outbox::new(pool.clone()),
+            pool,
             match_queue,
             settle_queue,
             refund_queue,
@@ -117,8 +144,8 @@ impl Reconciler {
     }
 
     /// One pass, if no other process is running one.
-    pub async fn pass(&self) -> Result<ReconcileReport, SettlementError> {
-        let mut conn = self.bets.pool().acquire().await?;
+    pub async fn pass(&self) -> Result<ReconcileReport, ReconcilerError> {
+        let mut conn = self.pool.acquire().await?;
         let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
             .bind(PASS_LOCK)
             .fetch_one(&mut *conn)
@@ -135,23 +162,18 @@ impl Reconciler {
         result
     }
 
-    async fn work(&self) -> Result<ReconcileReport, SettlementError> {
+    async fn work(&self) -> Result<ReconcileReport, ReconcilerError> {
         let s = &self.settings;
         let mut report = ReconcileReport {
             ran: true,
             ..ReconcileReport::default()
         };
-        let fail = |e: betting_bets::BettingError| SettlementError::Internal(anyhow::Error::new(e));
 
         // Refunds change the bets they touch, so each statement takes the
         // next ones on its own; both are announced like every bet change.
-        let stranded = self.bets.refund_stranded(s.batch).await.map_err(fail)?;
+        let stranded = self.refunds.stranded(s.batch).await?;
         report.stranded = stranded.len();
-        let timed_out = self
-            .bets
-            .refund_overdue(s.match_timeout, s.batch)
-            .await
-            .map_err(fail)?;
+        let timed_out = self.refunds.overdue(s.match_timeout, s.batch).await?;
         report.timed_out = timed_out.len();
         if let Some(publisher) = &self.publisher {
             let refunded: Vec<_> = stranded.into_iter().chain(timed_out).collect();
@@ -167,20 +189,19 @@ impl Reconciler {
         let pending = self
             .bets
             .pending_older_than(s.sweep_after, after, s.batch)
-            .await
-            .map_err(fail)?;
+            .await?;
         self.advance(
             |c| &mut c.pending,
-            pending.last().map(|p| p.0),
+            pending.last().map(|p| p.bet_id),
             pending.len(),
             s.batch,
         );
         report.match_jobs = pending.len();
         let jobs: Vec<_> = pending
             .iter()
-            .map(|(bet, round)| match_job(*bet, round))
+            .map(|p| MatchJob::new(BetId::from(p.bet_id), &p.round_id))
             .collect();
-        enqueue_all(&self.match_queue, jobs).await;
+        enqueue_all(&self.match_queue, &jobs).await;
 
         let after = self.cursor(|c| c.matches);
         let unpaid = self
@@ -194,28 +215,27 @@ impl Reconciler {
             s.batch,
         );
         report.settle_jobs = unpaid.len();
-        let jobs: Vec<_> = unpaid.into_iter().map(settle_job).collect();
-        enqueue_all(&self.settle_queue, jobs).await;
+        let jobs: Vec<_> = unpaid
+            .into_iter()
+            .map(|m| SettleJob::new(MatchId::from(m)))
+            .collect();
+        enqueue_all(&self.settle_queue, &jobs).await;
 
         // Fresh refunds (just made above) are owed too: no age for them.
         let after = self.cursor(|c| c.commands.clone());
         let owed = self
-            .bets
-            .due_commands(Duration::ZERO, after.as_deref(), s.batch)
-            .await
-            .map_err(fail)?;
+            .outbox
+            .due(Duration::ZERO, after.as_deref(), s.batch)
+            .await?;
         self.advance(
             |c| &mut c.commands,
-            owed.last().map(|c| c.idempotency_key.clone()),
+            owed.last().map(|c| c.key.to_string()),
             owed.len(),
             s.batch,
         );
         report.refund_jobs = owed.len();
-        let jobs: Vec<_> = owed
-            .iter()
-            .map(|c| refund_job(&c.idempotency_key))
-            .collect();
-        enqueue_all(&self.refund_queue, jobs).await;
+        let jobs: Vec<_> = owed.iter().map(|c| RefundJob::for_key(&c.key)).collect();
+        enqueue_all(&self.refund_queue, &jobs).await;
 
         if report.timed_out + report.stranded > 0 {
             tracing::info!(?report, "reconciler refunded bets");
@@ -258,7 +278,7 @@ impl Reconciler {
             metrics::gauge!("queue_dead", "queue" => name.clone()).set(stats.dead as f64);
             metrics::gauge!("queue_consumers", "queue" => name.clone()).set(stats.consumers as f64);
             // Money a human must release (`betting queue retry`): alert on it.
-            if let Ok(money) = crate::stuck::dead_money(self.bets.pool(), queue).await {
+            if let Ok(money) = stuck::dead_money(&self.pool, queue).await {
                 metrics::gauge!("queue_dead_money", "queue" => name)
                     .set(rust_decimal::prelude::ToPrimitive::to_f64(&money).unwrap_or(f64::MAX));
             }

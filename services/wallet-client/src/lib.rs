@@ -1,5 +1,12 @@
-//! BettingService's view of WalletService: a gRPC client that authenticates as
-//! a backend and sorts the wallet's answers into "refused" and "try again".
+//! The suite's view of WalletService: a gRPC client that authenticates as a
+//! backend and sorts the wallet's answers into "refused" and "try again".
+//!
+//! Betting holds stakes through it, the refund runner returns them and the
+//! settler pays winners. Every call carries the movement's idempotency key
+//! built by the domain (`BET:`, `REFUND:`, `SETTLE:`), so a call repeated
+//! after a lost reply is answered from the original movement.
+
+#![forbid(unsafe_code)]
 
 use std::time::Duration;
 

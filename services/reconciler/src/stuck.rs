@@ -5,15 +5,13 @@
 //! human. This says how much money waits, per queue, for `betting queue
 //! stats` and the `queue_dead_money` gauge.
 
+use betting_jobs::{JobKind, REFUND, RefundJob, SETTLE, SettleJob};
 use betting_queue::Queue;
 use rust_decimal::Decimal;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::{
-    SettlementError,
-    jobs::{REFUND_QUEUE, SETTLE_QUEUE},
-};
+use crate::ReconcilerError;
 
 /// Dead jobs looked at per queue: enough for any alert, bounded per call.
 const DEAD_SCAN: i64 = 10_000;
@@ -21,23 +19,17 @@ const DEAD_SCAN: i64 = 10_000;
 /// The money the dead jobs of `queue` were to pay: for settle jobs the
 /// payouts (twice the stake) of matches still unpaid, for refund jobs the
 /// refunds still owed. Zero for the match queue (it moves no money).
-pub async fn dead_money(pool: &PgPool, queue: &Queue) -> Result<Decimal, SettlementError> {
-    if queue.name() != SETTLE_QUEUE && queue.name() != REFUND_QUEUE {
+pub async fn dead_money(pool: &PgPool, queue: &Queue) -> Result<Decimal, ReconcilerError> {
+    if queue.name() != SETTLE.name && queue.name() != REFUND.name {
         return Ok(Decimal::ZERO);
     }
-    let dead = queue
-        .dead(DEAD_SCAN)
-        .await
-        .map_err(|e| SettlementError::Internal(anyhow::Error::new(e)))?;
-    let field = |name: &str| -> Vec<String> {
-        dead.iter()
-            .filter_map(|job| job.payload.get(name)?.as_str().map(str::to_owned))
-            .collect()
-    };
-    let total: Option<Decimal> = if queue.name() == SETTLE_QUEUE {
-        let matches: Vec<Uuid> = field("match_id")
+    let dead = queue.dead(DEAD_SCAN).await?;
+    // A malformed dead job holds no money we could name.
+    let total: Option<Decimal> = if queue.name() == SETTLE.name {
+        let matches: Vec<Uuid> = dead
             .iter()
-            .filter_map(|id| Uuid::try_parse(id).ok())
+            .filter_map(|job| SettleJob::decode(job).ok())
+            .map(|job| job.match_id)
             .collect();
         sqlx::query_scalar(
             "SELECT sum(amount * 2) FROM matches WHERE match_id = ANY($1) AND status = 'OPEN'",
@@ -50,7 +42,12 @@ pub async fn dead_money(pool: &PgPool, queue: &Queue) -> Result<Decimal, Settlem
             "SELECT sum(amount) FROM wallet_commands \
              WHERE idempotency_key = ANY($1) AND done_at IS NULL",
         )
-        .bind(field("key"))
+        .bind(
+            dead.iter()
+                .filter_map(|job| RefundJob::decode(job).ok())
+                .map(|job| job.key)
+                .collect::<Vec<_>>(),
+        )
         .fetch_one(pool)
         .await?
     };

@@ -1,0 +1,142 @@
+//! The `wallet_commands` outbox: refunds owed, until carried out.
+
+use std::time::Duration;
+
+use betting_db::StoreError;
+use betting_domain::{Amount, BetId, IdempotencyKey, UserId};
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::refund::REFUND_KIND;
+
+/// A refund owed to a user, as recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwedRefund {
+    pub key: IdempotencyKey,
+    pub user: UserId,
+    pub amount: Amount,
+    pub bet: BetId,
+    pub attempts: i32,
+    pub done_at: Option<DateTime<Utc>>,
+}
+
+/// The row as stored; decoded into [`OwedRefund`] at this boundary.
+#[derive(sqlx::FromRow)]
+struct CommandRow {
+    idempotency_key: String,
+    kind: String,
+    user_id: i64,
+    amount: Decimal,
+    bet_id: Option<Uuid>,
+    attempts: i32,
+    done_at: Option<DateTime<Utc>>,
+}
+
+impl TryFrom<CommandRow> for OwedRefund {
+    type Error = StoreError;
+
+    fn try_from(row: CommandRow) -> Result<Self, StoreError> {
+        let corrupt = |what: &str| {
+            StoreError::Corrupt(format!(
+                "wallet command {} has an impossible {what}",
+                row.idempotency_key
+            ))
+        };
+        if row.kind != REFUND_KIND {
+            return Err(corrupt("kind"));
+        }
+        Ok(Self {
+            key: IdempotencyKey::parse(&row.idempotency_key).map_err(|_| corrupt("key"))?,
+            user: UserId::new(row.user_id).map_err(|_| corrupt("user"))?,
+            amount: Amount::try_from_decimal(row.amount).map_err(|_| corrupt("amount"))?,
+            bet: row.bet_id.map(BetId::from).ok_or_else(|| corrupt("bet"))?,
+            attempts: row.attempts,
+            done_at: row.done_at,
+        })
+    }
+}
+
+macro_rules! command_columns {
+    () => {
+        "idempotency_key, kind, user_id, amount, bet_id, attempts, done_at"
+    };
+}
+
+#[derive(Clone)]
+pub struct Outbox {
+    pool: PgPool,
+}
+
+impl Outbox {
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The refund recorded under `key`, done or not.
+    pub async fn get(&self, key: &str) -> Result<Option<OwedRefund>, StoreError> {
+        let row: Option<CommandRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            command_columns!(),
+            " FROM wallet_commands WHERE idempotency_key = $1"
+        ))
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(OwedRefund::try_from).transpose()
+    }
+
+    /// Refunds not yet carried out, older than `age` (younger ones are still
+    /// being carried out by the request that wrote them), in key order after
+    /// `after`: a caller pages through all of them across calls, so refunds
+    /// that never complete cannot hide the ones behind them.
+    pub async fn due(
+        &self,
+        age: Duration,
+        after: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<OwedRefund>, StoreError> {
+        let rows: Vec<CommandRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            command_columns!(),
+            " FROM wallet_commands \
+             WHERE done_at IS NULL AND created_at < now() - make_interval(secs => $1) \
+               AND ($2::TEXT IS NULL OR idempotency_key > $2) \
+             ORDER BY idempotency_key LIMIT $3"
+        ))
+        .bind(age.as_secs_f64())
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(OwedRefund::try_from).collect()
+    }
+
+    pub async fn done(&self, key: &IdempotencyKey) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE wallet_commands SET done_at = now(), attempts = attempts + 1 \
+             WHERE idempotency_key = $1 AND done_at IS NULL",
+        )
+        .bind(key.as_str())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn failed(&self, key: &IdempotencyKey, error: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE wallet_commands SET attempts = attempts + 1, last_error = $2 \
+             WHERE idempotency_key = $1 AND done_at IS NULL",
+        )
+        .bind(key.as_str())
+        .bind(error)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+}
