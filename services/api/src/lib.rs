@@ -10,7 +10,9 @@
 pub mod convert;
 mod status;
 
-pub use status::{IDEMPOTENT_REPLAYED, reason_of, to_status};
+pub use status::{
+    IDEMPOTENT_REPLAYED, Replayable, reason_of, respond, respond_replayable, to_status,
+};
 
 /// Generated code for package `betting.v1`.
 #[allow(clippy::all, clippy::pedantic, missing_docs)]

@@ -1,9 +1,10 @@
-//! The one mapping from domain errors to gRPC statuses.
+//! The one mapping from domain errors to gRPC statuses, and the one way a
+//! handler answers ([`respond`], [`respond_replayable`]).
 
 use std::collections::HashMap;
 
 use betting_domain::{ErrorCode, ServiceError};
-use tonic::{Code, Status};
+use tonic::{Code, Response, Status, metadata::MetadataValue};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::ERROR_DOMAIN;
@@ -28,6 +29,7 @@ pub fn to_status<E: ServiceError>(err: &E) -> Status {
         ErrorCode::PermissionDenied => (Code::PermissionDenied, err.to_string()),
         ErrorCode::Unauthenticated => (Code::Unauthenticated, err.to_string()),
         ErrorCode::ResourceExhausted => (Code::ResourceExhausted, err.to_string()),
+        ErrorCode::ShuttingDown => (Code::Unavailable, err.to_string()),
         ErrorCode::Unavailable => {
             tracing::warn!(error = %chain(err), "dependency unavailable");
             (
@@ -68,4 +70,31 @@ fn chain(err: &dyn std::error::Error) -> String {
         source = s.source();
     }
     out
+}
+
+/// The one way a handler answers: its result, errors through [`to_status`].
+pub fn respond<T, E: ServiceError>(result: Result<T, E>) -> Result<Response<T>, Status> {
+    result.map(Response::new).map_err(|e| to_status(&e))
+}
+
+/// An answer to an idempotent request, and whether it replays an earlier one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replayable<T> {
+    pub message: T,
+    /// The key had been seen before: this is the original answer again.
+    pub replayed: bool,
+}
+
+/// Like [`respond`], and marks a replay with `idempotent-replayed: true`.
+pub fn respond_replayable<T, E: ServiceError>(
+    result: Result<Replayable<T>, E>,
+) -> Result<Response<T>, Status> {
+    let answer = result.map_err(|e| to_status(&e))?;
+    let mut response = Response::new(answer.message);
+    if answer.replayed {
+        response
+            .metadata_mut()
+            .insert(IDEMPOTENT_REPLAYED, MetadataValue::from_static("true"));
+    }
+    Ok(response)
 }

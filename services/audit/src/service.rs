@@ -3,7 +3,7 @@
 use betting_api::{
     convert, pb,
     pb::admin_service_server::{AdminService as AdminApi, AdminServiceServer},
-    to_status,
+    respond,
 };
 use betting_auth::{AuthError, AuthInterceptor, Principal};
 use betting_domain::{ErrorCode, ServiceError};
@@ -63,26 +63,28 @@ impl AdminApi for AdminService {
         &self,
         request: Request<pb::RunAuditRequest>,
     ) -> Result<Response<pb::RunAuditResponse>, Status> {
+        let principal = Principal::caller(&request)?;
         let result = async {
-            Principal::of(&request)?.require_admin()?;
+            principal.require_admin()?;
             crate::run(&self.pool, &self.settings)
                 .await
                 .map_err(AdminError::Storage)
         }
         .await;
-        let report = result.map_err(|e| to_status(&e))?;
-        Ok(Response::new(pb::RunAuditResponse {
-            clean: report.is_clean(),
-            violations: report
-                .violations
-                .iter()
-                .map(|v| pb::AuditViolation {
-                    check: v.check.to_owned(),
-                    detail: v.detail.clone(),
-                })
-                .collect(),
-            checked_at: Some(convert::timestamp(chrono::Utc::now())),
-            checks_run: i32::try_from(report.checks_run).unwrap_or(i32::MAX),
+        respond(result.map(|report| {
+            pb::RunAuditResponse {
+                clean: report.is_clean(),
+                violations: report
+                    .violations
+                    .iter()
+                    .map(|v| pb::AuditViolation {
+                        check: v.check.to_owned(),
+                        detail: v.detail.clone(),
+                    })
+                    .collect(),
+                checked_at: Some(convert::timestamp(chrono::Utc::now())),
+                checks_run: i32::try_from(report.checks_run).unwrap_or(i32::MAX),
+            }
         }))
     }
 }

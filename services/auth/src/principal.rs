@@ -62,6 +62,12 @@ pub struct Principal {
 pub enum AuthError {
     #[error("authentication required")]
     Unauthenticated,
+    /// The bearer token was missing, malformed, forged or expired.
+    #[error(transparent)]
+    Token(#[from] crate::TokenError),
+    /// We could not mint our own service token: a bug or a broken key.
+    #[error("cannot mint a service token")]
+    Credentials,
     #[error("this operation needs the backend or admin role")]
     NeedsBackend,
     #[error("this operation needs the admin role")]
@@ -75,7 +81,8 @@ pub enum AuthError {
 impl ServiceError for AuthError {
     fn code(&self) -> ErrorCode {
         match self {
-            AuthError::Unauthenticated => ErrorCode::Unauthenticated,
+            AuthError::Unauthenticated | AuthError::Token(_) => ErrorCode::Unauthenticated,
+            AuthError::Credentials => ErrorCode::Internal,
             AuthError::NoUser => ErrorCode::InvalidArgument,
             _ => ErrorCode::PermissionDenied,
         }
@@ -83,7 +90,8 @@ impl ServiceError for AuthError {
 
     fn reason(&self) -> &'static str {
         match self {
-            AuthError::Unauthenticated => "UNAUTHENTICATED",
+            AuthError::Unauthenticated | AuthError::Token(_) => "UNAUTHENTICATED",
+            AuthError::Credentials => "INTERNAL",
             AuthError::NeedsBackend | AuthError::NeedsAdmin => "ROLE_REQUIRED",
             AuthError::OtherUser => "OTHER_USER",
             AuthError::NoUser => "USER_REQUIRED",
@@ -108,6 +116,14 @@ impl Principal {
             .extensions()
             .get::<Principal>()
             .ok_or(AuthError::Unauthenticated)
+    }
+
+    /// The caller of a request, as every handler starts: the principal the
+    /// interceptor attached, or the status that refuses the call.
+    pub fn caller<T>(request: &tonic::Request<T>) -> Result<Principal, tonic::Status> {
+        Self::of(request)
+            .cloned()
+            .map_err(|e| betting_api::to_status(&e))
     }
 
     pub fn is_privileged(&self) -> bool {

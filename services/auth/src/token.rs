@@ -10,7 +10,9 @@ use betting_domain::UserId;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, errors::ErrorKind};
 use tonic::{Request, Status, metadata::MetadataValue, service::Interceptor};
 
-use crate::{Principal, Role};
+use betting_api::to_status;
+
+use crate::{AuthError, Principal, Role};
 
 /// The claims we issue and accept.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -175,7 +177,7 @@ impl Interceptor for AuthInterceptor {
             .transpose();
         let principal = header
             .and_then(|h| self.verifier.verify_header(h))
-            .map_err(|e| Status::unauthenticated(e.to_string()))?;
+            .map_err(|e| to_status(&AuthError::Token(e)))?;
         request.extensions_mut().insert(principal);
         Ok(request)
     }
@@ -203,10 +205,8 @@ impl ServiceCredentials {
     }
 
     fn header(&self) -> Result<MetadataValue<tonic::metadata::Ascii>, Status> {
-        let mut cached = self
-            .cached
-            .lock()
-            .map_err(|_| Status::internal("internal error"))?;
+        let refuse = || to_status(&AuthError::Credentials);
+        let mut cached = self.cached.lock().map_err(|_| refuse())?;
         let now = now();
         if let Some((value, expires)) = cached.as_ref()
             && *expires > now + 60
@@ -216,10 +216,8 @@ impl ServiceCredentials {
         let token = self
             .minter
             .mint(0, Role::Backend, Self::TTL)
-            .map_err(|_| Status::internal("internal error"))?;
-        let value: MetadataValue<_> = format!("Bearer {token}")
-            .parse()
-            .map_err(|_| Status::internal("internal error"))?;
+            .map_err(|_| refuse())?;
+        let value: MetadataValue<_> = format!("Bearer {token}").parse().map_err(|_| refuse())?;
         *cached = Some((value.clone(), now + Self::TTL.as_secs()));
         Ok(value)
     }
@@ -300,5 +298,27 @@ mod tests {
             .mint(1, Role::Player, Duration::from_secs(60))
             .expect("mint");
         assert_eq!(verifier.verify(&missing), Err(TokenError::Invalid));
+    }
+
+    /// The README promises every error an `ErrorInfo` reason; the
+    /// interceptor's refusals used to be bare statuses without one.
+    #[test]
+    fn the_interceptor_refuses_through_the_mapping_with_a_reason() {
+        let mut interceptor = AuthInterceptor::new(Arc::new(Verifier::new(SECRET, None, None)));
+        for header in [None, Some("Bearer nonsense"), Some("Basic abc")] {
+            let mut request = Request::new(());
+            if let Some(header) = header {
+                request
+                    .metadata_mut()
+                    .insert("authorization", header.parse().expect("header"));
+            }
+            let status = interceptor.call(request).expect_err("refused");
+            assert_eq!(status.code(), tonic::Code::Unauthenticated, "{header:?}");
+            assert_eq!(
+                betting_api::reason_of(&status).as_deref(),
+                Some("UNAUTHENTICATED"),
+                "{header:?}"
+            );
+        }
     }
 }

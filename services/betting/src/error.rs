@@ -58,8 +58,7 @@ impl ServiceError for BettingError {
             | BettingError::NotCancellable(_) => ErrorCode::FailedPrecondition,
             BettingError::IdempotencyConflict => ErrorCode::AlreadyExists,
             BettingError::WalletUnavailable(_) => ErrorCode::Unavailable,
-            BettingError::Store(e) if e.is_unavailable() => ErrorCode::Unavailable,
-            BettingError::Store(_) => ErrorCode::Internal,
+            BettingError::Store(e) => e.code(),
             BettingError::Internal(_) => ErrorCode::Internal,
         }
     }
@@ -75,8 +74,8 @@ impl ServiceError for BettingError {
             BettingError::BetNotFound => "BET_NOT_FOUND",
             BettingError::NotCancellable(_) => "BET_NOT_CANCELLABLE",
             BettingError::WalletUnavailable(_) => "UNAVAILABLE",
-            BettingError::Store(e) if e.is_unavailable() => "UNAVAILABLE",
-            BettingError::Store(_) | BettingError::Internal(_) => "INTERNAL",
+            BettingError::Store(e) => e.reason(),
+            BettingError::Internal(_) => "INTERNAL",
         }
     }
 

@@ -1,8 +1,9 @@
 //! Fault injection for crash tests.
 //!
 //! Tests switch a fault on through the running application to simulate a
-//! process dying between two steps of the placing saga. Off by default and not
-//! reachable from configuration or the API.
+//! process dying between two steps of the placing saga. Compiled only with the
+//! `fault-injection` feature, which only the tests' dev-dependencies enable:
+//! a release build has no such switch, and no configuration or API reaches it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 

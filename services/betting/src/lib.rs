@@ -16,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 mod error;
+#[cfg(feature = "fault-injection")]
 mod faults;
 pub mod maintenance;
 pub mod matcher;
@@ -24,6 +25,7 @@ mod store;
 mod watch;
 
 pub use error::BettingError;
+#[cfg(feature = "fault-injection")]
 pub use faults::Faults;
 pub use service::BettingService;
 pub use store::{BetRow, BetStore, PendingBet};

@@ -1,11 +1,12 @@
 //! The gRPC face of betting, and the placing saga.
 
+#[cfg(feature = "fault-injection")]
 use std::sync::Arc;
 
 use betting_api::{
-    IDEMPOTENT_REPLAYED, convert, pb,
+    Replayable, convert, pb,
     pb::betting_service_server::{BettingService as BettingApi, BettingServiceServer},
-    to_status,
+    respond, respond_replayable,
 };
 use betting_auth::{AuthInterceptor, Principal};
 use betting_domain::{
@@ -15,16 +16,16 @@ use betting_domain::{
 use betting_queue::Queue;
 use betting_streams::{Changes, Publisher, StreamContext};
 use rust_decimal::Decimal;
-use tonic::{
-    Request, Response, Status, metadata::MetadataValue, service::interceptor::InterceptedService,
-};
+use tonic::{Request, Response, Status, service::interceptor::InterceptedService};
 use uuid::Uuid;
 
 use betting_jobs::MatchJob;
 use betting_refunds::{Outbox, Refunder};
 use betting_wallet_client::{WalletCallError, WalletClient};
 
-use crate::{BetRow, BetStore, BettingError, Faults};
+#[cfg(feature = "fault-injection")]
+use crate::Faults;
+use crate::{BetRow, BetStore, BettingError};
 
 #[derive(Clone)]
 pub struct BettingService {
@@ -32,6 +33,7 @@ pub struct BettingService {
     wallet: WalletClient,
     refunder: Refunder,
     match_queue: Queue,
+    #[cfg(feature = "fault-injection")]
     faults: Arc<Faults>,
     publisher: Publisher,
     streams: Option<StreamContext>,
@@ -58,6 +60,7 @@ impl BettingService {
             store,
             wallet,
             match_queue,
+            #[cfg(feature = "fault-injection")]
             faults: Arc::default(),
             publisher,
             streams: None,
@@ -78,6 +81,8 @@ impl BettingService {
         &self.store
     }
 
+    /// The crash tests' switches (only in builds with `fault-injection`).
+    #[cfg(feature = "fault-injection")]
     pub fn faults(&self) -> &Faults {
         &self.faults
     }
@@ -168,10 +173,11 @@ impl BettingService {
                 tracing::error!(bet_id = %id, error = %e, "the wallet refused a stake; the bet stays PLACING");
                 return Err(BettingError::WalletUnavailable(e));
             }
-            Err(e @ WalletCallError::Unavailable(_)) => {
+            Err(e @ (WalletCallError::Unavailable(_) | WalletCallError::Malformed(_))) => {
                 return Err(BettingError::WalletUnavailable(e));
             }
         };
+        #[cfg(feature = "fault-injection")]
         if self.faults.fail_after_stake() {
             return Err(BettingError::Internal(anyhow::anyhow!(
                 "injected fault: crashed after holding the stake of bet {id}"
@@ -288,12 +294,6 @@ pub(crate) fn bet_pb(row: &BetRow) -> pb::Bet {
     }
 }
 
-fn principal<T>(request: &Request<T>) -> Result<Principal, Status> {
-    Principal::of(request)
-        .cloned()
-        .map_err(|e| to_status(&BettingError::from(e)))
-}
-
 #[tonic::async_trait]
 impl BettingApi for BettingService {
     #[tracing::instrument(skip_all, fields(round_id = %request.get_ref().round_id))]
@@ -301,7 +301,7 @@ impl BettingApi for BettingService {
         &self,
         request: Request<pb::PlaceBetRequest>,
     ) -> Result<Response<pb::PlaceBetResponse>, Status> {
-        let principal = principal(&request)?;
+        let principal = Principal::caller(&request)?;
         let r = request.into_inner();
         let result = async {
             let user = principal.own_user()?;
@@ -318,17 +318,13 @@ impl BettingApi for BettingService {
             self.place(user, round, side, amount, key).await
         }
         .await;
-        let placed = result.map_err(|e| to_status(&e))?;
-        let mut response = Response::new(pb::PlaceBetResponse {
-            bet: Some(bet_pb(&placed.bet)),
-            balance: format_money(placed.balance),
-        });
-        if placed.replayed {
-            response
-                .metadata_mut()
-                .insert(IDEMPOTENT_REPLAYED, MetadataValue::from_static("true"));
-        }
-        Ok(response)
+        respond_replayable(result.map(|placed| Replayable {
+            message: pb::PlaceBetResponse {
+                bet: Some(bet_pb(&placed.bet)),
+                balance: format_money(placed.balance),
+            },
+            replayed: placed.replayed,
+        }))
     }
 
     #[tracing::instrument(skip_all, fields(bet_id = %request.get_ref().bet_id))]
@@ -336,7 +332,7 @@ impl BettingApi for BettingService {
         &self,
         request: Request<pb::GetBetRequest>,
     ) -> Result<Response<pb::GetBetResponse>, Status> {
-        let principal = principal(&request)?;
+        let principal = Principal::caller(&request)?;
         let result = async {
             let bet = BetId::parse(&request.get_ref().bet_id)
                 .map_err(|e| betting_domain::InvalidRequest::field("bet_id", e.to_string()))?;
@@ -348,8 +344,7 @@ impl BettingApi for BettingService {
                 .ok_or(BettingError::BetNotFound)
         }
         .await;
-        let row = result.map_err(|e| to_status(&e))?;
-        Ok(Response::new(pb::GetBetResponse {
+        respond(result.map(|row| pb::GetBetResponse {
             bet: Some(bet_pb(&row)),
         }))
     }
@@ -359,7 +354,7 @@ impl BettingApi for BettingService {
         &self,
         request: Request<pb::ListBetsRequest>,
     ) -> Result<Response<pb::ListBetsResponse>, Status> {
-        let principal = principal(&request)?;
+        let principal = Principal::caller(&request)?;
         let r = request.into_inner();
         let result = async {
             let user = principal.resolve_user(r.user_id)?;
@@ -402,8 +397,7 @@ impl BettingApi for BettingService {
             Ok((rows, next))
         }
         .await;
-        let (rows, next_page_token) = result.map_err(|e| to_status(&e))?;
-        Ok(Response::new(pb::ListBetsResponse {
+        respond(result.map(|(rows, next_page_token)| pb::ListBetsResponse {
             bets: rows.iter().map(bet_pb).collect(),
             next_page_token,
         }))
@@ -414,15 +408,14 @@ impl BettingApi for BettingService {
         &self,
         request: Request<pb::CancelBetRequest>,
     ) -> Result<Response<pb::CancelBetResponse>, Status> {
-        let principal = principal(&request)?;
+        let principal = Principal::caller(&request)?;
         let result = async {
             let bet = BetId::parse(&request.get_ref().bet_id)
                 .map_err(|e| betting_domain::InvalidRequest::field("bet_id", e.to_string()))?;
             self.cancel(&principal, bet).await
         }
         .await;
-        let (row, balance) = result.map_err(|e| to_status(&e))?;
-        Ok(Response::new(pb::CancelBetResponse {
+        respond(result.map(|(row, balance)| pb::CancelBetResponse {
             bet: Some(bet_pb(&row)),
             balance: format_money(balance),
         }))
@@ -435,11 +428,7 @@ impl BettingApi for BettingService {
         &self,
         request: Request<pb::WatchBetsRequest>,
     ) -> Result<Response<Self::WatchBetsStream>, Status> {
-        let principal = principal(&request)?;
-        let stream = self
-            .watch(principal, request.into_inner())
-            .await
-            .map_err(|e| to_status(&e))?;
-        Ok(Response::new(stream))
+        let principal = Principal::caller(&request)?;
+        respond(self.watch(principal, request.into_inner()).await)
     }
 }

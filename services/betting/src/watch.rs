@@ -13,9 +13,9 @@ use std::collections::HashMap;
 use betting_api::{convert, pb};
 use betting_auth::Principal;
 use betting_domain::{BetId, UserId};
-use betting_streams::{EventSink, Note, SinkClosed, Subscription, cursor, event_stream};
+use betting_streams::{EventSink, Note, SinkClosed, StreamEnd, Subscription, cursor, event_stream};
 use chrono::{DateTime, Utc};
-use tonic::Status;
+
 use uuid::Uuid;
 
 use crate::{BetRow, BettingError, BettingService, service::bet_pb};
@@ -99,8 +99,7 @@ impl Watch {
     ) {
         let mut stop = context.stop.clone();
         if *stop.borrow() {
-            self.sink
-                .end(Status::unavailable("server shutting down; reconnect"));
+            self.sink.end(&StreamEnd::ShuttingDown);
             return;
         }
         if self
@@ -120,11 +119,11 @@ impl Watch {
             tokio::select! {
                 biased;
                 _ = stop.changed() => {
-                    self.sink.end(Status::unavailable("server shutting down; reconnect with your cursor"));
+                    self.sink.end(&StreamEnd::ShuttingDown);
                     return;
                 }
                 _ = tokio::time::sleep_until(deadline) => {
-                    self.sink.end(Status::unauthenticated("token expired"));
+                    self.sink.end(&StreamEnd::TokenExpired);
                     return;
                 }
                 () = self.sink.closed() => return,
@@ -192,10 +191,8 @@ impl Watch {
         {
             Ok(rows) => rows,
             Err(error) => {
-                tracing::warn!(%error, "stream snapshot failed");
-                self.sink.end(Status::unavailable(
-                    "service temporarily unavailable, reconnect",
-                ));
+                // Logged by the mapping, with its cause.
+                self.sink.end(&error);
                 return Err(SinkClosed::Gone);
             }
         };

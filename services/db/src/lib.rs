@@ -142,6 +142,22 @@ impl StoreError {
     }
 }
 
+impl betting_domain::ServiceError for StoreError {
+    fn code(&self) -> betting_domain::ErrorCode {
+        match self {
+            StoreError::Unavailable(_) => betting_domain::ErrorCode::Unavailable,
+            StoreError::Corrupt(_) | StoreError::Other(_) => betting_domain::ErrorCode::Internal,
+        }
+    }
+
+    fn reason(&self) -> &'static str {
+        match self {
+            StoreError::Unavailable(_) => "UNAVAILABLE",
+            StoreError::Corrupt(_) | StoreError::Other(_) => "INTERNAL",
+        }
+    }
+}
+
 impl From<sqlx::Error> for StoreError {
     fn from(err: sqlx::Error) -> Self {
         if is_unavailable(&err) {

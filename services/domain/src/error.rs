@@ -20,6 +20,9 @@ pub enum ErrorCode {
     Unauthenticated,
     /// A dependency (PostgreSQL, Redis, another service) cannot be reached; retry.
     Unavailable,
+    /// This server is shutting down: reconnect (to another instance) and
+    /// carry on. Expected, so not logged; the message is ours and says so.
+    ShuttingDown,
     /// A limit was hit.
     ResourceExhausted,
     /// A bug or an unexpected failure. The message sent is generic; the detail is logged.

@@ -76,7 +76,9 @@ impl Refunder {
             Err(e) => {
                 self.outbox.failed(&owed.key, &e.to_string()).await?;
                 Err(match e {
-                    WalletCallError::Unavailable(_) => RefundError::WalletUnavailable(e),
+                    WalletCallError::Unavailable(_) | WalletCallError::Malformed(_) => {
+                        RefundError::WalletUnavailable(e)
+                    }
                     WalletCallError::Refused { ref reason, .. } => RefundError::Refused {
                         key: owed.key.to_string(),
                         reason: reason.clone(),

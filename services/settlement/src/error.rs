@@ -40,8 +40,8 @@ impl ServiceError for SettlementError {
             SettlementError::WrongState(_) | SettlementError::OtherOutcome => {
                 ErrorCode::FailedPrecondition
             }
-            SettlementError::Store(e) if e.is_unavailable() => ErrorCode::Unavailable,
-            SettlementError::Store(_) | SettlementError::Internal(_) => ErrorCode::Internal,
+            SettlementError::Store(e) => e.code(),
+            SettlementError::Internal(_) => ErrorCode::Internal,
         }
     }
 
@@ -53,8 +53,8 @@ impl ServiceError for SettlementError {
             SettlementError::RoundExists(_) => "ROUND_EXISTS",
             SettlementError::WrongState(_) => "ROUND_WRONG_STATE",
             SettlementError::OtherOutcome => "ROUND_SETTLED_OTHERWISE",
-            SettlementError::Store(e) if e.is_unavailable() => "UNAVAILABLE",
-            SettlementError::Store(_) | SettlementError::Internal(_) => "INTERNAL",
+            SettlementError::Store(e) => e.reason(),
+            SettlementError::Internal(_) => "INTERNAL",
         }
     }
 

@@ -3,7 +3,7 @@
 use betting_api::{
     convert, pb,
     pb::settlement_service_server::{SettlementService as SettlementApi, SettlementServiceServer},
-    to_status,
+    respond,
 };
 use betting_auth::{AuthInterceptor, Principal};
 use betting_domain::{BetId, InvalidRequest, RoundId, Side, Violations, format_money};
@@ -171,12 +171,6 @@ fn parse_round(text: &str) -> Result<RoundId, SettlementError> {
     RoundId::parse(text).map_err(|e| InvalidRequest::field("round_id", e.to_string()).into())
 }
 
-fn principal<T>(request: &Request<T>) -> Result<Principal, Status> {
-    Principal::of(request)
-        .cloned()
-        .map_err(|e| to_status(&SettlementError::from(e)))
-}
-
 #[tonic::async_trait]
 impl SettlementApi for SettlementService {
     #[tracing::instrument(skip_all, fields(round_id = %request.get_ref().round_id))]
@@ -184,7 +178,7 @@ impl SettlementApi for SettlementService {
         &self,
         request: Request<pb::OpenRoundRequest>,
     ) -> Result<Response<pb::OpenRoundResponse>, Status> {
-        let principal = principal(&request)?;
+        let principal = Principal::caller(&request)?;
         let result = async {
             principal.require_backend()?;
             let round = parse_round(&request.get_ref().round_id)?;
@@ -192,8 +186,7 @@ impl SettlementApi for SettlementService {
             self.round_pb(&row).await
         }
         .await;
-        let round = result.map_err(|e| to_status(&e))?;
-        Ok(Response::new(pb::OpenRoundResponse { round: Some(round) }))
+        respond(result.map(|round| pb::OpenRoundResponse { round: Some(round) }))
     }
 
     #[tracing::instrument(skip_all, fields(round_id = %request.get_ref().round_id))]
@@ -201,7 +194,7 @@ impl SettlementApi for SettlementService {
         &self,
         request: Request<pb::CloseRoundRequest>,
     ) -> Result<Response<pb::CloseRoundResponse>, Status> {
-        let principal = principal(&request)?;
+        let principal = Principal::caller(&request)?;
         let result = async {
             principal.require_backend()?;
             let round = parse_round(&request.get_ref().round_id)?;
@@ -209,8 +202,7 @@ impl SettlementApi for SettlementService {
             self.round_pb(&row).await
         }
         .await;
-        let round = result.map_err(|e| to_status(&e))?;
-        Ok(Response::new(pb::CloseRoundResponse { round: Some(round) }))
+        respond(result.map(|round| pb::CloseRoundResponse { round: Some(round) }))
     }
 
     #[tracing::instrument(skip_all, fields(round_id = %request.get_ref().round_id))]
@@ -218,7 +210,7 @@ impl SettlementApi for SettlementService {
         &self,
         request: Request<pb::GetRoundRequest>,
     ) -> Result<Response<pb::GetRoundResponse>, Status> {
-        let _caller = principal(&request)?;
+        let _caller = Principal::caller(&request)?;
         let result = async {
             let round = parse_round(&request.get_ref().round_id)?;
             let row = self
@@ -229,8 +221,7 @@ impl SettlementApi for SettlementService {
             self.round_pb(&row).await
         }
         .await;
-        let round = result.map_err(|e| to_status(&e))?;
-        Ok(Response::new(pb::GetRoundResponse { round: Some(round) }))
+        respond(result.map(|round| pb::GetRoundResponse { round: Some(round) }))
     }
 
     #[tracing::instrument(skip_all, fields(round_id = %request.get_ref().round_id))]
@@ -238,7 +229,7 @@ impl SettlementApi for SettlementService {
         &self,
         request: Request<pb::SettleRoundRequest>,
     ) -> Result<Response<pb::SettleRoundResponse>, Status> {
-        let principal = principal(&request)?;
+        let principal = Principal::caller(&request)?;
         let result = async {
             principal.require_backend()?;
             let r = request.get_ref();
@@ -252,10 +243,7 @@ impl SettlementApi for SettlementService {
             self.round_pb(&row).await
         }
         .await;
-        let round = result.map_err(|e| to_status(&e))?;
-        Ok(Response::new(pb::SettleRoundResponse {
-            round: Some(round),
-        }))
+        respond(result.map(|round| pb::SettleRoundResponse { round: Some(round) }))
     }
 
     #[tracing::instrument(skip_all, fields(round_id = %request.get_ref().round_id))]
@@ -263,7 +251,7 @@ impl SettlementApi for SettlementService {
         &self,
         request: Request<pb::VoidRoundRequest>,
     ) -> Result<Response<pb::VoidRoundResponse>, Status> {
-        let principal = principal(&request)?;
+        let principal = Principal::caller(&request)?;
         let result = async {
             principal.require_backend()?;
             let r = request.get_ref();
@@ -279,8 +267,7 @@ impl SettlementApi for SettlementService {
             self.round_pb(&row).await
         }
         .await;
-        let round = result.map_err(|e| to_status(&e))?;
-        Ok(Response::new(pb::VoidRoundResponse { round: Some(round) }))
+        respond(result.map(|round| pb::VoidRoundResponse { round: Some(round) }))
     }
 
     type WatchRoundStream = betting_streams::EventStream<pb::WatchRoundResponse>;
@@ -290,7 +277,7 @@ impl SettlementApi for SettlementService {
         &self,
         request: Request<pb::WatchRoundRequest>,
     ) -> Result<Response<Self::WatchRoundStream>, Status> {
-        let principal = principal(&request)?;
+        let principal = Principal::caller(&request)?;
         let result = async {
             let round = parse_round(&request.get_ref().round_id)?;
             let row = self
@@ -305,7 +292,6 @@ impl SettlementApi for SettlementService {
             Ok::<_, SettlementError>(feeds.watch(self.clone(), round, first, principal.expires_at))
         }
         .await;
-        let stream = result.map_err(|e| to_status(&e))?;
-        Ok(Response::new(stream))
+        respond(result)
     }
 }

@@ -87,6 +87,9 @@ impl SettleHandler {
                     status.message()
                 )));
             }
+            Err(e @ WalletCallError::Malformed(_)) => {
+                return Err(JobError::Unavailable(e.to_string()));
+            }
             Err(WalletCallError::Refused { reason, status }) => {
                 return Err(JobError::Permanent(format!(
                     "wallet refused payout of match {match_id}: {reason}: {}",

@@ -14,9 +14,8 @@ use std::{
 
 use betting_api::{convert, pb};
 use betting_domain::RoundId;
-use betting_streams::{EventStream, Note, StreamContext, event_stream};
+use betting_streams::{EventStream, Note, StreamContext, StreamEnd, event_stream};
 use tokio::sync::watch;
-use tonic::Status;
 
 use crate::SettlementService;
 
@@ -66,17 +65,17 @@ impl RoundFeeds {
                 tokio::select! {
                     biased;
                     _ = stop.changed() => {
-                        sink.end(Status::unavailable("server shutting down; reconnect"));
+                        sink.end(&StreamEnd::ShuttingDown);
                         return;
                     }
                     _ = tokio::time::sleep_until(deadline) => {
-                        sink.end(Status::unauthenticated("token expired"));
+                        sink.end(&StreamEnd::TokenExpired);
                         return;
                     }
                     () = sink.closed() => return,
                     changed = rx.changed() => {
                         if changed.is_err() {
-                            sink.end(Status::unavailable("round feed ended; reconnect"));
+                            sink.end(&StreamEnd::FeedEnded);
                             return;
                         }
                         let round = rx.borrow_and_update().clone();

@@ -27,7 +27,7 @@ use futures::future::BoxFuture;
 use uuid::Uuid;
 
 pub use hub::{Hub, Note, Subscription};
-pub use stream::{EventSink, EventStream, SinkClosed, cursor, event_stream};
+pub use stream::{EventSink, EventStream, SinkClosed, StreamEnd, cursor, event_stream};
 
 /// A change of one bet.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -9,8 +9,47 @@ use std::{
     time::Duration,
 };
 
+use betting_domain::{ErrorCode, ServiceError};
 use tokio::sync::mpsc;
 use tonic::Status;
+
+/// Why the server ends a stream. Sent through the one status mapping, so a
+/// client gets the code, our message and an `ErrorInfo` reason like any
+/// other error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StreamEnd {
+    /// This instance is shutting down: reconnect (elsewhere) with the cursor.
+    #[error("server shutting down; reconnect with your cursor")]
+    ShuttingDown,
+    /// The token the stream was opened with has expired.
+    #[error("token expired")]
+    TokenExpired,
+    /// The client stopped reading and fell too far behind.
+    #[error("the client is not reading its stream; reconnect with the last cursor")]
+    TooSlow,
+    /// The feed behind the stream ended; reconnect.
+    #[error("stream feed ended; reconnect")]
+    FeedEnded,
+}
+
+impl ServiceError for StreamEnd {
+    fn code(&self) -> ErrorCode {
+        match self {
+            StreamEnd::ShuttingDown | StreamEnd::FeedEnded => ErrorCode::ShuttingDown,
+            StreamEnd::TokenExpired => ErrorCode::Unauthenticated,
+            StreamEnd::TooSlow => ErrorCode::ResourceExhausted,
+        }
+    }
+
+    fn reason(&self) -> &'static str {
+        match self {
+            StreamEnd::ShuttingDown => "SHUTTING_DOWN",
+            StreamEnd::TokenExpired => "UNAUTHENTICATED",
+            StreamEnd::TooSlow => "STREAM_TOO_SLOW",
+            StreamEnd::FeedEnded => "STREAM_ENDED",
+        }
+    }
+}
 
 /// The stream handed to tonic.
 pub struct EventStream<T> {
@@ -61,9 +100,7 @@ impl<T> EventSink<T> {
             Ok(()) => Ok(()),
             Err(mpsc::error::SendTimeoutError::Closed(_)) => Err(SinkClosed::Gone),
             Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
-                self.end(Status::resource_exhausted(
-                    "the client is not reading its stream; reconnect with the last cursor",
-                ));
+                self.end(&StreamEnd::TooSlow);
                 metrics::counter!("streams_dropped_slow_total").increment(1);
                 Err(SinkClosed::TooSlow)
             }
@@ -78,10 +115,10 @@ impl<T> EventSink<T> {
         }
     }
 
-    /// Ends the stream with `status`, ahead of anything still buffered.
-    pub fn end(&self, status: Status) {
+    /// Ends the stream with `error`'s status, ahead of anything still buffered.
+    pub fn end<E: ServiceError>(&self, error: &E) {
         if let Ok(mut slot) = self.abort.lock() {
-            slot.get_or_insert(status);
+            slot.get_or_insert_with(|| betting_api::to_status(error));
         }
     }
 
@@ -130,5 +167,57 @@ pub mod cursor {
         let text = String::from_utf8(bytes).ok()?;
         let micros: i64 = text.strip_prefix("c1:")?.parse().ok()?;
         DateTime::from_timestamp_micros(micros)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Streams end through the same mapping as every other error: the right
+    /// code, our message, and a reason a client can switch on.
+    #[test]
+    fn stream_ends_carry_code_and_reason() {
+        for (end, code, reason) in [
+            (
+                StreamEnd::ShuttingDown,
+                tonic::Code::Unavailable,
+                "SHUTTING_DOWN",
+            ),
+            (
+                StreamEnd::TokenExpired,
+                tonic::Code::Unauthenticated,
+                "UNAUTHENTICATED",
+            ),
+            (
+                StreamEnd::TooSlow,
+                tonic::Code::ResourceExhausted,
+                "STREAM_TOO_SLOW",
+            ),
+            (
+                StreamEnd::FeedEnded,
+                tonic::Code::Unavailable,
+                "STREAM_ENDED",
+            ),
+        ] {
+            let status = betting_api::to_status(&end);
+            assert_eq!(status.code(), code, "{end:?}");
+            assert_eq!(status.message(), end.to_string());
+            assert_eq!(betting_api::reason_of(&status).as_deref(), Some(reason));
+        }
+    }
+
+    #[tokio::test]
+    async fn an_ended_stream_yields_its_status_first() {
+        use futures::StreamExt;
+        let (sink, mut stream) = event_stream::<u32>(4, Duration::from_millis(10));
+        sink.send(1).await.expect("room");
+        sink.end(&StreamEnd::ShuttingDown);
+        let first = stream.next().await.expect("an item");
+        let status = first.expect_err("the end comes ahead of buffered events");
+        assert_eq!(
+            betting_api::reason_of(&status).as_deref(),
+            Some("SHUTTING_DOWN")
+        );
     }
 }

@@ -31,6 +31,11 @@ pub enum WalletCallError {
     /// taken effect.
     #[error("wallet unavailable")]
     Unavailable(#[source] Status),
+    /// The wallet answered OK without what every answer carries (a version
+    /// skew, a bug): treated like an outage — retried, never taken as a
+    /// refusal, since the movement may have happened.
+    #[error("wallet answered without {0}")]
+    Malformed(&'static str),
 }
 
 impl WalletCallError {
@@ -148,9 +153,7 @@ impl WalletClient {
 fn balance_of(wallet: Option<pb::Wallet>) -> Result<Decimal, WalletCallError> {
     wallet
         .and_then(|w| w.balance.parse::<Decimal>().ok())
-        .ok_or_else(|| {
-            WalletCallError::Unavailable(Status::internal("wallet answered without a balance"))
-        })
+        .ok_or(WalletCallError::Malformed("a balance"))
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! What can go wrong when moving money.
 
 use betting_auth::AuthError;
+use betting_db::StoreError;
 use betting_domain::{ErrorCode, FieldViolation, InvalidRequest, ServiceError};
 
 #[derive(Debug, thiserror::Error)]
@@ -21,17 +22,14 @@ pub enum WalletError {
     AlreadyPaid,
     #[error("a bet of this movement was already refunded")]
     AlreadyRefunded,
-    #[error("database unavailable")]
-    Unavailable(#[source] sqlx::Error),
-    #[error("unexpected wallet failure")]
-    Internal(#[source] anyhow::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 impl From<sqlx::Error> for WalletError {
     fn from(err: sqlx::Error) -> Self {
         use betting_db::Failure;
         match betting_db::classify(&err) {
-            Failure::Unavailable => WalletError::Unavailable(err),
             Failure::CheckViolation(c) if c == "wallets_balance_non_negative" => {
                 WalletError::InsufficientFunds
             }
@@ -40,7 +38,7 @@ impl From<sqlx::Error> for WalletError {
             // it ends in the dead-letter list, its money counted) for an
             // operator, rather than failing as an internal error.
             Failure::CheckViolation(c) if c == "wallets_balance_range" => WalletError::BalanceLimit,
-            _ => WalletError::Internal(err.into()),
+            _ => WalletError::Store(err.into()),
         }
     }
 }
@@ -72,8 +70,7 @@ impl ServiceError for WalletError {
             | WalletError::AlreadyPaid
             | WalletError::AlreadyRefunded => ErrorCode::FailedPrecondition,
             WalletError::IdempotencyConflict => ErrorCode::AlreadyExists,
-            WalletError::Unavailable(_) => ErrorCode::Unavailable,
-            WalletError::Internal(_) => ErrorCode::Internal,
+            WalletError::Store(e) => e.code(),
         }
     }
 
@@ -87,8 +84,7 @@ impl ServiceError for WalletError {
             WalletError::NoMatchingStake => "NO_MATCHING_STAKE",
             WalletError::AlreadyPaid => "ALREADY_PAID",
             WalletError::AlreadyRefunded => "ALREADY_REFUNDED",
-            WalletError::Unavailable(_) => "UNAVAILABLE",
-            WalletError::Internal(_) => "INTERNAL",
+            WalletError::Store(e) => e.reason(),
         }
     }
 

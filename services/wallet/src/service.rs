@@ -1,18 +1,16 @@
 //! The gRPC face of the wallet: parse, authorise, post, convert.
 
 use betting_api::{
-    convert, pb,
+    Replayable, convert, pb,
     pb::wallet_service_server::{WalletService as WalletApi, WalletServiceServer},
-    to_status,
+    respond, respond_replayable,
 };
 use betting_auth::{AuthInterceptor, Principal};
 use betting_domain::{
     Amount, BetId, EntryKind, IdempotencyKey, MatchId, Reference, UserId, Violations, format_money,
 };
 use sqlx::PgPool;
-use tonic::{
-    Request, Response, Status, metadata::MetadataValue, service::interceptor::InterceptedService,
-};
+use tonic::{Request, Response, Status, service::interceptor::InterceptedService};
 
 use crate::{Entry, Guard, Ledger, Posted, Transfer, WalletError, WalletView};
 
@@ -216,23 +214,20 @@ fn entry_pb(e: &Entry) -> pb::LedgerEntry {
     }
 }
 
-/// Wraps a posted movement, marking replays in a response header so that the
-/// body of a replay is exactly the original's.
-fn respond<T>(posted: &Posted, body: T) -> Response<T> {
-    let mut response = Response::new(body);
-    if posted.replayed {
-        response.metadata_mut().insert(
-            betting_api::IDEMPOTENT_REPLAYED,
-            MetadataValue::from_static("true"),
-        );
+/// A posted movement as an answer: the entry and the wallet right after,
+/// marked as a replay when the key had been seen (the body of a replay is
+/// exactly the original's).
+fn moved<T>(
+    posted: Posted,
+    body: impl FnOnce(Option<pb::LedgerEntry>, Option<pb::Wallet>) -> T,
+) -> Replayable<T> {
+    Replayable {
+        message: body(
+            Some(entry_pb(&posted.entry)),
+            Some(wallet_pb(&posted.wallet)),
+        ),
+        replayed: posted.replayed,
     }
-    response
-}
-
-fn principal<T>(request: &Request<T>) -> Result<Principal, Status> {
-    Principal::of(request)
-        .cloned()
-        .map_err(|e| to_status(&WalletError::from(e)))
 }
 
 #[tonic::async_trait]
@@ -242,14 +237,13 @@ impl WalletApi for WalletService {
         &self,
         request: Request<pb::GetWalletRequest>,
     ) -> Result<Response<pb::GetWalletResponse>, Status> {
-        let principal = principal(&request)?;
+        let principal = Principal::caller(&request)?;
         let result = async {
             let user = principal.resolve_user(request.get_ref().user_id)?;
             self.ledger.wallet(user).await
         }
         .await;
-        let wallet = result.map_err(|e| to_status(&e))?;
-        Ok(Response::new(pb::GetWalletResponse {
+        respond(result.map(|wallet| pb::GetWalletResponse {
             wallet: Some(wallet_pb(&wallet)),
         }))
     }
@@ -259,7 +253,7 @@ impl WalletApi for WalletService {
         &self,
         request: Request<pb::DepositRequest>,
     ) -> Result<Response<pb::DepositResponse>, Status> {
-        let principal = principal(&request)?;
+        let principal = Principal::caller(&request)?;
         let r = request.get_ref();
         let posted = self
             .external(
@@ -270,13 +264,10 @@ impl WalletApi for WalletService {
                 &r.idempotency_key,
                 &r.reference,
             )
-            .await
-            .map_err(|e| to_status(&e))?;
-        let body = pb::DepositResponse {
-            entry: Some(entry_pb(&posted.entry)),
-            wallet: Some(wallet_pb(&posted.wallet)),
-        };
-        Ok(respond(&posted, body))
+            .await;
+        respond_replayable(
+            posted.map(|p| moved(p, |entry, wallet| pb::DepositResponse { entry, wallet })),
+        )
     }
 
     #[tracing::instrument(skip_all, fields(user_id = request.get_ref().user_id))]
@@ -284,7 +275,7 @@ impl WalletApi for WalletService {
         &self,
         request: Request<pb::WithdrawRequest>,
     ) -> Result<Response<pb::WithdrawResponse>, Status> {
-        let principal = principal(&request)?;
+        let principal = Principal::caller(&request)?;
         let r = request.get_ref();
         let posted = self
             .external(
@@ -295,13 +286,10 @@ impl WalletApi for WalletService {
                 &r.idempotency_key,
                 &r.reference,
             )
-            .await
-            .map_err(|e| to_status(&e))?;
-        let body = pb::WithdrawResponse {
-            entry: Some(entry_pb(&posted.entry)),
-            wallet: Some(wallet_pb(&posted.wallet)),
-        };
-        Ok(respond(&posted, body))
+            .await;
+        respond_replayable(
+            posted.map(|p| moved(p, |entry, wallet| pb::WithdrawResponse { entry, wallet })),
+        )
     }
 
     #[tracing::instrument(skip_all, fields(user_id = request.get_ref().user_id))]
@@ -309,7 +297,7 @@ impl WalletApi for WalletService {
         &self,
         request: Request<pb::ListLedgerEntriesRequest>,
     ) -> Result<Response<pb::ListLedgerEntriesResponse>, Status> {
-        let principal = principal(&request)?;
+        let principal = Principal::caller(&request)?;
         let r = request.get_ref();
         let result = async {
             let user = principal.resolve_user(r.user_id)?;
@@ -341,11 +329,12 @@ impl WalletApi for WalletService {
             Ok((entries, next))
         }
         .await;
-        let (entries, next_page_token) = result.map_err(|e| to_status(&e))?;
-        Ok(Response::new(pb::ListLedgerEntriesResponse {
-            entries: entries.iter().map(entry_pb).collect(),
-            next_page_token,
-        }))
+        respond(
+            result.map(|(entries, next_page_token)| pb::ListLedgerEntriesResponse {
+                entries: entries.iter().map(entry_pb).collect(),
+                next_page_token,
+            }),
+        )
     }
 
     #[tracing::instrument(skip_all, fields(bet_id = %request.get_ref().bet_id))]
@@ -353,7 +342,7 @@ impl WalletApi for WalletService {
         &self,
         request: Request<pb::HoldStakeRequest>,
     ) -> Result<Response<pb::HoldStakeResponse>, Status> {
-        let principal = principal(&request)?;
+        let principal = Principal::caller(&request)?;
         let r = request.get_ref();
         let posted = self
             .internal(
@@ -364,13 +353,10 @@ impl WalletApi for WalletService {
                 &r.idempotency_key,
                 &r.bet_id,
             )
-            .await
-            .map_err(|e| to_status(&e))?;
-        let body = pb::HoldStakeResponse {
-            entry: Some(entry_pb(&posted.entry)),
-            wallet: Some(wallet_pb(&posted.wallet)),
-        };
-        Ok(respond(&posted, body))
+            .await;
+        respond_replayable(
+            posted.map(|p| moved(p, |entry, wallet| pb::HoldStakeResponse { entry, wallet })),
+        )
     }
 
     #[tracing::instrument(skip_all, fields(bet_id = %request.get_ref().bet_id))]
@@ -378,7 +364,7 @@ impl WalletApi for WalletService {
         &self,
         request: Request<pb::RefundStakeRequest>,
     ) -> Result<Response<pb::RefundStakeResponse>, Status> {
-        let principal = principal(&request)?;
+        let principal = Principal::caller(&request)?;
         let r = request.get_ref();
         let posted = self
             .internal(
@@ -389,13 +375,10 @@ impl WalletApi for WalletService {
                 &r.idempotency_key,
                 &r.bet_id,
             )
-            .await
-            .map_err(|e| to_status(&e))?;
-        let body = pb::RefundStakeResponse {
-            entry: Some(entry_pb(&posted.entry)),
-            wallet: Some(wallet_pb(&posted.wallet)),
-        };
-        Ok(respond(&posted, body))
+            .await;
+        respond_replayable(
+            posted.map(|p| moved(p, |entry, wallet| pb::RefundStakeResponse { entry, wallet })),
+        )
     }
 
     #[tracing::instrument(skip_all, fields(match_id = %request.get_ref().match_id))]
@@ -403,15 +386,10 @@ impl WalletApi for WalletService {
         &self,
         request: Request<pb::PayWinningsRequest>,
     ) -> Result<Response<pb::PayWinningsResponse>, Status> {
-        let principal = principal(&request)?;
-        let posted = self
-            .payout(&principal, request.get_ref())
-            .await
-            .map_err(|e| to_status(&e))?;
-        let body = pb::PayWinningsResponse {
-            entry: Some(entry_pb(&posted.entry)),
-            wallet: Some(wallet_pb(&posted.wallet)),
-        };
-        Ok(respond(&posted, body))
+        let principal = Principal::caller(&request)?;
+        let posted = self.payout(&principal, request.get_ref()).await;
+        respond_replayable(
+            posted.map(|p| moved(p, |entry, wallet| pb::PayWinningsResponse { entry, wallet })),
+        )
     }
 }

@@ -1,0 +1,20 @@
+//! Architecture invariants, checked by `tests/tidy.rs` (in the spirit of
+//! rust-analyzer's tidy test): rules that the compiler cannot see but a
+//! reviewer would otherwise have to remember. The crate itself is empty.
+//!
+//! The rules, and why:
+//!
+//! - **Money tables have one writer.** Only `services/wallet` writes
+//!   `wallets`, `ledger_entries`, `wallet_refusals` and `payout_bets`:
+//!   every movement of money goes through its idempotent, locked path.
+//! - **gRPC stays at the edge.** `tonic` and `prost` appear only in the API
+//!   crate, the server (composition root), the gRPC clients and
+//!   interceptors (`wallet-client`, `auth`, `streams`' stream type), and each
+//!   service crate's gRPC modules (`service.rs`, `watch.rs`). Stores, the
+//!   ledger, the matcher, refunds, the reconciler, jobs, the queue, the
+//!   domain and the database crate know nothing of the transport.
+//! - **Statuses come from one mapping.** No `Status::…` is built outside
+//!   `services/api/src/status.rs`, so every error a client sees has its
+//!   code, a safe message and an `ErrorInfo` reason.
+//! - **Manifests tell the truth.** Every crate has a description and is
+//!   `publish = false`; no comment points outside the repository.
