@@ -97,8 +97,8 @@ impl Watch {
         context: betting_streams::StreamContext,
         deadline: tokio::time::Instant,
     ) {
-        let mut stop = context.stop.clone();
-        if *stop.borrow() {
+        let stop = context.stop.clone();
+        if stop.is_signalled() {
             self.sink
                 .end(Status::unavailable("server shutting down; reconnect"));
             return;
@@ -119,7 +119,7 @@ impl Watch {
             }
             tokio::select! {
                 biased;
-                _ = stop.changed() => {
+                () = stop.signalled() => {
                     self.sink.end(Status::unavailable("server shutting down; reconnect with your cursor"));
                     return;
                 }

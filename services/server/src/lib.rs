@@ -27,12 +27,13 @@ use betting_queue::{Queue, QueueSettings, Worker, WorkerSettings};
 use betting_reconciler::{Reconciler, ReconcilerSettings};
 use betting_refunds::{Outbox, RefundHandler, Refunder};
 use betting_settlement::{RoundStore, SettlementService, settler::SettleHandler};
+use betting_shutdown::{Shutdown, Trigger};
 use betting_streams::{Hub, Publisher, StreamContext, StreamSettings};
 use betting_wallet::WalletService;
 use betting_wallet_client::WalletClient;
 use futures::StreamExt;
 use sqlx::PgPool;
-use tokio::{net::TcpListener, sync::watch};
+use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 
@@ -56,8 +57,8 @@ pub struct Application {
     reconciler: Option<Reconciler>,
     queues: Queues,
     hub: Option<Hub>,
-    stop_tx: watch::Sender<bool>,
-    stop_rx: watch::Receiver<bool>,
+    stop_tx: Trigger,
+    stop_rx: Shutdown,
 }
 
 /// The three queues of the suite.
@@ -125,7 +126,7 @@ impl Application {
         };
 
         // Shutdown reaches every long-lived task, streams included, through this.
-        let (stop_tx, stop_rx) = watch::channel(false);
+        let (stop_tx, stop_rx) = betting_shutdown::channel();
         let publisher = Publisher::new(redis.clone(), &settings.redis_namespace);
         let serves_streams = settings.runs(Role::Betting) || settings.runs(Role::Settlement);
         let hub = serves_streams.then(|| {
@@ -412,7 +413,7 @@ impl Application {
                 signal.await;
                 tracing::info!("shutting down");
                 health.shutting_down().await;
-                let _ = stop_tx.send(true);
+                stop_tx.signal();
                 let _ = drain_tx.send(());
             }
         };
