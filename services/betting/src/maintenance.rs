@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use tokio::sync::watch;
+use betting_shutdown::Shutdown;
 
 use crate::{BettingError, BettingService};
 
@@ -74,20 +74,16 @@ impl BettingService {
         report
     }
 
-    /// Runs passes until `shutdown` flips to true.
-    pub async fn run_maintenance(
-        self,
-        settings: MaintenanceSettings,
-        mut shutdown: watch::Receiver<bool>,
-    ) {
+    /// Runs passes until `shutdown` is signalled.
+    pub async fn run_maintenance(self, settings: MaintenanceSettings, shutdown: Shutdown) {
         let mut ticker = tokio::time::interval(settings.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = ticker.tick() => { self.maintain(&settings).await; }
-                _ = shutdown.changed() => break,
+                () = shutdown.signalled() => break,
             }
-            if *shutdown.borrow() {
+            if shutdown.is_signalled() {
                 break;
             }
         }

@@ -97,8 +97,8 @@ impl Watch {
         context: betting_streams::StreamContext,
         deadline: tokio::time::Instant,
     ) {
-        let mut stop = context.stop.clone();
-        if *stop.borrow() {
+        let stop = context.stop.clone();
+        if stop.is_signalled() {
             self.sink.end(&StreamEnd::ShuttingDown);
             return;
         }
@@ -118,7 +118,7 @@ impl Watch {
             }
             tokio::select! {
                 biased;
-                _ = stop.changed() => {
+                () = stop.signalled() => {
                     self.sink.end(&StreamEnd::ShuttingDown);
                     return;
                 }

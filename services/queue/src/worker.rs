@@ -3,11 +3,9 @@
 
 use std::{future::Future, sync::Arc, time::Duration};
 
+use betting_shutdown::Shutdown;
 use fred::prelude::Client;
-use tokio::{
-    sync::{Semaphore, watch},
-    task::JoinSet,
-};
+use tokio::{sync::Semaphore, task::JoinSet};
 
 use crate::{FailOutcome, Job, Queue, QueueError, QueueSettings, SweepCursor};
 
@@ -173,10 +171,10 @@ impl Worker {
         &self.consumer
     }
 
-    /// Runs until `shutdown` turns true: then lets a fetch under way finish
+    /// Runs until `shutdown` is signalled: then lets a fetch under way finish
     /// (at most one poll), stops fetching, gives in-flight jobs the grace
     /// period, and hands back whatever is still running or was just fetched.
-    pub async fn run<H: Handler>(self, handler: Arc<H>, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run<H: Handler>(self, handler: Arc<H>, shutdown: Shutdown) {
         let Worker {
             queue,
             blocking,
@@ -204,9 +202,10 @@ impl Worker {
         let mut next_sweep = tokio::time::Instant::now();
         let mut sweep_cursor = SweepCursor::default();
 
-        // Ends when shutdown is asked for (or can no longer be: the sender
-        // is gone). Each turn waits in one branch of the select, so it never
-        // spins: a tick, a back-off, a free permit and at most one poll.
+        // Ends when shutdown is asked for (or can no longer be: the trigger
+        // is gone, which signals too). Each turn waits in one branch of the
+        // select, so it never spins: a tick, a back-off, a free permit and at
+        // most one poll.
         loop {
             // Reap finished tasks so the set does not grow; bounded by the
             // tasks started, at most `concurrency`.
@@ -222,13 +221,9 @@ impl Worker {
                 !backing_off && leased_until.is_some_and(|t| tokio::time::Instant::now() < t);
             tokio::select! {
                 biased;
-                changed = shutdown.changed() => {
-                    // Err: the sender is gone and would make this branch ready
-                    // at once on every turn; nobody can stop us any more, so
-                    // stop now rather than spin.
-                    if changed.is_err() || *shutdown.borrow() { break; }
-                    continue;
-                }
+                // Once signalled this branch stays ready on every turn, so
+                // leave at once rather than go round again.
+                () = shutdown.signalled() => break,
                 _ = housekeeping.tick() => {
                     // Every consumer helps: renew its own lease, promote due
                     // retries, return the jobs of dead consumers and of
@@ -271,7 +266,7 @@ impl Worker {
                     // hand_back emptied it and we left the lease set, where no
                     // reaper looks. The fetch is bounded by the poll.
                     let fetched = queue.fetch(&blocking, &consumer, settings.poll).await;
-                    if *shutdown.borrow() {
+                    if shutdown.is_signalled() {
                         // Stopping: start nothing more. A job the fetch
                         // returned is in our active list, and hand_back
                         // returns it to the front of the queue below.

@@ -34,8 +34,8 @@ use betting_jobs::{MatchJob, RefundJob, SettleJob, enqueue_all};
 use betting_queue::{Queue, QueueError};
 use betting_refunds::{Outbox, Refunds};
 use betting_settlement::RoundStore;
+use betting_shutdown::Shutdown;
 use sqlx::PgPool;
-use tokio::sync::watch;
 
 /// What can stop a pass (or a count of dead money).
 #[derive(Debug, thiserror::Error)]
@@ -285,8 +285,8 @@ impl Reconciler {
         }
     }
 
-    /// Runs passes until `shutdown` turns true.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+    /// Runs passes until `shutdown` is signalled.
+    pub async fn run(self, shutdown: Shutdown) {
         let mut ticker = tokio::time::interval(self.settings.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -296,9 +296,9 @@ impl Reconciler {
                         tracing::warn!(%error, "reconciler pass failed");
                     }
                 }
-                _ = shutdown.changed() => break,
+                () = shutdown.signalled() => break,
             }
-            if *shutdown.borrow() {
+            if shutdown.is_signalled() {
                 break;
             }
         }

@@ -2,7 +2,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use tokio::sync::watch;
+use betting_shutdown::Shutdown;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 #[derive(Clone)]
@@ -62,15 +62,15 @@ impl HealthWatch {
         self.set(ServingStatus::NotServing).await;
     }
 
-    pub async fn run(self, every: Duration, mut stop: watch::Receiver<bool>) {
+    pub async fn run(self, every: Duration, stop: Shutdown) {
         let mut ticker = tokio::time::interval(every);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = ticker.tick() => {}
-                _ = stop.changed() => return,
+                () = stop.signalled() => return,
             }
-            if *stop.borrow() {
+            if stop.is_signalled() {
                 return;
             }
             self.check_once().await;

@@ -47,7 +47,7 @@ impl RoundFeeds {
         let mut rx = self.feed(service, &round, first);
         let settings = self.context.settings.clone();
         let (sink, stream) = event_stream(settings.buffer, settings.send_timeout);
-        let mut stop = self.context.stop.clone();
+        let stop = self.context.stop.clone();
         let deadline = betting_streams::token_deadline(expires_at);
         tokio::spawn(async move {
             let mut heartbeat = tokio::time::interval(settings.heartbeat);
@@ -64,7 +64,7 @@ impl RoundFeeds {
             loop {
                 tokio::select! {
                     biased;
-                    _ = stop.changed() => {
+                    () = stop.signalled() => {
                         sink.end(&StreamEnd::ShuttingDown);
                         return;
                     }
@@ -126,11 +126,11 @@ impl RoundFeeds {
         mut sub: betting_streams::Subscription,
         tx: watch::Sender<Arc<pb::Round>>,
     ) {
-        let mut stop = self.context.stop.clone();
+        let stop = self.context.stop.clone();
         let mut idle_check = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
-                _ = stop.changed() => break,
+                () = stop.signalled() => break,
                 note = sub.recv() => {
                     match note {
                         Some(Note::Round | Note::Resync | Note::Bet { .. }) => {}

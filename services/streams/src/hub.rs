@@ -9,9 +9,10 @@ use std::{
     time::Duration,
 };
 
+use betting_shutdown::Shutdown;
 use chrono::{DateTime, Utc};
 use fred::prelude::{ClientLike, Config, EventInterface, PubsubInterface, ReconnectPolicy};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use crate::{ChangeFeed, Changes};
@@ -235,12 +236,12 @@ impl Hub {
         }
     }
 
-    /// Runs the subscription and the sweep until `stop` turns true.
-    pub async fn run(self, stop: watch::Receiver<bool>) {
+    /// Runs the subscription and the sweep until `stop` is signalled.
+    pub async fn run(self, stop: Shutdown) {
         tokio::join!(self.clone().subscribe(stop.clone()), self.sweep(stop));
     }
 
-    async fn subscribe(self, mut stop: watch::Receiver<bool>) {
+    async fn subscribe(self, stop: Shutdown) {
         let client = match Config::from_url(&self.inner.redis_url).and_then(|config| {
             fred::prelude::Builder::from_config(config)
                 .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
@@ -262,7 +263,7 @@ impl Hub {
             }
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                _ = stop.changed() => return,
+                () = stop.signalled() => return,
             }
         }
         tracing::info!(channel = %self.inner.channel, "subscribed to change notes");
@@ -289,7 +290,7 @@ impl Hub {
                         self.resync_all();
                     }
                 }
-                _ = stop.changed() => {
+                () = stop.signalled() => {
                     let _ = client.quit().await;
                     return;
                 }
@@ -299,14 +300,14 @@ impl Hub {
 
     /// Every second, routes whatever changed in PostgreSQL lately: the safety
     /// net under pub/sub.
-    async fn sweep(self, mut stop: watch::Receiver<bool>) {
+    async fn sweep(self, stop: Shutdown) {
         let mut ticker = tokio::time::interval(Duration::from_secs(1));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut since: Option<DateTime<Utc>> = None;
         loop {
             tokio::select! {
                 _ = ticker.tick() => {}
-                _ = stop.changed() => return,
+                () = stop.signalled() => return,
             }
             if self.stream_count() == 0 {
                 since = None;

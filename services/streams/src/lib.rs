@@ -109,8 +109,8 @@ impl Default for StreamSettings {
 pub struct StreamContext {
     pub hub: Hub,
     pub settings: StreamSettings,
-    /// Turns true on shutdown: streams end with UNAVAILABLE so clients reconnect elsewhere.
-    pub stop: tokio::sync::watch::Receiver<bool>,
+    /// Signalled on shutdown: streams end with UNAVAILABLE so clients reconnect elsewhere.
+    pub stop: betting_shutdown::Shutdown,
 }
 
 /// When a token runs out, as an instant (far away for tokens without expiry).

@@ -9,11 +9,11 @@
 
 use std::sync::OnceLock;
 
+use betting_shutdown::Shutdown;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpListener,
-    sync::watch,
 };
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
@@ -54,12 +54,12 @@ pub fn metrics_handle() -> PrometheusHandle {
 }
 
 /// Serves `GET /metrics` (any path, really) on `listener` until `shutdown`.
-pub async fn serve_metrics(listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve_metrics(listener: TcpListener, shutdown: Shutdown) {
     let handle = metrics_handle();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            _ = shutdown.changed() => break,
+            () = shutdown.signalled() => break,
         };
         let Ok((mut stream, _)) = accepted else {
             continue;

@@ -14,7 +14,6 @@ use betting_refunds::{Outbox, RefundHandler, Refunder};
 use betting_settlement::{RoundStore, settler::SettleHandler};
 use betting_wallet_client::WalletClient;
 use rust_decimal::Decimal;
-use tokio::sync::watch;
 use tonic::Code;
 use uuid::Uuid;
 
@@ -54,13 +53,13 @@ async fn run_worker<H: betting_queue::Handler>(
         },
     )
     .expect("worker settings");
-    let (stop, stopped) = watch::channel(false);
+    let (stop, stopped) = betting_shutdown::channel();
     let running = tokio::spawn(worker.run(Arc::new(handler), stopped));
     let deadline = tokio::time::Instant::now() + limit;
     while tokio::time::Instant::now() < deadline && !done().await {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    stop.send(true).expect("stop");
+    stop.signal();
     running.await.expect("worker stops");
 }
 

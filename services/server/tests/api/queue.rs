@@ -12,7 +12,6 @@ use betting_queue::{
     EnqueueOutcome, FailOutcome, Handler, Job, JobError, Queue, QueueSettings, Worker,
     WorkerSettings,
 };
-use tokio::sync::watch;
 
 fn redis_url() -> String {
     std::env::var("REDIS_URL").expect("REDIS_URL")
@@ -181,7 +180,7 @@ async fn jobs_of_a_consumer_that_died_mid_job_are_reaped_and_run() {
         }
     }
     let handler = Arc::new(Count(AtomicU32::new(0)));
-    let (stop, stopped) = watch::channel(false);
+    let (stop, stopped) = betting_shutdown::channel();
     let worker = Worker::new(
         q.clone(),
         betting_queue::connect(&redis_url()).expect("redis"),
@@ -200,7 +199,7 @@ async fn jobs_of_a_consumer_that_died_mid_job_are_reaped_and_run() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(handler.0.load(Ordering::SeqCst), 1, "the reaped job ran");
-    stop.send(true).expect("stop");
+    stop.signal();
     running.await.expect("worker stops");
     let stats = q.stats().await.expect("stats");
     assert_eq!((stats.waiting, stats.in_flight, stats.processed), (0, 0, 1));
@@ -221,7 +220,7 @@ async fn a_stopping_worker_hands_back_what_it_could_not_finish() {
     q.enqueue("slow", serde_json::json!({}))
         .await
         .expect("enqueue");
-    let (stop, stopped) = watch::channel(false);
+    let (stop, stopped) = betting_shutdown::channel();
     let worker = Worker::new(
         q.clone(),
         betting_queue::connect(&redis_url()).expect("redis"),
@@ -239,7 +238,7 @@ async fn a_stopping_worker_hands_back_what_it_could_not_finish() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    stop.send(true).expect("stop");
+    stop.signal();
     tokio::time::timeout(Duration::from_secs(5), running)
         .await
         .expect("stops within the grace period")
@@ -350,7 +349,7 @@ async fn retry_all_retries_each_dead_job_once_even_if_it_dies_again_at_once() {
             Err(JobError::Permanent("still malformed".into()))
         }
     }
-    let (stop, stopped) = watch::channel(false);
+    let (stop, stopped) = betting_shutdown::channel();
     let worker = Worker::new(
         q.clone(),
         betting_queue::connect(&redis_url()).expect("redis"),
@@ -381,7 +380,7 @@ async fn retry_all_retries_each_dead_job_once_even_if_it_dies_again_at_once() {
         (JOBS, 0, 0),
         "every job ran once more and died again: {stats:?}"
     );
-    stop.send(true).expect("stop");
+    stop.signal();
     running.await.expect("worker stops");
 }
 
@@ -487,7 +486,7 @@ async fn a_worker_stopped_while_its_fetch_blocks_leaves_no_job_behind() {
         poll: Duration::from_secs(2),
         ..WorkerSettings::default()
     };
-    let (stop, stopped) = watch::channel(false);
+    let (stop, stopped) = betting_shutdown::channel();
     let worker = Worker::new(
         q.clone(),
         betting_queue::connect(&redis_url()).expect("redis"),
@@ -504,7 +503,7 @@ async fn a_worker_stopped_while_its_fetch_blocks_leaves_no_job_behind() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    stop.send(true).expect("stop");
+    stop.signal();
     tokio::time::sleep(Duration::from_millis(100)).await;
     q.enqueue("late", serde_json::json!({}))
         .await
@@ -522,7 +521,7 @@ async fn a_worker_stopped_while_its_fetch_blocks_leaves_no_job_behind() {
     );
 
     // The next worker runs it.
-    let (stop, stopped) = watch::channel(false);
+    let (stop, stopped) = betting_shutdown::channel();
     let worker = Worker::new(
         q.clone(),
         betting_queue::connect(&redis_url()).expect("redis"),
@@ -533,7 +532,7 @@ async fn a_worker_stopped_while_its_fetch_blocks_leaves_no_job_behind() {
     let running = tokio::spawn(worker.run(second.clone(), stopped));
     second.wait_for_runs(1, Duration::from_secs(5)).await;
     assert_eq!(second.runs(), vec![("late".to_owned(), 0)]);
-    stop.send(true).expect("stop");
+    stop.signal();
     running.await.expect("worker stops");
     let stats = q.stats().await.expect("stats");
     assert_eq!(
@@ -560,7 +559,7 @@ async fn a_job_in_the_active_list_of_a_consumer_without_a_lease_is_run() {
     let stats = q.stats().await.expect("stats");
     assert_eq!((stats.in_flight, stats.consumers), (1, 0), "{stats:?}");
 
-    let (stop, stopped) = watch::channel(false);
+    let (stop, stopped) = betting_shutdown::channel();
     let worker = Worker::new(
         q.clone(),
         betting_queue::connect(&redis_url()).expect("redis"),
@@ -573,7 +572,7 @@ async fn a_job_in_the_active_list_of_a_consumer_without_a_lease_is_run() {
     let handler = Record::new();
     let running = tokio::spawn(worker.run(handler.clone(), stopped));
     handler.wait_for_runs(1, Duration::from_secs(5)).await;
-    stop.send(true).expect("stop");
+    stop.signal();
     running.await.expect("worker stops");
     assert_eq!(
         handler.runs(),
@@ -647,7 +646,7 @@ async fn the_orphan_sweep_spares_consumers_that_hold_a_lease() {
 async fn a_worker_whose_shutdown_sender_is_gone_stops() {
     let q = queue(quick());
     wait_connected(&q).await;
-    let (stop, stopped) = watch::channel(false);
+    let (stop, stopped) = betting_shutdown::channel();
     let worker = Worker::new(
         q.clone(),
         betting_queue::connect(&redis_url()).expect("redis"),
