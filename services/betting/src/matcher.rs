@@ -68,6 +68,25 @@ pub fn pair_oldest_first(candidates: &[Candidate]) -> Vec<(Uuid, Uuid)> {
     pairs
 }
 
+/// The bet a match job names, as read.
+#[derive(sqlx::FromRow)]
+struct JobBet {
+    round_id: String,
+    amount: Decimal,
+    #[sqlx(try_from = "String")]
+    status: BetStatus,
+}
+
+/// A PENDING bet of a batch, as read (locked).
+#[derive(sqlx::FromRow)]
+struct Queued {
+    created_at: chrono::DateTime<chrono::Utc>,
+    bet_id: Uuid,
+    user_id: i64,
+    #[sqlx(try_from = "String")]
+    side: Side,
+}
+
 #[derive(Clone)]
 pub struct Matcher {
     pool: PgPool,
@@ -102,14 +121,14 @@ impl Matcher {
 
     /// Matches the group of one bet; returns how many pairs were made.
     pub async fn match_bet(&self, bet: Uuid) -> Result<usize, StoreError> {
-        let row: Option<(String, Decimal, String)> =
+        let row: Option<JobBet> =
             sqlx::query_as("SELECT round_id, amount, status FROM bets WHERE bet_id = $1")
                 .bind(bet)
                 .fetch_optional(&self.pool)
                 .await?;
         match row {
-            Some((round, amount, status)) if status == BetStatus::Pending.as_db() => {
-                self.match_group(&round, amount).await
+            Some(bet) if bet.status == BetStatus::Pending => {
+                self.match_group(&bet.round_id, bet.amount).await
             }
             // Gone, matched, cancelled or refunded meanwhile: nothing to do.
             _ => Ok(0),
@@ -136,16 +155,20 @@ impl Matcher {
                 .bind(round)
                 .fetch_optional(&mut *tx)
                 .await?;
-        if status.as_deref() != Some(RoundStatus::Open.as_db()) {
+        let status = status
+            .map(RoundStatus::try_from)
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        if status != Some(RoundStatus::Open) {
             // Closed, settled or voided rounds refund their unmatched bets instead.
             return Ok(0);
         }
         // The oldest of each side, locked: a cancel or timeout racing us waits,
         // then finds the bet no longer PENDING (or we find it gone).
-        let mut rows: Vec<(chrono::DateTime<chrono::Utc>, Uuid, i64, String)> = Vec::new();
+        let mut rows: Vec<Queued> = Vec::new();
         for side in [Side::A, Side::B] {
             rows.extend(
-                sqlx::query_as::<_, (chrono::DateTime<chrono::Utc>, Uuid, i64, String)>(
+                sqlx::query_as::<_, Queued>(
                     "SELECT created_at, bet_id, user_id, side FROM bets WHERE bet_id IN ( \
                        SELECT bet_id FROM ( \
                          SELECT bet_id, created_at, row_number() OVER \
@@ -165,15 +188,13 @@ impl Matcher {
                 .await?,
             );
         }
-        rows.sort();
+        rows.sort_by_key(|bet| (bet.created_at, bet.bet_id));
         let candidates: Vec<Candidate> = rows
             .into_iter()
-            .filter_map(|(_, bet_id, user_id, side)| {
-                Side::from_db(&side).map(|side| Candidate {
-                    bet_id,
-                    user_id,
-                    side,
-                })
+            .map(|bet| Candidate {
+                bet_id: bet.bet_id,
+                user_id: bet.user_id,
+                side: bet.side,
             })
             .collect();
         let pairs = pair_oldest_first(&candidates);

@@ -141,7 +141,7 @@ impl BettingService {
     /// step is idempotent, so a client retry, the recovery pass and the
     /// original request may all run this for the same bet at once.
     pub async fn complete(&self, bet: BetRow, replayed: bool) -> Result<Placed, BettingError> {
-        match bet.status()? {
+        match bet.status {
             BetStatus::Placing => {}
             BetStatus::Rejected => return Err(BettingError::InsufficientFunds),
             _ => {
@@ -154,7 +154,7 @@ impl BettingService {
             }
         }
         let id = bet.id();
-        let balance = match self.wallet.hold_stake(bet.user()?, bet.amount()?, id).await {
+        let balance = match self.wallet.hold_stake(bet.user_id, bet.amount, id).await {
             Ok(balance) => balance,
             // The rejection rule: a bet becomes REJECTED only on the wallet's
             // INSUFFICIENT_FUNDS, which the wallet records under the stake's
@@ -240,10 +240,9 @@ impl BettingService {
                     .await?
                     .filter(|row| visible_to(row, principal))
                     .ok_or(BettingError::BetNotFound)?;
-                match row.status()? {
+                match row.status {
                     // Cancelled before: answer the retry (and finish its refund).
-                    BetStatus::Refunded if row.refund_reason() == Some(RefundReason::Cancelled) => {
-                    }
+                    BetStatus::Refunded if row.refund_reason == Some(RefundReason::Cancelled) => {}
                     status => return Err(BettingError::NotCancellable(status.as_db())),
                 }
                 row
@@ -267,30 +266,25 @@ impl BettingService {
 }
 
 fn visible_to(row: &BetRow, principal: &Principal) -> bool {
-    let visible = BetStatus::from_db(&row.status).is_some_and(BetStatus::is_visible);
-    visible && UserId::new(row.user_id).is_ok_and(|owner| principal.can_see(owner))
+    row.status.is_visible() && principal.can_see(row.user_id)
 }
 
 pub(crate) fn bet_pb(row: &BetRow) -> pb::Bet {
-    let status = BetStatus::from_db(&row.status)
-        .map_or(pb::BetStatus::Unspecified, convert::bet_status_to_pb);
-    let side =
-        betting_domain::Side::from_db(&row.side).map_or(pb::Side::Unspecified, convert::side_to_pb);
     pb::Bet {
         bet_id: row.bet_id.to_string(),
-        user_id: row.user_id,
+        user_id: row.user_id.get(),
         round_id: row.round_id.clone(),
-        side: side as i32,
-        amount: format_money(row.amount),
-        status: status as i32,
+        side: convert::side_to_pb(row.side) as i32,
+        amount: format_money(row.amount.as_decimal()),
+        status: convert::bet_status_to_pb(row.status) as i32,
         match_id: row.match_id.map(|m| m.to_string()).unwrap_or_default(),
-        result: convert::bet_result_to_pb(row.result()) as i32,
+        result: convert::bet_result_to_pb(row.result) as i32,
         payout: row.payout.map(format_money).unwrap_or_default(),
         version: row.version,
         created_at: Some(convert::timestamp(row.created_at)),
         updated_at: Some(convert::timestamp(row.updated_at)),
         idempotency_key: row.idempotency_key.clone(),
-        refund_reason: convert::refund_reason_to_pb(row.refund_reason()) as i32,
+        refund_reason: convert::refund_reason_to_pb(row.refund_reason) as i32,
     }
 }
 

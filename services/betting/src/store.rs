@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use betting_db::{ChangedBet, StoreError};
+use betting_db::{ChangedBet, NullableText, StoreError};
 use betting_domain::{
     Amount, BetId, BetResult, BetStatus, IdempotencyKey, RefundReason, RoundId, RoundStatus, Side,
     Stake, UserId,
@@ -14,21 +14,28 @@ use uuid::Uuid;
 
 use betting_streams::BetNote;
 
-/// A bet as stored.
+/// A bet as stored, decoded: a value its type refuses fails the read
+/// ([`StoreError::Corrupt`]).
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct BetRow {
     pub bet_id: Uuid,
-    pub user_id: i64,
+    #[sqlx(try_from = "i64")]
+    pub user_id: UserId,
     pub idempotency_key: String,
     pub round_id: String,
-    pub side: String,
-    pub amount: Decimal,
-    pub status: String,
+    #[sqlx(try_from = "String")]
+    pub side: Side,
+    #[sqlx(try_from = "Decimal")]
+    pub amount: Amount,
+    #[sqlx(try_from = "String")]
+    pub status: BetStatus,
     pub reject_reason: Option<String>,
     pub match_id: Option<Uuid>,
-    pub result: Option<String>,
+    #[sqlx(try_from = "NullableText")]
+    pub result: Option<BetResult>,
     pub payout: Option<Decimal>,
-    pub refund_reason: Option<String>,
+    #[sqlx(try_from = "NullableText")]
+    pub refund_reason: Option<RefundReason>,
     pub balance_after: Option<Decimal>,
     pub version: i64,
     pub created_at: DateTime<Utc>,
@@ -36,47 +43,14 @@ pub struct BetRow {
 }
 
 impl BetRow {
-    pub fn status(&self) -> Result<BetStatus, StoreError> {
-        BetStatus::from_db(&self.status).ok_or_else(|| corrupt("status", &self.status))
-    }
-
-    pub fn side(&self) -> Result<Side, StoreError> {
-        Side::from_db(&self.side).ok_or_else(|| corrupt("side", &self.side))
-    }
-
-    pub fn result(&self) -> Option<BetResult> {
-        self.result.as_deref().and_then(BetResult::from_db)
-    }
-
-    pub fn refund_reason(&self) -> Option<RefundReason> {
-        self.refund_reason
-            .as_deref()
-            .and_then(RefundReason::from_db)
-    }
-
-    pub fn amount(&self) -> Result<Amount, StoreError> {
-        Amount::try_from_decimal(self.amount)
-            .map_err(|_| corrupt("amount", &self.amount.to_string()))
-    }
-
-    pub fn user(&self) -> Result<UserId, StoreError> {
-        UserId::new(self.user_id).map_err(|_| corrupt("user_id", &self.user_id.to_string()))
-    }
-
     pub fn id(&self) -> BetId {
         BetId::from(self.bet_id)
     }
 
     /// Whether a retry asks for the same bet as this one.
     pub fn same_request(&self, round: &RoundId, side: Side, amount: Amount) -> bool {
-        self.round_id == round.as_str()
-            && self.side == side.as_db()
-            && self.amount == amount.as_decimal()
+        self.round_id == round.as_str() && self.side == side && self.amount == amount
     }
-}
-
-fn corrupt(what: &str, value: &str) -> StoreError {
-    StoreError::Corrupt(format!("stored bet has an impossible {what}: {value:?}"))
 }
 
 macro_rules! bet_columns {
@@ -162,7 +136,10 @@ impl BetStore {
                 .bind(round.as_str())
                 .fetch_optional(&self.pool)
                 .await?;
-        Ok(status.as_deref().and_then(RoundStatus::from_db))
+        status
+            .map(RoundStatus::try_from)
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(e.to_string()))
     }
 
     /// A stream's snapshot: the named bets if any, else the user's bets still
@@ -363,7 +340,7 @@ impl BetRow {
     /// This bet's change note.
     pub fn note(&self) -> BetNote {
         BetNote {
-            user_id: self.user_id,
+            user_id: self.user_id.get(),
             bet_id: self.bet_id,
             round_id: self.round_id.clone(),
             version: Some(self.version),

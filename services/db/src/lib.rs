@@ -3,14 +3,21 @@
 //!
 //! Storage errors are classified here and turned into service errors at each
 //! service's storage boundary; driver text never travels further than a log line.
+//!
+//! Rows are decoded into domain types as they are read: a status column into
+//! its enum with `#[sqlx(try_from = "String")]`, a nullable one with
+//! `#[sqlx(try_from = "betting_db::NullableText")]`. A stored value the domain
+//! type refuses is a [`StoreError::Corrupt`].
 
 #![forbid(unsafe_code)]
 
 use std::time::Duration;
 
 use sqlx::{
+    Postgres,
+    error::BoxDynError,
     migrate::Migrator,
-    postgres::{PgConnectOptions, PgPool, PgPoolOptions},
+    postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgTypeInfo, PgValueRef},
 };
 
 pub use sqlx::PgPool as Pool;
@@ -162,9 +169,44 @@ impl From<sqlx::Error> for StoreError {
     fn from(err: sqlx::Error) -> Self {
         if is_unavailable(&err) {
             StoreError::Unavailable(err)
+        } else if matches!(err, sqlx::Error::ColumnDecode { .. }) {
+            // A row whose column its domain type refuses (see NullableText).
+            StoreError::Corrupt(err.to_string())
         } else {
             StoreError::Other(err)
         }
+    }
+}
+
+/// A nullable TEXT column on its way into an `Option` of a type that decodes
+/// from text (a domain enum): `#[sqlx(try_from = "betting_db::NullableText")]`
+/// on an `Option<RefundReason>` field reads NULL as `None` and refuses a word
+/// the enum does not spell. (`try_from = "String"` does this for NOT NULL
+/// columns.)
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NullableText(Option<String>);
+
+impl sqlx::Type<Postgres> for NullableText {
+    fn type_info() -> PgTypeInfo {
+        <String as sqlx::Type<Postgres>>::type_info()
+    }
+
+    fn compatible(ty: &PgTypeInfo) -> bool {
+        <String as sqlx::Type<Postgres>>::compatible(ty)
+    }
+}
+
+impl<'r> sqlx::Decode<'r, Postgres> for NullableText {
+    fn decode(value: PgValueRef<'r>) -> Result<Self, BoxDynError> {
+        <Option<String> as sqlx::Decode<'r, Postgres>>::decode(value).map(NullableText)
+    }
+}
+
+impl<T: TryFrom<String>> TryFrom<NullableText> for Option<T> {
+    type Error = T::Error;
+
+    fn try_from(text: NullableText) -> Result<Self, T::Error> {
+        text.0.map(T::try_from).transpose()
     }
 }
 
@@ -176,4 +218,48 @@ pub struct ChangedBet {
     pub bet_id: uuid::Uuid,
     pub round_id: String,
     pub version: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Stands in for a domain enum: decodes from its one spelling.
+    #[derive(Debug, PartialEq, Eq)]
+    struct Yes;
+
+    impl TryFrom<String> for Yes {
+        type Error = String;
+
+        fn try_from(text: String) -> Result<Self, String> {
+            if text == "YES" { Ok(Yes) } else { Err(text) }
+        }
+    }
+
+    #[test]
+    fn nullable_text_decodes_null_as_none_and_refuses_unknown_words() {
+        assert_eq!(Option::<Yes>::try_from(NullableText(None)), Ok(None));
+        assert_eq!(
+            Option::<Yes>::try_from(NullableText(Some("YES".to_owned()))),
+            Ok(Some(Yes))
+        );
+        assert_eq!(
+            Option::<Yes>::try_from(NullableText(Some("NO".to_owned()))),
+            Err("NO".to_owned())
+        );
+    }
+
+    #[test]
+    fn a_column_that_does_not_decode_is_corrupt_data() {
+        let err = sqlx::Error::ColumnDecode {
+            index: "\"status\"".to_owned(),
+            source: "\"FOO\" is not a stored BetStatus".into(),
+        };
+        assert!(matches!(StoreError::from(err), StoreError::Corrupt(_)));
+        assert!(matches!(
+            StoreError::from(sqlx::Error::RowNotFound),
+            StoreError::Other(_)
+        ));
+        assert!(StoreError::from(sqlx::Error::PoolTimedOut).is_unavailable());
+    }
 }

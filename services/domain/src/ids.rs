@@ -38,6 +38,14 @@ impl UserId {
     }
 }
 
+impl TryFrom<i64> for UserId {
+    type Error = ParseIdError;
+
+    fn try_from(id: i64) -> Result<Self, ParseIdError> {
+        Self::new(id)
+    }
+}
+
 impl fmt::Display for UserId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.0.fmt(f)
@@ -214,6 +222,8 @@ mod tests {
         assert!(UserId::new(1).is_ok());
         assert_eq!(UserId::new(0), Err(ParseIdError::NotPositive));
         assert_eq!(UserId::new(-5), Err(ParseIdError::NotPositive));
+        assert_eq!(UserId::try_from(7).map(UserId::get), Ok(7));
+        assert_eq!(UserId::try_from(0), Err(ParseIdError::NotPositive));
     }
 
     #[test]

@@ -15,4 +15,7 @@ mod status;
 pub use error::{ErrorCode, FieldViolation, InvalidRequest, ServiceError, Violations};
 pub use ids::{BetId, IdempotencyKey, MatchId, ParseIdError, Reference, RoundId, UserId};
 pub use money::{Amount, AmountError, Stake, format_money};
-pub use status::{Account, BetResult, BetStatus, EntryKind, RefundReason, RoundStatus, Side};
+pub use status::{
+    Account, BetResult, BetStatus, EntryKind, MatchStatus, RefundReason, RoundStatus, Side,
+    UnknownDbValue,
+};

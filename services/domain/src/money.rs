@@ -84,6 +84,15 @@ impl Amount {
     }
 }
 
+impl TryFrom<Decimal> for Amount {
+    type Error = AmountError;
+
+    /// As [`Amount::try_from_decimal`]: for values read from storage.
+    fn try_from(value: Decimal) -> Result<Self, AmountError> {
+        Self::try_from_decimal(value)
+    }
+}
+
 /// A bet's stake: an [`Amount`] of at most [`Stake::MAX`], half of
 /// [`Amount::MAX`], so that the payout of a winning bet (twice the stake) is
 /// always an amount the wallet can pay. Every accepted bet can be paid.
@@ -218,6 +227,26 @@ mod tests {
         for (text, expected) in cases {
             assert_eq!(Amount::parse(text), Err(expected), "{text:?}");
         }
+    }
+
+    #[test]
+    fn stored_amounts_decode_as_parsed_ones() {
+        assert_eq!(
+            Amount::try_from(Decimal::new(105_000, 4)),
+            Amount::parse("10.5")
+        );
+        assert_eq!(
+            Amount::try_from(Decimal::ZERO),
+            Err(AmountError::NotPositive)
+        );
+        assert_eq!(
+            Amount::try_from(Decimal::new(-1, 0)),
+            Err(AmountError::NotPositive)
+        );
+        assert_eq!(
+            Amount::try_from(Decimal::new(1, 9)),
+            Err(AmountError::TooPrecise)
+        );
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use betting_db::StoreError;
-use betting_domain::{Amount, BetId, IdempotencyKey, UserId};
+use betting_domain::{Amount, BetId, EntryKind, IdempotencyKey, UserId};
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use sqlx::PgPool;
@@ -26,7 +26,8 @@ pub struct OwedRefund {
 #[derive(sqlx::FromRow)]
 struct CommandRow {
     idempotency_key: String,
-    kind: String,
+    #[sqlx(try_from = "String")]
+    kind: EntryKind,
     user_id: i64,
     amount: Decimal,
     bet_id: Option<Uuid>,

@@ -3,13 +3,15 @@
 use std::time::Duration;
 
 use betting_db::{ChangedBet, StoreError};
-use betting_domain::{BetId, BetStatus, IdempotencyKey, RefundReason, RoundStatus, UserId};
+use betting_domain::{
+    BetId, BetStatus, EntryKind, IdempotencyKey, RefundReason, RoundStatus, UserId,
+};
 use betting_streams::BetNote;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-/// The outbox's kind for a refund.
-pub(crate) const REFUND_KIND: &str = "REFUND";
+/// The outbox's kind for a refund: the ledger movement it owes.
+pub(crate) const REFUND_KIND: EntryKind = EntryKind::Refund;
 
 /// Refunds, inside the caller's transaction, each of `bets` that is still in
 /// one of the `from` statuses (and, with `owner`, belongs to that user), and
@@ -57,7 +59,7 @@ pub async fn refund_bets(
     .bind(&keys)
     .bind(&from)
     .bind(owner.map(UserId::get))
-    .bind(REFUND_KIND)
+    .bind(REFUND_KIND.as_db())
     .fetch_all(conn)
     .await?;
     Ok(refunded.into_iter().map(note).collect())
@@ -65,6 +67,15 @@ pub async fn refund_bets(
 
 fn note(bet: ChangedBet) -> BetNote {
     BetNote::changed(bet.user_id, bet.bet_id, bet.round_id, bet.version)
+}
+
+/// A PENDING bet of a round that is no longer open, as
+/// [`Refunds::stranded`] reads it.
+#[derive(sqlx::FromRow)]
+struct Stranded {
+    bet_id: Uuid,
+    #[sqlx(rename = "status", try_from = "String")]
+    round_status: RoundStatus,
 }
 
 /// The refunds that no request makes: what the reconciler finds due.
@@ -106,7 +117,7 @@ impl Refunds {
     /// void) would have.
     pub async fn stranded(&self, limit: i64) -> Result<Vec<BetNote>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let due: Vec<(Uuid, String)> = sqlx::query_as(
+        let due: Vec<Stranded> = sqlx::query_as(
             "SELECT b.bet_id, r.status FROM bets b JOIN rounds r USING (round_id) \
              WHERE b.status = 'PENDING' AND r.status <> 'OPEN' \
              LIMIT $1 FOR UPDATE OF b SKIP LOCKED",
@@ -115,17 +126,12 @@ impl Refunds {
         .fetch_all(&mut *tx)
         .await?;
         let mut bets = Vec::with_capacity(due.len());
-        for (bet, round_status) in due {
-            let reason = match RoundStatus::from_db(&round_status) {
-                Some(RoundStatus::Voided) => RefundReason::RoundVoided,
-                Some(_) => RefundReason::RoundClosed,
-                None => {
-                    return Err(StoreError::Corrupt(format!(
-                        "round status {round_status:?}"
-                    )));
-                }
+        for bet in due {
+            let reason = match bet.round_status {
+                RoundStatus::Voided => RefundReason::RoundVoided,
+                _ => RefundReason::RoundClosed,
             };
-            bets.push((BetId::from(bet), reason));
+            bets.push((BetId::from(bet.bet_id), reason));
         }
         let refunded = refund_bets(&mut tx, &bets, &[BetStatus::Pending], None).await?;
         tx.commit().await?;

@@ -6,7 +6,7 @@ use betting_api::{
     respond,
 };
 use betting_auth::{AuthInterceptor, Principal};
-use betting_domain::{BetId, InvalidRequest, RoundId, Side, Violations, format_money};
+use betting_domain::{BetId, InvalidRequest, RoundId, RoundStatus, Side, Violations, format_money};
 use betting_queue::Queue;
 use betting_streams::{Changes, Publisher, StreamContext};
 use sqlx::PgPool;
@@ -70,9 +70,9 @@ impl SettlementService {
         let row = self.rounds.get(round).await?.ok_or_else(|| {
             SettlementError::Internal(anyhow::anyhow!("round {round} neither inserted nor found"))
         })?;
-        match row.status()? {
+        match row.status {
             // Opening an open round again is a retry.
-            betting_domain::RoundStatus::Open => Ok(row),
+            RoundStatus::Open => Ok(row),
             status => Err(SettlementError::RoundExists(status.as_db())),
         }
     }
@@ -96,7 +96,7 @@ impl SettlementService {
             .map(|b| RefundJob::for_bet(BetId::from(b.bet_id)))
             .collect();
         enqueue_all(&self.refund_queue, &refunds).await;
-        if transition.round.status == "SETTLED" {
+        if transition.round.status == RoundStatus::Settled {
             let matches = self.rounds.open_matches(round).await?;
             let jobs: Vec<_> = matches
                 .into_iter()
@@ -137,16 +137,16 @@ impl SettlementService {
             SettlementError::Internal(anyhow::anyhow!("stored round id is invalid"))
         })?;
         let totals = self.rounds.totals(&round).await?;
-        round_pb(row, &totals)
+        Ok(round_pb(row, &totals))
     }
 }
 
-fn round_pb(row: &RoundRow, totals: &RoundTotals) -> Result<pb::Round, SettlementError> {
-    Ok(pb::Round {
+fn round_pb(row: &RoundRow, totals: &RoundTotals) -> pb::Round {
+    pb::Round {
         round_id: row.round_id.clone(),
-        status: convert::round_status_to_pb(row.status()?) as i32,
+        status: convert::round_status_to_pb(row.status) as i32,
         winning_side: row
-            .winning_side()
+            .winning_side
             .map_or(pb::Side::Unspecified, convert::side_to_pb) as i32,
         stats: Some(pb::RoundStats {
             pending_bets: totals.pending,
@@ -164,7 +164,7 @@ fn round_pb(row: &RoundRow, totals: &RoundTotals) -> Result<pb::Round, Settlemen
         closed_at: row.closed_at.map(convert::timestamp),
         settled_at: row.settled_at.map(convert::timestamp),
         void_reason: row.void_reason.clone().unwrap_or_default(),
-    })
+    }
 }
 
 fn parse_round(text: &str) -> Result<RoundId, SettlementError> {

@@ -6,7 +6,7 @@
 //! afterwards is conditional on the state it moves from. A job run twice, or
 //! on two settlers at once, pays once.
 
-use betting_domain::{Amount, BetId, MatchId, Side, Stake, UserId};
+use betting_domain::{Amount, BetId, MatchId, MatchStatus, RoundStatus, Side, Stake, UserId};
 use betting_jobs::{JobKind, SettleJob};
 use betting_queue::{Handler, Job, JobError};
 use betting_wallet_client::{WalletCallError, WalletClient};
@@ -46,20 +46,18 @@ impl SettleHandler {
             .await
             .map_err(retry)?
             .ok_or_else(|| JobError::Permanent(format!("match {match_id} does not exist")))?;
-        if view.status != "OPEN" {
+        if view.status != MatchStatus::Open {
             // Paid (or voided) already.
             return Ok(false);
         }
-        if view.round_status != "SETTLED" {
+        if view.round_status != RoundStatus::Settled {
             return Err(JobError::Permanent(format!(
                 "match {match_id} is in a round that is {}, not SETTLED",
-                view.round_status
+                view.round_status.as_db()
             )));
         }
         let winner = view
             .winning_side
-            .as_deref()
-            .and_then(Side::from_db)
             .ok_or_else(|| JobError::Permanent("settled round without a winner".into()))?;
         let winner_user = match winner {
             Side::A => view.user_a,

@@ -1,7 +1,7 @@
 //! Rounds in PostgreSQL.
 
-use betting_db::{ChangedBet, StoreError};
-use betting_domain::{BetStatus, RefundReason, RoundId, RoundStatus, Side};
+use betting_db::{ChangedBet, NullableText, StoreError};
+use betting_domain::{BetStatus, MatchStatus, RefundReason, RoundId, RoundStatus, Side};
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use sqlx::PgPool;
@@ -9,28 +9,20 @@ use uuid::Uuid;
 
 use crate::SettlementError;
 
+/// A round as stored, decoded: a value its type refuses fails the read
+/// ([`StoreError::Corrupt`]).
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct RoundRow {
     pub round_id: String,
-    pub status: String,
-    pub winning_side: Option<String>,
+    #[sqlx(try_from = "String")]
+    pub status: RoundStatus,
+    #[sqlx(try_from = "NullableText")]
+    pub winning_side: Option<Side>,
     pub void_reason: Option<String>,
     pub version: i64,
     pub created_at: DateTime<Utc>,
     pub closed_at: Option<DateTime<Utc>>,
     pub settled_at: Option<DateTime<Utc>>,
-}
-
-impl RoundRow {
-    pub fn status(&self) -> Result<RoundStatus, SettlementError> {
-        RoundStatus::from_db(&self.status).ok_or_else(|| {
-            SettlementError::Internal(anyhow::anyhow!("stored round has status {:?}", self.status))
-        })
-    }
-
-    pub fn winning_side(&self) -> Option<Side> {
-        self.winning_side.as_deref().and_then(Side::from_db)
-    }
 }
 
 /// Bet counts and money totals of a round.
@@ -64,9 +56,13 @@ pub struct MatchView {
     pub match_id: Uuid,
     pub round_id: String,
     pub amount: Decimal,
-    pub status: String,
-    pub round_status: String,
-    pub winning_side: Option<String>,
+    #[sqlx(try_from = "String")]
+    pub status: MatchStatus,
+    #[sqlx(try_from = "String")]
+    pub round_status: RoundStatus,
+    /// The round's winner (NULL until the round is settled).
+    #[sqlx(try_from = "NullableText")]
+    pub winning_side: Option<Side>,
     pub bet_a_id: Uuid,
     pub user_a: i64,
     pub bet_b_id: Uuid,
@@ -132,7 +128,7 @@ impl RoundStore {
     pub async fn close(&self, round: &RoundId) -> Result<Transition, SettlementError> {
         let mut tx = self.pool.begin().await?;
         let row = Self::lock(&mut tx, round).await?;
-        match row.status()? {
+        match row.status {
             RoundStatus::Open => {}
             RoundStatus::Closed => return Ok(unchanged(row)),
             status => return Err(SettlementError::WrongState(status.as_db())),
@@ -156,9 +152,9 @@ impl RoundStore {
     ) -> Result<Transition, SettlementError> {
         let mut tx = self.pool.begin().await?;
         let row = Self::lock(&mut tx, round).await?;
-        match row.status()? {
+        match row.status {
             RoundStatus::Open | RoundStatus::Closed => {}
-            RoundStatus::Settled if row.winning_side() == Some(winner) => {
+            RoundStatus::Settled if row.winning_side == Some(winner) => {
                 return Ok(unchanged(row));
             }
             RoundStatus::Settled => return Err(SettlementError::OtherOutcome),
@@ -182,7 +178,7 @@ impl RoundStore {
     pub async fn void(&self, round: &RoundId, reason: &str) -> Result<Transition, SettlementError> {
         let mut tx = self.pool.begin().await?;
         let row = Self::lock(&mut tx, round).await?;
-        match row.status()? {
+        match row.status {
             RoundStatus::Open | RoundStatus::Closed => {}
             RoundStatus::Voided => return Ok(unchanged(row)),
             status => return Err(SettlementError::WrongState(status.as_db())),
@@ -307,8 +303,9 @@ impl RoundStore {
     }
 
     pub async fn totals(&self, round: &RoundId) -> Result<RoundTotals, StoreError> {
-        let rows: Vec<(String, i64, Decimal, Option<Decimal>)> = sqlx::query_as(
-            "SELECT status, count(*), sum(amount), sum(payout) FROM bets \
+        let rows: Vec<StatusTotals> = sqlx::query_as(
+            "SELECT status, count(*) AS bets, sum(amount) AS staked, sum(payout) AS paid_out \
+             FROM bets \
              WHERE round_id = $1 AND status IN ('PENDING', 'MATCHED', 'SETTLED', 'REFUNDED') \
              GROUP BY status",
         )
@@ -316,18 +313,19 @@ impl RoundStore {
         .fetch_all(&self.pool)
         .await?;
         let mut totals = RoundTotals::default();
-        for (status, count, staked, payout) in rows {
-            totals.staked += staked;
-            match status.as_str() {
-                "PENDING" => totals.pending = count,
-                "MATCHED" => totals.matched = count,
-                "SETTLED" => {
-                    totals.settled = count;
-                    totals.paid_out += payout.unwrap_or_default();
+        for row in rows {
+            totals.staked += row.staked;
+            match row.status {
+                BetStatus::Pending => totals.pending = row.bets,
+                BetStatus::Matched => totals.matched = row.bets,
+                BetStatus::Settled => {
+                    totals.settled = row.bets;
+                    totals.paid_out += row.paid_out.unwrap_or_default();
                 }
+                // REFUNDED: the query selects no other.
                 _ => {
-                    totals.refunded = count;
-                    totals.refunded_amount += staked;
+                    totals.refunded = row.bets;
+                    totals.refunded_amount += row.staked;
                 }
             }
         }
@@ -357,6 +355,16 @@ impl RoundStore {
         totals.outstanding_jobs = owed + if settled { open_matches } else { 0 };
         Ok(totals)
     }
+}
+
+/// One status's line of a round's bets, as [`RoundStore::totals`] reads it.
+#[derive(sqlx::FromRow)]
+struct StatusTotals {
+    #[sqlx(try_from = "String")]
+    status: BetStatus,
+    bets: i64,
+    staked: Decimal,
+    paid_out: Option<Decimal>,
 }
 
 /// Ends a transition: refunds the round's bets in `statuses` (recording the

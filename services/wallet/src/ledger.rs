@@ -49,24 +49,16 @@ pub struct Entry {
     pub entry_id: i64,
     pub transfer_id: Uuid,
     pub idempotency_key: String,
-    pub kind: String,
+    #[sqlx(try_from = "String")]
+    pub kind: EntryKind,
     pub user_id: i64,
-    pub counterparty: String,
+    #[sqlx(try_from = "String")]
+    pub counterparty: Account,
     /// The signed change of the user's wallet.
     pub amount: Decimal,
     pub balance_after: Decimal,
     pub reference: String,
     pub created_at: DateTime<Utc>,
-}
-
-impl Entry {
-    pub fn kind(&self) -> Option<EntryKind> {
-        EntryKind::from_db(&self.kind)
-    }
-
-    pub fn counterparty(&self) -> Option<Account> {
-        Account::from_db(&self.counterparty)
-    }
 }
 
 /// A wallet's balance at some moment.
@@ -308,8 +300,8 @@ async fn check_guard(
             .await?;
     }
     let references: Vec<String> = bets.iter().map(Uuid::to_string).collect();
-    let stakes: Vec<(String, i64, Decimal)> = sqlx::query_as(
-        "SELECT reference, user_id, -amount FROM ledger_entries \
+    let stakes: Vec<HeldStake> = sqlx::query_as(
+        "SELECT user_id, -amount AS held FROM ledger_entries \
          WHERE kind = 'STAKE' AND reference = ANY($1)",
     )
     .bind(&references)
@@ -326,8 +318,8 @@ async fn check_guard(
         Guard::None => Ok(()),
         Guard::Refund { .. } => {
             let held = stakes.len() == 1
-                && stakes[0].1 == t.user.get()
-                && stakes[0].2 == t.amount.as_decimal();
+                && stakes[0].user_id == t.user.get()
+                && stakes[0].held == t.amount.as_decimal();
             if held {
                 Ok(())
             } else {
@@ -349,8 +341,8 @@ async fn check_guard(
             .fetch_one(&mut **tx)
             .await?;
             let held = stakes.len() == 2
-                && stakes.iter().all(|s| s.2 == *stake)
-                && stakes.iter().any(|s| s.1 == t.user.get())
+                && stakes.iter().all(|s| s.held == *stake)
+                && stakes.iter().any(|s| s.user_id == t.user.get())
                 && t.amount.as_decimal() == *stake * Decimal::TWO;
             if refunded > 0 {
                 Err(WalletError::AlreadyRefunded)
@@ -377,10 +369,19 @@ async fn entry_by_key(
     .await?)
 }
 
+/// A stake held for one of a guard's bets (its STAKE entry).
+#[derive(Debug, Clone, sqlx::FromRow)]
+struct HeldStake {
+    user_id: i64,
+    /// The amount taken from the wallet (positive).
+    held: Decimal,
+}
+
 /// A movement the wallet refused for good, as stored under its key.
 #[derive(Debug, Clone, sqlx::FromRow)]
 struct Refusal {
-    kind: String,
+    #[sqlx(try_from = "String")]
+    kind: EntryKind,
     user_id: i64,
     amount: Decimal,
     reference: String,
@@ -390,7 +391,7 @@ struct Refusal {
 impl Refusal {
     /// The original refusal for a retry, or a reused-key refusal.
     fn replay(&self, t: &Transfer) -> WalletError {
-        let same = self.kind == t.kind.as_db()
+        let same = self.kind == t.kind
             && self.user_id == t.user.get()
             && self.amount == t.amount.as_decimal()
             && self.reference == t.reference;
@@ -453,7 +454,7 @@ async fn record_refusal(
 
 /// Answers a retry from the original entry, or refuses a reused key.
 fn replay(existing: Entry, t: &Transfer) -> Result<Posted, WalletError> {
-    let same = existing.kind == t.kind.as_db()
+    let same = existing.kind == t.kind
         && existing.user_id == t.user.get()
         && existing.amount.abs() == t.amount.as_decimal()
         && existing.reference == t.reference;

@@ -200,14 +200,10 @@ fn entry_pb(e: &Entry) -> pb::LedgerEntry {
         entry_id: e.entry_id,
         transfer_id: e.transfer_id.to_string(),
         user_id: e.user_id,
-        kind: e
-            .kind()
-            .map_or(pb::EntryKind::Unspecified, convert::entry_kind_to_pb) as i32,
+        kind: convert::entry_kind_to_pb(e.kind) as i32,
         amount: format_money(e.amount),
         balance_after: format_money(e.balance_after),
-        counterparty: e
-            .counterparty()
-            .map_or(pb::Account::Unspecified, convert::account_to_pb) as i32,
+        counterparty: convert::account_to_pb(e.counterparty) as i32,
         idempotency_key: e.idempotency_key.clone(),
         reference: e.reference.clone(),
         created_at: Some(convert::timestamp(e.created_at)),
