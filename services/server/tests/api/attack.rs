@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use tonic::Code;
 use uuid::Uuid;
 
-use crate::helpers::{API_ONLY, SECRET, TestApp, authed, dec, reason};
+use betting_test_kit::{API_ONLY, SECRET, TestApp, authed, dec, poll_until, reason};
 
 fn wallet_client(endpoint: &str) -> WalletClient {
     WalletClient::new(
@@ -35,7 +35,10 @@ fn good_wallet(app: &TestApp) -> WalletClient {
 
 /// A wallet endpoint nothing listens on: every call fails UNAVAILABLE.
 fn dead_wallet() -> WalletClient {
-    wallet_client(&format!("http://127.0.0.1:{}", crate::helpers::free_port()))
+    wallet_client(&format!(
+        "http://127.0.0.1:{}",
+        betting_test_kit::free_port()
+    ))
 }
 
 /// Runs `handler` on `queue` until `done` says so (or `limit` passes).
@@ -57,10 +60,8 @@ async fn run_worker<H: betting_queue::Handler>(
     .expect("worker settings");
     let (stop, stopped) = watch::channel(false);
     let running = tokio::spawn(worker.run(Arc::new(handler), stopped));
-    let deadline = tokio::time::Instant::now() + limit;
-    while tokio::time::Instant::now() < deadline && !done().await {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // Not an assertion: the caller checks what the worker did.
+    poll_until(limit, async || done().await.then_some(())).await;
     stop.send(true).expect("stop");
     running.await.expect("worker stops");
 }
