@@ -301,6 +301,8 @@ impl TestApp {
         escrow.unwrap_or_default()
     }
 
+    /// Stops the server gracefully and waits until it has drained; then the
+    /// app drops (and with it a database it owns).
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -311,6 +313,9 @@ impl TestApp {
     }
 }
 
+/// Tells the server to stop (nothing can wait here); the database the app
+/// owns is dropped next, `WITH (FORCE)`, closing the connections the server
+/// and the pool still hold.
 impl Drop for TestApp {
     fn drop(&mut self) {
         if let Some(stop) = self.stop.take() {
