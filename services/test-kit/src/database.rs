@@ -14,7 +14,8 @@
 //!
 //! Templates of older migrations stay on the server (another checkout may
 //! still use them); a throwaway server, as `deploy/local/test` starts, takes
-//! them with it.
+//! them with it, and on a long-lived one `DROP DATABASE betting_tpl_...`
+//! removes one (the next test builds it again).
 
 use std::{collections::HashSet, fmt, ops::Deref, sync::Mutex, time::Duration};
 
@@ -135,7 +136,7 @@ async fn build_template(conn: &mut PgConnection, admin: &str, name: &str) -> any
     execute(conn, format!("ALTER DATABASE {building} RENAME TO {name}")).await?;
     execute(
         conn,
-        format!("ALTER DATABASE {name} WITH IS_TEMPLATE true ALLOW_CONNECTIONS false"),
+        format!("ALTER DATABASE {name} WITH ALLOW_CONNECTIONS false"),
     )
     .await?;
     Ok(())
