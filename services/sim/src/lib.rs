@@ -56,8 +56,10 @@ use crate::{
         BALANCE_LIMIT, Change, MAX_AMOUNT, RICH_USERS, SMALL_START, SMALL_USERS, Schedule, Side,
         Step, WHALE,
     },
-    world::{Databases, PrivateRedis, World},
+    world::World,
 };
+use anyhow::Context;
+use betting_test_kit::{TestDatabase, TestRedis};
 
 /// How a seed runs.
 #[derive(Debug, Clone)]
@@ -102,24 +104,35 @@ impl Outcome {
 }
 
 /// The servers a simulation runs against: PostgreSQL from `DATABASE_URL`
-/// (a database per seed) and a Redis of its own.
+/// (a database per seed, cloned from the test kit's migrated template) and
+/// a Redis of its own.
 pub struct Simulator {
-    databases: Databases,
-    redis: PrivateRedis,
+    admin: String,
+    redis: TestRedis,
 }
 
 impl Simulator {
     pub async fn new(database_url: &str) -> anyhow::Result<Self> {
-        let redis = PrivateRedis::start()?;
-        let databases = Databases::new(database_url).await?;
-        // Give redis-server a moment to listen.
+        let redis = TestRedis::try_start()
+            .context("redis-server must be installed (deploy/local/test installs it)")?;
+        // Built now, so that a server without it fails here rather than per seed.
+        betting_test_kit::template(database_url).await?;
+        // Give redis-server a moment to listen: a client that connects
+        // before it does never connects.
+        anyhow::ensure!(
+            redis.ready(Duration::from_secs(10)).await,
+            "the private Redis did not start"
+        );
         let client = betting_queue::connect(&redis.url())?;
         let deadline = Instant::now() + Duration::from_secs(10);
         while !betting_queue::ping(&client).await {
             anyhow::ensure!(Instant::now() < deadline, "the private Redis did not start");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Ok(Self { databases, redis })
+        Ok(Self {
+            admin: database_url.to_owned(),
+            redis,
+        })
     }
 
     /// Runs one seed from scratch.
@@ -134,7 +147,7 @@ impl Simulator {
             unknown_answers: 0,
             database: None,
         };
-        let (name, url) = match self.databases.create().await {
+        let database = match TestDatabase::create_in(&self.admin, "sim").await {
             Ok(db) => db,
             Err(error) => {
                 outcome.violations.push(format!("set-up failed: {error:#}"));
@@ -143,7 +156,7 @@ impl Simulator {
         };
         let run = tokio::time::timeout(
             settings.seed_timeout,
-            run_schedule(seed, &schedule, &url, &self.redis.url(), settings),
+            run_schedule(seed, &schedule, &database, &self.redis.url(), settings),
         )
         .await;
         match run {
@@ -159,16 +172,18 @@ impl Simulator {
             )),
         }
         if outcome.passed() || !settings.keep_failed {
-            self.databases.drop_database(&name).await;
+            database.drop_database().await;
         } else {
-            outcome.database = Some(name);
+            outcome.database = Some(database.keep());
         }
         outcome.elapsed = started.elapsed();
         outcome
     }
 
+    /// Stops its Redis. The template stays for the next run: it is shared,
+    /// and named after the migrations.
     pub async fn close(self) {
-        self.databases.close().await;
+        drop(self.redis);
     }
 }
 
@@ -315,23 +330,7 @@ impl Run {
             // A thousand deposits of the largest amount would take too long:
             // the whale's first deposit is written as the wallet would write it.
             let balance = Decimal::from(BALANCE_LIMIT - 20);
-            let mut tx = self.world.pool.begin().await?;
-            sqlx::query("INSERT INTO wallets (user_id, balance) VALUES ($1, $2)")
-                .bind(WHALE)
-                .bind(balance)
-                .execute(&mut *tx)
-                .await?;
-            sqlx::query(
-                "INSERT INTO ledger_entries (transfer_id, idempotency_key, kind, user_id, \
-                   counterparty, amount, balance_after, reference) \
-                 VALUES ($1, 'genesis-whale', 'DEPOSIT', $2, 'EXTERNAL', $3, $3, 'simulation')",
-            )
-            .bind(uuid::Uuid::now_v7())
-            .bind(WHALE)
-            .bind(balance)
-            .execute(&mut *tx)
-            .await?;
-            tx.commit().await?;
+            betting_test_kit::genesis(&self.world.pool, WHALE, balance).await?;
             *self.books().genesis.entry(WHALE).or_default() += balance;
         }
         Ok(())

@@ -8,7 +8,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::Context;
 use betting_auth::{Role as TokenRole, TokenMinter};
 use betting_bets::BettingService;
 use betting_config::{Role, Secret, Settings, StorageSettings};
@@ -67,117 +66,6 @@ async fn connect(addr: SocketAddr) -> anyhow::Result<Channel> {
         .connect_timeout(Duration::from_secs(2))
         .connect()
         .await?)
-}
-
-/// A Redis server of the simulation's own, so that flushing it disturbs
-/// nobody else. Killed on drop.
-pub struct PrivateRedis {
-    port: u16,
-    dir: std::path::PathBuf,
-    child: std::process::Child,
-}
-
-impl PrivateRedis {
-    pub fn start() -> anyhow::Result<Self> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let dir = std::env::temp_dir().join(format!("betting-sim-redis-{port}"));
-        std::fs::create_dir_all(&dir)?;
-        let child = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(&dir)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .context("redis-server must be installed (deploy/local/test installs it)")?;
-        Ok(Self { port, dir, child })
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// Databases for seeds, cloned from one migrated template per process.
-pub struct Databases {
-    admin: String,
-    template: String,
-}
-
-impl Databases {
-    pub async fn new(admin: &str) -> anyhow::Result<Self> {
-        let template = format!("simtpl_{}", uuid::Uuid::new_v4().simple());
-        let pool = PgPool::connect(admin).await.context("DATABASE_URL")?;
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {template}")))
-            .execute(&pool)
-            .await?;
-        pool.close().await;
-        let migrated = PgPool::connect(&database_url(admin, &template)).await?;
-        betting_db::migrate(&migrated).await?;
-        migrated.close().await;
-        Ok(Self {
-            admin: admin.to_owned(),
-            template,
-        })
-    }
-
-    /// A fresh database; returns its name and URL.
-    pub async fn create(&self) -> anyhow::Result<(String, String)> {
-        let name = format!("sim_{}", uuid::Uuid::new_v4().simple());
-        let pool = PgPool::connect(&self.admin).await?;
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "CREATE DATABASE {name} TEMPLATE {}",
-            self.template
-        )))
-        .execute(&pool)
-        .await?;
-        pool.close().await;
-        let url = database_url(&self.admin, &name);
-        Ok((name, url))
-    }
-
-    pub async fn drop_database(&self, name: &str) {
-        if let Ok(pool) = PgPool::connect(&self.admin).await {
-            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-            )))
-            .execute(&pool)
-            .await;
-            pool.close().await;
-        }
-    }
-
-    pub async fn close(self) {
-        let template = self.template.clone();
-        self.drop_database(&template).await;
-    }
-}
-
-/// The admin URL with another database name.
-fn database_url(admin: &str, name: &str) -> String {
-    let (base, query) = match admin.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (admin, None),
-    };
-    let prefix = match base.rfind('/') {
-        Some(i) if i > "postgres://".len() => &base[..i],
-        _ => base,
-    };
-    match query {
-        Some(q) => format!("{prefix}/{name}?{q}"),
-        None => format!("{prefix}/{name}"),
-    }
 }
 
 /// Everything running for one seed.

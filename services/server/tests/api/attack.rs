@@ -17,7 +17,7 @@ use rust_decimal::Decimal;
 use tonic::Code;
 use uuid::Uuid;
 
-use crate::helpers::{API_ONLY, SECRET, TestApp, authed, dec, reason};
+use betting_test_kit::{API_ONLY, SECRET, TestApp, authed, dec, poll_until, reason};
 
 fn wallet_client(endpoint: &str) -> WalletClient {
     WalletClient::new(
@@ -33,7 +33,10 @@ fn good_wallet(app: &TestApp) -> WalletClient {
 
 /// A wallet endpoint nothing listens on: every call fails UNAVAILABLE.
 fn dead_wallet() -> WalletClient {
-    wallet_client(&format!("http://127.0.0.1:{}", crate::helpers::free_port()))
+    wallet_client(&format!(
+        "http://127.0.0.1:{}",
+        betting_test_kit::free_port()
+    ))
 }
 
 /// Runs `handler` on `queue` until `done` says so (or `limit` passes).
@@ -55,10 +58,8 @@ async fn run_worker<H: betting_queue::Handler>(
     .expect("worker settings");
     let (stop, stopped) = betting_shutdown::channel();
     let running = tokio::spawn(worker.run(Arc::new(handler), stopped));
-    let deadline = tokio::time::Instant::now() + limit;
-    while tokio::time::Instant::now() < deadline && !done().await {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // Not an assertion: the caller checks what the worker did.
+    poll_until(limit, async || done().await.then_some(())).await;
     stop.signal();
     running.await.expect("worker stops");
 }

@@ -10,7 +10,7 @@ use betting_api::pb;
 use betting_audit::{AuditReport, AuditSettings};
 use sqlx::AssertSqlSafe;
 
-use crate::helpers::{TestApp, authed};
+use betting_test_kit::{TestApp, authed, eventually};
 
 /// A history with every kind of movement, left quiet and audited clean:
 /// users 1-3 deposit 100 and user 3 withdraws 20; in round "s" user 1 (A, 10)
@@ -139,19 +139,16 @@ impl Books {
 /// Waits until no job is waiting, delayed or in flight in any queue.
 async fn wait_until_quiet(app: &TestApp) {
     let queues = [&app.queues.matches, &app.queues.settle, &app.queues.refund];
-    for _ in 0..200 {
+    eventually("the queues emptied", Duration::from_secs(15), async || {
         let mut busy = 0;
         for queue in queues {
             let stats = queue.stats().await.expect("queue stats");
             assert_eq!(stats.dead, 0, "a job died: {stats:?}");
             busy += stats.waiting + stats.delayed + stats.in_flight;
         }
-        if busy == 0 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the queues never emptied");
+        (busy == 0).then_some(())
+    })
+    .await;
 }
 
 /// One way to break the books, and the check that must notice.

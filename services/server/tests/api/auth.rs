@@ -6,7 +6,7 @@ use betting_api::pb;
 use betting_auth::{Claims, Role, TokenMinter};
 use tonic::{Code, Request};
 
-use crate::helpers::{SECRET, TestApp, authed, expect_code};
+use betting_test_kit::{SECRET, TestApp, authed, expect_code};
 
 fn now() -> u64 {
     SystemTime::now()

@@ -3,7 +3,7 @@
 use betting_api::{IDEMPOTENT_REPLAYED, pb};
 use tonic::Code;
 
-use crate::helpers::{API_ONLY, TestApp, authed, bad_fields, dec, expect_code, reason};
+use betting_test_kit::{API_ONLY, TestApp, authed, bad_fields, dec, expect_code, reason};
 
 #[tokio::test]
 async fn place_bet_takes_the_stake_and_hands_the_bet_to_the_matcher() {

@@ -5,14 +5,15 @@ use std::time::Duration;
 use betting_api::pb;
 use fred::prelude::ClientLike;
 
-use crate::helpers::{TestApp, TestRedis, dec, fresh_database, settings};
+use betting_test_kit::{TestApp, TestRedis, dec, fresh_database, poll_until, settings};
 
 async fn wait_until(app: &TestApp, status: &str, n: i64) {
-    for _ in 0..400 {
-        if app.count_bets(status).await == n {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let reached = poll_until(Duration::from_secs(30), async || {
+        (app.count_bets(status).await == n).then_some(())
+    })
+    .await;
+    if reached.is_some() {
+        return;
     }
     panic!("never {n} bets {status}: {}", app.count_bets(status).await);
 }
@@ -34,12 +35,8 @@ async fn flushall_mid_run_delays_work_but_loses_none() {
         None,
         None,
     );
-    for _ in 0..50 {
-        if admin.init().await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // As before: a bounded wait; FLUSHALL below fails if it never connected.
+    poll_until(Duration::from_secs(5), async || admin.init().await.ok()).await;
 
     const PAIRS: i64 = 25;
     for user in 1..=2 {

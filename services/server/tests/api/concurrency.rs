@@ -4,7 +4,7 @@ use betting_api::pb;
 use futures::future::join_all;
 use tonic::Code;
 
-use crate::helpers::{TestApp, dec, reason};
+use betting_test_kit::{TestApp, dec, reason};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fifty_concurrent_bets_on_a_wallet_that_affords_ten() {
@@ -84,7 +84,7 @@ async fn concurrent_deposits_with_one_key_credit_once() {
         let backend = backend.clone();
         async move {
             wallet
-                .deposit(crate::helpers::authed(
+                .deposit(betting_test_kit::authed(
                     pb::DepositRequest {
                         user_id: 9,
                         amount: "5".into(),

@@ -6,7 +6,7 @@ use betting_reconciler::ReconcilerSettings;
 use std::time::Duration;
 use tonic::Code;
 
-use crate::helpers::{API_ONLY, TestApp, authed, dec, expect_code};
+use betting_test_kit::{API_ONLY, TestApp, authed, dec, expect_code};
 
 async fn bet_status(app: &TestApp, key: &str) -> String {
     sqlx::query_scalar("SELECT status FROM bets WHERE idempotency_key = $1")

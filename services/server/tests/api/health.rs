@@ -8,8 +8,8 @@ use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
-use crate::helpers::{
-    TestApp, TestRedis, authed, expect_code, free_port, fresh_database, settings,
+use betting_test_kit::{
+    TestApp, TestRedis, authed, eventually, expect_code, free_port, fresh_database, settings,
 };
 
 async fn status(app: &TestApp, service: &str) -> ServingStatus {
@@ -24,13 +24,12 @@ async fn status(app: &TestApp, service: &str) -> ServingStatus {
 }
 
 async fn wait_for(app: &TestApp, want: ServingStatus) {
-    for _ in 0..100 {
-        if status(app, "").await == want {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("health never became {want:?}");
+    eventually(
+        &format!("health becomes {want:?}"),
+        Duration::from_secs(15),
+        async || (status(app, "").await == want).then_some(()),
+    )
+    .await;
 }
 
 #[tokio::test]

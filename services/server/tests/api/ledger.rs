@@ -1,6 +1,6 @@
 //! The database itself guards the ledger.
 
-use crate::helpers::TestApp;
+use betting_test_kit::TestApp;
 
 #[tokio::test]
 async fn ledger_entries_cannot_be_changed_or_deleted() {
@@ -20,7 +20,7 @@ async fn ledger_entries_cannot_be_changed_or_deleted() {
             "{statement}: {err}"
         );
     }
-    assert_eq!(app.balance(7).await, crate::helpers::dec("10"));
+    assert_eq!(app.balance(7).await, betting_test_kit::dec("10"));
     app.assert_books_balanced().await;
 }
 

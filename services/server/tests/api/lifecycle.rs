@@ -8,7 +8,7 @@ use futures::future::join_all;
 use tonic::Code;
 use uuid::Uuid;
 
-use crate::helpers::{API_ONLY, TestApp, authed, dec, expect_code, reason};
+use betting_test_kit::{API_ONLY, TestApp, authed, dec, eventually, expect_code, reason};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_whole_round_pays_winners_and_refunds_the_rest() {
@@ -162,15 +162,16 @@ async fn a_bet_nobody_takes_is_refunded_after_the_match_timeout() {
         match_timeout: Duration::ZERO,
         ..Default::default()
     });
-    let mut timed_out = 0;
-    for _ in 0..50 {
-        let report = reconciler.pass().await.expect("pass");
-        timed_out += report.timed_out;
-        if timed_out > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // Every pass before the one that timed the bet out counted none.
+    let timed_out = eventually(
+        "a pass times the bet out",
+        Duration::from_secs(5),
+        async || {
+            let report = reconciler.pass().await.expect("pass");
+            (report.timed_out > 0).then_some(report.timed_out)
+        },
+    )
+    .await;
     assert_eq!(timed_out, 1);
     let bet = app
         .wait_for_bet(1, &bet.bet_id, pb::BetStatus::Refunded)
@@ -329,7 +330,7 @@ async fn the_same_settle_job_on_two_settlers_pays_once() {
         betting_wallet_client::WalletClient::new(
             &format!("http://{}", app.channel_addr()),
             betting_auth::ServiceCredentials::new(betting_auth::TokenMinter::new(
-                crate::helpers::SECRET.as_bytes(),
+                betting_test_kit::SECRET.as_bytes(),
                 None,
                 None,
             )),
@@ -448,7 +449,7 @@ async fn the_wallet_refuses_to_refund_a_paid_bet_or_pay_a_refunded_one() {
             .await,
         Code::InvalidArgument,
     );
-    assert_eq!(crate::helpers::bad_fields(&status), ["idempotency_key"]);
+    assert_eq!(betting_test_kit::bad_fields(&status), ["idempotency_key"]);
     assert_eq!(app.balance(1).await, dec("110"));
     app.assert_audit_clean().await;
 }

@@ -1,9 +1,8 @@
 //! Black-box tests: the real server on port 0, called through the generated
 //! tonic clients, against real PostgreSQL and Redis (`DATABASE_URL` and
 //! `REDIS_URL`, as `deploy/local/test` sets them). Each test gets its own
-//! database and its own Redis namespace.
-
-mod helpers;
+//! database (cloned from a migrated template, dropped when the test ends) and
+//! its own Redis namespace: the harness is `betting-test-kit`.
 
 mod attack;
 mod audit;

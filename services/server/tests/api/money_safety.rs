@@ -13,7 +13,7 @@ use futures::future::join_all;
 use rust_decimal::Decimal;
 use tonic::Code;
 
-use crate::helpers::{API_ONLY, TestApp, authed, dec, expect_code, reason};
+use betting_test_kit::{API_ONLY, TestApp, authed, dec, eventually, expect_code, reason};
 
 /// 10^15, the wallet balance limit deposits may not cross.
 const BALANCE_LIMIT: i64 = 1_000_000_000_000_000;
@@ -296,7 +296,7 @@ async fn every_accepted_stake_can_be_paid() {
             app.place(1, "big", pb::Side::A, too_big, too_big).await,
             Code::InvalidArgument,
         );
-        assert_eq!(crate::helpers::bad_fields(&status), ["amount"]);
+        assert_eq!(betting_test_kit::bad_fields(&status), ["amount"]);
     }
     let a = app.place_ok(1, "big", pb::Side::A, "500000000000").await;
     let b = app.place_ok(2, "big", pb::Side::B, "500000000000").await;
@@ -412,17 +412,18 @@ async fn a_dead_settle_job_stays_dead_and_its_money_is_counted() {
     let settle = &app.queues.settle;
     let blocking =
         betting_queue::connect(&std::env::var("REDIS_URL").expect("REDIS_URL")).expect("redis");
-    let mut fetched = None;
-    for _ in 0..20 {
-        fetched = settle
-            .fetch(&blocking, "poisoned-consumer", Duration::from_millis(500))
-            .await
-            .expect("fetch");
-        if fetched.is_some() {
-            break;
-        }
-    }
-    let job = fetched.expect("the settle job was enqueued");
+    let job = eventually(
+        "the settle job was enqueued",
+        // Twenty fetches of at most 500 ms each, and the pauses between.
+        Duration::from_secs(11),
+        async || {
+            settle
+                .fetch(&blocking, "poisoned-consumer", Duration::from_millis(500))
+                .await
+                .expect("fetch")
+        },
+    )
+    .await;
     settle
         .fail("poisoned-consumer", &job, "poisoned", true)
         .await
@@ -459,14 +460,14 @@ async fn a_dead_settle_job_stays_dead_and_its_money_is_counted() {
 /// and hands back what it got, and the reaper sweeps lease-less lists.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_job_pushed_while_a_matcher_stops_is_still_run() {
-    let url = crate::helpers::fresh_database().await;
+    let url = betting_test_kit::fresh_database().await;
     let redis = std::env::var("REDIS_URL").expect("REDIS_URL");
-    let mut api_settings = crate::helpers::settings(&url, &redis);
+    let mut api_settings = betting_test_kit::settings(&url, &redis);
     api_settings.roles = API_ONLY.to_vec();
     let namespace = api_settings.redis_namespace.clone();
     let api = TestApp::spawn_with(api_settings).await;
     let matcher_settings = || {
-        let mut s = crate::helpers::settings(&url, &redis);
+        let mut s = betting_test_kit::settings(&url, &redis);
         s.roles = vec![betting_config::Role::Matcher];
         s.redis_namespace = namespace.clone();
         s
@@ -494,9 +495,9 @@ async fn a_job_pushed_while_a_matcher_stops_is_still_run() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_refund_made_by_the_reconciler_is_announced() {
     use fred::prelude::{ClientLike, EventInterface, PubsubInterface};
-    let url = crate::helpers::fresh_database().await;
+    let url = betting_test_kit::fresh_database().await;
     let redis = std::env::var("REDIS_URL").expect("REDIS_URL");
-    let mut settings = crate::helpers::settings(&url, &redis);
+    let mut settings = betting_test_kit::settings(&url, &redis);
     settings.reconcile_interval_ms = 200;
     settings.match_timeout_secs = 1;
     let app = TestApp::spawn_with(settings).await;

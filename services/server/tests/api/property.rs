@@ -9,7 +9,7 @@ use betting_reconciler::ReconcilerSettings;
 use proptest::prelude::*;
 use rust_decimal::Decimal;
 
-use crate::helpers::{TestApp, authed, dec};
+use betting_test_kit::{TestApp, authed, dec};
 
 const USERS: i64 = 4;
 const ROUNDS: usize = 3;

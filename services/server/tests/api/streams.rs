@@ -6,7 +6,9 @@ use betting_api::pb::{self, WatchEventType};
 use betting_auth::{Claims, Role, TokenMinter};
 use tonic::{Code, Streaming};
 
-use crate::helpers::{API_ONLY, SECRET, TestApp, TestRedis, authed, fresh_database, settings};
+use betting_test_kit::{
+    API_ONLY, SECRET, TestApp, TestRedis, authed, eventually, fresh_database, settings,
+};
 
 type Events = Streaming<pb::WatchBetsResponse>;
 
@@ -335,12 +337,12 @@ async fn a_client_that_never_reads_is_cut_off_and_its_memory_freed() {
             .expect("place");
     }
     // The stream is cut off and unregistered: nothing is held for it any more.
-    for _ in 0..100 {
-        if hub.stream_count() == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(
+        "the slow stream is dropped",
+        Duration::from_secs(15),
+        async || (hub.stream_count() == 0).then_some(()),
+    )
+    .await;
     assert_eq!(hub.stream_count(), 0, "the slow stream was dropped");
     // When the client finally reads: what HTTP/2 had buffered, then the verdict.
     let mut delivered = 0;
@@ -410,12 +412,12 @@ async fn a_thousand_concurrent_streams() {
         assert_eq!(event.bet.expect("bet").user_id, *user);
     }
     drop(streams);
-    for _ in 0..50 {
-        if hub.stream_count() == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(
+        "closed streams are unregistered",
+        Duration::from_secs(8),
+        async || (hub.stream_count() == 0).then_some(()),
+    )
+    .await;
     assert_eq!(hub.stream_count(), 0, "closed streams are unregistered");
 }
 

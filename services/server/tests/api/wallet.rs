@@ -3,7 +3,7 @@
 use betting_api::{IDEMPOTENT_REPLAYED, pb};
 use tonic::Code;
 
-use crate::helpers::{TestApp, authed, bad_fields, dec, expect_code, reason};
+use betting_test_kit::{TestApp, authed, bad_fields, dec, expect_code, reason};
 
 fn deposit(user: i64, amount: &str, key: &str) -> pb::DepositRequest {
     pb::DepositRequest {

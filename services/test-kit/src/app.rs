@@ -1,4 +1,12 @@
-//! Spawning an application per test, and small conveniences.
+//! The whole suite in the test's process: [`TestApp`] builds the real
+//! [`Application`] (port 0, a database and a Redis namespace of its own),
+//! serves it on a task, and offers clients, tokens and the checks tests make
+//! of the books.
+//!
+//! An app made by [`TestApp::spawn`] or [`TestApp::spawn_roles`] owns its
+//! database: dropping or stopping the app stops the server and drops the
+//! database. An app made by [`TestApp::spawn_with`] runs on settings the test
+//! made, and the test keeps the database guard ([`crate::fresh_database`]).
 
 use std::time::Duration;
 
@@ -13,53 +21,20 @@ use betting_server::Application;
 use rust_decimal::Decimal;
 use sqlx::PgPool;
 use tokio::{sync::oneshot, task::JoinHandle};
-use tonic::{Code, Request, Status, transport::Channel};
+use tonic::{Status, transport::Channel};
 use uuid::Uuid;
 
+use crate::{TestDatabase, authed, fresh_database, poll_until, redis_url};
+
+/// How long [`TestApp::wait_for_bet`] and [`TestApp::wait_for_round_done`]
+/// wait (they polled 200 times, 50 ms apart, plus each call's time).
+const WAIT: Duration = Duration::from_secs(15);
+
+/// The JWT secret every test app accepts.
 pub const SECRET: &str = "test-secret-test-secret-test-secret-0123";
 
-fn env(name: &str) -> String {
-    std::env::var(name)
-        .unwrap_or_else(|_| panic!("{name} is not set: run the tests through deploy/local/test"))
-}
-
-/// The admin URL with another database name.
-fn database_url(admin: &str, name: &str) -> String {
-    let (base, query) = match admin.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (admin, None),
-    };
-    let prefix = match base.rfind('/') {
-        Some(i) if i > "postgres://".len() => &base[..i],
-        _ => base,
-    };
-    match query {
-        Some(q) => format!("{prefix}/{name}?{q}"),
-        None => format!("{prefix}/{name}"),
-    }
-}
-
-/// A fresh, migrated database; returns its URL.
-pub async fn fresh_database() -> String {
-    let admin = env("DATABASE_URL");
-    let name = format!("test_{}", Uuid::new_v4().simple());
-    let admin_pool = PgPool::connect(&admin)
-        .await
-        .expect("connect to DATABASE_URL");
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&admin_pool)
-        .await
-        .expect("create test database");
-    admin_pool.close().await;
-    let url = database_url(&admin, &name);
-    let pool = PgPool::connect(&url)
-        .await
-        .expect("connect to test database");
-    betting_db::migrate(&pool).await.expect("migrate");
-    pool.close().await;
-    url
-}
-
+/// Settings for a test app: port 0, a fresh Redis namespace, and every
+/// background pass slowed down to once an hour (tests run passes themselves).
 pub fn settings(database_url: &str, redis_url: &str) -> Settings {
     Settings {
         storage: StorageSettings {
@@ -88,6 +63,7 @@ pub fn settings(database_url: &str, redis_url: &str) -> Settings {
     }
 }
 
+/// A running application and what a test needs to talk to it.
 pub struct TestApp {
     pub pool: PgPool,
     pub channel: Channel,
@@ -100,13 +76,17 @@ pub struct TestApp {
     minter: TokenMinter,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<anyhow::Result<()>>>,
+    /// Last, so that it is dropped after the server was told to stop.
+    database: Option<TestDatabase>,
 }
 
 impl TestApp {
     /// The whole suite in one process, on its own database.
     pub async fn spawn() -> Self {
-        let url = fresh_database().await;
-        Self::spawn_with(settings(&url, &env("REDIS_URL"))).await
+        let database = fresh_database().await;
+        let mut app = Self::spawn_with(settings(&database, &redis_url())).await;
+        app.database = Some(database);
+        app
     }
 }
 
@@ -121,10 +101,12 @@ pub const API_ONLY: &[betting_config::Role] = &[
 impl TestApp {
     /// Only some roles, e.g. [`API_ONLY`], so that a test sees jobs sit in Redis.
     pub async fn spawn_roles(roles: &[betting_config::Role]) -> Self {
-        let url = fresh_database().await;
-        let mut settings = settings(&url, &env("REDIS_URL"));
+        let database = fresh_database().await;
+        let mut settings = settings(&database, &redis_url());
         settings.roles = roles.to_vec();
-        Self::spawn_with(settings).await
+        let mut app = Self::spawn_with(settings).await;
+        app.database = Some(database);
+        app
     }
 
     /// A reconciler over this app's database and queues, with its own settings.
@@ -182,6 +164,7 @@ impl TestApp {
             minter: TokenMinter::new(SECRET.as_bytes(), None, None),
             stop: Some(stop),
             server: Some(server),
+            database: None,
         }
     }
 
@@ -317,6 +300,8 @@ impl TestApp {
         escrow.unwrap_or_default()
     }
 
+    /// Stops the server gracefully and waits until it has drained; then the
+    /// app drops (and with it a database it owns).
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -327,53 +312,15 @@ impl TestApp {
     }
 }
 
+/// Tells the server to stop (nothing can wait here); the database the app
+/// owns is dropped next, `WITH (FORCE)`, closing the connections the server
+/// and the pool still hold.
 impl Drop for TestApp {
     fn drop(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
     }
-}
-
-/// A request with a bearer token.
-pub fn authed<T>(message: T, token: &str) -> Request<T> {
-    let mut request = Request::new(message);
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {token}").parse().expect("header value"),
-    );
-    request
-}
-
-/// Asserts a failed call's code and returns the status.
-#[track_caller]
-pub fn expect_code<T: std::fmt::Debug>(result: Result<T, Status>, code: Code) -> Status {
-    match result {
-        Ok(value) => panic!("expected {code:?}, got success: {value:?}"),
-        Err(status) => {
-            assert_eq!(status.code(), code, "unexpected status: {status:?}");
-            status
-        }
-    }
-}
-
-/// The `ErrorInfo.reason` of a status.
-pub fn reason(status: &Status) -> String {
-    betting_api::reason_of(status).unwrap_or_default()
-}
-
-/// The `BadRequest` fields of a status.
-pub fn bad_fields(status: &Status) -> Vec<String> {
-    use tonic_types::StatusExt;
-    status
-        .get_error_details()
-        .bad_request()
-        .map(|b| b.field_violations.iter().map(|v| v.field.clone()).collect())
-        .unwrap_or_default()
-}
-
-pub fn dec(text: &str) -> Decimal {
-    text.parse().expect("decimal")
 }
 
 impl TestApp {
@@ -420,12 +367,13 @@ impl TestApp {
 
     /// Polls until the bet reaches `status` (the workers run in the background).
     pub async fn wait_for_bet(&self, user: i64, bet_id: &str, status: pb::BetStatus) -> pb::Bet {
-        for _ in 0..200 {
+        let reached = poll_until(WAIT, async || {
             let bet = self.bet(user, bet_id).await;
-            if bet.status == status as i32 {
-                return bet;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            (bet.status == status as i32).then_some(bet)
+        })
+        .await;
+        if let Some(bet) = reached {
+            return bet;
         }
         panic!(
             "bet {bet_id} never became {status:?}: {:?}",
@@ -450,12 +398,16 @@ impl TestApp {
 
     /// Polls until the round has no outstanding work.
     pub async fn wait_for_round_done(&self, round: &str) -> pb::Round {
-        for _ in 0..200 {
+        let done = poll_until(WAIT, async || {
             let r = self.round(round).await;
-            if r.stats.as_ref().is_some_and(|s| s.outstanding_jobs == 0) {
-                return r;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            r.stats
+                .as_ref()
+                .is_some_and(|s| s.outstanding_jobs == 0)
+                .then_some(r)
+        })
+        .await;
+        if let Some(r) = done {
+            return r;
         }
         panic!(
             "round {round} never finished: {:?}",
@@ -499,72 +451,6 @@ impl TestApp {
     }
 }
 
-/// A free TCP port on loopback.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
-/// A Redis server of a test's own, for tests that stop, restart or flush it
-/// without disturbing the others. Stopped and removed on drop.
-pub struct TestRedis {
-    port: u16,
-    dir: std::path::PathBuf,
-    child: Option<std::process::Child>,
-}
-
-impl TestRedis {
-    pub fn start() -> Self {
-        let port = free_port();
-        let dir = std::env::temp_dir().join(format!("betting-test-redis-{port}"));
-        std::fs::create_dir_all(&dir).expect("redis dir");
-        let mut redis = Self {
-            port,
-            dir,
-            child: None,
-        };
-        redis.restart();
-        redis
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// Kills it (SIGKILL: no chance to save anything, not that it would).
-    pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            child.kill().expect("kill redis");
-            child.wait().expect("reap redis");
-        }
-    }
-
-    /// Starts it again, empty, on the same port.
-    pub fn restart(&mut self) {
-        self.stop();
-        let child = std::process::Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(&self.dir)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server is installed by deploy/local/test");
-        self.child = Some(child);
-    }
-}
-
-impl Drop for TestRedis {
-    fn drop(&mut self) {
-        self.stop();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 impl TestApp {
     /// How many bets are in `status`.
     pub async fn count_bets(&self, status: &str) -> i64 {
@@ -581,25 +467,31 @@ impl TestApp {
     /// deposit (a wallet near the balance limit would take a thousand
     /// deposits of the largest amount).
     pub async fn genesis(&self, user: i64, balance: Decimal) {
-        let mut tx = self.pool.begin().await.expect("begin");
-        sqlx::query("INSERT INTO wallets (user_id, balance) VALUES ($1, $2)")
-            .bind(user)
-            .bind(balance)
-            .execute(&mut *tx)
+        genesis(&self.pool, user, balance)
             .await
-            .expect("wallet");
-        sqlx::query(
-            "INSERT INTO ledger_entries (transfer_id, idempotency_key, kind, user_id, \
-               counterparty, amount, balance_after, reference) \
-             VALUES ($1, $2, 'DEPOSIT', $3, 'EXTERNAL', $4, $4, 'genesis')",
-        )
-        .bind(Uuid::now_v7())
-        .bind(format!("genesis-{user}"))
+            .expect("genesis wallet");
+    }
+}
+
+/// Opens `user`'s wallet with `balance` in one go, written as the wallet
+/// writes a deposit (idempotency key `genesis-{user}`).
+pub async fn genesis(pool: &PgPool, user: i64, balance: Decimal) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("INSERT INTO wallets (user_id, balance) VALUES ($1, $2)")
         .bind(user)
         .bind(balance)
         .execute(&mut *tx)
-        .await
-        .expect("entry");
-        tx.commit().await.expect("commit");
-    }
+        .await?;
+    sqlx::query(
+        "INSERT INTO ledger_entries (transfer_id, idempotency_key, kind, user_id, \
+           counterparty, amount, balance_after, reference) \
+         VALUES ($1, $2, 'DEPOSIT', $3, 'EXTERNAL', $4, $4, 'genesis')",
+    )
+    .bind(Uuid::now_v7())
+    .bind(format!("genesis-{user}"))
+    .bind(user)
+    .bind(balance)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await
 }

@@ -1,0 +1,276 @@
+//! A database per test, cloned from a migrated template and dropped when the
+//! test ends.
+//!
+//! The template is named after a hash of the migrations
+//! ([`betting_db::MIGRATOR`]'s versions and checksums), so a change to them
+//! gets a template of its own. The first test process to need it builds it
+//! under a PostgreSQL advisory lock: test processes run at once (nextest runs
+//! each test in a process of its own), and the others wait on the lock, then
+//! find it built. It is built under another name and renamed when complete,
+//! so a process killed half-way leaves no half-migrated template behind.
+//! Nobody may connect to it (`ALLOW_CONNECTIONS false`), so cloning it never
+//! meets "source database is being accessed by other users"; should it
+//! anyway, the clone is retried briefly.
+//!
+//! Templates of older migrations stay on the server (another checkout may
+//! still use them); a throwaway server, as `deploy/local/test` starts, takes
+//! them with it, and on a long-lived one `DROP DATABASE betting_tpl_...`
+//! removes one (the next test builds it again).
+
+use std::{collections::HashSet, fmt, ops::Deref, sync::Mutex, time::Duration};
+
+use anyhow::Context;
+use sha2::{Digest, Sha256};
+use sqlx::{Connection, PgConnection, PgPool};
+use uuid::Uuid;
+
+/// The advisory lock that serialises building the template ("betting!").
+const TEMPLATE_LOCK: i64 = 0x6265_7474_696e_6721;
+
+/// How long cloning retries while the template is in use.
+const CLONE_RETRY: Duration = Duration::from_secs(10);
+
+/// How long dropping a database may take before it is left behind.
+const DROP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The admin URL with another database name.
+pub fn database_url(admin: &str, name: &str) -> String {
+    let (base, query) = match admin.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (admin, None),
+    };
+    let prefix = match base.rfind('/') {
+        Some(i) if i > "postgres://".len() => &base[..i],
+        _ => base,
+    };
+    match query {
+        Some(q) => format!("{prefix}/{name}?{q}"),
+        None => format!("{prefix}/{name}"),
+    }
+}
+
+/// The template's name: a hash of every migration's version and checksum.
+pub fn template_name() -> String {
+    let mut hash = Sha256::new();
+    for migration in betting_db::MIGRATOR.iter() {
+        hash.update(migration.version.to_be_bytes());
+        hash.update(&*migration.checksum);
+    }
+    let digest = hash.finalize();
+    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("betting_tpl_{hex}")
+}
+
+/// Admin URLs on whose server this process has seen the template.
+static TEMPLATES: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+
+fn known(admin: &str) -> bool {
+    TEMPLATES
+        .lock()
+        .map(|t| t.as_ref().is_some_and(|t| t.contains(admin)))
+        .unwrap_or(false)
+}
+
+fn remember(admin: &str) {
+    if let Ok(mut t) = TEMPLATES.lock() {
+        t.get_or_insert_default().insert(admin.to_owned());
+    }
+}
+
+async fn exists(conn: &mut PgConnection, name: &str) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+        .bind(name)
+        .fetch_one(conn)
+        .await
+}
+
+async fn execute(conn: &mut PgConnection, sql: String) -> Result<(), sqlx::Error> {
+    sqlx::query(sqlx::AssertSqlSafe(sql)).execute(conn).await?;
+    Ok(())
+}
+
+/// The migrated template on the server of `admin`, built if missing; returns
+/// its name.
+pub async fn template(admin: &str) -> anyhow::Result<String> {
+    let name = template_name();
+    if known(admin) {
+        return Ok(name);
+    }
+    let mut conn = PgConnection::connect(admin)
+        .await
+        .context("connect to the admin database")?;
+    if !exists(&mut conn, &name).await? {
+        sqlx::query("SELECT pg_advisory_lock($1)")
+            .bind(TEMPLATE_LOCK)
+            .execute(&mut conn)
+            .await?;
+        let built = build_template(&mut conn, admin, &name).await;
+        // Also released when the connection closes, should this fail.
+        let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(TEMPLATE_LOCK)
+            .execute(&mut conn)
+            .await;
+        built?;
+    }
+    let _ = conn.close().await;
+    remember(admin);
+    Ok(name)
+}
+
+/// Under the lock: builds the template unless another process just did.
+async fn build_template(conn: &mut PgConnection, admin: &str, name: &str) -> anyhow::Result<()> {
+    if exists(conn, name).await? {
+        return Ok(());
+    }
+    let building = format!("{name}_building");
+    execute(
+        conn,
+        format!("DROP DATABASE IF EXISTS {building} WITH (FORCE)"),
+    )
+    .await?;
+    execute(conn, format!("CREATE DATABASE {building}")).await?;
+    let pool = PgPool::connect(&database_url(admin, &building)).await?;
+    let migrated = betting_db::migrate(&pool).await;
+    pool.close().await;
+    migrated.context("migrate the template")?;
+    execute(conn, format!("ALTER DATABASE {building} RENAME TO {name}")).await?;
+    execute(
+        conn,
+        format!("ALTER DATABASE {name} WITH ALLOW_CONNECTIONS false"),
+    )
+    .await?;
+    Ok(())
+}
+
+/// A database of a test's own, cloned from the template. Derefs to its URL.
+/// Dropped (`WITH (FORCE)`, whoever is still connected) when the guard
+/// drops, synchronously, also while a failed test unwinds; or kept, see
+/// [`TestDatabase::keep`].
+pub struct TestDatabase {
+    admin: String,
+    name: String,
+    url: String,
+    dropped: bool,
+}
+
+impl TestDatabase {
+    /// A database named `{prefix}_{uuid}` on the server of `admin`.
+    pub async fn create_in(admin: &str, prefix: &str) -> anyhow::Result<Self> {
+        let template = template(admin).await?;
+        let name = format!("{prefix}_{}", Uuid::new_v4().simple());
+        let mut conn = PgConnection::connect(admin)
+            .await
+            .context("connect to the admin database")?;
+        let deadline = tokio::time::Instant::now() + CLONE_RETRY;
+        loop {
+            match execute(
+                &mut conn,
+                format!("CREATE DATABASE {name} TEMPLATE {template}"),
+            )
+            .await
+            {
+                Ok(()) => break,
+                // 55006 object_in_use: "source database is being accessed by other users".
+                Err(sqlx::Error::Database(e))
+                    if e.code().as_deref() == Some("55006")
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| format!("create {name} from {template}"));
+                }
+            }
+        }
+        let _ = conn.close().await;
+        Ok(Self {
+            url: database_url(admin, &name),
+            admin: admin.to_owned(),
+            name,
+            dropped: false,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Keeps the database (for inspection); returns its name.
+    pub fn keep(mut self) -> String {
+        self.dropped = true;
+        std::mem::take(&mut self.name)
+    }
+
+    /// Drops it now, from async code, instead of on drop.
+    pub async fn drop_database(mut self) {
+        self.dropped = true;
+        if let Err(error) = drop_database(&self.admin, &self.name).await {
+            eprintln!("test database {} was not dropped: {error:#}", self.name);
+        }
+    }
+}
+
+impl Deref for TestDatabase {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.url
+    }
+}
+
+impl fmt::Debug for TestDatabase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("TestDatabase").field(&self.name).finish()
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        if self.dropped {
+            return;
+        }
+        // A runtime of its own on a thread of its own: this may run inside
+        // the test's runtime (which must not block on itself) or outside any.
+        let (admin, name) = (self.admin.clone(), self.name.clone());
+        let dropped = std::thread::spawn(move || -> anyhow::Result<()> {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(async {
+                    tokio::time::timeout(DROP_TIMEOUT, drop_database(&admin, &name))
+                        .await
+                        .context("timed out")?
+                })
+        })
+        .join();
+        // Never panics: this may run while a failed test unwinds.
+        match dropped {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => eprintln!("test database {} was not dropped: {error:#}", self.name),
+            Err(_) => eprintln!("test database {} was not dropped: panicked", self.name),
+        }
+    }
+}
+
+async fn drop_database(admin: &str, name: &str) -> anyhow::Result<()> {
+    let mut conn = PgConnection::connect(admin).await?;
+    execute(
+        &mut conn,
+        format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+    )
+    .await?;
+    let _ = conn.close().await;
+    Ok(())
+}
+
+/// A fresh, migrated database on the server of `DATABASE_URL`; derefs to
+/// its URL, and is dropped with the returned guard.
+pub async fn fresh_database() -> TestDatabase {
+    TestDatabase::create_in(&crate::admin_url(), "test")
+        .await
+        .expect("create a test database")
+}
