@@ -9,7 +9,7 @@
 //! 3. the bet becomes `PENDING` and is handed to the matcher queue.
 //!
 //! A crash anywhere leaves either nothing debited or a `PLACING` row whose
-//! stake may or may not be held. The [`maintenance`] pass (and any client retry)
+//! stake may or may not be held. The [`recovery`] pass (and any client retry)
 //! drives such a row forward through the same idempotent steps, so it ends
 //! `PENDING` with its stake held, or `REJECTED` with nothing debited.
 
@@ -18,8 +18,8 @@
 mod error;
 #[cfg(feature = "fault-injection")]
 mod faults;
-pub mod maintenance;
 pub mod matcher;
+pub mod recovery;
 mod service;
 mod store;
 mod watch;

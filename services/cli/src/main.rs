@@ -13,7 +13,7 @@ mod bench;
 use std::{process::ExitCode, time::Duration};
 
 use anyhow::Context;
-use betting_auth::{Role as TokenRole, TokenMinter};
+use betting_auth::{Role, TokenMinter};
 use betting_config::{Secret, Settings, StorageSettings};
 use clap::{Parser, Subcommand};
 
@@ -107,7 +107,7 @@ struct TokenArgs {
     user: i64,
     /// player, backend or admin.
     #[arg(long, default_value = "player")]
-    role: TokenRole,
+    role: Role,
     /// Lifetime in seconds.
     #[arg(long, default_value_t = 3600)]
     ttl: u64,
@@ -270,7 +270,7 @@ fn token(args: &TokenArgs) -> anyhow::Result<()> {
     if args.jwt_secret.expose().len() < 32 {
         anyhow::bail!("BETTING_JWT_SECRET must be at least 32 bytes");
     }
-    if args.user < 0 || (args.user == 0 && args.role == TokenRole::Player) {
+    if args.user < 0 || (args.user == 0 && args.role == Role::Player) {
         anyhow::bail!("--user must be a positive user id (0 only for backend or admin)");
     }
     let minter = TokenMinter::new(

@@ -35,10 +35,10 @@ impl FromStr for Secret {
 
 /// The parts of the suite a process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
-pub enum Role {
+pub enum ProcessRole {
     /// WalletService (gRPC).
     Wallet,
-    /// BettingService (gRPC) and its maintenance pass.
+    /// BettingService (gRPC) and its recovery pass.
     Betting,
     /// SettlementService (gRPC).
     Settlement,
@@ -48,13 +48,13 @@ pub enum Role {
     Settler,
 }
 
-impl Role {
-    pub const ALL: [Role; 5] = [
-        Role::Wallet,
-        Role::Betting,
-        Role::Settlement,
-        Role::Matcher,
-        Role::Settler,
+impl ProcessRole {
+    pub const ALL: [ProcessRole; 5] = [
+        ProcessRole::Wallet,
+        ProcessRole::Betting,
+        ProcessRole::Settlement,
+        ProcessRole::Matcher,
+        ProcessRole::Settler,
     ];
 }
 
@@ -116,15 +116,15 @@ pub struct Settings {
         env = "BETTING_ROLES",
         value_delimiter = ','
     )]
-    pub roles: Vec<Role>,
+    pub roles: Vec<ProcessRole>,
 
     /// Seconds a PLACING bet is left to its request before the recovery pass takes over.
     #[arg(long, env = "BETTING_PLACING_GRACE_SECS", default_value_t = 10)]
     pub placing_grace_secs: u64,
 
-    /// Seconds between maintenance passes.
-    #[arg(long, env = "BETTING_MAINTENANCE_INTERVAL_MS", default_value_t = 2000)]
-    pub maintenance_interval_ms: u64,
+    /// Milliseconds between recovery passes (the betting role).
+    #[arg(long, env = "BETTING_RECOVERY_INTERVAL_MS", default_value_t = 2000)]
+    pub recovery_interval_ms: u64,
 
     /// Seconds a bet may wait for an opponent before it is refunded.
     #[arg(long, env = "BETTING_MATCH_TIMEOUT_SECS", default_value_t = 300)]
@@ -182,9 +182,9 @@ pub enum ConfigError {
 
 impl Settings {
     /// The roles to run, all of them when none was named.
-    pub fn roles(&self) -> Vec<Role> {
+    pub fn roles(&self) -> Vec<ProcessRole> {
         if self.roles.is_empty() {
-            Role::ALL.to_vec()
+            ProcessRole::ALL.to_vec()
         } else {
             let mut roles = self.roles.clone();
             roles.dedup();
@@ -192,7 +192,7 @@ impl Settings {
         }
     }
 
-    pub fn runs(&self, role: Role) -> bool {
+    pub fn runs(&self, role: ProcessRole) -> bool {
         self.roles.is_empty() || self.roles.contains(&role)
     }
 
@@ -200,8 +200,8 @@ impl Settings {
         Duration::from_secs(self.placing_grace_secs)
     }
 
-    pub fn maintenance_interval(&self) -> Duration {
-        Duration::from_millis(self.maintenance_interval_ms.max(10))
+    pub fn recovery_interval(&self) -> Duration {
+        Duration::from_millis(self.recovery_interval_ms.max(10))
     }
 
     pub fn match_timeout(&self) -> Duration {
@@ -252,8 +252,8 @@ impl Settings {
             Some(e) if !(e.starts_with("http://") || e.starts_with("https://")) => {
                 return Err(ConfigError::BadWalletEndpoint);
             }
-            None if (self.runs(Role::Betting) || self.runs(Role::Settler))
-                && !self.runs(Role::Wallet) =>
+            None if (self.runs(ProcessRole::Betting) || self.runs(ProcessRole::Settler))
+                && !self.runs(ProcessRole::Wallet) =>
             {
                 return Err(ConfigError::NoWalletEndpoint);
             }

@@ -25,10 +25,10 @@ use betting_audit::{AdminService, AuditSettings};
 use betting_auth::{ServiceCredentials, TokenMinter};
 use betting_bets::{
     BetStore, BettingService,
-    maintenance::MaintenanceSettings,
     matcher::{MatchHandler, Matcher},
+    recovery::RecoverySettings,
 };
-use betting_config::{Role, Settings};
+use betting_config::{ProcessRole, Settings};
 use betting_queue::{Handler, Queue, Worker, WorkerSettings};
 use betting_reconciler::{Reconciler, ReconcilerSettings};
 use betting_refunds::{Outbox, RefundHandler, Refunder};
@@ -73,7 +73,7 @@ pub(crate) struct Background {
 /// The betting role's recovery pass.
 pub(crate) struct Recovery {
     betting: BettingService,
-    settings: MaintenanceSettings,
+    settings: RecoverySettings,
 }
 
 /// One queue consumer and the handler it runs.
@@ -111,10 +111,10 @@ impl Roles {
         let mut services = Services::default();
         let mut background = Background::default();
 
-        if settings.runs(Role::Wallet) {
+        if settings.runs(ProcessRole::Wallet) {
             services.wallet = Some(WalletService::new(pool.clone()));
         }
-        if settings.runs(Role::Betting) {
+        if settings.runs(ProcessRole::Betting) {
             let betting = BettingService::new(
                 BetStore::new(pool.clone()),
                 shared.wallet()?,
@@ -124,15 +124,15 @@ impl Roles {
             .with_streams(shared.streams());
             background.recovery = Some(Recovery {
                 betting: betting.clone(),
-                settings: MaintenanceSettings {
-                    interval: settings.maintenance_interval(),
+                settings: RecoverySettings {
+                    interval: settings.recovery_interval(),
                     placing_grace: settings.placing_grace(),
-                    ..MaintenanceSettings::default()
+                    ..RecoverySettings::default()
                 },
             });
             services.betting = Some(betting);
         }
-        if settings.runs(Role::Settlement) {
+        if settings.runs(ProcessRole::Settlement) {
             services.settlement = Some(
                 SettlementService::new(
                     pool.clone(),
@@ -148,7 +148,7 @@ impl Roles {
             };
             services.admin = Some(AdminService::new(pool.clone(), audit));
         }
-        if settings.runs(Role::Matcher) {
+        if settings.runs(ProcessRole::Matcher) {
             background.matcher = Some(Consumer {
                 worker: shared.worker(&queues.matches)?,
                 handler: MatchHandler::new(
@@ -156,7 +156,7 @@ impl Roles {
                 ),
             });
         }
-        if settings.runs(Role::Settler) {
+        if settings.runs(ProcessRole::Settler) {
             let wallet = shared.wallet()?;
             background.settler = Some(Consumer {
                 worker: shared.worker(&queues.settle)?,
@@ -168,7 +168,7 @@ impl Roles {
                 handler: RefundHandler::new(Refunder::new(Outbox::new(pool.clone()), wallet)),
             });
         }
-        if settings.runs(Role::Matcher) || settings.runs(Role::Settler) {
+        if settings.runs(ProcessRole::Matcher) || settings.runs(ProcessRole::Settler) {
             background.reconciler = Some(
                 Reconciler::new(
                     pool.clone(),
@@ -201,7 +201,7 @@ impl Background {
     /// Starts every task there is, each stopping on `shutdown`.
     pub fn spawn(self, tasks: &mut JoinSet<()>, shutdown: &Shutdown) {
         if let Some(Recovery { betting, settings }) = self.recovery {
-            tasks.spawn(betting.run_maintenance(settings, shutdown.clone()));
+            tasks.spawn(betting.run_recovery(settings, shutdown.clone()));
         }
         if let Some(matcher) = self.matcher {
             tasks.spawn(matcher.run(shutdown.clone()));

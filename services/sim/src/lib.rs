@@ -44,7 +44,7 @@ use betting_api::pb::{
     settlement_service_client::SettlementServiceClient, wallet_service_client::WalletServiceClient,
 };
 use betting_auth::Role;
-use betting_bets::maintenance::MaintenanceSettings;
+use betting_bets::recovery::RecoverySettings;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use rust_decimal::Decimal;
 use tonic::transport::Channel;
@@ -469,13 +469,13 @@ impl Run {
             }
             Step::TopUp { user, key } => self.top_up(*user, key).await,
             Step::Recovery { instances } => {
-                let settings = MaintenanceSettings {
+                let settings = RecoverySettings {
                     placing_grace: Duration::ZERO,
-                    ..MaintenanceSettings::default()
+                    ..RecoverySettings::default()
                 };
                 futures::future::join_all(instances.iter().filter_map(|i| {
                     let betting = self.world.betting.get(*i)?.betting.as_ref()?;
-                    Some(betting.maintain(&settings))
+                    Some(betting.recover(&settings))
                 }))
                 .await;
             }
@@ -675,14 +675,14 @@ impl Run {
         }
 
         let deadline = Instant::now() + within;
-        let settings = MaintenanceSettings {
+        let settings = RecoverySettings {
             placing_grace: Duration::ZERO,
-            ..MaintenanceSettings::default()
+            ..RecoverySettings::default()
         };
         loop {
             for process in &self.world.betting {
                 if let Some(betting) = &process.betting {
-                    betting.maintain(&settings).await;
+                    betting.recover(&settings).await;
                 }
             }
             let _ = self.world.reconcile(false).await;

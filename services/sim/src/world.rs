@@ -8,9 +8,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use betting_auth::{Role as TokenRole, TokenMinter};
+use betting_auth::{Role, TokenMinter};
 use betting_bets::BettingService;
-use betting_config::{Role, Secret, Settings, StorageSettings};
+use betting_config::{ProcessRole, Secret, Settings, StorageSettings};
 use betting_queue::{Queue, QueueSettings};
 use betting_reconciler::{Reconciler, ReconcilerSettings};
 use betting_server::{Application, Queues};
@@ -95,7 +95,7 @@ impl World {
             redis_url: redis_url.to_owned(),
             namespace: namespace.clone(),
         };
-        let wallet = Process::start(config.settings(&[Role::Wallet], None)).await?;
+        let wallet = Process::start(config.settings(&[ProcessRole::Wallet], None)).await?;
 
         let faults = Arc::new(FaultTable::default());
         let proxy = FaultProxy::new(wallet.channel.clone(), faults.clone());
@@ -113,9 +113,10 @@ impl World {
         let mut betting = Vec::new();
         for _ in 0..2 {
             betting.push(
-                Process::start(
-                    config.settings(&[Role::Betting, Role::Settlement], via_proxy.clone()),
-                )
+                Process::start(config.settings(
+                    &[ProcessRole::Betting, ProcessRole::Settlement],
+                    via_proxy.clone(),
+                ))
                 .await?,
             );
         }
@@ -152,7 +153,7 @@ impl World {
     /// A matcher + settler process.
     pub async fn start_worker(&self) -> anyhow::Result<()> {
         let settings = self.config.settings(
-            &[Role::Matcher, Role::Settler],
+            &[ProcessRole::Matcher, ProcessRole::Settler],
             Some(format!("http://{}", self.proxy_addr)),
         );
         let process = Process::start(settings).await?;
@@ -179,7 +180,7 @@ impl World {
         }
     }
 
-    pub fn token(&self, user: i64, role: TokenRole) -> String {
+    pub fn token(&self, user: i64, role: Role) -> String {
         self.minter
             .mint(user, role, Duration::from_secs(3600))
             .unwrap_or_default()
@@ -241,7 +242,7 @@ struct WorldSettings {
 }
 
 impl WorldSettings {
-    fn settings(&self, roles: &[Role], wallet_endpoint: Option<String>) -> Settings {
+    fn settings(&self, roles: &[ProcessRole], wallet_endpoint: Option<String>) -> Settings {
         Settings {
             storage: StorageSettings {
                 database_url: Secret::new(&self.database_url),
@@ -258,7 +259,7 @@ impl WorldSettings {
             roles: roles.to_vec(),
             // The schedule runs recovery and reconciler passes itself.
             placing_grace_secs: 3600,
-            maintenance_interval_ms: 3_600_000,
+            recovery_interval_ms: 3_600_000,
             match_timeout_secs: 3600,
             worker_concurrency: 4,
             queue_visibility_ms: 6_000,

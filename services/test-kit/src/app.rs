@@ -50,9 +50,9 @@ pub fn settings(database_url: &str, redis_url: &str) -> Settings {
         jwt_audience: None,
         wallet_endpoint: None,
         roles: Vec::new(),
-        // Tests drive maintenance passes themselves.
+        // Tests drive recovery passes themselves.
         placing_grace_secs: 3600,
-        maintenance_interval_ms: 3_600_000,
+        recovery_interval_ms: 3_600_000,
         match_timeout_secs: 300,
         worker_concurrency: 4,
         reconcile_interval_ms: 3_600_000,
@@ -92,15 +92,15 @@ impl TestApp {
 
 /// The API roles without any worker: jobs sit in Redis for a test to look at,
 /// and matching happens only when the test runs a matcher itself.
-pub const API_ONLY: &[betting_config::Role] = &[
-    betting_config::Role::Wallet,
-    betting_config::Role::Betting,
-    betting_config::Role::Settlement,
+pub const API_ONLY: &[betting_config::ProcessRole] = &[
+    betting_config::ProcessRole::Wallet,
+    betting_config::ProcessRole::Betting,
+    betting_config::ProcessRole::Settlement,
 ];
 
 impl TestApp {
     /// Only some roles, e.g. [`API_ONLY`], so that a test sees jobs sit in Redis.
-    pub async fn spawn_roles(roles: &[betting_config::Role]) -> Self {
+    pub async fn spawn_roles(roles: &[betting_config::ProcessRole]) -> Self {
         let database = fresh_database().await;
         let mut settings = settings(&database, &redis_url());
         settings.roles = roles.to_vec();

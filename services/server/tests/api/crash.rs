@@ -1,7 +1,7 @@
 //! A crash between the wallet debit and the bet becoming PENDING.
 
 use betting_api::pb;
-use betting_bets::maintenance::MaintenanceSettings;
+use betting_bets::recovery::RecoverySettings;
 use betting_reconciler::ReconcilerSettings;
 use std::time::Duration;
 use tonic::Code;
@@ -48,9 +48,9 @@ async fn the_recovery_pass_finishes_a_bet_whose_request_died() {
 
     let report = app
         .betting()
-        .maintain(&MaintenanceSettings {
+        .recover(&RecoverySettings {
             placing_grace: Duration::ZERO,
-            ..MaintenanceSettings::default()
+            ..RecoverySettings::default()
         })
         .await;
     assert_eq!(report.recovered, 1);
@@ -128,9 +128,9 @@ async fn a_bet_written_before_the_debit_is_resolved_without_money_lost() {
     }
     let report = app
         .betting()
-        .maintain(&MaintenanceSettings {
+        .recover(&RecoverySettings {
             placing_grace: Duration::ZERO,
-            ..MaintenanceSettings::default()
+            ..RecoverySettings::default()
         })
         .await;
     assert_eq!(report.recovered, 2);

@@ -307,10 +307,10 @@ async fn two_matchers_on_one_round_match_every_bet_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_same_settle_job_on_two_settlers_pays_once() {
     let app = TestApp::spawn_roles(&[
-        betting_config::Role::Wallet,
-        betting_config::Role::Betting,
-        betting_config::Role::Settlement,
-        betting_config::Role::Matcher,
+        betting_config::ProcessRole::Wallet,
+        betting_config::ProcessRole::Betting,
+        betting_config::ProcessRole::Settlement,
+        betting_config::ProcessRole::Matcher,
     ])
     .await;
     app.deposit(1, "1000").await;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use betting_api::pb;
 use betting_auth::{ServiceCredentials, TokenMinter};
-use betting_bets::{BetStore, BettingError, BettingService, maintenance::MaintenanceSettings};
+use betting_bets::{BetStore, BettingError, BettingService, recovery::RecoverySettings};
 use betting_domain::{BetId, IdempotencyKey, RoundId, Side, Stake, UserId};
 use betting_wallet_client::WalletClient;
 use futures::future::join_all;
@@ -18,10 +18,10 @@ use betting_test_kit::{API_ONLY, TestApp, authed, dec, eventually, expect_code, 
 /// 10^15, the wallet balance limit deposits may not cross.
 const BALANCE_LIMIT: i64 = 1_000_000_000_000_000;
 
-fn recover_now() -> MaintenanceSettings {
-    MaintenanceSettings {
+fn recover_now() -> RecoverySettings {
+    RecoverySettings {
         placing_grace: Duration::ZERO,
-        ..MaintenanceSettings::default()
+        ..RecoverySettings::default()
     }
 }
 
@@ -138,7 +138,7 @@ async fn a_refused_wallet_call_after_a_lost_reply_leaves_the_bet_placing() {
         app.queues.matches.clone(),
         publisher,
     );
-    rogue.maintain(&recover_now()).await;
+    rogue.recover(&recover_now()).await;
     assert_eq!(
         app.count_bets("REJECTED").await,
         0,
@@ -147,7 +147,7 @@ async fn a_refused_wallet_call_after_a_lost_reply_leaves_the_bet_placing() {
     assert_eq!(app.count_bets("PLACING").await, 1);
 
     // An instance with good credentials finishes it.
-    app.betting().maintain(&recover_now()).await;
+    app.betting().recover(&recover_now()).await;
     assert_eq!(app.count_bets("PENDING").await, 1);
     assert_eq!(app.balance(8).await, dec("0"));
     app.assert_audit_clean().await;
@@ -468,7 +468,7 @@ async fn a_job_pushed_while_a_matcher_stops_is_still_run() {
     let api = TestApp::spawn_with(api_settings).await;
     let matcher_settings = || {
         let mut s = betting_test_kit::settings(&url, &redis);
-        s.roles = vec![betting_config::Role::Matcher];
+        s.roles = vec![betting_config::ProcessRole::Matcher];
         s.redis_namespace = namespace.clone();
         s
     };

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use betting_api::pb;
-use betting_bets::maintenance::MaintenanceSettings;
+use betting_bets::recovery::RecoverySettings;
 use betting_reconciler::ReconcilerSettings;
 use proptest::prelude::*;
 use rust_decimal::Decimal;
@@ -161,7 +161,7 @@ async fn run(ops: Vec<Op>) {
     }
     // Quiesce: recover crashed bets, let the workers finish, then end every round.
     app.betting()
-        .maintain(&MaintenanceSettings {
+        .recover(&RecoverySettings {
             placing_grace: Duration::ZERO,
             ..Default::default()
         })

@@ -4,7 +4,7 @@
 //! each ends PENDING with its stake held or REJECTED with nothing debited.
 //!
 //! Everything else that re-derives work from PostgreSQL (match jobs, refunds,
-//! payouts) is the reconciler's, in the settlement crate.
+//! payouts) is the reconciler's (`betting-reconciler`).
 
 use std::time::Duration;
 
@@ -13,7 +13,7 @@ use betting_shutdown::Shutdown;
 use crate::{BettingError, BettingService};
 
 #[derive(Debug, Clone)]
-pub struct MaintenanceSettings {
+pub struct RecoverySettings {
     /// Time between passes.
     pub interval: Duration,
     /// How old a PLACING bet must be before the pass takes it over from the
@@ -23,7 +23,7 @@ pub struct MaintenanceSettings {
     pub batch: i64,
 }
 
-impl Default for MaintenanceSettings {
+impl Default for RecoverySettings {
     fn default() -> Self {
         Self {
             interval: Duration::from_secs(2),
@@ -43,7 +43,7 @@ pub struct PassReport {
 
 impl BettingService {
     /// One recovery pass.
-    pub async fn maintain(&self, settings: &MaintenanceSettings) -> PassReport {
+    pub async fn recover(&self, settings: &RecoverySettings) -> PassReport {
         let mut report = PassReport::default();
         let rows = match self
             .store()
@@ -75,12 +75,12 @@ impl BettingService {
     }
 
     /// Runs passes until `shutdown` is signalled.
-    pub async fn run_maintenance(self, settings: MaintenanceSettings, shutdown: Shutdown) {
+    pub async fn run_recovery(self, settings: RecoverySettings, shutdown: Shutdown) {
         let mut ticker = tokio::time::interval(settings.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = ticker.tick() => { self.maintain(&settings).await; }
+                _ = ticker.tick() => { self.recover(&settings).await; }
                 () = shutdown.signalled() => break,
             }
             if shutdown.is_signalled() {
