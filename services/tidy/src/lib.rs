@@ -17,4 +17,6 @@
 //!   `services/api/src/status.rs`, so every error a client sees has its
 //!   code, a safe message and an `ErrorInfo` reason.
 //! - **Manifests tell the truth.** Every crate has a description and is
-//!   `publish = false`; no comment points outside the repository.
+//!   `publish = false`; every declared dependency is named in the code that
+//!   may use it (what cargo-machete checks, without the tool); no comment
+//!   points outside the repository.

@@ -236,3 +236,83 @@ fn no_comment_points_outside_the_repository() {
         offenders.join("\n")
     );
 }
+
+/// What cargo-machete checks, without the tool: every dependency a manifest
+/// declares is named in the code that may use it (`src/` for dependencies,
+/// `tests/` too for dev-dependencies, `build.rs` for build-dependencies).
+#[test]
+fn every_declared_dependency_is_used() {
+    // Used only by generated code (`tonic::include_proto!`).
+    const GENERATED: &[(&str, &str)] = &[("api", "tonic-prost")];
+    let services = root().join("services");
+    let mut unused = Vec::new();
+    let mut dirs: Vec<_> = fs::read_dir(&services)
+        .expect("services/")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("Cargo.toml").is_file())
+        .collect();
+    dirs.sort();
+    for dir in dirs {
+        let name = dir
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        let manifest = fs::read_to_string(dir.join("Cargo.toml")).expect("manifest");
+        let code = |subdirs: &[&str]| -> String {
+            let mut text = String::new();
+            for sub in subdirs {
+                let path = dir.join(sub);
+                if path.is_file() {
+                    text += &fs::read_to_string(&path).unwrap_or_default();
+                } else {
+                    for file in rust_files(&path) {
+                        text += &fs::read_to_string(&file).unwrap_or_default();
+                    }
+                }
+            }
+            text
+        };
+        let mut section = String::new();
+        for line in manifest.lines() {
+            let line = line.trim();
+            if line.starts_with('[') {
+                section = line.trim_matches(|c| c == '[' || c == ']').to_owned();
+                continue;
+            }
+            let searched: &[&str] = match section.as_str() {
+                "dependencies" => &["src"],
+                "dev-dependencies" => &["src", "tests", "benches"],
+                "build-dependencies" => &["build.rs"],
+                _ => continue,
+            };
+            let Some(dep) = line
+                .split(['.', '=', ' '])
+                .next()
+                .filter(|d| !d.is_empty() && !d.starts_with('#'))
+            else {
+                continue;
+            };
+            if GENERATED.contains(&(name.as_str(), dep)) {
+                continue;
+            }
+            let ident = dep.replace('-', "_");
+            let text = code(searched);
+            let used = text.match_indices(&ident).any(|(i, _)| {
+                let before = text[..i].chars().next_back();
+                let after = text[i + ident.len()..].chars().next();
+                let word = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_');
+                !word(before) && !word(after)
+            });
+            if !used {
+                unused.push(format!("{name} [{section}] {dep}"));
+            }
+        }
+    }
+    assert!(
+        unused.is_empty(),
+        "declared but never named in the code (remove them):\n{}",
+        unused.join("\n")
+    );
+}
