@@ -147,6 +147,31 @@ async fn build_template(conn: &mut PgConnection, admin: &str, name: &str) -> any
     Ok(())
 }
 
+/// `{prefix}_{12 random hex digits}_{test}`, at most 63 bytes: the test's
+/// name (libtest names the thread after it) tells whose database is whose.
+fn database_name(prefix: &str) -> String {
+    let random = Uuid::new_v4().simple().to_string();
+    let mut name = format!("{prefix}_{}", &random[..12]);
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or_default();
+    let test = test.rsplit("::").next().unwrap_or_default();
+    if !test.is_empty() && test != "main" {
+        name.push('_');
+        name.extend(
+            test.chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() {
+                        c.to_ascii_lowercase()
+                    } else {
+                        '_'
+                    }
+                })
+                .take(62 - name.len()),
+        );
+    }
+    name
+}
+
 /// Whether test databases are left for the throwaway server to take with it.
 fn keep_databases() -> bool {
     std::env::var_os("BETTING_TEST_KEEP_DATABASES").is_some_and(|v| v == "1")
@@ -164,10 +189,11 @@ pub struct TestDatabase {
 }
 
 impl TestDatabase {
-    /// A database named `{prefix}_{uuid}` on the server of `admin`.
+    /// A database on the server of `admin`, named after `prefix`, a random
+    /// part and the test that asked for it (see [`database_name`]).
     pub async fn create_in(admin: &str, prefix: &str) -> anyhow::Result<Self> {
         let template = template(admin).await?;
-        let name = format!("{prefix}_{}", Uuid::new_v4().simple());
+        let name = database_name(prefix);
         let mut conn = PgConnection::connect(admin)
             .await
             .context("connect to the admin database")?;
@@ -221,7 +247,7 @@ impl TestDatabase {
         if std::mem::replace(&mut self.dropped, true) {
             return;
         }
-        if let Err(error) = drop_database(&self.admin, &self.name).await {
+        if let Err(error) = drop_database_retrying(&self.admin, &self.name).await {
             eprintln!("test database {} was not dropped: {error:#}", self.name);
         }
     }
@@ -254,7 +280,7 @@ impl Drop for TestDatabase {
                 .enable_all()
                 .build()?
                 .block_on(async {
-                    tokio::time::timeout(DROP_TIMEOUT, drop_database(&admin, &name))
+                    tokio::time::timeout(DROP_TIMEOUT, drop_database_retrying(&admin, &name))
                         .await
                         .context("timed out")?
                 })
@@ -265,6 +291,22 @@ impl Drop for TestDatabase {
             Ok(Ok(())) => {}
             Ok(Err(error)) => eprintln!("test database {} was not dropped: {error:#}", self.name),
             Err(_) => eprintln!("test database {} was not dropped: panicked", self.name),
+        }
+    }
+}
+
+/// [`drop_database`], tried three times: a busy server may refuse a
+/// connection now and then.
+async fn drop_database_retrying(admin: &str, name: &str) -> anyhow::Result<()> {
+    let mut attempt = 1;
+    loop {
+        match drop_database(admin, name).await {
+            Err(error) if attempt < 3 => {
+                eprintln!("dropping test database {name} failed (will retry): {error:#}");
+                tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+                attempt += 1;
+            }
+            result => return result,
         }
     }
 }
