@@ -12,6 +12,11 @@
 //! meets "source database is being accessed by other users"; should it
 //! anyway, the clone is retried briefly.
 //!
+//! Each `DROP DATABASE` costs PostgreSQL (15) a checkpoint, which the other
+//! tests running at once feel: on a throwaway server, which takes every
+//! database with it, `BETTING_TEST_KEEP_DATABASES=1` skips the drops
+//! (`deploy/local/test` sets it for the server it starts itself).
+//!
 //! Templates of older migrations stay on the server (another checkout may
 //! still use them); a throwaway server, as `deploy/local/test` starts, takes
 //! them with it, and on a long-lived one `DROP DATABASE betting_tpl_...`
@@ -142,6 +147,36 @@ async fn build_template(conn: &mut PgConnection, admin: &str, name: &str) -> any
     Ok(())
 }
 
+/// `{prefix}_{12 random hex digits}_{test}`, at most 63 bytes: the test's
+/// name (libtest names the thread after it) tells whose database is whose.
+fn database_name(prefix: &str) -> String {
+    let random = Uuid::new_v4().simple().to_string();
+    let mut name = format!("{prefix}_{}", &random[..12]);
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or_default();
+    let test = test.rsplit("::").next().unwrap_or_default();
+    if !test.is_empty() && test != "main" {
+        name.push('_');
+        name.extend(
+            test.chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() {
+                        c.to_ascii_lowercase()
+                    } else {
+                        '_'
+                    }
+                })
+                .take(62 - name.len()),
+        );
+    }
+    name
+}
+
+/// Whether test databases are left for the throwaway server to take with it.
+fn keep_databases() -> bool {
+    std::env::var_os("BETTING_TEST_KEEP_DATABASES").is_some_and(|v| v == "1")
+}
+
 /// A database of a test's own, cloned from the template. Derefs to its URL.
 /// Dropped (`WITH (FORCE)`, whoever is still connected) when the guard
 /// drops, synchronously, also while a failed test unwinds; or kept, see
@@ -154,10 +189,11 @@ pub struct TestDatabase {
 }
 
 impl TestDatabase {
-    /// A database named `{prefix}_{uuid}` on the server of `admin`.
+    /// A database on the server of `admin`, named after `prefix`, a random
+    /// part and the test that asked for it (see [`database_name`]).
     pub async fn create_in(admin: &str, prefix: &str) -> anyhow::Result<Self> {
         let template = template(admin).await?;
-        let name = format!("{prefix}_{}", Uuid::new_v4().simple());
+        let name = database_name(prefix);
         let mut conn = PgConnection::connect(admin)
             .await
             .context("connect to the admin database")?;
@@ -187,7 +223,7 @@ impl TestDatabase {
             url: database_url(admin, &name),
             admin: admin.to_owned(),
             name,
-            dropped: false,
+            dropped: keep_databases(),
         })
     }
 
@@ -205,10 +241,13 @@ impl TestDatabase {
         std::mem::take(&mut self.name)
     }
 
-    /// Drops it now, from async code, instead of on drop.
+    /// Drops it now, from async code, instead of on drop (unless
+    /// `BETTING_TEST_KEEP_DATABASES` is set).
     pub async fn drop_database(mut self) {
-        self.dropped = true;
-        if let Err(error) = drop_database(&self.admin, &self.name).await {
+        if std::mem::replace(&mut self.dropped, true) {
+            return;
+        }
+        if let Err(error) = drop_database_retrying(&self.admin, &self.name).await {
             eprintln!("test database {} was not dropped: {error:#}", self.name);
         }
     }
@@ -241,7 +280,7 @@ impl Drop for TestDatabase {
                 .enable_all()
                 .build()?
                 .block_on(async {
-                    tokio::time::timeout(DROP_TIMEOUT, drop_database(&admin, &name))
+                    tokio::time::timeout(DROP_TIMEOUT, drop_database_retrying(&admin, &name))
                         .await
                         .context("timed out")?
                 })
@@ -256,8 +295,55 @@ impl Drop for TestDatabase {
     }
 }
 
+/// [`drop_database`], tried three times: a busy server may refuse a
+/// connection now and then.
+async fn drop_database_retrying(admin: &str, name: &str) -> anyhow::Result<()> {
+    let mut attempt = 1;
+    loop {
+        match drop_database(admin, name).await {
+            Err(error) if attempt < 3 => {
+                eprintln!("dropping test database {name} failed (will retry): {error:#}");
+                tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+                attempt += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
+/// Drops a database whose app may still be connected. `WITH (FORCE)` alone
+/// would do, but it waits for the backends it terminates in steps of 100 ms;
+/// refusing new connections, terminating the open ones and watching them go
+/// is quicker. FORCE still deals with anything left.
 async fn drop_database(admin: &str, name: &str) -> anyhow::Result<()> {
     let mut conn = PgConnection::connect(admin).await?;
+    if execute(
+        &mut conn,
+        format!("ALTER DATABASE {name} WITH ALLOW_CONNECTIONS false"),
+    )
+    .await
+    .is_ok()
+    {
+        sqlx::query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(name)
+        .execute(&mut conn)
+        .await?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while tokio::time::Instant::now() < deadline {
+            let open: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = $1")
+                    .bind(name)
+                    .fetch_one(&mut conn)
+                    .await?;
+            if open == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
     execute(
         &mut conn,
         format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
