@@ -17,7 +17,7 @@ use tonic_web::GrpcWebLayer;
 use tower::layer::util::{Identity, Stack};
 use tower_http::cors::CorsLayer;
 
-use crate::roles::Services;
+use crate::{grpc, roles::Services};
 
 /// The router with its layers: gRPC-Web outside CORS.
 pub(crate) type GrpcRouter =
@@ -46,7 +46,9 @@ pub(crate) fn mount(services: Services, auth: &AuthInterceptor) -> anyhow::Resul
         .build_v1alpha()
         .context("reflection v1alpha")?;
 
-    let wallet = services.wallet.map(|s| s.into_server(auth.clone()));
+    let wallet = services
+        .wallet
+        .map(|s| grpc::wallet::server(s, auth.clone()));
     let betting = services.betting.map(|s| s.into_server(auth.clone()));
     let settlement = services.settlement.map(|s| s.into_server(auth.clone()));
     let admin = services.admin.map(|s| s.into_server(auth.clone()));

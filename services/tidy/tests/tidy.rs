@@ -123,7 +123,6 @@ fn only_the_wallet_writes_money_tables() {
 fn grpc_allowed(rel: &str) -> bool {
     const CRATES: &[&str] = &["api", "server", "auth", "wallet-client", "streams", "cli"];
     const EDGE_FILES: &[&str] = &[
-        "services/wallet/src/service.rs",
         "services/betting/src/service.rs",
         "services/betting/src/watch.rs",
         "services/settlement/src/service.rs",
