@@ -127,7 +127,6 @@ fn grpc_allowed(rel: &str) -> bool {
         "services/betting/src/watch.rs",
         "services/settlement/src/service.rs",
         "services/settlement/src/watch.rs",
-        "services/audit/src/service.rs",
     ];
     CRATES.contains(&crate_of(rel)) || EDGE_FILES.contains(&rel)
 }

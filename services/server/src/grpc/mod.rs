@@ -6,4 +6,5 @@
 //! `betting_api::respond` or `respond_replayable`. The service crates know
 //! no transport; this module and the api crate are where gRPC lives.
 
+pub(crate) mod admin;
 pub(crate) mod wallet;
