@@ -50,7 +50,9 @@ pub(crate) fn mount(services: Services, auth: &AuthInterceptor) -> anyhow::Resul
         .wallet
         .map(|s| grpc::wallet::server(s, auth.clone()));
     let betting = services.betting.map(|s| s.into_server(auth.clone()));
-    let settlement = services.settlement.map(|s| s.into_server(auth.clone()));
+    let settlement = services
+        .settlement
+        .map(|s| grpc::settlement::server(s, auth.clone()));
     let admin = services.admin.map(|s| grpc::admin::server(s, auth.clone()));
     let served = [
         name(&wallet),

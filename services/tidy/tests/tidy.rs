@@ -125,8 +125,6 @@ fn grpc_allowed(rel: &str) -> bool {
     const EDGE_FILES: &[&str] = &[
         "services/betting/src/service.rs",
         "services/betting/src/watch.rs",
-        "services/settlement/src/service.rs",
-        "services/settlement/src/watch.rs",
     ];
     CRATES.contains(&crate_of(rel)) || EDGE_FILES.contains(&rel)
 }

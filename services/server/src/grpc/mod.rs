@@ -7,4 +7,5 @@
 //! no transport; this module and the api crate are where gRPC lives.
 
 pub(crate) mod admin;
+pub(crate) mod settlement;
 pub(crate) mod wallet;
