@@ -1,8 +1,9 @@
 //! The gRPC router: what a process serves, and how.
 //!
 //! Every process serves health (`grpc.health.v1.Health`) and reflection (v1
-//! and v1alpha, over our API and health's), and mounts its roles' services
-//! behind the auth interceptor. Browsers reach all of it with gRPC-Web over
+//! and v1alpha, over our API and health's), and mounts its roles' services,
+//! each through its gRPC adapter ([`crate::grpc`]), behind the auth
+//! interceptor. Browsers reach all of it with gRPC-Web over
 //! HTTP/1.1, and need CORS to. Health reports on the whole server ("") and on
 //! each mounted service by the name its generated server answers to
 //! (`NamedService::NAME`), so the list cannot drift from what is mounted.
@@ -49,7 +50,9 @@ pub(crate) fn mount(services: Services, auth: &AuthInterceptor) -> anyhow::Resul
     let wallet = services
         .wallet
         .map(|s| grpc::wallet::server(s, auth.clone()));
-    let betting = services.betting.map(|s| s.into_server(auth.clone()));
+    let betting = services
+        .betting
+        .map(|s| grpc::betting::server(s, auth.clone()));
     let settlement = services
         .settlement
         .map(|s| grpc::settlement::server(s, auth.clone()));

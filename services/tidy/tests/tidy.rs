@@ -122,11 +122,7 @@ fn only_the_wallet_writes_money_tables() {
 /// transport leaking into the core.
 fn grpc_allowed(rel: &str) -> bool {
     const CRATES: &[&str] = &["api", "server", "auth", "wallet-client", "streams", "cli"];
-    const EDGE_FILES: &[&str] = &[
-        "services/betting/src/service.rs",
-        "services/betting/src/watch.rs",
-    ];
-    CRATES.contains(&crate_of(rel)) || EDGE_FILES.contains(&rel)
+    CRATES.contains(&crate_of(rel))
 }
 
 #[test]

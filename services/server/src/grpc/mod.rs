@@ -7,5 +7,6 @@
 //! no transport; this module and the api crate are where gRPC lives.
 
 pub(crate) mod admin;
+pub(crate) mod betting;
 pub(crate) mod settlement;
 pub(crate) mod wallet;
