@@ -2,8 +2,9 @@
 //! descriptor set for reflection, and the edge conversions.
 //!
 //! Architecture invariant: this is the only crate that knows prost types and
-//! builds `tonic::Status` from domain errors ([`status`]). Services convert at
-//! their gRPC layer with the helpers in [`convert`].
+//! builds `tonic::Status` from domain errors ([`status`]). The server's gRPC
+//! adapters convert to and from the services' domain types with the helpers
+//! in [`convert`].
 
 #![forbid(unsafe_code)]
 

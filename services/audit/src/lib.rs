@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use sqlx::PgPool;
 
-pub use service::AdminService;
+pub use service::{AdminError, AdminService};
 
 #[derive(Debug, Clone)]
 pub struct AuditSettings {

@@ -1,19 +1,16 @@
-//! AdminService: the audit over gRPC, for admins only.
+//! AdminService: the audit on request, for admins only. It takes the caller's
+//! `Principal` and answers with the [`AuditReport`] or an [`AdminError`]; the
+//! server's gRPC adapter converts to the wire.
 
-use betting_api::{
-    convert, pb,
-    pb::admin_service_server::{AdminService as AdminApi, AdminServiceServer},
-    respond,
-};
-use betting_auth::{AuthError, AuthInterceptor, Principal};
+use betting_auth::{AuthError, Principal};
 use betting_domain::{ErrorCode, ServiceError};
 use sqlx::PgPool;
-use tonic::{Request, Response, Status, service::interceptor::InterceptedService};
 
-use crate::AuditSettings;
+use crate::{AuditReport, AuditSettings};
 
+/// Why an audit was not run or did not finish.
 #[derive(Debug, thiserror::Error)]
-enum AdminError {
+pub enum AdminError {
     #[error(transparent)]
     Auth(#[from] AuthError),
     #[error("audit failed to run")]
@@ -48,43 +45,11 @@ impl AdminService {
         Self { pool, settings }
     }
 
-    pub fn into_server(
-        self,
-        auth: AuthInterceptor,
-    ) -> InterceptedService<AdminServiceServer<Self>, AuthInterceptor> {
-        AdminServiceServer::with_interceptor(self, auth)
-    }
-}
-
-#[tonic::async_trait]
-impl AdminApi for AdminService {
-    #[tracing::instrument(skip_all)]
-    async fn run_audit(
-        &self,
-        request: Request<pb::RunAuditRequest>,
-    ) -> Result<Response<pb::RunAuditResponse>, Status> {
-        let principal = Principal::caller(&request)?;
-        let result = async {
-            principal.require_admin()?;
-            crate::run(&self.pool, &self.settings)
-                .await
-                .map_err(AdminError::Storage)
-        }
-        .await;
-        respond(result.map(|report| {
-            pb::RunAuditResponse {
-                clean: report.is_clean(),
-                violations: report
-                    .violations
-                    .iter()
-                    .map(|v| pb::AuditViolation {
-                        check: v.check.to_owned(),
-                        detail: v.detail.clone(),
-                    })
-                    .collect(),
-                checked_at: Some(convert::timestamp(chrono::Utc::now())),
-                checks_run: i32::try_from(report.checks_run).unwrap_or(i32::MAX),
-            }
-        }))
+    /// RunAudit: every check over one snapshot; admins only.
+    pub async fn run_audit(&self, principal: &Principal) -> Result<AuditReport, AdminError> {
+        principal.require_admin()?;
+        crate::run(&self.pool, &self.settings)
+            .await
+            .map_err(AdminError::Storage)
     }
 }

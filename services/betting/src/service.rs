@@ -1,22 +1,20 @@
-//! The gRPC face of betting, and the placing saga.
+//! BettingService's operations, and the placing saga. The request
+//! operations take the caller's `Principal` and the request's plain values
+//! (or, for what only the wire can parse, the parse's result), parse and
+//! authorise them, and answer with bet rows or a [`BettingError`]; the
+//! server's gRPC adapter converts to and from the wire.
 
 #[cfg(feature = "fault-injection")]
 use std::sync::Arc;
 
-use betting_api::{
-    Replayable, convert, pb,
-    pb::betting_service_server::{BettingService as BettingApi, BettingServiceServer},
-    respond, respond_replayable,
-};
-use betting_auth::{AuthInterceptor, Principal};
+use betting_auth::Principal;
 use betting_domain::{
-    BetId, BetStatus, IdempotencyKey, RefundReason, RoundId, RoundStatus, Stake, UserId,
-    Violations, format_money,
+    BetId, BetStatus, IdempotencyKey, RefundReason, RoundId, RoundStatus, Side, Stake, UserId,
+    Violations,
 };
 use betting_queue::Queue;
 use betting_streams::{Changes, Publisher, StreamContext};
 use rust_decimal::Decimal;
-use tonic::{Request, Response, Status, service::interceptor::InterceptedService};
 use uuid::Uuid;
 
 use betting_jobs::MatchJob;
@@ -37,6 +35,14 @@ pub struct BettingService {
     faults: Arc<Faults>,
     publisher: Publisher,
     streams: Option<StreamContext>,
+}
+
+/// A page of bets, newest first.
+#[derive(Debug)]
+pub struct BetPage {
+    pub bets: Vec<BetRow>,
+    /// Whether older bets follow the last one.
+    pub more: bool,
 }
 
 /// A placed bet and the owner's balance right after its stake was taken.
@@ -91,11 +97,103 @@ impl BettingService {
         &self.match_queue
     }
 
-    pub fn into_server(
-        self,
-        auth: AuthInterceptor,
-    ) -> InterceptedService<BettingServiceServer<Self>, AuthInterceptor> {
-        BettingServiceServer::with_interceptor(self, auth)
+    /// PlaceBet: the caller's own bet. `side` is the wire's side, parsed (or
+    /// what is wrong with it).
+    pub async fn place_bet(
+        &self,
+        principal: &Principal,
+        round_id: &str,
+        side: Result<Side, &'static str>,
+        amount: &str,
+        key: &str,
+    ) -> Result<Placed, BettingError> {
+        let user = principal.own_user()?;
+        let mut v = Violations::default();
+        let round = v.check("round_id", RoundId::parse(round_id));
+        let side = v.check("side", side);
+        let amount = v.check("amount", Stake::parse(amount));
+        let key = v.check("idempotency_key", IdempotencyKey::parse(key));
+        let (Some(round), Some(side), Some(amount), Some(key), true) =
+            (round, side, amount, key, v.is_empty())
+        else {
+            return Err(BettingError::from(v.into_error()));
+        };
+        self.place(user, round, side, amount, key).await
+    }
+
+    /// GetBet: a bet the caller may see.
+    pub async fn get_bet(
+        &self,
+        principal: &Principal,
+        bet_id: &str,
+    ) -> Result<BetRow, BettingError> {
+        let bet = BetId::parse(bet_id)
+            .map_err(|e| betting_domain::InvalidRequest::field("bet_id", e.to_string()))?;
+        // Another player's bet is indistinguishable from a missing one.
+        self.store
+            .get(bet)
+            .await?
+            .filter(|row| visible_to(row, principal))
+            .ok_or(BettingError::BetNotFound)
+    }
+
+    /// ListBets: one page of a user's bets, newest first. `status`,
+    /// `page_size` and `page_token` are the wire's values, parsed (the token
+    /// into its cursor text, a bet id) or what is wrong with them.
+    pub async fn list_bets(
+        &self,
+        principal: &Principal,
+        user_id: i64,
+        round_id: &str,
+        status: Result<Option<BetStatus>, &'static str>,
+        page_size: Result<i64, &'static str>,
+        page_token: Result<Option<String>, &'static str>,
+    ) -> Result<BetPage, BettingError> {
+        let user = principal.resolve_user(user_id)?;
+        let mut v = Violations::default();
+        let round = if round_id.is_empty() {
+            Some(None)
+        } else {
+            v.check("round_id", RoundId::parse(round_id)).map(Some)
+        };
+        let status = v.check("status", status);
+        let limit = v.check("page_size", page_size);
+        let before = match page_token {
+            Ok(None) => Some(None),
+            Ok(Some(cursor)) => v.check(
+                "page_token",
+                Uuid::try_parse(&cursor)
+                    .map(Some)
+                    .map_err(|_| "is not a page token this service issued"),
+            ),
+            Err(e) => {
+                v.add("page_token", e);
+                None
+            }
+        };
+        let (Some(round), Some(status), Some(limit), Some(before), true) =
+            (round, status, limit, before, v.is_empty())
+        else {
+            return Err(BettingError::from(v.into_error()));
+        };
+        let mut bets = self
+            .store
+            .list(user, round.as_ref(), status, before, limit + 1)
+            .await?;
+        let more = bets.len() as i64 > limit;
+        bets.truncate(limit as usize);
+        Ok(BetPage { bets, more })
+    }
+
+    /// CancelBet: the bet, refunded, and the owner's balance after.
+    pub async fn cancel_bet(
+        &self,
+        principal: &Principal,
+        bet_id: &str,
+    ) -> Result<(BetRow, Decimal), BettingError> {
+        let bet = BetId::parse(bet_id)
+            .map_err(|e| betting_domain::InvalidRequest::field("bet_id", e.to_string()))?;
+        self.cancel(principal, bet).await
     }
 
     /// PlaceBet, after parsing.
@@ -103,7 +201,7 @@ impl BettingService {
         &self,
         user: UserId,
         round: RoundId,
-        side: betting_domain::Side,
+        side: Side,
         amount: Stake,
         key: IdempotencyKey,
     ) -> Result<Placed, BettingError> {
@@ -267,162 +365,4 @@ impl BettingService {
 
 fn visible_to(row: &BetRow, principal: &Principal) -> bool {
     row.status.is_visible() && principal.can_see(row.user_id)
-}
-
-pub(crate) fn bet_pb(row: &BetRow) -> pb::Bet {
-    pb::Bet {
-        bet_id: row.bet_id.to_string(),
-        user_id: row.user_id.get(),
-        round_id: row.round_id.clone(),
-        side: convert::side_to_pb(row.side) as i32,
-        amount: format_money(row.amount.as_decimal()),
-        status: convert::bet_status_to_pb(row.status) as i32,
-        match_id: row.match_id.map(|m| m.to_string()).unwrap_or_default(),
-        result: convert::bet_result_to_pb(row.result) as i32,
-        payout: row.payout.map(format_money).unwrap_or_default(),
-        version: row.version,
-        created_at: Some(convert::timestamp(row.created_at)),
-        updated_at: Some(convert::timestamp(row.updated_at)),
-        idempotency_key: row.idempotency_key.clone(),
-        refund_reason: convert::refund_reason_to_pb(row.refund_reason) as i32,
-    }
-}
-
-#[tonic::async_trait]
-impl BettingApi for BettingService {
-    #[tracing::instrument(skip_all, fields(round_id = %request.get_ref().round_id))]
-    async fn place_bet(
-        &self,
-        request: Request<pb::PlaceBetRequest>,
-    ) -> Result<Response<pb::PlaceBetResponse>, Status> {
-        let principal = Principal::caller(&request)?;
-        let r = request.into_inner();
-        let result = async {
-            let user = principal.own_user()?;
-            let mut v = Violations::default();
-            let round = v.check("round_id", RoundId::parse(&r.round_id));
-            let side = v.check("side", convert::side_from_pb(r.side));
-            let amount = v.check("amount", Stake::parse(&r.amount));
-            let key = v.check("idempotency_key", IdempotencyKey::parse(&r.idempotency_key));
-            let (Some(round), Some(side), Some(amount), Some(key), true) =
-                (round, side, amount, key, v.is_empty())
-            else {
-                return Err(BettingError::from(v.into_error()));
-            };
-            self.place(user, round, side, amount, key).await
-        }
-        .await;
-        respond_replayable(result.map(|placed| Replayable {
-            message: pb::PlaceBetResponse {
-                bet: Some(bet_pb(&placed.bet)),
-                balance: format_money(placed.balance),
-            },
-            replayed: placed.replayed,
-        }))
-    }
-
-    #[tracing::instrument(skip_all, fields(bet_id = %request.get_ref().bet_id))]
-    async fn get_bet(
-        &self,
-        request: Request<pb::GetBetRequest>,
-    ) -> Result<Response<pb::GetBetResponse>, Status> {
-        let principal = Principal::caller(&request)?;
-        let result = async {
-            let bet = BetId::parse(&request.get_ref().bet_id)
-                .map_err(|e| betting_domain::InvalidRequest::field("bet_id", e.to_string()))?;
-            // Another player's bet is indistinguishable from a missing one.
-            self.store
-                .get(bet)
-                .await?
-                .filter(|row| visible_to(row, &principal))
-                .ok_or(BettingError::BetNotFound)
-        }
-        .await;
-        respond(result.map(|row| pb::GetBetResponse {
-            bet: Some(bet_pb(&row)),
-        }))
-    }
-
-    #[tracing::instrument(skip_all)]
-    async fn list_bets(
-        &self,
-        request: Request<pb::ListBetsRequest>,
-    ) -> Result<Response<pb::ListBetsResponse>, Status> {
-        let principal = Principal::caller(&request)?;
-        let r = request.into_inner();
-        let result = async {
-            let user = principal.resolve_user(r.user_id)?;
-            let mut v = Violations::default();
-            let round = if r.round_id.is_empty() {
-                Some(None)
-            } else {
-                v.check("round_id", RoundId::parse(&r.round_id)).map(Some)
-            };
-            let status = v.check("status", convert::bet_status_filter_from_pb(r.status));
-            let limit = v.check("page_size", convert::page_size(r.page_size));
-            let before = match convert::decode_page_token(&r.page_token) {
-                Ok(None) => Some(None),
-                Ok(Some(cursor)) => v.check(
-                    "page_token",
-                    Uuid::try_parse(&cursor)
-                        .map(Some)
-                        .map_err(|_| "is not a page token this service issued"),
-                ),
-                Err(e) => {
-                    v.add("page_token", e);
-                    None
-                }
-            };
-            let (Some(round), Some(status), Some(limit), Some(before), true) =
-                (round, status, limit, before, v.is_empty())
-            else {
-                return Err(BettingError::from(v.into_error()));
-            };
-            let mut rows = self
-                .store
-                .list(user, round.as_ref(), status, before, limit + 1)
-                .await?;
-            let more = rows.len() as i64 > limit;
-            rows.truncate(limit as usize);
-            let next = match (more, rows.last()) {
-                (true, Some(last)) => convert::encode_page_token(&last.bet_id.to_string()),
-                _ => String::new(),
-            };
-            Ok((rows, next))
-        }
-        .await;
-        respond(result.map(|(rows, next_page_token)| pb::ListBetsResponse {
-            bets: rows.iter().map(bet_pb).collect(),
-            next_page_token,
-        }))
-    }
-
-    #[tracing::instrument(skip_all, fields(bet_id = %request.get_ref().bet_id))]
-    async fn cancel_bet(
-        &self,
-        request: Request<pb::CancelBetRequest>,
-    ) -> Result<Response<pb::CancelBetResponse>, Status> {
-        let principal = Principal::caller(&request)?;
-        let result = async {
-            let bet = BetId::parse(&request.get_ref().bet_id)
-                .map_err(|e| betting_domain::InvalidRequest::field("bet_id", e.to_string()))?;
-            self.cancel(&principal, bet).await
-        }
-        .await;
-        respond(result.map(|(row, balance)| pb::CancelBetResponse {
-            bet: Some(bet_pb(&row)),
-            balance: format_money(balance),
-        }))
-    }
-
-    type WatchBetsStream = betting_streams::EventStream<pb::WatchBetsResponse>;
-
-    #[tracing::instrument(skip_all)]
-    async fn watch_bets(
-        &self,
-        request: Request<pb::WatchBetsRequest>,
-    ) -> Result<Response<Self::WatchBetsStream>, Status> {
-        let principal = Principal::caller(&request)?;
-        respond(self.watch(principal, request.into_inner()).await)
-    }
 }

@@ -7,18 +7,48 @@
 //! Bounded everywhere: notes beyond the hub's buffer mark the stream lagged
 //! (it then resynchronises), and a client that does not read for the send
 //! timeout is cut off with RESOURCE_EXHAUSTED.
+//!
+//! The stream carries [`BetEvent`]s; the server's gRPC adapter turns them
+//! into messages.
 
 use std::collections::HashMap;
 
-use betting_api::{convert, pb};
 use betting_auth::Principal;
 use betting_domain::{BetId, UserId};
-use betting_streams::{EventSink, Note, SinkClosed, StreamEnd, Subscription, cursor, event_stream};
+use betting_streams::{
+    EventSink, EventStream, Note, SinkClosed, StreamEnd, Subscription, cursor, event_stream,
+};
 use chrono::{DateTime, Utc};
 
 use uuid::Uuid;
 
-use crate::{BetRow, BettingError, BettingService, service::bet_pb};
+use crate::{BetRow, BettingError, BettingService};
+
+/// What a WatchBets event says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BetEventKind {
+    /// A bet as it is now, part of a snapshot.
+    Snapshot,
+    /// The snapshot is complete; live changes follow.
+    SnapshotEnd,
+    /// A bet changed.
+    Change,
+    /// Nothing happened; the stream is alive.
+    Heartbeat,
+    /// Changes may have been missed: a fresh snapshot follows.
+    Resync,
+}
+
+/// One event of a WatchBets stream, stamped when it was made.
+#[derive(Debug, Clone)]
+pub struct BetEvent {
+    pub kind: BetEventKind,
+    /// The bet, for a snapshot's or a change's event.
+    pub bet: Option<BetRow>,
+    /// The resume cursor (empty before anything was sent).
+    pub cursor: String,
+    pub sent_at: DateTime<Utc>,
+}
 
 /// At most this many bets named in one request.
 const MAX_NAMED: usize = 100;
@@ -31,7 +61,7 @@ struct Watch {
     user: UserId,
     named: Vec<Uuid>,
     sub: Subscription,
-    sink: EventSink<pb::WatchBetsResponse>,
+    sink: EventSink<BetEvent>,
     /// The version of each bet this stream has sent.
     sent: HashMap<Uuid, i64>,
     /// The latest change time sent: the cursor.
@@ -39,29 +69,32 @@ struct Watch {
 }
 
 impl BettingService {
-    pub async fn watch(
+    /// WatchBets: the caller's bets (all, or the ones named), from a
+    /// snapshot (or the cursor) on, until the token expires.
+    pub async fn watch_bets(
         &self,
-        principal: Principal,
-        request: pb::WatchBetsRequest,
-    ) -> Result<betting_streams::EventStream<pb::WatchBetsResponse>, BettingError> {
+        principal: &Principal,
+        bet_ids: &[String],
+        cursor: &str,
+    ) -> Result<EventStream<BetEvent>, BettingError> {
         let user = principal.own_user()?;
         let mut named = Vec::new();
-        if request.bet_ids.len() > MAX_NAMED {
+        if bet_ids.len() > MAX_NAMED {
             return Err(betting_domain::InvalidRequest::field(
                 "bet_ids",
                 "must name at most 100 bets",
             )
             .into());
         }
-        for id in &request.bet_ids {
+        for id in bet_ids {
             let bet = BetId::parse(id)
                 .map_err(|e| betting_domain::InvalidRequest::field("bet_ids", e.to_string()))?;
             named.push(bet.as_uuid());
         }
-        let resume_from = if request.cursor.is_empty() {
+        let resume_from = if cursor.is_empty() {
             None
         } else {
-            Some(cursor::decode(&request.cursor).ok_or_else(|| {
+            Some(cursor::decode(cursor).ok_or_else(|| {
                 betting_domain::InvalidRequest::field(
                     "cursor",
                     "is not a cursor this service issued",
@@ -134,7 +167,7 @@ impl Watch {
                     }
                 }
                 _ = heartbeat.tick() => {
-                    if self.sink.try_send(self.event(pb::WatchEventType::Heartbeat, None)).is_err() {
+                    if self.sink.try_send(self.event(BetEventKind::Heartbeat, None)).is_err() {
                         return;
                     }
                 }
@@ -142,21 +175,21 @@ impl Watch {
         }
     }
 
-    fn event(&self, kind: pb::WatchEventType, bet: Option<&BetRow>) -> pb::WatchBetsResponse {
-        pb::WatchBetsResponse {
-            r#type: kind as i32,
-            bet: bet.map(bet_pb),
+    fn event(&self, kind: BetEventKind, bet: Option<&BetRow>) -> BetEvent {
+        BetEvent {
+            kind,
+            bet: bet.cloned(),
             cursor: if self.high_water == DateTime::<Utc>::MIN_UTC {
                 String::new()
             } else {
                 cursor::encode(self.high_water)
             },
-            sent_at: Some(convert::timestamp(Utc::now())),
+            sent_at: Utc::now(),
         }
     }
 
     /// Sends a bet if it is newer than what this stream sent.
-    async fn offer(&mut self, kind: pb::WatchEventType, row: &BetRow) -> Result<(), SinkClosed> {
+    async fn offer(&mut self, kind: BetEventKind, row: &BetRow) -> Result<(), SinkClosed> {
         if self
             .sent
             .get(&row.bet_id)
@@ -180,7 +213,7 @@ impl Watch {
         if resync {
             // Anything may have been missed: forget what was sent, send it all again.
             self.sent.clear();
-            let event = self.event(pb::WatchEventType::Resync, None);
+            let event = self.event(BetEventKind::Resync, None);
             self.sink.send(event).await?;
         }
         let rows = match self
@@ -197,9 +230,9 @@ impl Watch {
             }
         };
         for row in &rows {
-            self.offer(pb::WatchEventType::Snapshot, row).await?;
+            self.offer(BetEventKind::Snapshot, row).await?;
         }
-        let end = self.event(pb::WatchEventType::SnapshotEnd, None);
+        let end = self.event(BetEventKind::SnapshotEnd, None);
         self.sink.send(end).await
     }
 
@@ -241,7 +274,7 @@ impl Watch {
             }
         };
         for row in &rows {
-            self.offer(pb::WatchEventType::Change, row).await?;
+            self.offer(BetEventKind::Change, row).await?;
         }
         Ok(())
     }

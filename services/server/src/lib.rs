@@ -6,13 +6,15 @@
 //! serves until a shutdown signal, then drains. Tests run exactly this path.
 //!
 //! One job per module: `infra` binds the ports and holds the stores and the
-//! queues; `roles` builds what each role runs; `router` mounts the gRPC
-//! services; `serve` runs and drains; `health` keeps the health service
-//! true; `feed` feeds the stream hub's sweep.
+//! queues; `roles` builds what each role runs; `grpc` holds the gRPC
+//! adapters of the domain services; `router` mounts them; `serve` runs and
+//! drains; `health` keeps the health service true; `feed` feeds the stream
+//! hub's sweep.
 
 #![forbid(unsafe_code)]
 
 mod feed;
+mod grpc;
 mod health;
 mod infra;
 mod roles;

@@ -1,8 +1,9 @@
 //! The gRPC router: what a process serves, and how.
 //!
 //! Every process serves health (`grpc.health.v1.Health`) and reflection (v1
-//! and v1alpha, over our API and health's), and mounts its roles' services
-//! behind the auth interceptor. Browsers reach all of it with gRPC-Web over
+//! and v1alpha, over our API and health's), and mounts its roles' services,
+//! each through its gRPC adapter ([`crate::grpc`]), behind the auth
+//! interceptor. Browsers reach all of it with gRPC-Web over
 //! HTTP/1.1, and need CORS to. Health reports on the whole server ("") and on
 //! each mounted service by the name its generated server answers to
 //! (`NamedService::NAME`), so the list cannot drift from what is mounted.
@@ -17,7 +18,7 @@ use tonic_web::GrpcWebLayer;
 use tower::layer::util::{Identity, Stack};
 use tower_http::cors::CorsLayer;
 
-use crate::roles::Services;
+use crate::{grpc, roles::Services};
 
 /// The router with its layers: gRPC-Web outside CORS.
 pub(crate) type GrpcRouter =
@@ -46,10 +47,16 @@ pub(crate) fn mount(services: Services, auth: &AuthInterceptor) -> anyhow::Resul
         .build_v1alpha()
         .context("reflection v1alpha")?;
 
-    let wallet = services.wallet.map(|s| s.into_server(auth.clone()));
-    let betting = services.betting.map(|s| s.into_server(auth.clone()));
-    let settlement = services.settlement.map(|s| s.into_server(auth.clone()));
-    let admin = services.admin.map(|s| s.into_server(auth.clone()));
+    let wallet = services
+        .wallet
+        .map(|s| grpc::wallet::server(s, auth.clone()));
+    let betting = services
+        .betting
+        .map(|s| grpc::betting::server(s, auth.clone()));
+    let settlement = services
+        .settlement
+        .map(|s| grpc::settlement::server(s, auth.clone()));
+    let admin = services.admin.map(|s| grpc::admin::server(s, auth.clone()));
     let served = [
         name(&wallet),
         name(&betting),

@@ -17,5 +17,6 @@ mod store;
 mod watch;
 
 pub use error::SettlementError;
-pub use service::SettlementService;
+pub use service::{RoundView, SettlementService};
 pub use store::{MatchView, RoundRow, RoundStore, RoundTotals, Transition};
+pub use watch::RoundUpdate;

@@ -1,21 +1,29 @@
-//! The gRPC face of rounds.
+//! SettlementService's operations on rounds. The request operations take the
+//! caller's `Principal` and the request's plain values, parse and authorise
+//! them, and answer with a [`RoundView`] (the round and its progress) or a
+//! [`SettlementError`]; the server's gRPC adapter converts to and from the
+//! wire.
 
-use betting_api::{
-    convert, pb,
-    pb::settlement_service_server::{SettlementService as SettlementApi, SettlementServiceServer},
-    respond,
-};
-use betting_auth::{AuthInterceptor, Principal};
-use betting_domain::{BetId, InvalidRequest, RoundId, RoundStatus, Side, Violations, format_money};
+use betting_auth::Principal;
+use betting_domain::{BetId, InvalidRequest, RoundId, RoundStatus, Side, Violations};
 use betting_queue::Queue;
-use betting_streams::{Changes, Publisher, StreamContext};
+use betting_streams::{Changes, EventStream, Publisher, StreamContext};
 use sqlx::PgPool;
-use tonic::{Request, Response, Status, service::interceptor::InterceptedService};
 
 use betting_domain::MatchId;
 use betting_jobs::{RefundJob, SettleJob, enqueue_all};
 
-use crate::{RoundRow, RoundStore, RoundTotals, SettlementError, Transition, watch::RoundFeeds};
+use crate::{
+    RoundRow, RoundStore, RoundTotals, SettlementError, Transition,
+    watch::{RoundFeeds, RoundUpdate},
+};
+
+/// A round as the API shows it: its row and its progress.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoundView {
+    pub row: RoundRow,
+    pub totals: RoundTotals,
+}
 
 #[derive(Clone)]
 pub struct SettlementService {
@@ -50,13 +58,6 @@ impl SettlementService {
 
     pub fn rounds(&self) -> &RoundStore {
         &self.rounds
-    }
-
-    pub fn into_server(
-        self,
-        auth: AuthInterceptor,
-    ) -> InterceptedService<SettlementServiceServer<Self>, AuthInterceptor> {
-        SettlementServiceServer::with_interceptor(self, auth)
     }
 
     pub async fn open(&self, round: &RoundId) -> Result<RoundRow, SettlementError> {
@@ -132,166 +133,110 @@ impl SettlementService {
         Ok(transition.round)
     }
 
-    pub(crate) async fn round_pb(&self, row: &RoundRow) -> Result<pb::Round, SettlementError> {
+    /// A round row with its progress.
+    pub(crate) async fn view(&self, row: RoundRow) -> Result<RoundView, SettlementError> {
         let round = RoundId::parse(&row.round_id).map_err(|_| {
             SettlementError::Internal(anyhow::anyhow!("stored round id is invalid"))
         })?;
         let totals = self.rounds.totals(&round).await?;
-        Ok(round_pb(row, &totals))
+        Ok(RoundView { row, totals })
     }
-}
 
-fn round_pb(row: &RoundRow, totals: &RoundTotals) -> pb::Round {
-    pb::Round {
-        round_id: row.round_id.clone(),
-        status: convert::round_status_to_pb(row.status) as i32,
-        winning_side: row
-            .winning_side
-            .map_or(pb::Side::Unspecified, convert::side_to_pb) as i32,
-        stats: Some(pb::RoundStats {
-            pending_bets: totals.pending,
-            matched_bets: totals.matched,
-            settled_bets: totals.settled,
-            refunded_bets: totals.refunded,
-            total_staked: format_money(totals.staked),
-            total_paid_out: format_money(totals.paid_out),
-            total_refunded: format_money(totals.refunded_amount),
-            matches: totals.matches,
-            settled_matches: totals.settled_matches,
-            outstanding_jobs: totals.outstanding_jobs,
-        }),
-        created_at: Some(convert::timestamp(row.created_at)),
-        closed_at: row.closed_at.map(convert::timestamp),
-        settled_at: row.settled_at.map(convert::timestamp),
-        void_reason: row.void_reason.clone().unwrap_or_default(),
+    /// OpenRound: backend only.
+    pub async fn open_round(
+        &self,
+        principal: &Principal,
+        round_id: &str,
+    ) -> Result<RoundView, SettlementError> {
+        principal.require_backend()?;
+        let round = parse_round(round_id)?;
+        let row = self.open(&round).await?;
+        self.view(row).await
+    }
+
+    /// CloseRound: backend only.
+    pub async fn close_round(
+        &self,
+        principal: &Principal,
+        round_id: &str,
+    ) -> Result<RoundView, SettlementError> {
+        principal.require_backend()?;
+        let round = parse_round(round_id)?;
+        let row = self.close(&round).await?;
+        self.view(row).await
+    }
+
+    /// GetRound: any caller.
+    pub async fn get_round(&self, round_id: &str) -> Result<RoundView, SettlementError> {
+        let round = parse_round(round_id)?;
+        let row = self
+            .rounds
+            .get(&round)
+            .await?
+            .ok_or(SettlementError::RoundNotFound)?;
+        self.view(row).await
+    }
+
+    /// SettleRound: backend only. `winning_side` is the wire's side, parsed
+    /// (or what is wrong with it).
+    pub async fn settle_round(
+        &self,
+        principal: &Principal,
+        round_id: &str,
+        winning_side: Result<Side, &'static str>,
+    ) -> Result<RoundView, SettlementError> {
+        principal.require_backend()?;
+        let mut v = Violations::default();
+        let round = v.check("round_id", RoundId::parse(round_id));
+        let side = v.check("winning_side", winning_side);
+        let (Some(round), Some(side), true) = (round, side, v.is_empty()) else {
+            return Err(SettlementError::from(v.into_error()));
+        };
+        let row = self.settle(&round, side).await?;
+        self.view(row).await
+    }
+
+    /// VoidRound: backend only.
+    pub async fn void_round(
+        &self,
+        principal: &Principal,
+        round_id: &str,
+        reason: &str,
+    ) -> Result<RoundView, SettlementError> {
+        principal.require_backend()?;
+        let mut v = Violations::default();
+        let round = v.check("round_id", RoundId::parse(round_id));
+        if reason.chars().count() > 256 || reason.chars().any(char::is_control) {
+            v.add("reason", "must be at most 256 printable characters");
+        }
+        let (Some(round), true) = (round, v.is_empty()) else {
+            return Err(SettlementError::from(v.into_error()));
+        };
+        let row = self.void(&round, reason).await?;
+        self.view(row).await
+    }
+
+    /// WatchRound: any caller, until its token expires.
+    pub async fn watch_round(
+        &self,
+        principal: &Principal,
+        round_id: &str,
+    ) -> Result<EventStream<RoundUpdate>, SettlementError> {
+        let round = parse_round(round_id)?;
+        let row = self
+            .rounds
+            .get(&round)
+            .await?
+            .ok_or(SettlementError::RoundNotFound)?;
+        let feeds = self
+            .feeds
+            .as_ref()
+            .ok_or_else(|| SettlementError::Internal(anyhow::anyhow!("streams are not set up")))?;
+        let first = self.view(row).await?;
+        Ok(feeds.watch(self.clone(), round, first, principal.expires_at))
     }
 }
 
 fn parse_round(text: &str) -> Result<RoundId, SettlementError> {
     RoundId::parse(text).map_err(|e| InvalidRequest::field("round_id", e.to_string()).into())
-}
-
-#[tonic::async_trait]
-impl SettlementApi for SettlementService {
-    #[tracing::instrument(skip_all, fields(round_id = %request.get_ref().round_id))]
-    async fn open_round(
-        &self,
-        request: Request<pb::OpenRoundRequest>,
-    ) -> Result<Response<pb::OpenRoundResponse>, Status> {
-        let principal = Principal::caller(&request)?;
-        let result = async {
-            principal.require_backend()?;
-            let round = parse_round(&request.get_ref().round_id)?;
-            let row = self.open(&round).await?;
-            self.round_pb(&row).await
-        }
-        .await;
-        respond(result.map(|round| pb::OpenRoundResponse { round: Some(round) }))
-    }
-
-    #[tracing::instrument(skip_all, fields(round_id = %request.get_ref().round_id))]
-    async fn close_round(
-        &self,
-        request: Request<pb::CloseRoundRequest>,
-    ) -> Result<Response<pb::CloseRoundResponse>, Status> {
-        let principal = Principal::caller(&request)?;
-        let result = async {
-            principal.require_backend()?;
-            let round = parse_round(&request.get_ref().round_id)?;
-            let row = self.close(&round).await?;
-            self.round_pb(&row).await
-        }
-        .await;
-        respond(result.map(|round| pb::CloseRoundResponse { round: Some(round) }))
-    }
-
-    #[tracing::instrument(skip_all, fields(round_id = %request.get_ref().round_id))]
-    async fn get_round(
-        &self,
-        request: Request<pb::GetRoundRequest>,
-    ) -> Result<Response<pb::GetRoundResponse>, Status> {
-        let _caller = Principal::caller(&request)?;
-        let result = async {
-            let round = parse_round(&request.get_ref().round_id)?;
-            let row = self
-                .rounds
-                .get(&round)
-                .await?
-                .ok_or(SettlementError::RoundNotFound)?;
-            self.round_pb(&row).await
-        }
-        .await;
-        respond(result.map(|round| pb::GetRoundResponse { round: Some(round) }))
-    }
-
-    #[tracing::instrument(skip_all, fields(round_id = %request.get_ref().round_id))]
-    async fn settle_round(
-        &self,
-        request: Request<pb::SettleRoundRequest>,
-    ) -> Result<Response<pb::SettleRoundResponse>, Status> {
-        let principal = Principal::caller(&request)?;
-        let result = async {
-            principal.require_backend()?;
-            let r = request.get_ref();
-            let mut v = Violations::default();
-            let round = v.check("round_id", RoundId::parse(&r.round_id));
-            let side = v.check("winning_side", convert::side_from_pb(r.winning_side));
-            let (Some(round), Some(side), true) = (round, side, v.is_empty()) else {
-                return Err(SettlementError::from(v.into_error()));
-            };
-            let row = self.settle(&round, side).await?;
-            self.round_pb(&row).await
-        }
-        .await;
-        respond(result.map(|round| pb::SettleRoundResponse { round: Some(round) }))
-    }
-
-    #[tracing::instrument(skip_all, fields(round_id = %request.get_ref().round_id))]
-    async fn void_round(
-        &self,
-        request: Request<pb::VoidRoundRequest>,
-    ) -> Result<Response<pb::VoidRoundResponse>, Status> {
-        let principal = Principal::caller(&request)?;
-        let result = async {
-            principal.require_backend()?;
-            let r = request.get_ref();
-            let mut v = Violations::default();
-            let round = v.check("round_id", RoundId::parse(&r.round_id));
-            if r.reason.chars().count() > 256 || r.reason.chars().any(char::is_control) {
-                v.add("reason", "must be at most 256 printable characters");
-            }
-            let (Some(round), true) = (round, v.is_empty()) else {
-                return Err(SettlementError::from(v.into_error()));
-            };
-            let row = self.void(&round, &r.reason).await?;
-            self.round_pb(&row).await
-        }
-        .await;
-        respond(result.map(|round| pb::VoidRoundResponse { round: Some(round) }))
-    }
-
-    type WatchRoundStream = betting_streams::EventStream<pb::WatchRoundResponse>;
-
-    #[tracing::instrument(skip_all, fields(round_id = %request.get_ref().round_id))]
-    async fn watch_round(
-        &self,
-        request: Request<pb::WatchRoundRequest>,
-    ) -> Result<Response<Self::WatchRoundStream>, Status> {
-        let principal = Principal::caller(&request)?;
-        let result = async {
-            let round = parse_round(&request.get_ref().round_id)?;
-            let row = self
-                .rounds
-                .get(&round)
-                .await?
-                .ok_or(SettlementError::RoundNotFound)?;
-            let feeds = self.feeds.as_ref().ok_or_else(|| {
-                SettlementError::Internal(anyhow::anyhow!("streams are not set up"))
-            })?;
-            let first = self.round_pb(&row).await?;
-            Ok::<_, SettlementError>(feeds.watch(self.clone(), round, first, principal.expires_at))
-        }
-        .await;
-        respond(result)
-    }
 }

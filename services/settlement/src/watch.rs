@@ -5,6 +5,8 @@
 //! for changes to settle (a settle changes many bets at once), reads the round
 //! and publishes it on a `watch` channel. Watchers only ever hold the latest
 //! value, so a slow client costs no memory: it just skips intermediate states.
+//! The stream carries [`RoundUpdate`]s; the server's gRPC adapter turns them
+//! into messages.
 
 use std::{
     collections::HashMap,
@@ -12,12 +14,20 @@ use std::{
     time::Duration,
 };
 
-use betting_api::{convert, pb};
 use betting_domain::RoundId;
 use betting_streams::{EventStream, Note, StreamContext, StreamEnd, event_stream};
+use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 
-use crate::SettlementService;
+use crate::{SettlementService, service::RoundView};
+
+/// One event of a WatchRound stream: the round's latest state, or a
+/// heartbeat (`round` is `None`), stamped when it was made.
+#[derive(Debug, Clone)]
+pub struct RoundUpdate {
+    pub round: Option<Arc<RoundView>>,
+    pub sent_at: DateTime<Utc>,
+}
 
 /// Changes closer together than this are sent as one.
 const DEBOUNCE: Duration = Duration::from_millis(50);
@@ -25,7 +35,7 @@ const DEBOUNCE: Duration = Duration::from_millis(50);
 #[derive(Clone)]
 pub struct RoundFeeds {
     context: StreamContext,
-    feeds: Arc<Mutex<HashMap<String, watch::Receiver<Arc<pb::Round>>>>>,
+    feeds: Arc<Mutex<HashMap<String, watch::Receiver<Arc<RoundView>>>>>,
 }
 
 impl RoundFeeds {
@@ -41,9 +51,9 @@ impl RoundFeeds {
         &self,
         service: SettlementService,
         round: RoundId,
-        first: pb::Round,
+        first: RoundView,
         expires_at: Option<u64>,
-    ) -> EventStream<pb::WatchRoundResponse> {
+    ) -> EventStream<RoundUpdate> {
         let mut rx = self.feed(service, &round, first);
         let settings = self.context.settings.clone();
         let (sink, stream) = event_stream(settings.buffer, settings.send_timeout);
@@ -52,10 +62,9 @@ impl RoundFeeds {
         tokio::spawn(async move {
             let mut heartbeat = tokio::time::interval(settings.heartbeat);
             heartbeat.reset();
-            let event = |round: Option<Arc<pb::Round>>| pb::WatchRoundResponse {
-                heartbeat: round.is_none(),
-                round: round.map(|r| (*r).clone()),
-                sent_at: Some(convert::timestamp(chrono::Utc::now())),
+            let event = |round: Option<Arc<RoundView>>| RoundUpdate {
+                round,
+                sent_at: Utc::now(),
             };
             let current = rx.borrow_and_update().clone();
             if sink.send(event(Some(current))).await.is_err() {
@@ -99,8 +108,8 @@ impl RoundFeeds {
         &self,
         service: SettlementService,
         round: &RoundId,
-        first: pb::Round,
-    ) -> watch::Receiver<Arc<pb::Round>> {
+        first: RoundView,
+    ) -> watch::Receiver<Arc<RoundView>> {
         let mut feeds = match self.feeds.lock() {
             Ok(f) => f,
             Err(poisoned) => poisoned.into_inner(),
@@ -124,7 +133,7 @@ impl RoundFeeds {
         service: SettlementService,
         round: RoundId,
         mut sub: betting_streams::Subscription,
-        tx: watch::Sender<Arc<pb::Round>>,
+        tx: watch::Sender<Arc<RoundView>>,
     ) {
         let stop = self.context.stop.clone();
         let mut idle_check = tokio::time::interval(Duration::from_secs(1));
@@ -160,13 +169,13 @@ impl RoundFeeds {
         &self,
         service: &SettlementService,
         round: &RoundId,
-        tx: &watch::Sender<Arc<pb::Round>>,
+        tx: &watch::Sender<Arc<RoundView>>,
     ) {
         let row = match service.rounds().get(round).await {
             Ok(Some(row)) => row,
             _ => return,
         };
-        let Ok(fresh) = service.round_pb(&row).await else {
+        let Ok(fresh) = service.view(row).await else {
             return;
         };
         tx.send_if_modified(|current| {

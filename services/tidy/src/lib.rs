@@ -9,10 +9,12 @@
 //!   every movement of money goes through its idempotent, locked path.
 //! - **gRPC stays at the edge.** `tonic` and `prost` appear only in the API
 //!   crate, the server (composition root), the gRPC clients and
-//!   interceptors (`wallet-client`, `auth`, `streams`' stream type), and each
-//!   service crate's gRPC modules (`service.rs`, `watch.rs`). Stores, the
-//!   ledger, the matcher, refunds, the reconciler, jobs, the queue, the
-//!   domain and the database crate know nothing of the transport.
+//!   interceptors (`wallet-client`, `auth`, `streams`' stream type) and the
+//!   CLI. The services (wallet, betting, settlement, audit) expose
+//!   domain-typed operations and the server's `grpc/` adapters implement
+//!   the generated traits over them; stores, the ledger, the matcher,
+//!   refunds, the reconciler, jobs, the queue, the domain and the database
+//!   crate know nothing of the transport either.
 //! - **Statuses come from one mapping.** No `Status::…` is built outside
 //!   `services/api/src/status.rs`, so every error a client sees has its
 //!   code, a safe message and an `ErrorInfo` reason.

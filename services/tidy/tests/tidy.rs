@@ -122,15 +122,7 @@ fn only_the_wallet_writes_money_tables() {
 /// transport leaking into the core.
 fn grpc_allowed(rel: &str) -> bool {
     const CRATES: &[&str] = &["api", "server", "auth", "wallet-client", "streams", "cli"];
-    const EDGE_FILES: &[&str] = &[
-        "services/wallet/src/service.rs",
-        "services/betting/src/service.rs",
-        "services/betting/src/watch.rs",
-        "services/settlement/src/service.rs",
-        "services/settlement/src/watch.rs",
-        "services/audit/src/service.rs",
-    ];
-    CRATES.contains(&crate_of(rel)) || EDGE_FILES.contains(&rel)
+    CRATES.contains(&crate_of(rel))
 }
 
 #[test]

@@ -13,4 +13,4 @@ mod service;
 
 pub use error::WalletError;
 pub use ledger::{Entry, Guard, Ledger, Posted, Transfer, WalletView};
-pub use service::WalletService;
+pub use service::{EntryPage, WalletService};

@@ -1,18 +1,24 @@
-//! The gRPC face of the wallet: parse, authorise, post, convert.
+//! WalletService's operations: parse, authorise, post. They take the
+//! caller's `Principal` and the request's plain values, and answer with
+//! ledger rows or a [`WalletError`]; the server's gRPC adapter converts
+//! to and from the wire.
 
-use betting_api::{
-    Replayable, convert, pb,
-    pb::wallet_service_server::{WalletService as WalletApi, WalletServiceServer},
-    respond, respond_replayable,
-};
-use betting_auth::{AuthInterceptor, Principal};
+use betting_auth::Principal;
 use betting_domain::{
-    Amount, BetId, EntryKind, IdempotencyKey, MatchId, Reference, UserId, Violations, format_money,
+    Amount, BetId, EntryKind, IdempotencyKey, InvalidRequest, MatchId, Reference, UserId,
+    Violations,
 };
 use sqlx::PgPool;
-use tonic::{Request, Response, Status, service::interceptor::InterceptedService};
 
 use crate::{Entry, Guard, Ledger, Posted, Transfer, WalletError, WalletView};
+
+/// A page of ledger entries, newest first.
+#[derive(Debug)]
+pub struct EntryPage {
+    pub entries: Vec<Entry>,
+    /// Whether older entries follow the last one.
+    pub more: bool,
+}
 
 /// Keys our own services use; clients may not take them.
 const RESERVED_KEY_PREFIXES: &[&str] = &["BET:", "REFUND:", "SETTLE:"];
@@ -29,12 +35,98 @@ impl WalletService {
         }
     }
 
-    /// The tonic service, behind the bearer-token check.
-    pub fn into_server(
-        self,
-        auth: AuthInterceptor,
-    ) -> InterceptedService<WalletServiceServer<Self>, AuthInterceptor> {
-        WalletServiceServer::with_interceptor(self, auth)
+    /// GetWallet: the caller's wallet, or any user's for backend and admin.
+    pub async fn wallet(
+        &self,
+        principal: &Principal,
+        user_id: i64,
+    ) -> Result<WalletView, WalletError> {
+        let user = principal.resolve_user(user_id)?;
+        self.ledger.wallet(user).await
+    }
+
+    /// Deposit: money in from outside; backend or admin only.
+    pub async fn deposit(
+        &self,
+        principal: &Principal,
+        user_id: i64,
+        amount: &str,
+        key: &str,
+        reference: &str,
+    ) -> Result<Posted, WalletError> {
+        self.external(
+            principal,
+            EntryKind::Deposit,
+            user_id,
+            amount,
+            key,
+            reference,
+        )
+        .await
+    }
+
+    /// Withdraw: money out; backend or admin only.
+    pub async fn withdraw(
+        &self,
+        principal: &Principal,
+        user_id: i64,
+        amount: &str,
+        key: &str,
+        reference: &str,
+    ) -> Result<Posted, WalletError> {
+        self.external(
+            principal,
+            EntryKind::Withdrawal,
+            user_id,
+            amount,
+            key,
+            reference,
+        )
+        .await
+    }
+
+    /// ListLedgerEntries: one page of a user's entries, newest first. `page`
+    /// is the parsed page size and cursor (an entry id), or what was wrong
+    /// with them; it is looked at only once the caller may see the user.
+    pub async fn entries(
+        &self,
+        principal: &Principal,
+        user_id: i64,
+        page: Result<(i64, Option<i64>), InvalidRequest>,
+    ) -> Result<EntryPage, WalletError> {
+        let user = principal.resolve_user(user_id)?;
+        let (limit, before) = page?;
+        // One more than asked tells whether another page exists.
+        let mut entries = self.ledger.entries(user, before, limit + 1).await?;
+        let more = entries.len() as i64 > limit;
+        entries.truncate(limit as usize);
+        Ok(EntryPage { entries, more })
+    }
+
+    /// HoldStake: a bet's stake into escrow, keyed `BET:{bet_id}`; backend only.
+    pub async fn hold_stake(
+        &self,
+        principal: &Principal,
+        user_id: i64,
+        amount: &str,
+        key: &str,
+        bet_id: &str,
+    ) -> Result<Posted, WalletError> {
+        self.internal(principal, EntryKind::Stake, user_id, amount, key, bet_id)
+            .await
+    }
+
+    /// RefundStake: a bet's stake back, keyed `REFUND:{bet_id}`; backend only.
+    pub async fn refund_stake(
+        &self,
+        principal: &Principal,
+        user_id: i64,
+        amount: &str,
+        key: &str,
+        bet_id: &str,
+    ) -> Result<Posted, WalletError> {
+        self.internal(principal, EntryKind::Refund, user_id, amount, key, bet_id)
+            .await
     }
 
     /// Deposit and Withdraw share everything but the direction.
@@ -130,20 +222,25 @@ impl WalletService {
     }
 
     /// PayWinnings: twice the stake, once per match, to the owner of one of its bets.
-    async fn payout(
+    /// Backend only.
+    pub async fn pay_winnings(
         &self,
         principal: &Principal,
-        r: &pb::PayWinningsRequest,
+        user_id: i64,
+        amount: &str,
+        match_id: &str,
+        key: &str,
+        bet_ids: &[String],
     ) -> Result<Posted, WalletError> {
         principal.require_backend()?;
         let mut v = Violations::default();
-        let user = v.check("user_id", UserId::new(r.user_id));
-        let amount = v.check("amount", Amount::parse(&r.amount));
-        let matched = v.check("match_id", MatchId::parse(&r.match_id));
-        let key = v.check("idempotency_key", IdempotencyKey::parse(&r.idempotency_key));
-        let bets: Option<Vec<BetId>> = if r.bet_ids.len() == 2 {
-            let a = v.check("bet_ids", BetId::parse(&r.bet_ids[0]));
-            let b = v.check("bet_ids", BetId::parse(&r.bet_ids[1]));
+        let user = v.check("user_id", UserId::new(user_id));
+        let amount = v.check("amount", Amount::parse(amount));
+        let matched = v.check("match_id", MatchId::parse(match_id));
+        let key = v.check("idempotency_key", IdempotencyKey::parse(key));
+        let bets: Option<Vec<BetId>> = if bet_ids.len() == 2 {
+            let a = v.check("bet_ids", BetId::parse(&bet_ids[0]));
+            let b = v.check("bet_ids", BetId::parse(&bet_ids[1]));
             match (a, b) {
                 (Some(a), Some(b)) if a != b => Some(vec![a, b]),
                 (Some(_), Some(_)) => {
@@ -184,208 +281,5 @@ impl WalletService {
                 },
             })
             .await
-    }
-}
-
-fn wallet_pb(w: &WalletView) -> pb::Wallet {
-    pb::Wallet {
-        user_id: w.user_id,
-        balance: format_money(w.balance),
-        updated_at: w.updated_at.map(convert::timestamp),
-    }
-}
-
-fn entry_pb(e: &Entry) -> pb::LedgerEntry {
-    pb::LedgerEntry {
-        entry_id: e.entry_id,
-        transfer_id: e.transfer_id.to_string(),
-        user_id: e.user_id,
-        kind: convert::entry_kind_to_pb(e.kind) as i32,
-        amount: format_money(e.amount),
-        balance_after: format_money(e.balance_after),
-        counterparty: convert::account_to_pb(e.counterparty) as i32,
-        idempotency_key: e.idempotency_key.clone(),
-        reference: e.reference.clone(),
-        created_at: Some(convert::timestamp(e.created_at)),
-    }
-}
-
-/// A posted movement as an answer: the entry and the wallet right after,
-/// marked as a replay when the key had been seen (the body of a replay is
-/// exactly the original's).
-fn moved<T>(
-    posted: Posted,
-    body: impl FnOnce(Option<pb::LedgerEntry>, Option<pb::Wallet>) -> T,
-) -> Replayable<T> {
-    Replayable {
-        message: body(
-            Some(entry_pb(&posted.entry)),
-            Some(wallet_pb(&posted.wallet)),
-        ),
-        replayed: posted.replayed,
-    }
-}
-
-#[tonic::async_trait]
-impl WalletApi for WalletService {
-    #[tracing::instrument(skip_all, fields(user_id = request.get_ref().user_id))]
-    async fn get_wallet(
-        &self,
-        request: Request<pb::GetWalletRequest>,
-    ) -> Result<Response<pb::GetWalletResponse>, Status> {
-        let principal = Principal::caller(&request)?;
-        let result = async {
-            let user = principal.resolve_user(request.get_ref().user_id)?;
-            self.ledger.wallet(user).await
-        }
-        .await;
-        respond(result.map(|wallet| pb::GetWalletResponse {
-            wallet: Some(wallet_pb(&wallet)),
-        }))
-    }
-
-    #[tracing::instrument(skip_all, fields(user_id = request.get_ref().user_id))]
-    async fn deposit(
-        &self,
-        request: Request<pb::DepositRequest>,
-    ) -> Result<Response<pb::DepositResponse>, Status> {
-        let principal = Principal::caller(&request)?;
-        let r = request.get_ref();
-        let posted = self
-            .external(
-                &principal,
-                EntryKind::Deposit,
-                r.user_id,
-                &r.amount,
-                &r.idempotency_key,
-                &r.reference,
-            )
-            .await;
-        respond_replayable(
-            posted.map(|p| moved(p, |entry, wallet| pb::DepositResponse { entry, wallet })),
-        )
-    }
-
-    #[tracing::instrument(skip_all, fields(user_id = request.get_ref().user_id))]
-    async fn withdraw(
-        &self,
-        request: Request<pb::WithdrawRequest>,
-    ) -> Result<Response<pb::WithdrawResponse>, Status> {
-        let principal = Principal::caller(&request)?;
-        let r = request.get_ref();
-        let posted = self
-            .external(
-                &principal,
-                EntryKind::Withdrawal,
-                r.user_id,
-                &r.amount,
-                &r.idempotency_key,
-                &r.reference,
-            )
-            .await;
-        respond_replayable(
-            posted.map(|p| moved(p, |entry, wallet| pb::WithdrawResponse { entry, wallet })),
-        )
-    }
-
-    #[tracing::instrument(skip_all, fields(user_id = request.get_ref().user_id))]
-    async fn list_ledger_entries(
-        &self,
-        request: Request<pb::ListLedgerEntriesRequest>,
-    ) -> Result<Response<pb::ListLedgerEntriesResponse>, Status> {
-        let principal = Principal::caller(&request)?;
-        let r = request.get_ref();
-        let result = async {
-            let user = principal.resolve_user(r.user_id)?;
-            let mut v = Violations::default();
-            let limit = v.check("page_size", convert::page_size(r.page_size));
-            let before = v
-                .check("page_token", convert::decode_page_token(&r.page_token))
-                .map(|cursor| cursor.map(|c| c.parse::<i64>()));
-            let before = match before {
-                Some(Some(Ok(id))) => Some(Some(id)),
-                Some(Some(Err(_))) => {
-                    v.add("page_token", "is not a page token this service issued");
-                    None
-                }
-                Some(None) => Some(None),
-                None => None,
-            };
-            let (Some(limit), Some(before), true) = (limit, before, v.is_empty()) else {
-                return Err(WalletError::from(v.into_error()));
-            };
-            // One more than asked tells whether another page exists.
-            let mut entries = self.ledger.entries(user, before, limit + 1).await?;
-            let more = entries.len() as i64 > limit;
-            entries.truncate(limit as usize);
-            let next = match (more, entries.last()) {
-                (true, Some(last)) => convert::encode_page_token(&last.entry_id.to_string()),
-                _ => String::new(),
-            };
-            Ok((entries, next))
-        }
-        .await;
-        respond(
-            result.map(|(entries, next_page_token)| pb::ListLedgerEntriesResponse {
-                entries: entries.iter().map(entry_pb).collect(),
-                next_page_token,
-            }),
-        )
-    }
-
-    #[tracing::instrument(skip_all, fields(bet_id = %request.get_ref().bet_id))]
-    async fn hold_stake(
-        &self,
-        request: Request<pb::HoldStakeRequest>,
-    ) -> Result<Response<pb::HoldStakeResponse>, Status> {
-        let principal = Principal::caller(&request)?;
-        let r = request.get_ref();
-        let posted = self
-            .internal(
-                &principal,
-                EntryKind::Stake,
-                r.user_id,
-                &r.amount,
-                &r.idempotency_key,
-                &r.bet_id,
-            )
-            .await;
-        respond_replayable(
-            posted.map(|p| moved(p, |entry, wallet| pb::HoldStakeResponse { entry, wallet })),
-        )
-    }
-
-    #[tracing::instrument(skip_all, fields(bet_id = %request.get_ref().bet_id))]
-    async fn refund_stake(
-        &self,
-        request: Request<pb::RefundStakeRequest>,
-    ) -> Result<Response<pb::RefundStakeResponse>, Status> {
-        let principal = Principal::caller(&request)?;
-        let r = request.get_ref();
-        let posted = self
-            .internal(
-                &principal,
-                EntryKind::Refund,
-                r.user_id,
-                &r.amount,
-                &r.idempotency_key,
-                &r.bet_id,
-            )
-            .await;
-        respond_replayable(
-            posted.map(|p| moved(p, |entry, wallet| pb::RefundStakeResponse { entry, wallet })),
-        )
-    }
-
-    #[tracing::instrument(skip_all, fields(match_id = %request.get_ref().match_id))]
-    async fn pay_winnings(
-        &self,
-        request: Request<pb::PayWinningsRequest>,
-    ) -> Result<Response<pb::PayWinningsResponse>, Status> {
-        let principal = Principal::caller(&request)?;
-        let posted = self.payout(&principal, request.get_ref()).await;
-        respond_replayable(
-            posted.map(|p| moved(p, |entry, wallet| pb::PayWinningsResponse { entry, wallet })),
-        )
     }
 }

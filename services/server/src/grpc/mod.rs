@@ -1,0 +1,12 @@
+//! The gRPC adapters: one per service, each a local newtype over the
+//! service crate's domain-typed service that implements the generated tonic
+//! trait. An adapter gets the caller with `Principal::caller`, parses the
+//! wire request (with `betting_api::convert` and `Violations`), calls the
+//! service, converts its rows to messages and answers with
+//! `betting_api::respond` or `respond_replayable`. The service crates know
+//! no transport; this module and the api crate are where gRPC lives.
+
+pub(crate) mod admin;
+pub(crate) mod betting;
+pub(crate) mod settlement;
+pub(crate) mod wallet;
