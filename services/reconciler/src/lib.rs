@@ -227,14 +227,13 @@ impl Reconciler {
             .outbox
             .due(Duration::ZERO, after.as_deref(), s.batch)
             .await?;
-        self.advance(
-            |c| &mut c.commands,
-            owed.last().map(|c| c.key.to_string()),
-            owed.len(),
-            s.batch,
-        );
-        report.refund_jobs = owed.len();
-        let jobs: Vec<_> = owed.iter().map(|c| RefundJob::for_key(&c.key)).collect();
+        self.advance(|c| &mut c.commands, owed.last_key, owed.rows, s.batch);
+        report.refund_jobs = owed.refunds.len();
+        let jobs: Vec<_> = owed
+            .refunds
+            .iter()
+            .map(|c| RefundJob::for_key(&c.key))
+            .collect();
         enqueue_all(&self.refund_queue, &jobs).await;
 
         if report.timed_out + report.stranded > 0 {

@@ -20,6 +20,6 @@ mod refund;
 mod runner;
 
 pub use handler::RefundHandler;
-pub use outbox::{Outbox, OwedRefund};
+pub use outbox::{DuePage, Outbox, OwedRefund};
 pub use refund::{Refunds, refund_bets};
 pub use runner::{RefundError, Refunder};

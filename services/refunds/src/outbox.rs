@@ -59,6 +59,17 @@ impl TryFrom<CommandRow> for OwedRefund {
     }
 }
 
+/// A page of [`Outbox::due`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DuePage {
+    /// The refunds of the page that decode.
+    pub refunds: Vec<OwedRefund>,
+    /// Rows read, skipped ones included: fewer than asked means the end.
+    pub rows: usize,
+    /// The key of the last row read: the next page starts after it.
+    pub last_key: Option<String>,
+}
+
 macro_rules! command_columns {
     () => {
         "idempotency_key, kind, user_id, amount, bet_id, attempts, done_at"
@@ -96,26 +107,45 @@ impl Outbox {
     /// being carried out by the request that wrote them), in key order after
     /// `after`: a caller pages through all of them across calls, so refunds
     /// that never complete cannot hide the ones behind them.
+    ///
+    /// Only refunds: the table's other kind is not this outbox's to carry
+    /// out. A row that does not decode (a refund naming no bet, say) is
+    /// logged and skipped, never allowed to fail the page: one bad row must
+    /// not stop every refund behind it (the audit reports it). The page says
+    /// where the next one starts, past skipped rows too.
     pub async fn due(
         &self,
         age: Duration,
         after: Option<&str>,
         limit: i64,
-    ) -> Result<Vec<OwedRefund>, StoreError> {
+    ) -> Result<DuePage, StoreError> {
         let rows: Vec<CommandRow> = sqlx::query_as(concat!(
             "SELECT ",
             command_columns!(),
             " FROM wallet_commands \
-             WHERE done_at IS NULL AND created_at < now() - make_interval(secs => $1) \
+             WHERE done_at IS NULL AND kind = $4 \
+               AND created_at < now() - make_interval(secs => $1) \
                AND ($2::TEXT IS NULL OR idempotency_key > $2) \
              ORDER BY idempotency_key LIMIT $3"
         ))
         .bind(age.as_secs_f64())
         .bind(after)
         .bind(limit)
+        .bind(REFUND_KIND.as_db())
         .fetch_all(&self.pool)
         .await?;
-        rows.into_iter().map(OwedRefund::try_from).collect()
+        let mut page = DuePage {
+            rows: rows.len(),
+            last_key: rows.last().map(|r| r.idempotency_key.clone()),
+            refunds: Vec::with_capacity(rows.len()),
+        };
+        for row in rows {
+            match OwedRefund::try_from(row) {
+                Ok(owed) => page.refunds.push(owed),
+                Err(error) => tracing::error!(%error, "an owed refund cannot be read; skipped"),
+            }
+        }
+        Ok(page)
     }
 
     pub async fn done(&self, key: &IdempotencyKey) -> Result<(), StoreError> {

@@ -141,3 +141,39 @@ async fn attack_one_payout_command_stops_the_reconciler_enqueueing_refunds() {
         "reconciler passes failed: {passes:?}"
     );
 }
+
+/// The other half of the fix above: a refund row that cannot be read (this
+/// one names no bet, which the schema admits) is skipped, and the page still
+/// carries the refunds behind it and says where the next page starts.
+#[tokio::test]
+async fn an_unreadable_refund_row_does_not_hide_the_ones_behind_it() {
+    let app = TestApp::spawn_roles(API_ONLY).await;
+    app.deposit(1, "10").await;
+    app.open_round("r").await;
+    let bet = app.place_ok(1, "r", pb::Side::A, "5").await;
+    for (key, bet_id) in [
+        ("REFUND:0-unreadable".to_owned(), None),
+        (format!("REFUND:{}", bet.bet_id), Some(bet.bet_id.clone())),
+    ] {
+        sqlx::query(
+            "INSERT INTO wallet_commands (idempotency_key, kind, user_id, amount, bet_id) \
+             VALUES ($1, 'REFUND', 1, 5, $2::UUID)",
+        )
+        .bind(&key)
+        .bind(bet_id)
+        .execute(&app.pool)
+        .await
+        .expect("owed refund");
+    }
+    let page = Outbox::new(app.pool.clone())
+        .due(Duration::ZERO, None, 10)
+        .await
+        .expect("the page is read despite the bad row");
+    assert_eq!(page.rows, 2);
+    assert_eq!(page.refunds.len(), 1, "{page:?}");
+    assert_eq!(
+        page.refunds[0].key.as_str(),
+        format!("REFUND:{}", bet.bet_id)
+    );
+    assert_eq!(page.last_key, Some(format!("REFUND:{}", bet.bet_id)));
+}
