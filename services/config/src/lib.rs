@@ -123,7 +123,12 @@ pub struct Settings {
     pub placing_grace_secs: u64,
 
     /// Milliseconds between recovery passes (the betting role).
-    #[arg(long, env = "BETTING_RECOVERY_INTERVAL_MS", default_value_t = 2000)]
+    #[arg(
+        long,
+        alias = "maintenance-interval-ms",
+        env = "BETTING_RECOVERY_INTERVAL_MS",
+        default_value_t = 2000
+    )]
     pub recovery_interval_ms: u64,
 
     /// Seconds a bet may wait for an opponent before it is refunded.
@@ -178,7 +183,19 @@ pub enum ConfigError {
         "BETTING_QUEUE_VISIBILITY_MS must be at least {minimum_ms}: a worker heartbeats between fetches that wait up to {poll_ms} ms, and its lease must outlast twice the longest gap between heartbeats"
     )]
     ShortVisibility { minimum_ms: u128, poll_ms: u128 },
+    #[error("{old} was renamed {new}: set that instead")]
+    Renamed {
+        old: &'static str,
+        new: &'static str,
+    },
 }
+
+/// Environment variables an earlier version read, and their new names: a
+/// process refuses to start with an old one rather than silently ignore it.
+const RENAMED_VARIABLES: &[(&str, &str)] = &[(
+    "BETTING_MAINTENANCE_INTERVAL_MS",
+    "BETTING_RECOVERY_INTERVAL_MS",
+)];
 
 impl Settings {
     /// The roles to run, all of them when none was named.
@@ -222,6 +239,12 @@ impl Settings {
 
     /// Checks what clap cannot: run before anything is started.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(&(old, new)) = RENAMED_VARIABLES
+            .iter()
+            .find(|(old, _)| std::env::var_os(old).is_some())
+        {
+            return Err(ConfigError::Renamed { old, new });
+        }
         if self.jwt_secret.expose().len() < 32 {
             return Err(ConfigError::WeakSecret);
         }
@@ -270,5 +293,46 @@ impl StorageSettings {
             return Err(ConfigError::BadDatabaseUrl("DATABASE_URL"));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        settings: Settings,
+    }
+
+    /// The recovery pass's interval had another name; scripts that pass the
+    /// old flag keep working (the old environment variable is refused at
+    /// start-up by `validate`, never silently ignored).
+    #[test]
+    fn the_old_flag_of_the_recovery_interval_still_sets_it() {
+        let cli = Cli::try_parse_from([
+            "betting",
+            "--database-url",
+            "postgres://localhost/x",
+            "--redis-url",
+            "redis://localhost",
+            "--jwt-secret",
+            "0123456789abcdef0123456789abcdef",
+            "--maintenance-interval-ms",
+            "7",
+        ])
+        .expect("parses");
+        assert_eq!(cli.settings.recovery_interval_ms, 7);
+        assert_eq!(
+            ConfigError::Renamed {
+                old: RENAMED_VARIABLES[0].0,
+                new: RENAMED_VARIABLES[0].1
+            }
+            .to_string(),
+            "BETTING_MAINTENANCE_INTERVAL_MS was renamed BETTING_RECOVERY_INTERVAL_MS: set that instead"
+        );
     }
 }
