@@ -3,10 +3,12 @@
 //! test leaves nothing running behind it.
 
 use std::{
-    io,
+    io::{self, Read, Write},
+    net::TcpStream,
     ops::{Deref, DerefMut},
     path::PathBuf,
     process::{Child, Command, Stdio},
+    time::{Duration, Instant},
 };
 
 /// A free TCP port on loopback.
@@ -63,47 +65,52 @@ impl Drop for ChildGuard {
 
 /// A Redis server of a test's own, for tests that stop, restart or flush it
 /// without disturbing the others. Stopped and removed on drop.
+///
+/// Starting returns once this very server answers on its port (its
+/// `process_id` is the child's): a client that connected earlier could give
+/// up for good (fred fails fast on a refused first connection), and a port
+/// taken meanwhile by someone else's server is detected and another one
+/// tried.
 pub struct TestRedis {
     port: u16,
     dir: PathBuf,
     child: Option<ChildGuard>,
 }
 
+/// How long a redis-server may take to answer after it was started.
+const REDIS_START: Duration = Duration::from_secs(10);
+
 impl TestRedis {
-    /// Starts one on a free port; panics if `redis-server` cannot be run.
+    /// Starts one on a free port; panics if that fails.
     pub fn start() -> Self {
-        Self::try_start().expect("redis-server is installed by deploy/local/test")
+        Self::try_start().expect("start redis-server (deploy/local/test installs it)")
     }
 
     /// Starts one on a free port.
     pub fn try_start() -> io::Result<Self> {
-        let port = free_port();
-        let dir = std::env::temp_dir().join(format!("betting-test-redis-{port}"));
-        std::fs::create_dir_all(&dir)?;
-        let mut redis = Self {
-            port,
-            dir,
-            child: None,
-        };
-        redis.try_restart()?;
-        Ok(redis)
+        let mut attempt = 1;
+        loop {
+            let port = free_port();
+            let dir = std::env::temp_dir().join(format!("betting-test-redis-{port}"));
+            std::fs::create_dir_all(&dir)?;
+            let mut redis = Self {
+                port,
+                dir,
+                child: None,
+            };
+            match redis.try_restart() {
+                Ok(()) => return Ok(redis),
+                // The port was taken between picking and binding it: another.
+                Err(error) if attempt < 5 && error.kind() == io::ErrorKind::AddrInUse => {
+                    attempt += 1;
+                }
+                Err(error) => return Err(error),
+            }
+        }
     }
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// Waits (at most `within`) until it accepts connections; whether it
-    /// did. A client connecting earlier may give up for good (fred fails
-    /// fast on a first connection that is refused).
-    pub async fn ready(&self, within: std::time::Duration) -> bool {
-        crate::poll_until(within, async || {
-            tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-                .await
-                .ok()
-        })
-        .await
-        .is_some()
     }
 
     /// Kills it (SIGKILL: no chance to save anything, not that it would).
@@ -114,15 +121,14 @@ impl TestRedis {
         }
     }
 
-    /// Starts it again, empty, on the same port.
+    /// Starts it again, empty, on the same port; returns once it answers.
     pub fn restart(&mut self) {
-        self.try_restart()
-            .expect("redis-server is installed by deploy/local/test");
+        self.try_restart().expect("restart redis-server");
     }
 
     fn try_restart(&mut self) -> io::Result<()> {
         self.stop();
-        let child = ChildGuard::spawn(
+        let mut child = ChildGuard::spawn(
             Command::new("redis-server")
                 .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
                 .args(["--save", "", "--appendonly", "no"])
@@ -131,9 +137,61 @@ impl TestRedis {
                 .stdout(Stdio::null())
                 .stderr(Stdio::null()),
         )?;
+        wait_until_serving(&mut child, self.port)?;
         self.child = Some(child);
         Ok(())
     }
+}
+
+/// Waits until the redis-server `child` answers on `port`. An error of kind
+/// `AddrInUse` if it exited (it could not bind the port) or another server
+/// answers there.
+fn wait_until_serving(child: &mut ChildGuard, port: u16) -> io::Result<()> {
+    let pid = child.id();
+    let taken = |why: String| io::Error::new(io::ErrorKind::AddrInUse, why);
+    let deadline = Instant::now() + REDIS_START;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Err(taken(format!(
+                "redis-server on port {port} exited at once ({status}): the port is taken?"
+            )));
+        }
+        if let Some(serving) = process_id(port) {
+            return if serving == pid {
+                Ok(())
+            } else {
+                Err(taken(format!(
+                    "port {port} is served by process {serving}, not by our redis-server {pid}"
+                )))
+            };
+        }
+        if Instant::now() >= deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("redis-server on port {port} did not answer within {REDIS_START:?}"),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The `process_id` of the Redis answering on `port`, if one does.
+fn process_id(port: u16) -> Option<u32> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+    stream.write_all(b"INFO server\r\n").ok()?;
+    let mut reply = Vec::new();
+    let mut buffer = [0_u8; 4096];
+    while !reply.windows(11).any(|w| w == b"process_id:") || !reply.ends_with(b"\r\n") {
+        let n = stream.read(&mut buffer).ok()?;
+        if n == 0 {
+            break;
+        }
+        reply.extend_from_slice(&buffer[..n]);
+    }
+    let text = String::from_utf8_lossy(&reply);
+    let line = text.lines().find_map(|l| l.strip_prefix("process_id:"))?;
+    line.trim().parse().ok()
 }
 
 impl Drop for TestRedis {
