@@ -59,7 +59,11 @@ pub enum QueueError {
 /// after a bounded wait instead of hanging while Redis is down. The connection
 /// is started in the background: the process starts even while Redis is away.
 pub fn connect(url: &str) -> Result<Client, QueueError> {
-    let config = Config::from_url(url)?;
+    let mut config = Config::from_url(url)?;
+    // Retry the first connection too (fred's default gives up on it at
+    // once): a process started while Redis is down must recover when it
+    // comes up, not stay NOT_SERVING for good.
+    config.fail_fast = false;
     let client = Builder::from_config(config)
         .with_connection_config(|c| {
             c.connection_timeout = Duration::from_secs(2);

@@ -242,7 +242,9 @@ impl Hub {
     }
 
     async fn subscribe(self, stop: Shutdown) {
-        let client = match Config::from_url(&self.inner.redis_url).and_then(|config| {
+        let client = match Config::from_url(&self.inner.redis_url).and_then(|mut config| {
+            // Keep trying the first connection too, like every other client.
+            config.fail_fast = false;
             fred::prelude::Builder::from_config(config)
                 .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
                 .build_subscriber_client()

@@ -107,6 +107,24 @@ async fn health_follows_redis_down_and_back() {
     wait_for(&app, ServingStatus::Serving).await;
 }
 
+/// Found while building the test kit: a client's first connection did not
+/// retry (fred's `fail_fast`), so a process started while Redis was down
+/// stayed NOT_SERVING for good. It must recover once Redis is up, and do
+/// its work: a deposit, a round and a bet go through.
+#[tokio::test]
+async fn a_process_started_while_redis_is_down_recovers_when_it_comes_up() {
+    let mut redis = TestRedis::start();
+    redis.stop();
+    let url = fresh_database().await;
+    let app = TestApp::spawn_with(settings(&url, &redis.url())).await;
+    wait_for(&app, ServingStatus::NotServing).await;
+    redis.restart();
+    wait_for(&app, ServingStatus::Serving).await;
+    app.deposit(1, "10").await;
+    app.open_round("r").await;
+    app.place_ok(1, "r", pb::Side::A, "5").await;
+}
+
 #[tokio::test]
 async fn postgres_down_means_not_serving_and_unavailable_without_internals() {
     // A database URL where nothing listens.
