@@ -27,7 +27,7 @@ fn wallet_client(endpoint: &str) -> WalletClient {
     .expect("wallet client")
 }
 
-fn good_wallet(app: &TestApp) -> WalletClient {
+pub(crate) fn good_wallet(app: &TestApp) -> WalletClient {
     wallet_client(&format!("http://{}", app.addr))
 }
 
@@ -40,7 +40,7 @@ fn dead_wallet() -> WalletClient {
 }
 
 /// Runs `handler` on `queue` until `done` says so (or `limit` passes).
-async fn run_worker<H: betting_queue::Handler>(
+pub(crate) async fn run_worker<H: betting_queue::Handler>(
     queue: Queue,
     handler: H,
     limit: Duration,

@@ -3,50 +3,17 @@
 //! compared with `0a66452`: each test shows a way money is stranded or an
 //! answer changes, and failed on the code it was written against.
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use betting_api::pb;
-use betting_auth::{ServiceCredentials, TokenMinter};
 use betting_bets::matcher::Matcher;
-use betting_queue::{Handler, Queue, Worker, WorkerSettings};
 use betting_reconciler::ReconcilerSettings;
 use betting_refunds::{Outbox, RefundHandler, Refunder};
-use betting_wallet_client::WalletClient;
 use uuid::Uuid;
 
-use betting_test_kit::{API_ONLY, SECRET, TestApp, dec, poll_until};
+use betting_test_kit::{API_ONLY, TestApp, dec};
 
-fn good_wallet(app: &TestApp) -> WalletClient {
-    WalletClient::new(
-        &format!("http://{}", app.addr),
-        ServiceCredentials::new(TokenMinter::new(SECRET.as_bytes(), None, None)),
-    )
-    .expect("wallet client")
-}
-
-/// Runs `handler` on `queue` until `done` says so (or `limit` passes).
-async fn run_worker<H: Handler>(
-    queue: Queue,
-    handler: H,
-    limit: Duration,
-    done: impl AsyncFn() -> bool,
-) {
-    let worker = Worker::new(
-        queue,
-        betting_queue::connect(&std::env::var("REDIS_URL").expect("REDIS_URL")).expect("redis"),
-        WorkerSettings {
-            poll: Duration::from_millis(50),
-            concurrency: 2,
-            shutdown_grace: Duration::from_secs(2),
-        },
-    )
-    .expect("worker settings");
-    let (stop, stopped) = betting_shutdown::channel();
-    let running = tokio::spawn(worker.run(Arc::new(handler), stopped));
-    poll_until(limit, async || done().await.then_some(())).await;
-    stop.signal();
-    running.await.expect("worker stops");
-}
+use crate::attack::{good_wallet, run_worker};
 
 /// STRANDS every owed refund the reconciler is the only one to carry out.
 ///
