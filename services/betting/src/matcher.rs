@@ -19,7 +19,7 @@
 
 use betting_db::{ChangedBet, StoreError};
 use betting_domain::{BetStatus, RoundStatus, Side};
-use betting_jobs::{JobKind, MatchJob};
+use betting_jobs::{JobKind, MatchJob, store_failure};
 use betting_queue::{Handler, Job, JobError};
 use betting_streams::BetNote;
 use rust_decimal::Decimal;
@@ -271,10 +271,7 @@ impl Handler for MatchHandler {
             .match_bet(job.bet_id)
             .await
             .map(|_| ())
-            .map_err(|e| match e {
-                StoreError::Unavailable(_) => JobError::Unavailable(e.to_string()),
-                e => JobError::Retry(e.to_string()),
-            })
+            .map_err(store_failure)
     }
 }
 

@@ -309,16 +309,7 @@ impl BetStore {
         .fetch_all(&self.pool)
         .await?)
     }
-}
 
-/// A PENDING bet, as the reconciler re-derives match jobs.
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
-pub struct PendingBet {
-    pub bet_id: Uuid,
-    pub round_id: String,
-}
-
-impl BetStore {
     /// Bets changed since `from` that streams may show: the hubs' sweep.
     pub async fn changed_since(&self, from: DateTime<Utc>) -> Result<Vec<BetNote>, StoreError> {
         let bets: Vec<ChangedBet> = sqlx::query_as(
@@ -334,6 +325,13 @@ impl BetStore {
             .map(|b| BetNote::changed(b.user_id, b.bet_id, b.round_id, b.version))
             .collect())
     }
+}
+
+/// A PENDING bet, as the reconciler re-derives match jobs.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct PendingBet {
+    pub bet_id: Uuid,
+    pub round_id: String,
 }
 
 impl BetRow {

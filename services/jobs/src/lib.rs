@@ -13,6 +13,7 @@
 
 #![forbid(unsafe_code)]
 
+use betting_db::StoreError;
 use betting_domain::{BetId, IdempotencyKey, MatchId};
 use betting_queue::{Job, JobError, Queue};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
@@ -142,6 +143,17 @@ impl JobKind for RefundJob {
 
     fn id(&self) -> String {
         format!("refund:{}", self.key)
+    }
+}
+
+/// How a handler's storage failure counts: an outage defers the job and
+/// uses up no attempt (owed money is never buried by one); anything else is
+/// the job's own failure, retried with an attempt counted.
+pub fn store_failure(e: StoreError) -> JobError {
+    if e.is_unavailable() {
+        JobError::Unavailable(e.to_string())
+    } else {
+        JobError::Retry(e.to_string())
     }
 }
 

@@ -7,12 +7,10 @@
 //! on two settlers at once, pays once.
 
 use betting_domain::{Amount, BetId, MatchId, MatchStatus, RoundStatus, Side, Stake, UserId};
-use betting_jobs::{JobKind, SettleJob};
+use betting_jobs::{JobKind, SettleJob, store_failure};
 use betting_queue::{Handler, Job, JobError};
 use betting_wallet_client::{WalletCallError, WalletClient};
 use uuid::Uuid;
-
-use betting_db::StoreError;
 
 use crate::RoundStore;
 
@@ -44,7 +42,7 @@ impl SettleHandler {
             .rounds
             .match_view(match_id)
             .await
-            .map_err(retry)?
+            .map_err(store_failure)?
             .ok_or_else(|| JobError::Permanent(format!("match {match_id} does not exist")))?;
         if view.status != MatchStatus::Open {
             // Paid (or voided) already.
@@ -99,7 +97,7 @@ impl SettleHandler {
             .rounds
             .mark_match_settled(match_id, winner)
             .await
-            .map_err(retry)?;
+            .map_err(store_failure)?;
         if changed.is_empty() {
             return Ok(false);
         }
@@ -115,14 +113,5 @@ impl Handler for SettleHandler {
     async fn handle(&self, job: &Job) -> Result<(), JobError> {
         let job = SettleJob::decode(job)?;
         self.settle(job.match_id).await.map(|_| ())
-    }
-}
-
-fn retry(e: StoreError) -> JobError {
-    if e.is_unavailable() {
-        // An outage uses up no attempt.
-        JobError::Unavailable(e.to_string())
-    } else {
-        JobError::Retry(e.to_string())
     }
 }

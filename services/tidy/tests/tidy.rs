@@ -72,6 +72,18 @@ fn production_sources() -> Vec<(String, String)> {
         .collect()
 }
 
+/// Every crate's directory under `services/`, in order.
+fn crate_dirs() -> Vec<PathBuf> {
+    let mut dirs: Vec<_> = fs::read_dir(root().join("services"))
+        .expect("services/")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("Cargo.toml").is_file())
+        .collect();
+    dirs.sort();
+    dirs
+}
+
 fn crate_of(rel: &str) -> &str {
     rel.trim_start_matches("services/")
         .split('/')
@@ -171,16 +183,8 @@ fn statuses_are_built_only_by_the_mapping() {
 
 #[test]
 fn manifests_tell_the_truth() {
-    let services = root().join("services");
     let mut problems = Vec::new();
-    let mut dirs: Vec<_> = fs::read_dir(&services)
-        .expect("services/")
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.join("Cargo.toml").is_file())
-        .collect();
-    dirs.sort();
-    for dir in dirs {
+    for dir in crate_dirs() {
         let manifest = fs::read_to_string(dir.join("Cargo.toml")).expect("manifest");
         let name = dir
             .file_name()
@@ -236,16 +240,8 @@ fn no_comment_points_outside_the_repository() {
 fn every_declared_dependency_is_used() {
     // Used only by generated code (`tonic::include_proto!`).
     const GENERATED: &[(&str, &str)] = &[("api", "tonic-prost")];
-    let services = root().join("services");
     let mut unused = Vec::new();
-    let mut dirs: Vec<_> = fs::read_dir(&services)
-        .expect("services/")
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.join("Cargo.toml").is_file())
-        .collect();
-    dirs.sort();
-    for dir in dirs {
+    for dir in crate_dirs() {
         let name = dir
             .file_name()
             .unwrap_or_default()
