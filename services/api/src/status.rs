@@ -29,6 +29,7 @@ pub fn to_status<E: ServiceError>(err: &E) -> Status {
         ErrorCode::PermissionDenied => (Code::PermissionDenied, err.to_string()),
         ErrorCode::Unauthenticated => (Code::Unauthenticated, err.to_string()),
         ErrorCode::ResourceExhausted => (Code::ResourceExhausted, err.to_string()),
+        ErrorCode::DeadlineExceeded => (Code::DeadlineExceeded, err.to_string()),
         ErrorCode::ShuttingDown => (Code::Unavailable, err.to_string()),
         ErrorCode::Unavailable => {
             tracing::warn!(error = %chain(err), "dependency unavailable");

@@ -310,8 +310,9 @@ pub fn check_names() -> impl Iterator<Item = &'static str> {
 /// Runs every check.
 pub async fn run(pool: &PgPool, settings: &AuditSettings) -> Result<AuditReport, sqlx::Error> {
     let mut report = AuditReport::default();
-    // One snapshot for all checks, so they agree with each other.
-    let mut tx = pool.begin().await?;
+    // One snapshot for all checks, so they agree with each other; bounded by
+    // the request's deadline when an RPC runs it.
+    let mut tx = betting_db::begin(pool).await?;
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .execute(&mut *tx)
         .await?;

@@ -148,7 +148,7 @@ impl Matcher {
     }
 
     async fn match_batch(&self, round: &str, amount: Decimal) -> Result<usize, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = betting_db::begin(&self.pool).await?;
         betting_db::lock_round(&mut tx, round).await?;
         let status: Option<String> =
             sqlx::query_scalar("SELECT status FROM rounds WHERE round_id = $1")

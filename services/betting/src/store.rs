@@ -250,7 +250,7 @@ impl BetStore {
         owner: Option<UserId>,
         reason: RefundReason,
     ) -> Result<Option<BetRow>, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = betting_db::begin(&self.pool).await?;
         let refunded =
             betting_refunds::refund_bets(&mut tx, &[(bet, reason)], &[BetStatus::Pending], owner)
                 .await?;

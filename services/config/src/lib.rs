@@ -3,6 +3,10 @@
 
 #![forbid(unsafe_code)]
 
+mod edge;
+
+pub use edge::EdgeSettings;
+
 use std::{fmt, net::SocketAddr, str::FromStr, time::Duration};
 
 /// A value that must never reach a log line.
@@ -161,6 +165,9 @@ pub struct Settings {
     /// Seconds in-flight requests get to finish on shutdown.
     #[arg(long, env = "BETTING_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     pub shutdown_grace_secs: u64,
+
+    #[command(flatten)]
+    pub edge: EdgeSettings,
 }
 
 #[derive(Debug, thiserror::Error)]

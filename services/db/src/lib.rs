@@ -59,6 +59,32 @@ pub fn connect_lazy(url: &str, settings: &PoolSettings) -> Result<PgPool, sqlx::
         .connect_lazy_with(options))
 }
 
+/// Begins a transaction that ends, at the latest, at the current request's
+/// deadline ([`betting_deadline`]).
+///
+/// Inside a request, the transaction's `statement_timeout` and
+/// `lock_timeout` are the time the request has left, set with `SET LOCAL` in
+/// the same round trip as the `BEGIN`: a call whose client has given up does
+/// not go on holding a connection, or waiting in a lock queue (a wallet row
+/// held by someone else), past that moment — PostgreSQL cancels the statement
+/// and the transaction rolls back. Outside a request (workers, recovery) the
+/// pool's session `statement_timeout` is the only bound.
+pub async fn begin(pool: &PgPool) -> Result<sqlx::Transaction<'static, Postgres>, sqlx::Error> {
+    match betting_deadline::remaining() {
+        None => pool.begin().await,
+        Some(left) => {
+            // A budget under 1 ms would read as "0 = no timeout".
+            let ms = left.as_millis().max(1);
+            let statement =
+                format!("BEGIN; SET LOCAL statement_timeout = {ms}; SET LOCAL lock_timeout = {ms}");
+            // Waiting for a connection counts against the deadline too.
+            tokio::time::timeout(left, pool.begin_with(sqlx::AssertSqlSafe(statement)))
+                .await
+                .unwrap_or(Err(sqlx::Error::PoolTimedOut))
+        }
+    }
+}
+
 /// Applies every pending migration.
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     MIGRATOR.run(pool).await
@@ -98,6 +124,10 @@ pub fn classify(err: &sqlx::Error) -> Failure {
                 "23505" => Failure::UniqueViolation(constraint),
                 "23514" => Failure::CheckViolation(constraint),
                 "40001" | "40P01" => Failure::Conflict,
+                // 57014: a statement cancelled (its timeout, that is its
+                // request's deadline, or an operator); 55P03: a lock not
+                // granted within lock_timeout. Both say "busy now", not "bug".
+                "57014" | "55P03" => Failure::Unavailable,
                 // Class 08: connection exceptions; 57P0x: shutdown, crash
                 // recovery; 53300: too many connections.
                 c if c.starts_with("08") || c.starts_with("57P") || c == "53300" => {

@@ -25,6 +25,9 @@ pub enum ErrorCode {
     ShuttingDown,
     /// A limit was hit.
     ResourceExhausted,
+    /// The call's deadline passed before it finished; whatever it did was
+    /// rolled back or is replayed by a retry with the same key.
+    DeadlineExceeded,
     /// A bug or an unexpected failure. The message sent is generic; the detail is logged.
     Internal,
 }

@@ -93,7 +93,7 @@ impl Refunds {
     /// matcher holds right now are skipped: if it matches them, they are no
     /// longer PENDING; if not, the next pass takes them.
     pub async fn overdue(&self, timeout: Duration, limit: i64) -> Result<Vec<BetNote>, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = betting_db::begin(&self.pool).await?;
         let due: Vec<Uuid> = sqlx::query_scalar(
             "SELECT bet_id FROM bets \
              WHERE status = 'PENDING' AND created_at < now() - make_interval(secs => $1) \
@@ -116,7 +116,7 @@ impl Refunds {
     /// PENDING just after its round closed — refunded as the close (or the
     /// void) would have.
     pub async fn stranded(&self, limit: i64) -> Result<Vec<BetNote>, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = betting_db::begin(&self.pool).await?;
         let due: Vec<Stranded> = sqlx::query_as(
             "SELECT b.bet_id, r.status FROM bets b JOIN rounds r USING (round_id) \
              WHERE b.status = 'PENDING' AND r.status <> 'OPEN' \

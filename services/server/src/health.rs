@@ -5,12 +5,25 @@ use std::{sync::Arc, time::Duration};
 use betting_shutdown::Shutdown;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
+#[derive(Default)]
+struct Published {
+    last: Option<ServingStatus>,
+    shutting_down: bool,
+}
+
 #[derive(Clone)]
 pub struct HealthWatch {
     reporter: HealthReporter,
     services: Arc<Vec<&'static str>>,
     pool: sqlx::PgPool,
     redis: fred::prelude::Client,
+    /// The status last published. Publishing wakes every `Watch` stream,
+    /// even with an unchanged status: publish changes only, or 10,000
+    /// anonymous watchers cost 10,000 messages a second.
+    /// Held while publishing, so two publishers cannot interleave.
+    /// Once shutting down, nothing publishes SERVING again (a probe that
+    /// finishes after the signal must not undo it).
+    published: Arc<tokio::sync::Mutex<Published>>,
 }
 
 impl HealthWatch {
@@ -25,10 +38,18 @@ impl HealthWatch {
             services: Arc::new(services),
             pool,
             redis,
+            published: Arc::default(),
         }
     }
 
     async fn set(&self, status: ServingStatus) {
+        let mut published = self.published.lock().await;
+        if published.last == Some(status)
+            || (published.shutting_down && status == ServingStatus::Serving)
+        {
+            return;
+        }
+        published.last = Some(status);
         // "" is the whole server.
         self.reporter.set_service_status("", status).await;
         for service in self.services.iter() {
@@ -59,6 +80,7 @@ impl HealthWatch {
     }
 
     pub async fn shutting_down(&self) {
+        self.published.lock().await.shutting_down = true;
         self.set(ServingStatus::NotServing).await;
     }
 

@@ -9,10 +9,13 @@
 //! queues; `roles` builds what each role runs; `grpc` holds the gRPC
 //! adapters of the domain services; `router` mounts them; `serve` runs and
 //! drains; `health` keeps the health service true; `feed` feeds the stream
-//! hub's sweep.
+//! hub's sweep; `edge` (load shedding, deadlines) and `conn` (the connection
+//! cap) protect the server from its callers.
 
 #![forbid(unsafe_code)]
 
+mod conn;
+mod edge;
 mod feed;
 mod grpc;
 mod health;

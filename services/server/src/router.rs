@@ -12,17 +12,25 @@ use std::time::Duration;
 
 use anyhow::Context;
 use betting_auth::AuthInterceptor;
+use betting_config::EdgeSettings;
 use tonic::{server::NamedService, transport::Server};
 use tonic_health::server::HealthReporter;
 use tonic_web::GrpcWebLayer;
 use tower::layer::util::{Identity, Stack};
 use tower_http::cors::CorsLayer;
 
-use crate::{grpc, roles::Services};
+use crate::{edge::EdgeLayer, grpc, roles::Services};
 
-/// The router with its layers: gRPC-Web outside CORS.
-pub(crate) type GrpcRouter =
-    tonic::transport::server::Router<Stack<GrpcWebLayer, Stack<CorsLayer, Identity>>>;
+/// The router with its layers, outermost first: CORS, gRPC-Web, the edge.
+pub(crate) type GrpcRouter = tonic::transport::server::Router<
+    Stack<EdgeLayer, Stack<GrpcWebLayer, Stack<CorsLayer, Identity>>>,
+>;
+
+/// The largest request health and reflection decode: a service name or a
+/// symbol. Both are anonymous; 4 MiB each (tonic's default) let 100 callers
+/// make the server hold 400 MiB, and reflection echoed a 4 MiB symbol back
+/// in its error.
+const MAX_INFRA_REQUEST_BYTES: usize = 1024;
 
 /// A router ready to serve, and what health reports on.
 pub(crate) struct Mounted {
@@ -34,18 +42,25 @@ pub(crate) struct Mounted {
 }
 
 /// Mounts health, reflection and `services`.
-pub(crate) fn mount(services: Services, auth: &AuthInterceptor) -> anyhow::Result<Mounted> {
+pub(crate) fn mount(
+    services: Services,
+    auth: &AuthInterceptor,
+    edge: &EdgeSettings,
+) -> anyhow::Result<Mounted> {
     let (reporter, health_service) = tonic_health::server::health_reporter();
+    let health_service = health_service.max_decoding_message_size(MAX_INFRA_REQUEST_BYTES);
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(betting_api::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
-        .context("reflection v1")?;
+        .context("reflection v1")?
+        .max_decoding_message_size(MAX_INFRA_REQUEST_BYTES);
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(betting_api::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
-        .context("reflection v1alpha")?;
+        .context("reflection v1alpha")?
+        .max_decoding_message_size(MAX_INFRA_REQUEST_BYTES);
 
     let wallet = services
         .wallet
@@ -67,13 +82,13 @@ pub(crate) fn mount(services: Services, auth: &AuthInterceptor) -> anyhow::Resul
     .flatten()
     .collect();
 
-    let router = Server::builder()
-        // Keep idle client connections alive through NATs and notice dead peers.
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+    let router = http2_limits(Server::builder(), edge)
         // Browsers speak gRPC-Web over HTTP/1.1 (and need CORS to call us).
         .accept_http1(true)
         .layer(cors())
         .layer(GrpcWebLayer::new())
+        // Inside gRPC-Web, so it sees every call as gRPC.
+        .layer(EdgeLayer::new(edge))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -86,6 +101,39 @@ pub(crate) fn mount(services: Services, auth: &AuthInterceptor) -> anyhow::Resul
         reporter,
         served,
     })
+}
+
+/// The HTTP/2 server's limits, each explicit (hyper's defaults leave several
+/// unlimited, and an anonymous client must not be able to exhaust us).
+fn http2_limits(server: Server, edge: &EdgeSettings) -> Server {
+    let server = server
+        // Advertised in SETTINGS: a client may not open more streams than
+        // this on one connection (10,000 WatchBets on one connection were
+        // all accepted before). Streams of one user are capped lower still
+        // by the per-user limits.
+        .max_concurrent_streams(edge.max_streams_per_connection)
+        // The rapid-reset guard (CVE-2023-44487): a client that resets more
+        // than this many streams before we accepted them gets GOAWAY.
+        .http2_max_pending_accept_reset_streams(Some(20))
+        // A client whose streams we keep resetting for its errors (malformed
+        // headers: 20,000 drew 20,000 RST_STREAM and no GOAWAY) is cut off
+        // after this many.
+        .http2_max_local_error_reset_streams(Some(64))
+        // Tokens are under 1 KiB; nothing needs 16 KiB of headers.
+        .http2_max_header_list_size(16 * 1024)
+        // Keep idle connections alive through NATs, and drop a peer that
+        // stopped answering pings instead of holding its streams forever.
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)));
+    match edge.max_connection_age() {
+        // Old connections are asked to reconnect (GOAWAY), so load spreads
+        // to new instances; their open streams get the grace to end (and
+        // resume from their cursor elsewhere).
+        Some(age) => server
+            .max_connection_age(age)
+            .max_connection_age_grace(edge.max_connection_age_grace()),
+        None => server,
+    }
 }
 
 /// The name a service is mounted under (its generated server's, through the

@@ -12,11 +12,9 @@
 use std::{future::Future, time::Duration};
 
 use anyhow::Context;
-use futures::StreamExt;
-use tokio::{net::TcpListener, task::JoinSet};
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio::task::JoinSet;
 
-use crate::{Application, HealthWatch, router};
+use crate::{Application, HealthWatch, conn, router};
 
 /// How often the health watch probes the stores.
 const HEALTH_EVERY: Duration = Duration::from_secs(1);
@@ -44,7 +42,7 @@ pub(crate) async fn run(
         router,
         reporter,
         served,
-    } = router::mount(services, &auth)?;
+    } = router::mount(services, &auth, &settings.edge)?;
     let health = HealthWatch::new(reporter, served, stores.pool.clone(), stores.redis.clone());
     health.check_once().await;
     let mut tasks = JoinSet::new();
@@ -67,7 +65,8 @@ pub(crate) async fn run(
             let _ = drain_tx.send(());
         }
     };
-    let server = router.serve_with_incoming_shutdown(incoming(listeners.grpc), stopping);
+    let incoming = conn::incoming(listeners.grpc, settings.edge.max_connections);
+    let server = router.serve_with_incoming_shutdown(incoming, stopping);
     tokio::pin!(server);
     // Serve until the signal; then give in-flight requests the grace period.
     tokio::select! {
@@ -89,17 +88,6 @@ pub(crate) async fn run(
     // Everything that used the stores has stopped.
     stores.close().await;
     Ok(())
-}
-
-/// The gRPC connections. Small RPCs: don't let Nagle hold replies back.
-fn incoming(
-    listener: TcpListener,
-) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    TcpListenerStream::new(listener).map(|conn| {
-        conn.inspect(|stream| {
-            let _ = stream.set_nodelay(true);
-        })
-    })
 }
 
 /// Completes on SIGINT or SIGTERM.

@@ -126,7 +126,7 @@ impl RoundStore {
 
     /// OPEN -> CLOSED, refunding the round's unmatched bets.
     pub async fn close(&self, round: &RoundId) -> Result<Transition, SettlementError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = betting_db::begin(&self.pool).await?;
         let row = Self::lock(&mut tx, round).await?;
         match row.status {
             RoundStatus::Open => {}
@@ -150,7 +150,7 @@ impl RoundStore {
         round: &RoundId,
         winner: Side,
     ) -> Result<Transition, SettlementError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = betting_db::begin(&self.pool).await?;
         let row = Self::lock(&mut tx, round).await?;
         match row.status {
             RoundStatus::Open | RoundStatus::Closed => {}
@@ -176,7 +176,7 @@ impl RoundStore {
     /// OPEN or CLOSED -> VOIDED: every bet, matched or not, is refunded and
     /// every match voided, in one transaction.
     pub async fn void(&self, round: &RoundId, reason: &str) -> Result<Transition, SettlementError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = betting_db::begin(&self.pool).await?;
         let row = Self::lock(&mut tx, round).await?;
         match row.status {
             RoundStatus::Open | RoundStatus::Closed => {}
@@ -259,7 +259,7 @@ impl RoundStore {
         match_id: Uuid,
         winner: Side,
     ) -> Result<Vec<betting_streams::BetNote>, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = betting_db::begin(&self.pool).await?;
         let changed = sqlx::query(
             "UPDATE matches SET status = 'SETTLED', winning_side = $2, settled_at = now() \
              WHERE match_id = $1 AND status = 'OPEN'",

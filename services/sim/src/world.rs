@@ -267,6 +267,7 @@ impl WorldSettings {
             stream_heartbeat_ms: 15_000,
             stream_send_timeout_ms: 10_000,
             shutdown_grace_secs: 1,
+            edge: Default::default(),
         }
     }
 }

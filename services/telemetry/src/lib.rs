@@ -2,19 +2,24 @@
 //!
 //! Tracing: `RUST_LOG`-style filtering (default `info`), human-readable or
 //! JSON lines (`BETTING_LOG_FORMAT=json`). Metrics: one process-wide Prometheus
-//! recorder, rendered at `/metrics` by a tiny HTTP responder on the metrics
-//! address.
+//! recorder, rendered at `GET /metrics` by hyper on the metrics address.
 
 #![forbid(unsafe_code)]
 
-use std::sync::OnceLock;
+use std::{
+    convert::Infallible,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
 use betting_shutdown::Shutdown;
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header::CONTENT_TYPE};
+use http_body_util::Full;
+use hyper::{body::Incoming, server::conn::http1, service::service_fn};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpListener,
-};
+use tokio::{net::TcpListener, sync::Semaphore};
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
 /// Installs the global tracing subscriber. Safe to call more than once (tests):
@@ -53,29 +58,71 @@ pub fn metrics_handle() -> PrometheusHandle {
         .clone()
 }
 
-/// Serves `GET /metrics` (any path, really) on `listener` until `shutdown`.
+/// Serves `GET /metrics` on `listener` until `shutdown`, with hyper's
+/// HTTP/1.1 server: a scraper gets a real HTTP answer (404 elsewhere, 405 to
+/// other methods), and nobody holds the port hostage — a connection must
+/// send its request head within [`HEAD_TIMEOUT`], lives at most
+/// [`CONNECTION_TIMEOUT`], and at most [`MAX_CONNECTIONS`] are open at once
+/// (one more is closed at once).
 pub async fn serve_metrics(listener: TcpListener, shutdown: Shutdown) {
     let handle = metrics_handle();
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             () = shutdown.signalled() => break,
         };
-        let Ok((mut stream, _)) = accepted else {
+        let Ok((stream, _)) = accepted else {
             continue;
         };
-        let body = handle.render();
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            drop(stream);
+            continue;
+        };
+        let handle = handle.clone();
         tokio::spawn(async move {
-            // Read (and ignore) the request head; a scraper sends a small GET.
-            let mut buf = [0_u8; 1024];
-            let _ = stream.read(&mut buf).await;
-            let response = format!(
-                "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}",
-                body.len(),
-                body
-            );
-            let _ = stream.write_all(response.as_bytes()).await;
-            let _ = stream.shutdown().await;
+            let _permit = permit;
+            let service = service_fn(move |request: Request<Incoming>| {
+                let answer = answer(&handle, &request);
+                async move { Ok::<_, Infallible>(answer) }
+            });
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEAD_TIMEOUT)
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, connection).await;
         });
     }
+}
+
+/// How long a client may take to send its request head.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one connection may last, whatever it does.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+/// Scrapers are few; this is plenty and bounds what a flood can hold.
+const MAX_CONNECTIONS: usize = 64;
+
+fn answer(handle: &PrometheusHandle, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = match (request.method(), request.uri().path()) {
+        (&Method::GET, "/metrics") => {
+            (StatusCode::OK, "text/plain; version=0.0.4", handle.render())
+        }
+        (_, "/metrics") => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "use GET\n".to_owned(),
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "see /metrics\n".to_owned(),
+        ),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
 }

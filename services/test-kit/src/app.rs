@@ -60,6 +60,7 @@ pub fn settings(database_url: &str, redis_url: &str) -> Settings {
         stream_heartbeat_ms: 15_000,
         stream_send_timeout_ms: 10_000,
         shutdown_grace_secs: 5,
+        edge: Default::default(),
     }
 }
 

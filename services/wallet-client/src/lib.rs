@@ -92,12 +92,12 @@ impl WalletClient {
         let response = self
             .inner
             .clone()
-            .hold_stake(pb::HoldStakeRequest {
+            .hold_stake(within_deadline(pb::HoldStakeRequest {
                 user_id: user.get(),
                 amount: amount.to_string(),
                 idempotency_key: IdempotencyKey::stake(bet).to_string(),
                 bet_id: bet.to_string(),
-            })
+            }))
             .await
             .map_err(WalletCallError::from_status)?;
         balance_of(response.into_inner().wallet)
@@ -113,12 +113,12 @@ impl WalletClient {
         let response = self
             .inner
             .clone()
-            .refund_stake(pb::RefundStakeRequest {
+            .refund_stake(within_deadline(pb::RefundStakeRequest {
                 user_id: user.get(),
                 amount: amount.to_string(),
                 idempotency_key: IdempotencyKey::refund(bet).to_string(),
                 bet_id: bet.to_string(),
-            })
+            }))
             .await
             .map_err(WalletCallError::from_status)?;
         balance_of(response.into_inner().wallet)
@@ -137,17 +137,29 @@ impl WalletClient {
         let response = self
             .inner
             .clone()
-            .pay_winnings(pb::PayWinningsRequest {
+            .pay_winnings(within_deadline(pb::PayWinningsRequest {
                 user_id: winner.get(),
                 amount: payout.to_string(),
                 idempotency_key: IdempotencyKey::settle(matched).to_string(),
                 match_id: matched.to_string(),
                 bet_ids: bets.iter().map(ToString::to_string).collect(),
-            })
+            }))
             .await
             .map_err(WalletCallError::from_status)?;
         balance_of(response.into_inner().wallet)
     }
+}
+
+/// A request that carries the current request's remaining time
+/// ([`betting_deadline`]) as its `grpc-timeout`: WalletService stops working
+/// on it, and releases its locks, when the caller's own client gives up.
+/// Outside a request the channel's timeout applies.
+fn within_deadline<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(left) = betting_deadline::remaining() {
+        request.set_timeout(left);
+    }
+    request
 }
 
 fn balance_of(wallet: Option<pb::Wallet>) -> Result<Decimal, WalletCallError> {

@@ -23,6 +23,8 @@ pub enum WalletError {
     #[error("a bet of this movement was already refunded")]
     AlreadyRefunded,
     #[error(transparent)]
+    Busy(#[from] crate::gate::UserBusy),
+    #[error(transparent)]
     Store(#[from] StoreError),
 }
 
@@ -70,6 +72,7 @@ impl ServiceError for WalletError {
             | WalletError::AlreadyPaid
             | WalletError::AlreadyRefunded => ErrorCode::FailedPrecondition,
             WalletError::IdempotencyConflict => ErrorCode::AlreadyExists,
+            WalletError::Busy(_) => ErrorCode::ResourceExhausted,
             WalletError::Store(e) => e.code(),
         }
     }
@@ -84,6 +87,7 @@ impl ServiceError for WalletError {
             WalletError::NoMatchingStake => "NO_MATCHING_STAKE",
             WalletError::AlreadyPaid => "ALREADY_PAID",
             WalletError::AlreadyRefunded => "ALREADY_REFUNDED",
+            WalletError::Busy(_) => "USER_BUSY",
             WalletError::Store(e) => e.reason(),
         }
     }

@@ -1,12 +1,14 @@
 //! The ledger: storage of wallets and movements.
 
+use std::sync::Arc;
+
 use betting_domain::{Account, Amount, EntryKind, IdempotencyKey, ServiceError, UserId};
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::WalletError;
+use crate::{WalletError, gate::UserGate};
 
 /// Deposits may fill a wallet up to 10^15. Refunds and payouts are credited
 /// past it (the money is owed); the column's CHECK is a far higher backstop.
@@ -83,6 +85,7 @@ pub struct Posted {
 #[derive(Clone)]
 pub struct Ledger {
     pool: PgPool,
+    gate: Arc<UserGate>,
 }
 
 /// The columns of [`Entry`], as a literal so queries stay `&'static str`.
@@ -95,7 +98,10 @@ macro_rules! entry_columns {
 
 impl Ledger {
     pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+        Self {
+            pool,
+            gate: Arc::default(),
+        }
     }
 
     /// Posts a movement exactly once per idempotency key, or refuses it for
@@ -121,7 +127,9 @@ impl Ledger {
     /// and can never overdraw; the CHECK constraint is the backstop.
     pub async fn post(&self, transfer: &Transfer) -> Result<Posted, WalletError> {
         let t = transfer;
-        let mut tx = self.pool.begin().await?;
+        // The user's turn first, so waiting for it holds no connection.
+        let _turn = self.gate.enter(t.user).await?;
+        let mut tx = betting_db::begin(&self.pool).await?;
         sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('wallet-key:' || $1, 0))")
             .bind(t.key.as_str())
             .execute(&mut *tx)

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 mod error;
+mod gate;
 mod ledger;
 mod service;
 

@@ -18,7 +18,9 @@ pub(crate) fn server(
     service: AdminService,
     auth: AuthInterceptor,
 ) -> InterceptedService<AdminServiceServer<AdminGrpc>, AuthInterceptor> {
-    AdminServiceServer::with_interceptor(AdminGrpc(service), auth)
+    let server = AdminServiceServer::new(AdminGrpc(service))
+        .max_decoding_message_size(super::MAX_REQUEST_BYTES);
+    InterceptedService::new(server, auth)
 }
 
 fn report_pb(report: &AuditReport) -> pb::RunAuditResponse {

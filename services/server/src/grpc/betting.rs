@@ -23,7 +23,9 @@ pub(crate) fn server(
     service: BettingService,
     auth: AuthInterceptor,
 ) -> InterceptedService<BettingServiceServer<BettingGrpc>, AuthInterceptor> {
-    BettingServiceServer::with_interceptor(BettingGrpc(service), auth)
+    let server = BettingServiceServer::new(BettingGrpc(service))
+        .max_decoding_message_size(super::MAX_REQUEST_BYTES);
+    InterceptedService::new(server, auth)
 }
 
 fn bet_pb(row: &BetRow) -> pb::Bet {

@@ -6,6 +6,11 @@
 //! `betting_api::respond` or `respond_replayable`. The service crates know
 //! no transport; this module and the api crate are where gRPC lives.
 
+/// The largest request message our services decode. Every request of the
+/// API is a few hundred bytes (ids, an amount, a key); tonic's default of
+/// 4 MiB would let any caller make the server buffer 4 MiB per stream.
+pub(crate) const MAX_REQUEST_BYTES: usize = 16 * 1024;
+
 pub(crate) mod admin;
 pub(crate) mod betting;
 pub(crate) mod settlement;

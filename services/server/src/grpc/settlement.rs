@@ -23,7 +23,9 @@ pub(crate) fn server(
     service: SettlementService,
     auth: AuthInterceptor,
 ) -> InterceptedService<SettlementServiceServer<SettlementGrpc>, AuthInterceptor> {
-    SettlementServiceServer::with_interceptor(SettlementGrpc(service), auth)
+    let server = SettlementServiceServer::new(SettlementGrpc(service))
+        .max_decoding_message_size(super::MAX_REQUEST_BYTES);
+    InterceptedService::new(server, auth)
 }
 
 fn round_pb(view: &RoundView) -> pb::Round {

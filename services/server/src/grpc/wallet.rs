@@ -19,7 +19,9 @@ pub(crate) fn server(
     service: WalletService,
     auth: AuthInterceptor,
 ) -> InterceptedService<WalletServiceServer<WalletGrpc>, AuthInterceptor> {
-    WalletServiceServer::with_interceptor(WalletGrpc(service), auth)
+    let server = WalletServiceServer::new(WalletGrpc(service))
+        .max_decoding_message_size(super::MAX_REQUEST_BYTES);
+    InterceptedService::new(server, auth)
 }
 
 fn wallet_pb(w: &WalletView) -> pb::Wallet {
