@@ -12,6 +12,7 @@ mod betting;
 mod chaos;
 mod concurrency;
 mod crash;
+mod edge;
 mod health;
 mod ledger;
 mod lifecycle;
