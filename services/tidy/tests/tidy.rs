@@ -181,6 +181,31 @@ fn statuses_are_built_only_by_the_mapping() {
     );
 }
 
+/// Transactions begin through `betting_db::begin`, which bounds them by the
+/// request's deadline (statement and lock timeouts); a bare `pool.begin()`
+/// in a service would let a request outlive its client in PostgreSQL. The
+/// CLI's one-off commands and the database crate itself are exempt.
+#[test]
+fn transactions_begin_within_the_deadline() {
+    let mut offenders = Vec::new();
+    for (rel, text) in production_sources() {
+        if rel.starts_with("services/db/") || rel.starts_with("services/cli/") {
+            continue;
+        }
+        for pattern in [".begin()", ".begin_with("] {
+            for (i, _) in text.match_indices(pattern) {
+                let line = text[..i].lines().count();
+                offenders.push(format!("{rel}:{line}"));
+            }
+        }
+    }
+    assert!(
+        offenders.is_empty(),
+        "transactions begun outside betting_db::begin:\n{}",
+        offenders.join("\n")
+    );
+}
+
 #[test]
 fn manifests_tell_the_truth() {
     let mut problems = Vec::new();
