@@ -53,7 +53,7 @@ pub struct BenchArgs {
     jwt_secret: betting_config::Secret,
 }
 
-fn authed<T>(message: T, token: &str) -> anyhow::Result<Request<T>> {
+pub(crate) fn authed<T>(message: T, token: &str) -> anyhow::Result<Request<T>> {
     let mut request = Request::new(message);
     request
         .metadata_mut()
@@ -61,7 +61,7 @@ fn authed<T>(message: T, token: &str) -> anyhow::Result<Request<T>> {
     Ok(request)
 }
 
-fn rss_kib(pid: u32) -> Option<u64> {
+pub(crate) fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
@@ -69,7 +69,7 @@ fn rss_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
@@ -77,7 +77,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.min(sorted.len() - 1)]
 }
 
-async fn connect(target: &str) -> anyhow::Result<Channel> {
+pub(crate) async fn connect(target: &str) -> anyhow::Result<Channel> {
     Channel::from_shared(target.to_owned())?
         .connect()
         .await
@@ -85,7 +85,7 @@ async fn connect(target: &str) -> anyhow::Result<Channel> {
 }
 
 /// Opens a round of the benchmark's own.
-async fn open_round(channel: &Channel, backend: &str, prefix: &str) -> anyhow::Result<String> {
+pub(crate) async fn open_round(channel: &Channel, backend: &str, prefix: &str) -> anyhow::Result<String> {
     let round = format!("{prefix}-{}", uuid::Uuid::now_v7().simple());
     SettlementServiceClient::new(channel.clone())
         .open_round(authed(
@@ -99,7 +99,7 @@ async fn open_round(channel: &Channel, backend: &str, prefix: &str) -> anyhow::R
 }
 
 /// Deposits `amount` into every user's wallet, 32 at a time.
-async fn fund(channel: &Channel, backend: &str, users: &[i64], amount: &str) -> anyhow::Result<()> {
+pub(crate) async fn fund(channel: &Channel, backend: &str, users: &[i64], amount: &str) -> anyhow::Result<()> {
     println!("funding {} users", users.len());
     stream::iter(users.iter().copied())
         .map(|user| {

@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod probe;
 
 use std::{process::ExitCode, time::Duration};
 
@@ -52,6 +53,8 @@ enum BenchKind {
     Streams(bench::BenchArgs),
     /// PlaceBet throughput and latency.
     Place(bench::PlaceArgs),
+    /// Abuse probes: what a normal player feels while someone floods the server.
+    Probe(probe::ProbeArgs),
 }
 
 #[derive(clap::Args)]
@@ -133,6 +136,9 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand {
             command: BenchKind::Place(args),
         }) => runtime().and_then(|rt| rt.block_on(bench::place(args))),
+        Command::Bench(BenchCommand {
+            command: BenchKind::Probe(args),
+        }) => runtime().and_then(|rt| rt.block_on(probe::run(args))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
