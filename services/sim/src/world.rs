@@ -10,7 +10,7 @@ use std::{
 
 use betting_auth::{Role, TokenMinter};
 use betting_bets::BettingService;
-use betting_config::{ProcessRole, Secret, Settings, StorageSettings};
+use betting_config::{ProcessRole, Secret, Settings, StorageSettings, TokenSettings};
 use betting_queue::{Queue, QueueSettings};
 use betting_reconciler::{Reconciler, ReconcilerSettings};
 use betting_server::{Application, Queues};
@@ -252,9 +252,7 @@ impl WorldSettings {
             redis_namespace: self.namespace.clone(),
             listen_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            jwt_secret: Secret::new(SECRET),
-            jwt_issuer: None,
-            jwt_audience: None,
+            tokens: TokenSettings::local(SECRET),
             wallet_endpoint,
             roles: roles.to_vec(),
             // The schedule runs recovery and reconciler passes itself.

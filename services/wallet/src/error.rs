@@ -22,6 +22,13 @@ pub enum WalletError {
     AlreadyPaid,
     #[error("a bet of this movement was already refunded")]
     AlreadyRefunded,
+    /// RefundStake for a bet the betting side owes no refund (see `due.rs`).
+    #[error("refund not due: {0}")]
+    RefundNotDue(&'static str),
+    /// PayWinnings for a match that is not a settled round's, or to a loser,
+    /// or of the wrong amount (see `due.rs`).
+    #[error("payout not due: {0}")]
+    PayoutNotDue(&'static str),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -68,7 +75,9 @@ impl ServiceError for WalletError {
             | WalletError::BalanceLimit
             | WalletError::NoMatchingStake
             | WalletError::AlreadyPaid
-            | WalletError::AlreadyRefunded => ErrorCode::FailedPrecondition,
+            | WalletError::AlreadyRefunded
+            | WalletError::RefundNotDue(_)
+            | WalletError::PayoutNotDue(_) => ErrorCode::FailedPrecondition,
             WalletError::IdempotencyConflict => ErrorCode::AlreadyExists,
             WalletError::Store(e) => e.code(),
         }
@@ -84,6 +93,8 @@ impl ServiceError for WalletError {
             WalletError::NoMatchingStake => "NO_MATCHING_STAKE",
             WalletError::AlreadyPaid => "ALREADY_PAID",
             WalletError::AlreadyRefunded => "ALREADY_REFUNDED",
+            WalletError::RefundNotDue(_) => "REFUND_NOT_DUE",
+            WalletError::PayoutNotDue(_) => "PAYOUT_NOT_DUE",
             WalletError::Store(e) => e.reason(),
         }
     }

@@ -22,9 +22,10 @@ async fn missing_malformed_forged_and_expired_tokens_are_unauthenticated() {
     let expired = minter
         .mint_claims(&Claims {
             sub: "42".into(),
-            role: Role::Player,
+            role: Role::Player.as_str().into(),
             iat: now() - 120,
             exp: now() - 60,
+            nbf: None,
             iss: None,
             aud: None,
         })
@@ -242,7 +243,7 @@ async fn players_never_see_other_players_data() {
                 user_id: 42,
                 ..Default::default()
             },
-            &app.backend(),
+            &app.admin_token(),
         ))
         .await
         .expect("backend lists")
