@@ -66,7 +66,7 @@ pub(crate) async fn run_worker<H: betting_queue::Handler>(
 
 /// A bet of `user`, matched against a bet of `other` (run by the test's own
 /// matcher): returns (bet of user, bet of other, match id).
-async fn matched_pair(
+pub(crate) async fn matched_pair(
     app: &TestApp,
     round: &str,
     user: i64,
