@@ -61,7 +61,7 @@ async fn record(
         idempotency_key: None,
         detail,
     };
-    betting_db::actions::record(&mut **tx, &action).await
+    betting_db::actions::record(tx, &action).await
 }
 
 /// A round's change of state and the refunds it made owed.
