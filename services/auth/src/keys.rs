@@ -152,13 +152,25 @@ impl SigningKey {
 
     /// The public half as a JWKS document, to publish for the verifiers.
     pub fn public_jwks(&self) -> Result<String, KeyError> {
+        public_key_set(&[self])
+    }
+
+    fn public_jwk(&self) -> Result<Jwk, KeyError> {
         let mut jwk =
             Jwk::from_encoding_key(&self.key, self.alg).map_err(|_| KeyError::BadSigningKey)?;
         jwk.common.key_id = Some(self.kid.clone());
         jwk.common.public_key_use = Some(PublicKeyUse::Signature);
-        serde_json::to_string_pretty(&JwkSet { keys: vec![jwk] })
-            .map_err(|e| KeyError::NotJwks(e.to_string()))
+        Ok(jwk)
     }
+}
+
+/// A JWKS document of the public halves of `keys`, each under its kid.
+pub fn public_key_set(keys: &[&SigningKey]) -> Result<String, KeyError> {
+    let keys = keys
+        .iter()
+        .map(|k| k.public_jwk())
+        .collect::<Result<Vec<_>, _>>()?;
+    serde_json::to_string_pretty(&JwkSet { keys }).map_err(|e| KeyError::NotJwks(e.to_string()))
 }
 
 /// The DER prefix of a PKCS#8 Ed25519 private key (RFC 8410): what precedes

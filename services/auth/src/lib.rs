@@ -18,7 +18,7 @@ pub mod setup;
 mod verify;
 
 pub use interceptor::AuthInterceptor;
-pub use keys::{KeyError, KeySet, SigningKey, generate_ed25519};
+pub use keys::{KeyError, KeySet, SigningKey, generate_ed25519, public_key_set};
 pub use mint::{ServiceCredentials, TokenMinter};
 pub use principal::{AuthError, Principal, Role};
 pub use verify::{
