@@ -70,6 +70,9 @@ struct AuditArgs {
     /// The match timeout the suite runs with.
     #[arg(long, env = "BETTING_MATCH_TIMEOUT_SECS", default_value_t = 300)]
     match_timeout_secs: u64,
+    /// Who runs the audit, for the privileged-action trail.
+    #[arg(long, env = "USER", default_value = "unknown-operator")]
+    operator: String,
 }
 
 #[derive(clap::Args)]
@@ -235,6 +238,18 @@ async fn audit(args: AuditArgs) -> anyhow::Result<()> {
     let report = betting_audit::run(&pool, &settings)
         .await
         .context("the audit could not run")?;
+    let detail = vec![
+        ("checks_run", report.checks_run.to_string()),
+        ("violations", report.violations.len().to_string()),
+    ];
+    record(
+        &pool,
+        &args.operator,
+        betting_db::actions::ActionKind::AuditRun,
+        "books".into(),
+        detail,
+    )
+    .await?;
     for v in &report.violations {
         println!("VIOLATION {}: {}", v.check, v.detail);
     }
@@ -333,14 +348,32 @@ async fn record_retry(
     target: String,
     detail: Vec<(&'static str, String)>,
 ) -> anyhow::Result<()> {
-    use betting_db::actions::{ActionKind, Actor, PrivilegedAction};
     let Some(pool) = pool else {
         return Ok(());
     };
+    record(
+        pool,
+        operator,
+        betting_db::actions::ActionKind::QueueRetry,
+        target,
+        detail,
+    )
+    .await
+}
+
+/// Appends one row by `operator` (role `operator-cli`) to the trail.
+async fn record(
+    pool: &betting_db::Pool,
+    operator: &str,
+    kind: betting_db::actions::ActionKind,
+    target: String,
+    detail: Vec<(&'static str, String)>,
+) -> anyhow::Result<()> {
+    use betting_db::actions::{Actor, PrivilegedAction};
     let actor = Actor::new(operator, "operator-cli");
     let action = PrivilegedAction {
         actor: &actor,
-        kind: ActionKind::QueueRetry,
+        kind,
         target,
         idempotency_key: None,
         detail,
@@ -348,10 +381,10 @@ async fn record_retry(
     let mut conn = pool
         .acquire()
         .await
-        .context("connect to record the requeue")?;
+        .context("connect to record the action")?;
     betting_db::actions::record(&mut conn, &action)
         .await
-        .context("record the requeue in privileged_actions")
+        .context("record the action in privileged_actions")
 }
 
 fn token(args: &TokenArgs) -> anyhow::Result<()> {

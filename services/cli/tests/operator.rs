@@ -1,6 +1,6 @@
 //! The operator's commands: `betting keys generate` and `betting token`
 //! with a private key (production-mode tokens), and `betting queue retry`
-//! leaving its row in the privileged-action trail.
+//! and `betting audit` leaving their rows in the privileged-action trail.
 
 use std::{path::Path, process::Command, time::Duration};
 
@@ -142,4 +142,18 @@ async fn a_requeue_is_recorded_with_its_operator() {
             "job:settle:settle:job-1".to_owned()
         )]
     );
+
+    // `betting audit` is recorded too.
+    let output = Command::new(env!("CARGO_BIN_EXE_betting"))
+        .args(["audit", "--operator", "bob"])
+        .env("DATABASE_URL", &*database)
+        .output()
+        .expect("run");
+    stdout(&output);
+    let audits: Vec<(String, String)> =
+        sqlx::query_as("SELECT subject, action FROM privileged_actions WHERE action = 'AUDIT_RUN'")
+            .fetch_all(&pool)
+            .await
+            .expect("trail");
+    assert_eq!(audits, [("bob".to_owned(), "AUDIT_RUN".to_owned())]);
 }
