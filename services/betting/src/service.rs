@@ -7,7 +7,7 @@
 #[cfg(feature = "fault-injection")]
 use std::sync::Arc;
 
-use betting_auth::Principal;
+use betting_auth::{Principal, Role};
 use betting_domain::{
     BetId, BetStatus, IdempotencyKey, RefundReason, RoundId, RoundStatus, Side, Stake, UserId,
     Violations,
@@ -107,7 +107,7 @@ impl BettingService {
         amount: &str,
         key: &str,
     ) -> Result<Placed, BettingError> {
-        let user = principal.own_user()?;
+        let user = principal.own_player()?;
         let mut v = Violations::default();
         let round = v.check("round_id", RoundId::parse(round_id));
         let side = v.check("side", side);
@@ -127,6 +127,7 @@ impl BettingService {
         principal: &Principal,
         bet_id: &str,
     ) -> Result<BetRow, BettingError> {
+        principal.require(BET_VIEWERS)?;
         let bet = BetId::parse(bet_id)
             .map_err(|e| betting_domain::InvalidRequest::field("bet_id", e.to_string()))?;
         // Another player's bet is indistinguishable from a missing one.
@@ -149,7 +150,7 @@ impl BettingService {
         page_size: Result<i64, &'static str>,
         page_token: Result<Option<String>, &'static str>,
     ) -> Result<BetPage, BettingError> {
-        let user = principal.resolve_user(user_id)?;
+        let user = principal.resolve_user(user_id, BET_READERS)?;
         let mut v = Violations::default();
         let round = if round_id.is_empty() {
             Some(None)
@@ -313,12 +314,9 @@ impl BettingService {
         principal: &Principal,
         bet: BetId,
     ) -> Result<(BetRow, Decimal), BettingError> {
-        // Players cancel their own bets; backends and admins any bet.
-        let owner = if principal.is_privileged() {
-            None
-        } else {
-            Some(principal.own_user()?)
-        };
+        // Players cancel their own bets, and only they: a cancel moves money
+        // (the refund), which no other role does on a player's behalf.
+        let owner = Some(principal.own_player()?);
         let row = match self
             .store
             .refund_pending(bet, owner, RefundReason::Cancelled)
@@ -363,6 +361,11 @@ impl BettingService {
     }
 }
 
+/// Who may read any user's bets (players read their own): operators.
+const BET_READERS: &[Role] = &[Role::Admin];
+/// Who may call GetBet at all: players (for their own bets) and [`BET_READERS`].
+const BET_VIEWERS: &[Role] = &[Role::Player, Role::Admin];
+
 fn visible_to(row: &BetRow, principal: &Principal) -> bool {
-    row.status.is_visible() && principal.can_see(row.user_id)
+    row.status.is_visible() && principal.can_see(row.user_id, BET_READERS)
 }

@@ -77,7 +77,7 @@ impl BettingService {
         bet_ids: &[String],
         cursor: &str,
     ) -> Result<EventStream<BetEvent>, BettingError> {
-        let user = principal.own_user()?;
+        let user = principal.own_player()?;
         let mut named = Vec::new();
         if bet_ids.len() > MAX_NAMED {
             return Err(betting_domain::InvalidRequest::field(

@@ -85,21 +85,30 @@ pub(crate) async fn connect(target: &str) -> anyhow::Result<Channel> {
 }
 
 /// Opens a round of the benchmark's own.
-pub(crate) async fn open_round(channel: &Channel, backend: &str, prefix: &str) -> anyhow::Result<String> {
+pub(crate) async fn open_round(
+    channel: &Channel,
+    game: &str,
+    prefix: &str,
+) -> anyhow::Result<String> {
     let round = format!("{prefix}-{}", uuid::Uuid::now_v7().simple());
     SettlementServiceClient::new(channel.clone())
         .open_round(authed(
             pb::OpenRoundRequest {
                 round_id: round.clone(),
             },
-            backend,
+            game,
         )?)
         .await?;
     Ok(round)
 }
 
 /// Deposits `amount` into every user's wallet, 32 at a time.
-pub(crate) async fn fund(channel: &Channel, backend: &str, users: &[i64], amount: &str) -> anyhow::Result<()> {
+pub(crate) async fn fund(
+    channel: &Channel,
+    cashier: &str,
+    users: &[i64],
+    amount: &str,
+) -> anyhow::Result<()> {
     println!("funding {} users", users.len());
     stream::iter(users.iter().copied())
         .map(|user| {
@@ -113,7 +122,7 @@ pub(crate) async fn fund(channel: &Channel, backend: &str, users: &[i64], amount
                             idempotency_key: format!("bench-{}", uuid::Uuid::now_v7()),
                             reference: "bench".into(),
                         },
-                        backend,
+                        cashier,
                     )?)
                     .await?;
                 anyhow::Ok(())
@@ -141,15 +150,20 @@ fn print_latency(label: &str, sorted: &[f64]) {
 pub async fn streams(args: BenchArgs) -> anyhow::Result<()> {
     let minter = TokenMinter::new(args.jwt_secret.expose().as_bytes(), None, None);
     let ttl = Duration::from_secs(3600);
-    let backend = minter
-        .mint(0, Role::Backend, ttl)
+    // The bench opens its round as a game server and funds its users as
+    // the cashier, like any client of those roles.
+    let game = minter
+        .mint_subject("bench", Role::Game, ttl)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let cashier = minter
+        .mint_subject("bench", Role::Cashier, ttl)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let control = connect(&args.target).await?;
-    let round = open_round(&control, &backend, "bench").await?;
+    let round = open_round(&control, &game, "bench").await?;
     let users: Vec<i64> = (0..args.streams as i64)
         .map(|i| args.first_user + i)
         .collect();
-    fund(&control, &backend, &users, "1000").await?;
+    fund(&control, &cashier, &users, "1000").await?;
 
     let rss_before = args.server_pid.and_then(rss_kib);
     println!("opening {} streams", users.len());
@@ -305,18 +319,23 @@ pub struct PlaceArgs {
 pub async fn place(args: PlaceArgs) -> anyhow::Result<()> {
     let minter = TokenMinter::new(args.jwt_secret.expose().as_bytes(), None, None);
     let ttl = Duration::from_secs(3600);
-    let backend = minter
-        .mint(0, Role::Backend, ttl)
+    // The bench opens its round as a game server and funds its users as
+    // the cashier, like any client of those roles.
+    let game = minter
+        .mint_subject("bench", Role::Game, ttl)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let cashier = minter
+        .mint_subject("bench", Role::Cashier, ttl)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut channels = Vec::new();
     for _ in 0..args.connections.max(1) {
         channels.push(connect(&args.target).await?);
     }
-    let round = open_round(&channels[0], &backend, "bench-place").await?;
+    let round = open_round(&channels[0], &game, "bench-place").await?;
     let users: Vec<i64> = (0..args.clients as i64)
         .map(|i| args.first_user + i)
         .collect();
-    fund(&channels[0], &backend, &users, "1000000").await?;
+    fund(&channels[0], &cashier, &users, "1000000").await?;
     println!(
         "{} clients placing bets for {} s",
         users.len(),

@@ -2,19 +2,23 @@
 //!
 //! - `betting serve [--role ...]` runs the chosen roles (all by default);
 //! - `betting migrate` applies the database migrations;
-//! - `betting token --user 42 --role player` mints a bearer token for local use;
+//! - `betting token --user 42 --role player` mints a bearer token (HS256 with
+//!   the local secret, or signed with `--key`/`--kid`);
+//! - `betting keys generate --kid k1` writes an Ed25519 key pair and adds its
+//!   public half to a JWKS file;
 //! - `betting audit` checks the books and exits non-zero on any violation;
-//! - `betting queue stats|dead|retry` inspects the job queues and requeues dead jobs.
+//! - `betting queue stats|dead|retry` inspects the job queues and requeues dead
+//!   jobs (recorded in the privileged-action trail when DATABASE_URL is set).
 
 #![forbid(unsafe_code)]
 
 mod bench;
 mod probe;
 
-use std::{process::ExitCode, time::Duration};
+use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context;
-use betting_auth::{Role, TokenMinter};
+use betting_auth::{Role, SigningKey, TokenMinter};
 use betting_config::{Secret, Settings, StorageSettings};
 use clap::{Parser, Subcommand};
 
@@ -33,6 +37,8 @@ enum Command {
     Migrate(StorageSettings),
     /// Mint a bearer token; the token alone is printed on the last line.
     Token(TokenArgs),
+    /// Signing keys for bearer tokens.
+    Keys(KeysArgs),
     /// Check every invariant of the books and the bets; exit 1 on any violation.
     Audit(AuditArgs),
     /// Inspect the job queues.
@@ -67,6 +73,9 @@ struct AuditArgs {
     /// The match timeout the suite runs with.
     #[arg(long, env = "BETTING_MATCH_TIMEOUT_SECS", default_value_t = 300)]
     match_timeout_secs: u64,
+    /// Who runs the audit, for the privileged-action trail.
+    #[arg(long, env = "USER", default_value = "unknown-operator")]
+    operator: String,
 }
 
 #[derive(clap::Args)]
@@ -85,9 +94,13 @@ struct QueueArgs {
     /// match, settle or refund; all of them when absent.
     #[arg(long, global = true)]
     queue: Option<String>,
-    /// With it, `stats` also says how much money dead jobs hold up.
+    /// With it, `stats` also says how much money dead jobs hold up, and
+    /// `retry` is recorded in the privileged-action trail.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
     database_url: Option<Secret>,
+    /// Who runs the command, for the privileged-action trail.
+    #[arg(long, env = "USER", global = true, default_value = "unknown-operator")]
+    operator: String,
 }
 
 #[derive(Subcommand)]
@@ -105,27 +118,61 @@ enum QueueCommand {
 
 #[derive(clap::Args)]
 struct TokenArgs {
-    /// The user the token speaks for (0: none, backend and admin only).
+    /// The player the token speaks for (player tokens only).
     #[arg(long)]
-    user: i64,
-    /// player, backend or admin.
+    user: Option<i64>,
+    /// Who holds a token of another role (a game server, a cashier desk, an
+    /// operator): its `sub`, recorded with every privileged action it takes.
+    /// Defaults to the role's name.
+    #[arg(long)]
+    subject: Option<String>,
+    /// player, service, game, cashier or admin.
     #[arg(long, default_value = "player")]
     role: Role,
     /// Lifetime in seconds.
     #[arg(long, default_value_t = 3600)]
     ttl: u64,
+    /// Sign with this PKCS#8 PEM private key (Ed25519 or P-256) instead of
+    /// the HS256 secret; needs --kid.
+    #[arg(long, requires = "kid")]
+    key: Option<PathBuf>,
+    /// The key's id in the verifiers' JWKS.
+    #[arg(long, requires = "key")]
+    kid: Option<String>,
     #[arg(long, env = "BETTING_JWT_SECRET", hide_env_values = true)]
-    jwt_secret: Secret,
+    jwt_secret: Option<Secret>,
     #[arg(long, env = "BETTING_JWT_ISSUER")]
     jwt_issuer: Option<String>,
     #[arg(long, env = "BETTING_JWT_AUDIENCE")]
     jwt_audience: Option<String>,
 }
 
+#[derive(clap::Args)]
+struct KeysArgs {
+    #[command(subcommand)]
+    command: KeysCommand,
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Write a new Ed25519 key pair: `<dir>/<kid>.pem` (the private key, mode
+    /// 0600) and its public half added to `<dir>/jwks.json` (created when
+    /// missing; earlier keys stay, so tokens signed with them keep verifying
+    /// during a rotation).
+    Generate {
+        /// The new key's id; tokens signed with it carry it as `kid`.
+        #[arg(long)]
+        kid: String,
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Token(args) => token(&args),
+        Command::Keys(args) => keys(&args),
         Command::Serve(settings) => runtime().and_then(|rt| rt.block_on(serve(*settings))),
         Command::Migrate(storage) => runtime().and_then(|rt| rt.block_on(migrate(storage))),
         Command::Audit(args) => runtime().and_then(|rt| rt.block_on(audit(args))),
@@ -197,6 +244,18 @@ async fn audit(args: AuditArgs) -> anyhow::Result<()> {
     let report = betting_audit::run(&pool, &settings)
         .await
         .context("the audit could not run")?;
+    let detail = vec![
+        ("checks_run", report.checks_run.to_string()),
+        ("violations", report.violations.len().to_string()),
+    ];
+    record(
+        &pool,
+        &args.operator,
+        betting_db::actions::ActionKind::AuditRun,
+        "books".into(),
+        detail,
+    )
+    .await?;
     for v in &report.violations {
         println!("VIOLATION {}: {}", v.check, v.detail);
     }
@@ -258,6 +317,16 @@ async fn queue(args: QueueArgs) -> anyhow::Result<()> {
             QueueCommand::Retry { id } if id == "all" => {
                 let requeued = queue.retry_all_dead().await?;
                 println!("{name}: requeued {requeued}");
+                if requeued > 0 {
+                    let detail = vec![("requeued", requeued.to_string())];
+                    record_retry(
+                        pool.as_ref(),
+                        &args.operator,
+                        format!("queue:{name}"),
+                        detail,
+                    )
+                    .await?;
+                }
                 if requeued >= betting_queue::RETRY_ALL_LIMIT.unsigned_abs() {
                     println!("{name}: more dead jobs may remain; run it again");
                 }
@@ -265,6 +334,8 @@ async fn queue(args: QueueArgs) -> anyhow::Result<()> {
             QueueCommand::Retry { id } => {
                 if queue.retry_dead(id).await? {
                     println!("{name}: requeued {id}");
+                    let target = format!("job:{name}:{id}");
+                    record_retry(pool.as_ref(), &args.operator, target, Vec::new()).await?;
                 }
             }
         }
@@ -272,21 +343,136 @@ async fn queue(args: QueueArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Records an operator's requeue in the privileged-action trail. Redis and
+/// PostgreSQL share no transaction, so the row follows the requeue: a
+/// requeue whose row could not be written fails the command loudly, and a
+/// crash in between leaves a requeue without its row (the queue's own
+/// counters still show it). Without DATABASE_URL nothing is recorded.
+async fn record_retry(
+    pool: Option<&betting_db::Pool>,
+    operator: &str,
+    target: String,
+    detail: Vec<(&'static str, String)>,
+) -> anyhow::Result<()> {
+    let Some(pool) = pool else {
+        return Ok(());
+    };
+    record(
+        pool,
+        operator,
+        betting_db::actions::ActionKind::QueueRetry,
+        target,
+        detail,
+    )
+    .await
+}
+
+/// Appends one row by `operator` (role `operator-cli`) to the trail.
+async fn record(
+    pool: &betting_db::Pool,
+    operator: &str,
+    kind: betting_db::actions::ActionKind,
+    target: String,
+    detail: Vec<(&'static str, String)>,
+) -> anyhow::Result<()> {
+    use betting_db::actions::{Actor, PrivilegedAction};
+    let actor = Actor::new(operator, "operator-cli");
+    let action = PrivilegedAction {
+        actor: &actor,
+        kind,
+        target,
+        idempotency_key: None,
+        detail,
+    };
+    let mut conn = pool
+        .acquire()
+        .await
+        .context("connect to record the action")?;
+    betting_db::actions::record(&mut conn, &action)
+        .await
+        .context("record the action in privileged_actions")
+}
+
 fn token(args: &TokenArgs) -> anyhow::Result<()> {
-    if args.jwt_secret.expose().len() < 32 {
-        anyhow::bail!("BETTING_JWT_SECRET must be at least 32 bytes");
-    }
-    if args.user < 0 || (args.user == 0 && args.role == Role::Player) {
-        anyhow::bail!("--user must be a positive user id (0 only for backend or admin)");
-    }
-    let minter = TokenMinter::new(
-        args.jwt_secret.expose().as_bytes(),
-        args.jwt_issuer.as_deref(),
-        args.jwt_audience.as_deref(),
-    );
+    let subject = match (args.role, args.user) {
+        (Role::Player, Some(user)) if user > 0 => user.to_string(),
+        (Role::Player, _) => anyhow::bail!("--user must be a positive user id for a player token"),
+        (role, _) => args
+            .subject
+            .clone()
+            .unwrap_or_else(|| role.as_str().to_owned()),
+    };
+    let (iss, aud) = (args.jwt_issuer.as_deref(), args.jwt_audience.as_deref());
+    let minter = match (&args.key, &args.kid) {
+        (Some(path), Some(kid)) => {
+            let pem =
+                std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+            TokenMinter::with_key(SigningKey::from_pem(&pem, kid)?, iss, aud)
+        }
+        _ => {
+            let secret = args
+                .jwt_secret
+                .as_ref()
+                .context("BETTING_JWT_SECRET (or --key and --kid) is required")?;
+            if secret.expose().len() < 32 {
+                anyhow::bail!("BETTING_JWT_SECRET must be at least 32 bytes");
+            }
+            TokenMinter::new(secret.expose().as_bytes(), iss, aud)
+        }
+    };
     let token = minter
-        .mint(args.user, args.role, Duration::from_secs(args.ttl))
+        .mint_subject(&subject, args.role, Duration::from_secs(args.ttl))
         .map_err(|e| anyhow::anyhow!("cannot mint token: {e}"))?;
     println!("{token}");
+    Ok(())
+}
+
+fn keys(args: &KeysArgs) -> anyhow::Result<()> {
+    let KeysCommand::Generate { kid, dir } = &args.command;
+    let (pem, jwks) = betting_auth::generate_ed25519(kid)?;
+    let key_path = dir.join(format!("{kid}.pem"));
+    let jwks_path = dir.join("jwks.json");
+    // Add to an existing key set, so that the keys in use keep verifying
+    // while tokens signed with the new one roll out.
+    let mut set: serde_json::Value = match std::fs::read_to_string(&jwks_path) {
+        Ok(text) => serde_json::from_str(&text)
+            .with_context(|| format!("{} is not JSON", jwks_path.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => serde_json::json!({"keys": []}),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", jwks_path.display())),
+    };
+    let new: serde_json::Value = serde_json::from_str(&jwks)?;
+    let keys = set
+        .get_mut("keys")
+        .and_then(|k| k.as_array_mut())
+        .with_context(|| format!("{} has no \"keys\" array", jwks_path.display()))?;
+    if keys
+        .iter()
+        .any(|k| k.get("kid") == new["keys"][0].get("kid"))
+    {
+        anyhow::bail!("{} already holds a key {kid:?}", jwks_path.display());
+    }
+    keys.push(new["keys"][0].clone());
+    let merged = serde_json::to_string_pretty(&set)?;
+    // Check the result loads as the servers will load it.
+    betting_auth::KeySet::from_jwks(&merged)?;
+    write_private(&key_path, pem.as_bytes())?;
+    std::fs::write(&jwks_path, merged + "\n")
+        .with_context(|| format!("cannot write {}", jwks_path.display()))?;
+    println!("private key: {} (kid {kid})", key_path.display());
+    println!("public key set: {}", jwks_path.display());
+    Ok(())
+}
+
+/// Creates a file only its owner can read; refuses to overwrite one.
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    file.write_all(bytes)?;
     Ok(())
 }

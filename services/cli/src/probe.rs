@@ -205,11 +205,12 @@ fn report(label: &str, sorted: &[f64], errors: u64) {
 pub async fn run(args: ProbeArgs) -> anyhow::Result<()> {
     let minter = TokenMinter::new(args.jwt_secret.expose().as_bytes(), None, None);
     let ttl = Duration::from_secs(3600);
-    let backend = minter.mint(0, Role::Backend, ttl)?;
+    let game = minter.mint_subject("probe", Role::Game, ttl)?;
+    let cashier = minter.mint_subject("probe", Role::Cashier, ttl)?;
     let channel = connect(&args.target).await?;
     let normal_user = args.first_user;
-    let normal_round = open_round(&channel, &backend, "probe-normal").await?;
-    fund(&channel, &backend, &[normal_user], "100000").await?;
+    let normal_round = open_round(&channel, &game, "probe-normal").await?;
+    fund(&channel, &cashier, &[normal_user], "100000").await?;
     // The normal player has a connection of their own, like a real client.
     let player = NormalPlayer::start(
         connect(&args.target).await?,
@@ -226,7 +227,8 @@ pub async fn run(args: ProbeArgs) -> anyhow::Result<()> {
     let ctx = Ctx {
         args: &args,
         minter: &minter,
-        backend: &backend,
+        game: &game,
+        cashier: &cashier,
         channel: &channel,
         answers: answers.clone(),
         phase,
@@ -260,7 +262,10 @@ pub async fn run(args: ProbeArgs) -> anyhow::Result<()> {
 struct Ctx<'a> {
     args: &'a ProbeArgs,
     minter: &'a TokenMinter,
-    backend: &'a str,
+    /// Opens rounds.
+    game: &'a str,
+    /// Funds wallets.
+    cashier: &'a str,
     channel: &'a Channel,
     answers: Answers,
     phase: Duration,
@@ -381,8 +386,8 @@ async fn bet_reads(pool: Option<&sqlx::PgPool>) -> Option<i64> {
 async fn one_player(ctx: &Ctx<'_>) -> anyhow::Result<String> {
     let count = ctx.args.count.unwrap_or(500);
     let user = ctx.args.first_user + 1;
-    fund(ctx.channel, ctx.backend, &[user], "1000").await?;
-    let round = open_round(ctx.channel, ctx.backend, "probe-one").await?;
+    fund(ctx.channel, ctx.cashier, &[user], "1000").await?;
+    let round = open_round(ctx.channel, ctx.game, "probe-one").await?;
     let mut channels = Vec::new();
     for _ in 0..8 {
         channels.push(connect(&ctx.args.target).await?);
@@ -468,8 +473,8 @@ async fn locked_wallet(ctx: &Ctx<'_>) -> anyhow::Result<String> {
         .as_ref()
         .context("the locked-wallet probe needs --database-url to hold the row")?;
     let user = ctx.args.first_user + 1;
-    fund(ctx.channel, ctx.backend, &[user], "1000").await?;
-    let round = open_round(ctx.channel, ctx.backend, "probe-locked").await?;
+    fund(ctx.channel, ctx.cashier, &[user], "1000").await?;
+    let round = open_round(ctx.channel, ctx.game, "probe-locked").await?;
     let pool = sqlx::PgPool::connect(url.expose()).await?;
     let mut held = pool.begin().await?;
     sqlx::query("SELECT 1 FROM wallets WHERE user_id = $1 FOR UPDATE")
@@ -517,9 +522,9 @@ async fn locked_wallet(ctx: &Ctx<'_>) -> anyhow::Result<String> {
 /// GetRound on it as fast as they can for the phase.
 async fn get_round(ctx: &Ctx<'_>) -> anyhow::Result<String> {
     let clients = ctx.args.count.unwrap_or(20);
-    let round = open_round(ctx.channel, ctx.backend, "probe-round").await?;
+    let round = open_round(ctx.channel, ctx.game, "probe-round").await?;
     let users: Vec<i64> = (0..50).map(|i| ctx.args.first_user + 100 + i).collect();
-    fund(ctx.channel, ctx.backend, &users, "1000").await?;
+    fund(ctx.channel, ctx.cashier, &users, "1000").await?;
     println!("placing 5,000 bets");
     let mut placements = Vec::new();
     for (u, user) in users.iter().enumerate() {
@@ -631,10 +636,8 @@ async fn big_requests(ctx: &Ctx<'_>) -> anyhow::Result<String> {
                                 if let Some(MessageResponse::ErrorResponse(e)) =
                                     answer.message_response
                                 {
-                                    longest.fetch_max(
-                                        e.error_message.len() as u64,
-                                        Ordering::Relaxed,
-                                    );
+                                    longest
+                                        .fetch_max(e.error_message.len() as u64, Ordering::Relaxed);
                                 }
                                 None
                             }

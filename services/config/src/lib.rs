@@ -6,6 +6,9 @@
 mod edge;
 
 pub use edge::EdgeSettings;
+mod tokens;
+
+pub use tokens::TokenSettings;
 
 use std::{fmt, net::SocketAddr, str::FromStr, time::Duration};
 
@@ -96,17 +99,8 @@ pub struct Settings {
     #[arg(long, env = "BETTING_METRICS_ADDR", default_value = "127.0.0.1:9464")]
     pub metrics_addr: SocketAddr,
 
-    /// HS256 secret for bearer tokens; at least 32 bytes.
-    #[arg(long, env = "BETTING_JWT_SECRET", hide_env_values = true)]
-    pub jwt_secret: Secret,
-
-    /// Required `iss` claim, when set.
-    #[arg(long, env = "BETTING_JWT_ISSUER")]
-    pub jwt_issuer: Option<String>,
-
-    /// Required `aud` claim, when set.
-    #[arg(long, env = "BETTING_JWT_AUDIENCE")]
-    pub jwt_audience: Option<String>,
+    #[command(flatten)]
+    pub tokens: TokenSettings,
 
     /// Where other roles reach WalletService, e.g. http://wallet:50051.
     /// Defaults to this process's own server when it runs the wallet role.
@@ -190,6 +184,8 @@ pub enum ConfigError {
         "BETTING_QUEUE_VISIBILITY_MS must be at least {minimum_ms}: a worker heartbeats between fetches that wait up to {poll_ms} ms, and its lease must outlast twice the longest gap between heartbeats"
     )]
     ShortVisibility { minimum_ms: u128, poll_ms: u128 },
+    #[error("{0}")]
+    Tokens(&'static str),
     #[error("{old} was renamed {new}: set that instead")]
     Renamed {
         old: &'static str,
@@ -218,6 +214,11 @@ impl Settings {
 
     pub fn runs(&self, role: ProcessRole) -> bool {
         self.roles.is_empty() || self.roles.contains(&role)
+    }
+
+    /// Whether this process calls WalletService, and so mints service tokens.
+    pub fn signs_service_tokens(&self) -> bool {
+        self.runs(ProcessRole::Betting) || self.runs(ProcessRole::Settler)
     }
 
     pub fn placing_grace(&self) -> Duration {
@@ -252,9 +253,7 @@ impl Settings {
         {
             return Err(ConfigError::Renamed { old, new });
         }
-        if self.jwt_secret.expose().len() < 32 {
-            return Err(ConfigError::WeakSecret);
-        }
+        self.tokens.validate(self.signs_service_tokens())?;
         self.storage.validate()?;
         let redis = self.redis_url.expose();
         if !(redis.starts_with("redis://") || redis.starts_with("rediss://")) {

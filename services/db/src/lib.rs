@@ -11,6 +11,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod actions;
+
 use std::time::Duration;
 
 use sqlx::{

@@ -26,7 +26,7 @@ mod serve;
 
 use std::{future::Future, net::SocketAddr, sync::Arc};
 
-use betting_auth::{AuthInterceptor, Verifier};
+use betting_auth::AuthInterceptor;
 use betting_bets::BettingService;
 use betting_config::Settings;
 use betting_reconciler::Reconciler;
@@ -63,11 +63,7 @@ impl Application {
         settings.validate()?;
         let listeners = Listeners::bind(&settings).await?;
         let stores = Stores::connect(&settings)?;
-        let auth = AuthInterceptor::new(Arc::new(Verifier::new(
-            settings.jwt_secret.expose().as_bytes(),
-            settings.jwt_issuer.as_deref(),
-            settings.jwt_audience.as_deref(),
-        )));
+        let auth = AuthInterceptor::new(Arc::new(betting_auth::setup::verifier(&settings.tokens)?));
         let queues = Queues::new(&stores.redis, &settings);
         let (trigger, shutdown) = betting_shutdown::channel();
         let Roles {

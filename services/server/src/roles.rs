@@ -22,7 +22,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use betting_audit::{AdminService, AuditSettings};
-use betting_auth::{ServiceCredentials, TokenMinter};
+use betting_auth::ServiceCredentials;
 use betting_bets::{
     BetStore, BettingService,
     matcher::{MatchHandler, Matcher},
@@ -246,11 +246,10 @@ impl Shared<'_> {
             Some(endpoint) => endpoint.clone(),
             None => format!("http://{}", loopback(self.local_addr)),
         };
-        let credentials = ServiceCredentials::new(TokenMinter::new(
-            settings.jwt_secret.expose().as_bytes(),
-            settings.jwt_issuer.as_deref(),
-            settings.jwt_audience.as_deref(),
-        ));
+        // Only this process's service tokens are signed here: with a key
+        // set, by the private key only the betting and settler roles hold.
+        let credentials =
+            ServiceCredentials::new(betting_auth::setup::service_minter(&settings.tokens)?);
         let client = WalletClient::new(&endpoint, credentials)
             .with_context(|| format!("invalid wallet endpoint {endpoint}"))?;
         Ok(self.wallet.insert(client).clone())

@@ -4,7 +4,8 @@
 //! [`SettlementError`]; the server's gRPC adapter converts to and from the
 //! wire.
 
-use betting_auth::Principal;
+use betting_auth::{Principal, Role};
+use betting_db::actions::Actor;
 use betting_domain::{BetId, InvalidRequest, RoundId, RoundStatus, Side, Violations};
 use betting_queue::Queue;
 use betting_streams::{Changes, EventStream, Publisher, StreamContext};
@@ -17,6 +18,15 @@ use crate::{
     RoundRow, RoundStore, RoundTotals, SettlementError, Transition,
     watch::{RoundFeeds, RoundUpdate},
 };
+
+/// Who runs rounds: game servers. Not admin (a round's outcome moves money;
+/// whoever audits the books moves none), not our own services.
+const GAME: &[Role] = &[Role::Game];
+
+/// The trail's actor for a principal.
+fn actor(principal: &Principal) -> Actor {
+    Actor::new(&principal.subject, principal.role.as_str())
+}
 
 /// A round as the API shows it: its row and its progress.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,8 +70,8 @@ impl SettlementService {
         &self.rounds
     }
 
-    pub async fn open(&self, round: &RoundId) -> Result<RoundRow, SettlementError> {
-        if let Some(row) = self.rounds.insert(round).await? {
+    pub async fn open(&self, round: &RoundId, by: &Actor) -> Result<RoundRow, SettlementError> {
+        if let Some(row) = self.rounds.insert(round, by).await? {
             self.publisher.spawn_publish(Changes {
                 bets: Vec::new(),
                 rounds: vec![round.to_string()],
@@ -108,14 +118,19 @@ impl SettlementService {
         Ok(())
     }
 
-    pub async fn close(&self, round: &RoundId) -> Result<RoundRow, SettlementError> {
-        let transition = self.rounds.close(round).await?;
+    pub async fn close(&self, round: &RoundId, by: &Actor) -> Result<RoundRow, SettlementError> {
+        let transition = self.rounds.close(round, by).await?;
         self.dispatch(round, &transition).await?;
         Ok(transition.round)
     }
 
-    pub async fn settle(&self, round: &RoundId, winner: Side) -> Result<RoundRow, SettlementError> {
-        let transition = self.rounds.settle(round, winner).await?;
+    pub async fn settle(
+        &self,
+        round: &RoundId,
+        winner: Side,
+        by: &Actor,
+    ) -> Result<RoundRow, SettlementError> {
+        let transition = self.rounds.settle(round, winner, by).await?;
         // Dispatch on a retry too: it is idempotent, and it heals lost jobs.
         self.dispatch(round, &transition).await?;
         if transition.changed {
@@ -124,8 +139,13 @@ impl SettlementService {
         Ok(transition.round)
     }
 
-    pub async fn void(&self, round: &RoundId, reason: &str) -> Result<RoundRow, SettlementError> {
-        let transition = self.rounds.void(round, reason).await?;
+    pub async fn void(
+        &self,
+        round: &RoundId,
+        reason: &str,
+        by: &Actor,
+    ) -> Result<RoundRow, SettlementError> {
+        let transition = self.rounds.void(round, reason, by).await?;
         self.dispatch(round, &transition).await?;
         if transition.changed {
             tracing::info!(%round, refunds = transition.refunds.len(), "round voided");
@@ -142,27 +162,27 @@ impl SettlementService {
         Ok(RoundView { row, totals })
     }
 
-    /// OpenRound: backend only.
+    /// OpenRound: game servers only.
     pub async fn open_round(
         &self,
         principal: &Principal,
         round_id: &str,
     ) -> Result<RoundView, SettlementError> {
-        principal.require_backend()?;
+        principal.require(GAME)?;
         let round = parse_round(round_id)?;
-        let row = self.open(&round).await?;
+        let row = self.open(&round, &actor(principal)).await?;
         self.view(row).await
     }
 
-    /// CloseRound: backend only.
+    /// CloseRound: game servers only.
     pub async fn close_round(
         &self,
         principal: &Principal,
         round_id: &str,
     ) -> Result<RoundView, SettlementError> {
-        principal.require_backend()?;
+        principal.require(GAME)?;
         let round = parse_round(round_id)?;
-        let row = self.close(&round).await?;
+        let row = self.close(&round, &actor(principal)).await?;
         self.view(row).await
     }
 
@@ -177,7 +197,7 @@ impl SettlementService {
         self.view(row).await
     }
 
-    /// SettleRound: backend only. `winning_side` is the wire's side, parsed
+    /// SettleRound: game servers only. `winning_side` is the wire's side, parsed
     /// (or what is wrong with it).
     pub async fn settle_round(
         &self,
@@ -185,25 +205,25 @@ impl SettlementService {
         round_id: &str,
         winning_side: Result<Side, &'static str>,
     ) -> Result<RoundView, SettlementError> {
-        principal.require_backend()?;
+        principal.require(GAME)?;
         let mut v = Violations::default();
         let round = v.check("round_id", RoundId::parse(round_id));
         let side = v.check("winning_side", winning_side);
         let (Some(round), Some(side), true) = (round, side, v.is_empty()) else {
             return Err(SettlementError::from(v.into_error()));
         };
-        let row = self.settle(&round, side).await?;
+        let row = self.settle(&round, side, &actor(principal)).await?;
         self.view(row).await
     }
 
-    /// VoidRound: backend only.
+    /// VoidRound: game servers only.
     pub async fn void_round(
         &self,
         principal: &Principal,
         round_id: &str,
         reason: &str,
     ) -> Result<RoundView, SettlementError> {
-        principal.require_backend()?;
+        principal.require(GAME)?;
         let mut v = Violations::default();
         let round = v.check("round_id", RoundId::parse(round_id));
         if reason.chars().count() > 256 || reason.chars().any(char::is_control) {
@@ -212,7 +232,7 @@ impl SettlementService {
         let (Some(round), true) = (round, v.is_empty()) else {
             return Err(SettlementError::from(v.into_error()));
         };
-        let row = self.void(&round, reason).await?;
+        let row = self.void(&round, reason, &actor(principal)).await?;
         self.view(row).await
     }
 

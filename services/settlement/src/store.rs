@@ -1,6 +1,9 @@
 //! Rounds in PostgreSQL.
 
-use betting_db::{ChangedBet, NullableText, StoreError};
+use betting_db::{
+    ChangedBet, NullableText, StoreError,
+    actions::{ActionKind, Actor, PrivilegedAction},
+};
 use betting_domain::{BetStatus, MatchStatus, RefundReason, RoundId, RoundStatus, Side};
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -38,6 +41,27 @@ pub struct RoundTotals {
     pub matches: i64,
     pub settled_matches: i64,
     pub outstanding_jobs: i64,
+}
+
+/// Records a round transition in the privileged-action trail, inside the
+/// transition's transaction: a transition that rolls back leaves no row, and
+/// one that commits always has its row. A retry that changes nothing (the
+/// round already in the asked-for state) records nothing.
+async fn record(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    actor: &Actor,
+    kind: ActionKind,
+    round: &RoundId,
+    detail: Vec<(&'static str, String)>,
+) -> Result<(), sqlx::Error> {
+    let action = PrivilegedAction {
+        actor,
+        kind,
+        target: format!("round:{round}"),
+        idempotency_key: None,
+        detail,
+    };
+    betting_db::actions::record(tx, &action).await
 }
 
 /// A round's change of state and the refunds it made owed.
@@ -85,15 +109,26 @@ impl RoundStore {
         Self { pool }
     }
 
-    /// A new OPEN round; `None` if the id is taken.
-    pub async fn insert(&self, round: &RoundId) -> Result<Option<RoundRow>, StoreError> {
-        Ok(sqlx::query_as(concat!(
+    /// A new OPEN round; `None` if the id is taken. `actor`'s action is
+    /// recorded with the insert, in its transaction.
+    pub async fn insert(
+        &self,
+        round: &RoundId,
+        actor: &Actor,
+    ) -> Result<Option<RoundRow>, StoreError> {
+        let mut tx = betting_db::begin(&self.pool).await?;
+        let row: Option<RoundRow> = sqlx::query_as(concat!(
             "INSERT INTO rounds (round_id) VALUES ($1) ON CONFLICT (round_id) DO NOTHING RETURNING ",
             round_columns!()
         ))
         .bind(round.as_str())
-        .fetch_optional(&self.pool)
-        .await?)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if row.is_some() {
+            record(&mut tx, actor, ActionKind::RoundOpen, round, Vec::new()).await?;
+        }
+        tx.commit().await?;
+        Ok(row)
     }
 
     pub async fn get(&self, round: &RoundId) -> Result<Option<RoundRow>, StoreError> {
@@ -125,7 +160,11 @@ impl RoundStore {
     }
 
     /// OPEN -> CLOSED, refunding the round's unmatched bets.
-    pub async fn close(&self, round: &RoundId) -> Result<Transition, SettlementError> {
+    pub async fn close(
+        &self,
+        round: &RoundId,
+        actor: &Actor,
+    ) -> Result<Transition, SettlementError> {
         let mut tx = betting_db::begin(&self.pool).await?;
         let row = Self::lock(&mut tx, round).await?;
         match row.status {
@@ -141,6 +180,7 @@ impl RoundStore {
         .bind(round.as_str())
         .fetch_one(&mut *tx)
         .await?;
+        record(&mut tx, actor, ActionKind::RoundClose, round, Vec::new()).await?;
         refund_and_commit(tx, row, &[BetStatus::Pending], RefundReason::RoundClosed).await
     }
 
@@ -149,6 +189,7 @@ impl RoundStore {
         &self,
         round: &RoundId,
         winner: Side,
+        actor: &Actor,
     ) -> Result<Transition, SettlementError> {
         let mut tx = betting_db::begin(&self.pool).await?;
         let row = Self::lock(&mut tx, round).await?;
@@ -170,12 +211,19 @@ impl RoundStore {
         .bind(winner.as_db())
         .fetch_one(&mut *tx)
         .await?;
+        let detail = vec![("winning_side", winner.as_db().to_owned())];
+        record(&mut tx, actor, ActionKind::RoundSettle, round, detail).await?;
         refund_and_commit(tx, row, &[BetStatus::Pending], RefundReason::RoundClosed).await
     }
 
     /// OPEN or CLOSED -> VOIDED: every bet, matched or not, is refunded and
     /// every match voided, in one transaction.
-    pub async fn void(&self, round: &RoundId, reason: &str) -> Result<Transition, SettlementError> {
+    pub async fn void(
+        &self,
+        round: &RoundId,
+        reason: &str,
+        actor: &Actor,
+    ) -> Result<Transition, SettlementError> {
         let mut tx = betting_db::begin(&self.pool).await?;
         let row = Self::lock(&mut tx, round).await?;
         match row.status {
@@ -197,6 +245,8 @@ impl RoundStore {
             .bind(round.as_str())
             .execute(&mut *tx)
             .await?;
+        let detail = vec![("reason", reason.to_owned())];
+        record(&mut tx, actor, ActionKind::RoundVoid, round, detail).await?;
         refund_and_commit(
             tx,
             row,

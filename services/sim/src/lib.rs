@@ -342,7 +342,7 @@ impl Run {
                     reference: String::new(),
                 },
                 0,
-                Role::Backend,
+                Role::Cashier,
             ))
             .await?;
         *self.books().genesis.entry(user).or_default() += amount;
@@ -356,7 +356,7 @@ impl Run {
                     round_id: round_name(i),
                 },
                 0,
-                Role::Backend,
+                Role::Game,
             ))
             .await;
         self.expect_known(result, "OpenRound");
@@ -491,7 +491,7 @@ impl Run {
                             round_id: round_name(*round),
                         },
                         0,
-                        Role::Backend,
+                        Role::Game,
                     ))
                     .await;
                 self.expect_known(result, "CloseRound");
@@ -558,7 +558,7 @@ impl Run {
                         reference: String::new(),
                     },
                     0,
-                    Role::Backend,
+                    Role::Cashier,
                 ))
                 .await
                 .map(|r| r.into_inner().entry)
@@ -572,7 +572,7 @@ impl Run {
                         reference: String::new(),
                     },
                     0,
-                    Role::Backend,
+                    Role::Cashier,
                 ))
                 .await
                 .map(|r| r.into_inner().entry)
@@ -607,7 +607,7 @@ impl Run {
 
     async fn balance(&self, user: i64) -> Option<Decimal> {
         let wallet = WalletServiceClient::new(self.world.wallet.channel.clone())
-            .get_wallet(self.authed(pb::GetWalletRequest { user_id: user }, 0, Role::Backend))
+            .get_wallet(self.authed(pb::GetWalletRequest { user_id: user }, 0, Role::Admin))
             .await
             .ok()?
             .into_inner()
@@ -623,7 +623,7 @@ impl Run {
                     winning_side: side_pb(side) as i32,
                 },
                 0,
-                Role::Backend,
+                Role::Game,
             ))
             .await;
         self.expect_known(result, "SettleRound");
@@ -637,7 +637,7 @@ impl Run {
                     reason: "simulation".into(),
                 },
                 0,
-                Role::Backend,
+                Role::Game,
             ))
             .await;
         self.expect_known(result, "VoidRound");

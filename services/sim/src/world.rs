@@ -1,16 +1,18 @@
 //! The system under test for one seed: a database of its own, the wallet, a
 //! fault-injecting proxy in front of it, two betting instances and any number
-//! of worker processes, all real [`Application`]s on loopback ports.
+//! of worker processes, all real [`Application`]s on loopback ports, verifying
+//! tokens against a key set as a production deployment does.
 
 use std::{
     net::SocketAddr,
+    path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use betting_auth::{Role, TokenMinter};
+use betting_auth::{Role, SigningKey, TokenMinter};
 use betting_bets::BettingService;
-use betting_config::{ProcessRole, Secret, Settings, StorageSettings};
+use betting_config::{ProcessRole, Secret, Settings, StorageSettings, TokenSettings};
 use betting_queue::{Queue, QueueSettings};
 use betting_reconciler::{Reconciler, ReconcilerSettings};
 use betting_server::{Application, Queues};
@@ -19,8 +21,6 @@ use tokio::{sync::oneshot, task::JoinHandle};
 use tonic::transport::{Channel, Server};
 
 use crate::proxy::{FaultProxy, FaultTable};
-
-pub const SECRET: &str = "simulation-secret-simulation-secret-0123";
 
 /// One running `betting serve` process (in this process).
 pub struct Process {
@@ -85,15 +85,19 @@ pub struct World {
     config: WorldSettings,
     proxy_addr: SocketAddr,
     proxy_task: JoinHandle<()>,
+    /// Removes the key files when the world ends.
+    _keys: KeyFiles,
 }
 
 impl World {
     pub async fn start(database_url: &str, redis_url: &str) -> anyhow::Result<Self> {
         let namespace = format!("sim-{}", uuid::Uuid::new_v4().simple());
+        let (keys, minter) = KeyFiles::generate(&namespace)?;
         let config = WorldSettings {
             database_url: database_url.to_owned(),
             redis_url: redis_url.to_owned(),
             namespace: namespace.clone(),
+            keys: keys.dir.clone(),
         };
         let wallet = Process::start(config.settings(&[ProcessRole::Wallet], None)).await?;
 
@@ -141,10 +145,11 @@ impl World {
             proxy: connect(proxy_addr).await?,
             queues,
             redis,
-            minter: TokenMinter::new(SECRET.as_bytes(), None, None),
+            minter,
             config,
             proxy_addr,
             proxy_task,
+            _keys: keys,
         };
         world.start_worker().await?;
         Ok(world)
@@ -239,9 +244,62 @@ struct WorldSettings {
     database_url: String,
     redis_url: String,
     namespace: String,
+    /// Where the key set and the private keys are (see [`KeyFiles`]).
+    keys: PathBuf,
+}
+
+const ISSUER: &str = "betting-sim";
+const AUDIENCE: &str = "betting-api";
+
+/// The simulation runs in production token mode, as a split deployment
+/// does: every process verifies against a JWKS, only the betting and
+/// settler processes hold the private key of their service tokens, and the
+/// simulated clients' tokens are signed with another key.
+struct KeyFiles {
+    dir: PathBuf,
+}
+
+impl KeyFiles {
+    fn generate(namespace: &str) -> anyhow::Result<(Self, TokenMinter)> {
+        let dir = std::env::temp_dir().join(format!("{namespace}-keys"));
+        std::fs::create_dir_all(&dir)?;
+        let files = Self { dir };
+        let mut keys = Vec::new();
+        for kid in ["service", "clients"] {
+            let (pem, _) = betting_auth::generate_ed25519(kid)?;
+            std::fs::write(files.dir.join(format!("{kid}.pem")), &pem)?;
+            keys.push(SigningKey::from_pem(pem.as_bytes(), kid)?);
+        }
+        let jwks = betting_auth::public_key_set(&[&keys[0], &keys[1]])?;
+        std::fs::write(files.dir.join("jwks.json"), jwks)?;
+        let clients = TokenMinter::with_key(keys.remove(1), Some(ISSUER), Some(AUDIENCE));
+        Ok((files, clients))
+    }
+}
+
+impl Drop for KeyFiles {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 impl WorldSettings {
+    /// Production-mode token settings for a process of `roles`.
+    fn tokens(&self, roles: &[ProcessRole]) -> TokenSettings {
+        let signs = roles
+            .iter()
+            .any(|r| matches!(r, ProcessRole::Betting | ProcessRole::Settler));
+        TokenSettings {
+            jwt_secret: None,
+            jwt_jwks: Some(self.keys.join("jwks.json")),
+            jwt_signing_key: signs.then(|| self.keys.join("service.pem")),
+            jwt_signing_kid: signs.then(|| "service".to_owned()),
+            jwt_issuer: Some(ISSUER.into()),
+            jwt_audience: Some(AUDIENCE.into()),
+            jwt_max_lifetime_secs: 86_400,
+        }
+    }
+
     fn settings(&self, roles: &[ProcessRole], wallet_endpoint: Option<String>) -> Settings {
         Settings {
             storage: StorageSettings {
@@ -252,9 +310,7 @@ impl WorldSettings {
             redis_namespace: self.namespace.clone(),
             listen_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            jwt_secret: Secret::new(SECRET),
-            jwt_issuer: None,
-            jwt_audience: None,
+            tokens: self.tokens(roles),
             wallet_endpoint,
             roles: roles.to_vec(),
             // The schedule runs recovery and reconciler passes itself.

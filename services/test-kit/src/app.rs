@@ -16,7 +16,7 @@ use betting_api::pb::{
 };
 use betting_auth::{Role, TokenMinter};
 use betting_bets::BettingService;
-use betting_config::{Secret, Settings, StorageSettings};
+use betting_config::{Secret, Settings, StorageSettings, TokenSettings};
 use betting_server::Application;
 use rust_decimal::Decimal;
 use sqlx::PgPool;
@@ -45,9 +45,7 @@ pub fn settings(database_url: &str, redis_url: &str) -> Settings {
         redis_namespace: format!("t-{}", Uuid::new_v4().simple()),
         listen_addr: "127.0.0.1:0".parse().expect("addr"),
         metrics_addr: "127.0.0.1:0".parse().expect("addr"),
-        jwt_secret: Secret::new(SECRET),
-        jwt_issuer: None,
-        jwt_audience: None,
+        tokens: TokenSettings::local(SECRET),
         wallet_endpoint: None,
         roles: Vec::new(),
         // Tests drive recovery passes themselves.
@@ -169,6 +167,13 @@ impl TestApp {
         }
     }
 
+    /// Mints the app's tokens with `minter` from now on: for an app whose
+    /// settings verify with a key set rather than [`SECRET`].
+    pub fn with_minter(mut self, minter: TokenMinter) -> Self {
+        self.minter = minter;
+        self
+    }
+
     pub fn token(&self, user: i64, role: Role) -> String {
         self.minter
             .mint(user, role, Duration::from_secs(600))
@@ -179,8 +184,35 @@ impl TestApp {
         self.token(user, Role::Player)
     }
 
-    pub fn backend(&self) -> String {
-        self.token(0, Role::Backend)
+    /// A token of `role` for a caller named after the role (players: user 1).
+    pub fn token_for(&self, role: Role) -> String {
+        match role {
+            Role::Player => self.player(1),
+            role => self
+                .minter
+                .mint_subject(&format!("test-{role}"), role, Duration::from_secs(600))
+                .expect("mint token"),
+        }
+    }
+
+    /// Deposits and withdrawals.
+    pub fn cashier_token(&self) -> String {
+        self.token_for(Role::Cashier)
+    }
+
+    /// Rounds: open, close, settle, void.
+    pub fn game_token(&self) -> String {
+        self.token_for(Role::Game)
+    }
+
+    /// Our own processes: HoldStake, RefundStake, PayWinnings.
+    pub fn service_token(&self) -> String {
+        self.token_for(Role::Service)
+    }
+
+    /// The audit, and reading anything.
+    pub fn admin_token(&self) -> String {
+        self.token_for(Role::Admin)
     }
 
     pub fn wallet(&self) -> WalletServiceClient<Channel> {
@@ -210,7 +242,7 @@ impl TestApp {
                     idempotency_key: format!("dep-{}", Uuid::new_v4()),
                     reference: String::new(),
                 },
-                &self.backend(),
+                &self.cashier_token(),
             ))
             .await
             .expect("deposit")
@@ -223,7 +255,7 @@ impl TestApp {
                 pb::OpenRoundRequest {
                     round_id: round.into(),
                 },
-                &self.backend(),
+                &self.game_token(),
             ))
             .await
             .expect("open round");
@@ -234,7 +266,7 @@ impl TestApp {
             .wallet()
             .get_wallet(authed(
                 pb::GetWalletRequest { user_id: user },
-                &self.backend(),
+                &self.admin_token(),
             ))
             .await
             .expect("get wallet")
@@ -388,7 +420,7 @@ impl TestApp {
                 pb::GetRoundRequest {
                     round_id: round.into(),
                 },
-                &self.backend(),
+                &self.game_token(),
             ))
             .await
             .expect("get round")
@@ -423,7 +455,7 @@ impl TestApp {
                     round_id: round.into(),
                     winning_side: side as i32,
                 },
-                &self.backend(),
+                &self.game_token(),
             ))
             .await
             .map(|r| r.into_inner().round.expect("round"))
@@ -436,7 +468,7 @@ impl TestApp {
                     round_id: round.into(),
                     reason: "game server crashed".into(),
                 },
-                &self.backend(),
+                &self.game_token(),
             ))
             .await
             .map(|r| r.into_inner().round.expect("round"))

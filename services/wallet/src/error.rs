@@ -22,6 +22,13 @@ pub enum WalletError {
     AlreadyPaid,
     #[error("a bet of this movement was already refunded")]
     AlreadyRefunded,
+    /// RefundStake for a bet the betting side owes no refund (see `due.rs`).
+    #[error("refund not due: {0}")]
+    RefundNotDue(&'static str),
+    /// PayWinnings for a match that is not a settled round's, or to a loser,
+    /// or of the wrong amount (see `due.rs`).
+    #[error("payout not due: {0}")]
+    PayoutNotDue(&'static str),
     #[error(transparent)]
     Busy(#[from] crate::gate::UserBusy),
     #[error(transparent)]
@@ -70,7 +77,9 @@ impl ServiceError for WalletError {
             | WalletError::BalanceLimit
             | WalletError::NoMatchingStake
             | WalletError::AlreadyPaid
-            | WalletError::AlreadyRefunded => ErrorCode::FailedPrecondition,
+            | WalletError::AlreadyRefunded
+            | WalletError::RefundNotDue(_)
+            | WalletError::PayoutNotDue(_) => ErrorCode::FailedPrecondition,
             WalletError::IdempotencyConflict => ErrorCode::AlreadyExists,
             WalletError::Busy(_) => ErrorCode::ResourceExhausted,
             WalletError::Store(e) => e.code(),
@@ -88,6 +97,8 @@ impl ServiceError for WalletError {
             WalletError::AlreadyPaid => "ALREADY_PAID",
             WalletError::AlreadyRefunded => "ALREADY_REFUNDED",
             WalletError::Busy(_) => "USER_BUSY",
+            WalletError::RefundNotDue(_) => "REFUND_NOT_DUE",
+            WalletError::PayoutNotDue(_) => "PAYOUT_NOT_DUE",
             WalletError::Store(e) => e.reason(),
         }
     }

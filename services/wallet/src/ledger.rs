@@ -8,7 +8,9 @@ use rust_decimal::Decimal;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::{WalletError, gate::UserGate};
+use betting_db::actions::{ActionKind, Actor, PrivilegedAction};
+
+use crate::{WalletError, due, gate::UserGate};
 
 /// Deposits may fill a wallet up to 10^15. Refunds and payouts are credited
 /// past it (the money is owed); the column's CHECK is a far higher backstop.
@@ -25,6 +27,9 @@ pub struct Transfer {
     pub reference: String,
     /// What must hold for the movement to be allowed, checked in its transaction.
     pub guard: Guard,
+    /// Who asked, for a deposit or withdrawal: recorded in the
+    /// privileged-action trail in the movement's own transaction.
+    pub actor: Option<Actor>,
 }
 
 /// Conditions checked under lock in the movement's own transaction, so that a
@@ -40,6 +45,7 @@ pub enum Guard {
     /// Pay a match: both stakes held, each of `stake`, neither refunded nor
     /// paid before; the winner owns one of them and gets both.
     Payout {
+        match_id: Uuid,
         bets: [Uuid; 2],
         stake: Decimal,
     },
@@ -152,6 +158,17 @@ impl Ledger {
         if let Some(refusal) = refusal_by_key(&mut tx, t.key.as_str()).await? {
             return Err(refusal.replay(t));
         }
+        // Whether the betting side owes this refund or payout at all
+        // (`due.rs`). Its refusals are not recorded under the key: "not due
+        // yet" may become due (a round settled later), and the key must then
+        // still be free. A payout is checked first, so that a payout asked
+        // wrongly (a loser, a wrong amount) never records a guard refusal
+        // that would then block the real one; a refund after the guard, whose
+        // answers (ALREADY_PAID, NO_MATCHING_STAKE) stay the key's as before.
+        let payout = matches!(t.guard, Guard::Payout { .. });
+        if payout {
+            due::check(&mut tx, t).await?;
+        }
         if let Err(refusal) = check_guard(&mut tx, t).await {
             // A guard's refusal is the key's answer for good, like any other.
             if let Some(reason) = refusal.recorded_reason() {
@@ -159,6 +176,9 @@ impl Ledger {
                 tx.commit().await?;
             }
             return Err(refusal);
+        }
+        if !payout {
+            due::check(&mut tx, t).await?;
         }
         let (counterparty, credit) = t.kind.counterparty();
         let delta = if credit {
@@ -229,6 +249,27 @@ impl Ledger {
                 .bind(entry.entry_id)
                 .execute(&mut *tx)
                 .await?;
+        }
+        if let Some(actor) = &t.actor {
+            let kind = match t.kind {
+                EntryKind::Deposit => Some(ActionKind::Deposit),
+                EntryKind::Withdrawal => Some(ActionKind::Withdrawal),
+                _ => None,
+            };
+            if let Some(kind) = kind {
+                let action = PrivilegedAction {
+                    actor,
+                    kind,
+                    target: format!("user:{}", t.user.get()),
+                    idempotency_key: Some(t.key.as_str()),
+                    detail: vec![
+                        ("amount", t.amount.as_decimal().to_string()),
+                        ("entry_id", entry.entry_id.to_string()),
+                        ("reference", t.reference.clone()),
+                    ],
+                };
+                betting_db::actions::record(&mut tx, &action).await?;
+            }
         }
         tx.commit().await?;
         Ok(Posted {

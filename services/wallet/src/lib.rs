@@ -4,9 +4,13 @@
 //! movement goes through [`Ledger::post`], which is idempotent by key, never
 //! overdraws, and writes exactly one ledger row (a transfer between the user's
 //! wallet and a system account) in the same transaction as the balance change.
+//! Refunds and payouts are verified against the bets, matches and rounds
+//! they are for (`due.rs`); deposits and withdrawals are recorded in the
+//! privileged-action trail with the movement.
 
 #![forbid(unsafe_code)]
 
+mod due;
 mod error;
 mod gate;
 mod ledger;

@@ -3,7 +3,8 @@
 //! ledger rows or a [`WalletError`]; the server's gRPC adapter converts
 //! to and from the wire.
 
-use betting_auth::Principal;
+use betting_auth::{Principal, Role};
+use betting_db::actions::Actor;
 use betting_domain::{
     Amount, BetId, EntryKind, IdempotencyKey, InvalidRequest, MatchId, Reference, UserId,
     Violations,
@@ -20,6 +21,16 @@ pub struct EntryPage {
     pub more: bool,
 }
 
+/// Who may read any user's wallet (players read their own).
+const WALLET_READERS: &[Role] = &[Role::Service, Role::Cashier, Role::Admin];
+/// Who may read any user's ledger (players read their own).
+const LEDGER_READERS: &[Role] = &[Role::Cashier, Role::Admin];
+/// Money from and to outside: the payments desk only. Not admin
+/// (separation of duties: whoever audits the books moves no money).
+const CASHIERS: &[Role] = &[Role::Cashier];
+/// HoldStake, RefundStake, PayWinnings: our own processes only.
+const SERVICES: &[Role] = &[Role::Service];
+
 /// Keys our own services use; clients may not take them.
 const RESERVED_KEY_PREFIXES: &[&str] = &["BET:", "REFUND:", "SETTLE:"];
 
@@ -35,17 +46,17 @@ impl WalletService {
         }
     }
 
-    /// GetWallet: the caller's wallet, or any user's for backend and admin.
+    /// GetWallet: the caller's wallet, or any user's for [`WALLET_READERS`].
     pub async fn wallet(
         &self,
         principal: &Principal,
         user_id: i64,
     ) -> Result<WalletView, WalletError> {
-        let user = principal.resolve_user(user_id)?;
+        let user = principal.resolve_user(user_id, WALLET_READERS)?;
         self.ledger.wallet(user).await
     }
 
-    /// Deposit: money in from outside; backend or admin only.
+    /// Deposit: money in from outside; cashiers only.
     pub async fn deposit(
         &self,
         principal: &Principal,
@@ -65,7 +76,7 @@ impl WalletService {
         .await
     }
 
-    /// Withdraw: money out; backend or admin only.
+    /// Withdraw: money out; cashiers only.
     pub async fn withdraw(
         &self,
         principal: &Principal,
@@ -94,7 +105,7 @@ impl WalletService {
         user_id: i64,
         page: Result<(i64, Option<i64>), InvalidRequest>,
     ) -> Result<EntryPage, WalletError> {
-        let user = principal.resolve_user(user_id)?;
+        let user = principal.resolve_user(user_id, LEDGER_READERS)?;
         let (limit, before) = page?;
         // One more than asked tells whether another page exists.
         let mut entries = self.ledger.entries(user, before, limit + 1).await?;
@@ -103,7 +114,7 @@ impl WalletService {
         Ok(EntryPage { entries, more })
     }
 
-    /// HoldStake: a bet's stake into escrow, keyed `BET:{bet_id}`; backend only.
+    /// HoldStake: a bet's stake into escrow, keyed `BET:{bet_id}`; services only.
     pub async fn hold_stake(
         &self,
         principal: &Principal,
@@ -116,7 +127,8 @@ impl WalletService {
             .await
     }
 
-    /// RefundStake: a bet's stake back, keyed `REFUND:{bet_id}`; backend only.
+    /// RefundStake: a bet's stake back, keyed `REFUND:{bet_id}`; services only,
+    /// and only for a bet the betting side refunded (`due.rs`).
     pub async fn refund_stake(
         &self,
         principal: &Principal,
@@ -139,7 +151,7 @@ impl WalletService {
         key: &str,
         reference: &str,
     ) -> Result<Posted, WalletError> {
-        principal.require_backend()?;
+        principal.require(CASHIERS)?;
         let mut v = Violations::default();
         let user = v.check("user_id", UserId::new(user_id));
         let amount = v.check("amount", Amount::parse(amount));
@@ -168,6 +180,7 @@ impl WalletService {
                 key,
                 reference: reference.as_str().to_owned(),
                 guard: Guard::None,
+                actor: Some(Actor::new(&principal.subject, principal.role.as_str())),
             })
             .await
     }
@@ -182,7 +195,7 @@ impl WalletService {
         key: &str,
         bet_id: &str,
     ) -> Result<Posted, WalletError> {
-        principal.require_backend()?;
+        principal.require(SERVICES)?;
         let mut v = Violations::default();
         let user = v.check("user_id", UserId::new(user_id));
         let amount = v.check("amount", Amount::parse(amount));
@@ -217,12 +230,13 @@ impl WalletService {
                 key,
                 reference: bet.to_string(),
                 guard,
+                actor: None,
             })
             .await
     }
 
-    /// PayWinnings: twice the stake, once per match, to the owner of one of its bets.
-    /// Backend only.
+    /// PayWinnings: twice the stake, once per match, to the owner of its
+    /// winning bet, once its round is settled (`due.rs`). Services only.
     pub async fn pay_winnings(
         &self,
         principal: &Principal,
@@ -232,7 +246,7 @@ impl WalletService {
         key: &str,
         bet_ids: &[String],
     ) -> Result<Posted, WalletError> {
-        principal.require_backend()?;
+        principal.require(SERVICES)?;
         let mut v = Violations::default();
         let user = v.check("user_id", UserId::new(user_id));
         let amount = v.check("amount", Amount::parse(amount));
@@ -276,9 +290,11 @@ impl WalletService {
                 key,
                 reference: matched.to_string(),
                 guard: Guard::Payout {
+                    match_id: matched.as_uuid(),
                     bets: [bets[0].as_uuid(), bets[1].as_uuid()],
                     stake,
                 },
+                actor: None,
             })
             .await
     }

@@ -66,7 +66,7 @@ pub(crate) async fn run_worker<H: betting_queue::Handler>(
 
 /// A bet of `user`, matched against a bet of `other` (run by the test's own
 /// matcher): returns (bet of user, bet of other, match id).
-async fn matched_pair(
+pub(crate) async fn matched_pair(
     app: &TestApp,
     round: &str,
     user: i64,
@@ -226,7 +226,7 @@ async fn attack_a_payout_past_the_balance_backstop_is_parked_visibly() {
                 .map(|(a, b)| vec![a.to_string(), b.to_string()])
                 .expect("bets"),
             },
-            &app.backend(),
+            &app.service_token(),
         ))
         .await;
     assert!(
@@ -266,6 +266,9 @@ async fn attack_pay_winnings_replay_ignores_which_bets_it_pays() {
     app.open_round("r").await;
     let (a, b, match_id) = matched_pair(&app, "r", 1, 2, "10").await;
     let (c, d, _) = matched_pair(&app, "r", 3, 4, "10").await;
+    // A payout is owed only once the round is settled (no settler runs
+    // here: the matches stay unpaid for the test to pay by hand).
+    app.settle_round("r", pb::Side::A).await.expect("settle");
     let pay = |bets: Vec<String>| {
         let mut wallet = app.wallet();
         let request = authed(
@@ -276,7 +279,7 @@ async fn attack_pay_winnings_replay_ignores_which_bets_it_pays() {
                 match_id: match_id.to_string(),
                 bet_ids: bets,
             },
-            &app.backend(),
+            &app.service_token(),
         );
         async move { wallet.pay_winnings(request).await }
     };
@@ -319,7 +322,7 @@ async fn attack_a_refused_refund_is_not_the_answer_for_its_key() {
                 idempotency_key: format!("REFUND:{bet}"),
                 bet_id: bet.clone(),
             },
-            &app.backend(),
+            &app.service_token(),
         );
         async move { wallet.refund_stake(request).await }
     };
@@ -335,7 +338,7 @@ async fn attack_a_refused_refund_is_not_the_answer_for_its_key() {
                 idempotency_key: format!("BET:{bet}"),
                 bet_id: bet.clone(),
             },
-            &app.backend(),
+            &app.service_token(),
         ))
         .await
         .expect("stake");

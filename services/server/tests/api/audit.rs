@@ -43,7 +43,7 @@ impl Books {
                     idempotency_key: "withdraw-3".into(),
                     reference: String::new(),
                 },
-                &app.backend(),
+                &app.cashier_token(),
             ))
             .await
             .expect("withdraw");

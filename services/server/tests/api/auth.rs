@@ -22,9 +22,10 @@ async fn missing_malformed_forged_and_expired_tokens_are_unauthenticated() {
     let expired = minter
         .mint_claims(&Claims {
             sub: "42".into(),
-            role: Role::Player,
+            role: Role::Player.as_str().into(),
             iat: now() - 120,
             exp: now() - 60,
+            nbf: None,
             iss: None,
             aud: None,
         })
@@ -242,7 +243,7 @@ async fn players_never_see_other_players_data() {
                 user_id: 42,
                 ..Default::default()
             },
-            &app.backend(),
+            &app.admin_token(),
         ))
         .await
         .expect("backend lists")
@@ -258,4 +259,40 @@ async fn players_never_see_other_players_data() {
         ))
         .await
         .expect("get round");
+}
+
+/// Tokens of the retired `backend` role (minted before the split into
+/// service, game, cashier and admin) are refused, saying so.
+#[tokio::test]
+async fn an_old_backend_token_is_refused_with_a_clear_message() {
+    let app = TestApp::spawn().await;
+    let old = TokenMinter::new(SECRET.as_bytes(), None, None)
+        .mint_claims(&Claims {
+            sub: "0".into(),
+            role: "backend".into(),
+            iat: now(),
+            exp: now() + 60,
+            nbf: None,
+            iss: None,
+            aud: None,
+        })
+        .expect("mint");
+    let status = expect_code(
+        app.wallet()
+            .deposit(authed(
+                pb::DepositRequest {
+                    user_id: 42,
+                    amount: "1".into(),
+                    idempotency_key: "old-backend".into(),
+                    reference: String::new(),
+                },
+                &old,
+            ))
+            .await,
+        Code::Unauthenticated,
+    );
+    assert!(
+        status.message().contains("backend role was retired"),
+        "{status:?}"
+    );
 }

@@ -154,7 +154,7 @@ async fn rounds_must_exist_and_be_open() {
             pb::CloseRoundRequest {
                 round_id: "r".into(),
             },
-            &app.backend(),
+            &app.game_token(),
         ))
         .await
         .expect("close");

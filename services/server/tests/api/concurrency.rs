@@ -78,7 +78,7 @@ async fn the_same_key_placed_concurrently_debits_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_deposits_with_one_key_credit_once() {
     let app = TestApp::spawn().await;
-    let backend = app.backend();
+    let backend = app.cashier_token();
     let attempts = (0..20).map(|_| {
         let mut wallet = app.wallet();
         let backend = backend.clone();

@@ -167,7 +167,7 @@ async fn withdraw(
                 idempotency_key: key.into(),
                 reference: String::new(),
             },
-            &app.backend(),
+            &app.cashier_token(),
         ))
         .await
         .map(tonic::Response::into_inner)
@@ -187,7 +187,7 @@ async fn deposit(
                 idempotency_key: key.into(),
                 reference: String::new(),
             },
-            &app.backend(),
+            &app.cashier_token(),
         ))
         .await
         .map(tonic::Response::into_inner)

@@ -147,7 +147,7 @@ async fn run(ops: Vec<Op>) {
                         pb::CloseRoundRequest {
                             round_id: rounds[round].clone(),
                         },
-                        &app.backend(),
+                        &app.game_token(),
                     ))
                     .await;
             }

@@ -75,9 +75,10 @@ fn expiring_token(user: i64, secs: u64) -> String {
     TokenMinter::new(SECRET.as_bytes(), None, None)
         .mint_claims(&Claims {
             sub: user.to_string(),
-            role: Role::Player,
+            role: Role::Player.as_str().into(),
             iat: now,
             exp: now + secs,
+            nbf: None,
             iss: None,
             aud: None,
         })

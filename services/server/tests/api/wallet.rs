@@ -17,7 +17,7 @@ fn deposit(user: i64, amount: &str, key: &str) -> pb::DepositRequest {
 #[tokio::test]
 async fn deposit_then_withdraw_moves_exact_money() {
     let app = TestApp::spawn().await;
-    let backend = app.backend();
+    let backend = app.cashier_token();
     let r = app
         .wallet()
         .deposit(authed(deposit(7, "100.12345678", "d1"), &backend))
@@ -53,7 +53,7 @@ async fn deposit_then_withdraw_moves_exact_money() {
 #[tokio::test]
 async fn deposit_replay_returns_the_original_and_moves_nothing() {
     let app = TestApp::spawn().await;
-    let backend = app.backend();
+    let backend = app.cashier_token();
     let first = app
         .wallet()
         .deposit(authed(deposit(7, "25", "same-key"), &backend))
@@ -88,7 +88,7 @@ async fn deposit_replay_returns_the_original_and_moves_nothing() {
 #[tokio::test]
 async fn reused_key_with_another_payload_is_refused_and_writes_nothing() {
     let app = TestApp::spawn().await;
-    let backend = app.backend();
+    let backend = app.cashier_token();
     app.wallet()
         .deposit(authed(deposit(7, "25", "k"), &backend))
         .await
@@ -134,7 +134,7 @@ async fn withdraw_never_overdraws() {
                     idempotency_key: "w".into(),
                     reference: String::new(),
                 },
-                &app.backend(),
+                &app.cashier_token(),
             ))
             .await,
         Code::FailedPrecondition,
@@ -150,7 +150,7 @@ async fn withdraw_never_overdraws() {
                     idempotency_key: "w2".into(),
                     reference: String::new(),
                 },
-                &app.backend(),
+                &app.cashier_token(),
             ))
             .await,
         Code::FailedPrecondition,
@@ -172,7 +172,7 @@ async fn deposits_validate_every_field() {
                     idempotency_key: String::new(),
                     reference: "x".repeat(200),
                 },
-                &app.backend(),
+                &app.cashier_token(),
             ))
             .await,
         Code::InvalidArgument,
@@ -186,7 +186,7 @@ async fn deposits_validate_every_field() {
     // Our own services' key shapes are reserved.
     let status = expect_code(
         app.wallet()
-            .deposit(authed(deposit(7, "1", "BET:abc"), &app.backend()))
+            .deposit(authed(deposit(7, "1", "BET:abc"), &app.cashier_token()))
             .await,
         Code::InvalidArgument,
     );
