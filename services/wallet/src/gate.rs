@@ -33,8 +33,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Movements of one user that may hold a connection at once.
 const PER_USER: usize = 2;
-/// Movements of one user that may wait for their turn.
-const WAITING: usize = 16;
+/// Movements of one user that may wait for their turn. Waiting costs a
+/// little memory, not a connection, so a player's burst (50 bets at once)
+/// waits rather than fails; the per-user rate limit bounds it upstream.
+const WAITING: usize = 128;
 /// How long a movement outside a request (a worker's payout) waits its turn.
 const WAIT: Duration = Duration::from_secs(10);
 

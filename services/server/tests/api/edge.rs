@@ -352,8 +352,8 @@ async fn a_deadline_reaches_postgresql() {
 }
 
 /// 50 PlaceBets of one player behind a held wallet row used to take every
-/// pooled connection; now at most two wait in PostgreSQL, the rest wait (or
-/// are refused) without one, and other players are served.
+/// pooled connection; now at most two wait in PostgreSQL, the rest wait
+/// without one, and other players are served.
 #[tokio::test]
 async fn a_hot_wallet_does_not_take_the_pool() {
     let app = TestApp::spawn().await;
@@ -382,15 +382,12 @@ async fn a_hot_wallet_does_not_take_the_pool() {
         "another player is served"
     );
     drop(held);
-    let mut busy = 0;
+    // They waited without a connection, and are all served once the row is
+    // free: a burst is delayed, not failed.
     for call in calls {
-        if let Err(status) = call.await.expect("joins") {
-            if reason(&status) == "USER_BUSY" || status.code() == Code::Unavailable {
-                busy += 1;
-            }
-        }
+        let answer = call.await.expect("joins");
+        assert!(answer.is_ok(), "{answer:?}");
     }
-    assert!(busy > 0, "some of the 50 were turned away");
     app.assert_books_balanced().await;
 }
 
