@@ -4,11 +4,13 @@
 //! - `betting migrate` applies the database migrations;
 //! - `betting token --user 42 --role player` mints a bearer token for local use;
 //! - `betting audit` checks the books and exits non-zero on any violation;
-//! - `betting queue stats|dead|retry` inspects the job queues and requeues dead jobs.
+//! - `betting queue stats|dead|retry` inspects the job queues and requeues dead jobs;
+//! - `betting dev-certs --out DIR` makes a local CA and certificates for TLS.
 
 #![forbid(unsafe_code)]
 
 mod bench;
+mod dev_certs;
 
 use std::{process::ExitCode, time::Duration};
 
@@ -38,6 +40,9 @@ enum Command {
     Queue(QueueArgs),
     /// Benchmarks against a running suite.
     Bench(BenchCommand),
+    /// Write a local CA, a server certificate for localhost and a client
+    /// certificate (for mutual TLS), and print the settings that use them.
+    DevCerts(dev_certs::DevCertsArgs),
 }
 
 #[derive(clap::Args)]
@@ -123,6 +128,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Token(args) => token(&args),
+        Command::DevCerts(args) => dev_certs::run(&args),
         Command::Serve(settings) => runtime().and_then(|rt| rt.block_on(serve(*settings))),
         Command::Migrate(storage) => runtime().and_then(|rt| rt.block_on(migrate(storage))),
         Command::Audit(args) => runtime().and_then(|rt| rt.block_on(audit(args))),

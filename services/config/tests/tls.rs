@@ -64,7 +64,13 @@ fn a_server_certificate_without_its_key_is_refused() {
         "BETTING_TLS_CERT is set without BETTING_TLS_KEY: give both or neither"
     );
     let error = refusal(&["--tls-key", &certs.path("server.key")]);
-    assert!(matches!(error, ConfigError::TlsHalfPair { set: "BETTING_TLS_KEY", .. }));
+    assert!(matches!(
+        error,
+        ConfigError::TlsHalfPair {
+            set: "BETTING_TLS_KEY",
+            ..
+        }
+    ));
 }
 
 #[test]
@@ -85,7 +91,13 @@ fn a_file_that_is_not_pem_is_refused_by_name() {
         &certs.path("server.key"),
     ]);
     assert!(
-        matches!(error, ConfigError::TlsFile { variable: "BETTING_TLS_CERT", .. }),
+        matches!(
+            error,
+            ConfigError::TlsFile {
+                variable: "BETTING_TLS_CERT",
+                ..
+            }
+        ),
         "{error}"
     );
     let error = refusal(&[
@@ -94,12 +106,26 @@ fn a_file_that_is_not_pem_is_refused_by_name() {
         "--tls-key",
         &certs.path("server.pem"),
     ]);
-    assert!(error.to_string().starts_with("BETTING_TLS_KEY ("), "{error}");
-    assert!(error.to_string().ends_with("holds no PEM private key"), "{error}");
+    assert!(
+        error.to_string().starts_with("BETTING_TLS_KEY ("),
+        "{error}"
+    );
+    assert!(
+        error.to_string().ends_with("holds no PEM private key"),
+        "{error}"
+    );
     let garbage = certs.0.join("garbage.pem");
-    std::fs::write(&garbage, "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n")
-        .expect("write");
-    let error = refusal(&["--tls-ca", &garbage.display().to_string(), "--wallet-endpoint", "https://wallet:50051"]);
+    std::fs::write(
+        &garbage,
+        "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+    )
+    .expect("write");
+    let error = refusal(&[
+        "--tls-ca",
+        &garbage.display().to_string(),
+        "--wallet-endpoint",
+        "https://wallet:50051",
+    ]);
     assert!(error.to_string().ends_with("is not valid PEM"), "{error}");
     let error = refusal(&["--tls-ca", "/nowhere/ca.pem"]);
     assert_eq!(
@@ -135,13 +161,30 @@ fn an_https_wallet_endpoint_without_a_ca_is_refused() {
 #[test]
 fn serving_tls_all_in_one_needs_what_the_loopback_client_needs() {
     let certs = Certs::new("loopback");
-    let (cert, key, ca) = (certs.path("server.pem"), certs.path("server.key"), certs.path("ca.pem"));
+    let (cert, key, ca) = (
+        certs.path("server.pem"),
+        certs.path("server.key"),
+        certs.path("ca.pem"),
+    );
     let error = refusal(&["--tls-cert", &cert, "--tls-key", &key]);
-    assert!(matches!(error, ConfigError::LoopbackTlsWithoutCa), "{error}");
+    assert!(
+        matches!(error, ConfigError::LoopbackTlsWithoutCa),
+        "{error}"
+    );
     let error = refusal(&[
-        "--tls-cert", &cert, "--tls-key", &key, "--tls-ca", &ca, "--tls-client-ca", &ca,
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+        "--tls-ca",
+        &ca,
+        "--tls-client-ca",
+        &ca,
     ]);
-    assert!(matches!(error, ConfigError::LoopbackMtlsWithoutIdentity), "{error}");
+    assert!(
+        matches!(error, ConfigError::LoopbackMtlsWithoutIdentity),
+        "{error}"
+    );
     let all_in_one = settings(&[
         "--tls-cert",
         &cert,
@@ -176,7 +219,10 @@ fn a_client_certificate_without_a_ca_is_refused() {
         "--tls-client-key",
         &certs.path("client.key"),
     ]);
-    assert!(matches!(error, ConfigError::ClientIdentityWithoutCa), "{error}");
+    assert!(
+        matches!(error, ConfigError::ClientIdentityWithoutCa),
+        "{error}"
+    );
 }
 
 #[test]
@@ -204,7 +250,13 @@ fn a_database_ca_file_is_read_at_start_up() {
     ));
     let error = settings.validate().expect_err("refused");
     assert!(
-        matches!(error, ConfigError::TlsFile { variable: "DATABASE_URL sslrootcert", .. }),
+        matches!(
+            error,
+            ConfigError::TlsFile {
+                variable: "DATABASE_URL sslrootcert",
+                ..
+            }
+        ),
         "{error}"
     );
     let _: &Path = &certs.0;

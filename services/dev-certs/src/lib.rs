@@ -178,7 +178,10 @@ mod tests {
         #[cfg(unix)]
         for key in ["ca.key", "server.key", "client.key"] {
             use std::os::unix::fs::PermissionsExt;
-            let mode = fs::metadata(dir.join(key)).expect("key").permissions().mode();
+            let mode = fs::metadata(dir.join(key))
+                .expect("key")
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600, "{key}");
         }
         for cert in ["ca.pem", "server.pem", "client.pem"] {

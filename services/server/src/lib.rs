@@ -9,7 +9,7 @@
 //! queues; `roles` builds what each role runs; `grpc` holds the gRPC
 //! adapters of the domain services; `router` mounts them; `serve` runs and
 //! drains; `health` keeps the health service true; `feed` feeds the stream
-//! hub's sweep.
+//! hub's sweep; `tls` terminates TLS on the gRPC port.
 
 #![forbid(unsafe_code)]
 
@@ -20,6 +20,7 @@ mod infra;
 mod roles;
 mod router;
 mod serve;
+mod tls;
 
 use std::{future::Future, net::SocketAddr, sync::Arc};
 

@@ -67,7 +67,10 @@ pub(crate) async fn run(
             let _ = drain_tx.send(());
         }
     };
-    let server = router.serve_with_incoming_shutdown(incoming(listeners.grpc), stopping);
+    let server = router.serve_with_incoming_shutdown(
+        crate::tls::incoming(incoming(listeners.grpc), listeners.tls),
+        stopping,
+    );
     tokio::pin!(server);
     // Serve until the signal; then give in-flight requests the grace period.
     tokio::select! {

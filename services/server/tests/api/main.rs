@@ -19,4 +19,6 @@ mod money_safety;
 mod property;
 mod queue;
 mod streams;
+mod tls;
+mod tls_stores;
 mod wallet;
