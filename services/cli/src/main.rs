@@ -9,10 +9,12 @@
 //! - `betting audit` checks the books and exits non-zero on any violation;
 //! - `betting queue stats|dead|retry` inspects the job queues and requeues dead
 //!   jobs (recorded in the privileged-action trail when DATABASE_URL is set).
+//! - `betting dev-certs --out DIR` makes a local CA and certificates for TLS.
 
 #![forbid(unsafe_code)]
 
 mod bench;
+mod dev_certs;
 mod probe;
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
@@ -45,6 +47,9 @@ enum Command {
     Queue(QueueArgs),
     /// Benchmarks against a running suite.
     Bench(BenchCommand),
+    /// Write a local CA, a server certificate for localhost and a client
+    /// certificate (for mutual TLS), and print the settings that use them.
+    DevCerts(dev_certs::DevCertsArgs),
 }
 
 #[derive(clap::Args)]
@@ -173,6 +178,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Token(args) => token(&args),
         Command::Keys(args) => keys(&args),
+        Command::DevCerts(args) => dev_certs::run(&args),
         Command::Serve(settings) => runtime().and_then(|rt| rt.block_on(serve(*settings))),
         Command::Migrate(storage) => runtime().and_then(|rt| rt.block_on(migrate(storage))),
         Command::Audit(args) => runtime().and_then(|rt| rt.block_on(audit(args))),

@@ -10,7 +10,12 @@ mod tokens;
 
 pub use tokens::TokenSettings;
 
-use std::{fmt, net::SocketAddr, str::FromStr, time::Duration};
+mod postgres_tls;
+pub mod tls;
+
+use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
+
+pub use tls::TlsSettings;
 
 /// A value that must never reach a log line.
 #[derive(Clone, PartialEq, Eq)]
@@ -82,6 +87,9 @@ pub struct StorageSettings {
 pub struct Settings {
     #[command(flatten)]
     pub storage: StorageSettings,
+
+    #[command(flatten)]
+    pub tls: TlsSettings,
 
     /// Redis URL.
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]
@@ -186,6 +194,47 @@ pub enum ConfigError {
     ShortVisibility { minimum_ms: u128, poll_ms: u128 },
     #[error("{0}")]
     Tokens(&'static str),
+    #[error("{set} is set without {missing}: give both or neither")]
+    TlsHalfPair {
+        set: &'static str,
+        missing: &'static str,
+    },
+    #[error("{variable} ({}) {problem}", path.display())]
+    TlsFile {
+        variable: &'static str,
+        path: PathBuf,
+        problem: String,
+    },
+    #[error(
+        "BETTING_TLS_CLIENT_CA needs BETTING_TLS_CERT and BETTING_TLS_KEY: mutual TLS is served over TLS"
+    )]
+    ClientCaWithoutTls,
+    #[error(
+        "BETTING_TLS_CLIENT_CERT is set without BETTING_TLS_CA: our clients present it only over TLS, which needs a CA to trust"
+    )]
+    ClientIdentityWithoutCa,
+    #[error(
+        "BETTING_WALLET_ENDPOINT is https:// but BETTING_TLS_CA is not set: give the CA that signs the wallet's certificate"
+    )]
+    HttpsWithoutCa,
+    #[error(
+        "this process serves TLS and calls its own wallet over loopback (https://127.0.0.1): set BETTING_TLS_CA to the CA of BETTING_TLS_CERT, or set BETTING_WALLET_ENDPOINT"
+    )]
+    LoopbackTlsWithoutCa,
+    #[error(
+        "this process requires client certificates (BETTING_TLS_CLIENT_CA) and calls its own wallet over loopback: set BETTING_TLS_CLIENT_CERT and BETTING_TLS_CLIENT_KEY, or set BETTING_WALLET_ENDPOINT"
+    )]
+    LoopbackMtlsWithoutIdentity,
+    #[error("BETTING_REDIS_TLS_CA is set but REDIS_URL is not a rediss:// URL")]
+    RedisCaWithoutTls,
+    #[error(
+        "DATABASE_URL sslmode must be one of disable, allow, prefer, require, verify-ca, verify-full"
+    )]
+    BadSslMode,
+    #[error(
+        "DATABASE_URL names {0} but its sslmode is not verify-ca or verify-full: a CA or certificate given for TLS must be used, never skipped"
+    )]
+    SslFileWithoutVerify(&'static str),
     #[error("{old} was renamed {new}: set that instead")]
     Renamed {
         old: &'static str,
@@ -255,9 +304,13 @@ impl Settings {
         }
         self.tokens.validate(self.signs_service_tokens())?;
         self.storage.validate()?;
+        self.tls.validate()?;
         let redis = self.redis_url.expose();
         if !(redis.starts_with("redis://") || redis.starts_with("rediss://")) {
             return Err(ConfigError::BadRedisUrl);
+        }
+        if self.tls.redis_tls_ca.is_some() && !redis.starts_with("rediss://") {
+            return Err(ConfigError::RedisCaWithoutTls);
         }
         let ns = &self.redis_namespace;
         let ns_ok = !ns.is_empty()
@@ -281,14 +334,54 @@ impl Settings {
             Some(e) if !(e.starts_with("http://") || e.starts_with("https://")) => {
                 return Err(ConfigError::BadWalletEndpoint);
             }
-            None if (self.runs(ProcessRole::Betting) || self.runs(ProcessRole::Settler))
-                && !self.runs(ProcessRole::Wallet) =>
-            {
+            Some(e) if e.starts_with("https://") && self.tls.client()?.is_none() => {
+                return Err(ConfigError::HttpsWithoutCa);
+            }
+            None if self.calls_wallet() && !self.runs(ProcessRole::Wallet) => {
                 return Err(ConfigError::NoWalletEndpoint);
             }
+            None if self.calls_wallet() => self.check_loopback_tls()?,
             _ => {}
         }
         Ok(())
+    }
+
+    /// Whether a role of this process calls WalletService.
+    fn calls_wallet(&self) -> bool {
+        self.runs(ProcessRole::Betting) || self.runs(ProcessRole::Settler)
+    }
+
+    /// All-in-one under TLS: the loopback wallet client dials our own TLS
+    /// listener, so it needs to trust our certificate and, under mutual TLS,
+    /// to present one.
+    fn check_loopback_tls(&self) -> Result<(), ConfigError> {
+        let Some(server) = self.tls.server()? else {
+            return Ok(());
+        };
+        let Some(client) = self.tls.client()? else {
+            return Err(ConfigError::LoopbackTlsWithoutCa);
+        };
+        if server.client_ca.is_some() && client.identity.is_none() {
+            return Err(ConfigError::LoopbackMtlsWithoutIdentity);
+        }
+        Ok(())
+    }
+
+    /// The URL our own clients reach WalletService at: the configured
+    /// endpoint, or this process's listener over loopback, with TLS when the
+    /// listener serves TLS.
+    pub fn wallet_url(&self, local_addr: SocketAddr) -> String {
+        match &self.wallet_endpoint {
+            Some(endpoint) => endpoint.clone(),
+            None => {
+                let scheme = if self.tls.tls_cert.is_some() {
+                    "https"
+                } else {
+                    "http"
+                };
+                format!("{scheme}://{local_addr}")
+            }
+        }
     }
 }
 
@@ -298,7 +391,7 @@ impl StorageSettings {
         if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
             return Err(ConfigError::BadDatabaseUrl("DATABASE_URL"));
         }
-        Ok(())
+        postgres_tls::check(url)
     }
 }
 

@@ -32,6 +32,7 @@
 #![forbid(unsafe_code)]
 
 mod scripts;
+mod tls;
 mod worker;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -53,13 +54,22 @@ pub enum QueueError {
     Redis(#[from] fred::error::Error),
     #[error("job could not be encoded or decoded")]
     Codec(#[from] serde_json::Error),
+    #[error("invalid Redis TLS setting: {0}")]
+    Tls(String),
 }
 
 /// Builds a Redis client that keeps reconnecting forever and fails commands
 /// after a bounded wait instead of hanging while Redis is down. The connection
 /// is started in the background: the process starts even while Redis is away.
+/// A `rediss://` URL connects over TLS, checked against the system's roots.
 pub fn connect(url: &str) -> Result<Client, QueueError> {
-    let mut config = Config::from_url(url)?;
+    connect_with(url, None)
+}
+
+/// [`connect`], with `ca_pem` (PEM certificates) as the only roots a
+/// `rediss://` server's certificate is checked against.
+pub fn connect_with(url: &str, ca_pem: Option<&[u8]>) -> Result<Client, QueueError> {
+    let mut config = config(url, ca_pem)?;
     // Retry the first connection too (fred's default gives up on it at
     // once): a process started while Redis is down must recover when it
     // comes up, not stay NOT_SERVING for good.
@@ -79,6 +89,24 @@ pub fn connect(url: &str) -> Result<Client, QueueError> {
     // The returned task handle runs until the client quits; nothing awaits it.
     drop(client.connect());
     Ok(client)
+}
+
+/// The client configuration of `url`. With fred's `enable-rustls-ring`,
+/// `rediss://` is TLS with the host name checked (verify-full); without the
+/// feature fred would dial it in plaintext, which is why it is on. `ca_pem`
+/// replaces the system's roots with a private CA; it is refused for a
+/// plaintext URL rather than ignored.
+pub fn config(url: &str, ca_pem: Option<&[u8]>) -> Result<Config, QueueError> {
+    let mut config = Config::from_url(url)?;
+    if let Some(ca_pem) = ca_pem {
+        if config.tls.is_none() {
+            return Err(QueueError::Tls(
+                "a Redis CA was given for a URL without TLS".into(),
+            ));
+        }
+        config.tls = Some(tls::with_roots(ca_pem)?.into());
+    }
+    Ok(config)
 }
 
 /// Whether Redis answers right now.

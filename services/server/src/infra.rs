@@ -18,12 +18,15 @@ use tokio::net::TcpListener;
 pub(crate) struct Listeners {
     pub grpc: TcpListener,
     pub grpc_addr: SocketAddr,
+    /// TLS for the gRPC port, when configured (`crate::tls`).
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub metrics: TcpListener,
     pub metrics_addr: SocketAddr,
 }
 
 impl Listeners {
     pub async fn bind(settings: &Settings) -> anyhow::Result<Self> {
+        let tls = crate::tls::acceptor(&settings.tls)?;
         let grpc = TcpListener::bind(settings.listen_addr)
             .await
             .with_context(|| format!("cannot listen on {}", settings.listen_addr))?;
@@ -35,6 +38,7 @@ impl Listeners {
         Ok(Self {
             grpc,
             grpc_addr,
+            tls,
             metrics,
             metrics_addr,
         })
@@ -45,6 +49,9 @@ impl Listeners {
 pub(crate) struct Stores {
     pub pool: PgPool,
     pub redis: fred::prelude::Client,
+    /// What every other Redis client of the process (the hub's subscriber,
+    /// the workers' blocking connections) is built from: TLS included.
+    pub redis_config: fred::prelude::Config,
 }
 
 impl Stores {
@@ -58,9 +65,16 @@ impl Stores {
             },
         )
         .context("invalid DATABASE_URL")?;
-        let redis =
-            betting_queue::connect(settings.redis_url.expose()).context("invalid REDIS_URL")?;
-        Ok(Self { pool, redis })
+        let redis_ca = settings.tls.redis_ca()?;
+        let redis = betting_queue::connect_with(settings.redis_url.expose(), redis_ca.as_deref())
+            .context("invalid REDIS_URL")?;
+        let redis_config = betting_queue::config(settings.redis_url.expose(), redis_ca.as_deref())
+            .context("invalid REDIS_URL")?;
+        Ok(Self {
+            pool,
+            redis,
+            redis_config,
+        })
     }
 
     /// Quits Redis, then closes the pool: last, once everything that used

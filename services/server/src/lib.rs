@@ -10,7 +10,8 @@
 //! adapters of the domain services; `router` mounts them; `serve` runs and
 //! drains; `health` keeps the health service true; `feed` feeds the stream
 //! hub's sweep; `edge` (load shedding, deadlines) and `conn` (the connection
-//! cap) protect the server from its callers.
+//! cap) protect the server from its callers; `tls` terminates TLS on the
+//! gRPC port.
 
 #![forbid(unsafe_code)]
 
@@ -23,6 +24,7 @@ mod infra;
 mod roles;
 mod router;
 mod serve;
+mod tls;
 
 use std::{future::Future, net::SocketAddr, sync::Arc};
 

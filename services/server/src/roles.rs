@@ -36,7 +36,7 @@ use betting_settlement::{RoundStore, SettlementService, settler::SettleHandler};
 use betting_shutdown::Shutdown;
 use betting_streams::{Hub, Publisher, StreamContext, StreamSettings};
 use betting_wallet::WalletService;
-use betting_wallet_client::WalletClient;
+use betting_wallet_client::{WalletClient, WalletTls};
 use tokio::task::JoinSet;
 
 use crate::{
@@ -242,15 +242,20 @@ impl Shared<'_> {
             return Ok(client.clone());
         }
         let settings = self.settings;
-        let endpoint = match &settings.wallet_endpoint {
-            Some(endpoint) => endpoint.clone(),
-            None => format!("http://{}", loopback(self.local_addr)),
-        };
+        let endpoint = settings.wallet_url(loopback(self.local_addr));
+        let tls = settings.tls.client()?;
         // Only this process's service tokens are signed here: with a key
         // set, by the private key only the betting and settler roles hold.
         let credentials =
             ServiceCredentials::new(betting_auth::setup::service_minter(&settings.tokens)?);
-        let client = WalletClient::new(&endpoint, credentials)
+        let tls = tls.as_ref().map(|tls| WalletTls {
+            ca: &tls.ca,
+            identity: tls
+                .identity
+                .as_ref()
+                .map(|id| (id.cert.as_slice(), id.key.expose())),
+        });
+        let client = WalletClient::with_tls(&endpoint, credentials, tls)
             .with_context(|| format!("invalid wallet endpoint {endpoint}"))?;
         Ok(self.wallet.insert(client).clone())
     }
@@ -272,7 +277,7 @@ impl Shared<'_> {
                         bets: BetStore::new(stores.pool.clone()),
                         rounds: RoundStore::new(stores.pool.clone()),
                     }),
-                    settings.redis_url.expose(),
+                    stores.redis_config.clone(),
                     &settings.redis_namespace,
                 ),
                 settings: StreamSettings {
@@ -289,7 +294,10 @@ impl Shared<'_> {
     /// connection of its own.
     fn worker(&self, queue: &Queue) -> anyhow::Result<Worker> {
         let settings = self.settings;
-        let blocking = betting_queue::connect(settings.redis_url.expose())?;
+        let blocking = betting_queue::connect_with(
+            settings.redis_url.expose(),
+            settings.tls.redis_ca()?.as_deref(),
+        )?;
         let worker_settings = WorkerSettings {
             concurrency: settings.worker_concurrency,
             shutdown_grace: settings.shutdown_grace(),

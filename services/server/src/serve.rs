@@ -66,7 +66,8 @@ pub(crate) async fn run(
         }
     };
     let incoming = conn::incoming(listeners.grpc, settings.edge.max_connections);
-    let server = router.serve_with_incoming_shutdown(incoming, stopping);
+    let server = router
+        .serve_with_incoming_shutdown(crate::tls::incoming(incoming, listeners.tls), stopping);
     tokio::pin!(server);
     // Serve until the signal; then give in-flight requests the grace period.
     tokio::select! {

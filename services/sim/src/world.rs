@@ -306,6 +306,7 @@ impl WorldSettings {
                 database_url: Secret::new(&self.database_url),
                 db_max_connections: 3,
             },
+            tls: betting_config::TlsSettings::default(),
             redis_url: Secret::new(&self.redis_url),
             redis_namespace: self.namespace.clone(),
             listen_addr: SocketAddr::from(([127, 0, 0, 1], 0)),

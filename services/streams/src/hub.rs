@@ -57,7 +57,8 @@ enum Key {
 struct Inner {
     registry: Mutex<Registry>,
     feed: Arc<dyn ChangeFeed>,
-    redis_url: String,
+    /// The Redis client configuration (TLS included) the subscriber connects with.
+    redis: Config,
     channel: String,
 }
 
@@ -120,14 +121,14 @@ fn remove<K: std::hash::Hash + Eq + Clone>(map: &mut HashMap<K, Vec<Entry>>, key
 }
 
 impl Hub {
-    /// A hub that subscribes to the deployment's channel on `redis_url` and
-    /// sweeps `feed` under it.
-    pub fn new(feed: Arc<dyn ChangeFeed>, redis_url: &str, namespace: &str) -> Self {
+    /// A hub that subscribes to the deployment's channel on the Redis of
+    /// `redis` and sweeps `feed` under it.
+    pub fn new(feed: Arc<dyn ChangeFeed>, redis: Config, namespace: &str) -> Self {
         Self {
             inner: Arc::new(Inner {
                 registry: Mutex::new(Registry::default()),
                 feed,
-                redis_url: redis_url.to_owned(),
+                redis,
                 channel: crate::channel(namespace),
             }),
         }
@@ -242,13 +243,13 @@ impl Hub {
     }
 
     async fn subscribe(self, stop: Shutdown) {
-        let client = match Config::from_url(&self.inner.redis_url).and_then(|mut config| {
-            // Keep trying the first connection too, like every other client.
-            config.fail_fast = false;
-            fred::prelude::Builder::from_config(config)
-                .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
-                .build_subscriber_client()
-        }) {
+        let mut config = self.inner.redis.clone();
+        // Keep trying the first connection too, like every other client.
+        config.fail_fast = false;
+        let client = match fred::prelude::Builder::from_config(config)
+            .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
+            .build_subscriber_client()
+        {
             Ok(client) => client,
             Err(error) => {
                 tracing::error!(%error, "cannot build the change subscriber; streams rely on sweeps");

@@ -41,6 +41,7 @@ pub fn settings(database_url: &str, redis_url: &str) -> Settings {
             database_url: Secret::new(database_url),
             db_max_connections: 20,
         },
+        tls: betting_config::TlsSettings::default(),
         redis_url: Secret::new(redis_url),
         redis_namespace: format!("t-{}", Uuid::new_v4().simple()),
         listen_addr: "127.0.0.1:0".parse().expect("addr"),

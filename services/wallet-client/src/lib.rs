@@ -17,8 +17,31 @@ use rust_decimal::Decimal;
 use tonic::{
     Code, Status,
     service::interceptor::InterceptedService,
-    transport::{Channel, Endpoint},
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
 };
+
+/// Why a client could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum WalletClientError {
+    #[error("invalid wallet endpoint")]
+    Endpoint(#[source] tonic::transport::Error),
+    /// An https:// endpoint needs a CA: it is never dialled in plaintext or
+    /// unverified.
+    #[error("an https:// wallet endpoint needs a CA to trust (BETTING_TLS_CA)")]
+    HttpsWithoutCa,
+    #[error("invalid wallet TLS settings")]
+    Tls(#[source] tonic::transport::Error),
+}
+
+/// What an https:// wallet endpoint is dialled with, PEM.
+#[derive(Clone, Copy)]
+pub struct WalletTls<'a> {
+    /// The CA certificates the wallet's certificate must chain to; the
+    /// endpoint's host must be one of its names.
+    pub ca: &'a [u8],
+    /// Certificate and key presented to a wallet that requires mutual TLS.
+    pub identity: Option<(&'a [u8], &'a [u8])>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum WalletCallError {
@@ -67,12 +90,30 @@ pub struct WalletClient {
 }
 
 impl WalletClient {
-    /// A lazily connecting client: nothing is dialled until the first call.
-    pub fn new(
+    /// A lazily connecting client over plaintext: nothing is dialled until
+    /// the first call. An https:// endpoint is refused (see [`Self::with_tls`]).
+    pub fn new(endpoint: &str, credentials: ServiceCredentials) -> Result<Self, WalletClientError> {
+        Self::with_tls(endpoint, credentials, None)
+    }
+
+    /// A lazily connecting client; an https:// endpoint is dialled over TLS
+    /// with `tls`, and refused without it. An http:// endpoint is plaintext.
+    pub fn with_tls(
         endpoint: &str,
         credentials: ServiceCredentials,
-    ) -> Result<Self, tonic::transport::Error> {
-        let channel = Endpoint::from_shared(endpoint.to_owned())?
+        tls: Option<WalletTls<'_>>,
+    ) -> Result<Self, WalletClientError> {
+        let mut channel =
+            Endpoint::from_shared(endpoint.to_owned()).map_err(WalletClientError::Endpoint)?;
+        if channel.uri().scheme_str() == Some("https") {
+            let tls = tls.ok_or(WalletClientError::HttpsWithoutCa)?;
+            let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(tls.ca));
+            if let Some((cert, key)) = tls.identity {
+                config = config.identity(Identity::from_pem(cert, key));
+            }
+            channel = channel.tls_config(config).map_err(WalletClientError::Tls)?;
+        }
+        let channel = channel
             .connect_timeout(Duration::from_secs(2))
             .timeout(Duration::from_secs(10))
             .tcp_nodelay(true)

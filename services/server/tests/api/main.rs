@@ -23,5 +23,7 @@ mod privileged_actions;
 mod property;
 mod queue;
 mod streams;
+mod tls;
+mod tls_stores;
 mod tokens;
 mod wallet;
