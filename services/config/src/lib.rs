@@ -3,7 +3,11 @@
 
 #![forbid(unsafe_code)]
 
+mod limits;
+
 use std::{fmt, net::SocketAddr, str::FromStr, time::Duration};
+
+pub use limits::UserLimits;
 
 /// A value that must never reach a log line.
 #[derive(Clone, PartialEq, Eq)]
@@ -161,6 +165,9 @@ pub struct Settings {
     /// Seconds in-flight requests get to finish on shutdown.
     #[arg(long, env = "BETTING_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     pub shutdown_grace_secs: u64,
+
+    #[command(flatten)]
+    pub limits: UserLimits,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -183,6 +190,8 @@ pub enum ConfigError {
         "BETTING_QUEUE_VISIBILITY_MS must be at least {minimum_ms}: a worker heartbeats between fetches that wait up to {poll_ms} ms, and its lease must outlast twice the longest gap between heartbeats"
     )]
     ShortVisibility { minimum_ms: u128, poll_ms: u128 },
+    #[error("BETTING_MIN_STAKE must not be negative")]
+    NegativeMinStake,
     #[error("{old} was renamed {new}: set that instead")]
     Renamed {
         old: &'static str,
@@ -249,6 +258,9 @@ impl Settings {
             return Err(ConfigError::WeakSecret);
         }
         self.storage.validate()?;
+        if self.limits.min_stake.is_sign_negative() {
+            return Err(ConfigError::NegativeMinStake);
+        }
         let redis = self.redis_url.expose();
         if !(redis.starts_with("redis://") || redis.starts_with("rediss://")) {
             return Err(ConfigError::BadRedisUrl);
@@ -326,6 +338,8 @@ mod tests {
         ])
         .expect("parses");
         assert_eq!(cli.settings.recovery_interval_ms, 7);
+        // `UserLimits::default` is what the command line gives.
+        assert_eq!(cli.settings.limits, UserLimits::default());
         assert_eq!(
             ConfigError::Renamed {
                 old: RENAMED_VARIABLES[0].0,

@@ -9,7 +9,7 @@
 //! queues; `roles` builds what each role runs; `grpc` holds the gRPC
 //! adapters of the domain services; `router` mounts them; `serve` runs and
 //! drains; `health` keeps the health service true; `feed` feeds the stream
-//! hub's sweep.
+//! hub's sweep; `limits` holds the per-user limits the adapters enforce.
 
 #![forbid(unsafe_code)]
 
@@ -17,6 +17,7 @@ mod feed;
 mod grpc;
 mod health;
 mod infra;
+mod limits;
 mod roles;
 mod router;
 mod serve;

@@ -267,6 +267,8 @@ impl WorldSettings {
             stream_heartbeat_ms: 15_000,
             stream_send_timeout_ms: 10_000,
             shutdown_grace_secs: 1,
+            // The books expect every request to be judged on its money alone.
+            limits: betting_config::UserLimits::off(),
         }
     }
 }

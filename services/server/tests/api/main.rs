@@ -15,6 +15,7 @@ mod crash;
 mod health;
 mod ledger;
 mod lifecycle;
+mod limits;
 mod money_safety;
 mod property;
 mod queue;
