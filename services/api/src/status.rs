@@ -48,6 +48,9 @@ pub fn to_status<E: ServiceError>(err: &E) -> Status {
     for v in err.violations() {
         details.add_bad_request_violation(v.field, v.description);
     }
+    if let Some(delay) = err.retry_after() {
+        details.set_retry_info(Some(delay));
+    }
     Status::with_error_details(grpc, message, details)
 }
 

@@ -2,7 +2,7 @@
 
 use betting_auth::AuthError;
 use betting_db::StoreError;
-use betting_domain::{ErrorCode, FieldViolation, InvalidRequest, ServiceError};
+use betting_domain::{ErrorCode, FieldViolation, InvalidRequest, LimitError, ServiceError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BettingError {
@@ -10,6 +10,8 @@ pub enum BettingError {
     Invalid(#[from] InvalidRequest),
     #[error(transparent)]
     Auth(#[from] AuthError),
+    #[error(transparent)]
+    Limit(#[from] LimitError),
     #[error("round not found")]
     RoundNotFound,
     #[error("round is not open for bets")]
@@ -52,6 +54,7 @@ impl ServiceError for BettingError {
         match self {
             BettingError::Invalid(e) => e.code(),
             BettingError::Auth(e) => e.code(),
+            BettingError::Limit(e) => e.code(),
             BettingError::RoundNotFound | BettingError::BetNotFound => ErrorCode::NotFound,
             BettingError::RoundNotOpen
             | BettingError::InsufficientFunds
@@ -67,6 +70,7 @@ impl ServiceError for BettingError {
         match self {
             BettingError::Invalid(e) => e.reason(),
             BettingError::Auth(e) => e.reason(),
+            BettingError::Limit(e) => e.reason(),
             BettingError::RoundNotFound => "ROUND_NOT_FOUND",
             BettingError::RoundNotOpen => "ROUND_NOT_OPEN",
             BettingError::InsufficientFunds => "INSUFFICIENT_FUNDS",
@@ -84,6 +88,13 @@ impl ServiceError for BettingError {
             BettingError::Invalid(e) => e.violations(),
             BettingError::Auth(e) => e.violations(),
             _ => Vec::new(),
+        }
+    }
+
+    fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            BettingError::Limit(e) => e.retry_after(),
+            _ => None,
         }
     }
 }

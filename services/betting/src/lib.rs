@@ -27,6 +27,6 @@ mod watch;
 pub use error::BettingError;
 #[cfg(feature = "fault-injection")]
 pub use faults::Faults;
-pub use service::{BetPage, BettingService, Placed};
+pub use service::{BetLimits, BetPage, BettingService, Placed};
 pub use store::{BetRow, BetStore, PendingBet};
 pub use watch::{BetEvent, BetEventKind};

@@ -23,7 +23,7 @@ use betting_wallet_client::{WalletCallError, WalletClient};
 
 #[cfg(feature = "fault-injection")]
 use crate::Faults;
-use crate::{BetRow, BetStore, BettingError};
+use crate::{BetRow, BetStore, BettingError, watch::UserFeeds};
 
 #[derive(Clone)]
 pub struct BettingService {
@@ -34,7 +34,21 @@ pub struct BettingService {
     #[cfg(feature = "fault-injection")]
     faults: Arc<Faults>,
     publisher: Publisher,
-    streams: Option<StreamContext>,
+    feeds: Option<UserFeeds>,
+    limits: BetLimits,
+}
+
+/// The per-user limits PlaceBet applies itself, because they need the
+/// request's meaning (the rate and stream limits are the gRPC edge's).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BetLimits {
+    /// The smallest stake accepted; zero: any positive stake.
+    pub min_stake: Decimal,
+    /// Open (PLACING or PENDING: not yet matched, still the player's to
+    /// cancel) bets a user may hold; 0: unlimited. MATCHED bets do not count:
+    /// they wait on the round, not on the player, and the match timeout
+    /// bounds how long a PENDING bet stays open anyway.
+    pub max_open_bets: u32,
 }
 
 /// A page of bets, newest first.
@@ -69,18 +83,37 @@ impl BettingService {
             #[cfg(feature = "fault-injection")]
             faults: Arc::default(),
             publisher,
-            streams: None,
+            feeds: None,
+            limits: BetLimits::default(),
         }
+    }
+
+    /// Applies the per-user limits PlaceBet checks (none by default).
+    pub fn with_limits(mut self, limits: BetLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Serves WatchBets from this instance's hub.
     pub fn with_streams(mut self, streams: StreamContext) -> Self {
-        self.streams = Some(streams);
+        self.feeds = Some(UserFeeds::new(streams));
         self
     }
 
-    pub(crate) fn stream_context(&self) -> Option<&StreamContext> {
-        self.streams.as_ref()
+    pub(crate) fn user_feeds(&self) -> Option<&UserFeeds> {
+        self.feeds.as_ref()
+    }
+
+    /// Users with a WatchBets feed on this instance (one however many
+    /// streams the user has); a feed leaves within a second of its last stream.
+    pub fn watched_users(&self) -> usize {
+        self.feeds.as_ref().map_or(0, UserFeeds::len)
+    }
+
+    /// Reads of changed bets the WatchBets feeds made so far: one per batch
+    /// of changes of a user, however many streams the user has.
+    pub fn stream_change_reads(&self) -> u64 {
+        self.feeds.as_ref().map_or(0, UserFeeds::reads)
     }
 
     pub fn store(&self) -> &BetStore {
@@ -112,6 +145,17 @@ impl BettingService {
         let round = v.check("round_id", RoundId::parse(round_id));
         let side = v.check("side", side);
         let amount = v.check("amount", Stake::parse(amount));
+        if let Some(stake) = &amount
+            && stake.amount().as_decimal() < self.limits.min_stake
+        {
+            v.add(
+                "amount",
+                format!(
+                    "must be at least {}",
+                    betting_domain::format_money(self.limits.min_stake)
+                ),
+            );
+        }
         let key = v.check("idempotency_key", IdempotencyKey::parse(key));
         let (Some(round), Some(side), Some(amount), Some(key), true) =
             (round, side, amount, key, v.is_empty())
@@ -209,6 +253,7 @@ impl BettingService {
         let existing = match self.store.find_by_key(user, &key).await? {
             Some(existing) => Some(existing),
             None => {
+                self.check_open_bets(user).await?;
                 let bet = BetId::generate();
                 match self
                     .store
@@ -234,6 +279,26 @@ impl BettingService {
                 Some(_) => Err(BettingError::RoundNotOpen),
             },
         }
+    }
+
+    /// Refuses a new bet of a user who holds the most open bets allowed.
+    /// Checked only for a new key (a retry of a placed bet is answered as
+    /// before) and before anything is written, so a refusal touches no money.
+    ///
+    /// Two PlaceBets of one user racing at the limit may both count
+    /// `limit - 1` and both insert: the limit is soft by the user's
+    /// concurrent PlaceBets (which the per-user rate bounds), never by more.
+    /// An exact cap would need a per-user counter row that serialises every
+    /// PlaceBet of the user; the soft one costs one index-only count.
+    async fn check_open_bets(&self, user: UserId) -> Result<(), BettingError> {
+        let limit = self.limits.max_open_bets;
+        if limit == 0 {
+            return Ok(());
+        }
+        if self.store.open_bets(user, limit).await? >= i64::from(limit) {
+            return Err(betting_domain::LimitError::TooManyOpenBets { limit }.into());
+        }
+        Ok(())
     }
 
     /// Drives a bet through the rest of the saga from wherever it is. Every

@@ -130,6 +130,20 @@ impl BetStore {
         .await?)
     }
 
+    /// How many of the user's bets are open (PLACING or PENDING), counting
+    /// no further than `cap`: an index-only count over
+    /// `bets_open_by_user_idx`, at most `cap` entries.
+    pub async fn open_bets(&self, user: UserId, cap: u32) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT count(*) FROM (SELECT 1 FROM bets \
+             WHERE user_id = $1 AND status IN ('PLACING', 'PENDING') LIMIT $2) open",
+        )
+        .bind(user.get())
+        .bind(i64::from(cap))
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
     pub async fn round_status(&self, round: &RoundId) -> Result<Option<RoundStatus>, StoreError> {
         let status: Option<String> =
             sqlx::query_scalar("SELECT status FROM rounds WHERE round_id = $1")

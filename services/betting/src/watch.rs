@@ -1,28 +1,43 @@
 //! WatchBets: a player's bets, live.
 //!
-//! Each stream registers with the instance's hub *before* reading its
-//! snapshot, so no change falls between the two. Change notes carry no data:
-//! the stream reads the bet's current row (only the caller's bets are ever
-//! read) and sends it if its version is newer than what this stream sent.
-//! Bounded everywhere: notes beyond the hub's buffer mark the stream lagged
-//! (it then resynchronises), and a client that does not read for the send
-//! timeout is cut off with RESOURCE_EXHAUSTED.
+//! The streams of one user share one feed ([`UserFeeds`]): one hub
+//! registration and one task that, per batch of change notes, reads the
+//! changed bets once (only that user's bets are ever read) and broadcasts
+//! the rows to every stream of the user. So 500 streams of one player cost
+//! one read per change, not 500. Each stream joins its user's feed *before*
+//! reading its snapshot, so no change falls between the two, and sends a
+//! row only if its version is newer than what this stream sent. The feed
+//! leaves the registry (and the hub) within a second of its last stream.
+//!
+//! Bounded everywhere: notes beyond the hub's buffer make the feed tell its
+//! streams to resynchronise, a stream that falls more than the broadcast's
+//! buffer behind resynchronises on its own, and a client that does not read
+//! for the send timeout is cut off with RESOURCE_EXHAUSTED.
 //!
 //! The stream carries [`BetEvent`]s; the server's gRPC adapter turns them
 //! into messages.
 
-use std::collections::HashMap;
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use betting_auth::Principal;
 use betting_domain::{BetId, UserId};
 use betting_streams::{
-    EventSink, EventStream, Note, SinkClosed, StreamEnd, Subscription, cursor, event_stream,
+    EventSink, EventStream, Note, SinkClosed, StreamContext, StreamEnd, Subscription, cursor,
+    event_stream,
 };
 use chrono::{DateTime, Utc};
+use tokio::sync::broadcast;
 
 use uuid::Uuid;
 
-use crate::{BetRow, BettingError, BettingService};
+use crate::{BetRow, BetStore, BettingError, BettingService};
 
 /// What a WatchBets event says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,11 +71,190 @@ const MAX_NAMED: usize = 100;
 /// transaction takes between its `now()` and its commit.
 const RESUME_MARGIN: chrono::TimeDelta = chrono::TimeDelta::seconds(5);
 
+/// Rows a user's feed holds for a stream that has not taken them yet; a
+/// stream further behind resynchronises.
+const FEED_BUFFER: usize = 256;
+/// Bet versions a feed remembers having read, to skip notes it already
+/// served (a note can come twice: pub/sub and the sweep).
+const FEED_VERSIONS: usize = 4096;
+
+/// What a user's feed tells the user's streams.
+#[derive(Debug, Clone)]
+enum FeedEvent {
+    /// Bets of the user as they are now, read once for every stream.
+    Rows(Arc<Vec<BetRow>>),
+    /// Changes may have been missed: every stream sends a fresh snapshot.
+    Resync,
+}
+
+/// This instance's per-user feeds: one per user with a live WatchBets
+/// stream here. Cheap to clone.
+#[derive(Clone)]
+pub(crate) struct UserFeeds {
+    context: StreamContext,
+    feeds: Arc<Mutex<HashMap<i64, broadcast::Sender<FeedEvent>>>>,
+    /// Reads of changed bets, over every feed: what the sharing saves.
+    reads: Arc<AtomicU64>,
+}
+
+impl UserFeeds {
+    pub(crate) fn new(context: StreamContext) -> Self {
+        Self {
+            context,
+            feeds: Arc::default(),
+            reads: Arc::default(),
+        }
+    }
+
+    pub(crate) fn context(&self) -> &StreamContext {
+        &self.context
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i64, broadcast::Sender<FeedEvent>>> {
+        self.feeds
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Joins the user's feed, starting it if no stream of the user is here.
+    fn join(&self, store: &BetStore, user: UserId) -> broadcast::Receiver<FeedEvent> {
+        let mut feeds = self.lock();
+        if let Some(tx) = feeds.get(&user.get()) {
+            return tx.subscribe();
+        }
+        let (tx, rx) = broadcast::channel(FEED_BUFFER);
+        feeds.insert(user.get(), tx.clone());
+        // Registered before the caller reads its snapshot.
+        let sub = self.context.hub.watch_user(user.get());
+        let feed = Feed {
+            feeds: self.clone(),
+            store: store.clone(),
+            user,
+            sub,
+            tx,
+            versions: HashMap::new(),
+        };
+        tokio::spawn(feed.run());
+        rx
+    }
+
+    /// Users with a feed here right now.
+    pub(crate) fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Changed-bet reads made so far.
+    pub(crate) fn reads(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
+    }
+}
+
+/// One user's feed: the only reader of that user's changes on this instance.
+struct Feed {
+    feeds: UserFeeds,
+    store: BetStore,
+    user: UserId,
+    sub: Subscription,
+    tx: broadcast::Sender<FeedEvent>,
+    /// The latest version of each bet read and broadcast.
+    versions: HashMap<Uuid, i64>,
+}
+
+impl Feed {
+    async fn run(mut self) {
+        let stop = self.feeds.context.stop.clone();
+        let mut idle_check = tokio::time::interval(Duration::from_secs(1));
+        idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if self.sub.take_lagged() {
+                // Notes were dropped: nobody knows what changed.
+                self.versions.clear();
+                let _ = self.tx.send(FeedEvent::Resync);
+            }
+            tokio::select! {
+                () = stop.signalled() => break,
+                note = self.sub.recv() => {
+                    let Some(note) = note else { break };
+                    self.on_notes(note).await;
+                }
+                _ = idle_check.tick() => {
+                    // Every stream gone: leave, under the lock so that no
+                    // stream joins this feed meanwhile.
+                    let mut feeds = self.feeds.lock();
+                    if self.tx.receiver_count() == 0 {
+                        feeds.remove(&self.user.get());
+                        break;
+                    }
+                }
+            }
+        }
+        // Dropping the hub registration and the sender ends the streams' feed.
+        let mut feeds = self.feeds.lock();
+        if feeds
+            .get(&self.user.get())
+            .is_some_and(|tx| tx.same_channel(&self.tx))
+        {
+            feeds.remove(&self.user.get());
+        }
+    }
+
+    /// Handles a note and whatever else is already waiting, in one read.
+    async fn on_notes(&mut self, first: Note) {
+        let mut wanted: Vec<Uuid> = Vec::new();
+        let mut resync = false;
+        let mut note = Some(first);
+        while let Some(n) = note {
+            match n {
+                Note::Resync => resync = true,
+                Note::Round => {}
+                Note::Bet { bet_id, version } => {
+                    let known = version
+                        .is_some_and(|v| self.versions.get(&bet_id).is_some_and(|s| *s >= v));
+                    if !known && !wanted.contains(&bet_id) {
+                        wanted.push(bet_id);
+                    }
+                }
+            }
+            if wanted.len() >= 256 {
+                break;
+            }
+            note = self.sub.try_recv();
+        }
+        if resync {
+            self.versions.clear();
+            let _ = self.tx.send(FeedEvent::Resync);
+            return;
+        }
+        if wanted.is_empty() {
+            return;
+        }
+        self.feeds.reads.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("stream_change_reads_total").increment(1);
+        let rows = match self.store.user_bets(self.user, &wanted).await {
+            Ok(rows) => rows,
+            Err(error) => {
+                // The sweep will bring these notes back.
+                tracing::debug!(%error, "could not read changed bets");
+                return;
+            }
+        };
+        if self.versions.len() + rows.len() > FEED_VERSIONS {
+            self.versions.clear();
+        }
+        for row in &rows {
+            self.versions.insert(row.bet_id, row.version);
+        }
+        if !rows.is_empty() {
+            let _ = self.tx.send(FeedEvent::Rows(Arc::new(rows)));
+        }
+    }
+}
+
 struct Watch {
     service: BettingService,
     user: UserId,
     named: Vec<Uuid>,
-    sub: Subscription,
+    feed: broadcast::Receiver<FeedEvent>,
     sink: EventSink<BetEvent>,
     /// The version of each bet this stream has sent.
     sent: HashMap<Uuid, i64>,
@@ -101,18 +295,18 @@ impl BettingService {
                 )
             })?)
         };
-        let context = self
-            .stream_context()
-            .ok_or_else(|| BettingError::Internal(anyhow::anyhow!("streams are not set up")))?
-            .clone();
+        let feeds = self
+            .user_feeds()
+            .ok_or_else(|| BettingError::Internal(anyhow::anyhow!("streams are not set up")))?;
+        let context = feeds.context().clone();
         let (sink, stream) = event_stream(context.settings.buffer, context.settings.send_timeout);
-        // Register first: a change from now on is noted even while the snapshot is read.
-        let sub = context.hub.watch_user(user.get());
+        // Join first: a change from now on reaches us even while the snapshot is read.
+        let feed = feeds.join(self.store(), user);
         let watch = Watch {
             service: self.clone(),
             user,
             named,
-            sub,
+            feed,
             sink,
             sent: HashMap::new(),
             high_water: resume_from.unwrap_or(DateTime::<Utc>::MIN_UTC),
@@ -146,9 +340,6 @@ impl Watch {
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         heartbeat.reset();
         loop {
-            if self.sub.take_lagged() && self.snapshot(None, true).await.is_err() {
-                return;
-            }
             tokio::select! {
                 biased;
                 () = stop.signalled() => {
@@ -160,9 +351,19 @@ impl Watch {
                     return;
                 }
                 () = self.sink.closed() => return,
-                note = self.sub.recv() => {
-                    let Some(note) = note else { return };
-                    if self.on_notes(note).await.is_err() {
+                event = self.feed.recv() => {
+                    let handled = match event {
+                        Ok(FeedEvent::Rows(rows)) => self.on_rows(&rows).await,
+                        // Resync, or we fell behind the feed: start over.
+                        Ok(FeedEvent::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                            self.snapshot(None, true).await
+                        }
+                        Err(broadcast::error::RecvError::Closed) => {
+                            self.sink.end(&StreamEnd::FeedEnded);
+                            return;
+                        }
+                    };
+                    if handled.is_err() {
                         return;
                     }
                 }
@@ -236,45 +437,12 @@ impl Watch {
         self.sink.send(end).await
     }
 
-    /// Handles a note and whatever else is already waiting, in one read.
-    async fn on_notes(&mut self, first: Note) -> Result<(), SinkClosed> {
-        let mut wanted: Vec<Uuid> = Vec::new();
-        let mut resync = false;
-        let mut note = Some(first);
-        while let Some(n) = note {
-            match n {
-                Note::Resync => resync = true,
-                Note::Round => {}
-                Note::Bet { bet_id, version } => {
-                    let named = self.named.is_empty() || self.named.contains(&bet_id);
-                    let known =
-                        version.is_some_and(|v| self.sent.get(&bet_id).is_some_and(|s| *s >= v));
-                    if named && !known && !wanted.contains(&bet_id) {
-                        wanted.push(bet_id);
-                    }
-                }
+    /// Sends the feed's rows this stream watches and has not sent.
+    async fn on_rows(&mut self, rows: &[BetRow]) -> Result<(), SinkClosed> {
+        for row in rows {
+            if self.named.is_empty() || self.named.contains(&row.bet_id) {
+                self.offer(BetEventKind::Change, row).await?;
             }
-            if wanted.len() >= 256 {
-                break;
-            }
-            note = self.sub.try_recv();
-        }
-        if resync {
-            return self.snapshot(None, true).await;
-        }
-        if wanted.is_empty() {
-            return Ok(());
-        }
-        let rows = match self.service.store().user_bets(self.user, &wanted).await {
-            Ok(rows) => rows,
-            Err(error) => {
-                // The sweep will bring these notes back.
-                tracing::debug!(%error, "could not read changed bets");
-                return Ok(());
-            }
-        };
-        for row in &rows {
-            self.offer(BetEventKind::Change, row).await?;
         }
         Ok(())
     }

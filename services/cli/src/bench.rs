@@ -40,8 +40,9 @@ pub struct BenchArgs {
     /// Bets per second to aim for.
     #[arg(long, default_value_t = 200)]
     rate: u32,
-    /// Streams per HTTP/2 connection.
-    #[arg(long, default_value_t = 100)]
+    /// Streams per HTTP/2 connection: at most the server's
+    /// BETTING_CONNECTION_MAX_STREAMS (64 by default).
+    #[arg(long, default_value_t = 64)]
     streams_per_connection: usize,
     /// The server's process id, to report its memory per stream.
     #[arg(long)]
@@ -299,7 +300,9 @@ pub struct PlaceArgs {
     /// The suite to measure.
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     target: String,
-    /// Concurrent clients, each betting for a user of its own.
+    /// Concurrent clients, each betting for a user of its own. Each places
+    /// bets back to back, faster than the per-user limits allow: run the
+    /// server with `BETTING_USER_BET_RATE=0 BETTING_USER_MAX_OPEN_BETS=0`.
     #[arg(long, default_value_t = 64)]
     clients: usize,
     /// Seconds to run.

@@ -6,6 +6,7 @@
 mod edge;
 
 pub use edge::EdgeSettings;
+mod limits;
 mod tokens;
 
 pub use tokens::TokenSettings;
@@ -16,6 +17,8 @@ pub mod tls;
 use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
 pub use tls::TlsSettings;
+
+pub use limits::UserLimits;
 
 /// A value that must never reach a log line.
 #[derive(Clone, PartialEq, Eq)]
@@ -170,6 +173,9 @@ pub struct Settings {
 
     #[command(flatten)]
     pub edge: EdgeSettings,
+
+    #[command(flatten)]
+    pub limits: UserLimits,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -235,6 +241,8 @@ pub enum ConfigError {
         "DATABASE_URL names {0} but its sslmode is not verify-ca or verify-full: a CA or certificate given for TLS must be used, never skipped"
     )]
     SslFileWithoutVerify(&'static str),
+    #[error("BETTING_MIN_STAKE must not be negative")]
+    NegativeMinStake,
     #[error("{old} was renamed {new}: set that instead")]
     Renamed {
         old: &'static str,
@@ -305,6 +313,9 @@ impl Settings {
         self.tokens.validate(self.signs_service_tokens())?;
         self.storage.validate()?;
         self.tls.validate()?;
+        if self.limits.min_stake.is_sign_negative() {
+            return Err(ConfigError::NegativeMinStake);
+        }
         let redis = self.redis_url.expose();
         if !(redis.starts_with("redis://") || redis.starts_with("rediss://")) {
             return Err(ConfigError::BadRedisUrl);
@@ -425,6 +436,8 @@ mod tests {
         ])
         .expect("parses");
         assert_eq!(cli.settings.recovery_interval_ms, 7);
+        // `UserLimits::default` is what the command line gives.
+        assert_eq!(cli.settings.limits, UserLimits::default());
         assert_eq!(
             ConfigError::Renamed {
                 old: RENAMED_VARIABLES[0].0,

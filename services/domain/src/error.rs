@@ -60,6 +60,12 @@ pub trait ServiceError: std::error::Error {
     fn violations(&self) -> Vec<FieldViolation> {
         Vec::new()
     }
+
+    /// For a refusal that waiting cures (a rate limit): how long to wait,
+    /// sent as `google.rpc.RetryInfo`.
+    fn retry_after(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 /// Collects every bad field of a request while it is parsed, so a client learns

@@ -9,11 +9,13 @@
 
 mod error;
 mod ids;
+mod limits;
 mod money;
 mod status;
 
 pub use error::{ErrorCode, FieldViolation, InvalidRequest, ServiceError, Violations};
 pub use ids::{BetId, IdempotencyKey, MatchId, ParseIdError, Reference, RoundId, UserId};
+pub use limits::LimitError;
 pub use money::{Amount, AmountError, Stake, format_money};
 pub use status::{
     Account, BetResult, BetStatus, EntryKind, MatchStatus, RefundReason, RoundStatus, Side,

@@ -11,7 +11,7 @@
 //! drains; `health` keeps the health service true; `feed` feeds the stream
 //! hub's sweep; `edge` (load shedding, deadlines) and `conn` (the connection
 //! cap) protect the server from its callers; `tls` terminates TLS on the
-//! gRPC port.
+//! gRPC port; `limits` holds the per-user limits the adapters enforce.
 
 #![forbid(unsafe_code)]
 
@@ -21,6 +21,7 @@ mod feed;
 mod grpc;
 mod health;
 mod infra;
+mod limits;
 mod roles;
 mod router;
 mod serve;

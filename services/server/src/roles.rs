@@ -24,7 +24,7 @@ use anyhow::Context;
 use betting_audit::{AdminService, AuditSettings};
 use betting_auth::ServiceCredentials;
 use betting_bets::{
-    BetStore, BettingService,
+    BetLimits, BetStore, BettingService,
     matcher::{MatchHandler, Matcher},
     recovery::RecoverySettings,
 };
@@ -42,6 +42,7 @@ use tokio::task::JoinSet;
 use crate::{
     feed,
     infra::{Queues, Stores},
+    limits::Limiter,
 };
 
 /// Every part of the roles a process runs, built once.
@@ -51,12 +52,13 @@ pub(crate) struct Roles {
 }
 
 /// The gRPC services of the roles; the router mounts those there are.
-#[derive(Default)]
 pub(crate) struct Services {
     pub wallet: Option<WalletService>,
     pub betting: Option<BettingService>,
     pub settlement: Option<SettlementService>,
     pub admin: Option<AdminService>,
+    /// The per-user limits the betting and settlement adapters enforce.
+    pub limiter: Limiter,
 }
 
 /// The roles' long-lived tasks; run starts those there are.
@@ -108,7 +110,13 @@ impl Roles {
             wallet: None,
             streams: None,
         };
-        let mut services = Services::default();
+        let mut services = Services {
+            wallet: None,
+            betting: None,
+            settlement: None,
+            admin: None,
+            limiter: Limiter::new(&settings.limits),
+        };
         let mut background = Background::default();
 
         if settings.runs(ProcessRole::Wallet) {
@@ -121,6 +129,10 @@ impl Roles {
                 queues.matches.clone(),
                 shared.publisher.clone(),
             )
+            .with_limits(BetLimits {
+                min_stake: settings.limits.min_stake,
+                max_open_bets: settings.limits.user_max_open_bets,
+            })
             .with_streams(shared.streams());
             background.recovery = Some(Recovery {
                 betting: betting.clone(),
@@ -187,8 +199,12 @@ impl Roles {
                 .with_publisher(shared.publisher.clone()),
             );
         }
-        // A streaming service asked for the streams: its hub runs too.
+        // A streaming service asked for the streams: its hub runs too, and
+        // its caches hear of this process's own changes at once.
         background.hub = shared.streams.map(|streams| streams.hub);
+        if let Some(hub) = &background.hub {
+            shared.publisher.route_locally(hub.clone());
+        }
 
         Ok(Self {
             services,

@@ -67,10 +67,10 @@ pub(crate) fn mount(
         .map(|s| grpc::wallet::server(s, auth.clone()));
     let betting = services
         .betting
-        .map(|s| grpc::betting::server(s, auth.clone()));
+        .map(|s| grpc::betting::server(s, services.limiter.clone(), auth.clone()));
     let settlement = services
         .settlement
-        .map(|s| grpc::settlement::server(s, auth.clone()));
+        .map(|s| grpc::settlement::server(s, services.limiter.clone(), auth.clone()));
     let admin = services.admin.map(|s| grpc::admin::server(s, auth.clone()));
     let served = [
         name(&wallet),

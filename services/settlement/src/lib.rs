@@ -13,10 +13,12 @@
 mod error;
 mod service;
 pub mod settler;
+mod stats;
 mod store;
 mod watch;
 
 pub use error::SettlementError;
 pub use service::{RoundView, SettlementService};
+pub use stats::MAX_AGE as ROUND_STATS_MAX_AGE;
 pub use store::{MatchView, RoundRow, RoundStore, RoundTotals, Transition};
 pub use watch::RoundUpdate;

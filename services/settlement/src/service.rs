@@ -16,6 +16,7 @@ use betting_jobs::{RefundJob, SettleJob, enqueue_all};
 
 use crate::{
     RoundRow, RoundStore, RoundTotals, SettlementError, Transition,
+    stats::StatsCache,
     watch::{RoundFeeds, RoundUpdate},
 };
 
@@ -42,6 +43,7 @@ pub struct SettlementService {
     refund_queue: Queue,
     publisher: Publisher,
     feeds: Option<RoundFeeds>,
+    stats: StatsCache,
 }
 
 impl SettlementService {
@@ -57,13 +59,22 @@ impl SettlementService {
             refund_queue,
             publisher,
             feeds: None,
+            stats: StatsCache::new(None),
         }
     }
 
     /// Serves WatchRound from this instance's hub.
     pub fn with_streams(mut self, streams: StreamContext) -> Self {
+        // The hub's notes also tell the totals cache when a round changed.
+        self.stats = StatsCache::new(Some(streams.hub.clone()));
         self.feeds = Some(RoundFeeds::new(streams));
         self
+    }
+
+    /// Times a round's totals were computed rather than served from the
+    /// cache (`stats.rs`).
+    pub fn stats_computations(&self) -> u64 {
+        self.stats.computations()
     }
 
     pub fn rounds(&self) -> &RoundStore {
@@ -158,7 +169,10 @@ impl SettlementService {
         let round = RoundId::parse(&row.round_id).map_err(|_| {
             SettlementError::Internal(anyhow::anyhow!("stored round id is invalid"))
         })?;
-        let totals = self.rounds.totals(&round).await?;
+        let totals = self
+            .stats
+            .totals(&round, row.status, || self.rounds.totals(&round))
+            .await?;
         Ok(RoundView { row, totals })
     }
 

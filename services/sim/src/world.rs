@@ -325,6 +325,8 @@ impl WorldSettings {
             stream_send_timeout_ms: 10_000,
             shutdown_grace_secs: 1,
             edge: Default::default(),
+            // The books expect every request to be judged on its money alone.
+            limits: betting_config::UserLimits::off(),
         }
     }
 }

@@ -39,6 +39,10 @@ struct Entry {
     id: u64,
     tx: mpsc::Sender<Note>,
     lagged: Arc<AtomicBool>,
+    /// A client's stream (or a feed serving streams), as opposed to a cache
+    /// that only wants to know when something changed: only streams count
+    /// in [`Hub::stream_count`] and the `streams_open` gauge.
+    stream: bool,
 }
 
 #[derive(Default)]
@@ -94,10 +98,14 @@ struct Guard {
     hub: Weak<Inner>,
     key: Key,
     id: u64,
+    stream: bool,
 }
 
 impl Drop for Guard {
     fn drop(&mut self) {
+        if self.stream {
+            metrics::gauge!("streams_open").decrement(1.0);
+        }
         let Some(inner) = self.hub.upgrade() else {
             return;
         };
@@ -135,14 +143,20 @@ impl Hub {
     }
 
     pub fn watch_user(&self, user: i64) -> Subscription {
-        self.register(Key::User(user))
+        self.register(Key::User(user), true)
     }
 
     pub fn watch_round(&self, round: &str) -> Subscription {
-        self.register(Key::Round(round.to_owned()))
+        self.register(Key::Round(round.to_owned()), true)
     }
 
-    fn register(&self, key: Key) -> Subscription {
+    /// Notes of a round for a cache rather than a stream: the same notes,
+    /// not counted as a stream.
+    pub fn watch_round_changes(&self, round: &str) -> Subscription {
+        self.register(Key::Round(round.to_owned()), false)
+    }
+
+    fn register(&self, key: Key, stream: bool) -> Subscription {
         let (tx, rx) = mpsc::channel(NOTE_BUFFER);
         let lagged = Arc::new(AtomicBool::new(false));
         let id = {
@@ -156,6 +170,7 @@ impl Hub {
                 id,
                 tx,
                 lagged: lagged.clone(),
+                stream,
             };
             match &key {
                 Key::User(user) => registry.users.entry(*user).or_default().push(entry),
@@ -167,7 +182,9 @@ impl Hub {
             }
             id
         };
-        metrics::gauge!("streams_open").increment(1.0);
+        if stream {
+            metrics::gauge!("streams_open").increment(1.0);
+        }
         Subscription {
             rx,
             lagged,
@@ -175,25 +192,52 @@ impl Hub {
                 hub: Arc::downgrade(&self.inner),
                 key,
                 id,
+                stream,
             },
         }
     }
 
-    /// Streams registered here right now.
+    /// Streams registered here right now (a user's WatchBets streams share
+    /// one registration; caches' registrations do not count).
     pub fn stream_count(&self) -> usize {
+        self.inner.registry.lock().map_or(0, |r| {
+            r.users
+                .values()
+                .chain(r.rounds.values())
+                .flatten()
+                .filter(|e| e.stream)
+                .count()
+        })
+    }
+
+    /// Everything registered here, streams and caches: whether the sweep
+    /// has anyone to serve.
+    fn registrations(&self) -> usize {
         self.inner.registry.lock().map_or(0, |r| {
             r.users.values().map(Vec::len).sum::<usize>()
                 + r.rounds.values().map(Vec::len).sum::<usize>()
         })
     }
 
-    /// Hands notes to the local streams they concern.
+    /// Hands notes to the local streams (and caches) they concern.
     pub fn route(&self, changes: &Changes) {
+        self.deliver(changes, true);
+    }
+
+    /// Hands notes to the local caches only: this process's own changes, at
+    /// once. Streams keep hearing of them through the channel and the sweep
+    /// alone, as from any other process, so their order and timing do not
+    /// depend on where a change was made.
+    pub fn route_to_caches(&self, changes: &Changes) {
+        self.deliver(changes, false);
+    }
+
+    fn deliver(&self, changes: &Changes, streams: bool) {
         let Ok(registry) = self.inner.registry.lock() else {
             return;
         };
         let deliver = |entries: &Vec<Entry>, note: Note| {
-            for entry in entries {
+            for entry in entries.iter().filter(|e| streams || !e.stream) {
                 if let Err(mpsc::error::TrySendError::Full(_)) = entry.tx.try_send(note.clone()) {
                     entry.lagged.store(true, Ordering::Release);
                 }
@@ -312,7 +356,7 @@ impl Hub {
                 _ = ticker.tick() => {}
                 () = stop.signalled() => return,
             }
-            if self.stream_count() == 0 {
+            if self.registrations() == 0 {
                 since = None;
                 continue;
             }

@@ -19,7 +19,10 @@
 mod hub;
 mod stream;
 
-use std::time::Duration;
+use std::{
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
 use chrono::{DateTime, Utc};
 use fred::prelude::{Client, PubsubInterface};
@@ -133,10 +136,18 @@ pub fn channel(namespace: &str) -> String {
 
 /// Publishes change notes after commit. Best effort by design: the hubs'
 /// sweeps deliver whatever a lost note would have.
+///
+/// When this process runs a hub, the notes are also routed to its caches at
+/// once, before the call returns: this instance's GetRound totals see a
+/// change before its request answers, so a client reads its own writes here
+/// whatever Redis does. (Streams hear of it through the channel, as from any
+/// other process; the note coming back only makes a cache recompute once
+/// more.)
 #[derive(Clone)]
 pub struct Publisher {
     client: Client,
     channel: String,
+    local: Arc<OnceLock<Hub>>,
 }
 
 impl Publisher {
@@ -144,19 +155,42 @@ impl Publisher {
         Self {
             client,
             channel: channel(namespace),
+            local: Arc::default(),
         }
     }
 
-    /// Publishes in the background: callers never wait on Redis.
+    /// Routes every later note (of this publisher and its clones) to `hub`'s
+    /// caches too, synchronously. Set once; later calls are ignored.
+    pub fn route_locally(&self, hub: Hub) {
+        let _ = self.local.set(hub);
+    }
+
+    fn route_local(&self, changes: &Changes) {
+        if let Some(hub) = self.local.get() {
+            hub.route_to_caches(changes);
+        }
+    }
+
+    /// Publishes in the background: callers never wait on Redis (the local
+    /// hub hears of it before this returns).
     pub fn spawn_publish(&self, changes: Changes) {
+        if changes.is_empty() {
+            return;
+        }
+        self.route_local(&changes);
         let publisher = self.clone();
-        tokio::spawn(async move { publisher.publish(changes).await });
+        tokio::spawn(async move { publisher.publish_remote(changes).await });
     }
 
     pub async fn publish(&self, changes: Changes) {
         if changes.is_empty() {
             return;
         }
+        self.route_local(&changes);
+        self.publish_remote(changes).await;
+    }
+
+    async fn publish_remote(&self, changes: Changes) {
         let Ok(message) = serde_json::to_string(&changes) else {
             return;
         };

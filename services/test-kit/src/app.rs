@@ -60,6 +60,8 @@ pub fn settings(database_url: &str, redis_url: &str) -> Settings {
         stream_send_timeout_ms: 10_000,
         shutdown_grace_secs: 5,
         edge: Default::default(),
+        // Tests about limits set their own; the others must never meet one.
+        limits: betting_config::UserLimits::off(),
     }
 }
 
@@ -68,6 +70,7 @@ pub struct TestApp {
     pub pool: PgPool,
     pub channel: Channel,
     pub betting: Option<BettingService>,
+    pub settlement: Option<betting_settlement::SettlementService>,
     pub addr: std::net::SocketAddr,
     pub metrics_addr: std::net::SocketAddr,
     pub queues: betting_server::Queues,
@@ -141,6 +144,7 @@ impl TestApp {
         let addr = app.local_addr();
         let metrics_addr = app.metrics_addr();
         let betting = app.betting().cloned();
+        let settlement = app.settlement().cloned();
         let queues = app.queues().clone();
         let hub = app.hub().cloned();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -158,6 +162,7 @@ impl TestApp {
             pool: PgPool::connect_lazy(&url).expect("pool"),
             channel,
             betting,
+            settlement,
             queues,
             hub,
             namespace,

@@ -41,6 +41,15 @@ pub fn bad_fields(status: &Status) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The `RetryInfo` delay of a status, if it has one.
+pub fn retry_delay(status: &Status) -> Option<std::time::Duration> {
+    use tonic_types::StatusExt;
+    status
+        .get_error_details()
+        .retry_info()
+        .and_then(|r| r.retry_delay)
+}
+
 /// A decimal from text.
 #[track_caller]
 pub fn dec(text: &str) -> Decimal {

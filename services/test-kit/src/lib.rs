@@ -27,7 +27,7 @@ pub mod process;
 pub mod wait;
 
 pub use app::{API_ONLY, SECRET, TestApp, genesis, settings};
-pub use calls::{authed, bad_fields, dec, expect_code, reason};
+pub use calls::{authed, bad_fields, dec, expect_code, reason, retry_delay};
 pub use database::{TestDatabase, database_url, fresh_database, template};
 pub use process::{ChildGuard, TestRedis, free_port};
 pub use wait::{eventually, poll_until};

@@ -11,21 +11,36 @@ use betting_auth::{AuthInterceptor, Principal};
 use betting_bets::{BetEvent, BetEventKind, BetRow, BettingService};
 use betting_domain::format_money;
 use betting_streams::EventStream;
+
+use crate::limits::{Limiter, Permitted};
 use futures::StreamExt;
 use tonic::{Request, Response, Status, service::interceptor::InterceptedService};
 
-/// The generated trait's implementation for [`BettingService`].
+/// The generated trait's implementation for [`BettingService`], with the
+/// per-user limits it enforces before calling it.
 #[derive(Clone)]
-pub(crate) struct BettingGrpc(BettingService);
+pub(crate) struct BettingGrpc(BettingService, Limiter);
 
 /// The tonic service, behind the bearer-token check.
 pub(crate) fn server(
     service: BettingService,
+    limiter: Limiter,
     auth: AuthInterceptor,
 ) -> InterceptedService<BettingServiceServer<BettingGrpc>, AuthInterceptor> {
-    let server = BettingServiceServer::new(BettingGrpc(service))
+    let server = BettingServiceServer::new(BettingGrpc(service, limiter))
         .max_decoding_message_size(super::MAX_REQUEST_BYTES);
     InterceptedService::new(server, auth)
+}
+
+/// Charges a PlaceBet or CancelBet to its caller's rate (callers with no
+/// user, other roles, are not limited).
+fn charge_bet_call(limiter: &Limiter, principal: &Principal) -> Result<(), Status> {
+    match principal.user_id {
+        Some(user) if principal.role == betting_auth::Role::Player => limiter
+            .bet_call(user.get())
+            .map_err(|e| betting_api::to_status(&e)),
+        _ => Ok(()),
+    }
 }
 
 fn bet_pb(row: &BetRow) -> pb::Bet {
@@ -77,6 +92,7 @@ impl BettingApi for BettingGrpc {
         request: Request<pb::PlaceBetRequest>,
     ) -> Result<Response<pb::PlaceBetResponse>, Status> {
         let principal = Principal::caller(&request)?;
+        charge_bet_call(&self.1, &principal)?;
         let r = request.into_inner();
         let result = self
             .0
@@ -145,6 +161,7 @@ impl BettingApi for BettingGrpc {
         request: Request<pb::CancelBetRequest>,
     ) -> Result<Response<pb::CancelBetResponse>, Status> {
         let principal = Principal::caller(&request)?;
+        charge_bet_call(&self.1, &principal)?;
         let result = self
             .0
             .cancel_bet(&principal, &request.get_ref().bet_id)
@@ -155,7 +172,7 @@ impl BettingApi for BettingGrpc {
         }))
     }
 
-    type WatchBetsStream = futures::stream::Map<EventStream<BetEvent>, EventToPb>;
+    type WatchBetsStream = Permitted<futures::stream::Map<EventStream<BetEvent>, EventToPb>>;
 
     #[tracing::instrument(skip_all)]
     async fn watch_bets(
@@ -163,8 +180,9 @@ impl BettingApi for BettingGrpc {
         request: Request<pb::WatchBetsRequest>,
     ) -> Result<Response<Self::WatchBetsStream>, Status> {
         let principal = Principal::caller(&request)?;
+        let permit = crate::limits::open_stream(&self.1, &principal, request.remote_addr())?;
         let r = request.into_inner();
         let result = self.0.watch_bets(&principal, &r.bet_ids, &r.cursor).await;
-        respond(result.map(|stream| stream.map(event_pb as EventToPb)))
+        respond(result.map(|stream| Permitted::new(stream.map(event_pb as EventToPb), permit)))
     }
 }

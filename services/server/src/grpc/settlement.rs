@@ -11,19 +11,23 @@ use betting_auth::{AuthInterceptor, Principal};
 use betting_domain::format_money;
 use betting_settlement::{RoundUpdate, RoundView, SettlementService};
 use betting_streams::EventStream;
+
+use crate::limits::{Limiter, Permitted};
 use futures::StreamExt;
 use tonic::{Request, Response, Status, service::interceptor::InterceptedService};
 
-/// The generated trait's implementation for [`SettlementService`].
+/// The generated trait's implementation for [`SettlementService`], with the
+/// per-user limits WatchRound's streams count against.
 #[derive(Clone)]
-pub(crate) struct SettlementGrpc(SettlementService);
+pub(crate) struct SettlementGrpc(SettlementService, Limiter);
 
 /// The tonic service, behind the bearer-token check.
 pub(crate) fn server(
     service: SettlementService,
+    limiter: Limiter,
     auth: AuthInterceptor,
 ) -> InterceptedService<SettlementServiceServer<SettlementGrpc>, AuthInterceptor> {
-    let server = SettlementServiceServer::new(SettlementGrpc(service))
+    let server = SettlementServiceServer::new(SettlementGrpc(service, limiter))
         .max_decoding_message_size(super::MAX_REQUEST_BYTES);
     InterceptedService::new(server, auth)
 }
@@ -143,7 +147,7 @@ impl SettlementApi for SettlementGrpc {
         }))
     }
 
-    type WatchRoundStream = futures::stream::Map<EventStream<RoundUpdate>, UpdateToPb>;
+    type WatchRoundStream = Permitted<futures::stream::Map<EventStream<RoundUpdate>, UpdateToPb>>;
 
     #[tracing::instrument(skip_all, fields(round_id = %request.get_ref().round_id))]
     async fn watch_round(
@@ -151,10 +155,11 @@ impl SettlementApi for SettlementGrpc {
         request: Request<pb::WatchRoundRequest>,
     ) -> Result<Response<Self::WatchRoundStream>, Status> {
         let principal = Principal::caller(&request)?;
+        let permit = crate::limits::open_stream(&self.1, &principal, request.remote_addr())?;
         let result = self
             .0
             .watch_round(&principal, &request.get_ref().round_id)
             .await;
-        respond(result.map(|stream| stream.map(update_pb as UpdateToPb)))
+        respond(result.map(|stream| Permitted::new(stream.map(update_pb as UpdateToPb), permit)))
     }
 }

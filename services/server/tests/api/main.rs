@@ -18,6 +18,7 @@ mod health;
 mod internal_money;
 mod ledger;
 mod lifecycle;
+mod limits;
 mod money_safety;
 mod privileged_actions;
 mod property;

@@ -494,3 +494,108 @@ async fn browsers_can_watch_over_grpc_web() {
     );
     assert!(stderr.contains("unauthenticated"), "stderr: {stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn streams_of_one_user_share_one_read_per_change_and_their_feed_leaves_with_them() {
+    let app = TestApp::spawn().await;
+    let betting = app.betting().clone();
+    let hub = app.hub.clone().expect("hub");
+    app.deposit(1, "1000").await;
+    app.open_round("shared").await;
+    const STREAMS: usize = 20;
+    const CHANGES: usize = 6;
+    let mut streams = Vec::new();
+    for _ in 0..STREAMS {
+        let mut events = watch(&app, 1, vec![], "").await;
+        assert!(snapshot(&mut events).await.is_empty());
+        streams.push(events);
+    }
+    assert_eq!(betting.watched_users(), 1, "one feed for the user");
+    assert_eq!(hub.stream_count(), 1, "one hub registration for the user");
+    let reads_before = betting.stream_change_reads();
+    let mut placed = Vec::new();
+    for _ in 0..CHANGES {
+        // One side only: nothing matches, each bet changes once (to PENDING).
+        placed.push(app.place_ok(1, "shared", pb::Side::A, "1").await.bet_id);
+    }
+    for events in &mut streams {
+        let mut seen = std::collections::HashSet::new();
+        while seen.len() < CHANGES {
+            let event = next(events).await;
+            if let Some(bet) = event.bet {
+                assert!(placed.contains(&bet.bet_id));
+                seen.insert(bet.bet_id);
+            }
+        }
+    }
+    let reads = betting.stream_change_reads() - reads_before;
+    assert!(
+        (1..=(2 * CHANGES) as u64).contains(&reads),
+        "{reads} reads for {CHANGES} changes to {STREAMS} streams (one each, or a few more when a note comes twice)"
+    );
+    drop(streams);
+    eventually(
+        "the user's feed leaves with their last stream",
+        Duration::from_secs(10),
+        async || (betting.watched_users() == 0 && hub.stream_count() == 0).then_some(()),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_get_rounds_share_one_computation_and_see_every_change() {
+    let app = TestApp::spawn().await;
+    let settlement = app.settlement.clone().expect("settlement");
+    app.deposit(1, "1000").await;
+    app.deposit(2, "1000").await;
+    app.open_round("stats").await;
+    app.place_ok(1, "stats", pb::Side::A, "3").await;
+    // Fill the cache, then twenty callers at once: one computation at most
+    // (none, while the cached totals are fresh).
+    app.round("stats").await;
+    let before = settlement.stats_computations();
+    let calls = (0..20).map(|_| {
+        let mut client = app.rounds();
+        let token = app.player(9);
+        async move {
+            client
+                .get_round(authed(
+                    pb::GetRoundRequest {
+                        round_id: "stats".into(),
+                    },
+                    &token,
+                ))
+                .await
+                .expect("get round")
+                .into_inner()
+                .round
+                .expect("round")
+        }
+    });
+    let rounds = futures::future::join_all(calls).await;
+    let computed = settlement.stats_computations() - before;
+    assert!(
+        computed <= 1,
+        "{computed} computations for 20 concurrent calls"
+    );
+    for round in &rounds {
+        let stats = round.stats.as_ref().expect("stats");
+        assert_eq!(stats.pending_bets, 1);
+        assert_eq!(stats.total_staked, "3");
+    }
+    // A change is seen by the very next call (read your writes).
+    app.place_ok(2, "stats", pb::Side::B, "3").await;
+    let stats = app.round("stats").await.stats.expect("stats");
+    assert_eq!(stats.total_staked, "6");
+    assert_eq!(stats.pending_bets + stats.matched_bets, 2);
+    // And the matcher's change (made by a worker, announced like any other).
+    eventually(
+        "both bets are counted matched",
+        Duration::from_secs(10),
+        async || {
+            let stats = app.round("stats").await.stats.expect("stats");
+            (stats.matched_bets == 2 && stats.pending_bets == 0 && stats.matches == 1).then_some(())
+        },
+    )
+    .await;
+}
