@@ -20,6 +20,7 @@ mod infra;
 mod roles;
 mod router;
 mod serve;
+mod status_log;
 
 use std::{future::Future, net::SocketAddr, sync::Arc};
 

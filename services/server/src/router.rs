@@ -18,11 +18,12 @@ use tonic_web::GrpcWebLayer;
 use tower::layer::util::{Identity, Stack};
 use tower_http::cors::CorsLayer;
 
-use crate::{grpc, roles::Services};
+use crate::{grpc, roles::Services, status_log::StatusLogLayer};
 
 /// The router with its layers: gRPC-Web outside CORS.
-pub(crate) type GrpcRouter =
-    tonic::transport::server::Router<Stack<GrpcWebLayer, Stack<CorsLayer, Identity>>>;
+pub(crate) type GrpcRouter = tonic::transport::server::Router<
+    Stack<StatusLogLayer, Stack<GrpcWebLayer, Stack<CorsLayer, Identity>>>,
+>;
 
 /// A router ready to serve, and what health reports on.
 pub(crate) struct Mounted {
@@ -74,6 +75,10 @@ pub(crate) fn mount(services: Services, auth: &AuthInterceptor) -> anyhow::Resul
         .accept_http1(true)
         .layer(cors())
         .layer(GrpcWebLayer::new())
+        // The test suite's record of every error sent (inert unless
+        // BETTING_TEST_STATUS_LOG is set); inside gRPC-Web, so it reads
+        // plain gRPC headers and trailers.
+        .layer(StatusLogLayer::from_env())
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

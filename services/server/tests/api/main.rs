@@ -18,5 +18,6 @@ mod lifecycle;
 mod money_safety;
 mod property;
 mod queue;
+mod roles;
 mod streams;
 mod wallet;
