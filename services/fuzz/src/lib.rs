@@ -8,7 +8,7 @@
 //! mutated job JSON) beside plain garbage, runs in the normal test command.
 //!
 //! `deploy/local/test` runs each target `BETTING_FUZZ_CASES` times (default
-//! 2,000: a few seconds); RELIABILITY.md ("Fuzzing") has the long run's
+//! 5,000: about a second); RELIABILITY.md ("Fuzzing") has the long run's
 //! command and figures.
 
 #![forbid(unsafe_code)]

@@ -2,7 +2,7 @@
 //! sizes and tokens, the api crate's conversions), bearer tokens, and queue
 //! job decoding. Each states a property, not only "does not panic".
 //!
-//! Cases per target: `BETTING_FUZZ_CASES` (default 2,000). A failure prints
+//! Cases per target: `BETTING_FUZZ_CASES` (default 5,000). A failure prints
 //! the minimal input proptest shrank it to.
 
 use betting_api::convert::{
@@ -21,7 +21,7 @@ fn config() -> ProptestConfig {
     let cases = std::env::var("BETTING_FUZZ_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(2_000);
+        .unwrap_or(5_000);
     ProptestConfig {
         cases,
         // Keep shrinking bounded on a long run's failure.
@@ -68,7 +68,10 @@ proptest! {
     /// Every amount the domain can hold is printed in a form that is
     /// accepted and means the same value.
     #[test]
-    fn every_valid_amount_prints_parseably(units in 1i64..=i64::MAX, scale in 0u32..=8) {
+    fn every_valid_amount_prints_parseably(
+        units in prop_oneof![1i64..=1_000_000_000_000, 1i64..=i64::MAX],
+        scale in 0u32..=8,
+    ) {
         if let Ok(amount) = Amount::try_from_decimal(Decimal::new(units, scale)) {
             let parsed = Amount::parse(&amount.to_string());
             prop_assert_eq!(parsed, Ok(amount));

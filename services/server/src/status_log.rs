@@ -228,4 +228,30 @@ mod tests {
     fn grpc_messages_are_percent_decoded() {
         assert_eq!(percent_decode(b"a%20b%25c%zz"), "a b%c%zz");
     }
+
+    /// A non-OK status becomes one line with its message and its details'
+    /// text; an OK one, or none, writes nothing.
+    #[test]
+    fn records_a_line_per_error_status() {
+        let path = std::env::temp_dir().join(format!("status-log-{}", uuid::Uuid::new_v4()));
+        let sink = Mutex::new(File::create(&path).expect("create"));
+        let mut ok = HeaderMap::new();
+        ok.insert("grpc-status", "0".parse().expect("value"));
+        record(&sink, "/x/Ok", &ok);
+        record(&sink, "/x/None", &HeaderMap::new());
+        let mut error = HeaderMap::new();
+        error.insert("grpc-status", "13".parse().expect("value"));
+        error.insert("grpc-message", "internal%20error".parse().expect("value"));
+        // A google.rpc.Status whose message (field 2) is "leak", unpadded.
+        error.insert(
+            "grpc-status-details-bin",
+            "CA0SBGxlYWs".parse().expect("value"),
+        );
+        record(&sink, "/x/Fail", &error);
+        let log = std::fs::read_to_string(&path).expect("read");
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(log.lines().count(), 1, "{log}");
+        assert!(log.starts_with("/x/Fail\t13\tinternal error\t"), "{log}");
+        assert!(log.contains("leak"), "{log}");
+    }
 }
