@@ -163,3 +163,58 @@ async fn tables_created_later_by_the_owner_get_the_apps_default_grants() {
     refused(&mut conn, "DELETE FROM later_audit_trail").await;
     refused(&mut conn, "TRUNCATE later_audit_trail").await;
 }
+
+/// Roles are cluster-wide and migrations run per database, many at once in
+/// the tests: the migration's role creation, run by several sessions at the
+/// same moment, succeeds in every one of them (the losers catch
+/// `unique_violation`/`duplicate_object`). Run on a role of its own name so
+/// the suite's `betting_app` is never dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_role_creation_survives_concurrent_migrations() {
+    let migration = betting_db::MIGRATOR
+        .iter()
+        .find(|m| m.version == 20261124000002)
+        .expect("the roles migration");
+    let sql = migration.sql.as_str();
+    let start = sql.find("DO $$").expect("a DO block");
+    let end = start + sql[start..].find("$$;").expect("its end") + "$$;".len();
+    let role = format!("betting_app_race_{}", uuid::Uuid::new_v4().simple());
+    let block = sql[start..end].replace("betting_app", &role);
+
+    let app = TestApp::spawn().await;
+    let mut sessions = Vec::new();
+    for _ in 0..8 {
+        sessions.push(
+            PgConnection::connect(&app.database_url)
+                .await
+                .expect("connect as the owner"),
+        );
+    }
+    // Each session opens a transaction (as sqlx runs a migration) and the
+    // creations overlap: the first holds its new catalog row uncommitted
+    // while the others insert theirs.
+    let runs = sessions.into_iter().map(|mut conn| {
+        let block = block.clone();
+        tokio::spawn(async move {
+            let mut tx = conn.begin().await?;
+            sqlx::query(AssertSqlSafe(block)).execute(&mut *tx).await?;
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            tx.commit().await
+        })
+    });
+    for result in futures::future::join_all(runs).await {
+        result
+            .expect("task")
+            .expect("every concurrent creation succeeds");
+    }
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_roles WHERE rolname = $1")
+        .bind(&role)
+        .fetch_one(&app.pool)
+        .await
+        .expect("count");
+    assert_eq!(count, 1);
+    sqlx::query(AssertSqlSafe(format!("DROP ROLE {role}")))
+        .execute(&app.pool)
+        .await
+        .expect("drop the race's role");
+}
