@@ -92,6 +92,18 @@ _ensure_buf() {
   command -v buf >/dev/null 2>&1 || die "buf still not on PATH after installing it"
 }
 
+# cargo-deny, from crates.io when missing. Returns 1 (after saying why)
+# rather than dying: the caller skips the check with a clear message.
+_ensure_cargo_deny() {
+  cargo deny --version >/dev/null 2>&1 && return 0
+  log "==> installing cargo-deny (cargo install --locked cargo-deny)"
+  if ! cargo install --locked cargo-deny >&2; then
+    log "cargo install cargo-deny failed"
+    return 1
+  fi
+  cargo deny --version >/dev/null 2>&1
+}
+
 # ensure_tools [redis] [postgres] [buf]
 # Installs only what is missing. No arguments means all of them. Exports PG_BIN.
 ensure_tools() {

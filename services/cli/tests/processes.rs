@@ -9,15 +9,16 @@ use std::{
 
 use betting_api::pb;
 use betting_test_kit::{
-    API_ONLY, ChildGuard, SECRET, TestApp, dec, eventually, fresh_database, settings,
+    API_ONLY, ChildGuard, SECRET, TestApp, dec, eventually, fresh_database, service_url, settings,
 };
 
-/// Starts `betting serve --role matcher --role settler` against the app's stores.
+/// Starts `betting serve --role matcher --role settler` against the app's
+/// stores, as the services' restricted PostgreSQL role like every app.
 fn worker(app: &TestApp, database_url: &str) -> ChildGuard {
     ChildGuard::spawn(
         Command::new(env!("CARGO_BIN_EXE_betting"))
             .args(["serve", "--role", "matcher", "--role", "settler"])
-            .env("DATABASE_URL", database_url)
+            .env("DATABASE_URL", service_url(database_url))
             .env("REDIS_URL", std::env::var("REDIS_URL").expect("REDIS_URL"))
             .env("BETTING_REDIS_NAMESPACE", &app.namespace)
             .env("BETTING_JWT_SECRET", SECRET)

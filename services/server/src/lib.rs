@@ -25,6 +25,7 @@ mod limits;
 mod roles;
 mod router;
 mod serve;
+mod status_log;
 mod tls;
 
 use std::{future::Future, net::SocketAddr, sync::Arc};

@@ -19,11 +19,12 @@ use tonic_web::GrpcWebLayer;
 use tower::layer::util::{Identity, Stack};
 use tower_http::cors::CorsLayer;
 
-use crate::{edge::EdgeLayer, grpc, roles::Services};
+use crate::{edge::EdgeLayer, grpc, roles::Services, status_log::StatusLogLayer};
 
-/// The router with its layers, outermost first: CORS, gRPC-Web, the edge.
+/// The router with its layers, outermost first: CORS, gRPC-Web, the status
+/// log, the edge.
 pub(crate) type GrpcRouter = tonic::transport::server::Router<
-    Stack<EdgeLayer, Stack<GrpcWebLayer, Stack<CorsLayer, Identity>>>,
+    Stack<EdgeLayer, Stack<StatusLogLayer, Stack<GrpcWebLayer, Stack<CorsLayer, Identity>>>>,
 >;
 
 /// The largest request health and reflection decode: a service name or a
@@ -87,7 +88,12 @@ pub(crate) fn mount(
         .accept_http1(true)
         .layer(cors())
         .layer(GrpcWebLayer::new())
-        // Inside gRPC-Web, so it sees every call as gRPC.
+        // The test suite's record of every error sent (inert unless
+        // BETTING_TEST_STATUS_LOG is set); inside gRPC-Web, so it reads
+        // plain gRPC headers and trailers.
+        .layer(StatusLogLayer::from_env())
+        // Inside gRPC-Web, so it sees every call as gRPC; inside the status
+        // log, so the log records its refusals too.
         .layer(EdgeLayer::new(edge))
         .add_service(health_service)
         .add_service(reflection_v1)

@@ -303,7 +303,8 @@ impl WorldSettings {
     fn settings(&self, roles: &[ProcessRole], wallet_endpoint: Option<String>) -> Settings {
         Settings {
             storage: StorageSettings {
-                database_url: Secret::new(&self.database_url),
+                // The services' restricted role, as in production.
+                database_url: Secret::new(betting_test_kit::service_url(&self.database_url)),
                 db_max_connections: 3,
             },
             tls: betting_config::TlsSettings::default(),

@@ -24,7 +24,11 @@ use tokio::{sync::oneshot, task::JoinHandle};
 use tonic::{Status, transport::Channel};
 use uuid::Uuid;
 
-use crate::{TestDatabase, authed, fresh_database, poll_until, redis_url};
+use crate::{
+    TestDatabase, authed,
+    database::{owner_url, service_url},
+    fresh_database, poll_until, redis_url,
+};
 
 /// How long [`TestApp::wait_for_bet`] and [`TestApp::wait_for_round_done`]
 /// wait (they polled 200 times, 50 ms apart, plus each call's time).
@@ -33,12 +37,14 @@ const WAIT: Duration = Duration::from_secs(15);
 /// The JWT secret every test app accepts.
 pub const SECRET: &str = "test-secret-test-secret-test-secret-0123";
 
-/// Settings for a test app: port 0, a fresh Redis namespace, and every
-/// background pass slowed down to once an hour (tests run passes themselves).
+/// Settings for a test app: port 0, a fresh Redis namespace, every
+/// background pass slowed down to once an hour (tests run passes themselves),
+/// and `database_url`'s database reached as the services' restricted role
+/// ([`crate::database::SERVICE_ROLE`]), whoever the URL names.
 pub fn settings(database_url: &str, redis_url: &str) -> Settings {
     Settings {
         storage: StorageSettings {
-            database_url: Secret::new(database_url),
+            database_url: Secret::new(service_url(database_url)),
             db_max_connections: 20,
         },
         tls: betting_config::TlsSettings::default(),
@@ -67,7 +73,12 @@ pub fn settings(database_url: &str, redis_url: &str) -> Settings {
 
 /// A running application and what a test needs to talk to it.
 pub struct TestApp {
+    /// The test's own view of the database, as the admin URL's user (the
+    /// owner): checks, and corruption on purpose. The app itself runs as the
+    /// restricted role its settings name.
     pub pool: PgPool,
+    /// The URL of [`TestApp::pool`]: the app's database as the owner.
+    pub database_url: String,
     pub channel: Channel,
     pub betting: Option<BettingService>,
     pub settlement: Option<betting_settlement::SettlementService>,
@@ -159,7 +170,8 @@ impl TestApp {
         Self {
             addr,
             metrics_addr,
-            pool: PgPool::connect_lazy(&url).expect("pool"),
+            pool: PgPool::connect_lazy(&owner_url(&url)).expect("pool"),
+            database_url: owner_url(&url),
             channel,
             betting,
             settlement,

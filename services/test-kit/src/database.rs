@@ -21,6 +21,13 @@
 //! still use them); a throwaway server, as `deploy/local/test` starts, takes
 //! them with it, and on a long-lived one `DROP DATABASE betting_tpl_...`
 //! removes one (the next test builds it again).
+//!
+//! The services under test connect as [`SERVICE_ROLE`], a LOGIN member of
+//! the migrations' `betting_app` group (see `migrations/*_roles.sql`), so
+//! the whole suite proves they need nothing more; tests themselves (their
+//! checks, and the audit tests that break a database as a superuser would)
+//! keep the admin URL's user. The role is cluster-wide: the first process to
+//! miss it creates it, under the template's lock.
 
 use std::{collections::HashSet, fmt, ops::Deref, sync::Mutex, time::Duration};
 
@@ -37,6 +44,71 @@ const CLONE_RETRY: Duration = Duration::from_secs(10);
 
 /// How long dropping a database may take before it is left behind.
 const DROP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The LOGIN role the services under test connect as, a member of the
+/// migrations' `betting_app`. Made here, not in a migration: a migration
+/// never holds a login or its password.
+pub const SERVICE_ROLE: &str = "betting_service";
+
+/// Its password: only for test clusters (the throwaway ones trust loopback
+/// and ignore it; a server that asks for passwords gets this one).
+const SERVICE_PASSWORD: &str = "betting-service-test";
+
+/// `url` (any user) with the services' role instead of its user.
+pub fn service_url(url: &str) -> String {
+    with_user(url, &format!("{SERVICE_ROLE}:{SERVICE_PASSWORD}"))
+}
+
+/// The admin URL's user on `url`'s database: what a test inspects (or
+/// corrupts) a database with, whoever the services connect as.
+pub fn owner_url(url: &str) -> String {
+    database_url(&crate::admin_url(), database_of(url))
+}
+
+/// The database name of a `postgres://` URL.
+fn database_of(url: &str) -> &str {
+    let base = url.split_once('?').map_or(url, |(b, _)| b);
+    base.rsplit_once('/').map_or("", |(_, name)| name)
+}
+
+/// `url` with `userinfo` (`user[:password]`) in place of its own.
+fn with_user(url: &str, userinfo: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let host = rest.find('/').map_or(rest, |slash| &rest[..slash]);
+    let tail = &rest[host.len()..];
+    let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
+    format!("{scheme}://{userinfo}@{host}{tail}")
+}
+
+/// Creates [`SERVICE_ROLE`] unless it exists. Called under [`TEMPLATE_LOCK`],
+/// after the template's migrations made `betting_app`; a racing creator
+/// elsewhere (another checkout's tests) is no error.
+async fn ensure_service_role(conn: &mut PgConnection) -> anyhow::Result<()> {
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)")
+            .bind(SERVICE_ROLE)
+            .fetch_one(&mut *conn)
+            .await?;
+    if exists {
+        return Ok(());
+    }
+    let created = execute(
+        conn,
+        format!(
+            "CREATE ROLE {SERVICE_ROLE} LOGIN PASSWORD '{SERVICE_PASSWORD}' IN ROLE betting_app"
+        ),
+    )
+    .await;
+    match created {
+        // 42710 duplicate_object, 23505 unique_violation: created meanwhile.
+        Err(sqlx::Error::Database(e)) if matches!(e.code().as_deref(), Some("42710" | "23505")) => {
+            Ok(())
+        }
+        other => Ok(other.context("create the services' role")?),
+    }
+}
 
 /// The admin URL with another database name.
 pub fn database_url(admin: &str, name: &str) -> String {
@@ -104,12 +176,19 @@ pub async fn template(admin: &str) -> anyhow::Result<String> {
     let mut conn = PgConnection::connect(admin)
         .await
         .context("connect to the admin database")?;
-    if !exists(&mut conn, &name).await? {
+    let role: Option<bool> = sqlx::query_scalar("SELECT true FROM pg_roles WHERE rolname = $1")
+        .bind(SERVICE_ROLE)
+        .fetch_optional(&mut conn)
+        .await?;
+    if !exists(&mut conn, &name).await? || role.is_none() {
         sqlx::query("SELECT pg_advisory_lock($1)")
             .bind(TEMPLATE_LOCK)
             .execute(&mut conn)
             .await?;
-        let built = build_template(&mut conn, admin, &name).await;
+        let built = match build_template(&mut conn, admin, &name).await {
+            Ok(()) => ensure_service_role(&mut conn).await,
+            failed => failed,
+        };
         // Also released when the connection closes, should this fail.
         let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
             .bind(TEMPLATE_LOCK)
@@ -233,6 +312,11 @@ impl TestDatabase {
 
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// Its URL for the services' role ([`SERVICE_ROLE`]).
+    pub fn service_url(&self) -> String {
+        service_url(&self.url)
     }
 
     /// Keeps the database (for inspection); returns its name.

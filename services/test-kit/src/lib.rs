@@ -28,7 +28,9 @@ pub mod wait;
 
 pub use app::{API_ONLY, SECRET, TestApp, genesis, settings};
 pub use calls::{authed, bad_fields, dec, expect_code, reason, retry_delay};
-pub use database::{TestDatabase, database_url, fresh_database, template};
+pub use database::{
+    SERVICE_ROLE, TestDatabase, database_url, fresh_database, owner_url, service_url, template,
+};
 pub use process::{ChildGuard, TestRedis, free_port};
 pub use wait::{eventually, poll_until};
 

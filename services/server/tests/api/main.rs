@@ -23,6 +23,7 @@ mod money_safety;
 mod privileged_actions;
 mod property;
 mod queue;
+mod roles;
 mod streams;
 mod tls;
 mod tls_stores;
