@@ -135,6 +135,11 @@ pub fn classify(err: &sqlx::Error) -> Failure {
                 c if c.starts_with("08") || c.starts_with("57P") || c == "53300" => {
                     Failure::Unavailable
                 }
+                // Refused at connect: the role may not log in (class 28) or
+                // the database does not exist (3D000). The process cannot
+                // reach its database, whatever the request: an outage for
+                // the caller (and its operator's to fix), not a bug.
+                c if c.starts_with("28") || c == "3D000" => Failure::Unavailable,
                 _ => Failure::Other,
             }
         }
