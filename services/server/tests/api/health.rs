@@ -158,6 +158,31 @@ async fn postgres_down_means_not_serving_and_unavailable_without_internals() {
     );
 }
 
+/// PostgreSQL answers but refuses the connection (here: the database does
+/// not exist). The process cannot reach its data whatever the request:
+/// UNAVAILABLE, as when nothing listens, never INTERNAL. (A test server that
+/// took the "nothing listens" port of the test above made it answer INTERNAL
+/// once, which is how this was found.)
+#[tokio::test]
+async fn a_refused_database_connection_is_unavailable_not_internal() {
+    let admin = betting_test_kit::admin_url();
+    let (server, _) = admin
+        .rsplit_once('/')
+        .expect("a database name in DATABASE_URL");
+    let url = format!("{server}/missing_{}", uuid::Uuid::new_v4().simple());
+    let app = TestApp::spawn_with(settings(
+        &url,
+        &std::env::var("REDIS_URL").expect("REDIS_URL"),
+    ))
+    .await;
+    expect_code(
+        app.wallet()
+            .get_wallet(authed(pb::GetWalletRequest { user_id: 0 }, &app.player(1)))
+            .await,
+        Code::Unavailable,
+    );
+}
+
 #[tokio::test]
 async fn shutdown_is_graceful() {
     let app = TestApp::spawn().await;
