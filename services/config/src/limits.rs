@@ -43,6 +43,16 @@ pub struct UserLimits {
     #[arg(long, env = "BETTING_CONNECTION_MAX_STREAMS", default_value_t = 64)]
     pub connection_max_streams: u32,
 
+    /// GetRound, GetBet and ListBets calls a player may make per second
+    /// (each one a read; 20 clients hammering GetRound answered from a cache
+    /// still took the CPU from everyone else). 0: unlimited.
+    #[arg(long, env = "BETTING_USER_READ_RATE", default_value_t = 100)]
+    pub user_read_rate: u32,
+
+    /// Reads a player may make at once before the rate applies.
+    #[arg(long, env = "BETTING_USER_READ_BURST", default_value_t = 200)]
+    pub user_read_burst: u32,
+
     /// The smallest stake PlaceBet accepts. 0: any positive stake.
     #[arg(long, env = "BETTING_MIN_STAKE", default_value_t = Decimal::new(1, 2))]
     pub min_stake: Decimal,
@@ -60,6 +70,8 @@ impl UserLimits {
             user_max_open_bets: 0,
             user_max_streams: 0,
             connection_max_streams: 0,
+            user_read_rate: 0,
+            user_read_burst: 0,
             min_stake: Decimal::ZERO,
         }
     }
@@ -76,6 +88,8 @@ impl Default for UserLimits {
             user_max_open_bets: 1000,
             user_max_streams: 16,
             connection_max_streams: 64,
+            user_read_rate: 100,
+            user_read_burst: 200,
             min_stake: Decimal::new(1, 2),
         }
     }

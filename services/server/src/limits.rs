@@ -180,6 +180,7 @@ pub(crate) struct Limiter {
 #[derive(Debug)]
 struct Inner {
     bets: RateLimit,
+    reads: RateLimit,
     opens: RateLimit,
     user_streams: Counts<i64>,
     connection_streams: Counts<SocketAddr>,
@@ -190,6 +191,7 @@ impl Limiter {
         Self {
             inner: Arc::new(Inner {
                 bets: RateLimit::new(limits.user_bet_rate, limits.user_bet_burst),
+                reads: RateLimit::new(limits.user_read_rate, limits.user_read_burst),
                 opens: RateLimit::new(limits.user_stream_open_rate, limits.user_stream_open_burst),
                 user_streams: Counts::new(limits.user_max_streams),
                 connection_streams: Counts::new(limits.connection_max_streams),
@@ -200,6 +202,11 @@ impl Limiter {
     /// A PlaceBet or CancelBet of `user`.
     pub fn bet_call(&self, user: i64) -> Result<(), LimitError> {
         self.inner.bets.take(user)
+    }
+
+    /// A GetRound, GetBet or ListBets of `user`.
+    pub fn read_call(&self, user: i64) -> Result<(), LimitError> {
+        self.inner.reads.take(user)
     }
 
     /// A WatchBets or WatchRound open by `user` (None: a caller with no
@@ -296,6 +303,20 @@ impl<S: futures::Stream + Unpin> futures::Stream for Permitted<S> {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Self::Item>> {
         std::pin::Pin::new(&mut self.stream).poll_next(cx)
+    }
+}
+
+/// A read (GetRound, GetBet, ListBets) charged to a player's read rate;
+/// other roles are not limited here.
+pub(crate) fn charge_read(
+    limiter: &Limiter,
+    principal: &betting_auth::Principal,
+) -> Result<(), tonic::Status> {
+    match principal.user_id {
+        Some(user) if principal.role == betting_auth::Role::Player => limiter
+            .read_call(user.get())
+            .map_err(|e| betting_api::to_status(&e)),
+        _ => Ok(()),
     }
 }
 

@@ -119,6 +119,7 @@ impl BettingApi for BettingGrpc {
         request: Request<pb::GetBetRequest>,
     ) -> Result<Response<pb::GetBetResponse>, Status> {
         let principal = Principal::caller(&request)?;
+        crate::limits::charge_read(&self.1, &principal)?;
         let result = self.0.get_bet(&principal, &request.get_ref().bet_id).await;
         respond(result.map(|row| pb::GetBetResponse {
             bet: Some(bet_pb(&row)),
@@ -131,6 +132,7 @@ impl BettingApi for BettingGrpc {
         request: Request<pb::ListBetsRequest>,
     ) -> Result<Response<pb::ListBetsResponse>, Status> {
         let principal = Principal::caller(&request)?;
+        crate::limits::charge_read(&self.1, &principal)?;
         let r = request.into_inner();
         let result = self
             .0

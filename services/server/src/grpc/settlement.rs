@@ -107,7 +107,8 @@ impl SettlementApi for SettlementGrpc {
         &self,
         request: Request<pb::GetRoundRequest>,
     ) -> Result<Response<pb::GetRoundResponse>, Status> {
-        let _caller = Principal::caller(&request)?;
+        let caller = Principal::caller(&request)?;
+        crate::limits::charge_read(&self.1, &caller)?;
         let result = self.0.get_round(&request.get_ref().round_id).await;
         respond(result.map(|view| pb::GetRoundResponse {
             round: Some(round_pb(&view)),

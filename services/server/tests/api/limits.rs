@@ -280,3 +280,56 @@ async fn an_open_then_reset_flood_runs_out_of_tokens() {
     assert_eq!(reason(&refused), "RATE_LIMITED");
     assert!(retry_delay(&refused).is_some());
 }
+
+/// Reads are cheap one at a time (GetRound is cached), but a player calling
+/// them in a tight loop from many clients took the CPU from everyone else:
+/// they draw on a read rate of their own, apart from the bet rate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reads_over_the_rate_are_refused_and_bets_are_not_affected() {
+    let (app, _db) = app_with(UserLimits {
+        user_read_rate: 1,
+        user_read_burst: 2,
+        ..UserLimits::off()
+    })
+    .await;
+    app.deposit(1, "100").await;
+    app.open_round("reads").await;
+    let get_round = || {
+        let mut rounds = app.rounds();
+        let token = app.player(1);
+        async move {
+            rounds
+                .get_round(authed(
+                    pb::GetRoundRequest {
+                        round_id: "reads".into(),
+                    },
+                    &token,
+                ))
+                .await
+        }
+    };
+    get_round().await.expect("first read");
+    get_round().await.expect("second read, within the burst");
+    let refused = expect_code(get_round().await, Code::ResourceExhausted);
+    assert_eq!(reason(&refused), "RATE_LIMITED");
+    assert!(retry_delay(&refused).is_some(), "a RetryInfo");
+    // GetBet and ListBets draw on the same bucket.
+    expect_code(
+        app.bets()
+            .list_bets(authed(pb::ListBetsRequest::default(), &app.player(1)))
+            .await,
+        Code::ResourceExhausted,
+    );
+    // Betting is another bucket: the player still bets.
+    app.place_ok(1, "reads", pb::Side::A, "1").await;
+    // Other roles are not limited here.
+    app.rounds()
+        .get_round(authed(
+            pb::GetRoundRequest {
+                round_id: "reads".into(),
+            },
+            &app.game_token(),
+        ))
+        .await
+        .expect("a game server reads freely");
+}
