@@ -40,7 +40,10 @@ async fn attack9_a_retry_of_a_placed_bet_is_refused_by_a_raised_min_stake() {
     old.betting().faults().set_fail_after_stake(true);
     let first = old.place(1, "r", pb::Side::A, "1", "k").await;
     old.betting().faults().set_fail_after_stake(false);
-    assert_eq!(first.expect_err("crashed after the stake").code(), Code::Internal);
+    assert_eq!(
+        first.expect_err("crashed after the stake").code(),
+        Code::Internal
+    );
     assert_eq!(bet_status(&old, "k").await, "PLACING");
     assert_eq!(old.balance(1).await, dec("99"), "the stake is held");
 
@@ -68,7 +71,11 @@ async fn attack9_a_retry_of_a_placed_bet_is_refused_by_a_raised_min_stake() {
          afterwards the bet is {status} and the balance {balance}: the client was told \
          'invalid request' while its 1 was taken",
         retry.as_ref().err().map(tonic::Status::code),
-        retry.as_ref().err().map(tonic::Status::message).unwrap_or_default(),
+        retry
+            .as_ref()
+            .err()
+            .map(tonic::Status::message)
+            .unwrap_or_default(),
     );
 }
 
@@ -146,7 +153,7 @@ async fn attack9_a_deadline_during_begin_leaves_a_pooled_connection_in_a_transac
         .await
         .expect("show");
     let mut leaked = None;
-    'outer: for attempt in 0..400u64 {
+    'outer: for attempt in 0..3000u64 {
         // Deadlines spread over the first 2 ms: some fall between the BEGIN
         // going out and its reply coming back.
         let budget = Duration::from_micros((attempt * 37) % 2_000);
@@ -185,13 +192,27 @@ async fn attack9_a_deadline_during_begin_leaves_a_pooled_connection_in_a_transac
         let _ = sqlx::query("CREATE TABLE IF NOT EXISTS attack9_probe (x INT)")
             .execute(&pool)
             .await;
+        let other = sqlx::PgPool::connect(&database)
+            .await
+            .expect("other session");
         let seen: Result<Option<String>, _> =
             sqlx::query_scalar("SELECT to_regclass('attack9_probe')::TEXT")
-                .fetch_one(&sqlx::PgPool::connect(&database).await.expect("other session"))
+                .fetch_one(&other)
+                .await;
+        // The next transaction on that connection that rolls back (any
+        // refusal, any error) takes the "committed" autocommit write with it.
+        if let Ok(tx) = betting_db::begin(&pool).await {
+            let _ = tx.rollback().await;
+        }
+        let after_rollback: Result<Option<String>, _> =
+            sqlx::query_scalar("SELECT to_regclass('attack9_probe')::TEXT")
+                .fetch_one(&pool)
                 .await;
         panic!(
             "a deadline inside betting_db::begin returned a connection to the pool inside an \
-             open transaction: {what}; an autocommit write on it, seen by another session: {seen:?}"
+             open transaction: {what}; an autocommit write on it (reported OK) is seen by \
+             another session as {seen:?}, and after the next rollback on the pool as \
+             {after_rollback:?} (None: gone for good; Err 25P02: the pooled connection is stuck in an aborted transaction and fails every statement until recycled)"
         );
     }
 }
