@@ -145,17 +145,6 @@ impl BettingService {
         let round = v.check("round_id", RoundId::parse(round_id));
         let side = v.check("side", side);
         let amount = v.check("amount", Stake::parse(amount));
-        if let Some(stake) = &amount
-            && stake.amount().as_decimal() < self.limits.min_stake
-        {
-            v.add(
-                "amount",
-                format!(
-                    "must be at least {}",
-                    betting_domain::format_money(self.limits.min_stake)
-                ),
-            );
-        }
         let key = v.check("idempotency_key", IdempotencyKey::parse(key));
         let (Some(round), Some(side), Some(amount), Some(key), true) =
             (round, side, amount, key, v.is_empty())
@@ -252,19 +241,28 @@ impl BettingService {
     ) -> Result<Placed, BettingError> {
         let existing = match self.store.find_by_key(user, &key).await? {
             Some(existing) => Some(existing),
-            None => {
-                self.check_open_bets(user).await?;
-                let bet = BetId::generate();
-                match self
-                    .store
-                    .insert_placing(bet, user, &key, &round, side, amount)
-                    .await?
-                {
-                    Some(row) => return self.complete(row, false).await,
-                    // Either the round is not open, or the same key won a race.
-                    None => self.store.find_by_key(user, &key).await?,
+            None => match self.check_new_bet(user, amount).await {
+                Ok(()) => {
+                    let bet = BetId::generate();
+                    match self
+                        .store
+                        .insert_placing(bet, user, &key, &round, side, amount)
+                        .await?
+                    {
+                        Some(row) => return self.complete(row, false).await,
+                        // Either the round is not open, or the same key won a race.
+                        None => self.store.find_by_key(user, &key).await?,
+                    }
                 }
-            }
+                // The limits judge new bets only. A request with the same
+                // key racing this one may have placed the bet since we
+                // looked (and is what this one's open-bets count saw):
+                // answer with that bet, never refuse a placed bet's retry.
+                Err(refusal) => match self.store.find_by_key(user, &key).await? {
+                    Some(existing) => Some(existing),
+                    None => return Err(refusal),
+                },
+            },
         };
         match existing {
             Some(row) if row.same_request(&round, side, amount.amount()) => {
@@ -279,6 +277,24 @@ impl BettingService {
                 Some(_) => Err(BettingError::RoundNotOpen),
             },
         }
+    }
+
+    /// The limits on a new bet (a new key): the minimum stake, then the
+    /// open-bets cap. Never applied to a key already placed, whose retry
+    /// gets its bet whatever the limits say now (they may have been raised
+    /// since, on this instance or another, in a rolling change).
+    async fn check_new_bet(&self, user: UserId, amount: Stake) -> Result<(), BettingError> {
+        if amount.amount().as_decimal() < self.limits.min_stake {
+            return Err(betting_domain::InvalidRequest::field(
+                "amount",
+                format!(
+                    "must be at least {}",
+                    betting_domain::format_money(self.limits.min_stake)
+                ),
+            )
+            .into());
+        }
+        self.check_open_bets(user).await
     }
 
     /// Refuses a new bet of a user who holds the most open bets allowed.

@@ -72,19 +72,35 @@ pub fn connect_lazy(url: &str, settings: &PoolSettings) -> Result<PgPool, sqlx::
 /// and the transaction rolls back. Outside a request (workers, recovery) the
 /// pool's session `statement_timeout` is the only bound.
 pub async fn begin(pool: &PgPool) -> Result<sqlx::Transaction<'static, Postgres>, sqlx::Error> {
-    match betting_deadline::remaining() {
-        None => pool.begin().await,
-        Some(left) => {
-            // A budget under 1 ms would read as "0 = no timeout".
-            let ms = left.as_millis().max(1);
-            let statement =
-                format!("BEGIN; SET LOCAL statement_timeout = {ms}; SET LOCAL lock_timeout = {ms}");
-            // Waiting for a connection counts against the deadline too.
-            tokio::time::timeout(left, pool.begin_with(sqlx::AssertSqlSafe(statement)))
-                .await
-                .unwrap_or(Err(sqlx::Error::PoolTimedOut))
+    let left = betting_deadline::remaining();
+    let statement = left.map(|left| {
+        // A budget under 1 ms would read as "0 = no timeout".
+        let ms = left.as_millis().max(1);
+        format!("BEGIN; SET LOCAL statement_timeout = {ms}; SET LOCAL lock_timeout = {ms}")
+    });
+    // BEGIN runs in a task of its own, which a cancelled caller cannot
+    // interrupt. sqlx counts a transaction as begun only once BEGIN's answer
+    // is read: a caller dropped between sending BEGIN and that answer (its
+    // deadline, a client's cancel) left a pooled connection inside an open
+    // transaction that nothing would ever roll back, and later autocommit
+    // writes on it "succeeded" without committing. Now the task always gets
+    // its `Transaction`; if the caller is gone it drops it, which rolls back.
+    let pool = pool.clone();
+    let begun = tokio::spawn(async move {
+        match statement {
+            None => pool.begin().await,
+            Some(statement) => pool.begin_with(sqlx::AssertSqlSafe(statement)).await,
         }
-    }
+    });
+    let joined = match left {
+        None => begun.await,
+        // Waiting for a connection counts against the deadline too.
+        Some(left) => match tokio::time::timeout(left, begun).await {
+            Ok(joined) => joined,
+            Err(_) => return Err(sqlx::Error::PoolTimedOut),
+        },
+    };
+    joined.unwrap_or(Err(sqlx::Error::WorkerCrashed))
 }
 
 /// Applies every pending migration.
