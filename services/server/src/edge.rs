@@ -15,12 +15,23 @@
 //!   a client's cancel does anyway; every handler is written to survive it
 //!   (see ARCHITECTURE.md, "Interleavings").
 //!
+//! - **A tarpit for refused floods.** A connection that draws more than
+//!   [`REFUSALS_PER_SECOND`] RESOURCE_EXHAUSTED answers in a second (a
+//!   client ignoring every `RetryInfo`: the open-and-reset flood, a loop of
+//!   rate-limited reads) gets its further refusals after [`TARPIT`]. Each
+//!   refusal is cheap, but 20,000 a second of them still took the CPU from
+//!   everyone else; held back, a closed-loop flooder sends at most its
+//!   stream limit per [`TARPIT`]. The refusal holds no in-flight slot and no
+//!   connection to a store while it waits.
+//!
 //! Health and reflection pass untouched: an orchestrator must see an
 //! overloaded server as overloaded-but-alive, not dead, and both are cheap.
 
 use std::{
+    collections::HashMap,
     convert::Infallible,
-    sync::Arc,
+    net::SocketAddr,
+    sync::{Arc, Mutex, PoisonError},
     task::{Context, Poll},
     time::Duration,
 };
@@ -56,6 +67,14 @@ impl ServiceError for EdgeError {
     }
 }
 
+/// RESOURCE_EXHAUSTED answers a connection may draw in a second before the
+/// next ones are held back.
+const REFUSALS_PER_SECOND: u32 = 200;
+/// How long a flooding connection's refusals are held back.
+const TARPIT: Duration = Duration::from_secs(1);
+/// Connections whose refusals are counted at once; past it, stale counts go.
+const TRACKED_CONNECTIONS: usize = 8192;
+
 /// Calls allowed a longer default than the rest: an audit reads every table.
 const LONG_CALLS: &[&str] = &["/betting.v1.AdminService/RunAudit"];
 
@@ -73,6 +92,9 @@ struct Edge {
     inflight: Option<Arc<Semaphore>>,
     default_timeout: Duration,
     max_timeout: Duration,
+    /// Per connection (peer address): when its count started, and the
+    /// RESOURCE_EXHAUSTED answers since.
+    refusals: Mutex<HashMap<SocketAddr, (Instant, u32)>>,
 }
 
 impl EdgeLayer {
@@ -83,6 +105,7 @@ impl EdgeLayer {
                 inflight: (limit > 0).then(|| Arc::new(Semaphore::new(limit))),
                 default_timeout: settings.request_timeout(),
                 max_timeout: settings.request_timeout_max(),
+                refusals: Mutex::default(),
             }),
         }
     }
@@ -103,6 +126,32 @@ impl Edge {
             .and_then(parse_grpc_timeout)
             .map_or(default, |asked| asked.min(self.max_timeout))
     }
+}
+
+impl Edge {
+    /// Counts a RESOURCE_EXHAUSTED answer to `peer`; whether it floods.
+    fn flooding(&self, peer: SocketAddr) -> bool {
+        let now = Instant::now();
+        let mut refusals = self.refusals.lock().unwrap_or_else(PoisonError::into_inner);
+        if refusals.len() >= TRACKED_CONNECTIONS && !refusals.contains_key(&peer) {
+            refusals.retain(|_, (since, _)| now.duration_since(*since) < Duration::from_secs(1));
+        }
+        let (since, count) = refusals.entry(peer).or_insert((now, 0));
+        if now.duration_since(*since) >= Duration::from_secs(1) {
+            *since = now;
+            *count = 0;
+        }
+        *count = count.saturating_add(1);
+        *count > REFUSALS_PER_SECOND
+    }
+}
+
+/// Whether a response is a trailers-only RESOURCE_EXHAUSTED answer.
+fn is_refusal<B>(response: &http::Response<B>) -> bool {
+    response
+        .headers()
+        .get("grpc-status")
+        .is_some_and(|code| code.as_bytes() == b"8")
 }
 
 impl<S> Layer<S> for EdgeLayer {
@@ -152,17 +201,30 @@ where
             },
         };
         let deadline = Instant::now() + self.edge.budget(path, request.headers());
+        let peer = request
+            .extensions()
+            .get::<tonic::transport::server::TcpConnectInfo>()
+            .and_then(|info| info.remote_addr());
+        let edge = self.edge.clone();
         let call = self.inner.call(request);
         Box::pin(async move {
-            let _permit = permit;
             let timed = tokio::time::timeout_at(deadline, call);
-            match betting_deadline::scope(deadline, timed).await {
+            let answer = match betting_deadline::scope(deadline, timed).await {
                 Ok(response) => response,
                 Err(_) => {
                     metrics::counter!("requests_deadline_exceeded_total").increment(1);
                     Ok(refuse(EdgeError::DeadlineExceeded))
                 }
+            };
+            drop(permit);
+            if let (Ok(response), Some(peer)) = (&answer, peer)
+                && is_refusal(response)
+                && edge.flooding(peer)
+            {
+                metrics::counter!("requests_tarpitted_total").increment(1);
+                tokio::time::sleep(TARPIT).await;
             }
+            answer
         })
     }
 }

@@ -535,3 +535,62 @@ async fn metrics_is_real_http() {
     let closed = tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut rest)).await;
     assert!(closed.is_ok(), "the server hung up on a slow client");
 }
+
+/// A connection that ignores every RetryInfo and keeps drawing refusals gets
+/// them held back a second each; other connections are answered at once.
+#[tokio::test]
+async fn a_connection_flooding_refused_calls_is_tarpitted() {
+    let (app, _db) = spawn_edited(|s| {
+        s.limits.user_read_rate = 1;
+        s.limits.user_read_burst = 1;
+    })
+    .await;
+    app.open_round("tarpit").await;
+    let token = app.player(1);
+    let ask = |channel: tonic::transport::Channel| {
+        let token = token.clone();
+        async move {
+            let started = Instant::now();
+            let answer = pb::settlement_service_client::SettlementServiceClient::new(channel)
+                .get_round(authed(
+                    pb::GetRoundRequest {
+                        round_id: "tarpit".into(),
+                    },
+                    &token,
+                ))
+                .await;
+            (answer.err().map(|s| s.code()), started.elapsed())
+        }
+    };
+    let flooder = tonic::transport::Channel::from_shared(format!("http://{}", app.addr))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    // Within the first second: 200 refusals answered at once.
+    let mut fast = 0;
+    for _ in 0..150 {
+        let (code, took) = ask(flooder.clone()).await;
+        if code == Some(Code::ResourceExhausted) && took < Duration::from_millis(500) {
+            fast += 1;
+        }
+    }
+    assert!(
+        fast >= 140,
+        "refusals are answered at once at first: {fast}"
+    );
+    // Past the budget, the flooder waits for each refusal.
+    let mut slow = None;
+    for _ in 0..200 {
+        let (code, took) = ask(flooder.clone()).await;
+        if code == Some(Code::ResourceExhausted) && took >= Duration::from_millis(900) {
+            slow = Some(took);
+            break;
+        }
+    }
+    assert!(slow.is_some(), "the flooding connection is held back");
+    // Another connection (the same player, even) is answered at once,
+    // whatever the answer (a token may have refilled meanwhile).
+    let (_, took) = ask(app.channel.clone()).await;
+    assert!(took < Duration::from_millis(500), "{took:?}");
+}
