@@ -70,6 +70,31 @@ pub struct ProbeArgs {
     first_user: i64,
     #[arg(long, env = "BETTING_JWT_SECRET", hide_env_values = true)]
     jwt_secret: betting_config::Secret,
+    /// Set up rounds and wallets with a retired `backend` token, to probe a
+    /// build from before the roles were split (for a before/after table).
+    #[arg(long, hide = true)]
+    legacy_backend_role: bool,
+}
+
+/// A setup token: `role`, or, against an older build, the retired `backend`
+/// role (which named no user: `sub` "0").
+fn setup_token(minter: &TokenMinter, role: Role, legacy: bool) -> anyhow::Result<String> {
+    let ttl = Duration::from_secs(3600);
+    if !legacy {
+        return Ok(minter.mint_subject("probe", role, ttl)?);
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    Ok(minter.mint_claims(&betting_auth::Claims {
+        sub: "0".into(),
+        role: "backend".into(),
+        exp: now + ttl.as_secs(),
+        iat: now,
+        nbf: None,
+        iss: None,
+        aud: None,
+    })?)
 }
 
 /// A normal player betting every 25 ms, and the latencies they saw.
@@ -205,8 +230,8 @@ fn report(label: &str, sorted: &[f64], errors: u64) {
 pub async fn run(args: ProbeArgs) -> anyhow::Result<()> {
     let minter = TokenMinter::new(args.jwt_secret.expose().as_bytes(), None, None);
     let ttl = Duration::from_secs(3600);
-    let game = minter.mint_subject("probe", Role::Game, ttl)?;
-    let cashier = minter.mint_subject("probe", Role::Cashier, ttl)?;
+    let game = setup_token(&minter, Role::Game, args.legacy_backend_role)?;
+    let cashier = setup_token(&minter, Role::Cashier, args.legacy_backend_role)?;
     let channel = connect(&args.target).await?;
     let normal_user = args.first_user;
     let normal_round = open_round(&channel, &game, "probe-normal").await?;
