@@ -306,34 +306,49 @@ impl<S: futures::Stream + Unpin> futures::Stream for Permitted<S> {
     }
 }
 
-/// A read (GetRound, GetBet, ListBets) charged to a player's read rate;
-/// other roles are not limited here.
+/// The user a caller's calls are charged to: a player's own id. Other roles
+/// (our services, game servers, cashiers, operators) have no per-user
+/// budget; their streams count per connection only.
+fn limited_user(principal: &betting_auth::Principal) -> Option<i64> {
+    principal
+        .user_id
+        .filter(|_| principal.role == betting_auth::Role::Player)
+        .map(|u| u.get())
+}
+
+/// A PlaceBet or CancelBet charged to a player's bet rate.
+pub(crate) fn charge_bet(
+    limiter: &Limiter,
+    principal: &betting_auth::Principal,
+) -> Result<(), tonic::Status> {
+    limited_user(principal).map_or(Ok(()), |user| {
+        limiter
+            .bet_call(user)
+            .map_err(|e| betting_api::to_status(&e))
+    })
+}
+
+/// A read (GetRound, GetBet, ListBets) charged to a player's read rate.
 pub(crate) fn charge_read(
     limiter: &Limiter,
     principal: &betting_auth::Principal,
 ) -> Result<(), tonic::Status> {
-    match principal.user_id {
-        Some(user) if principal.role == betting_auth::Role::Player => limiter
-            .read_call(user.get())
-            .map_err(|e| betting_api::to_status(&e)),
-        _ => Ok(()),
-    }
+    limited_user(principal).map_or(Ok(()), |user| {
+        limiter
+            .read_call(user)
+            .map_err(|e| betting_api::to_status(&e))
+    })
 }
 
 /// A WatchBets or WatchRound open, as the adapters check it: a player is
-/// limited per user and per connection; any other role (a trusted
-/// service, often watching many rounds) per connection only.
+/// limited per user and per connection; any other role per connection only.
 pub(crate) fn open_stream(
     limiter: &Limiter,
     principal: &betting_auth::Principal,
     remote: Option<SocketAddr>,
 ) -> Result<StreamPermit, tonic::Status> {
-    let user = principal
-        .user_id
-        .filter(|_| principal.role == betting_auth::Role::Player)
-        .map(|u| u.get());
     limiter
-        .open_stream(user, remote)
+        .open_stream(limited_user(principal), remote)
         .map_err(|e| betting_api::to_status(&e))
 }
 

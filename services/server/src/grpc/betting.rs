@@ -32,17 +32,6 @@ pub(crate) fn server(
     InterceptedService::new(server, auth)
 }
 
-/// Charges a PlaceBet or CancelBet to its caller's rate (callers with no
-/// user, other roles, are not limited).
-fn charge_bet_call(limiter: &Limiter, principal: &Principal) -> Result<(), Status> {
-    match principal.user_id {
-        Some(user) if principal.role == betting_auth::Role::Player => limiter
-            .bet_call(user.get())
-            .map_err(|e| betting_api::to_status(&e)),
-        _ => Ok(()),
-    }
-}
-
 fn bet_pb(row: &BetRow) -> pb::Bet {
     pb::Bet {
         bet_id: row.bet_id.to_string(),
@@ -92,7 +81,7 @@ impl BettingApi for BettingGrpc {
         request: Request<pb::PlaceBetRequest>,
     ) -> Result<Response<pb::PlaceBetResponse>, Status> {
         let principal = Principal::caller(&request)?;
-        charge_bet_call(&self.1, &principal)?;
+        crate::limits::charge_bet(&self.1, &principal)?;
         let r = request.into_inner();
         let result = self
             .0
@@ -163,7 +152,7 @@ impl BettingApi for BettingGrpc {
         request: Request<pb::CancelBetRequest>,
     ) -> Result<Response<pb::CancelBetResponse>, Status> {
         let principal = Principal::caller(&request)?;
-        charge_bet_call(&self.1, &principal)?;
+        crate::limits::charge_bet(&self.1, &principal)?;
         let result = self
             .0
             .cancel_bet(&principal, &request.get_ref().bet_id)
