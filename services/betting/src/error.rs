@@ -30,6 +30,10 @@ pub enum BettingError {
     Store(#[from] StoreError),
     #[error("unexpected betting failure")]
     Internal(#[source] anyhow::Error),
+    /// One failure of a group-committed batch of PlaceBets, answered to
+    /// each of them (`placer.rs`).
+    #[error(transparent)]
+    Shared(std::sync::Arc<BettingError>),
 }
 
 impl From<sqlx::Error> for BettingError {
@@ -63,6 +67,7 @@ impl ServiceError for BettingError {
             BettingError::WalletUnavailable(_) => ErrorCode::Unavailable,
             BettingError::Store(e) => e.code(),
             BettingError::Internal(_) => ErrorCode::Internal,
+            BettingError::Shared(e) => e.code(),
         }
     }
 
@@ -80,6 +85,7 @@ impl ServiceError for BettingError {
             BettingError::WalletUnavailable(_) => "UNAVAILABLE",
             BettingError::Store(e) => e.reason(),
             BettingError::Internal(_) => "INTERNAL",
+            BettingError::Shared(e) => e.reason(),
         }
     }
 
@@ -87,6 +93,7 @@ impl ServiceError for BettingError {
         match self {
             BettingError::Invalid(e) => e.violations(),
             BettingError::Auth(e) => e.violations(),
+            BettingError::Shared(e) => e.violations(),
             _ => Vec::new(),
         }
     }
@@ -94,6 +101,7 @@ impl ServiceError for BettingError {
     fn retry_after(&self) -> Option<std::time::Duration> {
         match self {
             BettingError::Limit(e) => e.retry_after(),
+            BettingError::Shared(e) => e.retry_after(),
             _ => None,
         }
     }

@@ -19,6 +19,7 @@ mod error;
 #[cfg(feature = "fault-injection")]
 mod faults;
 pub mod matcher;
+mod placer;
 pub mod recovery;
 mod service;
 mod store;

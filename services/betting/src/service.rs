@@ -4,8 +4,7 @@
 //! authorise them, and answer with bet rows or a [`BettingError`]; the
 //! server's gRPC adapter converts to and from the wire.
 
-#[cfg(feature = "fault-injection")]
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use betting_auth::{Principal, Role};
 use betting_domain::{
@@ -23,7 +22,12 @@ use betting_wallet_client::{WalletCallError, WalletClient};
 
 #[cfg(feature = "fault-injection")]
 use crate::Faults;
-use crate::{BetRow, BetStore, BettingError, watch::UserFeeds};
+use crate::{
+    BetRow, BetStore, BettingError,
+    placer::{Parts, Placer},
+    store::NewBet,
+    watch::UserFeeds,
+};
 
 #[derive(Clone)]
 pub struct BettingService {
@@ -36,6 +40,10 @@ pub struct BettingService {
     publisher: Publisher,
     feeds: Option<UserFeeds>,
     limits: BetLimits,
+    /// New bets' group commit (`placer.rs`), started on first use; `None`
+    /// inside: each new bet is placed on its own.
+    placer: Arc<OnceLock<Option<Placer>>>,
+    group_commit: bool,
 }
 
 /// The per-user limits PlaceBet applies itself, because they need the
@@ -85,7 +93,35 @@ impl BettingService {
             publisher,
             feeds: None,
             limits: BetLimits::default(),
+            placer: Arc::default(),
+            group_commit: true,
         }
+    }
+
+    /// Whether concurrent new bets share their commits (on by default;
+    /// off, for comparison, each is placed alone). The outcome of every
+    /// bet is the same either way.
+    pub fn with_group_commit(mut self, on: bool) -> Self {
+        self.group_commit = on;
+        self.placer = Arc::default();
+        self
+    }
+
+    fn placer(&self) -> Option<&Placer> {
+        self.placer
+            .get_or_init(|| {
+                self.group_commit.then(|| {
+                    Placer::start(Parts {
+                        store: self.store.clone(),
+                        wallet: self.wallet.clone(),
+                        match_queue: self.match_queue.clone(),
+                        publisher: self.publisher.clone(),
+                        #[cfg(feature = "fault-injection")]
+                        faults: self.faults.clone(),
+                    })
+                })
+            })
+            .as_ref()
     }
 
     /// Applies the per-user limits PlaceBet checks (none by default).
@@ -244,12 +280,30 @@ impl BettingService {
             None => match self.check_new_bet(user, amount).await {
                 Ok(()) => {
                     let bet = BetId::generate();
-                    match self
-                        .store
-                        .insert_placing(bet, user, &key, &round, side, amount)
-                        .await?
-                    {
-                        Some(row) => return self.complete(row, false).await,
+                    let placed = match self.placer() {
+                        Some(placer) => {
+                            placer
+                                .place(NewBet {
+                                    bet,
+                                    user,
+                                    key: key.clone(),
+                                    round: round.clone(),
+                                    side,
+                                    amount,
+                                })
+                                .await?
+                        }
+                        None => match self
+                            .store
+                            .insert_placing(bet, user, &key, &round, side, amount)
+                            .await?
+                        {
+                            Some(row) => Some(self.complete(row, false).await?),
+                            None => None,
+                        },
+                    };
+                    match placed {
+                        Some(placed) => return Ok(placed),
                         // Either the round is not open, or the same key won a race.
                         None => self.store.find_by_key(user, &key).await?,
                     }

@@ -133,6 +133,7 @@ impl Roles {
                 min_stake: settings.limits.min_stake,
                 max_open_bets: settings.limits.user_max_open_bets,
             })
+            .with_group_commit(settings.place_group_commit)
             .with_streams(shared.streams());
             background.recovery = Some(Recovery {
                 betting: betting.clone(),

@@ -63,6 +63,12 @@ impl FaultTable {
         }
     }
 
+    fn armed(&self, rpc: Rpc, user: i64) -> bool {
+        self.armed
+            .lock()
+            .is_ok_and(|armed| armed.contains_key(&(rpc, user)))
+    }
+
     fn take(&self, rpc: Rpc, user: i64) -> Option<Fault> {
         let mut armed = self.armed.lock().ok()?;
         let queue = armed.get_mut(&(rpc, user))?;
@@ -180,6 +186,25 @@ impl WalletService for FaultProxy {
         let user = request.get_ref().user_id;
         self.call(Rpc::HoldStake, user, request, |mut c, r| async move {
             c.hold_stake(r).await
+        })
+        .await
+    }
+
+    /// A batch carries the first fault armed for any of its holds' users,
+    /// and it strikes the whole call (a link fails or loses a reply for
+    /// every hold it carries); the other users' faults stay armed.
+    async fn hold_stakes(
+        &self,
+        request: Request<pb::HoldStakesRequest>,
+    ) -> Result<Response<pb::HoldStakesResponse>, Status> {
+        let users: Vec<i64> = request.get_ref().holds.iter().map(|h| h.user_id).collect();
+        let user = users
+            .iter()
+            .copied()
+            .find(|&u| self.faults.armed(Rpc::HoldStake, u))
+            .unwrap_or(0);
+        self.call(Rpc::HoldStake, user, request, |mut c, r| async move {
+            c.hold_stakes(r).await
         })
         .await
     }

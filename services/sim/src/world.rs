@@ -319,6 +319,7 @@ impl WorldSettings {
             placing_grace_secs: 3600,
             recovery_interval_ms: 3_600_000,
             match_timeout_secs: 3600,
+            place_group_commit: true,
             worker_concurrency: 4,
             queue_visibility_ms: 6_000,
             reconcile_interval_ms: 3_600_000,

@@ -59,6 +59,7 @@ pub fn settings(database_url: &str, redis_url: &str) -> Settings {
         placing_grace_secs: 3600,
         recovery_interval_ms: 3_600_000,
         match_timeout_secs: 300,
+        place_group_commit: true,
         worker_concurrency: 4,
         reconcile_interval_ms: 3_600_000,
         queue_visibility_ms: 30_000,

@@ -79,6 +79,17 @@ impl WalletCallError {
         }
     }
 
+    /// A refusal whose reason came beside its status (a batch's outcome),
+    /// not in the status's details.
+    fn with_reason(self, reason: String) -> Self {
+        match self {
+            WalletCallError::Refused { status, .. } if !reason.is_empty() => {
+                WalletCallError::Refused { reason, status }
+            }
+            other => other,
+        }
+    }
+
     pub fn is_insufficient_funds(&self) -> bool {
         matches!(self, WalletCallError::Refused { reason, .. } if reason == "INSUFFICIENT_FUNDS")
     }
@@ -144,6 +155,37 @@ impl WalletClient {
         balance_of(response.into_inner().wallet)
     }
 
+    /// Holds many bets' stakes in one call and one transaction: for each
+    /// `(user, stake, bet)`, in order, what [`Self::hold_stake`] would have
+    /// answered. An `Err` of the whole call decided nothing we may rely on
+    /// (the wallet may still have committed it: its holds are retried by key).
+    pub async fn hold_stakes(
+        &self,
+        holds: &[(UserId, Amount, BetId)],
+    ) -> Result<Vec<Result<Decimal, WalletCallError>>, WalletCallError> {
+        let response = self
+            .inner
+            .clone()
+            .hold_stakes(within_deadline(pb::HoldStakesRequest {
+                holds: holds
+                    .iter()
+                    .map(|&(user, amount, bet)| pb::HoldStakeRequest {
+                        user_id: user.get(),
+                        amount: amount.to_string(),
+                        idempotency_key: IdempotencyKey::stake(bet).to_string(),
+                        bet_id: bet.to_string(),
+                    })
+                    .collect(),
+            }))
+            .await
+            .map_err(WalletCallError::from_status)?;
+        let outcomes = response.into_inner().outcomes;
+        if outcomes.len() != holds.len() {
+            return Err(WalletCallError::Malformed("one outcome per hold"));
+        }
+        Ok(outcomes.into_iter().map(hold_outcome).collect())
+    }
+
     /// Returns a bet's stake; returns the balance right after.
     pub async fn refund_stake(
         &self,
@@ -201,6 +243,21 @@ fn within_deadline<T>(message: T) -> tonic::Request<T> {
         request.set_timeout(left);
     }
     request
+}
+
+/// One hold's outcome, sorted like a HoldStake's answer: a refusal keeps
+/// its code and reason, so `is_insufficient_funds` reads it the same.
+fn hold_outcome(outcome: pb::HoldStakeOutcome) -> Result<Decimal, WalletCallError> {
+    use pb::hold_stake_outcome::Outcome;
+    match outcome.outcome {
+        Some(Outcome::Held(held)) => balance_of(held.wallet),
+        Some(Outcome::Refused(refused)) => Err(WalletCallError::from_status(Status::new(
+            Code::from_i32(refused.code),
+            refused.message,
+        ))
+        .with_reason(refused.reason)),
+        None => Err(WalletCallError::Malformed("an outcome")),
+    }
 }
 
 fn balance_of(wallet: Option<pb::Wallet>) -> Result<Decimal, WalletCallError> {

@@ -1,7 +1,8 @@
 //! The ledger: storage of wallets and movements.
 
-use std::sync::Arc;
+use std::{collections::HashMap, sync::Arc};
 
+use betting_db::StoreError;
 use betting_domain::{Account, Amount, EntryKind, IdempotencyKey, ServiceError, UserId};
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -283,6 +284,240 @@ impl Ledger {
         })
     }
 
+    /// Holds many bets' stakes in one transaction (group commit): each hold
+    /// gets exactly the answer [`Ledger::post`] would give it alone — the
+    /// stake held, the key's earlier answer replayed, `InsufficientFunds`
+    /// recorded under its key, or a reused key refused — and one user's
+    /// refusal never fails another's hold. Only an error of the whole call
+    /// (`Err`, nothing committed) leaves every hold undecided.
+    ///
+    /// Every hold must be a stake (`EntryKind::Stake`, no guard, no actor):
+    /// the service builds them so. The same contract as `post`, made for a
+    /// batch:
+    ///
+    /// - every key's advisory lock is taken first, in the order of the
+    ///   lock's hash (the lock is on the hash), so two batches, or a batch
+    ///   and a single movement (which takes one key lock), never wait on each
+    ///   other in a cycle; then the keys' earlier decisions are read with a
+    ///   fresh snapshot, as `post` does;
+    /// - then the wallet rows of the undecided holds, `FOR UPDATE` in user
+    ///   order (rows after keys, as in `post`, and sorted, so two batches
+    ///   never deadlock on rows); debits are decided in request order against
+    ///   the locked balances, each never below zero;
+    /// - one UPDATE per batch writes each user's new balance (as a delta,
+    ///   checked against the balance computed here), one INSERT the ledger
+    ///   rows (in request order, so each user's `balance_after` chain follows
+    ///   entry ids), one INSERT the refusals; one commit.
+    /// - a key twice in one batch: the second is answered like a retry of
+    ///   the first (its replay, or `IdempotencyConflict` for another payload).
+    pub async fn hold_stakes(
+        &self,
+        holds: &[Transfer],
+    ) -> Result<Vec<Result<Posted, WalletError>>, WalletError> {
+        let mut answers: Vec<Option<Result<Posted, WalletError>>> =
+            holds.iter().map(|_| None).collect();
+        if holds.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<&str> = holds.iter().map(|t| t.key.as_str()).collect();
+        let mut tx = betting_db::begin(&self.pool).await?;
+        // The aggregate consumes the sorted subquery row by row, so the locks
+        // are taken in hash order.
+        sqlx::query(
+            "SELECT count(pg_advisory_xact_lock(h)) FROM ( \
+               SELECT DISTINCT hashtextextended('wallet-key:' || k, 0) AS h \
+               FROM unnest($1::TEXT[]) AS k ORDER BY h) AS locks",
+        )
+        .bind(&keys)
+        .execute(&mut *tx)
+        .await?;
+        let entries: Vec<Entry> = sqlx::query_as(concat!(
+            "SELECT ",
+            entry_columns!(),
+            " FROM ledger_entries WHERE idempotency_key = ANY($1)"
+        ))
+        .bind(&keys)
+        .fetch_all(&mut *tx)
+        .await?;
+        let refusals: Vec<KeyedRefusal> = sqlx::query_as(
+            "SELECT idempotency_key, kind, user_id, amount, reference, reason \
+             FROM wallet_refusals WHERE idempotency_key = ANY($1)",
+        )
+        .bind(&keys)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut entries: HashMap<String, Entry> = entries
+            .into_iter()
+            .map(|e| (e.idempotency_key.clone(), e))
+            .collect();
+        let refusals: HashMap<String, Refusal> = refusals
+            .into_iter()
+            .map(|r| (r.idempotency_key, r.refusal))
+            .collect();
+
+        // Holds decided before (or twice in this batch) are answered now;
+        // the first hold of each new key is left to decide.
+        let mut first_of_key: HashMap<&str, usize> = HashMap::new();
+        let mut new: Vec<usize> = Vec::new();
+        for (i, t) in holds.iter().enumerate() {
+            if let Some(existing) = entries.get(t.key.as_str()) {
+                answers[i] = Some(replay(existing.clone(), t));
+            } else if let Some(refusal) = refusals.get(t.key.as_str()) {
+                answers[i] = Some(Err(refusal.replay(t)));
+            } else if first_of_key.contains_key(t.key.as_str()) {
+                // Answered below, from the first hold of its key.
+            } else {
+                first_of_key.insert(t.key.as_str(), i);
+                new.push(i);
+            }
+        }
+
+        let mut users: Vec<i64> = new.iter().map(|&i| holds[i].user.get()).collect();
+        users.sort_unstable();
+        users.dedup();
+        let locked: Vec<(i64, Decimal)> = sqlx::query_as(
+            "SELECT user_id, balance FROM wallets WHERE user_id = ANY($1) \
+             ORDER BY user_id FOR UPDATE",
+        )
+        .bind(&users)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut balances: HashMap<i64, Decimal> = locked.into_iter().collect();
+        let before = balances.clone();
+        // In request order: each debit against what the earlier ones left.
+        let mut debited: Vec<(usize, Decimal)> = Vec::new();
+        let mut refused: Vec<usize> = Vec::new();
+        for &i in &new {
+            let t = &holds[i];
+            // A missing wallet holds nothing.
+            match balances.get_mut(&t.user.get()) {
+                Some(balance) if *balance >= t.amount.as_decimal() => {
+                    *balance -= t.amount.as_decimal();
+                    debited.push((i, *balance));
+                }
+                _ => refused.push(i),
+            }
+        }
+
+        let changed: Vec<(i64, Decimal, Decimal)> = balances
+            .iter()
+            .filter_map(|(user, after)| {
+                let was = before.get(user).copied().unwrap_or_default();
+                (*after != was).then_some((*user, *after - was, *after))
+            })
+            .collect();
+        let mut updated_at: HashMap<i64, DateTime<Utc>> = HashMap::new();
+        if !changed.is_empty() {
+            let rows: Vec<(i64, Decimal, DateTime<Utc>)> = sqlx::query_as(
+                "UPDATE wallets AS w SET balance = w.balance + v.delta, updated_at = now() \
+                 FROM unnest($1::BIGINT[], $2::NUMERIC[]) AS v(user_id, delta) \
+                 WHERE w.user_id = v.user_id RETURNING w.user_id, w.balance, w.updated_at",
+            )
+            .bind(changed.iter().map(|c| c.0).collect::<Vec<_>>())
+            .bind(changed.iter().map(|c| c.1).collect::<Vec<_>>())
+            .fetch_all(&mut *tx)
+            .await?;
+            // The rows are locked by this transaction: anything else is a bug.
+            let expected: HashMap<i64, Decimal> = changed.iter().map(|c| (c.0, c.2)).collect();
+            if rows.len() != expected.len()
+                || rows.iter().any(|(u, b, _)| expected.get(u) != Some(b))
+            {
+                return Err(StoreError::Corrupt(
+                    "a batch of stakes found wallet balances other than it locked".into(),
+                )
+                .into());
+            }
+            updated_at = rows.into_iter().map(|(u, _, at)| (u, at)).collect();
+        }
+
+        if !debited.is_empty() {
+            let (counterparty, _) = EntryKind::Stake.counterparty();
+            let rows: Vec<Entry> = sqlx::query_as(concat!(
+                "INSERT INTO ledger_entries \
+                   (transfer_id, idempotency_key, kind, user_id, counterparty, amount, balance_after, reference) \
+                 SELECT t, k, $3, u, $4, a, b, r \
+                 FROM unnest($1::UUID[], $2::TEXT[], $5::BIGINT[], $6::NUMERIC[], $7::NUMERIC[], $8::TEXT[]) \
+                   WITH ORDINALITY AS v(t, k, u, a, b, r, n) \
+                 ORDER BY n RETURNING ", entry_columns!(), ""
+            ))
+            .bind(debited.iter().map(|_| Uuid::now_v7()).collect::<Vec<_>>())
+            .bind(debited.iter().map(|&(i, _)| holds[i].key.as_str()).collect::<Vec<_>>())
+            .bind(EntryKind::Stake.as_db())
+            .bind(counterparty.as_db())
+            .bind(debited.iter().map(|&(i, _)| holds[i].user.get()).collect::<Vec<_>>())
+            .bind(debited.iter().map(|&(i, _)| -holds[i].amount.as_decimal()).collect::<Vec<_>>())
+            .bind(debited.iter().map(|&(_, b)| b).collect::<Vec<_>>())
+            .bind(debited.iter().map(|&(i, _)| holds[i].reference.as_str()).collect::<Vec<_>>())
+            .fetch_all(&mut *tx)
+            .await?;
+            for entry in rows {
+                entries.insert(entry.idempotency_key.clone(), entry);
+            }
+        }
+        if !refused.is_empty() {
+            sqlx::query(
+                "INSERT INTO wallet_refusals (idempotency_key, kind, user_id, amount, reference, reason) \
+                 SELECT k, $2, u, a, r, $6 \
+                 FROM unnest($1::TEXT[], $3::BIGINT[], $4::NUMERIC[], $5::TEXT[]) AS v(k, u, a, r)",
+            )
+            .bind(refused.iter().map(|&i| holds[i].key.as_str()).collect::<Vec<_>>())
+            .bind(EntryKind::Stake.as_db())
+            .bind(refused.iter().map(|&i| holds[i].user.get()).collect::<Vec<_>>())
+            .bind(refused.iter().map(|&i| holds[i].amount.as_decimal()).collect::<Vec<_>>())
+            .bind(refused.iter().map(|&i| holds[i].reference.as_str()).collect::<Vec<_>>())
+            .bind(WalletError::InsufficientFunds.reason())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+
+        for &i in &refused {
+            answers[i] = Some(Err(WalletError::InsufficientFunds));
+        }
+        for &(i, balance) in &debited {
+            let t = &holds[i];
+            let Some(entry) = entries.get(t.key.as_str()).cloned() else {
+                return Err(StoreError::Corrupt(format!(
+                    "a batch of stakes lost the entry of {}",
+                    t.key
+                ))
+                .into());
+            };
+            answers[i] = Some(Ok(Posted {
+                entry,
+                wallet: WalletView {
+                    user_id: t.user.get(),
+                    balance,
+                    updated_at: updated_at.get(&t.user.get()).copied(),
+                },
+                replayed: false,
+            }));
+        }
+        // A key's second hold in the batch: a retry of its first.
+        for (i, t) in holds.iter().enumerate() {
+            if answers[i].is_some() {
+                continue;
+            }
+            let first = first_of_key.get(t.key.as_str()).copied();
+            let answer = match first {
+                // Its first hold was debited: replay that entry.
+                Some(_) if entries.contains_key(t.key.as_str()) => entries
+                    .get(t.key.as_str())
+                    .map_or(Err(WalletError::IdempotencyConflict), |entry| {
+                        replay(entry.clone(), t)
+                    }),
+                // Its first hold was refused: the same refusal, for the same stake.
+                Some(f) if same_stake(&holds[f], t) => Err(WalletError::InsufficientFunds),
+                _ => Err(WalletError::IdempotencyConflict),
+            };
+            answers[i] = Some(answer);
+        }
+        Ok(answers
+            .into_iter()
+            .map(|a| a.unwrap_or(Err(WalletError::IdempotencyConflict)))
+            .collect())
+    }
+
     pub async fn wallet(&self, user: UserId) -> Result<WalletView, WalletError> {
         let row: Option<(Decimal, DateTime<Utc>)> =
             sqlx::query_as("SELECT balance, updated_at FROM wallets WHERE user_id = $1")
@@ -453,6 +688,19 @@ impl Refusal {
             (true, _) => WalletError::InsufficientFunds,
         }
     }
+}
+
+/// A refusal with its key, as a batch reads them.
+#[derive(Debug, Clone, sqlx::FromRow)]
+struct KeyedRefusal {
+    idempotency_key: String,
+    #[sqlx(flatten)]
+    refusal: Refusal,
+}
+
+/// Whether two holds ask for the same movement (kind, user, amount, reference).
+fn same_stake(a: &Transfer, b: &Transfer) -> bool {
+    a.kind == b.kind && a.user == b.user && a.amount == b.amount && a.reference == b.reference
 }
 
 /// The bets a payout entry paid.

@@ -185,6 +185,44 @@ impl WalletService {
             .await
     }
 
+    /// HoldStakes: many HoldStakes in one transaction; services only. Each
+    /// hold is parsed and answered on its own (a malformed hold is refused
+    /// alone, as HoldStake would refuse it); an `Err` of the whole call
+    /// decided nothing.
+    pub async fn hold_stakes(
+        &self,
+        principal: &Principal,
+        holds: &[StakeHold<'_>],
+    ) -> Result<Vec<Result<Posted, WalletError>>, WalletError> {
+        principal.require(SERVICES)?;
+        if holds.is_empty() || holds.len() > MAX_HOLDS_PER_CALL {
+            return Err(InvalidRequest::field(
+                "holds",
+                format!("must hold between 1 and {MAX_HOLDS_PER_CALL} stakes"),
+            )
+            .into());
+        }
+        let parsed: Vec<Result<Transfer, WalletError>> = holds
+            .iter()
+            .map(|h| internal_transfer(EntryKind::Stake, h.user_id, h.amount, h.key, h.bet_id))
+            .collect();
+        let valid: Vec<Transfer> = parsed
+            .iter()
+            .filter_map(|p| p.as_ref().ok())
+            .cloned()
+            .collect();
+        let mut posted = self.ledger.hold_stakes(&valid).await?.into_iter();
+        Ok(parsed
+            .into_iter()
+            .map(|p| match p {
+                Ok(_) => posted
+                    .next()
+                    .unwrap_or(Err(WalletError::IdempotencyConflict)),
+                Err(e) => Err(e),
+            })
+            .collect())
+    }
+
     /// HoldStake and RefundStake: our own services, keys of a fixed shape.
     async fn internal(
         &self,
@@ -196,43 +234,8 @@ impl WalletService {
         bet_id: &str,
     ) -> Result<Posted, WalletError> {
         principal.require(SERVICES)?;
-        let mut v = Violations::default();
-        let user = v.check("user_id", UserId::new(user_id));
-        let amount = v.check("amount", Amount::parse(amount));
-        let bet = v.check("bet_id", BetId::parse(bet_id));
-        let key = v.check("idempotency_key", IdempotencyKey::parse(key));
-        if let (Some(bet), Some(k)) = (bet, &key) {
-            // One stake and at most one refund per bet, whatever the caller sends.
-            let expected = match kind {
-                EntryKind::Stake => IdempotencyKey::stake(bet),
-                _ => IdempotencyKey::refund(bet),
-            };
-            if *k != expected {
-                v.add("idempotency_key", format!("must be {expected}"));
-            }
-        }
-        let (Some(user), Some(amount), Some(bet), Some(key), true) =
-            (user, amount, bet, key, v.is_empty())
-        else {
-            return Err(v.into_error().into());
-        };
-        // A refund never returns more than was held, nor to anyone else, nor
-        // for a bet that was paid out; checked under lock by the ledger.
-        let guard = match kind {
-            EntryKind::Refund => Guard::Refund { bet: bet.as_uuid() },
-            _ => Guard::None,
-        };
-        self.ledger
-            .post(&Transfer {
-                kind,
-                user,
-                amount,
-                key,
-                reference: bet.to_string(),
-                guard,
-                actor: None,
-            })
-            .await
+        let transfer = internal_transfer(kind, user_id, amount, key, bet_id)?;
+        self.ledger.post(&transfer).await
     }
 
     /// PayWinnings: twice the stake, once per match, to the owner of its
@@ -298,4 +301,62 @@ impl WalletService {
             })
             .await
     }
+}
+
+/// The most holds one HoldStakes call may carry.
+pub const MAX_HOLDS_PER_CALL: usize = 256;
+
+/// One hold of a HoldStakes call, as the wire gave it.
+#[derive(Debug, Clone, Copy)]
+pub struct StakeHold<'a> {
+    pub user_id: i64,
+    pub amount: &'a str,
+    pub key: &'a str,
+    pub bet_id: &'a str,
+}
+
+/// A HoldStake's or RefundStake's movement, parsed: keys of a fixed shape
+/// (`BET:{bet_id}`, `REFUND:{bet_id}`), whatever the caller sends.
+fn internal_transfer(
+    kind: EntryKind,
+    user_id: i64,
+    amount: &str,
+    key: &str,
+    bet_id: &str,
+) -> Result<Transfer, WalletError> {
+    let mut v = Violations::default();
+    let user = v.check("user_id", UserId::new(user_id));
+    let amount = v.check("amount", Amount::parse(amount));
+    let bet = v.check("bet_id", BetId::parse(bet_id));
+    let key = v.check("idempotency_key", IdempotencyKey::parse(key));
+    if let (Some(bet), Some(k)) = (bet, &key) {
+        // One stake and at most one refund per bet, whatever the caller sends.
+        let expected = match kind {
+            EntryKind::Stake => IdempotencyKey::stake(bet),
+            _ => IdempotencyKey::refund(bet),
+        };
+        if *k != expected {
+            v.add("idempotency_key", format!("must be {expected}"));
+        }
+    }
+    let (Some(user), Some(amount), Some(bet), Some(key), true) =
+        (user, amount, bet, key, v.is_empty())
+    else {
+        return Err(v.into_error().into());
+    };
+    // A refund never returns more than was held, nor to anyone else, nor
+    // for a bet that was paid out; checked under lock by the ledger.
+    let guard = match kind {
+        EntryKind::Refund => Guard::Refund { bet: bet.as_uuid() },
+        _ => Guard::None,
+    };
+    Ok(Transfer {
+        kind,
+        user,
+        amount,
+        key,
+        reference: bet.to_string(),
+        guard,
+        actor: None,
+    })
 }

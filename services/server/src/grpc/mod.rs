@@ -11,6 +11,12 @@
 /// 4 MiB would let any caller make the server buffer 4 MiB per stream.
 pub(crate) const MAX_REQUEST_BYTES: usize = 16 * 1024;
 
+/// WalletService's limit: its HoldStakes carries up to
+/// `betting_wallet::MAX_HOLDS_PER_CALL` (256) holds of about 120 bytes each.
+/// Only the service role may call it, but every caller's message is decoded
+/// before the handler checks the role, so it stays bounded.
+pub(crate) const MAX_WALLET_REQUEST_BYTES: usize = 64 * 1024;
+
 pub(crate) mod admin;
 pub(crate) mod betting;
 pub(crate) mod settlement;

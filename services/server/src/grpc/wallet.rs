@@ -7,7 +7,7 @@ use betting_api::{
 };
 use betting_auth::{AuthInterceptor, Principal};
 use betting_domain::{InvalidRequest, Violations, format_money};
-use betting_wallet::{Entry, Posted, WalletService, WalletView};
+use betting_wallet::{Entry, Posted, StakeHold, WalletError, WalletService, WalletView};
 use tonic::{Request, Response, Status, service::interceptor::InterceptedService};
 
 /// The generated trait's implementation for [`WalletService`].
@@ -20,7 +20,7 @@ pub(crate) fn server(
     auth: AuthInterceptor,
 ) -> InterceptedService<WalletServiceServer<WalletGrpc>, AuthInterceptor> {
     let server = WalletServiceServer::new(WalletGrpc(service))
-        .max_decoding_message_size(super::MAX_REQUEST_BYTES);
+        .max_decoding_message_size(super::MAX_WALLET_REQUEST_BYTES);
     InterceptedService::new(server, auth)
 }
 
@@ -60,6 +60,33 @@ fn moved<T>(
             Some(wallet_pb(&posted.wallet)),
         ),
         replayed: posted.replayed,
+    }
+}
+
+/// One hold's answer in a HoldStakes response: what HoldStake would have
+/// answered, its refusal's code and reason included (through the one status
+/// mapping, so a refusal reads the same in both).
+fn hold_outcome(answer: Result<Posted, WalletError>) -> pb::HoldStakeOutcome {
+    use pb::hold_stake_outcome::Outcome;
+    match answer {
+        Ok(posted) => pb::HoldStakeOutcome {
+            replayed: posted.replayed,
+            outcome: Some(Outcome::Held(pb::HoldStakeResponse {
+                entry: Some(entry_pb(&posted.entry)),
+                wallet: Some(wallet_pb(&posted.wallet)),
+            })),
+        },
+        Err(e) => {
+            let status = betting_api::to_status(&e);
+            pb::HoldStakeOutcome {
+                replayed: false,
+                outcome: Some(Outcome::Refused(pb::HoldRefusal {
+                    code: status.code() as i32,
+                    reason: betting_api::reason_of(&status).unwrap_or_default(),
+                    message: status.message().to_owned(),
+                })),
+            }
+        }
     }
 }
 
@@ -183,6 +210,33 @@ impl WalletApi for WalletGrpc {
         respond_replayable(
             posted.map(|p| moved(p, |entry, wallet| pb::HoldStakeResponse { entry, wallet })),
         )
+    }
+
+    #[tracing::instrument(skip_all, fields(holds = request.get_ref().holds.len()))]
+    async fn hold_stakes(
+        &self,
+        request: Request<pb::HoldStakesRequest>,
+    ) -> Result<Response<pb::HoldStakesResponse>, Status> {
+        let principal = Principal::caller(&request)?;
+        let holds: Vec<StakeHold<'_>> = request
+            .get_ref()
+            .holds
+            .iter()
+            .map(|h| StakeHold {
+                user_id: h.user_id,
+                amount: &h.amount,
+                key: &h.idempotency_key,
+                bet_id: &h.bet_id,
+            })
+            .collect();
+        let outcomes =
+            self.0
+                .hold_stakes(&principal, &holds)
+                .await
+                .map(|answers| pb::HoldStakesResponse {
+                    outcomes: answers.into_iter().map(hold_outcome).collect(),
+                });
+        respond(outcomes)
     }
 
     #[tracing::instrument(skip_all, fields(bet_id = %request.get_ref().bet_id))]

@@ -102,6 +102,7 @@ const MATRIX: &[(&str, [Outcome; 7])] = &[
         [U, A, D, D, D, A, A],
     ),
     ("betting.v1.WalletService/HoldStake", [U, D, D, A, D, D, D]),
+    ("betting.v1.WalletService/HoldStakes", [U, D, D, A, D, D, D]),
     (
         "betting.v1.WalletService/RefundStake",
         [U, D, D, A, D, D, D],
@@ -266,6 +267,15 @@ fn request_for(method: &str, fixture: &Fixture) -> Vec<u8> {
             amount: "1".into(),
             idempotency_key: format!("BET:{bet}"),
             bet_id: bet,
+        }
+        .encode_to_vec(),
+        "HoldStakes" => pb::HoldStakesRequest {
+            holds: vec![pb::HoldStakeRequest {
+                user_id: OWNER,
+                amount: "1".into(),
+                idempotency_key: format!("BET:{bet}"),
+                bet_id: bet,
+            }],
         }
         .encode_to_vec(),
         "RefundStake" => pb::RefundStakeRequest {

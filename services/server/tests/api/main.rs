@@ -15,6 +15,7 @@ mod chaos;
 mod concurrency;
 mod crash;
 mod edge;
+mod group_commit;
 mod health;
 mod internal_money;
 mod ledger;

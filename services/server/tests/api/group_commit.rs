@@ -1,0 +1,267 @@
+//! Group commit (`services/betting/src/placer.rs`, `Ledger::hold_stakes`):
+//! batching changes how many bets share a commit, never an outcome. Each
+//! hold of a HoldStakes call is answered as a lone HoldStake would be, and
+//! concurrent PlaceBets batched together each keep their own answer.
+
+use betting_api::pb;
+use rust_decimal::Decimal;
+use tonic::Code;
+use uuid::Uuid;
+
+use betting_test_kit::{TestApp, authed, dec};
+
+fn hold(user: i64, amount: &str, bet: Uuid) -> pb::HoldStakeRequest {
+    pb::HoldStakeRequest {
+        user_id: user,
+        amount: amount.into(),
+        idempotency_key: format!("BET:{bet}"),
+        bet_id: bet.to_string(),
+    }
+}
+
+async fn hold_stakes(app: &TestApp, holds: Vec<pb::HoldStakeRequest>) -> Vec<pb::HoldStakeOutcome> {
+    app.wallet()
+        .hold_stakes(authed(
+            pb::HoldStakesRequest { holds },
+            &app.service_token(),
+        ))
+        .await
+        .expect("hold stakes")
+        .into_inner()
+        .outcomes
+}
+
+fn held_balance(outcome: &pb::HoldStakeOutcome) -> Option<Decimal> {
+    match &outcome.outcome {
+        Some(pb::hold_stake_outcome::Outcome::Held(held)) => {
+            held.wallet.as_ref().and_then(|w| w.balance.parse().ok())
+        }
+        _ => None,
+    }
+}
+
+fn refusal(outcome: &pb::HoldStakeOutcome) -> Option<(i32, String)> {
+    match &outcome.outcome {
+        Some(pb::hold_stake_outcome::Outcome::Refused(r)) => Some((r.code, r.reason.clone())),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn each_hold_of_a_batch_gets_its_own_answer() {
+    let app = TestApp::spawn().await;
+    app.deposit(1, "10").await;
+    app.deposit(2, "3").await;
+    // User 3 has no wallet at all.
+    let (a1, a2, b1, c1, bad) = (
+        Uuid::now_v7(),
+        Uuid::now_v7(),
+        Uuid::now_v7(),
+        Uuid::now_v7(),
+        Uuid::now_v7(),
+    );
+    let mut wrong_key = hold(1, "1", bad);
+    wrong_key.idempotency_key = format!("BET:{}", Uuid::now_v7());
+    let outcomes = hold_stakes(
+        &app,
+        vec![
+            hold(1, "4", a1),
+            hold(2, "5", b1), // more than user 2 holds
+            hold(1, "6", a2), // exactly what user 1 has left
+            hold(3, "1", c1), // no wallet
+            wrong_key,        // malformed: refused alone
+            hold(1, "4", a1), // the same key again: a replay of the first
+        ],
+    )
+    .await;
+    assert_eq!(outcomes.len(), 6);
+    assert_eq!(held_balance(&outcomes[0]), Some(dec("6")));
+    assert_eq!(
+        refusal(&outcomes[1]),
+        Some((Code::FailedPrecondition as i32, "INSUFFICIENT_FUNDS".into()))
+    );
+    assert_eq!(held_balance(&outcomes[2]), Some(dec("0")));
+    assert_eq!(
+        refusal(&outcomes[3]),
+        Some((Code::FailedPrecondition as i32, "INSUFFICIENT_FUNDS".into()))
+    );
+    assert_eq!(
+        refusal(&outcomes[4]).map(|r| r.0),
+        Some(Code::InvalidArgument as i32)
+    );
+    assert_eq!(
+        held_balance(&outcomes[5]),
+        Some(dec("6")),
+        "the first's answer"
+    );
+    assert!(outcomes[5].replayed);
+    assert_eq!(app.balance(1).await, dec("0"));
+    assert_eq!(app.balance(2).await, dec("3"));
+
+    // Asked again, one at a time or batched, every key keeps its answer,
+    // refusals included, whatever the balance is now.
+    app.deposit(2, "10").await;
+    let single = app
+        .wallet()
+        .hold_stake(authed(hold(2, "5", b1), &app.service_token()))
+        .await
+        .expect_err("the recorded refusal");
+    assert_eq!(single.code(), Code::FailedPrecondition);
+    let again = hold_stakes(&app, vec![hold(2, "5", b1), hold(1, "6", a2)]).await;
+    assert_eq!(
+        refusal(&again[0]),
+        Some((Code::FailedPrecondition as i32, "INSUFFICIENT_FUNDS".into()))
+    );
+    assert_eq!(held_balance(&again[1]), Some(dec("0")));
+    assert!(again[1].replayed);
+    // A key reused with another payload changes nothing.
+    let reused = hold_stakes(&app, vec![hold(1, "5", a1)]).await;
+    assert_eq!(
+        refusal(&reused[0]).map(|r| r.0),
+        Some(Code::AlreadyExists as i32)
+    );
+    assert_eq!(app.balance(2).await, dec("13"));
+    app.assert_books_balanced().await;
+}
+
+#[tokio::test]
+async fn a_batch_refuses_what_no_single_hold_would_take() {
+    let app = TestApp::spawn().await;
+    // Too many holds, none: refused as a whole, nothing moved.
+    let holds: Vec<_> = (0..257).map(|_| hold(1, "1", Uuid::now_v7())).collect();
+    let status = app
+        .wallet()
+        .hold_stakes(authed(
+            pb::HoldStakesRequest { holds },
+            &app.service_token(),
+        ))
+        .await
+        .expect_err("too many");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let status = app
+        .wallet()
+        .hold_stakes(authed(
+            pb::HoldStakesRequest { holds: Vec::new() },
+            &app.service_token(),
+        ))
+        .await
+        .expect_err("none");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    // Only our own services hold stakes.
+    let status = app
+        .wallet()
+        .hold_stakes(authed(
+            pb::HoldStakesRequest {
+                holds: vec![hold(1, "1", Uuid::now_v7())],
+            },
+            &app.player(1),
+        ))
+        .await
+        .expect_err("a player");
+    assert_eq!(status.code(), Code::PermissionDenied);
+}
+
+/// Many users placing at once, so that bets share batches: each user's
+/// bets are decided against that user's balance alone, in some order, and
+/// the books balance. User `u` holds `u % 4` units and places 3 bets of 1:
+/// exactly `min(u % 4, 3)` of them are taken.
+#[tokio::test]
+async fn concurrent_bets_batched_together_keep_their_own_outcomes() {
+    let app = TestApp::spawn().await;
+    app.open_round("gc").await;
+    let users: Vec<i64> = (1..=40).collect();
+    for &u in &users {
+        if u % 4 > 0 {
+            app.deposit(u, &(u % 4).to_string()).await;
+        }
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for &u in &users {
+        for n in 0..3 {
+            let bets = app.bets();
+            let token = app.player(u);
+            tasks.spawn(async move {
+                let side = if (u + n) % 2 == 0 {
+                    pb::Side::A
+                } else {
+                    pb::Side::B
+                };
+                let answer = bets
+                    .clone()
+                    .place_bet(authed(
+                        pb::PlaceBetRequest {
+                            round_id: "gc".into(),
+                            side: side as i32,
+                            amount: "1".into(),
+                            idempotency_key: format!("k{n}"),
+                        },
+                        &token,
+                    ))
+                    .await;
+                (u, answer.map(|r| r.into_inner()).map_err(|s| s.code()))
+            });
+        }
+    }
+    let mut placed = std::collections::HashMap::<i64, i64>::new();
+    while let Some(done) = tasks.join_next().await {
+        let (u, answer) = done.expect("task");
+        match answer {
+            Ok(response) => {
+                let bet = response.bet.expect("bet");
+                assert_eq!(bet.status, pb::BetStatus::Pending as i32);
+                *placed.entry(u).or_default() += 1;
+            }
+            Err(code) => assert_eq!(code, Code::FailedPrecondition, "user {u}"),
+        }
+    }
+    for &u in &users {
+        assert_eq!(
+            placed.get(&u).copied().unwrap_or_default(),
+            (u % 4).min(3),
+            "user {u}"
+        );
+        assert_eq!(app.balance(u).await, Decimal::ZERO, "user {u}");
+    }
+    // Retries of every key get the same answers: the placed ones their bet,
+    // the rejected ones their refusal, and nothing more is taken.
+    for &u in &users {
+        let mut ok = 0;
+        for n in 0..3 {
+            let side = if (u + n) % 2 == 0 {
+                pb::Side::A
+            } else {
+                pb::Side::B
+            };
+            match app.place(u, "gc", side, "1", &format!("k{n}")).await {
+                Ok(_) => ok += 1,
+                Err(status) => assert_eq!(status.code(), Code::FailedPrecondition),
+            }
+        }
+        assert_eq!(ok, placed.get(&u).copied().unwrap_or_default(), "user {u}");
+        assert_eq!(app.balance(u).await, Decimal::ZERO, "user {u}");
+    }
+    assert_eq!(app.count_bets("PLACING").await, 0);
+    app.assert_books_balanced().await;
+}
+
+/// Two PlaceBets with one key at once (a retry racing its original) land
+/// in one batch's INSERT: one bet is written, both get it.
+#[tokio::test]
+async fn a_retry_in_the_same_batch_as_its_original_gets_the_same_bet() {
+    let app = TestApp::spawn().await;
+    app.open_round("gc2").await;
+    app.deposit(7, "100").await;
+    for round in 0..10 {
+        let key = format!("same-{round}");
+        let (a, b) = tokio::join!(
+            app.place(7, "gc2", pb::Side::A, "1", &key),
+            app.place(7, "gc2", pb::Side::A, "1", &key)
+        );
+        let a = a.expect("first").into_inner().bet.expect("bet");
+        let b = b.expect("second").into_inner().bet.expect("bet");
+        assert_eq!(a.bet_id, b.bet_id);
+    }
+    assert_eq!(app.balance(7).await, dec("90"));
+    assert_eq!(app.count_bets("PENDING").await, 10);
+    app.assert_books_balanced().await;
+}
