@@ -10,7 +10,9 @@
 //!    lone PlaceBet does);
 //! 2. one `HoldStakes` call holds every written bet's stake in one wallet
 //!    transaction, each with its own outcome (one user's insufficient funds
-//!    never fails the batch);
+//!    never fails the batch; a user whose wallet row another movement holds
+//!    is skipped, and that bet's stake held by the lone path, so one held
+//!    row never stalls the batch);
 //! 3. one statement makes the held ones `PENDING` and the refused ones
 //!    `REJECTED` ([`BetStore::finish_placing_many`]); then their change
 //!    notes go out in one message and their match jobs are pipelined.
@@ -44,7 +46,7 @@ use std::sync::Arc;
 use betting_domain::{BetId, BetStatus};
 use betting_queue::Queue;
 use betting_streams::{Changes, Publisher};
-use betting_wallet_client::{WalletCallError, WalletClient};
+use betting_wallet_client::{Hold, WalletCallError, WalletClient};
 use rust_decimal::Decimal;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
@@ -65,10 +67,19 @@ const SLOTS: usize = 4;
 /// edge's in-flight cap bounds the callers long before).
 const QUEUE: usize = 4096;
 
-/// What a batch answers one PlaceBet: `None` when its bet was not written
-/// (its round is not open, or its key was taken), for the lone path to
-/// find out why.
-type Answer = Result<Option<Placed>, BettingError>;
+/// What a batch answers one PlaceBet.
+pub(crate) enum Batched {
+    Placed(Placed),
+    /// Not written (its round is not open, or its key was taken): the lone
+    /// path finds out why.
+    NotWritten,
+    /// Written PLACING, but its wallet row was held by another movement:
+    /// the lone path holds its stake (behind the wallet's per-user gate)
+    /// rather than the batch waiting for the row.
+    Alone(BetRow),
+}
+
+type Answer = Result<Batched, BettingError>;
 
 struct Request {
     bet: NewBet,
@@ -174,8 +185,8 @@ async fn place_all(parts: &Parts, bets: &[NewBet]) -> Vec<Answer> {
         Ok(rows) => rows,
         Err(e) => return shared(e.into()),
     };
-    let mut answers: Vec<Answer> = bets.iter().map(|_| Ok(None)).collect();
-    // The rows in the batch's order; a bet not written keeps `Ok(None)`.
+    let mut answers: Vec<Answer> = bets.iter().map(|_| Ok(Batched::NotWritten)).collect();
+    // The rows in the batch's order; a bet not written keeps `NotWritten`.
     let mut rows: Vec<(usize, BetRow)> = written
         .into_iter()
         .filter_map(|row| {
@@ -221,20 +232,21 @@ async fn place_all(parts: &Parts, bets: &[NewBet]) -> Vec<Answer> {
     let mut balances: Vec<(usize, Decimal)> = Vec::new();
     for ((i, row), outcome) in rows.iter().zip(held) {
         match outcome {
-            Ok(balance) => {
+            Hold::Held(balance) => {
                 pending.push((row.id(), balance));
                 balances.push((*i, balance));
             }
+            Hold::Busy => answers[*i] = Ok(Batched::Alone(row.clone())),
             // The rejection rule (`BettingService::complete`): only the
             // wallet's INSUFFICIENT_FUNDS, recorded under the stake's key,
             // rejects a bet.
-            Err(e) if e.is_insufficient_funds() => {
+            Hold::Failed(e) if e.is_insufficient_funds() => {
                 rejected.push(row.id());
                 answers[*i] = Err(BettingError::InsufficientFunds);
             }
             // Any other refusal says nothing about an earlier attempt: the
             // bet stays PLACING.
-            Err(e) => {
+            Hold::Failed(e) => {
                 log_refused(&e, 1);
                 answers[*i] = Err(BettingError::WalletUnavailable(e));
             }
@@ -248,10 +260,8 @@ async fn place_all(parts: &Parts, bets: &[NewBet]) -> Vec<Answer> {
             // The stakes are held and the bets PLACING: the recovery pass
             // (or the retry) makes them PENDING.
             let e = Arc::new(BettingError::from(e));
-            for (i, _) in rows.iter() {
-                if answers[*i].as_ref().is_ok_and(Option::is_none) {
-                    answers[*i] = Err(BettingError::Shared(e.clone()));
-                }
+            for (i, _) in balances.iter() {
+                answers[*i] = Err(BettingError::Shared(e.clone()));
             }
             return answers;
         }
@@ -272,7 +282,7 @@ async fn place_all(parts: &Parts, bets: &[NewBet]) -> Vec<Answer> {
     for (i, balance) in balances {
         let bet = bets[i].bet.as_uuid();
         let answer = match finished.iter().find(|row| row.bet_id == bet) {
-            Some(row) => Ok(Some(Placed {
+            Some(row) => Ok(Batched::Placed(Placed {
                 bet: row.clone(),
                 balance: row.balance_after.unwrap_or(balance),
                 replayed: false,
@@ -283,7 +293,7 @@ async fn place_all(parts: &Parts, bets: &[NewBet]) -> Vec<Answer> {
                 Ok(Some(row)) if row.status == BetStatus::Rejected => {
                     Err(BettingError::InsufficientFunds)
                 }
-                Ok(Some(row)) => Ok(Some(Placed {
+                Ok(Some(row)) => Ok(Batched::Placed(Placed {
                     balance: row.balance_after.unwrap_or(balance),
                     bet: row,
                     replayed: false,

@@ -24,7 +24,7 @@ use betting_wallet_client::{WalletCallError, WalletClient};
 use crate::Faults;
 use crate::{
     BetRow, BetStore, BettingError,
-    placer::{Parts, Placer},
+    placer::{Batched, Parts, Placer},
     store::NewBet,
     watch::UserFeeds,
 };
@@ -281,18 +281,21 @@ impl BettingService {
                 Ok(()) => {
                     let bet = BetId::generate();
                     let placed = match self.placer() {
-                        Some(placer) => {
-                            placer
-                                .place(NewBet {
-                                    bet,
-                                    user,
-                                    key: key.clone(),
-                                    round: round.clone(),
-                                    side,
-                                    amount,
-                                })
-                                .await?
-                        }
+                        Some(placer) => match placer
+                            .place(NewBet {
+                                bet,
+                                user,
+                                key: key.clone(),
+                                round: round.clone(),
+                                side,
+                                amount,
+                            })
+                            .await?
+                        {
+                            Batched::Placed(placed) => Some(placed),
+                            Batched::NotWritten => None,
+                            Batched::Alone(row) => Some(self.complete(row, false).await?),
+                        },
                         None => match self
                             .store
                             .insert_placing(bet, user, &key, &round, side, amount)

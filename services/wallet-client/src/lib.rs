@@ -95,6 +95,18 @@ impl WalletCallError {
     }
 }
 
+/// One hold's answer in a [`WalletClient::hold_stakes`] batch.
+#[derive(Debug)]
+pub enum Hold {
+    /// Held; the balance right after.
+    Held(Decimal),
+    /// The user's wallet row was held by another movement, so the batch
+    /// left this hold undecided (nothing recorded): hold it alone.
+    Busy,
+    /// What [`WalletClient::hold_stake`] would have answered instead.
+    Failed(WalletCallError),
+}
+
 #[derive(Clone)]
 pub struct WalletClient {
     inner: WalletServiceClient<InterceptedService<Channel, ServiceCredentials>>,
@@ -162,7 +174,7 @@ impl WalletClient {
     pub async fn hold_stakes(
         &self,
         holds: &[(UserId, Amount, BetId)],
-    ) -> Result<Vec<Result<Decimal, WalletCallError>>, WalletCallError> {
+    ) -> Result<Vec<Hold>, WalletCallError> {
         let response = self
             .inner
             .clone()
@@ -247,16 +259,22 @@ fn within_deadline<T>(message: T) -> tonic::Request<T> {
 
 /// One hold's outcome, sorted like a HoldStake's answer: a refusal keeps
 /// its code and reason, so `is_insufficient_funds` reads it the same.
-fn hold_outcome(outcome: pb::HoldStakeOutcome) -> Result<Decimal, WalletCallError> {
+fn hold_outcome(outcome: pb::HoldStakeOutcome) -> Hold {
     use pb::hold_stake_outcome::Outcome;
     match outcome.outcome {
-        Some(Outcome::Held(held)) => balance_of(held.wallet),
-        Some(Outcome::Refused(refused)) => Err(WalletCallError::from_status(Status::new(
-            Code::from_i32(refused.code),
-            refused.message,
-        ))
-        .with_reason(refused.reason)),
-        None => Err(WalletCallError::Malformed("an outcome")),
+        Some(Outcome::Held(held)) => match balance_of(held.wallet) {
+            Ok(balance) => Hold::Held(balance),
+            Err(e) => Hold::Failed(e),
+        },
+        Some(Outcome::Refused(refused)) if refused.reason == "USER_BUSY" => Hold::Busy,
+        Some(Outcome::Refused(refused)) => Hold::Failed(
+            WalletCallError::from_status(Status::new(
+                Code::from_i32(refused.code),
+                refused.message,
+            ))
+            .with_reason(refused.reason),
+        ),
+        None => Hold::Failed(WalletCallError::Malformed("an outcome")),
     }
 }
 

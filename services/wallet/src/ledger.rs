@@ -300,10 +300,13 @@ impl Ledger {
     ///   and a single movement (which takes one key lock), never wait on each
     ///   other in a cycle; then the keys' earlier decisions are read with a
     ///   fresh snapshot, as `post` does;
-    /// - then the wallet rows of the undecided holds, `FOR UPDATE` in user
-    ///   order (rows after keys, as in `post`, and sorted, so two batches
-    ///   never deadlock on rows); debits are decided in request order against
-    ///   the locked balances, each never below zero;
+    /// - then the wallet rows of the undecided holds, `FOR UPDATE SKIP
+    ///   LOCKED` in user order (rows after keys, as in `post`); a row another
+    ///   movement holds is skipped, and its holds answered `Busy` (nothing
+    ///   recorded: the caller holds them alone), so a held row never stalls
+    ///   the batch and two batches never wait on each other's rows; debits
+    ///   are decided in request order against the locked balances, each
+    ///   never below zero;
     /// - one UPDATE per batch writes each user's new balance (as a delta,
     ///   checked against the balance computed here), one INSERT the ledger
     ///   rows (in request order, so each user's `balance_after` chain follows
@@ -375,20 +378,42 @@ impl Ledger {
         let mut users: Vec<i64> = new.iter().map(|&i| holds[i].user.get()).collect();
         users.sort_unstable();
         users.dedup();
+        // A wallet row another movement holds is skipped, never waited for:
+        // one user's held row must not stall everyone else's bets in the
+        // batch. Its holds are answered `Busy` (nothing recorded) and the
+        // caller holds them alone, behind the per-user gate.
         let locked: Vec<(i64, Decimal)> = sqlx::query_as(
             "SELECT user_id, balance FROM wallets WHERE user_id = ANY($1) \
-             ORDER BY user_id FOR UPDATE",
+             ORDER BY user_id FOR UPDATE SKIP LOCKED",
         )
         .bind(&users)
         .fetch_all(&mut *tx)
         .await?;
         let mut balances: HashMap<i64, Decimal> = locked.into_iter().collect();
+        let busy: Vec<i64> = if balances.len() < users.len() {
+            // Of the rest, those whose row exists were skipped (held); the
+            // others have no wallet, which holds nothing.
+            sqlx::query_scalar("SELECT user_id FROM wallets WHERE user_id = ANY($1)")
+                .bind(&users)
+                .fetch_all(&mut *tx)
+                .await?
+                .into_iter()
+                .filter(|u| !balances.contains_key(u))
+                .collect()
+        } else {
+            Vec::new()
+        };
         let before = balances.clone();
         // In request order: each debit against what the earlier ones left.
         let mut debited: Vec<(usize, Decimal)> = Vec::new();
         let mut refused: Vec<usize> = Vec::new();
+        let mut skipped: Vec<usize> = Vec::new();
         for &i in &new {
             let t = &holds[i];
+            if busy.contains(&t.user.get()) {
+                skipped.push(i);
+                continue;
+            }
             // A missing wallet holds nothing.
             match balances.get_mut(&t.user.get()) {
                 Some(balance) if *balance >= t.amount.as_decimal() => {
@@ -474,6 +499,9 @@ impl Ledger {
         for &i in &refused {
             answers[i] = Some(Err(WalletError::InsufficientFunds));
         }
+        for &i in &skipped {
+            answers[i] = Some(Err(WalletError::Busy(crate::gate::UserBusy)));
+        }
         for &(i, balance) in &debited {
             let t = &holds[i];
             let Some(entry) = entries.get(t.key.as_str()).cloned() else {
@@ -506,6 +534,10 @@ impl Ledger {
                     .map_or(Err(WalletError::IdempotencyConflict), |entry| {
                         replay(entry.clone(), t)
                     }),
+                // Its first hold was skipped (a held row): so is this one.
+                Some(f) if skipped.contains(&f) && same_stake(&holds[f], t) => {
+                    Err(WalletError::Busy(crate::gate::UserBusy))
+                }
                 // Its first hold was refused: the same refusal, for the same stake.
                 Some(f) if same_stake(&holds[f], t) => Err(WalletError::InsufficientFunds),
                 _ => Err(WalletError::IdempotencyConflict),

@@ -265,3 +265,70 @@ async fn a_retry_in_the_same_batch_as_its_original_gets_the_same_bet() {
     assert_eq!(app.count_bets("PENDING").await, 10);
     app.assert_books_balanced().await;
 }
+
+/// A wallet row held by another movement (a long transaction) never
+/// stalls a batch: its holds come back USER_BUSY at once, undecided and
+/// unrecorded, and the rest of the batch is held; PlaceBet then holds such
+/// a bet alone, once the row is free.
+#[tokio::test]
+async fn a_held_wallet_row_is_skipped_not_waited_for() {
+    let app = TestApp::spawn().await;
+    app.deposit(1, "10").await;
+    app.deposit(2, "10").await;
+    let mut holder = app.pool.begin().await.expect("begin");
+    sqlx::query("SELECT balance FROM wallets WHERE user_id = 1 FOR UPDATE")
+        .execute(&mut *holder)
+        .await
+        .expect("lock the row");
+    let (busy, free) = (Uuid::now_v7(), Uuid::now_v7());
+    let started = std::time::Instant::now();
+    let outcomes = hold_stakes(&app, vec![hold(1, "1", busy), hold(2, "1", free)]).await;
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    assert_eq!(
+        refusal(&outcomes[0]).map(|r| r.1),
+        Some("USER_BUSY".to_owned())
+    );
+    assert_eq!(held_balance(&outcomes[1]), Some(dec("9")));
+    holder.rollback().await.expect("release");
+    // Nothing was recorded for the skipped hold: it is a first attempt.
+    let again = hold_stakes(&app, vec![hold(1, "1", busy)]).await;
+    assert_eq!(held_balance(&again[0]), Some(dec("9")));
+    assert!(!again[0].replayed);
+
+    // Through PlaceBet: the held user's bet waits for its row alone while
+    // another user's bet goes through.
+    app.open_round("gc3").await;
+    let mut holder = app.pool.begin().await.expect("begin");
+    sqlx::query("SELECT balance FROM wallets WHERE user_id = 1 FOR UPDATE")
+        .execute(&mut *holder)
+        .await
+        .expect("lock the row");
+    let held_user = tokio::spawn({
+        let bets = app.bets();
+        let token = app.player(1);
+        async move {
+            bets.clone()
+                .place_bet(authed(
+                    pb::PlaceBetRequest {
+                        round_id: "gc3".into(),
+                        side: pb::Side::A as i32,
+                        amount: "1".into(),
+                        idempotency_key: "held".into(),
+                    },
+                    &token,
+                ))
+                .await
+        }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    app.place(2, "gc3", pb::Side::B, "1", "free")
+        .await
+        .expect("another user's bet is not held up");
+    holder.rollback().await.expect("release");
+    let placed = held_user
+        .await
+        .expect("task")
+        .expect("placed once the row is free");
+    assert_eq!(placed.into_inner().balance, "8");
+    app.assert_books_balanced().await;
+}
