@@ -12,7 +12,8 @@ pub mod convert;
 mod status;
 
 pub use status::{
-    IDEMPOTENT_REPLAYED, Replayable, reason_of, respond, respond_replayable, to_status,
+    IDEMPOTENT_REPLAYED, Replayable, reason_of, refusal_status, respond, respond_replayable,
+    to_status,
 };
 
 /// Generated code for package `betting.v1`.

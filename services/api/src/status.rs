@@ -65,6 +65,18 @@ pub fn reason_of(status: &Status) -> Option<String> {
         .map(|info| info.reason.clone())
 }
 
+/// The status a refusal carried inside a batch's answer (a HoldStakes
+/// outcome: its code, ErrorInfo reason and message) rebuilt, as
+/// [`to_status`] built it for the lone call, so that the caller reads a
+/// batched refusal exactly as a lone one ([`reason_of`] included).
+pub fn refusal_status(code: i32, reason: &str, message: String) -> Status {
+    let mut details = ErrorDetails::new();
+    if !reason.is_empty() {
+        details.set_error_info(reason, ERROR_DOMAIN, HashMap::new());
+    }
+    Status::with_error_details(Code::from_i32(code), message, details)
+}
+
 fn chain(err: &dyn std::error::Error) -> String {
     let mut out = err.to_string();
     let mut source = err.source();

@@ -79,17 +79,6 @@ impl WalletCallError {
         }
     }
 
-    /// A refusal whose reason came beside its status (a batch's outcome),
-    /// not in the status's details.
-    fn with_reason(self, reason: String) -> Self {
-        match self {
-            WalletCallError::Refused { status, .. } if !reason.is_empty() => {
-                WalletCallError::Refused { reason, status }
-            }
-            other => other,
-        }
-    }
-
     pub fn is_insufficient_funds(&self) -> bool {
         matches!(self, WalletCallError::Refused { reason, .. } if reason == "INSUFFICIENT_FUNDS")
     }
@@ -267,13 +256,9 @@ fn hold_outcome(outcome: pb::HoldStakeOutcome) -> Hold {
             Err(e) => Hold::Failed(e),
         },
         Some(Outcome::Refused(refused)) if refused.reason == "USER_BUSY" => Hold::Busy,
-        Some(Outcome::Refused(refused)) => Hold::Failed(
-            WalletCallError::from_status(Status::new(
-                Code::from_i32(refused.code),
-                refused.message,
-            ))
-            .with_reason(refused.reason),
-        ),
+        Some(Outcome::Refused(refused)) => Hold::Failed(WalletCallError::from_status(
+            betting_api::refusal_status(refused.code, &refused.reason, refused.message),
+        )),
         None => Hold::Failed(WalletCallError::Malformed("an outcome")),
     }
 }
