@@ -1,6 +1,6 @@
-//! Benchmarks against a running suite.
+//! Benchmarks against a running suite, and the helpers they share.
 //!
-//! `betting bench place`: PlaceBet throughput and latency from many clients.
+//! `betting bench place|settle|scenario` live in `load.rs`.
 //!
 //! `betting bench streams`: how fast bet changes reach live streams.
 //!
@@ -110,7 +110,7 @@ pub(crate) async fn fund(
     users: &[i64],
     amount: &str,
 ) -> anyhow::Result<()> {
-    println!("funding {} users", users.len());
+    eprintln!("funding {} users", users.len());
     stream::iter(users.iter().copied())
         .map(|user| {
             let mut wallet = WalletServiceClient::new(channel.clone());
@@ -292,117 +292,5 @@ pub async fn streams(args: BenchArgs) -> anyhow::Result<()> {
             (open.saturating_sub(before)) as f64 / ready.max(1) as f64
         );
     }
-    Ok(())
-}
-
-#[derive(clap::Args)]
-pub struct PlaceArgs {
-    /// The suite to measure.
-    #[arg(long, default_value = "http://127.0.0.1:50051")]
-    target: String,
-    /// Concurrent clients, each betting for a user of its own. Each places
-    /// bets back to back, faster than the per-user limits allow: run the
-    /// server with `BETTING_USER_BET_RATE=0 BETTING_USER_MAX_OPEN_BETS=0`.
-    #[arg(long, default_value_t = 64)]
-    clients: usize,
-    /// Seconds to run.
-    #[arg(long, default_value_t = 10)]
-    seconds: u64,
-    /// HTTP/2 connections the clients share.
-    #[arg(long, default_value_t = 8)]
-    connections: usize,
-    /// First user id used.
-    #[arg(long, default_value_t = 5_000_000)]
-    first_user: i64,
-    #[arg(long, env = "BETTING_JWT_SECRET", hide_env_values = true)]
-    jwt_secret: betting_config::Secret,
-}
-
-/// `betting bench place`: closed-loop clients, each placing bets back to back.
-pub async fn place(args: PlaceArgs) -> anyhow::Result<()> {
-    let minter = TokenMinter::new(args.jwt_secret.expose().as_bytes(), None, None);
-    let ttl = Duration::from_secs(3600);
-    // The bench opens its round as a game server and funds its users as
-    // the cashier, like any client of those roles.
-    let game = minter
-        .mint_subject("bench", Role::Game, ttl)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let cashier = minter
-        .mint_subject("bench", Role::Cashier, ttl)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut channels = Vec::new();
-    for _ in 0..args.connections.max(1) {
-        channels.push(connect(&args.target).await?);
-    }
-    let round = open_round(&channels[0], &game, "bench-place").await?;
-    let users: Vec<i64> = (0..args.clients as i64)
-        .map(|i| args.first_user + i)
-        .collect();
-    fund(&channels[0], &cashier, &users, "1000000").await?;
-    println!(
-        "{} clients placing bets for {} s",
-        users.len(),
-        args.seconds
-    );
-    let deadline = Instant::now() + Duration::from_secs(args.seconds);
-    let mut clients = tokio::task::JoinSet::new();
-    for (i, user) in users.iter().copied().enumerate() {
-        let channel = channels[i % channels.len()].clone();
-        let token = minter
-            .mint(user, Role::Player, ttl)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let round = round.clone();
-        clients.spawn(async move {
-            let mut client = BettingServiceClient::new(channel);
-            let mut latencies = Vec::new();
-            let mut failures = 0_u64;
-            let mut n = 0_u64;
-            while Instant::now() < deadline {
-                n += 1;
-                let side = if (i + n as usize).is_multiple_of(2) {
-                    pb::Side::A
-                } else {
-                    pb::Side::B
-                };
-                let Ok(request) = authed(
-                    pb::PlaceBetRequest {
-                        round_id: round.clone(),
-                        side: side as i32,
-                        amount: "1".into(),
-                        idempotency_key: format!("p-{n}"),
-                    },
-                    &token,
-                ) else {
-                    break;
-                };
-                let started = Instant::now();
-                match client.place_bet(request).await {
-                    Ok(_) => latencies.push(started.elapsed().as_secs_f64() * 1000.0),
-                    Err(_) => failures += 1,
-                }
-            }
-            (latencies, failures)
-        });
-    }
-    let started = Instant::now();
-    let mut all = Vec::new();
-    let mut failures = 0;
-    while let Some(done) = clients.join_next().await {
-        let (latencies, failed) = done?;
-        all.extend(latencies);
-        failures += failed;
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    all.sort_by(f64::total_cmp);
-    println!();
-    println!(
-        "bets placed         {} ({failures} failed) in {elapsed:.1} s",
-        all.len()
-    );
-    println!(
-        "throughput          {:.0} PlaceBet/s",
-        all.len() as f64 / elapsed
-    );
-    print_latency("latency", &all);
     Ok(())
 }

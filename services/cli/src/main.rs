@@ -15,6 +15,7 @@
 
 mod bench;
 mod dev_certs;
+mod load;
 mod probe;
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
@@ -62,8 +63,13 @@ struct BenchCommand {
 enum BenchKind {
     /// Live stream delivery latency and memory per stream.
     Streams(bench::BenchArgs),
-    /// PlaceBet throughput and latency.
-    Place(bench::PlaceArgs),
+    /// PlaceBet throughput and latency (closed loop, or open loop with
+    /// --rate), then match latency, settlement drain and an audit.
+    Place(load::PlaceArgs),
+    /// Make N matches, settle the round, and time the call and the payouts.
+    Settle(load::SettleArgs),
+    /// The design's load scenarios (burst, sustained) as open-loop presets.
+    Scenario(load::ScenarioArgs),
     /// Abuse probes: what a normal player feels while someone floods the server.
     Probe(probe::ProbeArgs),
 }
@@ -188,7 +194,13 @@ fn main() -> ExitCode {
         }) => runtime().and_then(|rt| rt.block_on(bench::streams(args))),
         Command::Bench(BenchCommand {
             command: BenchKind::Place(args),
-        }) => runtime().and_then(|rt| rt.block_on(bench::place(args))),
+        }) => runtime().and_then(|rt| rt.block_on(load::place(args))),
+        Command::Bench(BenchCommand {
+            command: BenchKind::Settle(args),
+        }) => runtime().and_then(|rt| rt.block_on(load::settle(args))),
+        Command::Bench(BenchCommand {
+            command: BenchKind::Scenario(args),
+        }) => runtime().and_then(|rt| rt.block_on(load::scenario(args))),
         Command::Bench(BenchCommand {
             command: BenchKind::Probe(args),
         }) => runtime().and_then(|rt| rt.block_on(probe::run(args))),
