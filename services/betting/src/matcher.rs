@@ -215,9 +215,12 @@ impl Matcher {
         .bind(amount)
         .execute(&mut *tx)
         .await?;
+        // The time of the write, not the transaction's start (`now()`),
+        // which came before the wait for the round's lock: a bet placed
+        // during that wait must not look matched before it was placed.
         let updated: Vec<ChangedBet> = sqlx::query_as(
             "UPDATE bets SET status = 'MATCHED', match_id = t.m, version = version + 1, \
-               updated_at = now() \
+               updated_at = clock_timestamp() \
              FROM UNNEST($1::UUID[] || $1::UUID[], $2::UUID[] || $3::UUID[]) AS t(m, b) \
              WHERE bets.bet_id = t.b AND bets.status = 'PENDING' \
              RETURNING bets.user_id, bets.bet_id, bets.round_id, bets.version",
