@@ -18,7 +18,7 @@
 //! that no matchable pair exists in the group. Matching moves no money.
 
 use betting_db::{ChangedBet, StoreError};
-use betting_domain::{BetStatus, RoundStatus, Side};
+use betting_domain::{RoundStatus, Side};
 use betting_jobs::{JobKind, MatchJob, store_failure};
 use betting_queue::{Handler, Job, JobError};
 use betting_streams::BetNote;
@@ -68,13 +68,19 @@ pub fn pair_oldest_first(candidates: &[Candidate]) -> Vec<(Uuid, Uuid)> {
     pairs
 }
 
-/// The bet a match job names, as read.
+/// The bet a match job names, as read, and whether its group has work.
 #[derive(sqlx::FromRow)]
 struct JobBet {
     round_id: String,
     amount: Decimal,
-    #[sqlx(try_from = "String")]
-    status: BetStatus,
+    work: bool,
+}
+
+/// What one matching transaction did.
+struct Batch {
+    pairs: usize,
+    /// It read every PENDING bet of the group.
+    complete: bool,
 }
 
 /// A PENDING bet of a batch, as read (locked).
@@ -120,17 +126,33 @@ impl Matcher {
     }
 
     /// Matches the group of one bet; returns how many pairs were made.
+    ///
+    /// A job names one bet, but since group commit it stands for every bet
+    /// that became PENDING in the same statement: PlaceBet enqueues one job
+    /// per (round, stake) group of a batch, named after its first bet. So
+    /// the group is matched when the named bet is still PENDING, and also
+    /// when it is not but the group still has PENDING bets on both sides
+    /// (the named bet was cancelled before the matcher came, say). A bet
+    /// that moved on because a group run matched it needs nothing more: that
+    /// run began after the bet's commit, so after its batch-mates' too, and
+    /// matched every pair it could.
     pub async fn match_bet(&self, bet: Uuid) -> Result<usize, StoreError> {
-        let row: Option<JobBet> =
-            sqlx::query_as("SELECT round_id, amount, status FROM bets WHERE bet_id = $1")
-                .bind(bet)
-                .fetch_optional(&self.pool)
-                .await?;
+        let row: Option<JobBet> = sqlx::query_as(
+            "SELECT b.round_id, b.amount, ( \
+               b.status = 'PENDING' OR ( \
+                 EXISTS (SELECT 1 FROM bets p WHERE p.round_id = b.round_id \
+                         AND p.status = 'PENDING' AND p.amount = b.amount AND p.side = 'A') \
+                 AND EXISTS (SELECT 1 FROM bets p WHERE p.round_id = b.round_id \
+                         AND p.status = 'PENDING' AND p.amount = b.amount AND p.side = 'B')) \
+             ) AS work FROM bets b WHERE b.bet_id = $1",
+        )
+        .bind(bet)
+        .fetch_optional(&self.pool)
+        .await?;
         match row {
-            Some(bet) if bet.status == BetStatus::Pending => {
-                self.match_group(&bet.round_id, bet.amount).await
-            }
-            // Gone, matched, cancelled or refunded meanwhile: nothing to do.
+            Some(bet) if bet.work => self.match_group(&bet.round_id, bet.amount).await,
+            // Gone, or matched, cancelled or refunded meanwhile with nothing
+            // left to pair: nothing to do.
             _ => Ok(0),
         }
     }
@@ -139,15 +161,19 @@ impl Matcher {
     pub async fn match_group(&self, round: &str, amount: Decimal) -> Result<usize, StoreError> {
         let mut total = 0;
         loop {
-            let made = self.match_batch(round, amount).await?;
-            total += made;
-            if made == 0 {
+            let batch = self.match_batch(round, amount).await?;
+            total += batch.pairs;
+            // A batch that pairs nothing proves no pair is left; so does one
+            // that read every PENDING bet of the group (no side cut short by
+            // the batch size or the per-user bound): greedy pairing leaves no
+            // matchable pair among what it read.
+            if batch.pairs == 0 || batch.complete {
                 return Ok(total);
             }
         }
     }
 
-    async fn match_batch(&self, round: &str, amount: Decimal) -> Result<usize, StoreError> {
+    async fn match_batch(&self, round: &str, amount: Decimal) -> Result<Batch, StoreError> {
         let mut tx = betting_db::begin(&self.pool).await?;
         betting_db::lock_round(&mut tx, round).await?;
         let status: Option<String> =
@@ -161,12 +187,17 @@ impl Matcher {
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         if status != Some(RoundStatus::Open) {
             // Closed, settled or voided rounds refund their unmatched bets instead.
-            return Ok(0);
+            return Ok(Batch {
+                pairs: 0,
+                complete: true,
+            });
         }
         // The oldest of each side, locked: a cancel or timeout racing us waits,
         // then finds the bet no longer PENDING (or we find it gone).
         let mut rows: Vec<Queued> = Vec::new();
+        let mut complete = true;
         for side in [Side::A, Side::B] {
+            let read = rows.len();
             rows.extend(
                 sqlx::query_as::<_, Queued>(
                     "SELECT created_at, bet_id, user_id, side FROM bets WHERE bet_id IN ( \
@@ -187,6 +218,18 @@ impl Matcher {
                 .fetch_all(&mut *tx)
                 .await?,
             );
+            // Cut short by the batch size, or some user by the per-user
+            // bound: more PENDING bets of this side may exist.
+            let side_rows = &rows[read..];
+            let mut per_user: std::collections::HashMap<i64, i64> = Default::default();
+            for bet in side_rows {
+                *per_user.entry(bet.user_id).or_default() += 1;
+            }
+            if side_rows.len() as i64 >= self.batch
+                || per_user.values().any(|&n| n >= self.per_user)
+            {
+                complete = false;
+            }
         }
         rows.sort_by_key(|bet| (bet.created_at, bet.bet_id));
         let candidates: Vec<Candidate> = rows
@@ -199,7 +242,7 @@ impl Matcher {
             .collect();
         let pairs = pair_oldest_first(&candidates);
         if pairs.is_empty() {
-            return Ok(0);
+            return Ok(Batch { pairs: 0, complete });
         }
         let match_ids: Vec<Uuid> = pairs.iter().map(|_| Uuid::now_v7()).collect();
         let a_ids: Vec<Uuid> = pairs.iter().map(|p| p.0).collect();
@@ -252,7 +295,10 @@ impl Matcher {
                 .await;
         }
         tracing::debug!(round, %amount, pairs = pairs.len(), "matched");
-        Ok(pairs.len())
+        Ok(Batch {
+            pairs: pairs.len(),
+            complete,
+        })
     }
 }
 

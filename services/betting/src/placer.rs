@@ -15,7 +15,8 @@
 //!    row never stalls the batch);
 //! 3. one statement makes the held ones `PENDING` and the refused ones
 //!    `REJECTED` ([`BetStore::finish_placing_many`]); then their change
-//!    notes go out in one message and their match jobs are pipelined.
+//!    notes go out in one message, and one match job per (round, stake)
+//!    group of the batch (the matcher matches a job's whole group).
 //!
 //! Batching changes no outcome and no crash point, only how many bets share
 //! a commit:
@@ -270,9 +271,20 @@ async fn place_all(parts: &Parts, bets: &[NewBet]) -> Vec<Answer> {
         bets: finished.iter().map(BetRow::note).collect(),
         rounds: Vec::new(),
     });
-    // Best effort, pipelined on the queue's connection: the reconciler
-    // re-derives every PENDING bet's job.
-    futures::future::join_all(finished.iter().map(|row| {
+    // One match job per (round, stake) group of the batch, named after its
+    // first bet: the matcher matches a job's whole group, and the bets of
+    // one statement became PENDING together (`Matcher::match_bet`). Best
+    // effort, pipelined: the reconciler re-derives every PENDING bet's job.
+    let mut leaders: Vec<&BetRow> = Vec::new();
+    for row in &finished {
+        if !leaders
+            .iter()
+            .any(|l| l.round_id == row.round_id && l.amount == row.amount)
+        {
+            leaders.push(row);
+        }
+    }
+    futures::future::join_all(leaders.iter().map(|row| {
         let job = MatchJob::new(row.id(), &row.round_id);
         let queue = &parts.match_queue;
         async move { betting_jobs::enqueue(queue, &job).await }

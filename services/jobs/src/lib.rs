@@ -118,6 +118,39 @@ impl JobKind for SettleJob {
     }
 }
 
+/// Pay every unpaid match of a settled round, in batches (one wallet call
+/// and one bookkeeping statement per batch): `settle-round:{round_id}`, on
+/// the settle queue beside the per-match [`SettleJob`]s (which the
+/// reconciler still derives for a match left unpaid). A settler tells the
+/// two apart by the id's prefix ([`SettleRoundJob::is`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SettleRoundJob {
+    pub round_id: String,
+}
+
+impl SettleRoundJob {
+    const PREFIX: &str = "settle-round:";
+
+    pub fn new(round_id: &str) -> Self {
+        Self {
+            round_id: round_id.to_owned(),
+        }
+    }
+
+    /// Whether a settle-queue job is a round's (else a match's).
+    pub fn is(job: &Job) -> bool {
+        job.id.starts_with(Self::PREFIX)
+    }
+}
+
+impl JobKind for SettleRoundJob {
+    const QUEUE: QueueSpec = SETTLE;
+
+    fn id(&self) -> String {
+        format!("{}{}", Self::PREFIX, self.round_id)
+    }
+}
+
 /// Carry out an owed refund, named by its wallet key: `refund:REFUND:{bet_id}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RefundJob {

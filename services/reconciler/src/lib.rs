@@ -29,8 +29,8 @@ use std::{
 
 use betting_bets::BetStore;
 use betting_db::StoreError;
-use betting_domain::{BetId, MatchId};
-use betting_jobs::{MatchJob, RefundJob, SettleJob, enqueue_all};
+use betting_domain::BetId;
+use betting_jobs::{MatchJob, RefundJob, SettleRoundJob, enqueue_all};
 use betting_queue::{Queue, QueueError};
 use betting_refunds::{Outbox, Refunds};
 use betting_settlement::RoundStore;
@@ -210,15 +210,18 @@ impl Reconciler {
             .await?;
         self.advance(
             |c| &mut c.matches,
-            unpaid.last().copied(),
+            unpaid.last().map(|(m, _)| *m),
             unpaid.len(),
             s.batch,
         );
-        report.settle_jobs = unpaid.len();
-        let jobs: Vec<_> = unpaid
-            .into_iter()
-            .map(|m| SettleJob::new(MatchId::from(m)))
-            .collect();
+        // One job per round with unpaid matches: a settler pays a round's
+        // matches in batches. A round whose job is dead stays dead (the
+        // queue refuses its id) until an operator requeues it.
+        let mut rounds: Vec<String> = unpaid.into_iter().map(|(_, round)| round).collect();
+        rounds.sort();
+        rounds.dedup();
+        report.settle_jobs = rounds.len();
+        let jobs: Vec<_> = rounds.iter().map(|r| SettleRoundJob::new(r)).collect();
         enqueue_all(&self.settle_queue, &jobs).await;
 
         // Fresh refunds (just made above) are owed too: no age for them.

@@ -5,8 +5,8 @@
 //! human. This says how much money waits, per queue, for `betting queue
 //! stats` and the `queue_dead_money` gauge.
 
-use betting_jobs::{JobKind, REFUND, RefundJob, SETTLE, SettleJob};
-use betting_queue::Queue;
+use betting_jobs::{JobKind, REFUND, RefundJob, SETTLE, SettleJob, SettleRoundJob};
+use betting_queue::{Job, Queue};
 use rust_decimal::Decimal;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -26,15 +26,25 @@ pub async fn dead_money(pool: &PgPool, queue: &Queue) -> Result<Decimal, Reconci
     let dead = queue.dead(DEAD_SCAN).await?;
     // A malformed dead job holds no money we could name.
     let total: Option<Decimal> = if queue.name() == SETTLE.name {
-        let matches: Vec<Uuid> = dead
-            .iter()
+        let (rounds, matches): (Vec<&Job>, Vec<&Job>) =
+            dead.iter().partition(|job| SettleRoundJob::is(job));
+        let matches: Vec<Uuid> = matches
+            .into_iter()
             .filter_map(|job| SettleJob::decode(job).ok())
             .map(|job| job.match_id)
             .collect();
+        // A dead round's job holds up every match of it still unpaid.
+        let rounds: Vec<String> = rounds
+            .into_iter()
+            .filter_map(|job| SettleRoundJob::decode(job).ok())
+            .map(|job| job.round_id)
+            .collect();
         sqlx::query_scalar(
-            "SELECT sum(amount * 2) FROM matches WHERE match_id = ANY($1) AND status = 'OPEN'",
+            "SELECT sum(amount * 2) FROM matches \
+             WHERE (match_id = ANY($1) OR round_id = ANY($2)) AND status = 'OPEN'",
         )
         .bind(&matches)
+        .bind(&rounds)
         .fetch_one(pool)
         .await?
     } else {

@@ -11,8 +11,7 @@ use betting_queue::Queue;
 use betting_streams::{Changes, EventStream, Publisher, StreamContext};
 use sqlx::PgPool;
 
-use betting_domain::MatchId;
-use betting_jobs::{RefundJob, SettleJob, enqueue_all};
+use betting_jobs::{RefundJob, SettleRoundJob, enqueue_all};
 
 use crate::{
     RoundRow, RoundStore, RoundTotals, SettlementError, Transition,
@@ -119,12 +118,11 @@ impl SettlementService {
             .collect();
         enqueue_all(&self.refund_queue, &refunds).await;
         if transition.round.status == RoundStatus::Settled {
-            let matches = self.rounds.open_matches(round).await?;
-            let jobs: Vec<_> = matches
-                .into_iter()
-                .map(|m| SettleJob::new(MatchId::from(m)))
-                .collect();
-            enqueue_all(&self.settle_queue, &jobs).await;
+            // One job for the whole round, whatever its size: a settler pays
+            // its matches in batches (`settler.rs`). The SETTLED round is
+            // the durable hand-off: if this job is lost, the reconciler
+            // derives a job for every match left unpaid.
+            enqueue_all(&self.settle_queue, &[SettleRoundJob::new(round.as_str())]).await;
         }
         Ok(())
     }

@@ -7,7 +7,7 @@
 //! on two settlers at once, pays once.
 
 use betting_domain::{Amount, BetId, MatchId, MatchStatus, RoundStatus, Side, Stake, UserId};
-use betting_jobs::{JobKind, SettleJob, store_failure};
+use betting_jobs::{JobKind, SettleJob, SettleRoundJob, store_failure};
 use betting_queue::{Handler, Job, JobError};
 use betting_wallet_client::{WalletCallError, WalletClient};
 use uuid::Uuid;
@@ -109,8 +109,123 @@ impl SettleHandler {
     }
 }
 
+/// Matches one wallet call pays (the wallet's limit per call).
+const ROUND_BATCH: i64 = 256;
+
+impl SettleHandler {
+    /// Pays every unpaid match of a settled round, a batch at a time: one
+    /// PayWinningsBatch call and one bookkeeping transaction per batch.
+    /// Returns how many matches this call recorded as paid.
+    ///
+    /// The same steps as [`Self::settle`] for each match, so the same
+    /// safety: every payout is keyed `SETTLE:{match_id}` (a batch paid
+    /// before a crash, or by a per-match job racing this one, is replayed,
+    /// never paid twice), verified by the wallet against the books, and the
+    /// bookkeeping is conditional on the state it moves from. A failed call
+    /// (the wallet away) defers the job; the batches already recorded stay
+    /// recorded. A payout the wallet refuses is left unpaid and the round
+    /// goes on past it; once the rest is paid the job fails for good, as a
+    /// lone refused payout's does: dead, its money (the matches still
+    /// unpaid) counted, until an operator requeues it.
+    pub async fn settle_round(&self, round: &str) -> Result<usize, JobError> {
+        let mut after = None;
+        let mut recorded = 0;
+        let mut refused: Vec<Uuid> = Vec::new();
+        loop {
+            let views = self
+                .rounds
+                .open_match_views(round, after, ROUND_BATCH)
+                .await
+                .map_err(store_failure)?;
+            let Some(last) = views.last() else {
+                return if refused.is_empty() {
+                    Ok(recorded)
+                } else {
+                    // As a lone payout's refusal does: the job is dead,
+                    // its money (the refused matches, still unpaid) counted.
+                    Err(JobError::Permanent(format!(
+                        "the wallet refused the payouts of {} matches of round {round}, first {}",
+                        refused.len(),
+                        refused[0]
+                    )))
+                };
+            };
+            after = Some(last.match_id);
+            let first = &views[0];
+            if first.round_status != RoundStatus::Settled {
+                return Err(JobError::Permanent(format!(
+                    "round {round} is {}, not SETTLED",
+                    first.round_status.as_db()
+                )));
+            }
+            let winner = first
+                .winning_side
+                .ok_or_else(|| JobError::Permanent("settled round without a winner".into()))?;
+            let mut payouts = Vec::with_capacity(views.len());
+            for view in &views {
+                let winner_user = match winner {
+                    Side::A => view.user_a,
+                    Side::B => view.user_b,
+                };
+                let payout = Amount::try_from_decimal(view.amount)
+                    .and_then(Stake::new)
+                    .map(|stake| stake.payout())
+                    .map_err(|e| {
+                        JobError::Permanent(format!("stake of match {}: {e}", view.match_id))
+                    })?;
+                let user =
+                    UserId::new(winner_user).map_err(|e| JobError::Permanent(e.to_string()))?;
+                payouts.push((
+                    user,
+                    payout,
+                    MatchId::from(view.match_id),
+                    [BetId::from(view.bet_a_id), BetId::from(view.bet_b_id)],
+                ));
+            }
+            let outcomes = self
+                .wallet
+                .pay_winnings_batch(&payouts)
+                .await
+                .map_err(|e| JobError::Unavailable(format!("wallet unavailable: {e}")))?;
+            let mut paid = Vec::with_capacity(views.len());
+            for (view, outcome) in views.iter().zip(outcomes) {
+                match outcome {
+                    Ok(_) => paid.push(view.match_id),
+                    // The wallet away for this payout alone (it never says
+                    // so today): the job is deferred and the round retried.
+                    Err(e @ (WalletCallError::Unavailable(_) | WalletCallError::Malformed(_))) => {
+                        return Err(JobError::Unavailable(e.to_string()));
+                    }
+                    // Left unpaid; the round goes on past it, and its job
+                    // ends dead once the rest is paid.
+                    Err(WalletCallError::Refused { reason, .. }) => {
+                        tracing::error!(match_id = %view.match_id, reason, "the wallet refused a payout");
+                        refused.push(view.match_id);
+                    }
+                }
+            }
+            let changed = self
+                .rounds
+                .mark_matches_settled(&paid, winner)
+                .await
+                .map_err(store_failure)?;
+            recorded += changed.len() / 2;
+            metrics::counter!("matches_settled_total").increment((changed.len() / 2) as u64);
+            if let Some(publisher) = &self.publisher
+                && !changed.is_empty()
+            {
+                publisher.bets(changed).await;
+            }
+        }
+    }
+}
+
 impl Handler for SettleHandler {
     async fn handle(&self, job: &Job) -> Result<(), JobError> {
+        if SettleRoundJob::is(job) {
+            let job = SettleRoundJob::decode(job)?;
+            return self.settle_round(&job.round_id).await.map(|_| ());
+        }
         let job = SettleJob::decode(job)?;
         self.settle(job.match_id).await.map(|_| ())
     }

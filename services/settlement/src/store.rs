@@ -267,16 +267,16 @@ impl RoundStore {
     }
 
     /// Unpaid matches of settled rounds, settled more than `age` ago (lost
-    /// settle jobs), in id order after `after`, so that a caller pages
-    /// through all of them across calls.
+    /// settle jobs), with their rounds, in id order after `after`, so that a
+    /// caller pages through all of them across calls.
     pub async fn unpaid_matches(
         &self,
         age: std::time::Duration,
         after: Option<Uuid>,
         limit: i64,
-    ) -> Result<Vec<Uuid>, StoreError> {
-        Ok(sqlx::query_scalar(
-            "SELECT m.match_id FROM matches m JOIN rounds r USING (round_id) \
+    ) -> Result<Vec<(Uuid, String)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT m.match_id, m.round_id FROM matches m JOIN rounds r USING (round_id) \
              WHERE m.status = 'OPEN' AND r.status = 'SETTLED' \
                AND r.settled_at < now() - make_interval(secs => $1) \
                AND ($2::UUID IS NULL OR m.match_id > $2) \
@@ -300,6 +300,71 @@ impl RoundStore {
         .bind(match_id)
         .fetch_optional(&self.pool)
         .await?)
+    }
+
+    /// A page of a round's OPEN matches, in id order after `after`: a
+    /// settle-round job's next batch.
+    pub async fn open_match_views(
+        &self,
+        round: &str,
+        after: Option<Uuid>,
+        limit: i64,
+    ) -> Result<Vec<MatchView>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT m.match_id, m.round_id, m.amount, m.status, r.status AS round_status, \
+               r.winning_side, m.bet_a_id, a.user_id AS user_a, m.bet_b_id, b.user_id AS user_b \
+             FROM matches m JOIN rounds r USING (round_id) \
+               JOIN bets a ON a.bet_id = m.bet_a_id JOIN bets b ON b.bet_id = m.bet_b_id \
+             WHERE m.round_id = $1 AND m.status = 'OPEN' AND ($2::UUID IS NULL OR m.match_id > $2) \
+             ORDER BY m.match_id LIMIT $3",
+        )
+        .bind(round)
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// [`Self::mark_match_settled`] for many paid matches of one round, in
+    /// one transaction: each match (still OPEN) and its two bets (still
+    /// MATCHED) SETTLED. Returns the bets that changed.
+    pub async fn mark_matches_settled(
+        &self,
+        matches: &[Uuid],
+        winner: Side,
+    ) -> Result<Vec<betting_streams::BetNote>, StoreError> {
+        if matches.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tx = betting_db::begin(&self.pool).await?;
+        let changed: Vec<Uuid> = sqlx::query_scalar(
+            "UPDATE matches SET status = 'SETTLED', winning_side = $2, settled_at = now() \
+             WHERE match_id = ANY($1) AND status = 'OPEN' RETURNING match_id",
+        )
+        .bind(matches)
+        .bind(winner.as_db())
+        .fetch_all(&mut *tx)
+        .await?;
+        if changed.is_empty() {
+            return Ok(Vec::new());
+        }
+        let bets: Vec<ChangedBet> = sqlx::query_as(
+            "UPDATE bets SET status = 'SETTLED', \
+               result = CASE WHEN side = $2 THEN 'WON' ELSE 'LOST' END, \
+               payout = CASE WHEN side = $2 THEN amount * 2 ELSE 0 END, \
+               version = version + 1, updated_at = now() \
+             WHERE match_id = ANY($1) AND status = 'MATCHED' \
+             RETURNING user_id, bet_id, round_id, version",
+        )
+        .bind(&changed)
+        .bind(winner.as_db())
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(bets
+            .into_iter()
+            .map(|b| betting_streams::BetNote::changed(b.user_id, b.bet_id, b.round_id, b.version))
+            .collect())
     }
 
     /// Records a paid match: the match and both bets SETTLED, with results and

@@ -209,6 +209,25 @@ impl WalletService for FaultProxy {
         .await
     }
 
+    /// Like HoldStakes: the first fault armed for any payout's winner
+    /// strikes the whole call.
+    async fn pay_winnings_batch(
+        &self,
+        request: Request<pb::PayWinningsBatchRequest>,
+    ) -> Result<Response<pb::PayWinningsBatchResponse>, Status> {
+        let user = request
+            .get_ref()
+            .payouts
+            .iter()
+            .map(|p| p.user_id)
+            .find(|&u| self.faults.armed(Rpc::PayWinnings, u))
+            .unwrap_or(0);
+        self.call(Rpc::PayWinnings, user, request, |mut c, r| async move {
+            c.pay_winnings_batch(r).await
+        })
+        .await
+    }
+
     async fn refund_stake(
         &self,
         request: Request<pb::RefundStakeRequest>,

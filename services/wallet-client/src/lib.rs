@@ -234,6 +234,52 @@ impl WalletClient {
     }
 }
 
+impl WalletClient {
+    /// Pays many matches in one call and one transaction: for each
+    /// `(winner, payout, match, bets)`, in order, what [`Self::pay_winnings`]
+    /// would have answered. An `Err` of the whole call decided nothing we
+    /// may rely on (it is retried, by key).
+    pub async fn pay_winnings_batch(
+        &self,
+        payouts: &[(UserId, Amount, MatchId, [BetId; 2])],
+    ) -> Result<Vec<Result<Decimal, WalletCallError>>, WalletCallError> {
+        let response = self
+            .inner
+            .clone()
+            .pay_winnings_batch(within_deadline(pb::PayWinningsBatchRequest {
+                payouts: payouts
+                    .iter()
+                    .map(|&(winner, payout, matched, bets)| pb::PayWinningsRequest {
+                        user_id: winner.get(),
+                        amount: payout.to_string(),
+                        idempotency_key: IdempotencyKey::settle(matched).to_string(),
+                        match_id: matched.to_string(),
+                        bet_ids: bets.iter().map(ToString::to_string).collect(),
+                    })
+                    .collect(),
+            }))
+            .await
+            .map_err(WalletCallError::from_status)?;
+        let outcomes = response.into_inner().outcomes;
+        if outcomes.len() != payouts.len() {
+            return Err(WalletCallError::Malformed("one outcome per payout"));
+        }
+        Ok(outcomes
+            .into_iter()
+            .map(|outcome| {
+                use pb::payout_outcome::Outcome;
+                match outcome.outcome {
+                    Some(Outcome::Paid(paid)) => balance_of(paid.wallet),
+                    Some(Outcome::Refused(r)) => Err(WalletCallError::from_status(
+                        betting_api::refusal_status(r.code, &r.reason, r.message),
+                    )),
+                    None => Err(WalletCallError::Malformed("an outcome")),
+                }
+            })
+            .collect())
+    }
+}
+
 /// A request that carries the current request's remaining time
 /// ([`betting_deadline`]) as its `grpc-timeout`: WalletService stops working
 /// on it, and releases its locks, when the caller's own client gives up.

@@ -34,6 +34,8 @@
 //! - *A replay* (the key's movement exists) is answered from the ledger
 //!   before this check; the original was checked when it was made.
 
+use std::collections::HashMap;
+
 use rust_decimal::Decimal;
 use uuid::Uuid;
 
@@ -50,7 +52,8 @@ struct RefundedBet {
 
 /// A match as the payout check reads it.
 #[derive(sqlx::FromRow)]
-struct PaidMatch {
+pub(crate) struct PaidMatch {
+    match_id: Uuid,
     amount: Decimal,
     status: String,
     round_status: String,
@@ -93,43 +96,60 @@ pub(crate) async fn check(
             }
             Ok(())
         }
-        Guard::Payout { match_id, bets, .. } => {
-            let row: Option<PaidMatch> = sqlx::query_as(
-                "SELECT m.amount, m.status, r.status AS round_status, r.winning_side, \
-                   m.bet_a_id, a.side AS side_a, a.user_id AS user_a, \
-                   m.bet_b_id, b.side AS side_b, b.user_id AS user_b \
-                 FROM matches m JOIN rounds r USING (round_id) \
-                   JOIN bets a ON a.bet_id = m.bet_a_id JOIN bets b ON b.bet_id = m.bet_b_id \
-                 WHERE m.match_id = $1",
-            )
-            .bind(match_id)
-            .fetch_optional(&mut **tx)
-            .await?;
-            let m = row.ok_or(WalletError::PayoutNotDue("no such match"))?;
-            let mut asked = bets.to_vec();
-            let mut actual = vec![m.bet_a_id, m.bet_b_id];
-            asked.sort();
-            actual.sort();
-            if asked != actual {
-                return Err(WalletError::PayoutNotDue("the bets are not the match's"));
-            }
-            if m.round_status != "SETTLED" || m.status == "VOIDED" {
-                return Err(WalletError::PayoutNotDue("the round is not settled"));
-            }
-            let winner = match m.winning_side.as_deref() {
-                Some(side) if side == m.side_a => m.user_a,
-                Some(side) if side == m.side_b => m.user_b,
-                _ => return Err(WalletError::PayoutNotDue("the match has no winner")),
-            };
-            if winner != t.user.get() {
-                return Err(WalletError::PayoutNotDue("the user did not win the match"));
-            }
-            if t.amount.as_decimal() != m.amount * Decimal::TWO {
-                return Err(WalletError::PayoutNotDue(
-                    "the amount is not twice the match's stake",
-                ));
-            }
-            Ok(())
+        Guard::Payout { match_id, .. } => {
+            let matches = payout_matches(tx, &[*match_id]).await?;
+            payout_due(matches.get(match_id), t)
         }
     }
+}
+
+/// The matches payouts name, read for [`payout_due`] (one query for a batch).
+pub(crate) async fn payout_matches(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    ids: &[Uuid],
+) -> Result<HashMap<Uuid, PaidMatch>, WalletError> {
+    let rows: Vec<PaidMatch> = sqlx::query_as(
+        "SELECT m.match_id, m.amount, m.status, r.status AS round_status, r.winning_side, \
+           m.bet_a_id, a.side AS side_a, a.user_id AS user_a, \
+           m.bet_b_id, b.side AS side_b, b.user_id AS user_b \
+         FROM matches m JOIN rounds r USING (round_id) \
+           JOIN bets a ON a.bet_id = m.bet_a_id JOIN bets b ON b.bet_id = m.bet_b_id \
+         WHERE m.match_id = ANY($1)",
+    )
+    .bind(ids)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(rows.into_iter().map(|m| (m.match_id, m)).collect())
+}
+
+/// Whether a payout is owed, given its match as read (see the module doc).
+pub(crate) fn payout_due(m: Option<&PaidMatch>, t: &Transfer) -> Result<(), WalletError> {
+    let Guard::Payout { bets, .. } = &t.guard else {
+        return Err(WalletError::PayoutNotDue("not a payout"));
+    };
+    let m = m.ok_or(WalletError::PayoutNotDue("no such match"))?;
+    let mut asked = bets.to_vec();
+    let mut actual = vec![m.bet_a_id, m.bet_b_id];
+    asked.sort();
+    actual.sort();
+    if asked != actual {
+        return Err(WalletError::PayoutNotDue("the bets are not the match's"));
+    }
+    if m.round_status != "SETTLED" || m.status == "VOIDED" {
+        return Err(WalletError::PayoutNotDue("the round is not settled"));
+    }
+    let winner = match m.winning_side.as_deref() {
+        Some(side) if side == m.side_a => m.user_a,
+        Some(side) if side == m.side_b => m.user_b,
+        _ => return Err(WalletError::PayoutNotDue("the match has no winner")),
+    };
+    if winner != t.user.get() {
+        return Err(WalletError::PayoutNotDue("the user did not win the match"));
+    }
+    if t.amount.as_decimal() != m.amount * Decimal::TWO {
+        return Err(WalletError::PayoutNotDue(
+            "the amount is not twice the match's stake",
+        ));
+    }
+    Ok(())
 }

@@ -293,7 +293,7 @@ impl Ledger {
     ///
     /// Every hold must be a stake (`EntryKind::Stake`, no guard, no actor):
     /// the service builds them so. The same contract as `post`, made for a
-    /// batch:
+    /// batch ([`Batch`]):
     ///
     /// - every key's advisory lock is taken first, in the order of the
     ///   lock's hash (the lock is on the hash), so two batches, or a batch
@@ -317,67 +317,12 @@ impl Ledger {
         &self,
         holds: &[Transfer],
     ) -> Result<Vec<Result<Posted, WalletError>>, WalletError> {
-        let mut answers: Vec<Option<Result<Posted, WalletError>>> =
-            holds.iter().map(|_| None).collect();
         if holds.is_empty() {
             return Ok(Vec::new());
         }
-        let keys: Vec<&str> = holds.iter().map(|t| t.key.as_str()).collect();
         let mut tx = betting_db::begin(&self.pool).await?;
-        // The aggregate consumes the sorted subquery row by row, so the locks
-        // are taken in hash order.
-        sqlx::query(
-            "SELECT count(pg_advisory_xact_lock(h)) FROM ( \
-               SELECT DISTINCT hashtextextended('wallet-key:' || k, 0) AS h \
-               FROM unnest($1::TEXT[]) AS k ORDER BY h) AS locks",
-        )
-        .bind(&keys)
-        .execute(&mut *tx)
-        .await?;
-        let entries: Vec<Entry> = sqlx::query_as(concat!(
-            "SELECT ",
-            entry_columns!(),
-            " FROM ledger_entries WHERE idempotency_key = ANY($1)"
-        ))
-        .bind(&keys)
-        .fetch_all(&mut *tx)
-        .await?;
-        let refusals: Vec<KeyedRefusal> = sqlx::query_as(
-            "SELECT idempotency_key, kind, user_id, amount, reference, reason \
-             FROM wallet_refusals WHERE idempotency_key = ANY($1)",
-        )
-        .bind(&keys)
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut entries: HashMap<String, Entry> = entries
-            .into_iter()
-            .map(|e| (e.idempotency_key.clone(), e))
-            .collect();
-        let refusals: HashMap<String, Refusal> = refusals
-            .into_iter()
-            .map(|r| (r.idempotency_key, r.refusal))
-            .collect();
-
-        // Holds decided before (or twice in this batch) are answered now;
-        // the first hold of each new key is left to decide.
-        let mut first_of_key: HashMap<&str, usize> = HashMap::new();
-        let mut new: Vec<usize> = Vec::new();
-        for (i, t) in holds.iter().enumerate() {
-            if let Some(existing) = entries.get(t.key.as_str()) {
-                answers[i] = Some(replay(existing.clone(), t));
-            } else if let Some(refusal) = refusals.get(t.key.as_str()) {
-                answers[i] = Some(Err(refusal.replay(t)));
-            } else if first_of_key.contains_key(t.key.as_str()) {
-                // Answered below, from the first hold of its key.
-            } else {
-                first_of_key.insert(t.key.as_str(), i);
-                new.push(i);
-            }
-        }
-
-        let mut users: Vec<i64> = new.iter().map(|&i| holds[i].user.get()).collect();
-        users.sort_unstable();
-        users.dedup();
+        let mut batch = Batch::open(&mut tx, holds).await?;
+        let users = batch.users_of_new();
         // A wallet row another movement holds is skipped, never waited for:
         // one user's held row must not stall everyone else's bets in the
         // batch. Its holds are answered `Busy` (nothing recorded) and the
@@ -405,149 +350,246 @@ impl Ledger {
         };
         let before = balances.clone();
         // In request order: each debit against what the earlier ones left.
-        let mut debited: Vec<(usize, Decimal)> = Vec::new();
-        let mut refused: Vec<usize> = Vec::new();
-        let mut skipped: Vec<usize> = Vec::new();
-        for &i in &new {
+        for i in batch.new.clone() {
             let t = &holds[i];
             if busy.contains(&t.user.get()) {
-                skipped.push(i);
+                batch.decide(i, Decision::Skip(WalletError::Busy(crate::gate::UserBusy)));
                 continue;
             }
             // A missing wallet holds nothing.
             match balances.get_mut(&t.user.get()) {
                 Some(balance) if *balance >= t.amount.as_decimal() => {
                     *balance -= t.amount.as_decimal();
-                    debited.push((i, *balance));
+                    batch.decide(i, Decision::Move(-t.amount.as_decimal(), *balance));
                 }
-                _ => refused.push(i),
+                _ => batch.decide(i, Decision::Record(WalletError::InsufficientFunds)),
+            }
+        }
+        let answers = batch
+            .write(&mut tx, EntryKind::Stake, &before, &balances)
+            .await?;
+        tx.commit().await?;
+        Ok(answers)
+    }
+
+    /// Pays many matches in one transaction (the settler's batches): each
+    /// payout gets exactly the answer [`Ledger::post`] would give it alone,
+    /// and one refused payout never fails another. Every payout must carry
+    /// its `Guard::Payout` (the service builds them so).
+    ///
+    /// `post`'s steps for a payout, made for a batch ([`Batch`]): every key's
+    /// lock in hash order and the keys' earlier decisions (a replay also
+    /// compares the bets it paid); then whether each new payout is due
+    /// (`due.rs`: refused, not recorded); then every bet's lock, sorted by
+    /// bet id as `post` sorts them (so a batch and a lone movement over the
+    /// same bets never deadlock); then the guard, as `post` checks it (a
+    /// refusal recorded under its key), with the bets paid earlier in the
+    /// batch counted as paid; then the winners' wallet rows `FOR UPDATE` in
+    /// user order (created empty if missing, as `post`'s credit would), the
+    /// credits in request order, one UPDATE, one ledger INSERT, one
+    /// `payout_bets` INSERT, one refusal INSERT, one commit.
+    pub async fn pay_winnings_batch(
+        &self,
+        payouts: &[Transfer],
+    ) -> Result<Vec<Result<Posted, WalletError>>, WalletError> {
+        if payouts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tx = betting_db::begin(&self.pool).await?;
+        let mut batch = Batch::open(&mut tx, payouts).await?;
+        // A replayed payout must have paid the bets asked for.
+        let replayed: Vec<i64> = batch.entries.values().map(|e| e.entry_id).collect();
+        if !replayed.is_empty() {
+            let paid: Vec<(i64, Uuid)> =
+                sqlx::query_as("SELECT entry_id, bet_id FROM payout_bets WHERE entry_id = ANY($1)")
+                    .bind(&replayed)
+                    .fetch_all(&mut *tx)
+                    .await?;
+            for (i, t) in payouts.iter().enumerate() {
+                let (Some(entry), Guard::Payout { bets, .. }) =
+                    (batch.entries.get(t.key.as_str()), &t.guard)
+                else {
+                    continue;
+                };
+                let mut by_entry: Vec<Uuid> = paid
+                    .iter()
+                    .filter(|(e, _)| *e == entry.entry_id)
+                    .map(|(_, b)| *b)
+                    .collect();
+                let mut asked = bets.to_vec();
+                by_entry.sort();
+                asked.sort();
+                if by_entry != asked {
+                    batch.answers[i] = Some(Err(WalletError::IdempotencyConflict));
+                }
             }
         }
 
-        let changed: Vec<(i64, Decimal, Decimal)> = balances
+        // Due (not recorded), checked first as `post` checks a payout.
+        let match_ids: Vec<Uuid> = batch
+            .new
             .iter()
-            .filter_map(|(user, after)| {
-                let was = before.get(user).copied().unwrap_or_default();
-                (*after != was).then_some((*user, *after - was, *after))
+            .filter_map(|&i| match &payouts[i].guard {
+                Guard::Payout { match_id, .. } => Some(*match_id),
+                _ => None,
             })
             .collect();
-        let mut updated_at: HashMap<i64, DateTime<Utc>> = HashMap::new();
-        if !changed.is_empty() {
-            let rows: Vec<(i64, Decimal, DateTime<Utc>)> = sqlx::query_as(
-                "UPDATE wallets AS w SET balance = w.balance + v.delta, updated_at = now() \
-                 FROM unnest($1::BIGINT[], $2::NUMERIC[]) AS v(user_id, delta) \
-                 WHERE w.user_id = v.user_id RETURNING w.user_id, w.balance, w.updated_at",
-            )
-            .bind(changed.iter().map(|c| c.0).collect::<Vec<_>>())
-            .bind(changed.iter().map(|c| c.1).collect::<Vec<_>>())
-            .fetch_all(&mut *tx)
-            .await?;
-            // The rows are locked by this transaction: anything else is a bug.
-            let expected: HashMap<i64, Decimal> = changed.iter().map(|c| (c.0, c.2)).collect();
-            if rows.len() != expected.len()
-                || rows.iter().any(|(u, b, _)| expected.get(u) != Some(b))
-            {
-                return Err(StoreError::Corrupt(
-                    "a batch of stakes found wallet balances other than it locked".into(),
-                )
-                .into());
+        let matches = due::payout_matches(&mut tx, &match_ids).await?;
+        for i in batch.new.clone() {
+            let t = &payouts[i];
+            let match_id = match &t.guard {
+                Guard::Payout { match_id, .. } => *match_id,
+                _ => Uuid::nil(),
+            };
+            if let Err(e) = due::payout_due(matches.get(&match_id), t) {
+                batch.decide(i, Decision::Skip(e));
             }
-            updated_at = rows.into_iter().map(|(u, _, at)| (u, at)).collect();
         }
 
-        if !debited.is_empty() {
-            let (counterparty, _) = EntryKind::Stake.counterparty();
-            let rows: Vec<Entry> = sqlx::query_as(concat!(
-                "INSERT INTO ledger_entries \
-                   (transfer_id, idempotency_key, kind, user_id, counterparty, amount, balance_after, reference) \
-                 SELECT t, k, $3, u, $4, a, b, r \
-                 FROM unnest($1::UUID[], $2::TEXT[], $5::BIGINT[], $6::NUMERIC[], $7::NUMERIC[], $8::TEXT[]) \
-                   WITH ORDINALITY AS v(t, k, u, a, b, r, n) \
-                 ORDER BY n RETURNING ", entry_columns!(), ""
-            ))
-            .bind(debited.iter().map(|_| Uuid::now_v7()).collect::<Vec<_>>())
-            .bind(debited.iter().map(|&(i, _)| holds[i].key.as_str()).collect::<Vec<_>>())
-            .bind(EntryKind::Stake.as_db())
-            .bind(counterparty.as_db())
-            .bind(debited.iter().map(|&(i, _)| holds[i].user.get()).collect::<Vec<_>>())
-            .bind(debited.iter().map(|&(i, _)| -holds[i].amount.as_decimal()).collect::<Vec<_>>())
-            .bind(debited.iter().map(|&(_, b)| b).collect::<Vec<_>>())
-            .bind(debited.iter().map(|&(i, _)| holds[i].reference.as_str()).collect::<Vec<_>>())
-            .fetch_all(&mut *tx)
-            .await?;
-            for entry in rows {
-                entries.insert(entry.idempotency_key.clone(), entry);
+        // The guard, under every bet's lock.
+        let mut bets: Vec<Uuid> = batch
+            .undecided()
+            .flat_map(|i| match &payouts[i].guard {
+                Guard::Payout { bets, .. } => bets.to_vec(),
+                _ => Vec::new(),
+            })
+            .collect();
+        bets.sort();
+        bets.dedup();
+        sqlx::query(
+            "SELECT count(pg_advisory_xact_lock(hashtextextended('bet:' || b::TEXT, 0))) \
+             FROM (SELECT b FROM unnest($1::UUID[]) AS b ORDER BY b) AS locks",
+        )
+        .bind(&bets)
+        .execute(&mut *tx)
+        .await?;
+        let references: Vec<String> = bets.iter().map(Uuid::to_string).collect();
+        let stakes: Vec<(String, i64, Decimal)> = sqlx::query_as(
+            "SELECT reference, user_id, -amount FROM ledger_entries \
+             WHERE kind = 'STAKE' AND reference = ANY($1)",
+        )
+        .bind(&references)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut paid: std::collections::HashSet<Uuid> =
+            sqlx::query_scalar("SELECT bet_id FROM payout_bets WHERE bet_id = ANY($1)")
+                .bind(&bets)
+                .fetch_all(&mut *tx)
+                .await?
+                .into_iter()
+                .collect();
+        let refund_keys: Vec<String> = bets
+            .iter()
+            .map(|b| IdempotencyKey::refund(betting_domain::BetId::from(*b)).to_string())
+            .collect();
+        let refunded: std::collections::HashSet<String> = sqlx::query_scalar(
+            "SELECT idempotency_key FROM ledger_entries WHERE idempotency_key = ANY($1)",
+        )
+        .bind(&refund_keys)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .collect();
+
+        let mut winners: Vec<i64> = batch.undecided().map(|i| payouts[i].user.get()).collect();
+        winners.sort_unstable();
+        winners.dedup();
+        // A credit creates the wallet on first use, as `post`'s does.
+        sqlx::query(
+            "INSERT INTO wallets (user_id, balance) SELECT u, 0 FROM unnest($1::BIGINT[]) AS u \
+             ON CONFLICT (user_id) DO NOTHING",
+        )
+        .bind(&winners)
+        .execute(&mut *tx)
+        .await?;
+        let locked: Vec<(i64, Decimal)> = sqlx::query_as(
+            "SELECT user_id, balance FROM wallets WHERE user_id = ANY($1) \
+             ORDER BY user_id FOR UPDATE",
+        )
+        .bind(&winners)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut balances: HashMap<i64, Decimal> = locked.into_iter().collect();
+        let before = balances.clone();
+        for i in batch.undecided().collect::<Vec<_>>() {
+            let t = &payouts[i];
+            let Guard::Payout { bets, stake, .. } = &t.guard else {
+                continue;
+            };
+            let held: Vec<HeldStake> = stakes
+                .iter()
+                .filter(|(r, _, _)| bets.iter().any(|b| b.to_string() == *r))
+                .map(|(_, user_id, held)| HeldStake {
+                    user_id: *user_id,
+                    held: *held,
+                })
+                .collect();
+            let was_paid = bets.iter().any(|b| paid.contains(b));
+            let was_refunded = bets.iter().any(|b| {
+                refunded
+                    .contains(&IdempotencyKey::refund(betting_domain::BetId::from(*b)).to_string())
+            });
+            if let Err(refusal) = payout_guard(&held, was_paid, was_refunded, t, *stake) {
+                batch.decide(
+                    i,
+                    match refusal.recorded_reason() {
+                        Some(_) => Decision::Record(refusal),
+                        None => Decision::Skip(refusal),
+                    },
+                );
+                continue;
+            }
+            let credit = t.amount.as_decimal();
+            match balances.get_mut(&t.user.get()) {
+                // The column's backstop, far past the deposit limit: refused
+                // as `post` refuses it (its CHECK rolls `post` back, so
+                // nothing is recorded).
+                Some(balance) if *balance + credit <= BALANCE_BACKSTOP => {
+                    *balance += credit;
+                    paid.extend(bets.iter().copied());
+                    batch.decide(i, Decision::Move(credit, *balance));
+                }
+                Some(_) => batch.decide(i, Decision::Skip(WalletError::BalanceLimit)),
+                None => {
+                    return Err(StoreError::Corrupt(format!(
+                        "the wallet of {} was neither found nor created",
+                        t.user
+                    ))
+                    .into());
+                }
             }
         }
-        if !refused.is_empty() {
+        let moved: Vec<(usize, Uuid, Uuid)> = batch
+            .moved()
+            .filter_map(|i| match &payouts[i].guard {
+                Guard::Payout { bets, .. } => Some((i, bets[0], bets[1])),
+                _ => None,
+            })
+            .collect();
+        let answers = batch
+            .write(&mut tx, EntryKind::Payout, &before, &balances)
+            .await?;
+        // The primary key makes "each bet paid at most once" a database fact.
+        if !moved.is_empty() {
+            let mut bet_ids = Vec::new();
+            let mut entry_ids = Vec::new();
+            for (i, a, b) in &moved {
+                if let Some(Ok(posted)) = answers.get(*i) {
+                    bet_ids.extend([*a, *b]);
+                    entry_ids.extend([posted.entry.entry_id; 2]);
+                }
+            }
             sqlx::query(
-                "INSERT INTO wallet_refusals (idempotency_key, kind, user_id, amount, reference, reason) \
-                 SELECT k, $2, u, a, r, $6 \
-                 FROM unnest($1::TEXT[], $3::BIGINT[], $4::NUMERIC[], $5::TEXT[]) AS v(k, u, a, r)",
+                "INSERT INTO payout_bets (bet_id, entry_id) \
+                 SELECT * FROM unnest($1::UUID[], $2::BIGINT[])",
             )
-            .bind(refused.iter().map(|&i| holds[i].key.as_str()).collect::<Vec<_>>())
-            .bind(EntryKind::Stake.as_db())
-            .bind(refused.iter().map(|&i| holds[i].user.get()).collect::<Vec<_>>())
-            .bind(refused.iter().map(|&i| holds[i].amount.as_decimal()).collect::<Vec<_>>())
-            .bind(refused.iter().map(|&i| holds[i].reference.as_str()).collect::<Vec<_>>())
-            .bind(WalletError::InsufficientFunds.reason())
+            .bind(&bet_ids)
+            .bind(&entry_ids)
             .execute(&mut *tx)
             .await?;
         }
         tx.commit().await?;
-
-        for &i in &refused {
-            answers[i] = Some(Err(WalletError::InsufficientFunds));
-        }
-        for &i in &skipped {
-            answers[i] = Some(Err(WalletError::Busy(crate::gate::UserBusy)));
-        }
-        for &(i, balance) in &debited {
-            let t = &holds[i];
-            let Some(entry) = entries.get(t.key.as_str()).cloned() else {
-                return Err(StoreError::Corrupt(format!(
-                    "a batch of stakes lost the entry of {}",
-                    t.key
-                ))
-                .into());
-            };
-            answers[i] = Some(Ok(Posted {
-                entry,
-                wallet: WalletView {
-                    user_id: t.user.get(),
-                    balance,
-                    updated_at: updated_at.get(&t.user.get()).copied(),
-                },
-                replayed: false,
-            }));
-        }
-        // A key's second hold in the batch: a retry of its first.
-        for (i, t) in holds.iter().enumerate() {
-            if answers[i].is_some() {
-                continue;
-            }
-            let first = first_of_key.get(t.key.as_str()).copied();
-            let answer = match first {
-                // Its first hold was debited: replay that entry.
-                Some(_) if entries.contains_key(t.key.as_str()) => entries
-                    .get(t.key.as_str())
-                    .map_or(Err(WalletError::IdempotencyConflict), |entry| {
-                        replay(entry.clone(), t)
-                    }),
-                // Its first hold was skipped (a held row): so is this one.
-                Some(f) if skipped.contains(&f) && same_stake(&holds[f], t) => {
-                    Err(WalletError::Busy(crate::gate::UserBusy))
-                }
-                // Its first hold was refused: the same refusal, for the same stake.
-                Some(f) if same_stake(&holds[f], t) => Err(WalletError::InsufficientFunds),
-                _ => Err(WalletError::IdempotencyConflict),
-            };
-            answers[i] = Some(answer);
-        }
-        Ok(answers
-            .into_iter()
-            .map(|a| a.unwrap_or(Err(WalletError::IdempotencyConflict)))
-            .collect())
+        Ok(answers)
     }
 
     pub async fn wallet(&self, user: UserId) -> Result<WalletView, WalletError> {
@@ -592,6 +634,321 @@ impl Ledger {
     }
 }
 
+/// The wallets table's CHECK backstop on a balance (10^18).
+const BALANCE_BACKSTOP: Decimal = Decimal::from_parts(2_808_348_672, 232_830_643, 0, false, 0);
+
+/// What a batch decided for one movement.
+enum Decision {
+    /// Moved: the signed change of the wallet and the balance right after.
+    Move(Decimal, Decimal),
+    /// Refused for good: recorded under its key.
+    Record(WalletError),
+    /// Refused, not recorded (not due, busy, a backstop): the key stays free.
+    Skip(WalletError),
+}
+
+/// The shared part of [`Ledger::hold_stakes`] and
+/// [`Ledger::pay_winnings_batch`]: the keys' locks and earlier decisions,
+/// each movement's answer, and the writes.
+struct Batch<'a> {
+    movements: &'a [Transfer],
+    /// Answers known so far (replays, refusals, decisions).
+    answers: Vec<Option<Result<Posted, WalletError>>>,
+    entries: HashMap<String, Entry>,
+    /// The first movement of each key new to the ledger, in request order.
+    new: Vec<usize>,
+    first_of_key: HashMap<&'a str, usize>,
+    decisions: HashMap<usize, Decision>,
+}
+
+impl<'a> Batch<'a> {
+    /// Takes every key's lock in hash order (the lock is on the hash: two
+    /// batches, or a batch and a lone movement, never wait in a cycle) and
+    /// answers what the keys decided before.
+    async fn open(
+        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+        movements: &'a [Transfer],
+    ) -> Result<Batch<'a>, WalletError> {
+        let keys: Vec<&str> = movements.iter().map(|t| t.key.as_str()).collect();
+        // The aggregate consumes the sorted subquery row by row, so the locks
+        // are taken in hash order.
+        sqlx::query(
+            "SELECT count(pg_advisory_xact_lock(h)) FROM ( \
+               SELECT DISTINCT hashtextextended('wallet-key:' || k, 0) AS h \
+               FROM unnest($1::TEXT[]) AS k ORDER BY h) AS locks",
+        )
+        .bind(&keys)
+        .execute(&mut **tx)
+        .await?;
+        let entries: Vec<Entry> = sqlx::query_as(concat!(
+            "SELECT ",
+            entry_columns!(),
+            " FROM ledger_entries WHERE idempotency_key = ANY($1)"
+        ))
+        .bind(&keys)
+        .fetch_all(&mut **tx)
+        .await?;
+        let refusals: Vec<KeyedRefusal> = sqlx::query_as(
+            "SELECT idempotency_key, kind, user_id, amount, reference, reason \
+             FROM wallet_refusals WHERE idempotency_key = ANY($1)",
+        )
+        .bind(&keys)
+        .fetch_all(&mut **tx)
+        .await?;
+        let entries: HashMap<String, Entry> = entries
+            .into_iter()
+            .map(|e| (e.idempotency_key.clone(), e))
+            .collect();
+        let refusals: HashMap<String, Refusal> = refusals
+            .into_iter()
+            .map(|r| (r.idempotency_key, r.refusal))
+            .collect();
+        let mut batch = Batch {
+            movements,
+            answers: movements.iter().map(|_| None).collect(),
+            entries,
+            new: Vec::new(),
+            first_of_key: HashMap::new(),
+            decisions: HashMap::new(),
+        };
+        for (i, t) in movements.iter().enumerate() {
+            if let Some(existing) = batch.entries.get(t.key.as_str()) {
+                batch.answers[i] = Some(replay(existing.clone(), t));
+            } else if let Some(refusal) = refusals.get(t.key.as_str()) {
+                batch.answers[i] = Some(Err(refusal.replay(t)));
+            } else if !batch.first_of_key.contains_key(t.key.as_str()) {
+                batch.first_of_key.insert(t.key.as_str(), i);
+                batch.new.push(i);
+            }
+            // Else a key's second movement: answered from its first, last.
+        }
+        Ok(batch)
+    }
+
+    /// The users of the movements new to the ledger, sorted, once each.
+    fn users_of_new(&self) -> Vec<i64> {
+        let mut users: Vec<i64> = self
+            .new
+            .iter()
+            .map(|&i| self.movements[i].user.get())
+            .collect();
+        users.sort_unstable();
+        users.dedup();
+        users
+    }
+
+    fn decide(&mut self, i: usize, decision: Decision) {
+        self.decisions.insert(i, decision);
+    }
+
+    /// New movements not decided yet, in request order.
+    fn undecided(&self) -> impl Iterator<Item = usize> + '_ {
+        self.new
+            .iter()
+            .copied()
+            .filter(|i| !self.decisions.contains_key(i))
+    }
+
+    /// Movements decided `Move`, in request order.
+    fn moved(&self) -> impl Iterator<Item = usize> + '_ {
+        self.new
+            .iter()
+            .copied()
+            .filter(|i| matches!(self.decisions.get(i), Some(Decision::Move(..))))
+    }
+
+    /// Writes the decisions — each user's balance as one delta (checked
+    /// against what was computed from the locked rows), the ledger rows in
+    /// request order (so each user's `balance_after` chain follows entry
+    /// ids), the recorded refusals — and answers every movement.
+    async fn write(
+        mut self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+        kind: EntryKind,
+        before: &HashMap<i64, Decimal>,
+        after: &HashMap<i64, Decimal>,
+    ) -> Result<Vec<Result<Posted, WalletError>>, WalletError> {
+        let t = self.movements;
+        let changed: Vec<(i64, Decimal, Decimal)> = after
+            .iter()
+            .filter_map(|(user, now)| {
+                let was = before.get(user).copied().unwrap_or_default();
+                (*now != was).then_some((*user, *now - was, *now))
+            })
+            .collect();
+        let mut updated_at: HashMap<i64, DateTime<Utc>> = HashMap::new();
+        if !changed.is_empty() {
+            let rows: Vec<(i64, Decimal, DateTime<Utc>)> = sqlx::query_as(
+                "UPDATE wallets AS w SET balance = w.balance + v.delta, updated_at = now() \
+                 FROM unnest($1::BIGINT[], $2::NUMERIC[]) AS v(user_id, delta) \
+                 WHERE w.user_id = v.user_id RETURNING w.user_id, w.balance, w.updated_at",
+            )
+            .bind(changed.iter().map(|c| c.0).collect::<Vec<_>>())
+            .bind(changed.iter().map(|c| c.1).collect::<Vec<_>>())
+            .fetch_all(&mut **tx)
+            .await?;
+            // The rows are locked by this transaction: anything else is a bug.
+            let expected: HashMap<i64, Decimal> = changed.iter().map(|c| (c.0, c.2)).collect();
+            if rows.len() != expected.len()
+                || rows.iter().any(|(u, b, _)| expected.get(u) != Some(b))
+            {
+                return Err(StoreError::Corrupt(
+                    "a batch found wallet balances other than it locked".into(),
+                )
+                .into());
+            }
+            updated_at = rows.into_iter().map(|(u, _, at)| (u, at)).collect();
+        }
+        let moved: Vec<(usize, Decimal, Decimal)> = self
+            .new
+            .iter()
+            .filter_map(|&i| match self.decisions.get(&i) {
+                Some(Decision::Move(delta, balance)) => Some((i, *delta, *balance)),
+                _ => None,
+            })
+            .collect();
+        if !moved.is_empty() {
+            let (counterparty, _) = kind.counterparty();
+            let rows: Vec<Entry> = sqlx::query_as(concat!(
+                "INSERT INTO ledger_entries \
+                   (transfer_id, idempotency_key, kind, user_id, counterparty, amount, balance_after, reference) \
+                 SELECT t, k, $3, u, $4, a, b, r \
+                 FROM unnest($1::UUID[], $2::TEXT[], $5::BIGINT[], $6::NUMERIC[], $7::NUMERIC[], $8::TEXT[]) \
+                   WITH ORDINALITY AS v(t, k, u, a, b, r, n) \
+                 ORDER BY n RETURNING ", entry_columns!(), ""
+            ))
+            .bind(moved.iter().map(|_| Uuid::now_v7()).collect::<Vec<_>>())
+            .bind(moved.iter().map(|&(i, _, _)| t[i].key.as_str()).collect::<Vec<_>>())
+            .bind(kind.as_db())
+            .bind(counterparty.as_db())
+            .bind(moved.iter().map(|&(i, _, _)| t[i].user.get()).collect::<Vec<_>>())
+            .bind(moved.iter().map(|&(_, delta, _)| delta).collect::<Vec<_>>())
+            .bind(moved.iter().map(|&(_, _, balance)| balance).collect::<Vec<_>>())
+            .bind(moved.iter().map(|&(i, _, _)| t[i].reference.as_str()).collect::<Vec<_>>())
+            .fetch_all(&mut **tx)
+            .await?;
+            for entry in rows {
+                self.entries.insert(entry.idempotency_key.clone(), entry);
+            }
+        }
+        let recorded: Vec<(usize, &'static str)> = self
+            .new
+            .iter()
+            .filter_map(|&i| match self.decisions.get(&i) {
+                Some(Decision::Record(e)) => e.recorded_reason().map(|r| (i, r)),
+                _ => None,
+            })
+            .collect();
+        if !recorded.is_empty() {
+            sqlx::query(
+                "INSERT INTO wallet_refusals (idempotency_key, kind, user_id, amount, reference, reason) \
+                 SELECT k, $2, u, a, r, x \
+                 FROM unnest($1::TEXT[], $3::BIGINT[], $4::NUMERIC[], $5::TEXT[], $6::TEXT[]) \
+                   AS v(k, u, a, r, x)",
+            )
+            .bind(recorded.iter().map(|&(i, _)| t[i].key.as_str()).collect::<Vec<_>>())
+            .bind(kind.as_db())
+            .bind(recorded.iter().map(|&(i, _)| t[i].user.get()).collect::<Vec<_>>())
+            .bind(recorded.iter().map(|&(i, _)| t[i].amount.as_decimal()).collect::<Vec<_>>())
+            .bind(recorded.iter().map(|&(i, _)| t[i].reference.as_str()).collect::<Vec<_>>())
+            .bind(recorded.iter().map(|&(_, reason)| reason).collect::<Vec<_>>())
+            .execute(&mut **tx)
+            .await?;
+        }
+
+        let decisions = std::mem::take(&mut self.decisions);
+        for (i, decision) in decisions {
+            self.answers[i] = Some(match decision {
+                Decision::Move(_, balance) => {
+                    let Some(entry) = self.entries.get(t[i].key.as_str()).cloned() else {
+                        return Err(StoreError::Corrupt(format!(
+                            "a batch lost the entry of {}",
+                            t[i].key
+                        ))
+                        .into());
+                    };
+                    Ok(Posted {
+                        entry,
+                        wallet: WalletView {
+                            user_id: t[i].user.get(),
+                            balance,
+                            updated_at: updated_at.get(&t[i].user.get()).copied(),
+                        },
+                        replayed: false,
+                    })
+                }
+                Decision::Record(e) | Decision::Skip(e) => Err(e),
+            });
+        }
+        // A key's second movement in the batch: a retry of its first.
+        for (i, m) in t.iter().enumerate() {
+            if self.answers[i].is_some() {
+                continue;
+            }
+            let first = self.first_of_key.get(m.key.as_str()).copied();
+            let answer = match first.map(|f| (f, &self.answers[f])) {
+                // Its first moved: replay that entry.
+                Some((_, Some(Ok(_)))) => self
+                    .entries
+                    .get(m.key.as_str())
+                    .map_or(Err(WalletError::IdempotencyConflict), |entry| {
+                        replay(entry.clone(), m)
+                    }),
+                // Its first was refused: the same refusal, for the same movement.
+                Some((f, Some(Err(e)))) if same_movement(&t[f], m) => Err(repeat_refusal(e)),
+                _ => Err(WalletError::IdempotencyConflict),
+            };
+            self.answers[i] = Some(answer);
+        }
+        Ok(self
+            .answers
+            .into_iter()
+            .map(|a| a.unwrap_or(Err(WalletError::IdempotencyConflict)))
+            .collect())
+    }
+}
+
+/// The refusal a key's first movement in a batch got, for its second.
+fn repeat_refusal(e: &WalletError) -> WalletError {
+    match e {
+        WalletError::InsufficientFunds => WalletError::InsufficientFunds,
+        WalletError::BalanceLimit => WalletError::BalanceLimit,
+        WalletError::NoMatchingStake => WalletError::NoMatchingStake,
+        WalletError::AlreadyPaid => WalletError::AlreadyPaid,
+        WalletError::AlreadyRefunded => WalletError::AlreadyRefunded,
+        WalletError::RefundNotDue(why) => WalletError::RefundNotDue(why),
+        WalletError::PayoutNotDue(why) => WalletError::PayoutNotDue(why),
+        WalletError::Busy(busy) => WalletError::Busy(*busy),
+        _ => WalletError::IdempotencyConflict,
+    }
+}
+
+/// A payout's guard, decided from what was read under its bets' locks:
+/// both stakes held, of the stake each, one of them the winner's, the
+/// payout twice the stake, neither bet paid nor refunded.
+fn payout_guard(
+    stakes: &[HeldStake],
+    paid: bool,
+    refunded: bool,
+    t: &Transfer,
+    stake: Decimal,
+) -> Result<(), WalletError> {
+    if paid {
+        return Err(WalletError::AlreadyPaid);
+    }
+    let held = stakes.len() == 2
+        && stakes.iter().all(|s| s.held == stake)
+        && stakes.iter().any(|s| s.user_id == t.user.get())
+        && t.amount.as_decimal() == stake * Decimal::TWO;
+    if refunded {
+        Err(WalletError::AlreadyRefunded)
+    } else if held {
+        Ok(())
+    } else {
+        Err(WalletError::NoMatchingStake)
+    }
+}
+
 /// Locks the bets a guarded movement is about and checks its conditions.
 /// Runs under the key's lock, after the key was found new.
 async fn check_guard(
@@ -627,12 +984,12 @@ async fn check_guard(
         .bind(&bets)
         .fetch_one(&mut **tx)
         .await?;
-    if paid > 0 {
-        return Err(WalletError::AlreadyPaid);
-    }
     match &t.guard {
         Guard::None => Ok(()),
         Guard::Refund { .. } => {
+            if paid > 0 {
+                return Err(WalletError::AlreadyPaid);
+            }
             let held = stakes.len() == 1
                 && stakes[0].user_id == t.user.get()
                 && stakes[0].held == t.amount.as_decimal();
@@ -656,17 +1013,7 @@ async fn check_guard(
             .bind(&refund_keys)
             .fetch_one(&mut **tx)
             .await?;
-            let held = stakes.len() == 2
-                && stakes.iter().all(|s| s.held == *stake)
-                && stakes.iter().any(|s| s.user_id == t.user.get())
-                && t.amount.as_decimal() == *stake * Decimal::TWO;
-            if refunded > 0 {
-                Err(WalletError::AlreadyRefunded)
-            } else if held {
-                Ok(())
-            } else {
-                Err(WalletError::NoMatchingStake)
-            }
+            payout_guard(&stakes, paid > 0, refunded > 0, t, *stake)
         }
     }
 }
@@ -730,8 +1077,8 @@ struct KeyedRefusal {
     refusal: Refusal,
 }
 
-/// Whether two holds ask for the same movement (kind, user, amount, reference).
-fn same_stake(a: &Transfer, b: &Transfer) -> bool {
+/// Whether two movements ask for the same thing (kind, user, amount, reference).
+fn same_movement(a: &Transfer, b: &Transfer) -> bool {
     a.kind == b.kind && a.user == b.user && a.amount == b.amount && a.reference == b.reference
 }
 

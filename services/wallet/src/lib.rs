@@ -18,4 +18,4 @@ mod service;
 
 pub use error::WalletError;
 pub use ledger::{Entry, Guard, Ledger, Posted, Transfer, WalletView};
-pub use service::{EntryPage, MAX_HOLDS_PER_CALL, StakeHold, WalletService};
+pub use service::{EntryPage, MAX_HOLDS_PER_CALL, PayoutAsk, StakeHold, WalletService};

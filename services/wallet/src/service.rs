@@ -250,60 +250,117 @@ impl WalletService {
         bet_ids: &[String],
     ) -> Result<Posted, WalletError> {
         principal.require(SERVICES)?;
-        let mut v = Violations::default();
-        let user = v.check("user_id", UserId::new(user_id));
-        let amount = v.check("amount", Amount::parse(amount));
-        let matched = v.check("match_id", MatchId::parse(match_id));
-        let key = v.check("idempotency_key", IdempotencyKey::parse(key));
-        let bets: Option<Vec<BetId>> = if bet_ids.len() == 2 {
-            let a = v.check("bet_ids", BetId::parse(&bet_ids[0]));
-            let b = v.check("bet_ids", BetId::parse(&bet_ids[1]));
-            match (a, b) {
-                (Some(a), Some(b)) if a != b => Some(vec![a, b]),
-                (Some(_), Some(_)) => {
-                    v.add("bet_ids", "must name two different bets");
-                    None
-                }
-                _ => None,
-            }
-        } else {
-            v.add("bet_ids", "must name the two bets of the match");
-            None
-        };
-        if let (Some(m), Some(k)) = (matched, &key)
-            && *k != IdempotencyKey::settle(m)
-        {
-            v.add(
-                "idempotency_key",
-                format!("must be {}", IdempotencyKey::settle(m)),
-            );
+        let transfer = payout_transfer(&PayoutAsk {
+            user_id,
+            amount,
+            match_id,
+            key,
+            bet_ids,
+        })?;
+        self.ledger.post(&transfer).await
+    }
+
+    /// PayWinningsBatch: many PayWinnings in one transaction; services
+    /// only. Each payout is parsed, verified and answered on its own; an
+    /// `Err` of the whole call decided nothing.
+    pub async fn pay_winnings_batch(
+        &self,
+        principal: &Principal,
+        payouts: &[PayoutAsk<'_>],
+    ) -> Result<Vec<Result<Posted, WalletError>>, WalletError> {
+        principal.require(SERVICES)?;
+        if payouts.is_empty() || payouts.len() > MAX_HOLDS_PER_CALL {
+            return Err(InvalidRequest::field(
+                "payouts",
+                format!("must carry between 1 and {MAX_HOLDS_PER_CALL} payouts"),
+            )
+            .into());
         }
-        let (Some(user), Some(amount), Some(matched), Some(key), Some(bets), true) =
-            (user, amount, matched, key, bets, v.is_empty())
-        else {
-            return Err(v.into_error().into());
-        };
-        // Each bet staked half of the payout.
-        let stake = amount.as_decimal() / rust_decimal::Decimal::TWO;
-        self.ledger
-            .post(&Transfer {
-                kind: EntryKind::Payout,
-                user,
-                amount,
-                key,
-                reference: matched.to_string(),
-                guard: Guard::Payout {
-                    match_id: matched.as_uuid(),
-                    bets: [bets[0].as_uuid(), bets[1].as_uuid()],
-                    stake,
-                },
-                actor: None,
+        let parsed: Vec<Result<Transfer, WalletError>> =
+            payouts.iter().map(payout_transfer).collect();
+        let valid: Vec<Transfer> = parsed
+            .iter()
+            .filter_map(|p| p.as_ref().ok())
+            .cloned()
+            .collect();
+        let mut posted = self.ledger.pay_winnings_batch(&valid).await?.into_iter();
+        Ok(parsed
+            .into_iter()
+            .map(|p| match p {
+                Ok(_) => posted
+                    .next()
+                    .unwrap_or(Err(WalletError::IdempotencyConflict)),
+                Err(e) => Err(e),
             })
-            .await
+            .collect())
     }
 }
 
-/// The most holds one HoldStakes call may carry.
+/// One payout of a PayWinnings or PayWinningsBatch call, as the wire gave it.
+#[derive(Debug, Clone, Copy)]
+pub struct PayoutAsk<'a> {
+    pub user_id: i64,
+    pub amount: &'a str,
+    pub match_id: &'a str,
+    pub key: &'a str,
+    pub bet_ids: &'a [String],
+}
+
+/// A PayWinnings movement, parsed: the key `SETTLE:{match_id}`, the match's
+/// two bets, each of which staked half of the amount.
+fn payout_transfer(ask: &PayoutAsk<'_>) -> Result<Transfer, WalletError> {
+    let mut v = Violations::default();
+    let user = v.check("user_id", UserId::new(ask.user_id));
+    let amount = v.check("amount", Amount::parse(ask.amount));
+    let matched = v.check("match_id", MatchId::parse(ask.match_id));
+    let key = v.check("idempotency_key", IdempotencyKey::parse(ask.key));
+    let bet_ids = ask.bet_ids;
+    let bets: Option<Vec<BetId>> = if bet_ids.len() == 2 {
+        let a = v.check("bet_ids", BetId::parse(&bet_ids[0]));
+        let b = v.check("bet_ids", BetId::parse(&bet_ids[1]));
+        match (a, b) {
+            (Some(a), Some(b)) if a != b => Some(vec![a, b]),
+            (Some(_), Some(_)) => {
+                v.add("bet_ids", "must name two different bets");
+                None
+            }
+            _ => None,
+        }
+    } else {
+        v.add("bet_ids", "must name the two bets of the match");
+        None
+    };
+    if let (Some(m), Some(k)) = (matched, &key)
+        && *k != IdempotencyKey::settle(m)
+    {
+        v.add(
+            "idempotency_key",
+            format!("must be {}", IdempotencyKey::settle(m)),
+        );
+    }
+    let (Some(user), Some(amount), Some(matched), Some(key), Some(bets), true) =
+        (user, amount, matched, key, bets, v.is_empty())
+    else {
+        return Err(v.into_error().into());
+    };
+    // Each bet staked half of the payout.
+    let stake = amount.as_decimal() / rust_decimal::Decimal::TWO;
+    Ok(Transfer {
+        kind: EntryKind::Payout,
+        user,
+        amount,
+        key,
+        reference: matched.to_string(),
+        guard: Guard::Payout {
+            match_id: matched.as_uuid(),
+            bets: [bets[0].as_uuid(), bets[1].as_uuid()],
+            stake,
+        },
+        actor: None,
+    })
+}
+
+/// The most movements one HoldStakes or PayWinningsBatch call may carry.
 pub const MAX_HOLDS_PER_CALL: usize = 256;
 
 /// One hold of a HoldStakes call, as the wire gave it.

@@ -7,7 +7,7 @@ use betting_api::{
 };
 use betting_auth::{AuthInterceptor, Principal};
 use betting_domain::{InvalidRequest, Violations, format_money};
-use betting_wallet::{Entry, Posted, StakeHold, WalletError, WalletService, WalletView};
+use betting_wallet::{Entry, PayoutAsk, Posted, StakeHold, WalletError, WalletService, WalletView};
 use tonic::{Request, Response, Status, service::interceptor::InterceptedService};
 
 /// The generated trait's implementation for [`WalletService`].
@@ -63,9 +63,19 @@ fn moved<T>(
     }
 }
 
+/// A refused movement of a batch, as the lone call would have refused it
+/// (through the one status mapping, so a refusal reads the same in both).
+fn refusal_pb(e: &WalletError) -> pb::MovementRefusal {
+    let status = betting_api::to_status(e);
+    pb::MovementRefusal {
+        code: status.code() as i32,
+        reason: betting_api::reason_of(&status).unwrap_or_default(),
+        message: status.message().to_owned(),
+    }
+}
+
 /// One hold's answer in a HoldStakes response: what HoldStake would have
-/// answered, its refusal's code and reason included (through the one status
-/// mapping, so a refusal reads the same in both).
+/// answered.
 fn hold_outcome(answer: Result<Posted, WalletError>) -> pb::HoldStakeOutcome {
     use pb::hold_stake_outcome::Outcome;
     match answer {
@@ -76,17 +86,29 @@ fn hold_outcome(answer: Result<Posted, WalletError>) -> pb::HoldStakeOutcome {
                 wallet: Some(wallet_pb(&posted.wallet)),
             })),
         },
-        Err(e) => {
-            let status = betting_api::to_status(&e);
-            pb::HoldStakeOutcome {
-                replayed: false,
-                outcome: Some(Outcome::Refused(pb::HoldRefusal {
-                    code: status.code() as i32,
-                    reason: betting_api::reason_of(&status).unwrap_or_default(),
-                    message: status.message().to_owned(),
-                })),
-            }
-        }
+        Err(e) => pb::HoldStakeOutcome {
+            replayed: false,
+            outcome: Some(Outcome::Refused(refusal_pb(&e))),
+        },
+    }
+}
+
+/// One payout's answer in a PayWinningsBatch response: what PayWinnings
+/// would have answered.
+fn payout_outcome(answer: Result<Posted, WalletError>) -> pb::PayoutOutcome {
+    use pb::payout_outcome::Outcome;
+    match answer {
+        Ok(posted) => pb::PayoutOutcome {
+            replayed: posted.replayed,
+            outcome: Some(Outcome::Paid(pb::PayWinningsResponse {
+                entry: Some(entry_pb(&posted.entry)),
+                wallet: Some(wallet_pb(&posted.wallet)),
+            })),
+        },
+        Err(e) => pb::PayoutOutcome {
+            replayed: false,
+            outcome: Some(Outcome::Refused(refusal_pb(&e))),
+        },
     }
 }
 
@@ -236,6 +258,34 @@ impl WalletApi for WalletGrpc {
                 .map(|answers| pb::HoldStakesResponse {
                     outcomes: answers.into_iter().map(hold_outcome).collect(),
                 });
+        respond(outcomes)
+    }
+
+    #[tracing::instrument(skip_all, fields(payouts = request.get_ref().payouts.len()))]
+    async fn pay_winnings_batch(
+        &self,
+        request: Request<pb::PayWinningsBatchRequest>,
+    ) -> Result<Response<pb::PayWinningsBatchResponse>, Status> {
+        let principal = Principal::caller(&request)?;
+        let asks: Vec<PayoutAsk<'_>> = request
+            .get_ref()
+            .payouts
+            .iter()
+            .map(|p| PayoutAsk {
+                user_id: p.user_id,
+                amount: &p.amount,
+                match_id: &p.match_id,
+                key: &p.idempotency_key,
+                bet_ids: &p.bet_ids,
+            })
+            .collect();
+        let outcomes = self
+            .0
+            .pay_winnings_batch(&principal, &asks)
+            .await
+            .map(|answers| pb::PayWinningsBatchResponse {
+                outcomes: answers.into_iter().map(payout_outcome).collect(),
+            });
         respond(outcomes)
     }
 

@@ -111,6 +111,10 @@ const MATRIX: &[(&str, [Outcome; 7])] = &[
         "betting.v1.WalletService/PayWinnings",
         [U, D, D, A, D, D, D],
     ),
+    (
+        "betting.v1.WalletService/PayWinningsBatch",
+        [U, D, D, A, D, D, D],
+    ),
 ];
 
 /// Every RPC the API declares, as `package.Service/Method`, with whether it streams.
@@ -293,6 +297,19 @@ fn request_for(method: &str, fixture: &Fixture) -> Vec<u8> {
                 idempotency_key: format!("SETTLE:{matched}"),
                 match_id: matched.to_string(),
                 bet_ids: vec![fixture.bet_id.clone(), Uuid::now_v7().to_string()],
+            }
+            .encode_to_vec()
+        }
+        "PayWinningsBatch" => {
+            let matched = Uuid::now_v7();
+            pb::PayWinningsBatchRequest {
+                payouts: vec![pb::PayWinningsRequest {
+                    user_id: OWNER,
+                    amount: "2".into(),
+                    idempotency_key: format!("SETTLE:{matched}"),
+                    match_id: matched.to_string(),
+                    bet_ids: vec![fixture.bet_id.clone(), Uuid::now_v7().to_string()],
+                }],
             }
             .encode_to_vec()
         }

@@ -332,3 +332,139 @@ async fn a_held_wallet_row_is_skipped_not_waited_for() {
     assert_eq!(placed.into_inner().balance, "8");
     app.assert_books_balanced().await;
 }
+
+fn payout(user: i64, amount: &str, matched: Uuid, bets: [&str; 2]) -> pb::PayWinningsRequest {
+    pb::PayWinningsRequest {
+        user_id: user,
+        amount: amount.into(),
+        idempotency_key: format!("SETTLE:{matched}"),
+        match_id: matched.to_string(),
+        bet_ids: bets.iter().map(|b| (*b).to_owned()).collect(),
+    }
+}
+
+async fn pay_batch(app: &TestApp, payouts: Vec<pb::PayWinningsRequest>) -> Vec<pb::PayoutOutcome> {
+    app.wallet()
+        .pay_winnings_batch(authed(
+            pb::PayWinningsBatchRequest { payouts },
+            &app.service_token(),
+        ))
+        .await
+        .expect("pay winnings batch")
+        .into_inner()
+        .outcomes
+}
+
+fn paid_balance(outcome: &pb::PayoutOutcome) -> Option<Decimal> {
+    match &outcome.outcome {
+        Some(pb::payout_outcome::Outcome::Paid(paid)) => {
+            paid.wallet.as_ref().and_then(|w| w.balance.parse().ok())
+        }
+        _ => None,
+    }
+}
+
+fn payout_refusal(outcome: &pb::PayoutOutcome) -> Option<String> {
+    match &outcome.outcome {
+        Some(pb::payout_outcome::Outcome::Refused(r)) => Some(r.reason.clone()),
+        _ => None,
+    }
+}
+
+/// Each payout of a PayWinningsBatch is verified and answered as a lone
+/// PayWinnings would be: the winner paid twice the stake, once; a payout
+/// not due (the loser, an unsettled round, the wrong amount) refused and not
+/// recorded, so the right one still goes through; a key twice in the batch
+/// a replay; the same bet never paid twice, even by two matches' payouts.
+#[tokio::test]
+async fn each_payout_of_a_batch_gets_its_own_answer() {
+    let app = TestApp::spawn_roles(betting_test_kit::API_ONLY).await;
+    for user in [1, 2, 3, 4, 5, 6] {
+        app.deposit(user, "10").await;
+    }
+    app.open_round("pay").await;
+    app.open_round("later").await;
+    let (a1, b1, m1) = crate::attack::matched_pair(&app, "pay", 1, 2, "3").await;
+    let (a2, b2, m2) = crate::attack::matched_pair(&app, "pay", 3, 4, "2").await;
+    let (a3, b3, m3) = crate::attack::matched_pair(&app, "later", 5, 6, "1").await;
+    app.settle_round("pay", pb::Side::A).await.expect("settle");
+
+    let outcomes = pay_batch(
+        &app,
+        vec![
+            payout(1, "6", m1, [&a1, &b1]),
+            payout(4, "4", m2, [&a2, &b2]), // the loser
+            payout(5, "2", m3, [&a3, &b3]), // its round is not settled
+            payout(3, "5", m2, [&a2, &b2]), // the wrong amount
+            payout(1, "6", m1, [&a1, &b1]), // the first again
+        ],
+    )
+    .await;
+    assert_eq!(paid_balance(&outcomes[0]), Some(dec("13")));
+    assert_eq!(
+        payout_refusal(&outcomes[1]).as_deref(),
+        Some("PAYOUT_NOT_DUE")
+    );
+    assert_eq!(
+        payout_refusal(&outcomes[2]).as_deref(),
+        Some("PAYOUT_NOT_DUE")
+    );
+    assert_eq!(
+        payout_refusal(&outcomes[3]).as_deref(),
+        Some("PAYOUT_NOT_DUE")
+    );
+    assert_eq!(paid_balance(&outcomes[4]), Some(dec("13")));
+    assert!(outcomes[4].replayed);
+
+    // Nothing was recorded for the refusals: the right payout goes through.
+    let again = pay_batch(
+        &app,
+        vec![
+            payout(3, "4", m2, [&a2, &b2]),
+            payout(1, "6", m1, [&a1, &b1]),
+        ],
+    )
+    .await;
+    assert_eq!(paid_balance(&again[0]), Some(dec("12")));
+    assert!(!again[0].replayed);
+    assert!(again[1].replayed, "paid once");
+    // Another match's payout naming a paid bet is refused by the books.
+    let forged = pay_batch(&app, vec![payout(1, "6", Uuid::now_v7(), [&a1, &b1])]).await;
+    assert!(payout_refusal(&forged[0]).is_some(), "{forged:?}");
+    assert_eq!(app.balance(1).await, dec("13"));
+    assert_eq!(app.balance(3).await, dec("12"));
+    app.assert_books_balanced().await;
+}
+
+/// A round of many matches is paid by one settle-round job in batches
+/// (more matches than one wallet call carries), every winner once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_big_round_is_paid_in_batches() {
+    let app = TestApp::spawn().await;
+    app.open_round("big").await;
+    let pairs = 300_i64;
+    for user in 1..=(2 * pairs) {
+        app.deposit(user, "5").await;
+    }
+    for n in 0..pairs {
+        app.place_ok(2 * n + 1, "big", pb::Side::A, "5").await;
+        app.place_ok(2 * n + 2, "big", pb::Side::B, "5").await;
+    }
+    betting_test_kit::eventually(
+        "every bet is matched",
+        std::time::Duration::from_secs(30),
+        async || (app.count_bets("PENDING").await == 0).then_some(()),
+    )
+    .await;
+    app.settle_round("big", pb::Side::B).await.expect("settle");
+    let round = app.wait_for_round_done("big").await;
+    let stats = round.stats.expect("stats");
+    assert_eq!(stats.matches, pairs);
+    assert_eq!(stats.settled_matches, pairs);
+    for n in 0..pairs {
+        assert_eq!(app.balance(2 * n + 1).await, Decimal::ZERO);
+        assert_eq!(app.balance(2 * n + 2).await, dec("10"));
+    }
+    app.assert_books_balanced().await;
+    app.assert_audit_clean().await;
+}
