@@ -275,50 +275,24 @@ impl BettingService {
         amount: Stake,
         key: IdempotencyKey,
     ) -> Result<Placed, BettingError> {
-        let existing = match self.store.find_by_key(user, &key).await? {
-            Some(existing) => Some(existing),
-            None => match self.check_new_bet(user, amount).await {
-                Ok(()) => {
-                    let bet = BetId::generate();
-                    let placed = match self.placer() {
-                        Some(placer) => match placer
-                            .place(NewBet {
-                                bet,
-                                user,
-                                key: key.clone(),
-                                round: round.clone(),
-                                side,
-                                amount,
-                            })
-                            .await?
-                        {
-                            Batched::Placed(placed) => Some(placed),
-                            Batched::NotWritten => None,
-                            Batched::Alone(row) => Some(self.complete(row, false).await?),
-                        },
-                        None => match self
-                            .store
-                            .insert_placing(bet, user, &key, &round, side, amount)
-                            .await?
-                        {
-                            Some(row) => Some(self.complete(row, false).await?),
-                            None => None,
-                        },
-                    };
-                    match placed {
-                        Some(placed) => return Ok(placed),
-                        // Either the round is not open, or the same key won a race.
-                        None => self.store.find_by_key(user, &key).await?,
-                    }
-                }
-                // The limits judge new bets only. A request with the same
-                // key racing this one may have placed the bet since we
-                // looked (and is what this one's open-bets count saw):
-                // answer with that bet, never refuse a placed bet's retry.
-                Err(refusal) => match self.store.find_by_key(user, &key).await? {
-                    Some(existing) => Some(existing),
-                    None => return Err(refusal),
-                },
+        // A new key is the common case: it goes straight to the insert,
+        // which writes nothing for a known key (its retry is then answered
+        // from the bet the key names, below). The limits judge new keys only:
+        // a refusal looks the key up first.
+        let existing = match self.check_new_bet(user, amount).await {
+            Ok(()) => match self.place_new(user, &round, side, amount, &key).await? {
+                Some(placed) => return Ok(placed),
+                // Either the round is not open, or the key is known (a
+                // retry, or the same key won a race).
+                None => self.store.find_by_key(user, &key).await?,
+            },
+            // The limits judge new bets only. A request with the same key
+            // may have placed the bet before, or since we counted (and is
+            // what this one's open-bets count saw): answer with that bet,
+            // never refuse a placed bet's retry.
+            Err(refusal) => match self.store.find_by_key(user, &key).await? {
+                Some(existing) => Some(existing),
+                None => return Err(refusal),
             },
         };
         match existing {
@@ -333,6 +307,43 @@ impl BettingService {
                 None | Some(RoundStatus::Open) => Err(BettingError::RoundNotFound),
                 Some(_) => Err(BettingError::RoundNotOpen),
             },
+        }
+    }
+
+    /// Writes a new bet PLACING and completes it (with the next batch, or
+    /// alone); `None` when nothing was written: the round is not open, or
+    /// the key is known.
+    async fn place_new(
+        &self,
+        user: UserId,
+        round: &RoundId,
+        side: Side,
+        amount: Stake,
+        key: &IdempotencyKey,
+    ) -> Result<Option<Placed>, BettingError> {
+        let bet = BetId::generate();
+        let Some(placer) = self.placer() else {
+            return match self
+                .store
+                .insert_placing(bet, user, key, round, side, amount)
+                .await?
+            {
+                Some(row) => Ok(Some(self.complete(row, false).await?)),
+                None => Ok(None),
+            };
+        };
+        let new = NewBet {
+            bet,
+            user,
+            key: key.clone(),
+            round: round.clone(),
+            side,
+            amount,
+        };
+        match placer.place(new).await? {
+            Batched::Placed(placed) => Ok(Some(placed)),
+            Batched::NotWritten => Ok(None),
+            Batched::Alone(row) => Ok(Some(self.complete(row, false).await?)),
         }
     }
 

@@ -206,12 +206,12 @@ impl WalletService {
             .iter()
             .map(|h| internal_transfer(EntryKind::Stake, h.user_id, h.amount, h.key, h.bet_id))
             .collect();
-        let valid: Vec<Transfer> = parsed
-            .iter()
-            .filter_map(|p| p.as_ref().ok())
-            .cloned()
-            .collect();
-        let mut posted = self.ledger.hold_stakes(&valid).await?.into_iter();
+        let mut posted = in_waves(&parsed, |wave| {
+            let ledger = self.ledger.clone();
+            async move { ledger.hold_stakes(&wave).await }
+        })
+        .await?
+        .into_iter();
         Ok(parsed
             .into_iter()
             .map(|p| match p {
@@ -278,12 +278,12 @@ impl WalletService {
         }
         let parsed: Vec<Result<Transfer, WalletError>> =
             payouts.iter().map(payout_transfer).collect();
-        let valid: Vec<Transfer> = parsed
-            .iter()
-            .filter_map(|p| p.as_ref().ok())
-            .cloned()
-            .collect();
-        let mut posted = self.ledger.pay_winnings_batch(&valid).await?.into_iter();
+        let mut posted = in_waves(&parsed, |wave| {
+            let ledger = self.ledger.clone();
+            async move { ledger.pay_winnings_batch(&wave).await }
+        })
+        .await?
+        .into_iter();
         Ok(parsed
             .into_iter()
             .map(|p| match p {
@@ -358,6 +358,48 @@ fn payout_transfer(ask: &PayoutAsk<'_>) -> Result<Transfer, WalletError> {
         },
         actor: None,
     })
+}
+
+/// Runs a batch's valid movements as consecutive ledger batches ("waves")
+/// in which every key appears once: a key's second movement goes in the
+/// next wave, after the first's transaction committed, so it is answered
+/// exactly as a lone call made after the first would be (a replay, the
+/// same refusal, a reused key, or — when the first was refused without
+/// being recorded — its own decision). Answers come back in request order.
+async fn in_waves<F, Fut>(
+    parsed: &[Result<Transfer, WalletError>],
+    mut run: F,
+) -> Result<Vec<Result<Posted, WalletError>>, WalletError>
+where
+    F: FnMut(Vec<Transfer>) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<Result<Posted, WalletError>>, WalletError>>,
+{
+    let valid: Vec<&Transfer> = parsed.iter().filter_map(|p| p.as_ref().ok()).collect();
+    // The wave of each movement: one more than its key's previous one.
+    let mut seen: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    let waves: Vec<usize> = valid
+        .iter()
+        .map(|t| {
+            let wave = seen.get(t.key.as_str()).map_or(0, |w| w + 1);
+            seen.insert(t.key.as_str(), wave);
+            wave
+        })
+        .collect();
+    let mut answers: Vec<Option<Result<Posted, WalletError>>> =
+        valid.iter().map(|_| None).collect();
+    let last = waves.iter().copied().max().unwrap_or(0);
+    for wave in 0..=last {
+        let members: Vec<usize> = (0..valid.len()).filter(|&i| waves[i] == wave).collect();
+        let movements: Vec<Transfer> = members.iter().map(|&i| valid[i].clone()).collect();
+        let posted = run(movements).await?;
+        for (i, answer) in members.into_iter().zip(posted) {
+            answers[i] = Some(answer);
+        }
+    }
+    Ok(answers
+        .into_iter()
+        .map(|a| a.unwrap_or(Err(WalletError::IdempotencyConflict)))
+        .collect())
 }
 
 /// The most movements one HoldStakes or PayWinningsBatch call may carry.
