@@ -156,6 +156,16 @@ impl BetStore {
     /// them was not written (its round is not open, or its key was taken:
     /// by an earlier bet, or by another bet of the same statement), which
     /// its caller finds out as `insert_placing`'s caller does.
+    ///
+    /// The rows are written in one order every batch shares, that of the
+    /// unique key `(user_id, idempotency_key)`: ON CONFLICT waits for a
+    /// conflicting row another statement wrote and has not committed, so
+    /// two batches carrying the same keys in different orders (retries
+    /// racing their originals, on one instance or two) would each hold one
+    /// key and wait for the other's, and PostgreSQL would fail one batch
+    /// (a deadlock) that lone inserts would all have placed. In key order,
+    /// whoever waits waits for a batch that needs nothing it holds. Among
+    /// bets of one key in the batch, the first in request order is written.
     pub async fn insert_placing_many(&self, bets: &[NewBet]) -> Result<Vec<BetRow>, StoreError> {
         if bets.is_empty() {
             return Ok(Vec::new());
@@ -166,7 +176,7 @@ impl BetStore {
              FROM unnest($1::UUID[], $2::BIGINT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::NUMERIC[]) \
                WITH ORDINALITY AS v(bet_id, user_id, key, round_id, side, amount, n) \
              WHERE EXISTS (SELECT 1 FROM rounds r WHERE r.round_id = v.round_id AND r.status = 'OPEN') \
-             ORDER BY v.n \
+             ORDER BY v.user_id, v.key, v.n \
              ON CONFLICT ON CONSTRAINT bets_user_key_unique DO NOTHING \
              RETURNING ",
             bet_columns!()

@@ -5,6 +5,7 @@
 //! its own Redis namespace: the harness is `betting-test-kit`.
 
 mod attack;
+mod attack10;
 mod attack9;
 mod attack_outbox;
 mod audit;

@@ -1,0 +1,187 @@
+//! Attack review 10: the group commit for PlaceBet (`placer.rs`,
+//! `BetStore::insert_placing_many`, `Ledger::hold_stakes`). Each test here
+//! demonstrates a finding; a failing test is a bug on the code it was
+//! written against.
+
+use std::time::Duration;
+
+use betting_api::pb;
+use betting_test_kit::{TestApp, authed, dec, fresh_database, settings};
+use sqlx::{PgPool, Postgres, Transaction};
+use tonic::Status;
+use uuid::Uuid;
+
+/// A PlaceBet in a task of its own, with a deadline long enough for the
+/// whole schedule (the server's default is 5 s).
+fn spawn_place(
+    app: &TestApp,
+    user: i64,
+    key: &str,
+) -> tokio::task::JoinHandle<Result<pb::PlaceBetResponse, Status>> {
+    let bets = app.bets();
+    let token = app.player(user);
+    let key = key.to_owned();
+    tokio::spawn(async move {
+        let mut request = authed(
+            pb::PlaceBetRequest {
+                round_id: "r".into(),
+                side: pb::Side::A as i32,
+                amount: "1".into(),
+                idempotency_key: key,
+            },
+            &token,
+        );
+        request.set_timeout(Duration::from_secs(30));
+        bets.clone()
+            .place_bet(request)
+            .await
+            .map(tonic::Response::into_inner)
+    })
+}
+
+/// An uncommitted PLACING row for each `(user, key)`: any statement that
+/// inserts one of these keys waits on this transaction (ON CONFLICT's
+/// speculative insertion waits for an in-progress conflicting row).
+async fn hold_keys(pool: &PgPool, keys: &[(i64, &str)]) -> Transaction<'static, Postgres> {
+    let mut tx = pool.begin().await.expect("begin");
+    for &(user, key) in keys {
+        sqlx::query(
+            "INSERT INTO bets (bet_id, user_id, idempotency_key, round_id, side, amount, status) \
+             VALUES ($1, $2, $3, 'r', 'A', 1, 'PLACING')",
+        )
+        .bind(Uuid::now_v7())
+        .bind(user)
+        .bind(key)
+        .execute(&mut *tx)
+        .await
+        .expect("hold a key");
+    }
+    tx
+}
+
+async fn pause(ms: u64) {
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+}
+
+/// Finding 1: `insert_placing_many` writes a batch's rows in request order
+/// (`ORDER BY v.n`), and ON CONFLICT waits for a conflicting row another
+/// statement inserted and has not committed. Two concurrent batches that
+/// carry the same two keys in opposite orders (a client's retries racing
+/// their originals, on one instance or two) each insert their first key and
+/// wait for the other's: PostgreSQL breaks the deadlock by failing one
+/// INSERT (40P01), and every PlaceBet of that batch, other players' bets
+/// included, is answered INTERNAL. A lone `insert_placing` writes one row
+/// per statement and can never be in such a cycle: every one of these
+/// PlaceBets would have been placed (the retries answered with their
+/// originals).
+///
+/// The schedule is forced: four uncommitted blockers keep the four batch
+/// slots busy so that the next batches form exactly as wanted, and a fifth
+/// holds one key of each batch so that both stop half-way through their
+/// INSERT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn attack10_two_batches_with_the_same_keys_in_opposite_orders_deadlock() {
+    opposite_orders(TestApp::spawn().await).await;
+}
+
+/// The control: the same schedule placed alone (`BETTING_PLACE_GROUP_COMMIT=false`)
+/// places every bet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn attack10_the_same_schedule_placed_alone_places_every_bet() {
+    let database = fresh_database().await;
+    let mut s = settings(&database, &std::env::var("REDIS_URL").expect("REDIS_URL"));
+    s.place_group_commit = false;
+    opposite_orders(TestApp::spawn_with(s).await).await;
+}
+
+async fn opposite_orders(app: TestApp) {
+    app.open_round("r").await;
+    for user in [1, 2, 3, 4, 9] {
+        app.deposit(user, "10").await;
+    }
+
+    // Occupy the four batch slots: each blocker batch waits on its key.
+    let mut blockers = Vec::new();
+    let mut slot_bets = Vec::new();
+    for n in 0..4 {
+        let key = format!("slot-{n}");
+        blockers.push(hold_keys(&app.pool, &[(9, &key)]).await);
+        slot_bets.push(spawn_place(&app, 9, &key));
+        pause(100).await;
+    }
+    // The two keys each batch stops at, half-way.
+    let middle = hold_keys(&app.pool, &[(3, "x"), (4, "y")]).await;
+
+    // Batch 1: [user 1 "a", user 3 "x", user 2 "b"].
+    let a = spawn_place(&app, 1, "a");
+    pause(50).await;
+    let x = spawn_place(&app, 3, "x");
+    pause(50).await;
+    let b = spawn_place(&app, 2, "b");
+    pause(300).await;
+    blockers.remove(0).rollback().await.expect("free a slot");
+    // Batch 1 has written "a" and waits on "x".
+    pause(700).await;
+
+    // Batch 2: the same keys in the other order, [user 2 "b", user 4 "y",
+    // user 1 "a"] (the retries of "a" and "b").
+    let b_retry = spawn_place(&app, 2, "b");
+    pause(50).await;
+    let y = spawn_place(&app, 4, "y");
+    pause(50).await;
+    let a_retry = spawn_place(&app, 1, "a");
+    pause(300).await;
+    blockers.remove(0).rollback().await.expect("free a slot");
+    // Batch 2 has written "b" and waits on "y".
+    pause(700).await;
+
+    // Let both go on: batch 1 now needs "b", batch 2 "a".
+    middle.rollback().await.expect("release x and y");
+    pause(100).await;
+    for blocker in blockers {
+        blocker.rollback().await.expect("free a slot");
+    }
+
+    let mut answers = Vec::new();
+    for (name, task) in [
+        ("a", a),
+        ("x", x),
+        ("b", b),
+        ("b retry", b_retry),
+        ("y", y),
+        ("a retry", a_retry),
+    ] {
+        answers.push((name, task.await.expect("task")));
+    }
+    for task in slot_bets {
+        task.await.expect("task").expect("a slot's bet");
+    }
+    let failed: Vec<String> = answers
+        .iter()
+        .filter_map(|(name, answer)| {
+            answer
+                .as_ref()
+                .err()
+                .map(|s| format!("{name}: {:?} {}", s.code(), s.message()))
+        })
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "PlaceBets a lone placing would all have placed were refused: {failed:?}"
+    );
+    let bet_id = |n: usize| {
+        answers[n]
+            .1
+            .as_ref()
+            .ok()
+            .and_then(|r| r.bet.as_ref())
+            .map(|b| b.bet_id.clone())
+    };
+    assert_eq!(bet_id(0), bet_id(5), "a and its retry: one bet");
+    assert_eq!(bet_id(2), bet_id(3), "b and its retry: one bet");
+    for user in [1, 2, 3, 4] {
+        assert_eq!(app.balance(user).await, dec("9"), "user {user}");
+    }
+    assert_eq!(app.count_bets("PLACING").await, 0);
+    app.assert_books_balanced().await;
+}
