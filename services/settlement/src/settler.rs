@@ -12,7 +12,7 @@ use betting_queue::{Handler, Job, JobError};
 use betting_wallet_client::{WalletCallError, WalletClient};
 use uuid::Uuid;
 
-use crate::RoundStore;
+use crate::{RoundStore, store::MatchView};
 
 /// Pays one match: `settle:{match_id}`.
 pub struct SettleHandler {
@@ -57,25 +57,8 @@ impl SettleHandler {
         let winner = view
             .winning_side
             .ok_or_else(|| JobError::Permanent("settled round without a winner".into()))?;
-        let winner_user = match winner {
-            Side::A => view.user_a,
-            Side::B => view.user_b,
-        };
-        let payout = Amount::try_from_decimal(view.amount)
-            .and_then(Stake::new)
-            .map(|stake| stake.payout())
-            .map_err(|e| JobError::Permanent(format!("stake of match {match_id}: {e}")))?;
-        let user = UserId::new(winner_user).map_err(|e| JobError::Permanent(e.to_string()))?;
-        match self
-            .wallet
-            .pay_winnings(
-                user,
-                payout,
-                MatchId::from(match_id),
-                [BetId::from(view.bet_a_id), BetId::from(view.bet_b_id)],
-            )
-            .await
-        {
+        let (user, payout, matched, bets) = payout_of(&view, winner)?;
+        match self.wallet.pay_winnings(user, payout, matched, bets).await {
             Ok(_) => {}
             Err(WalletCallError::Unavailable(status)) => {
                 return Err(JobError::Unavailable(format!(
@@ -108,6 +91,28 @@ impl SettleHandler {
         Ok(true)
     }
 }
+
+/// What paying a match of a round `winner` won takes: the winner, twice
+/// the stake, the match and its two bets.
+fn payout_of(view: &MatchView, winner: Side) -> Result<Payout, JobError> {
+    let winner_user = match winner {
+        Side::A => view.user_a,
+        Side::B => view.user_b,
+    };
+    let payout = Amount::try_from_decimal(view.amount)
+        .and_then(Stake::new)
+        .map(|stake| stake.payout())
+        .map_err(|e| JobError::Permanent(format!("stake of match {}: {e}", view.match_id)))?;
+    let user = UserId::new(winner_user).map_err(|e| JobError::Permanent(e.to_string()))?;
+    Ok((
+        user,
+        payout,
+        MatchId::from(view.match_id),
+        [BetId::from(view.bet_a_id), BetId::from(view.bet_b_id)],
+    ))
+}
+
+type Payout = (UserId, Amount, MatchId, [BetId; 2]);
 
 /// Matches one wallet call pays (the wallet's limit per call).
 const ROUND_BATCH: i64 = 256;
@@ -161,27 +166,10 @@ impl SettleHandler {
             let winner = first
                 .winning_side
                 .ok_or_else(|| JobError::Permanent("settled round without a winner".into()))?;
-            let mut payouts = Vec::with_capacity(views.len());
-            for view in &views {
-                let winner_user = match winner {
-                    Side::A => view.user_a,
-                    Side::B => view.user_b,
-                };
-                let payout = Amount::try_from_decimal(view.amount)
-                    .and_then(Stake::new)
-                    .map(|stake| stake.payout())
-                    .map_err(|e| {
-                        JobError::Permanent(format!("stake of match {}: {e}", view.match_id))
-                    })?;
-                let user =
-                    UserId::new(winner_user).map_err(|e| JobError::Permanent(e.to_string()))?;
-                payouts.push((
-                    user,
-                    payout,
-                    MatchId::from(view.match_id),
-                    [BetId::from(view.bet_a_id), BetId::from(view.bet_b_id)],
-                ));
-            }
+            let payouts = views
+                .iter()
+                .map(|view| payout_of(view, winner))
+                .collect::<Result<Vec<_>, _>>()?;
             let outcomes = self
                 .wallet
                 .pay_winnings_batch(&payouts)

@@ -325,9 +325,10 @@ impl RoundStore {
         .await?)
     }
 
-    /// [`Self::mark_match_settled`] for many paid matches of one round, in
-    /// one transaction: each match (still OPEN) and its two bets (still
-    /// MATCHED) SETTLED. Returns the bets that changed.
+    /// Records paid matches of one round in one transaction: each match
+    /// (still OPEN) and its two bets (still MATCHED) SETTLED, with results
+    /// and payouts. Returns the bets that changed; a match recorded already
+    /// changes nothing.
     pub async fn mark_matches_settled(
         &self,
         matches: &[Uuid],
@@ -374,36 +375,7 @@ impl RoundStore {
         match_id: Uuid,
         winner: Side,
     ) -> Result<Vec<betting_streams::BetNote>, StoreError> {
-        let mut tx = betting_db::begin(&self.pool).await?;
-        let changed = sqlx::query(
-            "UPDATE matches SET status = 'SETTLED', winning_side = $2, settled_at = now() \
-             WHERE match_id = $1 AND status = 'OPEN'",
-        )
-        .bind(match_id)
-        .bind(winner.as_db())
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if changed == 0 {
-            return Ok(Vec::new());
-        }
-        let bets: Vec<ChangedBet> = sqlx::query_as(
-            "UPDATE bets SET status = 'SETTLED', \
-               result = CASE WHEN side = $2 THEN 'WON' ELSE 'LOST' END, \
-               payout = CASE WHEN side = $2 THEN amount * 2 ELSE 0 END, \
-               version = version + 1, updated_at = now() \
-             WHERE match_id = $1 AND status = 'MATCHED' \
-             RETURNING user_id, bet_id, round_id, version",
-        )
-        .bind(match_id)
-        .bind(winner.as_db())
-        .fetch_all(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(bets
-            .into_iter()
-            .map(|b| betting_streams::BetNote::changed(b.user_id, b.bet_id, b.round_id, b.version))
-            .collect())
+        self.mark_matches_settled(&[match_id], winner).await
     }
 
     /// Rounds created, closed or settled since `from`: the hubs' sweep.

@@ -311,9 +311,16 @@ impl Ledger {
     ///   checked against the balance computed here), one INSERT the ledger
     ///   rows (in request order, so each user's `balance_after` chain follows
     ///   entry ids), one INSERT the refusals; one commit.
-    /// - a key twice in one batch: the second is answered like a retry of
-    ///   the first (its replay, or `IdempotencyConflict` for another payload).
+    /// - a key twice in one call runs in a later wave ([`Wave`]).
     pub async fn hold_stakes(
+        &self,
+        holds: &[Transfer],
+    ) -> Result<Vec<Result<Posted, WalletError>>, WalletError> {
+        self.in_waves(holds, Wave::Stakes).await
+    }
+
+    /// One wave of [`Self::hold_stakes`]: every key once.
+    async fn hold_stakes_once(
         &self,
         holds: &[Transfer],
     ) -> Result<Vec<Result<Posted, WalletError>>, WalletError> {
@@ -387,8 +394,17 @@ impl Ledger {
     /// batch counted as paid; then the winners' wallet rows `FOR UPDATE` in
     /// user order (created empty if missing, as `post`'s credit would), the
     /// credits in request order, one UPDATE, one ledger INSERT, one
-    /// `payout_bets` INSERT, one refusal INSERT, one commit.
+    /// `payout_bets` INSERT, one refusal INSERT, one commit. A key twice in
+    /// one call runs in a later wave ([`Wave`]).
     pub async fn pay_winnings_batch(
+        &self,
+        payouts: &[Transfer],
+    ) -> Result<Vec<Result<Posted, WalletError>>, WalletError> {
+        self.in_waves(payouts, Wave::Payouts).await
+    }
+
+    /// One wave of [`Self::pay_winnings_batch`]: every key once.
+    async fn pay_winnings_once(
         &self,
         payouts: &[Transfer],
     ) -> Result<Vec<Result<Posted, WalletError>>, WalletError> {
@@ -464,13 +480,23 @@ impl Ledger {
         .execute(&mut *tx)
         .await?;
         let references: Vec<String> = bets.iter().map(Uuid::to_string).collect();
-        let stakes: Vec<(String, i64, Decimal)> = sqlx::query_as(
+        let rows: Vec<(String, i64, Decimal)> = sqlx::query_as(
             "SELECT reference, user_id, -amount FROM ledger_entries \
              WHERE kind = 'STAKE' AND reference = ANY($1)",
         )
         .bind(&references)
         .fetch_all(&mut *tx)
         .await?;
+        // The stakes held per bet (a stake's reference is its bet id).
+        let mut stakes: HashMap<Uuid, Vec<HeldStake>> = HashMap::new();
+        for (reference, user_id, held) in rows {
+            if let Ok(bet) = Uuid::parse_str(&reference) {
+                stakes
+                    .entry(bet)
+                    .or_default()
+                    .push(HeldStake { user_id, held });
+            }
+        }
         let mut paid: std::collections::HashSet<Uuid> =
             sqlx::query_scalar("SELECT bet_id FROM payout_bets WHERE bet_id = ANY($1)")
                 .bind(&bets)
@@ -516,13 +542,10 @@ impl Ledger {
             let Guard::Payout { bets, stake, .. } = &t.guard else {
                 continue;
             };
-            let held: Vec<HeldStake> = stakes
+            let held: Vec<HeldStake> = bets
                 .iter()
-                .filter(|(r, _, _)| bets.iter().any(|b| b.to_string() == *r))
-                .map(|(_, user_id, held)| HeldStake {
-                    user_id: *user_id,
-                    held: *held,
-                })
+                .flat_map(|b| stakes.get(b).into_iter().flatten())
+                .cloned()
                 .collect();
             let was_paid = bets.iter().any(|b| paid.contains(b));
             let was_refunded = bets.iter().any(|b| {
@@ -592,6 +615,47 @@ impl Ledger {
         Ok(answers)
     }
 
+    /// Runs a batch as consecutive transactions ("waves") in which every key
+    /// appears once: a key's second movement goes in the next wave, after
+    /// the first's commit, so it is answered exactly as a lone call made
+    /// after the first would be (a replay, the same refusal, a reused key,
+    /// or — when the first was refused without being recorded — its own
+    /// decision). Answers come back in request order; a batch without a
+    /// repeated key is one wave.
+    async fn in_waves(
+        &self,
+        movements: &[Transfer],
+        wave: Wave,
+    ) -> Result<Vec<Result<Posted, WalletError>>, WalletError> {
+        // The wave of each movement: one more than its key's previous one.
+        let mut seen: HashMap<&str, usize> = HashMap::new();
+        let waves: Vec<usize> = movements
+            .iter()
+            .map(|t| {
+                let n = seen.get(t.key.as_str()).map_or(0, |w| w + 1);
+                seen.insert(t.key.as_str(), n);
+                n
+            })
+            .collect();
+        let mut answers: Vec<Option<Result<Posted, WalletError>>> =
+            movements.iter().map(|_| None).collect();
+        for n in 0..=waves.iter().copied().max().unwrap_or(0) {
+            let members: Vec<usize> = (0..movements.len()).filter(|&i| waves[i] == n).collect();
+            let batch: Vec<Transfer> = members.iter().map(|&i| movements[i].clone()).collect();
+            let posted = match wave {
+                Wave::Stakes => self.hold_stakes_once(&batch).await?,
+                Wave::Payouts => self.pay_winnings_once(&batch).await?,
+            };
+            for (i, answer) in members.into_iter().zip(posted) {
+                answers[i] = Some(answer);
+            }
+        }
+        Ok(answers
+            .into_iter()
+            .map(|a| a.unwrap_or(Err(WalletError::IdempotencyConflict)))
+            .collect())
+    }
+
     pub async fn wallet(&self, user: UserId) -> Result<WalletView, WalletError> {
         let row: Option<(Decimal, DateTime<Utc>)> =
             sqlx::query_as("SELECT balance, updated_at FROM wallets WHERE user_id = $1")
@@ -637,6 +701,13 @@ impl Ledger {
 /// The wallets table's CHECK backstop on a balance (10^18).
 const BALANCE_BACKSTOP: Decimal = Decimal::from_parts(2_808_348_672, 232_830_643, 0, false, 0);
 
+/// Which batch [`Ledger::in_waves`] runs.
+#[derive(Clone, Copy)]
+enum Wave {
+    Stakes,
+    Payouts,
+}
+
 /// What a batch decided for one movement.
 enum Decision {
     /// Moved: the signed change of the wallet and the balance right after.
@@ -655,16 +726,16 @@ struct Batch<'a> {
     /// Answers known so far (replays, refusals, decisions).
     answers: Vec<Option<Result<Posted, WalletError>>>,
     entries: HashMap<String, Entry>,
-    /// The first movement of each key new to the ledger, in request order.
+    /// The movements whose keys are new to the ledger, in request order.
     new: Vec<usize>,
-    first_of_key: HashMap<&'a str, usize>,
     decisions: HashMap<usize, Decision>,
 }
 
 impl<'a> Batch<'a> {
     /// Takes every key's lock in hash order (the lock is on the hash: two
     /// batches, or a batch and a lone movement, never wait in a cycle) and
-    /// answers what the keys decided before.
+    /// answers what the keys decided before. Every key appears once (a wave
+    /// of [`Ledger::in_waves`]).
     async fn open(
         tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
         movements: &'a [Transfer],
@@ -708,7 +779,6 @@ impl<'a> Batch<'a> {
             answers: movements.iter().map(|_| None).collect(),
             entries,
             new: Vec::new(),
-            first_of_key: HashMap::new(),
             decisions: HashMap::new(),
         };
         for (i, t) in movements.iter().enumerate() {
@@ -716,11 +786,9 @@ impl<'a> Batch<'a> {
                 batch.answers[i] = Some(replay(existing.clone(), t));
             } else if let Some(refusal) = refusals.get(t.key.as_str()) {
                 batch.answers[i] = Some(Err(refusal.replay(t)));
-            } else if !batch.first_of_key.contains_key(t.key.as_str()) {
-                batch.first_of_key.insert(t.key.as_str(), i);
+            } else {
                 batch.new.push(i);
             }
-            // Else a key's second movement: answered from its first, last.
         }
         Ok(batch)
     }
@@ -880,46 +948,11 @@ impl<'a> Batch<'a> {
                 Decision::Record(e) | Decision::Skip(e) => Err(e),
             });
         }
-        // A key's second movement in the batch: a retry of its first.
-        for (i, m) in t.iter().enumerate() {
-            if self.answers[i].is_some() {
-                continue;
-            }
-            let first = self.first_of_key.get(m.key.as_str()).copied();
-            let answer = match first.map(|f| (f, &self.answers[f])) {
-                // Its first moved: replay that entry.
-                Some((_, Some(Ok(_)))) => self
-                    .entries
-                    .get(m.key.as_str())
-                    .map_or(Err(WalletError::IdempotencyConflict), |entry| {
-                        replay(entry.clone(), m)
-                    }),
-                // Its first was refused: the same refusal, for the same movement.
-                Some((f, Some(Err(e)))) if same_movement(&t[f], m) => Err(repeat_refusal(e)),
-                _ => Err(WalletError::IdempotencyConflict),
-            };
-            self.answers[i] = Some(answer);
-        }
         Ok(self
             .answers
             .into_iter()
             .map(|a| a.unwrap_or(Err(WalletError::IdempotencyConflict)))
             .collect())
-    }
-}
-
-/// The refusal a key's first movement in a batch got, for its second.
-fn repeat_refusal(e: &WalletError) -> WalletError {
-    match e {
-        WalletError::InsufficientFunds => WalletError::InsufficientFunds,
-        WalletError::BalanceLimit => WalletError::BalanceLimit,
-        WalletError::NoMatchingStake => WalletError::NoMatchingStake,
-        WalletError::AlreadyPaid => WalletError::AlreadyPaid,
-        WalletError::AlreadyRefunded => WalletError::AlreadyRefunded,
-        WalletError::RefundNotDue(why) => WalletError::RefundNotDue(why),
-        WalletError::PayoutNotDue(why) => WalletError::PayoutNotDue(why),
-        WalletError::Busy(busy) => WalletError::Busy(*busy),
-        _ => WalletError::IdempotencyConflict,
     }
 }
 
@@ -1077,11 +1110,6 @@ struct KeyedRefusal {
     refusal: Refusal,
 }
 
-/// Whether two movements ask for the same thing (kind, user, amount, reference).
-fn same_movement(a: &Transfer, b: &Transfer) -> bool {
-    a.kind == b.kind && a.user == b.user && a.amount == b.amount && a.reference == b.reference
-}
-
 /// The bets a payout entry paid.
 async fn paid_bets(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
@@ -1155,5 +1183,15 @@ mod tests {
     #[test]
     fn the_deposit_limit_is_ten_to_the_fifteenth() {
         assert_eq!(DEPOSIT_LIMIT, Decimal::from(1_000_000_000_000_000_i64));
+    }
+
+    /// The batch refuses a credit past the column's CHECK, as `post`'s
+    /// CHECK violation does: the two bounds must be the same number.
+    #[test]
+    fn the_balance_backstop_is_the_columns_check() {
+        assert_eq!(
+            BALANCE_BACKSTOP,
+            Decimal::from(1_000_000_000_000_000_000_i64)
+        );
     }
 }

@@ -195,32 +195,11 @@ impl WalletService {
         holds: &[StakeHold<'_>],
     ) -> Result<Vec<Result<Posted, WalletError>>, WalletError> {
         principal.require(SERVICES)?;
-        if holds.is_empty() || holds.len() > MAX_HOLDS_PER_CALL {
-            return Err(InvalidRequest::field(
-                "holds",
-                format!("must hold between 1 and {MAX_HOLDS_PER_CALL} stakes"),
-            )
-            .into());
-        }
-        let parsed: Vec<Result<Transfer, WalletError>> = holds
-            .iter()
-            .map(|h| internal_transfer(EntryKind::Stake, h.user_id, h.amount, h.key, h.bet_id))
-            .collect();
-        let mut posted = in_waves(&parsed, |wave| {
-            let ledger = self.ledger.clone();
-            async move { ledger.hold_stakes(&wave).await }
-        })
-        .await?
-        .into_iter();
-        Ok(parsed
-            .into_iter()
-            .map(|p| match p {
-                Ok(_) => posted
-                    .next()
-                    .unwrap_or(Err(WalletError::IdempotencyConflict)),
-                Err(e) => Err(e),
-            })
-            .collect())
+        let parsed = parse_batch("holds", holds, |h| {
+            internal_transfer(EntryKind::Stake, h.user_id, h.amount, h.key, h.bet_id)
+        })?;
+        let posted = self.ledger.hold_stakes(&valid(&parsed)).await?;
+        Ok(reassemble(parsed, posted))
     }
 
     /// HoldStake and RefundStake: our own services, keys of a fixed shape.
@@ -269,30 +248,9 @@ impl WalletService {
         payouts: &[PayoutAsk<'_>],
     ) -> Result<Vec<Result<Posted, WalletError>>, WalletError> {
         principal.require(SERVICES)?;
-        if payouts.is_empty() || payouts.len() > MAX_HOLDS_PER_CALL {
-            return Err(InvalidRequest::field(
-                "payouts",
-                format!("must carry between 1 and {MAX_HOLDS_PER_CALL} payouts"),
-            )
-            .into());
-        }
-        let parsed: Vec<Result<Transfer, WalletError>> =
-            payouts.iter().map(payout_transfer).collect();
-        let mut posted = in_waves(&parsed, |wave| {
-            let ledger = self.ledger.clone();
-            async move { ledger.pay_winnings_batch(&wave).await }
-        })
-        .await?
-        .into_iter();
-        Ok(parsed
-            .into_iter()
-            .map(|p| match p {
-                Ok(_) => posted
-                    .next()
-                    .unwrap_or(Err(WalletError::IdempotencyConflict)),
-                Err(e) => Err(e),
-            })
-            .collect())
+        let parsed = parse_batch("payouts", payouts, payout_transfer)?;
+        let posted = self.ledger.pay_winnings_batch(&valid(&parsed)).await?;
+        Ok(reassemble(parsed, posted))
     }
 }
 
@@ -360,46 +318,50 @@ fn payout_transfer(ask: &PayoutAsk<'_>) -> Result<Transfer, WalletError> {
     })
 }
 
-/// Runs a batch's valid movements as consecutive ledger batches ("waves")
-/// in which every key appears once: a key's second movement goes in the
-/// next wave, after the first's transaction committed, so it is answered
-/// exactly as a lone call made after the first would be (a replay, the
-/// same refusal, a reused key, or — when the first was refused without
-/// being recorded — its own decision). Answers come back in request order.
-async fn in_waves<F, Fut>(
-    parsed: &[Result<Transfer, WalletError>],
-    mut run: F,
-) -> Result<Vec<Result<Posted, WalletError>>, WalletError>
-where
-    F: FnMut(Vec<Transfer>) -> Fut,
-    Fut: std::future::Future<Output = Result<Vec<Result<Posted, WalletError>>, WalletError>>,
-{
-    let valid: Vec<&Transfer> = parsed.iter().filter_map(|p| p.as_ref().ok()).collect();
-    // The wave of each movement: one more than its key's previous one.
-    let mut seen: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
-    let waves: Vec<usize> = valid
-        .iter()
-        .map(|t| {
-            let wave = seen.get(t.key.as_str()).map_or(0, |w| w + 1);
-            seen.insert(t.key.as_str(), wave);
-            wave
-        })
-        .collect();
-    let mut answers: Vec<Option<Result<Posted, WalletError>>> =
-        valid.iter().map(|_| None).collect();
-    let last = waves.iter().copied().max().unwrap_or(0);
-    for wave in 0..=last {
-        let members: Vec<usize> = (0..valid.len()).filter(|&i| waves[i] == wave).collect();
-        let movements: Vec<Transfer> = members.iter().map(|&i| valid[i].clone()).collect();
-        let posted = run(movements).await?;
-        for (i, answer) in members.into_iter().zip(posted) {
-            answers[i] = Some(answer);
-        }
+/// A batch call's movements, each parsed on its own (a malformed one is
+/// refused alone); the call itself is refused when it carries none or more
+/// than [`MAX_HOLDS_PER_CALL`].
+fn parse_batch<T>(
+    field: &'static str,
+    asks: &[T],
+    parse: impl Fn(&T) -> Result<Transfer, WalletError>,
+) -> Result<Vec<Result<Transfer, WalletError>>, WalletError> {
+    if asks.is_empty() || asks.len() > MAX_HOLDS_PER_CALL {
+        return Err(InvalidRequest::field(
+            field,
+            format!("must carry between 1 and {MAX_HOLDS_PER_CALL} movements"),
+        )
+        .into());
     }
-    Ok(answers
+    Ok(asks.iter().map(parse).collect())
+}
+
+/// The movements of a batch that parsed, for the ledger.
+fn valid(parsed: &[Result<Transfer, WalletError>]) -> Vec<Transfer> {
+    parsed
+        .iter()
+        .filter_map(|p| p.as_ref().ok())
+        .cloned()
+        .collect()
+}
+
+/// Every movement's answer in request order: the ledger's for those that
+/// parsed (in the order they were given to it), the parse's refusal for
+/// the others.
+fn reassemble(
+    parsed: Vec<Result<Transfer, WalletError>>,
+    posted: Vec<Result<Posted, WalletError>>,
+) -> Vec<Result<Posted, WalletError>> {
+    let mut posted = posted.into_iter();
+    parsed
         .into_iter()
-        .map(|a| a.unwrap_or(Err(WalletError::IdempotencyConflict)))
-        .collect())
+        .map(|p| match p {
+            Ok(_) => posted
+                .next()
+                .unwrap_or(Err(WalletError::IdempotencyConflict)),
+            Err(e) => Err(e),
+        })
+        .collect()
 }
 
 /// The most movements one HoldStakes or PayWinningsBatch call may carry.
