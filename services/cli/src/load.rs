@@ -74,6 +74,11 @@ pub struct Common {
     /// Print exactly one JSON object on stdout (progress goes to stderr).
     #[arg(long)]
     json: bool,
+    /// A process tree whose CPU time to report for the load's window, as
+    /// NAME=PID (repeatable; e.g. `--cpu server=PID --cpu postgres=PID` with
+    /// the postmaster's pid). The bench's own process is always reported.
+    #[arg(long = "cpu", value_name = "NAME=PID", value_parser = crate::cpu::parse_root)]
+    cpu: Vec<(String, u32)>,
     #[arg(long, env = "BETTING_JWT_SECRET", hide_env_values = true)]
     jwt_secret: betting_config::Secret,
 }
@@ -173,6 +178,8 @@ struct Report {
     audit_checks_run: i32,
     /// The check name of every violation found, one entry per violation.
     audit_violations: Vec<String>,
+    /// CPU per process tree while the load ran (`--cpu`).
+    cpu: Option<crate::cpu::CpuUse>,
 }
 
 #[derive(Serialize, Default)]
@@ -852,6 +859,9 @@ fn print(report: &Report, json: bool) -> anyhow::Result<()> {
         report.placed_per_sec
     );
     println!("latency             {}", report.latency_ms.line());
+    if let Some(cpu) = &report.cpu {
+        println!("cpu while placing   {cpu}");
+    }
     println!(
         "matches             {} ({} bets left pending)",
         report.matches, report.pending_after_matching
@@ -923,6 +933,7 @@ async fn run_plan(plan: Plan, common: &Common) -> anyhow::Result<()> {
         "placing {bar:40} {elapsed}/{duration} {msg}",
     );
     let ticker = Ticker::start(bar.clone(), counters.clone(), Instant::now());
+    let cpu = crate::cpu::CpuWatch::start(&common.cpu);
     let (tally, elapsed, scheduled) = match plan.rate {
         Some(rate) => {
             let (tally, elapsed, scheduled) =
@@ -934,6 +945,7 @@ async fn run_plan(plan: Plan, common: &Common) -> anyhow::Result<()> {
             (tally, elapsed, None)
         }
     };
+    let cpu = cpu.finish();
     drop(ticker);
     bar.finish_and_clear();
     eprintln!(
@@ -949,6 +961,7 @@ async fn run_plan(plan: Plan, common: &Common) -> anyhow::Result<()> {
         seconds: plan.seconds as f64,
         rate: plan.rate,
         scheduled,
+        cpu: Some(cpu),
         ..Report::default()
     };
     fill_placing(&mut report, tally, elapsed);

@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod cpu;
 mod dev_certs;
 mod load;
 mod probe;
