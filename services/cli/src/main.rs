@@ -49,6 +49,11 @@ enum Command {
     Queue(QueueArgs),
     /// Benchmarks against a running suite.
     Bench(BenchCommand),
+    /// The suite as separate processes under load while a seeded schedule
+    /// kills, freezes and restarts them, restarts Redis and PostgreSQL and
+    /// breaks links; then heals, quiesces and checks every cent against the
+    /// client's own books. Exit 1 on any violation.
+    Chaos(betting_chaos::ChaosArgs),
     /// Write a local CA, a server certificate for localhost and a client
     /// certificate (for mutual TLS), and print the settings that use them.
     DevCerts(dev_certs::DevCertsArgs),
@@ -190,6 +195,7 @@ fn main() -> ExitCode {
         Command::Migrate(storage) => runtime().and_then(|rt| rt.block_on(migrate(storage))),
         Command::Audit(args) => runtime().and_then(|rt| rt.block_on(audit(args))),
         Command::Queue(args) => runtime().and_then(|rt| rt.block_on(queue(args))),
+        Command::Chaos(args) => runtime().and_then(|rt| rt.block_on(chaos(args))),
         Command::Bench(BenchCommand {
             command: BenchKind::Streams(args),
         }) => runtime().and_then(|rt| rt.block_on(bench::streams(args))),
@@ -243,6 +249,20 @@ async fn migrate(storage: StorageSettings) -> anyhow::Result<()> {
         .await
         .context("migration failed")?;
     tracing::info!("migrations applied");
+    Ok(())
+}
+
+async fn chaos(args: betting_chaos::ChaosArgs) -> anyhow::Result<()> {
+    let report = betting_chaos::run(&args).await?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        betting_chaos::print(&report);
+    }
+    if !report.passed() {
+        // The seed and the violations are in the report above.
+        std::process::exit(1);
+    }
     Ok(())
 }
 

@@ -25,7 +25,7 @@
 
 #![forbid(unsafe_code)]
 
-pub mod books;
+pub use betting_books as books;
 pub mod proxy;
 pub mod schedule;
 pub mod world;

@@ -26,11 +26,7 @@ pub const MAX_AMOUNT: i64 = 1_000_000_000_000;
 /// 10^15: the wallet balance limit.
 pub const BALANCE_LIMIT: i64 = 1_000_000_000_000_000;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
-    A,
-    B,
-}
+pub use betting_books::Side;
 
 /// What a PlaceBet reusing an earlier key changes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

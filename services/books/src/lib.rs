@@ -1,5 +1,6 @@
 //! The client's own books: what each request was answered, kept apart from
-//! anything the server says about itself.
+//! anything the server says about itself. Kept by the seeded simulation
+//! (`betting-sim`) and by `betting chaos` alike.
 //!
 //! The idempotency contract is checked as answers arrive: the same key with
 //! the same payload must always get the same answer (whatever the
@@ -12,7 +13,12 @@ use std::collections::HashMap;
 use rust_decimal::Decimal;
 use tonic::{Code, Status};
 
-use crate::schedule::Side;
+/// A bet's side, as the client asked for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    A,
+    B,
+}
 
 /// A resolved answer.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,0 +1,274 @@
+//! After the run, once everything is healed and quiet: the client's books
+//! against PostgreSQL, and `betting audit`.
+//!
+//! - every acknowledged PlaceBet exists, with its stake, side and round;
+//!   no bet exists that no answer acknowledged (a REJECTED bet holds no
+//!   money and is not shown to its player, so it is not counted);
+//! - each user's balance = deposits − withdrawals − stakes + payouts +
+//!   refunds, computed from the client's own books and its bets' outcomes;
+//! - total money (every wallet and the escrow) = total deposits −
+//!   withdrawals, exactly;
+//! - no ledger key was used twice, no bet is left non-terminal, nothing
+//!   is owed, no job is waiting or dead;
+//! - every request that stored something, asked again, gets the same answer.
+
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
+
+use betting_books::Side;
+use betting_queue::{Queue, QueueSettings};
+use rust_decimal::Decimal;
+use serde::Serialize;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::load::Load;
+
+/// The figures the report gives beside the violations.
+#[derive(Debug, Default, Serialize)]
+pub struct Tally {
+    pub bets: i64,
+    pub settled: i64,
+    pub refunded: i64,
+    pub rejected: i64,
+    /// Client's expected total minus the server's, in money: exactly "0".
+    pub money_difference: String,
+    pub duplicate_ledger_keys: i64,
+    pub not_terminal: i64,
+    pub acknowledged_missing: usize,
+}
+
+#[derive(sqlx::FromRow)]
+struct BetRow {
+    bet_id: Uuid,
+    user_id: i64,
+    round_id: String,
+    side: String,
+    amount: Decimal,
+    status: String,
+    result: Option<String>,
+}
+
+/// What is not finished yet: non-terminal bets, open rounds, unpaid
+/// matches, owed refunds, waiting or dead jobs. Empty once quiet.
+pub async fn stuck(pool: &PgPool, queues: &[Queue]) -> Vec<String> {
+    let mut stuck = Vec::new();
+    let counts: Result<Vec<(String, i64)>, _> = sqlx::query_as(
+        "SELECT 'bets ' || status, count(*) FROM bets \
+           WHERE status IN ('PLACING', 'PENDING', 'MATCHED') GROUP BY status \
+         UNION ALL SELECT 'rounds ' || status, count(*) FROM rounds \
+           WHERE status IN ('OPEN', 'CLOSED') GROUP BY status \
+         UNION ALL SELECT 'open matches', count(*) FROM matches \
+           WHERE status = 'OPEN' HAVING count(*) > 0 \
+         UNION ALL SELECT 'refunds owed', count(*) FROM wallet_commands \
+           WHERE done_at IS NULL HAVING count(*) > 0",
+    )
+    .fetch_all(pool)
+    .await;
+    match counts {
+        Ok(rows) => stuck.extend(rows.into_iter().map(|(what, n)| format!("{n} {what}"))),
+        Err(error) => stuck.push(format!("cannot read the tables: {error}")),
+    }
+    for queue in queues {
+        match queue.stats().await {
+            Ok(s) if s.waiting + s.delayed + s.in_flight + s.dead > 0 => stuck.push(format!(
+                "queue {}: {} waiting, {} delayed, {} in flight, {} dead",
+                s.queue, s.waiting, s.delayed, s.in_flight, s.dead
+            )),
+            Ok(_) => {}
+            Err(error) => stuck.push(format!("queue {}: {error}", queue.name())),
+        }
+    }
+    stuck
+}
+
+/// The queues of the run's namespace, read straight from Redis.
+pub fn queues(redis_url: &str, namespace: &str) -> anyhow::Result<Vec<Queue>> {
+    let client = betting_queue::connect(redis_url)?;
+    Ok([
+        betting_jobs::MATCH.name,
+        betting_jobs::SETTLE.name,
+        betting_jobs::REFUND.name,
+    ]
+    .into_iter()
+    .map(|name| Queue::new(client.clone(), namespace, name, QueueSettings::default()))
+    .collect())
+}
+
+/// Every check of a quiet system: the violations, and the figures.
+pub async fn check(
+    pool: &PgPool,
+    load: &Load,
+    queues: &[Queue],
+) -> anyhow::Result<(Vec<String>, Tally)> {
+    let mut violations: Vec<String> = stuck(pool, queues)
+        .await
+        .into_iter()
+        .map(|s| format!("stuck: {s}"))
+        .collect();
+    let mut tally = Tally::default();
+
+    // Every request that stored something, once more: same answers.
+    let replays = load
+        .books
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .replays();
+    for (i, request) in replays.iter().enumerate() {
+        load.resend(request, i).await;
+    }
+    let (acknowledged, net, unresolved, books_violations) = {
+        let mut books = load.books.lock().unwrap_or_else(|p| p.into_inner());
+        (
+            books.acknowledged(),
+            books.net_external(),
+            books.unresolved.len(),
+            std::mem::take(&mut books.violations),
+        )
+    };
+    violations.extend(books_violations);
+    if unresolved > 0 {
+        violations.push(format!("{unresolved} requests never resolved"));
+    }
+
+    let bets: Vec<BetRow> =
+        sqlx::query_as("SELECT bet_id, user_id, round_id, side, amount, status, result FROM bets")
+            .fetch_all(pool)
+            .await?;
+    let mut expected: HashMap<i64, Decimal> = net.clone();
+    let mut seen = HashSet::new();
+    for bet in &bets {
+        tally.bets += 1;
+        let id = bet.bet_id.to_string();
+        seen.insert(id.clone());
+        if bet.status == "REJECTED" {
+            tally.rejected += 1;
+            if acknowledged.contains_key(&id) {
+                violations.push(format!("acknowledged bet {id} was rejected"));
+            }
+            continue;
+        }
+        let Some(request) = acknowledged.get(&id) else {
+            violations.push(format!(
+                "user {} has bet {id} ({}) that no answer acknowledged",
+                bet.user_id, bet.status
+            ));
+            continue;
+        };
+        let side = match request.side {
+            Side::A => "A",
+            Side::B => "B",
+        };
+        if request.user != bet.user_id
+            || request.round != bet.round_id
+            || side != bet.side
+            || request.stake != bet.amount
+        {
+            violations.push(format!("bet {id} differs from its request {request:?}"));
+        }
+        let change = match (bet.status.as_str(), bet.result.as_deref()) {
+            ("SETTLED", Some("WON")) => {
+                tally.settled += 1;
+                bet.amount
+            }
+            ("SETTLED", Some("LOST")) => {
+                tally.settled += 1;
+                -bet.amount
+            }
+            ("REFUNDED", _) => {
+                tally.refunded += 1;
+                Decimal::ZERO
+            }
+            (status, result) => {
+                tally.not_terminal += 1;
+                violations.push(format!("bet {id} ended {status} ({result:?})"));
+                Decimal::ZERO
+            }
+        };
+        *expected.entry(bet.user_id).or_default() += change;
+    }
+    for id in acknowledged.keys() {
+        if !seen.contains(id) {
+            tally.acknowledged_missing += 1;
+            violations.push(format!("acknowledged bet {id} is missing"));
+        }
+    }
+
+    let balances: Vec<(i64, Decimal)> = sqlx::query_as("SELECT user_id, balance FROM wallets")
+        .fetch_all(pool)
+        .await?;
+    let balances: HashMap<i64, Decimal> = balances.into_iter().collect();
+    for &user in &load.users {
+        let want = expected.get(&user).copied().unwrap_or_default();
+        let have = balances.get(&user).copied().unwrap_or_default();
+        if want != have {
+            violations.push(format!(
+                "user {user} holds {have}, but the client's books say {want}"
+            ));
+        }
+    }
+    for user in balances.keys() {
+        if !load.users.contains(user) {
+            violations.push(format!("a wallet of user {user}, whom no client used"));
+        }
+    }
+
+    // Total money: every wallet and the escrow against what came in.
+    let escrow: Option<Decimal> =
+        sqlx::query_scalar("SELECT balance FROM account_balances WHERE account = 'ESCROW'")
+            .fetch_optional(pool)
+            .await?
+            .flatten();
+    let total: Decimal = balances.values().copied().sum::<Decimal>() + escrow.unwrap_or_default();
+    let came_in: Decimal = net.values().copied().sum();
+    let difference = came_in - total;
+    tally.money_difference = difference.normalize().to_string();
+    if !difference.is_zero() {
+        violations.push(format!(
+            "total money {total} (escrow {}) differs from deposits - withdrawals {came_in}",
+            escrow.unwrap_or_default()
+        ));
+    }
+    if let Some(escrow) = escrow.filter(|e| !e.is_zero()) {
+        violations.push(format!("escrow holds {escrow} with no bet open"));
+    }
+
+    tally.duplicate_ledger_keys = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT idempotency_key FROM ledger_entries \
+         GROUP BY idempotency_key HAVING count(*) > 1) d",
+    )
+    .fetch_one(pool)
+    .await?;
+    if tally.duplicate_ledger_keys > 0 {
+        violations.push(format!(
+            "{} ledger keys used more than once",
+            tally.duplicate_ledger_keys
+        ));
+    }
+
+    let audit = betting_audit::run(
+        pool,
+        &betting_audit::AuditSettings {
+            quiescence: Duration::ZERO,
+            match_timeout: Duration::from_secs(3600),
+        },
+    )
+    .await?;
+    violations.extend(
+        audit
+            .violations
+            .into_iter()
+            .map(|v| format!("audit {}: {}", v.check, v.detail)),
+    );
+    // The books' findings while replaying.
+    violations.append(
+        &mut load
+            .books
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .violations,
+    );
+    Ok((violations, tally))
+}

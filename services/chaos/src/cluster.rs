@@ -1,0 +1,233 @@
+//! The suite under test: its own PostgreSQL and Redis, the two link
+//! proxies, and the processes — WalletService, two betting instances,
+//! SettlementService, two matchers and two settlers.
+//!
+//! ```text
+//!   clients ──► betting-0, betting-1, settlement-0, wallet-0 (deposits)
+//!   betting-*, settler-* ──► [wallet link] ──► wallet-0
+//!   every process ──► [redis link] ──► Redis        every process ──► PostgreSQL
+//! ```
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::Context;
+use sqlx::PgPool;
+use tokio::sync::Mutex;
+
+use crate::{
+    faults::{LinkName, Topology},
+    link::Link,
+    servers::{Postgres, Redis},
+    supervise::{Kind, Process, wait_serving},
+};
+
+/// How long a process gets to answer health after a (re)start.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// The queue's visibility timeout the workers run with: the shortest
+/// allowed, so that zombies (frozen longer than this) happen often.
+pub const VISIBILITY: Duration = Duration::from_millis(6_000);
+
+pub struct Cluster {
+    pub dir: PathBuf,
+    pub pg: Postgres,
+    pub redis: Mutex<Redis>,
+    pub wallet_link: Link,
+    pub redis_link: Link,
+    pub processes: Vec<Slot>,
+    /// The owner's pool, for the final checks (direct, not through a link).
+    pub pool: PgPool,
+    pub secret: String,
+    /// The Redis namespace the processes share.
+    pub namespace: String,
+}
+
+/// One process's place in the suite: what it is, and the process itself.
+pub struct Slot {
+    pub kind: Kind,
+    pub index: usize,
+    pub name: String,
+    pub port: u16,
+    pub process: Mutex<Process>,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+impl Cluster {
+    pub async fn start(dir: &Path, topology: Topology) -> anyhow::Result<Self> {
+        let pg = Postgres::create(dir, free_port()?)?;
+        let redis = Redis::start(dir, free_port()?)?;
+        let admin = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(2)
+            .connect(&pg.url("postgres", "postgres"))
+            .await?;
+        sqlx::query("CREATE DATABASE betting")
+            .execute(&admin)
+            .await?;
+        admin.close().await;
+        let owner_url = pg.url("postgres", "betting");
+        let migrate = tokio::process::Command::new(std::env::current_exe()?)
+            .arg("migrate")
+            .env("DATABASE_URL", &owner_url)
+            .output()
+            .await?;
+        anyhow::ensure!(
+            migrate.status.success(),
+            "betting migrate failed: {}",
+            String::from_utf8_lossy(&migrate.stderr)
+        );
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(4)
+            .connect(&owner_url)
+            .await?;
+        // The services connect as a login role with the application's grants.
+        sqlx::query("CREATE ROLE betting_service LOGIN IN ROLE betting_app")
+            .execute(&pool)
+            .await?;
+
+        let wallet_port = free_port()?;
+        let wallet_link = Link::start("wallet", wallet_port).await?;
+        let redis_link = Link::start("redis", redis.port).await?;
+        let secret = format!("chaos-{}", uuid::Uuid::new_v4().simple());
+        let namespace = "chaos".to_owned();
+        let env: Vec<(String, String)> = [
+            ("DATABASE_URL", pg.url("betting_service", "betting")),
+            (
+                "REDIS_URL",
+                format!("redis://127.0.0.1:{}", redis_link.port),
+            ),
+            ("BETTING_REDIS_NAMESPACE", namespace.clone()),
+            (
+                "BETTING_WALLET_ENDPOINT",
+                format!("http://127.0.0.1:{}", wallet_link.port),
+            ),
+            ("BETTING_JWT_SECRET", secret.clone()),
+            ("BETTING_METRICS_ADDR", "127.0.0.1:0".into()),
+            (
+                "BETTING_QUEUE_VISIBILITY_MS",
+                VISIBILITY.as_millis().to_string(),
+            ),
+            ("BETTING_RECONCILE_INTERVAL_MS", "1000".into()),
+            ("BETTING_RECOVERY_INTERVAL_MS", "500".into()),
+            ("BETTING_PLACING_GRACE_SECS", "2".into()),
+            ("BETTING_MATCH_TIMEOUT_SECS", "20".into()),
+            ("BETTING_SHUTDOWN_GRACE_SECS", "3".into()),
+            ("BETTING_DB_MAX_CONNECTIONS", "12".into()),
+            // The run's clients bet far faster than a player may.
+            ("BETTING_USER_BET_RATE", "0".into()),
+            ("BETTING_USER_MAX_OPEN_BETS", "0".into()),
+            ("BETTING_USER_READ_RATE", "0".into()),
+            (
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+
+        let mut processes = Vec::new();
+        let mut add = |kind: Kind, count: usize, fixed: Option<u16>| -> anyhow::Result<()> {
+            for index in 0..count {
+                let port = match fixed {
+                    Some(port) => port,
+                    None => free_port()?,
+                };
+                let process = Process::new(kind, index, port, env.clone(), dir);
+                processes.push(Slot {
+                    kind,
+                    index,
+                    name: process.name.clone(),
+                    port,
+                    process: Mutex::new(process),
+                });
+            }
+            Ok(())
+        };
+        add(Kind::Wallet, 1, Some(wallet_port))?;
+        add(Kind::Betting, topology.betting, None)?;
+        add(Kind::Settlement, 1, None)?;
+        add(Kind::Matcher, topology.matchers, None)?;
+        add(Kind::Settler, topology.settlers, None)?;
+
+        let cluster = Self {
+            dir: dir.to_owned(),
+            pg,
+            redis: Mutex::new(redis),
+            wallet_link,
+            redis_link,
+            processes,
+            pool,
+            secret,
+            namespace,
+        };
+        for slot in &cluster.processes {
+            slot.process.lock().await.start()?;
+        }
+        for slot in &cluster.processes {
+            wait_serving(slot.port, START_TIMEOUT)
+                .await
+                .with_context(|| format!("{} did not start", slot.name))?;
+        }
+        Ok(cluster)
+    }
+
+    pub fn slot(&self, kind: Kind, index: usize) -> Option<&Slot> {
+        self.processes
+            .iter()
+            .find(|s| s.kind == kind && s.index == index)
+    }
+
+    /// The gRPC port of every process of a kind, in index order.
+    pub fn ports(&self, kind: Kind) -> Vec<u16> {
+        self.processes
+            .iter()
+            .filter(|s| s.kind == kind)
+            .map(|s| s.port)
+            .collect()
+    }
+
+    pub fn link(&self, name: LinkName) -> &Link {
+        match name {
+            LinkName::Wallet => &self.wallet_link,
+            LinkName::Redis => &self.redis_link,
+        }
+    }
+
+    /// Heals every link, wakes every frozen process and starts every dead
+    /// one, then waits until all of them serve.
+    pub async fn heal(&self) -> anyhow::Result<()> {
+        self.wallet_link.heal();
+        self.redis_link.heal();
+        for slot in &self.processes {
+            let mut p = slot.process.lock().await;
+            p.thaw()?;
+            if !p.alive() {
+                p.start()?;
+            }
+        }
+        for slot in &self.processes {
+            wait_serving(slot.port, START_TIMEOUT)
+                .await
+                .with_context(|| format!("{} does not serve after healing", slot.name))?;
+        }
+        Ok(())
+    }
+
+    /// Stops every process gracefully (the end of the run).
+    pub async fn stop(&self) {
+        for slot in &self.processes {
+            slot.process
+                .lock()
+                .await
+                .terminate(Duration::from_secs(5))
+                .await;
+        }
+    }
+}
