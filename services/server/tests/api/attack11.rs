@@ -996,3 +996,61 @@ async fn attack11_repeated_stake_keys_in_and_across_batches_hold_once() {
     assert_eq!(wallet_balance(&app, 3).await, dec("4"));
     app.assert_books_balanced().await;
 }
+
+/// Interleaving 1 across pages: two deliveries of one round's job (a
+/// zombie's and its redelivery, or a reconciler's duplicate after an ack)
+/// run at once over a round of two pages. Every match is recorded by
+/// exactly one of them and paid once; neither fails (no deadlock between
+/// two batches over the same keys, bets and wallets).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn attack11_two_deliveries_of_a_round_job_at_once_pay_each_match_once() {
+    let app = TestApp::spawn_roles(API_ONLY).await;
+    let stake = "1";
+    let pairs = matched_round(&app, "twice", 1, 300, stake).await;
+    app.settle_round("twice", pb::Side::A)
+        .await
+        .expect("settle");
+    let (one, two) = (settler(&app), settler(&app));
+    let (a, b) = tokio::join!(one.settle_round("twice"), two.settle_round("twice"));
+    let (a, b) = (a.expect("first delivery"), b.expect("second delivery"));
+    assert_eq!(a + b, 300, "each match recorded once: {a} + {b}");
+    assert_paid_once(&app, &pairs, stake).await;
+    app.assert_books_balanced().await;
+    app.assert_audit_clean().await;
+}
+
+/// Interleaving 1 mid-page: a round job has read its page and is stalled in
+/// its wallet call (before the wallet sees it) while lone per-match jobs pay
+/// and record some of the page's matches; then its call goes through. The
+/// page's payouts those jobs made replay, the rest are paid, and every match
+/// is recorded by exactly one job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn attack11_lone_jobs_paying_inside_a_stalled_round_page_pay_each_match_once() {
+    let app = TestApp::spawn_roles(API_ONLY).await;
+    let stake = "2";
+    let pairs = matched_round(&app, "mid", 1, 10, stake).await;
+    app.settle_round("mid", pb::Side::A).await.expect("settle");
+
+    let (link, arrived, open) = stalled_link(app.addr).await;
+    let stalled = SettleHandler::new(
+        RoundStore::new(app.pool.clone()),
+        wallet_client(&format!("http://{link}")),
+    );
+    let round_run = tokio::spawn(async move { stalled.settle_round("mid").await });
+    arrived.await.expect("the round job calls the wallet");
+    let lone = settler(&app);
+    let mut recorded = 0;
+    for p in pairs.iter().step_by(2) {
+        assert!(lone.settle(p.match_id).await.expect("lone job"));
+        recorded += 1;
+    }
+    open.send(true).expect("open the link");
+    recorded += round_run
+        .await
+        .expect("round task")
+        .expect("the round job finishes");
+    assert_eq!(recorded, 10, "each match recorded by exactly one job");
+    assert_paid_once(&app, &pairs, stake).await;
+    app.assert_books_balanced().await;
+    app.assert_audit_clean().await;
+}
