@@ -1054,3 +1054,131 @@ async fn attack11_lone_jobs_paying_inside_a_stalled_round_page_pay_each_match_on
     app.assert_books_balanced().await;
     app.assert_audit_clean().await;
 }
+
+/// A PlaceBet in a task of its own, with its own deadline.
+fn spawn_place(
+    app: &TestApp,
+    user: i64,
+    key: &str,
+    timeout: Duration,
+) -> tokio::task::JoinHandle<Result<pb::PlaceBetResponse, tonic::Status>> {
+    let bets = app.bets();
+    let token = app.player(user);
+    let key = key.to_owned();
+    tokio::spawn(async move {
+        let mut request = authed(
+            pb::PlaceBetRequest {
+                round_id: "r".into(),
+                side: pb::Side::A as i32,
+                amount: "1".into(),
+                idempotency_key: key,
+            },
+            &token,
+        );
+        request.set_timeout(timeout);
+        bets.clone()
+            .place_bet(request)
+            .await
+            .map(tonic::Response::into_inner)
+    })
+}
+
+/// An uncommitted PLACING row for `(user, key)`: an INSERT of that key
+/// waits on this transaction.
+async fn hold_key(
+    pool: &sqlx::PgPool,
+    user: i64,
+    key: &str,
+) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut tx = pool.begin().await.expect("begin");
+    sqlx::query(
+        "INSERT INTO bets (bet_id, user_id, idempotency_key, round_id, side, amount, status) \
+         VALUES ($1, $2, $3, 'r', 'A', 1, 'PLACING')",
+    )
+    .bind(Uuid::now_v7())
+    .bind(user)
+    .bind(key)
+    .execute(&mut *tx)
+    .await
+    .expect("hold a key");
+    tx
+}
+
+/// Interleaving 3, the caller side: a placing batch outlives one of its
+/// callers (its deadline passed while the batch waited), and that caller's
+/// bet is answered "hold it alone" (its wallet row was held by another
+/// movement). The lone hold runs in the caller's task, so nobody runs it:
+/// the bet stays PLACING with nothing held — not "finished as if it had
+/// waited", as `placer.rs` says — until its retry or the recovery pass,
+/// which then give it exactly one outcome. (No money is at risk: nothing
+/// was taken.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn attack11_a_gone_callers_busy_bet_stays_placing_until_recovery() {
+    let app = TestApp::spawn_roles(API_ONLY).await;
+    app.open_round("r").await;
+    for user in [1, 2, 9] {
+        app.genesis(user, dec("10")).await;
+    }
+    let long = Duration::from_secs(30);
+    // Keep the four batch slots busy, so that the next batch gathers.
+    let mut slots = Vec::new();
+    let mut slot_bets = Vec::new();
+    for n in 0..4 {
+        let key = format!("slot-{n}");
+        slots.push(hold_key(&app.pool, 9, &key).await);
+        slot_bets.push(spawn_place(&app, 9, &key, long));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // User 1's wallet row is held by another movement.
+    let mut row = app.pool.begin().await.expect("begin");
+    sqlx::query("SELECT balance FROM wallets WHERE user_id = 1 FOR UPDATE")
+        .execute(&mut *row)
+        .await
+        .expect("lock the row");
+    // The next batch: [user 1 "gone" (1 s deadline), user 2 "stays"], and
+    // its INSERT waits on "stays" for longer than "gone" waits.
+    let stays_key = hold_key(&app.pool, 2, "stays").await;
+    let gone = spawn_place(&app, 1, "gone", Duration::from_secs(1));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let stays = spawn_place(&app, 2, "stays", long);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    slots.remove(0).rollback().await.expect("free a slot");
+    let gone = gone.await.expect("task");
+    assert!(gone.is_err(), "the caller gave up: {gone:?}");
+
+    stays_key.rollback().await.expect("let the batch go on");
+    let stays = stays.await.expect("task").expect("placed");
+    assert_eq!(stays.balance, "9");
+    for slot in slots {
+        slot.rollback().await.expect("free a slot");
+    }
+    for task in slot_bets {
+        task.await.expect("task").expect("a slot's bet");
+    }
+    let status: String =
+        sqlx::query_scalar("SELECT status FROM bets WHERE user_id = 1 AND idempotency_key = 'gone'")
+            .fetch_one(&app.pool)
+            .await
+            .expect("the batch wrote the bet");
+    assert_eq!(status, "PLACING", "nobody held its stake");
+    row.rollback().await.expect("free the row");
+    assert_eq!(wallet_balance(&app, 1).await, dec("10"), "nothing was taken");
+
+    let report = app
+        .betting()
+        .recover(&RecoverySettings {
+            placing_grace: Duration::ZERO,
+            ..RecoverySettings::default()
+        })
+        .await;
+    assert_eq!((report.recovered, report.failures), (1, 0));
+    let retry = app
+        .place(1, "r", pb::Side::A, "1", "gone")
+        .await
+        .expect("the retry")
+        .into_inner();
+    assert_eq!(retry.bet.expect("bet").status, pb::BetStatus::Pending as i32);
+    assert_eq!(wallet_balance(&app, 1).await, dec("9"), "one stake, once");
+    assert_eq!(app.count_bets("PLACING").await, 0);
+    app.assert_books_balanced().await;
+}
