@@ -242,7 +242,9 @@ async fn fetch_job(queue: &Queue, blocking: &fred::prelude::Client, consumer: &s
 /// sender says `true`: a settler whose network (or process) stalls. The
 /// receiver fires when the first connection arrives, i.e. when the stalled
 /// settler makes its first wallet call.
-async fn stalled_link(upstream: SocketAddr) -> (SocketAddr, oneshot::Receiver<()>, watch::Sender<bool>) {
+async fn stalled_link(
+    upstream: SocketAddr,
+) -> (SocketAddr, oneshot::Receiver<()>, watch::Sender<bool>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -369,7 +371,9 @@ async fn attack11_a_zombie_round_job_and_its_redelivery_pay_each_match_once() {
     );
     let zombie_job = job.clone();
     let zombie_run = tokio::spawn(async move { zombie.handle(&zombie_job).await });
-    arrived.await.expect("the zombie read its page and calls the wallet");
+    arrived
+        .await
+        .expect("the zombie read its page and calls the wallet");
 
     // Its lease is over: the reaper hands the job on, an attempt counted.
     eventually("the zombie is reaped", Duration::from_secs(5), async || {
@@ -518,7 +522,9 @@ async fn attack11_a_page_paid_before_the_settler_died_is_recorded_once_and_void_
     // What the dead settler's page call did.
     let outcomes = pay_batch(&app, pairs.iter().map(|p| payout(p, stake)).collect()).await;
     assert!(
-        outcomes.iter().all(|o| outcome(o) == (true, false, String::new())),
+        outcomes
+            .iter()
+            .all(|o| outcome(o) == (true, false, String::new())),
         "{outcomes:?}"
     );
     for p in &pairs {
@@ -609,10 +615,7 @@ async fn attack11_refused_payouts_inside_and_at_the_edge_of_a_page_leave_the_res
     };
     assert!(why.contains("3 matches"), "{why}");
     assert_eq!(
-        settle
-            .fail("settler", &job, why, true)
-            .await
-            .expect("fail"),
+        settle.fail("settler", &job, why, true).await.expect("fail"),
         FailOutcome::Dead
     );
 
@@ -723,7 +726,11 @@ async fn attack11_bets_left_placing_by_a_stopped_instance_each_reach_one_outcome
     ];
     let answers = futures::future::join_all(asks.iter().map(|&(user, round, side)| {
         let first = &first;
-        async move { first.place(user, round, side, "5", &format!("k{user}")).await }
+        async move {
+            first
+                .place(user, round, side, "5", &format!("k{user}"))
+                .await
+        }
     }))
     .await;
     first.betting().faults().set_fail_after_stake(false);
@@ -773,32 +780,39 @@ async fn attack11_bets_left_placing_by_a_stopped_instance_each_reach_one_outcome
         .pass()
         .await
         .expect("pass");
-    eventually("the open round's bets are matched", Duration::from_secs(15), async || {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM bets WHERE round_id = 'open' AND status = 'PENDING'",
-        )
-        .fetch_one(&second.pool)
-        .await
-        .expect("count");
-        (waiting == 1).then_some(())
-    })
+    eventually(
+        "the open round's bets are matched",
+        Duration::from_secs(15),
+        async || {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM bets WHERE round_id = 'open' AND status = 'PENDING'",
+            )
+            .fetch_one(&second.pool)
+            .await
+            .expect("count");
+            (waiting == 1).then_some(())
+        },
+    )
     .await;
-    eventually("every refund is carried out", Duration::from_secs(15), async || {
-        let left: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM wallet_commands WHERE done_at IS NULL")
-                .fetch_one(&second.pool)
-                .await
-                .expect("count");
-        (left == 0).then_some(())
-    })
+    eventually(
+        "every refund is carried out",
+        Duration::from_secs(15),
+        async || {
+            let left: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM wallet_commands WHERE done_at IS NULL")
+                    .fetch_one(&second.pool)
+                    .await
+                    .expect("count");
+            (left == 0).then_some(())
+        },
+    )
     .await;
 
-    let rows: Vec<(i64, String, String)> = sqlx::query_as(
-        "SELECT user_id, round_id, status FROM bets ORDER BY user_id",
-    )
-    .fetch_all(&second.pool)
-    .await
-    .expect("bets");
+    let rows: Vec<(i64, String, String)> =
+        sqlx::query_as("SELECT user_id, round_id, status FROM bets ORDER BY user_id")
+            .fetch_all(&second.pool)
+            .await
+            .expect("bets");
     for (user, round, status) in &rows {
         let stakes: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM ledger_entries s JOIN bets b ON s.reference = b.bet_id::TEXT \
@@ -881,11 +895,12 @@ async fn attack11_repeated_payout_keys_in_and_across_batches_pay_once() {
             (false, false, "IDEMPOTENCY_KEY_REUSED".to_owned()),
         ]
     );
-    let p2_paid: i64 = sqlx::query_scalar("SELECT count(*) FROM payout_bets WHERE bet_id = ANY($1)")
-        .bind(vec![p2.bet_a, p2.bet_b])
-        .fetch_one(&app.pool)
-        .await
-        .expect("count");
+    let p2_paid: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM payout_bets WHERE bet_id = ANY($1)")
+            .bind(vec![p2.bet_a, p2.bet_b])
+            .fetch_one(&app.pool)
+            .await
+            .expect("count");
     assert_eq!(p2_paid, 0, "a reused key records no bet as paid");
 
     // Two batches with the same keys in opposite orders, at once.
@@ -895,7 +910,10 @@ async fn attack11_repeated_payout_keys_in_and_across_batches_pay_once() {
     );
     let one: Vec<_> = one.iter().map(outcome).collect();
     let two: Vec<_> = two.iter().map(outcome).collect();
-    assert!(one.iter().chain(&two).all(|(paid, _, _)| *paid), "{one:?} {two:?}");
+    assert!(
+        one.iter().chain(&two).all(|(paid, _, _)| *paid),
+        "{one:?} {two:?}"
+    );
     // Per match: exactly one of the two answers is the original.
     assert!(one[0].1 != two[1].1, "p2: {one:?} {two:?}");
     assert!(one[1].1 != two[0].1, "p3: {one:?} {two:?}");
@@ -1155,14 +1173,19 @@ async fn attack11_a_gone_callers_busy_bet_stays_placing_until_recovery() {
     for task in slot_bets {
         task.await.expect("task").expect("a slot's bet");
     }
-    let status: String =
-        sqlx::query_scalar("SELECT status FROM bets WHERE user_id = 1 AND idempotency_key = 'gone'")
-            .fetch_one(&app.pool)
-            .await
-            .expect("the batch wrote the bet");
+    let status: String = sqlx::query_scalar(
+        "SELECT status FROM bets WHERE user_id = 1 AND idempotency_key = 'gone'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .expect("the batch wrote the bet");
     assert_eq!(status, "PLACING", "nobody held its stake");
     row.rollback().await.expect("free the row");
-    assert_eq!(wallet_balance(&app, 1).await, dec("10"), "nothing was taken");
+    assert_eq!(
+        wallet_balance(&app, 1).await,
+        dec("10"),
+        "nothing was taken"
+    );
 
     let report = app
         .betting()
@@ -1177,7 +1200,10 @@ async fn attack11_a_gone_callers_busy_bet_stays_placing_until_recovery() {
         .await
         .expect("the retry")
         .into_inner();
-    assert_eq!(retry.bet.expect("bet").status, pb::BetStatus::Pending as i32);
+    assert_eq!(
+        retry.bet.expect("bet").status,
+        pb::BetStatus::Pending as i32
+    );
     assert_eq!(wallet_balance(&app, 1).await, dec("9"), "one stake, once");
     assert_eq!(app.count_bets("PLACING").await, 0);
     app.assert_books_balanced().await;
