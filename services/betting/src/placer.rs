@@ -35,8 +35,13 @@
 //!   key's lock and replays);
 //! - a caller that gives up (its deadline, a cancel) does not stop its
 //!   batch, which other callers share: its bet is finished as if it had
-//!   waited, and its retry finds it by key. The batch runs within the latest
-//!   deadline of its callers, so none of them is cut short by another's.
+//!   waited, and its retry finds it by key — except a bet whose wallet row
+//!   was busy, which the batch hands back to its caller to hold alone: with
+//!   the caller gone it stays PLACING with nothing taken until its retry or
+//!   the recovery pass completes it (as a lone PlaceBet cut off before its
+//!   HoldStake would; `attack11_a_gone_callers_busy_bet_stays_placing_until_recovery`).
+//!   The batch runs within the latest deadline of its callers, so none of
+//!   them is cut short by another's.
 //!
 //! Batches form by themselves: a request that finds a batch slot free goes
 //! at once (a lone bet waits for nobody); while every slot is busy, requests
@@ -59,7 +64,7 @@ use crate::{BetRow, BetStore, BettingError, Placed, store::NewBet};
 
 /// The most bets one batch carries (and one HoldStakes call: the wallet's
 /// `MAX_HOLDS_PER_CALL`).
-pub const MAX_BATCH: usize = 256;
+pub const MAX_BATCH: usize = betting_domain::MAX_MOVEMENTS_PER_CALL;
 
 /// Batches in flight at once: while they run, the next one gathers.
 const SLOTS: usize = 4;

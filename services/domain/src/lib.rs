@@ -13,6 +13,12 @@ mod limits;
 mod money;
 mod status;
 
+/// The most money movements one batched wallet call carries (HoldStakes,
+/// PayWinningsBatch): the wallet refuses more, so the callers' batches — a
+/// PlaceBet batch, a settlement page — are sized by this one constant and
+/// can never outgrow it.
+pub const MAX_MOVEMENTS_PER_CALL: usize = 256;
+
 pub use error::{ErrorCode, FieldViolation, InvalidRequest, ServiceError, Violations};
 pub use ids::{BetId, IdempotencyKey, MatchId, ParseIdError, Reference, RoundId, UserId};
 pub use limits::LimitError;

@@ -114,8 +114,10 @@ fn payout_of(view: &MatchView, winner: Side) -> Result<Payout, JobError> {
 
 type Payout = (UserId, Amount, MatchId, [BetId; 2]);
 
-/// Matches one wallet call pays (the wallet's limit per call).
-const ROUND_BATCH: i64 = 256;
+/// Matches one wallet call pays: the wallet's limit per call, so a page is
+/// never refused as a whole for its size (a whole-call failure defers the
+/// job as the wallet being away would).
+const ROUND_BATCH: i64 = betting_domain::MAX_MOVEMENTS_PER_CALL as i64;
 
 impl SettleHandler {
     /// Pays every unpaid match of a settled round, a batch at a time: one

@@ -365,7 +365,7 @@ fn reassemble(
 }
 
 /// The most movements one HoldStakes or PayWinningsBatch call may carry.
-pub const MAX_HOLDS_PER_CALL: usize = 256;
+pub const MAX_HOLDS_PER_CALL: usize = betting_domain::MAX_MOVEMENTS_PER_CALL;
 
 /// One hold of a HoldStakes call, as the wire gave it.
 #[derive(Debug, Clone, Copy)]
