@@ -19,6 +19,7 @@ use std::{
 
 use betting_books::Side;
 use betting_queue::{Queue, QueueSettings};
+use futures::StreamExt;
 use rust_decimal::Decimal;
 use serde::Serialize;
 use sqlx::PgPool;
@@ -116,9 +117,10 @@ pub async fn check(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .replays();
-    for (i, request) in replays.iter().enumerate() {
-        load.resend(request, i).await;
-    }
+    // Concurrently: a long run has a hundred thousand of them.
+    futures::stream::iter(replays.iter().enumerate())
+        .for_each_concurrent(32, |(i, request)| load.resend(request, i))
+        .await;
     let (acknowledged, net, unresolved, books_violations) = {
         let mut books = load.books.lock().unwrap_or_else(|p| p.into_inner());
         (

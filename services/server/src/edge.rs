@@ -49,6 +49,10 @@ pub(crate) enum EdgeError {
     Overloaded,
     #[error("the call's deadline passed before it finished")]
     DeadlineExceeded,
+    /// The request could not be read to its end (the client's connection
+    /// broke mid-request): the handler never ran, so a retry is safe.
+    #[error("the request could not be read; retry")]
+    Unreadable,
 }
 
 impl ServiceError for EdgeError {
@@ -56,6 +60,7 @@ impl ServiceError for EdgeError {
         match self {
             EdgeError::Overloaded => ErrorCode::ResourceExhausted,
             EdgeError::DeadlineExceeded => ErrorCode::DeadlineExceeded,
+            EdgeError::Unreadable => ErrorCode::Unavailable,
         }
     }
 
@@ -63,6 +68,7 @@ impl ServiceError for EdgeError {
         match self {
             EdgeError::Overloaded => "OVERLOADED",
             EdgeError::DeadlineExceeded => "DEADLINE_EXCEEDED",
+            EdgeError::Unreadable => "REQUEST_UNREADABLE",
         }
     }
 }
@@ -147,6 +153,27 @@ impl Edge {
 }
 
 /// Whether a response is a trailers-only RESOURCE_EXHAUSTED answer.
+/// A status tonic made by itself from a transport failure: UNKNOWN, which
+/// our mapping never sends, carrying the driver's words ("h2 protocol
+/// error: error reading a body from connection" when a client's connection
+/// breaks mid-request; `betting chaos` found it by cutting links).
+fn is_transport_failure<B>(response: &http::Response<B>) -> bool {
+    response
+        .headers()
+        .get("grpc-status")
+        .is_some_and(|code| code.as_bytes() == b"2")
+}
+
+/// Replaces a transport failure's status with ours: the driver's text never
+/// reaches a client.
+fn scrub<B: Default>(response: http::Response<B>) -> http::Response<B> {
+    if is_transport_failure(&response) {
+        refuse(EdgeError::Unreadable)
+    } else {
+        response
+    }
+}
+
 fn is_refusal<B>(response: &http::Response<B>) -> bool {
     response
         .headers()
@@ -217,6 +244,7 @@ where
                 }
             };
             drop(permit);
+            let answer = answer.map(scrub);
             if let (Ok(response), Some(peer)) = (&answer, peer)
                 && is_refusal(response)
                 && edge.flooding(peer)
@@ -259,6 +287,44 @@ fn parse_grpc_timeout(value: &str) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_transport_failure_reaches_the_client_in_our_words() {
+        // What tonic answers by itself when a request's body breaks off.
+        let broken =
+            tonic::Status::unknown("h2 protocol error: error reading a body from connection")
+                .into_http::<tonic::body::Body>();
+        let answer = scrub(broken);
+        let header = |name: &str| {
+            answer
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned()
+        };
+        assert_eq!(
+            header("grpc-status"),
+            "14",
+            "UNAVAILABLE: the call never ran"
+        );
+        let message = header("grpc-message");
+        assert!(!message.contains("h2"), "driver text sent: {message}");
+        let status = tonic::Status::from_header_map(answer.headers()).expect("a status");
+        assert_eq!(
+            betting_api::reason_of(&status).as_deref(),
+            Some("REQUEST_UNREADABLE")
+        );
+        // Our own answers pass untouched.
+        let ours = refuse::<tonic::body::Body>(EdgeError::Overloaded);
+        assert_eq!(
+            scrub(ours)
+                .headers()
+                .get("grpc-status")
+                .map(|v| v.as_bytes()),
+            Some(&b"8"[..])
+        );
+    }
 
     #[test]
     fn grpc_timeouts_parse_as_the_spec_says() {
