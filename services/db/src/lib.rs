@@ -76,7 +76,13 @@ pub async fn begin(pool: &PgPool) -> Result<sqlx::Transaction<'static, Postgres>
     let statement = left.map(|left| {
         // A budget under 1 ms would read as "0 = no timeout".
         let ms = left.as_millis().max(1);
-        format!("BEGIN; SET LOCAL statement_timeout = {ms}; SET LOCAL lock_timeout = {ms}")
+        // statement_timeout last: PostgreSQL (13+) times each statement of
+        // a multi-statement query on its own, so a statement after it would
+        // run under the new, possibly 1 ms, timeout; cancelled there, BEGIN
+        // answered an error and sqlx put the connection back in the pool
+        // inside the aborted transaction (every later statement on it
+        // failed 25P02; attack9's test caught it under load).
+        format!("BEGIN; SET LOCAL lock_timeout = {ms}; SET LOCAL statement_timeout = {ms}")
     });
     // BEGIN runs in a task of its own, which a cancelled caller cannot
     // interrupt. sqlx counts a transaction as begun only once BEGIN's answer
