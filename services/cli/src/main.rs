@@ -229,13 +229,18 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 async fn serve(settings: Settings) -> anyhow::Result<()> {
-    betting_telemetry::init_tracing();
-    let app = betting_server::Application::build(settings).await?;
-    app.run_until_stopped().await
+    let telemetry = betting_telemetry::init_tracing();
+    let served = match betting_server::Application::build(settings).await {
+        Ok(app) => app.run_until_stopped().await,
+        Err(e) => Err(e),
+    };
+    // The last spans (the drain's) are exported before the process exits.
+    telemetry.shutdown().await;
+    served
 }
 
 async fn migrate(storage: StorageSettings) -> anyhow::Result<()> {
-    betting_telemetry::init_tracing();
+    let _telemetry = betting_telemetry::init_tracing();
     storage.validate()?;
     let pool = betting_db::connect_lazy(
         storage.database_url.expose(),
