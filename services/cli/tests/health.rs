@@ -1,0 +1,93 @@
+//! `betting health`, the probe the compose file and exec health checks run:
+//! exit 0 only while the server answers SERVING for the service asked about.
+
+use std::{
+    process::{Command, Output},
+    time::{Duration, Instant},
+};
+
+use betting_test_kit::{TestApp, TestRedis, eventually, free_port, fresh_database, settings};
+
+/// Runs `betting health ARGS` with `env`, and nothing of the test's own
+/// settings that it reads; off the runtime's threads, which serve the app.
+async fn health(args: &[&str], env: &[(&str, String)]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_betting"));
+    command.arg("health").args(args);
+    for name in [
+        "BETTING_LISTEN_ADDR",
+        "BETTING_TLS_CERT",
+        "BETTING_TLS_CA",
+        "BETTING_TLS_CLIENT_CERT",
+        "BETTING_TLS_CLIENT_KEY",
+    ] {
+        command.env_remove(name);
+    }
+    command.envs(env.iter().map(|(k, v)| (k, v)));
+    tokio::task::spawn_blocking(move || command.output())
+        .await
+        .expect("join")
+        .expect("run betting health")
+}
+
+fn says(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+#[tokio::test]
+async fn a_serving_server_passes_for_itself_and_each_mounted_service() {
+    let app = TestApp::spawn().await;
+    let addr = format!("http://{}", app.addr);
+    for service in ["", "betting.v1.WalletService", "betting.v1.BettingService"] {
+        let output = health(&["--addr", &addr, "--service", service], &[]).await;
+        assert!(output.status.success(), "{service:?}: {}", says(&output));
+        assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "SERVING");
+    }
+    // A name the server does not serve is a failure, not a pass.
+    let output = health(&["--addr", &addr, "--service", "betting.v1.Nope"], &[]).await;
+    assert_eq!(output.status.code(), Some(1), "{}", says(&output));
+
+    // Without --addr: the address the server's own environment names, an
+    // unspecified one asked on loopback (as in a container).
+    let listen = format!("0.0.0.0:{}", app.addr.port());
+    let output = health(&[], &[("BETTING_LISTEN_ADDR", listen)]).await;
+    assert!(output.status.success(), "{}", says(&output));
+}
+
+#[tokio::test]
+async fn nothing_listening_fails_within_the_timeout() {
+    let started = Instant::now();
+    let addr = format!("http://127.0.0.1:{}", free_port());
+    let output = health(&["--addr", &addr, "--timeout", "2"], &[]).await;
+    assert_eq!(output.status.code(), Some(1), "{}", says(&output));
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // An https:// server needs a CA to check it with; saying so is a failure too.
+    let https = format!("https://127.0.0.1:{}", free_port());
+    let output = health(&["--addr", &https], &[]).await;
+    assert_eq!(output.status.code(), Some(1));
+    assert!(says(&output).contains("BETTING_TLS_CA"), "{}", says(&output));
+}
+
+#[tokio::test]
+async fn a_server_whose_redis_is_down_fails_until_it_is_back() {
+    let mut redis = TestRedis::start();
+    let url = fresh_database().await;
+    let app = TestApp::spawn_with(settings(&url, &redis.url())).await;
+    let addr = format!("http://{}", app.addr);
+    let passes = |want: bool| {
+        let addr = addr.clone();
+        async move {
+            let output = health(&["--addr", &addr], &[]).await;
+            (output.status.success() == want).then_some(says(&output))
+        }
+    };
+    eventually("health passes", Duration::from_secs(15), || passes(true)).await;
+    redis.stop();
+    let said = eventually("health fails", Duration::from_secs(15), || passes(false)).await;
+    assert!(said.contains("NOT_SERVING"), "{said}");
+    redis.restart();
+    eventually("health passes again", Duration::from_secs(15), || passes(true)).await;
+}
