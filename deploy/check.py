@@ -17,7 +17,7 @@
         can read (it is built without Kubernetes service discovery): each
         kubernetes_sd_configs becomes a static target.
 
-    check.py compose-run ROOT --binary B --pg-port P --redis-port R --pg-bin D --work W
+    check.py compose-run ROOT --binary B --pg-port P --redis-port R --pg-bin D --work W [--buf BUF]
         Runs compose.yaml's betting services as compose would, without
         Docker: the image's ENTRYPOINT and ENV (deploy/Dockerfile), each
         service's command and environment, hosts rewritten to 127.0.0.1 and
@@ -25,7 +25,9 @@
         servers on P and R (the postgres service's init scripts run on it
         first, as the image would); depends_on order and conditions, each
         service probed with its own healthcheck; then /metrics of each, and
-        SIGTERM to all, which must drain and exit 0 within their
+        with `buf curl` a whole round through every role (deposits, a round,
+        two bets on two betting instances, matched, settled, paid, audited);
+        then SIGTERM to all, which must drain and exit 0 within their
         stop_grace_period. Bounded in time; only 127.0.0.1.
 """
 
@@ -482,7 +484,88 @@ def probe(test, env, timeout):
         return False, f"no answer within {timeout:g}s"
 
 
-def compose_run(root, binary, pg_port, redis_port, pg_bin, work, budget):
+def round_trip(topology, ours, envs, betting, buf):
+    """A whole round through the split topology, each call to the role that
+    serves it: deposits (wallet), a round (settlement), two opposite bets on
+    two betting instances, matched (matcher), settled and paid (settler),
+    then the audit (settlement's AdminService)."""
+    by_role = {}
+    for name in ours:
+        role = envs.get(name, {}).get("BETTING_ROLES")
+        if role:
+            by_role.setdefault(role, []).append(name)
+    missing = [r for r in ROLES if r not in by_role]
+    if missing:
+        fail(f"round trip: no service runs {missing}")
+        return
+    first = by_role["betting"][0]
+    second = by_role["betting"][-1]
+    url = {name: f"http://127.0.0.1:{topology.ports[(name, GRPC_PORT)]}" for name in ours if (name, GRPC_PORT) in topology.ports}
+
+    def token(*args):
+        done = subprocess.run([str(betting), "token", *args], env=envs[first], capture_output=True, text=True, timeout=10)
+        if done.returncode != 0:
+            raise RuntimeError(f"betting token {' '.join(args)}: {done.stderr.strip()}")
+        return done.stdout.strip().splitlines()[-1]
+
+    def call(service, method, bearer, body):
+        done = subprocess.run(
+            [buf, "curl", "--protocol", "grpc", "--http2-prior-knowledge", "--timeout", "10s",
+             "-H", f"authorization: Bearer {bearer}", "-d", json.dumps(body), f"{url[service]}/{method}"],
+            capture_output=True, text=True, timeout=20)
+        if done.returncode != 0:
+            raise RuntimeError(f"{service} {method}: {(done.stderr or done.stdout).strip()}")
+        return json.loads(done.stdout or "{}")
+
+    def until(what, check, within=30):
+        end = time.monotonic() + within
+        while True:
+            value = check()
+            if value:
+                return value
+            if time.monotonic() > end:
+                raise RuntimeError(f"not within {within}s: {what}")
+            time.sleep(0.25)
+
+    started = time.monotonic()
+    round_id = f"deploy-check-{int(time.time())}"
+    try:
+        cashier = token("--role", "cashier", "--subject", "deploy-check")
+        game = token("--role", "game", "--subject", "deploy-check")
+        admin = token("--role", "admin", "--subject", "deploy-check")
+        players = {user: token("--role", "player", "--user", str(user)) for user in (1, 2)}
+        wallet, settlement = by_role["wallet"][0], by_role["settlement"][0]
+        for user in (1, 2):
+            call(wallet, "betting.v1.WalletService/Deposit", cashier,
+                 {"userId": user, "amount": "100", "idempotencyKey": f"{round_id}-deposit-{user}"})
+        call(settlement, "betting.v1.SettlementService/OpenRound", game, {"roundId": round_id})
+        for user, side, instance in ((1, "SIDE_A", first), (2, "SIDE_B", second)):
+            call(instance, "betting.v1.BettingService/PlaceBet", players[user],
+                 {"roundId": round_id, "side": side, "amount": "10", "idempotencyKey": f"{round_id}-bet-{user}"})
+
+        def matched():
+            bets = call(first, "betting.v1.BettingService/ListBets", players[1], {"roundId": round_id}).get("bets", [])
+            return bets and bets[0].get("status") == "BET_STATUS_MATCHED"
+
+        until("player 1's bet MATCHED (matcher)", matched)
+        call(settlement, "betting.v1.SettlementService/SettleRound", game, {"roundId": round_id, "winningSide": "SIDE_A"})
+
+        def paid():
+            answer = call(wallet, "betting.v1.WalletService/GetWallet", players[1], {})
+            return answer.get("wallet", {}).get("balance") in ("110", "110.00000000")
+
+        until("player 1 paid 20 (settler, through the wallet)", paid)
+        audit = call(settlement, "betting.v1.AdminService/RunAudit", admin, {})
+        if not audit.get("clean"):
+            fail(f"round trip: the audit is not clean: {audit.get('violations')}")
+            return
+        ok(f"a round through every role: deposits on {wallet}, bets on {first} and {second}, matched, settled, "
+           f"paid, audit clean ({audit.get('checksRun')} checks) in {time.monotonic() - started:.1f}s")
+    except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError) as error:
+        fail(f"round trip: {error}")
+
+
+def compose_run(root, binary, pg_port, redis_port, pg_bin, work, budget, buf=None):
     deadline = time.monotonic() + budget
     compose_path = root / "deploy/compose.yaml"
     compose = load_compose(compose_path)
@@ -596,6 +679,11 @@ def compose_run(root, binary, pg_port, redis_port, pg_bin, work, budget):
             return
         ok(f"every service answers /metrics ({sum(1 for n in ours if state.get(n) == 'healthy')} processes)")
 
+        if buf:
+            round_trip(topology, ours, envs, link, buf)
+            if stopped_early():
+                return
+
         # Stop as compose does: SIGTERM, then SIGKILL after stop_grace_period.
         stopping = time.monotonic()
         running = {n: c for n, c in runner.children.items() if c.poll() is None}
@@ -633,7 +721,8 @@ def main():
 
         signal.signal(signal.SIGTERM, stop)
         compose_run(root, args["--binary"], int(args["--pg-port"]), int(args["--redis-port"]),
-                    args["--pg-bin"], Path(args["--work"]), float(args.get("--budget", 120)))
+                    args["--pg-bin"], Path(args["--work"]), float(args.get("--budget", 120)),
+                    args.get("--buf"))
     else:
         raise SystemExit(f"unknown command {command!r}")
     return 1 if failures else 0

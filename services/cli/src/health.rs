@@ -55,7 +55,11 @@ pub async fn run(args: HealthArgs) -> anyhow::Result<()> {
                     std::net::Ipv6Addr::LOCALHOST.into()
                 });
             }
-            let scheme = if args.tls_cert.is_some() { "https" } else { "http" };
+            let scheme = if args.tls_cert.is_some() {
+                "https"
+            } else {
+                "http"
+            };
             format!("{scheme}://{local}")
         }
     };

@@ -68,7 +68,8 @@ async fn nothing_listening_fails_within_the_timeout() {
     let https = format!("https://127.0.0.1:{}", free_port());
     let output = health(&["--addr", &https], &[]).await;
     assert_eq!(output.status.code(), Some(1));
-    assert!(says(&output).contains("BETTING_TLS_CA"), "{}", says(&output));
+    let said = says(&output);
+    assert!(said.contains("BETTING_TLS_CA"), "{said}");
 }
 
 #[tokio::test]
@@ -84,10 +85,11 @@ async fn a_server_whose_redis_is_down_fails_until_it_is_back() {
             (output.status.success() == want).then_some(says(&output))
         }
     };
-    eventually("health passes", Duration::from_secs(15), || passes(true)).await;
+    let within = Duration::from_secs(15);
+    eventually("health passes", within, || passes(true)).await;
     redis.stop();
-    let said = eventually("health fails", Duration::from_secs(15), || passes(false)).await;
+    let said = eventually("health fails", within, || passes(false)).await;
     assert!(said.contains("NOT_SERVING"), "{said}");
     redis.restart();
-    eventually("health passes again", Duration::from_secs(15), || passes(true)).await;
+    eventually("health passes again", within, || passes(true)).await;
 }
