@@ -8,7 +8,9 @@
         runbook_url anchor is a heading of docs/runbook.md; Prometheus
         scrapes every betting service of compose.yaml under its role; the
         drain fits compose's stop_grace_period and each Deployment's
-        terminationGracePeriodSeconds; only the roles that call
+        terminationGracePeriodSeconds; the token settings each service
+        gets are ones `betting serve` accepts (a signing key only for
+        betting and settler, and so on); only the roles that call
         WalletService may reach it (NetworkPolicy); each Deployment probes
         gRPC health on 50051.
 
@@ -152,6 +154,37 @@ def drain_bound(grace):
     return 2 * grace + 2
 
 
+def settings_problems(env):
+    """What `betting serve` would refuse at start-up in these settings, for
+    the rules a file can show (services/config: TokenSettings::validate and
+    the wallet endpoint): the token mode, who holds a signing key, who
+    needs BETTING_WALLET_ENDPOINT."""
+    roles = set(filter(None, env.get("BETTING_ROLES", "").split(","))) or set(ROLES)
+    unknown = roles - set(ROLES)
+    if unknown:
+        return [f"unknown roles {sorted(unknown)}"]
+    problems = []
+    signs = bool(roles & {"betting", "settler"})
+    key, kid = env.get("BETTING_JWT_SIGNING_KEY"), env.get("BETTING_JWT_SIGNING_KID")
+    if env.get("BETTING_JWT_JWKS"):
+        if env.get("BETTING_JWT_SECRET"):
+            problems.append("BETTING_JWT_SECRET beside BETTING_JWT_JWKS")
+        if not (env.get("BETTING_JWT_ISSUER") and env.get("BETTING_JWT_AUDIENCE")):
+            problems.append("production mode without BETTING_JWT_ISSUER and BETTING_JWT_AUDIENCE")
+        if signs and not (key and kid):
+            problems.append("a betting/settler process without BETTING_JWT_SIGNING_KEY and _KID")
+        if not signs and (key or kid):
+            problems.append("BETTING_JWT_SIGNING_* on a process that signs nothing")
+    else:
+        if len(env.get("BETTING_JWT_SECRET", "")) < 32:
+            problems.append("local mode without a BETTING_JWT_SECRET of 32 bytes or more")
+        if key or kid:
+            problems.append("BETTING_JWT_SIGNING_* in local mode")
+    if signs and "wallet" not in roles and not env.get("BETTING_WALLET_ENDPOINT"):
+        problems.append("betting/settler without the wallet role needs BETTING_WALLET_ENDPOINT")
+    return problems
+
+
 def static(root, base_path, overlay_path):
     metrics = code_metrics(root) | ANNOUNCED | BUILTIN
     print(f"  ({len(code_metrics(root))} metric names in the code, {len(ANNOUNCED)} announced)")
@@ -214,12 +247,15 @@ def static(root, base_path, overlay_path):
         target = f"{name}:{METRICS_PORT}"
         if targets.get(target) != role:
             fail(f"prometheus.yml does not scrape {target} as job {role!r} (found {targets.get(target)!r})")
+        for problem in settings_problems(env):
+            fail(f"compose {name}: `betting serve` would refuse to start: {problem}")
         grace = float(env.get("BETTING_SHUTDOWN_GRACE_SECS", 10))
         stop = duration(service.get("stop_grace_period", "10s"))
         if stop < drain_bound(grace):
             fail(f"compose {name}: stop_grace_period {stop:g}s < the drain's {drain_bound(grace):g}s")
     served = sum(1 for s in services.values() if "BETTING_ROLES" in environment(s))
-    ok(f"compose: {served} betting services scraped by role, stop_grace_period covers the drain")
+    ok(f"compose: {served} betting services scraped by role, token and wallet settings consistent, "
+       "stop_grace_period covers the drain")
 
     # Kubernetes: grace periods, probes, and who may reach the wallet.
     for label, path in (("base", base_path), ("overlay", overlay_path)):
@@ -239,6 +275,8 @@ def static(root, base_path, overlay_path):
             role = env.get("BETTING_ROLES")
             if role not in ROLES:
                 fail(f"k8s {label} {name}: BETTING_ROLES {role!r}")
+            for problem in settings_problems(env):
+                fail(f"k8s {label} {name}: `betting serve` would refuse to start: {problem}")
             if "BETTING_WALLET_ENDPOINT" in env:
                 callers.add(role)
             grace = float(env.get("BETTING_SHUTDOWN_GRACE_SECS", 10))
@@ -268,7 +306,8 @@ def static(root, base_path, overlay_path):
                             wallet_from.update(expression["values"])
         if wallet_from != callers:
             fail(f"k8s {label}: the wallet admits {sorted(wallet_from)}, the roles that call it are {sorted(callers)}")
-        ok(f"k8s {label}: {len(deployments)} Deployments; drain fits the grace period; gRPC probes; "
+        ok(f"k8s {label}: {len(deployments)} Deployments; token mode and signing keys consistent; "
+           f"drain fits the grace period; gRPC probes; "
            f"wallet reachable from {sorted(wallet_from)} only")
 
 
