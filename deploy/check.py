@@ -19,6 +19,10 @@
         can read (it is built without Kubernetes service discovery): each
         kubernetes_sd_configs becomes a static target.
 
+    check.py k8s-run ROOT --rendered R.yaml --binary B --pg-port P --redis-port R --work W --buf BUF
+        The rendered Kubernetes objects as processes, likewise (k8s_run);
+        run after compose-run, on the database it migrated.
+
     check.py compose-run ROOT --binary B --pg-port P --redis-port R --pg-bin D --work W [--buf BUF]
         Runs compose.yaml's betting services as compose would, without
         Docker: the image's ENTRYPOINT and ENV (deploy/Dockerfile), each
@@ -523,13 +527,15 @@ def probe(test, env, timeout):
         return False, f"no answer within {timeout:g}s"
 
 
-def round_trip(topology, ours, envs, betting, buf):
-    """A whole round through the split topology, each call to the role that
+def round_trip(urls, envs, betting, buf, users=(1, 2), signing=()):
+    """A whole round through a split topology, each call to the role that
     serves it: deposits (wallet), a round (settlement), two opposite bets on
     two betting instances, matched (matcher), settled and paid (settler),
-    then the audit (settlement's AdminService)."""
+    then the audit (settlement's AdminService). `urls`: process -> its gRPC
+    URL; tokens are minted by `betting token` in the first betting
+    process's environment, with `signing` added (a key, its kid, iss, aud)."""
     by_role = {}
-    for name in ours:
+    for name in urls:
         role = envs.get(name, {}).get("BETTING_ROLES")
         if role:
             by_role.setdefault(role, []).append(name)
@@ -539,10 +545,12 @@ def round_trip(topology, ours, envs, betting, buf):
         return
     first = by_role["betting"][0]
     second = by_role["betting"][-1]
-    url = {name: f"http://127.0.0.1:{topology.ports[(name, GRPC_PORT)]}" for name in ours if (name, GRPC_PORT) in topology.ports}
+    url = urls
+    winner, loser = users
 
     def token(*args):
-        done = subprocess.run([str(betting), "token", *args], env=envs[first], capture_output=True, text=True, timeout=10)
+        done = subprocess.run([str(betting), "token", *args, *signing], env=envs[first],
+                              capture_output=True, text=True, timeout=10)
         if done.returncode != 0:
             raise RuntimeError(f"betting token {' '.join(args)}: {done.stderr.strip()}")
         return done.stdout.strip().splitlines()[-1]
@@ -572,28 +580,28 @@ def round_trip(topology, ours, envs, betting, buf):
         cashier = token("--role", "cashier", "--subject", "deploy-check")
         game = token("--role", "game", "--subject", "deploy-check")
         admin = token("--role", "admin", "--subject", "deploy-check")
-        players = {user: token("--role", "player", "--user", str(user)) for user in (1, 2)}
+        players = {user: token("--role", "player", "--user", str(user)) for user in users}
         wallet, settlement = by_role["wallet"][0], by_role["settlement"][0]
-        for user in (1, 2):
+        for user in users:
             call(wallet, "betting.v1.WalletService/Deposit", cashier,
                  {"userId": user, "amount": "100", "idempotencyKey": f"{round_id}-deposit-{user}"})
         call(settlement, "betting.v1.SettlementService/OpenRound", game, {"roundId": round_id})
-        for user, side, instance in ((1, "SIDE_A", first), (2, "SIDE_B", second)):
+        for user, side, instance in ((winner, "SIDE_A", first), (loser, "SIDE_B", second)):
             call(instance, "betting.v1.BettingService/PlaceBet", players[user],
                  {"roundId": round_id, "side": side, "amount": "10", "idempotencyKey": f"{round_id}-bet-{user}"})
 
         def matched():
-            bets = call(first, "betting.v1.BettingService/ListBets", players[1], {"roundId": round_id}).get("bets", [])
+            bets = call(first, "betting.v1.BettingService/ListBets", players[winner], {"roundId": round_id}).get("bets", [])
             return bets and bets[0].get("status") == "BET_STATUS_MATCHED"
 
-        until("player 1's bet MATCHED (matcher)", matched)
+        until(f"player {winner}'s bet MATCHED (matcher)", matched)
         call(settlement, "betting.v1.SettlementService/SettleRound", game, {"roundId": round_id, "winningSide": "SIDE_A"})
 
         def paid():
-            answer = call(wallet, "betting.v1.WalletService/GetWallet", players[1], {})
+            answer = call(wallet, "betting.v1.WalletService/GetWallet", players[winner], {})
             return answer.get("wallet", {}).get("balance") in ("110", "110.00000000")
 
-        until("player 1 paid 20 (settler, through the wallet)", paid)
+        until(f"player {winner} paid 20 (settler, through the wallet)", paid)
         audit = call(settlement, "betting.v1.AdminService/RunAudit", admin, {})
         if not audit.get("clean"):
             fail(f"round trip: the audit is not clean: {audit.get('violations')}")
@@ -719,7 +727,8 @@ def compose_run(root, binary, pg_port, redis_port, pg_bin, work, budget, buf=Non
         ok(f"every service answers /metrics ({sum(1 for n in ours if state.get(n) == 'healthy')} processes)")
 
         if buf:
-            round_trip(topology, ours, envs, link, buf)
+            urls = {n: f"http://127.0.0.1:{topology.ports[(n, GRPC_PORT)]}" for n in ours if (n, GRPC_PORT) in topology.ports}
+            round_trip(urls, envs, link, buf)
             if stopped_early():
                 return
 
@@ -745,6 +754,190 @@ def compose_run(root, binary, pg_port, redis_port, pg_bin, work, budget, buf=Non
         runner.kill_all()
 
 
+def k8s_run(root, rendered, binary, pg_port, redis_port, work, budget, buf):
+    """The rendered Kubernetes objects as processes: the migration Job, then
+    one process per Deployment with the pod's environment (ConfigMaps,
+    Secrets, the image's ENV) and its volumes as local directories. The
+    placeholders are replaced by what this machine runs: the stores on
+    127.0.0.1, and a JWKS and signing key made by `betting keys generate`
+    under the Secret's kid (production token mode, as the manifests say).
+    Services resolve to their pods' ports; every other host:port to a
+    closed local port. Each pod is probed as its gRPC probes would, a round
+    goes through every role with tokens signed by a key of the JWKS, then
+    SIGTERM, within terminationGracePeriodSeconds."""
+    import base64
+
+    deadline = time.monotonic() + budget
+    docs = [d for d in yaml.safe_load_all(Path(rendered).read_text()) if d]
+    _, _, image_env = image_config(root / "deploy/Dockerfile")
+    configmaps = {d["metadata"]["name"]: dict(d.get("data") or {}) for d in docs if d["kind"] == "ConfigMap"}
+    secrets = {}
+    for d in (d for d in docs if d["kind"] == "Secret"):
+        values = {k: base64.b64decode(v).decode() for k, v in (d.get("data") or {}).items()}
+        values.update(d.get("stringData") or {})
+        secrets[d["metadata"]["name"]] = values
+
+    # The placeholders, replaced.
+    keys = work / "keys"
+    keys.mkdir(parents=True, exist_ok=True)
+    kid = secrets["betting-signing-key"]["kid"]
+    ops = "deploy-check-ops"
+    for key_id in (kid, ops):
+        subprocess.run([binary, "keys", "generate", "--kid", key_id, "--dir", str(keys)],
+                       check=True, capture_output=True, timeout=10)
+    configmaps["betting-jwks"]["jwks.json"] = (keys / "jwks.json").read_text()
+    secrets["betting-signing-key"]["service.pem"] = (keys / f"{kid}.pem").read_text()
+    secrets["betting-secrets"].update(
+        DATABASE_URL=f"postgres://betting_service@127.0.0.1:{pg_port}/betting",
+        MIGRATE_DATABASE_URL=f"postgres://postgres@127.0.0.1:{pg_port}/betting",
+        REDIS_URL=f"redis://127.0.0.1:{redis_port}",
+    )
+
+    workloads = [d for d in docs if d["kind"] in ("Job", "Deployment")]
+    ports = {}  # (workload, container port) -> local port
+    for w in workloads:
+        for port in w["spec"]["template"]["spec"]["containers"][0].get("ports", []):
+            ports[(w["metadata"]["name"], port["containerPort"])] = free_port()
+    # Service name -> {service port: local port of the pod behind it}.
+    services = {}
+    for svc in (d for d in docs if d["kind"] == "Service"):
+        selector = svc["spec"]["selector"]
+        pods = [w for w in workloads if w["kind"] == "Deployment"
+                and all(w["spec"]["template"]["metadata"]["labels"].get(k) == v for k, v in selector.items())]
+        if len(pods) != 1:
+            fail(f"k8s Service {svc['metadata']['name']} selects {len(pods)} Deployments")
+            return
+        pod = pods[0]
+        named = {p["name"]: p["containerPort"] for p in pod["spec"]["template"]["spec"]["containers"][0].get("ports", [])}
+        services[svc["metadata"]["name"]] = {
+            p["port"]: ports[(pod["metadata"]["name"], named.get(p["targetPort"], p["targetPort"]))]
+            for p in svc["spec"]["ports"]
+        }
+    closed = free_port()
+
+    def rewrite(text, own):
+        def one(match):
+            host, port = match.group(1), int(match.group(2))
+            if host in ("0.0.0.0", "127.0.0.1", "localhost"):
+                mapped = ports.get((own, port))
+                return f"127.0.0.1:{mapped}" if mapped else match.group(0)
+            short = host.split(".")[0]
+            if short in services and port in services[short]:
+                return f"127.0.0.1:{services[short][port]}"
+            return f"127.0.0.1:{closed}"
+        return re.sub(r"(?<![\w.@:-])([A-Za-z0-9][A-Za-z0-9.-]*):(\d+)(?!\d)", one, text)
+
+    def lookup(ref):
+        if "configMapKeyRef" in ref:
+            return configmaps[ref["configMapKeyRef"]["name"]][ref["configMapKeyRef"]["key"]]
+        if "secretKeyRef" in ref:
+            return secrets[ref["secretKeyRef"]["name"]][ref["secretKeyRef"]["key"]]
+        raise SystemExit(f"env valueFrom {ref!r} is not emulated")
+
+    def pod_env(w):
+        name = w["metadata"]["name"]
+        spec = w["spec"]["template"]["spec"]
+        container = spec["containers"][0]
+        env = dict(image_env)
+        for source in container.get("envFrom", []):
+            if "configMapRef" in source:
+                env.update(configmaps[source["configMapRef"]["name"]])
+            elif "secretRef" in source:
+                env.update(secrets[source["secretRef"]["name"]])
+        for item in container.get("env", []):
+            env[item["name"]] = str(item["value"]) if "value" in item else lookup(item["valueFrom"])
+        # Volumes as directories of this run.
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        mounts = {}
+        for mount in container.get("volumeMounts", []):
+            local = work / "pods" / name / mount["mountPath"].lstrip("/")
+            local.mkdir(parents=True, exist_ok=True)
+            volume = volumes[mount["name"]]
+            source = None
+            if "configMap" in volume:
+                source = configmaps[volume["configMap"]["name"]]
+                items = volume["configMap"].get("items")
+            elif "secret" in volume:
+                source = secrets[volume["secret"]["secretName"]]
+                items = volume["secret"].get("items")
+            if source is not None:
+                for item in items or [{"key": k, "path": k} for k in source]:
+                    (local / item["path"]).write_text(source[item["key"]])
+            mounts[mount["mountPath"]] = str(local)
+        out = {}
+        for key, value in env.items():
+            for path in sorted(mounts, key=len, reverse=True):
+                if value.startswith(path):
+                    value = mounts[path] + value[len(path):]
+                    break
+            out[key] = rewrite(value, name)
+        out.update({"PATH": "/usr/bin:/bin", "HOME": str(work)})
+        return out, container
+
+    runner = Runner(work)
+    envs, urls = {}, {}
+    try:
+        for job in (w for w in workloads if w["kind"] == "Job"):
+            name = job["metadata"]["name"]
+            env, container = pod_env(job)
+            child = runner.start(name, [binary, *container.get("args", [])], env)
+            code = child.wait(timeout=max(1, deadline - time.monotonic()))
+            if code != 0:
+                fail(f"k8s Job {name} exited {code}")
+                runner.tail(name)
+                return
+            ok(f"k8s Job {name}: `{' '.join(container.get('args', []))}` exited 0")
+        deployments = [w for w in workloads if w["kind"] == "Deployment"]
+        started = time.monotonic()
+        for w in deployments:
+            name = w["metadata"]["name"]
+            env, container = pod_env(w)
+            envs[name] = env
+            runner.start(name, [binary, *container.get("args", [])], env)
+            urls[name] = f"http://127.0.0.1:{ports[(name, GRPC_PORT)]}"
+        for w in deployments:
+            name = w["metadata"]["name"]
+            container = w["spec"]["template"]["spec"]["containers"][0]
+            startup = container.get("startupProbe", {})
+            window = startup.get("periodSeconds", 10) * startup.get("failureThreshold", 3)
+            until = min(deadline, started + window)
+            while True:
+                healthy, said = probe(["CMD", binary, "health", "--addr", urls[name]], envs[name], 5)
+                if healthy:
+                    ok(f"k8s {name} (BETTING_ROLES={envs[name].get('BETTING_ROLES')}, production tokens): "
+                       f"ready in {time.monotonic() - started:.1f}s")
+                    break
+                child = runner.children[name]
+                if child.poll() is not None or time.monotonic() > until:
+                    fail(f"k8s {name}: not ready ({said}; exit {child.poll()})")
+                    runner.tail(name)
+                    return
+                time.sleep(0.5)
+        iss, aud = configmaps["betting-config"]["BETTING_JWT_ISSUER"], configmaps["betting-config"]["BETTING_JWT_AUDIENCE"]
+        round_trip(urls, envs, binary, buf, users=(3, 4),
+                   signing=("--key", str(keys / f"{ops}.pem"), "--kid", ops, "--jwt-issuer", iss, "--jwt-audience", aud))
+        stopping = time.monotonic()
+        for child in runner.children.values():
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for w in deployments:
+            name = w["metadata"]["name"]
+            spec = w["spec"]["template"]["spec"]
+            pre_stop = (spec["containers"][0].get("lifecycle", {}).get("preStop", {}).get("sleep") or {}).get("seconds", 0)
+            left = max(0.1, stopping + spec.get("terminationGracePeriodSeconds", 30) - pre_stop - time.monotonic())
+            try:
+                code = runner.children[name].wait(timeout=left)
+            except subprocess.TimeoutExpired:
+                fail(f"k8s {name}: still running after terminationGracePeriodSeconds")
+                continue
+            if code != 0:
+                fail(f"k8s {name}: exited {code} after SIGTERM")
+                runner.tail(name)
+        ok(f"k8s: SIGTERM, every pod's process drained and exited within {time.monotonic() - stopping:.1f}s")
+    finally:
+        runner.kill_all()
+
+
 def main():
     command, root = sys.argv[1], Path(sys.argv[2]).resolve() if len(sys.argv) > 2 else None
     if command == "static":
@@ -762,6 +955,15 @@ def main():
         compose_run(root, args["--binary"], int(args["--pg-port"]), int(args["--redis-port"]),
                     args["--pg-bin"], Path(args["--work"]), float(args.get("--budget", 120)),
                     args.get("--buf"))
+    elif command == "k8s-run":
+        args = dict(zip(sys.argv[3::2], sys.argv[4::2]))
+
+        def stop(signum, _frame):
+            raise SystemExit(128 + signum)
+
+        signal.signal(signal.SIGTERM, stop)
+        k8s_run(root, args["--rendered"], args["--binary"], int(args["--pg-port"]), int(args["--redis-port"]),
+                Path(args["--work"]), float(args.get("--budget", 120)), args["--buf"])
     else:
         raise SystemExit(f"unknown command {command!r}")
     return 1 if failures else 0
