@@ -6,7 +6,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use betting_test_kit::{TestApp, TestRedis, eventually, free_port, fresh_database, settings};
+use betting_test_kit::{
+    ChildGuard, SECRET, TestApp, TestRedis, eventually, free_port, fresh_database, service_url,
+    settings,
+};
 
 /// Runs `betting health ARGS` with `env`, and nothing of the test's own
 /// settings that it reads; off the runtime's threads, which serve the app.
@@ -92,4 +95,61 @@ async fn a_server_whose_redis_is_down_fails_until_it_is_back() {
     assert!(said.contains("NOT_SERVING"), "{said}");
     redis.restart();
     eventually("health passes again", within, || passes(true)).await;
+}
+
+/// Over mutual TLS, as a container whose server serves TLS probes itself:
+/// the address and the scheme from the server's own settings, the CA and
+/// the client certificate from the same environment.
+#[tokio::test]
+async fn a_tls_server_passes_with_the_ca_and_a_client_certificate() {
+    let dir = std::env::temp_dir().join(format!("betting-health-tls-{}", free_port()));
+    let certs = Command::new(env!("CARGO_BIN_EXE_betting"))
+        .args(["dev-certs", "--out", dir.to_str().expect("utf-8 path")])
+        .output()
+        .expect("dev-certs");
+    assert!(certs.status.success(), "{}", says(&certs));
+    let file = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    let url = fresh_database().await;
+    let listen = format!("127.0.0.1:{}", free_port());
+    let _server = ChildGuard::spawn(
+        Command::new(env!("CARGO_BIN_EXE_betting"))
+            .args(["serve", "--role", "wallet"])
+            .env("DATABASE_URL", service_url(&url))
+            .env("REDIS_URL", std::env::var("REDIS_URL").expect("REDIS_URL"))
+            .env(
+                "BETTING_REDIS_NAMESPACE",
+                format!("t-health-{}", free_port()),
+            )
+            .env("BETTING_JWT_SECRET", SECRET)
+            .env("BETTING_LISTEN_ADDR", &listen)
+            .env("BETTING_METRICS_ADDR", "127.0.0.1:0")
+            .env("BETTING_TLS_CERT", file("server.pem"))
+            .env("BETTING_TLS_KEY", file("server.key"))
+            .env("BETTING_TLS_CLIENT_CA", file("ca.pem"))
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null()),
+    )
+    .expect("start a TLS server");
+    let env = vec![
+        ("BETTING_LISTEN_ADDR", listen.clone()),
+        ("BETTING_TLS_CERT", file("server.pem")),
+        ("BETTING_TLS_CA", file("ca.pem")),
+        ("BETTING_TLS_CLIENT_CERT", file("client.pem")),
+        ("BETTING_TLS_CLIENT_KEY", file("client.key")),
+    ];
+    eventually(
+        "health passes over mutual TLS",
+        Duration::from_secs(30),
+        async || health(&[], &env).await.status.success().then_some(()),
+    )
+    .await;
+    // Without a client certificate the server refuses the handshake.
+    let output = health(&[], &env[..3]).await;
+    assert_eq!(output.status.code(), Some(1), "{}", says(&output));
+    // Plaintext to a TLS port is no answer either.
+    let plain = format!("http://{listen}");
+    let output = health(&["--addr", &plain], &[]).await;
+    assert_eq!(output.status.code(), Some(1), "{}", says(&output));
+    let _ = std::fs::remove_dir_all(&dir);
 }
