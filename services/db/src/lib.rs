@@ -117,7 +117,8 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
 
 /// Whether PostgreSQL answers right now; the round trip is timed in
 /// `db_query_duration_seconds{op="ping"}`, and the pool's connections
-/// counted in `db_pool_connections{state}` (`in_use`, `idle`).
+/// counted in `db_pool_connections{state}` (`in_use`, `idle`) beside the
+/// pool's size, `db_pool_max_connections`.
 pub async fn ping(pool: &PgPool) -> bool {
     let answered = timed("ping", sqlx::query("SELECT 1").execute(pool))
         .await
@@ -126,6 +127,7 @@ pub async fn ping(pool: &PgPool) -> bool {
     let size = f64::from(pool.size());
     metrics::gauge!("db_pool_connections", "state" => "idle").set(idle);
     metrics::gauge!("db_pool_connections", "state" => "in_use").set((size - idle).max(0.0));
+    metrics::gauge!("db_pool_max_connections").set(f64::from(pool.options().get_max_connections()));
     answered
 }
 

@@ -21,7 +21,7 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, header::CONTENT_T
 use http_body_util::Full;
 use hyper::{body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tokio::{net::TcpListener, sync::Semaphore};
 use tracing::Level;
@@ -110,7 +110,7 @@ pub fn metrics_handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let recorder = PrometheusBuilder::new().build_recorder();
+            let recorder = builder().build_recorder();
             let handle = recorder.handle();
             // Fails only if another recorder was installed first; then ours
             // simply renders nothing.
@@ -118,6 +118,21 @@ pub fn metrics_handle() -> PrometheusHandle {
             handle
         })
         .clone()
+}
+
+/// Latency buckets (seconds) of every `*_seconds` histogram: from a
+/// millisecond (an in-memory answer) to a minute (a job's backoff, a long
+/// stream), so `histogram_quantile` works in Prometheus. Other histograms
+/// (batch sizes) stay summaries.
+const SECONDS_BUCKETS: [f64; 16] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+fn builder() -> PrometheusBuilder {
+    // Fails only for an empty list, which this is not.
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &SECONDS_BUCKETS)
+        .unwrap_or_else(|_| PrometheusBuilder::new())
 }
 
 /// Serves `GET /metrics` on `listener` until `shutdown`, with hyper's
