@@ -112,16 +112,29 @@ impl Receiver {
     }
 }
 
-/// One role set as a child process exporting to `otlp`.
+/// What every process of the test shares.
+struct Shared<'a> {
+    wallet_port: u16,
+    database_url: &'a str,
+    namespace: &'a str,
+    otlp: &'a str,
+}
+
+/// One role set as a child process exporting to the test's receiver; its
+/// log (JSON) goes to `log` when given.
 fn serve(
+    shared: &Shared<'_>,
     roles: &[&str],
     service_name: &str,
     (port, metrics_port): (u16, u16),
-    wallet_port: u16,
-    database_url: &str,
-    namespace: &str,
-    otlp: &str,
+    log: Option<&std::path::Path>,
 ) -> ChildGuard {
+    let Shared {
+        wallet_port,
+        database_url,
+        namespace,
+        otlp,
+    } = shared;
     let mut command = Command::new(env!("CARGO_BIN_EXE_betting"));
     command.arg("serve");
     for role in roles {
@@ -142,12 +155,13 @@ fn serve(
             .env("OTEL_EXPORTER_OTLP_ENDPOINT", otlp)
             .env("OTEL_SERVICE_NAME", service_name)
             .env("OTEL_BSP_SCHEDULE_DELAY", "100")
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "warn,betting_server::observe=debug")
+            .env("BETTING_LOG_FORMAT", "json")
             .stdout(Stdio::null())
-            .stderr(if std::env::var("TEST_LOG").is_ok() {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
+            .stderr(match log {
+                Some(path) => std::fs::File::create(path).expect("log file").into(),
+                None if std::env::var("TEST_LOG").is_ok() => Stdio::inherit(),
+                None => Stdio::null(),
             }),
     )
     .expect("start a betting process")
@@ -223,19 +237,33 @@ async fn place_and_settle_are_each_one_trace_across_processes_and_the_queue() {
     let (wallet_port, api_port) = (free_port(), free_port());
     let url = database.url().to_owned();
     let api_metrics = free_port();
-    let start = |roles: &[&str], name: &str, ports: (u16, u16)| {
-        serve(roles, name, ports, wallet_port, &url, &namespace, &otlp)
+    let api_log = std::env::temp_dir().join(format!("{namespace}-api.log"));
+    let shared = Shared {
+        wallet_port,
+        database_url: &url,
+        namespace: &namespace,
+        otlp: &otlp,
     };
-    let _wallet = start(&["wallet"], "betting-wallet", (wallet_port, free_port()));
+    let start = |roles: &[&str], name: &str, ports: (u16, u16), log: Option<&std::path::Path>| {
+        serve(&shared, roles, name, ports, log)
+    };
+    let _wallet = start(
+        &["wallet"],
+        "betting-wallet",
+        (wallet_port, free_port()),
+        None,
+    );
     let _api = start(
         &["betting", "settlement"],
         "betting-api",
         (api_port, api_metrics),
+        Some(&api_log),
     );
     let _workers = start(
         &["matcher", "settler"],
         "betting-workers",
         (free_port(), free_port()),
+        None,
     );
     let wallet_channel = channel(wallet_port).await;
     let api = channel(api_port).await;
@@ -468,6 +496,15 @@ async fn place_and_settle_are_each_one_trace_across_processes_and_the_queue() {
         ),
         Some(1.0),
         "{metrics}"
+    );
+    // The API's log line of the PlaceBet carries the client's trace id.
+    let logged = std::fs::read_to_string(&api_log).expect("the API's log");
+    let _ = std::fs::remove_file(&api_log);
+    assert!(
+        logged.lines().any(|line| line.contains("call finished")
+            && line.contains("PlaceBet")
+            && line.contains(&format!(r#""trace_id":"{place_trace}""#))),
+        "no PlaceBet log line with trace id {place_trace}:\n{logged}"
     );
     database.drop_database().await;
 }

@@ -8,6 +8,8 @@
 //!   when the request carries a W3C `traceparent`; the handler runs inside
 //!   it (the adapters' spans below it carry the ids: bet, round), and it ends with
 //!   the call's gRPC status;
+//! - logs it at DEBUG when it ends (an access log, with the span's
+//!   `trace_id` like every line logged within the call);
 //! - counts the call in `grpc_server_requests_total{method,code}` and times
 //!   it in `grpc_server_request_duration_seconds{method,code}` (a stream's
 //!   time is its whole life).
@@ -172,13 +174,18 @@ impl Call {
         if is_server_error(code) {
             self.span.record("otel.status_code", "ERROR");
         }
+        let elapsed = self.started.elapsed();
         let labels = [
             ("method", self.method.clone()),
             ("code", code_name.to_owned()),
         ];
         metrics::counter!("grpc_server_requests_total", &labels).increment(1);
         metrics::histogram!("grpc_server_request_duration_seconds", &labels)
-            .record(self.started.elapsed().as_secs_f64());
+            .record(elapsed.as_secs_f64());
+        // The access log, off by default (`RUST_LOG=betting_server::observe=debug`):
+        // one line per call, inside its span, so with its trace id.
+        let _entered = self.span.enter();
+        tracing::debug!(method = %self.method, code = code_name, elapsed_ms = elapsed.as_millis() as u64, "call finished");
     }
 }
 

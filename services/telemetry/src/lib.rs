@@ -24,8 +24,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tokio::{net::TcpListener, sync::Semaphore};
-use tracing::Level;
-use tracing_subscriber::{EnvFilter, filter::Targets, fmt, prelude::*};
+use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
 pub mod trace;
 
@@ -37,37 +36,36 @@ pub mod trace;
 /// Keep the guard for the life of the process and [`Telemetry::shutdown`]
 /// it at the end, so the last spans are exported.
 pub fn init_tracing() -> Telemetry {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let json = std::env::var("BETTING_LOG_FORMAT").is_ok_and(|f| f == "json");
     let provider = trace::provider_from_env();
-    // Export our own spans only, at INFO and above, whatever RUST_LOG says of
-    // the logs (a quiet log must not switch tracing off).
-    let exported = Targets::new().with_target("betting", Level::INFO);
-    let otel = provider
-        .as_ref()
-        .map(|provider| trace::layer(provider).with_filter(exported));
-    let registry = tracing_subscriber::registry().with(otel);
-    let result = if json {
-        registry
-            .with(
-                fmt::layer()
-                    .json()
-                    .with_writer(std::io::stderr)
-                    .with_filter(filter),
-            )
-            .try_init()
+    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    if provider.is_some() {
+        // Our own spans, at INFO and above, are what is exported: exporting
+        // keeps our crates at INFO at least, whatever RUST_LOG says of the
+        // rest. One filter for both layers on purpose: with a filter per
+        // layer, calls' spans went missing from logs and traces at random
+        // (a per-layer verdict on a span lives in a thread-local between
+        // `enabled` and `new_span`, and did not always survive).
+        if let Ok(ours) = "betting=info".parse() {
+            filter = filter.add_directive(ours);
+        }
+    }
+    let json = std::env::var("BETTING_LOG_FORMAT").is_ok_and(|f| f == "json");
+    let otel = provider.as_ref().map(trace::layer);
+    let logs = if json {
+        fmt::layer().json().with_writer(std::io::stderr).boxed()
     } else {
         // Colours only for a person at a terminal, not in log files.
         let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-        registry
-            .with(
-                fmt::layer()
-                    .with_ansi(ansi)
-                    .with_writer(std::io::stderr)
-                    .with_filter(filter),
-            )
-            .try_init()
+        fmt::layer()
+            .with_ansi(ansi)
+            .with_writer(std::io::stderr)
+            .boxed()
     };
+    let result = tracing_subscriber::registry()
+        .with(filter)
+        .with(logs)
+        .with(otel)
+        .try_init();
     // Already installed (a second app in one test binary): keep the first,
     // and this provider exports nothing.
     Telemetry {

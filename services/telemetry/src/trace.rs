@@ -6,8 +6,9 @@
 //! of the standard variables itself: `OTEL_SERVICE_NAME` (default `betting`),
 //! `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER` and
 //! `OTEL_TRACES_SAMPLER_ARG` (default: parent-based, always on), and the
-//! batch processor's `OTEL_BSP_*`. Only our own spans are exported (targets
-//! `betting*` at INFO and above), whatever `RUST_LOG` says about logs.
+//! batch processor's `OTEL_BSP_*`. Our own spans (targets `betting*`) are
+//! exported at INFO and above: with export on, `RUST_LOG` cannot quieten our
+//! crates below INFO (one filter serves logs and traces).
 //!
 //! A trace crosses processes in two ways, both as W3C `traceparent` /
 //! `tracestate` text fields ([`Carrier`]): in gRPC metadata (the server's RPC
