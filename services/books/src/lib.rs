@@ -102,6 +102,9 @@ struct Record<R> {
 #[derive(Debug, Default)]
 pub struct Books {
     bets: HashMap<(i64, String), Record<PlaceRequest>>,
+    /// Which key each acknowledged bet was placed under: one bet answered
+    /// for two keys is two bets the client was told of and one that exists.
+    bet_keys: HashMap<String, (i64, String)>,
     money: HashMap<String, Record<MoneyRequest>>,
     /// Money put in before the schedule ran, per user.
     pub genesis: HashMap<i64, Decimal>,
@@ -157,6 +160,18 @@ impl Books {
             // something is stored whose own answer is still on its way (or
             // was lost and will be retried); it settles nothing.
             _ => {
+                if let Answer::Bet(id) = &answer {
+                    match self.bet_keys.get(id) {
+                        Some(owner) if *owner != slot => self.violations.push(format!(
+                            "bet {id} was answered for PlaceBet key {} of user {} and for key {} of user {}",
+                            owner.1, owner.0, request.key, request.user
+                        )),
+                        Some(_) => {}
+                        None => {
+                            self.bet_keys.insert(id.clone(), slot.clone());
+                        }
+                    }
+                }
                 if answer != Answer::Refused("IDEMPOTENCY_KEY_REUSED".into()) {
                     self.bets.insert(
                         slot,
@@ -278,5 +293,49 @@ impl Books {
             .filter(|r| r.answer.stores())
             .map(|r| Request::Money(r.request.clone()));
         bets.chain(money).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(key: &str) -> PlaceRequest {
+        PlaceRequest {
+            user: 7,
+            key: key.into(),
+            round: "r-1".into(),
+            side: Side::A,
+            stake: Decimal::from(5),
+        }
+    }
+
+    /// Two keys of one user with the same payload (a user betting 5 on A
+    /// twice in one round, say, both in one group-commit batch), both
+    /// answered with the same bet: the client was told of two bets and one
+    /// exists. `acknowledged()` is keyed by bet id, so it would fold the two
+    /// into one and the final check ("every acknowledged bet exists with its
+    /// stake") would pass with a bet missing.
+    #[test]
+    fn one_bet_answered_for_two_keys_is_a_violation() {
+        let mut books = Books::default();
+        books.place(&request("k1"), Reply::Resolved(Answer::Bet("x".into())));
+        books.place(&request("k2"), Reply::Resolved(Answer::Bet("x".into())));
+        assert_eq!(
+            books.violations.len(),
+            1,
+            "two keys acknowledged with one bet id went unnoticed: {:?}",
+            books.violations
+        );
+    }
+
+    /// The same key answered the same bet twice (a retry) is no violation.
+    #[test]
+    fn a_retry_answered_with_its_bet_is_fine() {
+        let mut books = Books::default();
+        books.place(&request("k1"), Reply::Resolved(Answer::Bet("x".into())));
+        books.place(&request("k1"), Reply::Resolved(Answer::Bet("x".into())));
+        assert!(books.violations.is_empty(), "{:?}", books.violations);
+        assert_eq!(books.acknowledged().len(), 1);
     }
 }
