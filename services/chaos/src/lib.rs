@@ -245,8 +245,13 @@ async fn drive(cluster: &Arc<Cluster>, args: &ChaosArgs, seed: u64) -> anyhow::R
     }
     let _ = load_task.await;
     let mut injected = Vec::new();
+    // A fault whose task panicked never reported: a violation, not a gap.
+    let mut lost_faults = Vec::new();
     while let Some(done) = running.join_next().await {
-        injected.extend(done.ok());
+        match done {
+            Ok(fault) => injected.push(fault),
+            Err(error) => lost_faults.push(format!("a fault's task failed: {error}")),
+        }
     }
     injected.sort_by_key(|f| f.planned.at_ms);
     bar.finish_and_clear();
@@ -262,6 +267,7 @@ async fn drive(cluster: &Arc<Cluster>, args: &ChaosArgs, seed: u64) -> anyhow::R
                 .map(|e| format!("fault {} failed: {e}", f.planned.fault))
         })
         .collect();
+    violations.append(&mut lost_faults);
     if !load.resolve_unknowns(Duration::from_secs(60)).await {
         violations.push("requests stayed unresolved 60 s after healing".into());
     }
@@ -298,6 +304,13 @@ async fn drive(cluster: &Arc<Cluster>, args: &ChaosArgs, seed: u64) -> anyhow::R
     }
     let quiescence_s = quiet_from.elapsed().as_secs_f64();
     say("checking".into());
+    // The load's figures before the check's replays, which go through the
+    // same calls and would count every stored bet a second time.
+    let counters = &load.counters;
+    let calls = counters.calls.load(Ordering::Relaxed);
+    let placed = counters.placed.load(Ordering::Relaxed);
+    let unknown = counters.unknown.load(Ordering::Relaxed);
+    let retries = counters.retries.load(Ordering::Relaxed);
     let (found, tally) = check::check(&cluster.pool, &load, &queues).await?;
     let audit_clean = !found.iter().any(|v| v.starts_with("audit "));
     violations.extend(found);
@@ -306,7 +319,6 @@ async fn drive(cluster: &Arc<Cluster>, args: &ChaosArgs, seed: u64) -> anyhow::R
     for f in &injected {
         *faults_by_kind.entry(f.planned.fault.kind()).or_default() += 1;
     }
-    let counters = &load.counters;
     Ok(Report {
         seed,
         seconds: args.seconds,
@@ -314,10 +326,10 @@ async fn drive(cluster: &Arc<Cluster>, args: &ChaosArgs, seed: u64) -> anyhow::R
         faults_by_kind,
         recovery: summary(injected.iter().filter_map(|f| f.recovered_ms).collect()),
         faults: injected,
-        calls: counters.calls.load(Ordering::Relaxed),
-        placed_acknowledged: counters.placed.load(Ordering::Relaxed),
-        unknown_outcomes: counters.unknown.load(Ordering::Relaxed),
-        retries: counters.retries.load(Ordering::Relaxed),
+        calls,
+        placed_acknowledged: placed,
+        unknown_outcomes: unknown,
+        retries,
         cancels: counters.cancels.load(Ordering::Relaxed),
         rounds_settled: counters.rounds_settled.load(Ordering::Relaxed),
         rounds_voided: counters.rounds_voided.load(Ordering::Relaxed),

@@ -7,7 +7,7 @@
 //! key until it resolves.
 
 use std::{
-    collections::VecDeque,
+    collections::{HashMap, VecDeque},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, AtomicUsize, Ordering},
@@ -58,6 +58,21 @@ impl Targets {
     }
 }
 
+/// An end of a round the game server asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Settled(Side),
+    Voided,
+}
+
+/// What the client knows of a cancel: it was asked (the bet may then end
+/// CANCELLED, whatever the answer said), and whether it was acknowledged
+/// (the bet must then end CANCELLED).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CancelSeen {
+    pub acknowledged: bool,
+}
+
 /// What the clients did, for the report.
 #[derive(Default)]
 pub struct Counters {
@@ -85,6 +100,11 @@ pub struct Load {
     pub counters: Counters,
     /// When each betting instance last acknowledged a PlaceBet.
     last_placed: Vec<Mutex<Instant>>,
+    /// Every end the game server asked of each round (every attempt: one
+    /// whose answer was lost may have taken effect).
+    pub outcomes: Mutex<HashMap<String, Vec<Outcome>>>,
+    /// Every bet a cancel was sent for.
+    pub cancels: Mutex<HashMap<String, CancelSeen>>,
 }
 
 fn side_pb(side: Side) -> pb::Side {
@@ -119,6 +139,8 @@ impl Load {
             next_key: AtomicU64::new(0),
             counters: Counters::default(),
             last_placed: (0..instances).map(|_| Mutex::new(Instant::now())).collect(),
+            outcomes: Mutex::new(HashMap::new()),
+            cancels: Mutex::new(HashMap::new()),
         }
     }
 
@@ -207,6 +229,13 @@ impl Load {
         } else {
             pb::Side::B
         };
+        let outcome = if !settle {
+            Outcome::Voided
+        } else if side == pb::Side::A {
+            Outcome::Settled(Side::A)
+        } else {
+            Outcome::Settled(Side::B)
+        };
         for _ in 0..240 {
             let mut client = SettlementServiceClient::new(self.targets.settlement.clone());
             let result = if settle {
@@ -234,6 +263,16 @@ impl Load {
                     .await
                     .map(|_| ())
             };
+            // Every attempt that may have taken effect: answered, or its
+            // answer lost. (FAILED_PRECONDITION: the round had ended before.)
+            if !matches!(&result, Err(status) if status.code() == Code::FailedPrecondition) {
+                self.outcomes
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entry(round.to_owned())
+                    .or_default()
+                    .push(outcome);
+            }
             match result {
                 Ok(()) => {
                     let counter = if settle {
@@ -435,6 +474,11 @@ impl Load {
         };
         self.counters.cancels.fetch_add(1, Ordering::Relaxed);
         self.counters.calls.fetch_add(1, Ordering::Relaxed);
+        self.cancels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(bet.clone())
+            .or_default();
         let result = BettingServiceClient::new(
             self.targets.betting[instance % self.targets.betting.len()].clone(),
         )
@@ -446,6 +490,15 @@ impl Load {
             Role::Player,
         ))
         .await;
+        if result.is_ok()
+            && let Some(seen) = self
+                .cancels
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_mut(&bet)
+        {
+            seen.acknowledged = true;
+        }
         if let Err(status) = result
             && !matches!(
                 status.code(),
