@@ -136,6 +136,7 @@ impl Matcher {
     /// that moved on because a group run matched it needs nothing more: that
     /// run began after the bet's commit, so after its batch-mates' too, and
     /// matched every pair it could.
+    #[tracing::instrument(name = "match.group", skip(self), fields(bet_id = %bet))]
     pub async fn match_bet(&self, bet: Uuid) -> Result<usize, StoreError> {
         let row: Option<JobBet> = sqlx::query_as(
             "SELECT b.round_id, b.amount, ( \

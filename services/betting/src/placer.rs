@@ -55,6 +55,7 @@ use betting_streams::{Changes, Publisher};
 use betting_wallet_client::{Hold, WalletCallError, WalletClient};
 use rust_decimal::Decimal;
 use tokio::sync::{Semaphore, mpsc, oneshot};
+use tracing::Instrument;
 
 use betting_jobs::MatchJob;
 
@@ -90,6 +91,10 @@ type Answer = Result<Batched, BettingError>;
 struct Request {
     bet: NewBet,
     deadline: Option<tokio::time::Instant>,
+    /// The caller's span (its PlaceBet): the batch span is a child of the
+    /// first caller's and linked to the others', and each bet's match job
+    /// carries its own caller's trace.
+    span: tracing::Span,
     reply: oneshot::Sender<Answer>,
 }
 
@@ -124,6 +129,7 @@ impl Placer {
         let request = Request {
             bet,
             deadline: betting_deadline::current(),
+            span: tracing::Span::current(),
             reply,
         };
         if self.requests.send(request).await.is_err() {
@@ -166,11 +172,19 @@ async fn gather(mut queue: mpsc::Receiver<Request>, parts: Arc<Parts>) {
 /// Runs one batch within the latest deadline of its callers.
 async fn run(parts: &Parts, batch: Vec<Request>) {
     let deadline = batch.iter().map(|r| r.deadline).max().flatten();
-    let (bets, replies): (Vec<NewBet>, Vec<oneshot::Sender<Answer>>) =
-        batch.into_iter().map(|r| (r.bet, r.reply)).unzip();
+    let span = batch_span(&batch);
+    let mut bets = Vec::with_capacity(batch.len());
+    let mut spans = Vec::with_capacity(batch.len());
+    let mut replies = Vec::with_capacity(batch.len());
+    for request in batch {
+        bets.push(request.bet);
+        spans.push(request.span);
+        replies.push(request.reply);
+    }
+    let placed = place_all(parts, &bets, &spans).instrument(span);
     let answers = match deadline {
-        Some(deadline) => betting_deadline::scope(deadline, place_all(parts, &bets)).await,
-        None => place_all(parts, &bets).await,
+        Some(deadline) => betting_deadline::scope(deadline, placed).await,
+        None => placed.await,
     };
     for (reply, answer) in replies.into_iter().zip(answers) {
         // A caller that gave up is gone; its bet is finished all the same.
@@ -178,8 +192,26 @@ async fn run(parts: &Parts, batch: Vec<Request>) {
     }
 }
 
-/// The saga's three steps for a batch; one answer per bet, in order.
-async fn place_all(parts: &Parts, bets: &[NewBet]) -> Vec<Answer> {
+/// The batch's span: a child of its first caller's PlaceBet, linked to the
+/// others' (one batch serves many traces).
+fn batch_span(batch: &[Request]) -> tracing::Span {
+    let parent = batch.first().map(|r| r.span.id());
+    let span = tracing::info_span!(
+        parent: parent.flatten(),
+        "place.batch",
+        bets = batch.len(),
+        trace_id = tracing::field::Empty,
+    );
+    for request in batch.iter().skip(1) {
+        betting_telemetry::trace::link(&span, &request.span);
+    }
+    betting_telemetry::trace::record_trace_id(&span);
+    span
+}
+
+/// The saga's three steps for a batch; one answer per bet, in order
+/// (`spans`: each bet's caller's).
+async fn place_all(parts: &Parts, bets: &[NewBet], spans: &[tracing::Span]) -> Vec<Answer> {
     let shared = |e: BettingError| {
         let e = Arc::new(e);
         bets.iter()
@@ -187,10 +219,11 @@ async fn place_all(parts: &Parts, bets: &[NewBet]) -> Vec<Answer> {
             .collect::<Vec<Answer>>()
     };
     // 1. PLACING, in one statement.
-    let written = match parts.store.insert_placing_many(bets).await {
-        Ok(rows) => rows,
-        Err(e) => return shared(e.into()),
-    };
+    let written =
+        match betting_db::timed("insert_placing", parts.store.insert_placing_many(bets)).await {
+            Ok(rows) => rows,
+            Err(e) => return shared(e.into()),
+        };
     let mut answers: Vec<Answer> = bets.iter().map(|_| Ok(Batched::NotWritten)).collect();
     // The rows in the batch's order; a bet not written keeps `NotWritten`.
     let mut rows: Vec<(usize, BetRow)> = written
@@ -260,7 +293,12 @@ async fn place_all(parts: &Parts, bets: &[NewBet]) -> Vec<Answer> {
     }
 
     // 3. PENDING and REJECTED, in one statement.
-    let finished = match parts.store.finish_placing_many(&pending, &rejected).await {
+    let finished = match betting_db::timed(
+        "finish_placing",
+        parts.store.finish_placing_many(&pending, &rejected),
+    )
+    .await
+    {
         Ok(finished) => finished,
         Err(e) => {
             // The stakes are held and the bets PLACING: the recovery pass
@@ -292,7 +330,13 @@ async fn place_all(parts: &Parts, bets: &[NewBet]) -> Vec<Answer> {
     futures::future::join_all(leaders.iter().map(|row| {
         let job = MatchJob::new(row.id(), &row.round_id);
         let queue = &parts.match_queue;
-        async move { betting_jobs::enqueue(queue, &job).await }
+        // The job carries its leader's own PlaceBet trace.
+        let span = bets
+            .iter()
+            .position(|b| b.bet.as_uuid() == row.bet_id)
+            .and_then(|i| spans.get(i).cloned())
+            .unwrap_or_else(tracing::Span::current);
+        async move { betting_jobs::enqueue(queue, &job).await }.instrument(span)
     }))
     .await;
 

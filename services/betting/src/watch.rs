@@ -403,7 +403,14 @@ impl Watch {
             self.high_water = row.updated_at;
         }
         let event = self.event(kind, Some(row));
-        self.sink.send(event).await
+        self.sink.send(event).await?;
+        if kind == BetEventKind::Change {
+            // From the change's transaction (its `updated_at`) to its event
+            // handed to the client's stream.
+            let lag = (Utc::now() - row.updated_at).to_std().unwrap_or_default();
+            metrics::histogram!("stream_lag_seconds").record(lag.as_secs_f64());
+        }
+        Ok(())
     }
 
     async fn snapshot(

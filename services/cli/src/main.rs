@@ -10,12 +10,14 @@
 //! - `betting queue stats|dead|retry` inspects the job queues and requeues dead
 //!   jobs (recorded in the privileged-action trail when DATABASE_URL is set).
 //! - `betting dev-certs --out DIR` makes a local CA and certificates for TLS.
+//! - `betting health` asks a server's gRPC health; exits 1 unless SERVING.
 
 #![forbid(unsafe_code)]
 
 mod bench;
 mod cpu;
 mod dev_certs;
+mod health;
 mod load;
 mod probe;
 
@@ -57,6 +59,9 @@ enum Command {
     /// Write a local CA, a server certificate for localhost and a client
     /// certificate (for mutual TLS), and print the settings that use them.
     DevCerts(dev_certs::DevCertsArgs),
+    /// Ask a server's gRPC health service (container health checks); exit 1
+    /// unless it answers SERVING.
+    Health(health::HealthArgs),
 }
 
 #[derive(clap::Args)]
@@ -196,6 +201,7 @@ fn main() -> ExitCode {
         Command::Audit(args) => runtime().and_then(|rt| rt.block_on(audit(args))),
         Command::Queue(args) => runtime().and_then(|rt| rt.block_on(queue(args))),
         Command::Chaos(args) => runtime().and_then(|rt| rt.block_on(chaos(args))),
+        Command::Health(args) => runtime().and_then(|rt| rt.block_on(health::run(args))),
         Command::Bench(BenchCommand {
             command: BenchKind::Streams(args),
         }) => runtime().and_then(|rt| rt.block_on(bench::streams(args))),
@@ -229,13 +235,18 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 async fn serve(settings: Settings) -> anyhow::Result<()> {
-    betting_telemetry::init_tracing();
-    let app = betting_server::Application::build(settings).await?;
-    app.run_until_stopped().await
+    let telemetry = betting_telemetry::init_tracing();
+    let served = match betting_server::Application::build(settings).await {
+        Ok(app) => app.run_until_stopped().await,
+        Err(e) => Err(e),
+    };
+    // The last spans (the drain's) are exported before the process exits.
+    telemetry.shutdown().await;
+    served
 }
 
 async fn migrate(storage: StorageSettings) -> anyhow::Result<()> {
-    betting_telemetry::init_tracing();
+    let _telemetry = betting_telemetry::init_tracing();
     storage.validate()?;
     let pool = betting_db::connect_lazy(
         storage.database_url.expose(),

@@ -92,12 +92,13 @@ pub async fn begin(pool: &PgPool) -> Result<sqlx::Transaction<'static, Postgres>
     // writes on it "succeeded" without committing. Now the task always gets
     // its `Transaction`; if the caller is gone it drops it, which rolls back.
     let pool = pool.clone();
-    let begun = tokio::spawn(async move {
+    // Timed from the wait for a connection to BEGIN's answer.
+    let begun = tokio::spawn(timed("begin", async move {
         match statement {
             None => pool.begin().await,
             Some(statement) => pool.begin_with(sqlx::AssertSqlSafe(statement)).await,
         }
-    });
+    }));
     let joined = match left {
         None => begun.await,
         // Waiting for a connection counts against the deadline too.
@@ -114,9 +115,32 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     MIGRATOR.run(pool).await
 }
 
-/// Whether PostgreSQL answers right now.
+/// Whether PostgreSQL answers right now; the round trip is timed in
+/// `db_query_duration_seconds{op="ping"}`, and the pool's connections
+/// counted in `db_pool_connections{state}` (`in_use`, `idle`) beside the
+/// pool's size, `db_pool_max_connections`.
 pub async fn ping(pool: &PgPool) -> bool {
-    sqlx::query("SELECT 1").execute(pool).await.is_ok()
+    let answered = timed("ping", sqlx::query("SELECT 1").execute(pool))
+        .await
+        .is_ok();
+    let idle = pool.num_idle() as f64;
+    let size = f64::from(pool.size());
+    metrics::gauge!("db_pool_connections", "state" => "idle").set(idle);
+    metrics::gauge!("db_pool_connections", "state" => "in_use").set((size - idle).max(0.0));
+    metrics::gauge!("db_pool_max_connections").set(f64::from(pool.options().get_max_connections()));
+    answered
+}
+
+/// Runs `call` and records how long it took in
+/// `db_query_duration_seconds{op}`, whatever its outcome: the latency
+/// PostgreSQL's callers see, per named operation (`op` is a fixed name,
+/// never data).
+pub async fn timed<F: std::future::IntoFuture>(op: &'static str, call: F) -> F::Output {
+    let started = std::time::Instant::now();
+    let output = call.await;
+    metrics::histogram!("db_query_duration_seconds", "op" => op)
+        .record(started.elapsed().as_secs_f64());
+    output
 }
 
 /// What kind of failure a storage error is.

@@ -251,6 +251,7 @@ mod tests {
             outages: 0,
             last_error: None,
             failed_at_ms: None,
+            trace: None,
         };
         assert!(matches!(
             MatchJob::decode(&job),

@@ -131,6 +131,11 @@ pub struct Job {
     pub last_error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failed_at_ms: Option<u64>,
+    /// The producer's trace context (W3C `traceparent`, `tracestate`), so the
+    /// worker's span joins the trace of the request that enqueued the job.
+    /// Absent when tracing is off or the job was re-derived by a reconciler.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<betting_telemetry::trace::Carrier>,
 }
 
 /// SCAN pages one orphan sweep reads, and keys it asks for per page: a sweep
@@ -333,6 +338,7 @@ impl Queue {
             outages: 0,
             last_error: None,
             failed_at_ms: None,
+            trace: betting_telemetry::trace::current(),
         };
         let encoded = serde_json::to_string(&job)?;
         let result: i64 = self

@@ -371,7 +371,23 @@ async fn run_one<H: Handler>(queue: &Queue, consumer: &str, handler: &H, job: Jo
     let waited = crate::now_ms().saturating_sub(job.enqueued_at_ms);
     metrics::histogram!("queue_job_wait_seconds", "queue" => name.clone())
         .record(waited as f64 / 1000.0);
-    let result = handler.handle(&job).await;
+    // The job's span, a child of the producer's (PlaceBet, SettleRound) when
+    // the job carries its context; handlers add the ids they work on.
+    let span = tracing::info_span!(
+        "job",
+        otel.name = %format_args!("queue.{name}"),
+        otel.kind = "consumer",
+        messaging.system = "redis",
+        messaging.destination.name = %name,
+        job.id = %job.id,
+        job.attempts = job.attempts,
+        trace_id = tracing::field::Empty,
+    );
+    let carried = job.trace.as_ref();
+    betting_telemetry::trace::adopt(&span, |key| {
+        carried.and_then(|c| c.get(key)).map(String::as_str)
+    });
+    let result = tracing::Instrument::instrument(handler.handle(&job), span).await;
     metrics::histogram!("queue_job_duration_seconds", "queue" => name.clone())
         .record(started.elapsed().as_secs_f64());
     let outcome = match result {

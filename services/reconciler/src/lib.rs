@@ -109,7 +109,13 @@ struct Cursors {
     pending: Option<uuid::Uuid>,
     matches: Option<uuid::Uuid>,
     commands: Option<String>,
+    /// When the open bets were last counted for the gauges.
+    books_counted: Option<std::time::Instant>,
 }
+
+/// How often a reconciler counts the open bets for the gauges: a scan of
+/// the bets being matched and settled, not worth doing every pass.
+const BOOK_GAUGES_EVERY: Duration = Duration::from_secs(30);
 
 /// The advisory lock key of a pass.
 const PASS_LOCK: i64 = 0x6265_7474_696e_6701;
@@ -247,6 +253,7 @@ impl Reconciler {
         metrics::counter!("reconciler_repairs_total", "kind" => "stranded")
             .increment(report.stranded as u64);
         self.record_queue_gauges().await;
+        self.record_book_gauges().await;
         Ok(report)
     }
 
@@ -285,6 +292,46 @@ impl Reconciler {
                     .set(rust_decimal::prelude::ToPrimitive::to_f64(&money).unwrap_or(f64::MAX));
             }
         }
+    }
+
+    /// Publishes the open bets by status (`bets{status}`) and the stakes they
+    /// hold (`escrow_money`: PENDING and MATCHED stakes; a PLACING bet's stake
+    /// may not be held yet), at most every [`BOOK_GAUGES_EVERY`].
+    async fn record_book_gauges(&self) {
+        let due = self.cursor(|c| {
+            c.books_counted
+                .is_none_or(|at| at.elapsed() >= BOOK_GAUGES_EVERY)
+        });
+        if !due {
+            return;
+        }
+        let counted: Result<Vec<(String, i64, rust_decimal::Decimal)>, _> = sqlx::query_as(
+            "SELECT status, count(*), COALESCE(sum(amount), 0) FROM bets \
+             WHERE status IN ('PLACING', 'PENDING', 'MATCHED') GROUP BY status",
+        )
+        .fetch_all(&self.pool)
+        .await;
+        let Ok(counted) = counted else {
+            return;
+        };
+        self.cursors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .books_counted = Some(std::time::Instant::now());
+        let mut escrow = rust_decimal::Decimal::ZERO;
+        for status in ["PLACING", "PENDING", "MATCHED"] {
+            let (count, sum) = counted
+                .iter()
+                .find(|(s, _, _)| s == status)
+                .map(|(_, count, sum)| (*count, *sum))
+                .unwrap_or_default();
+            metrics::gauge!("bets", "status" => status).set(count as f64);
+            if status != "PLACING" {
+                escrow += sum;
+            }
+        }
+        metrics::gauge!("escrow_money")
+            .set(rust_decimal::prelude::ToPrimitive::to_f64(&escrow).unwrap_or(f64::MAX));
     }
 
     /// Runs passes until `shutdown` is signalled.

@@ -53,6 +53,7 @@ impl Refunder {
 
     /// Carries out the refund with this key, if it is still owed. `None`
     /// when there is no such refund or it was done already.
+    #[tracing::instrument(name = "refund", skip(self), fields(key = %key))]
     pub async fn execute_key(&self, key: &str) -> Result<Option<Decimal>, RefundError> {
         match self.outbox.get(key).await? {
             Some(owed) if owed.done_at.is_none() => self.execute(&owed).await.map(Some),

@@ -22,6 +22,7 @@ mod grpc;
 mod health;
 mod infra;
 mod limits;
+mod observe;
 mod roles;
 mod router;
 mod serve;

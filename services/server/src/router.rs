@@ -19,12 +19,17 @@ use tonic_web::GrpcWebLayer;
 use tower::layer::util::{Identity, Stack};
 use tower_http::cors::CorsLayer;
 
-use crate::{edge::EdgeLayer, grpc, roles::Services, status_log::StatusLogLayer};
+use crate::{
+    edge::EdgeLayer, grpc, observe::ObserveLayer, roles::Services, status_log::StatusLogLayer,
+};
 
 /// The router with its layers, outermost first: CORS, gRPC-Web, the status
-/// log, the edge.
+/// log, the call's span and metrics, the edge.
 pub(crate) type GrpcRouter = tonic::transport::server::Router<
-    Stack<EdgeLayer, Stack<StatusLogLayer, Stack<GrpcWebLayer, Stack<CorsLayer, Identity>>>>,
+    Stack<
+        EdgeLayer,
+        Stack<ObserveLayer, Stack<StatusLogLayer, Stack<GrpcWebLayer, Stack<CorsLayer, Identity>>>>,
+    >,
 >;
 
 /// The largest request health and reflection decode: a service name or a
@@ -92,6 +97,13 @@ pub(crate) fn mount(
         // BETTING_TEST_STATUS_LOG is set); inside gRPC-Web, so it reads
         // plain gRPC headers and trailers.
         .layer(StatusLogLayer::from_env())
+        // Every call's span and metrics, the edge's refusals included.
+        .layer(ObserveLayer::new(&[
+            betting_api::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+        ]))
         // Inside gRPC-Web, so it sees every call as gRPC; inside the status
         // log, so the log records its refusals too.
         .layer(EdgeLayer::new(edge))

@@ -37,6 +37,7 @@ impl SettleHandler {
     }
 
     /// Pays the match if it is due; returns whether this call recorded it.
+    #[tracing::instrument(name = "settle.match", skip(self), fields(match_id = %match_id))]
     pub async fn settle(&self, match_id: Uuid) -> Result<bool, JobError> {
         let view = self
             .rounds
@@ -134,6 +135,7 @@ impl SettleHandler {
     /// goes on past it; once the rest is paid the job fails for good, as a
     /// lone refused payout's does: dead, its money (the matches still
     /// unpaid) counted, until an operator requeues it.
+    #[tracing::instrument(name = "settle.round", skip(self), fields(round_id = %round))]
     pub async fn settle_round(&self, round: &str) -> Result<usize, JobError> {
         let mut after = None;
         let mut recorded = 0;

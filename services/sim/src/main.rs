@@ -151,9 +151,9 @@ async fn main() -> anyhow::Result<()> {
         return run_chunked(&args);
     }
     // The services' own logs, when asked for (RUST_LOG=warn, say).
-    if std::env::var_os("RUST_LOG").is_some() {
-        betting_telemetry::init_tracing();
-    }
+    let _telemetry = std::env::var_os("RUST_LOG")
+        .is_some()
+        .then(betting_telemetry::init_tracing);
     let settings = SimSettings {
         steps: args.steps,
         ..SimSettings::default()

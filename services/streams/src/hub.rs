@@ -41,7 +41,9 @@ struct Entry {
     lagged: Arc<AtomicBool>,
     /// A client's stream (or a feed serving streams), as opposed to a cache
     /// that only wants to know when something changed: only streams count
-    /// in [`Hub::stream_count`] and the `streams_open` gauge.
+    /// in [`Hub::stream_count`] and the `stream_subscriptions_open` gauge
+    /// (streams of one user share a feed: `streams_open` counts the
+    /// client's streams themselves, [`crate::EventStream`]).
     stream: bool,
 }
 
@@ -104,7 +106,7 @@ struct Guard {
 impl Drop for Guard {
     fn drop(&mut self) {
         if self.stream {
-            metrics::gauge!("streams_open").decrement(1.0);
+            metrics::gauge!("stream_subscriptions_open").decrement(1.0);
         }
         let Some(inner) = self.hub.upgrade() else {
             return;
@@ -183,7 +185,7 @@ impl Hub {
             id
         };
         if stream {
-            metrics::gauge!("streams_open").increment(1.0);
+            metrics::gauge!("stream_subscriptions_open").increment(1.0);
         }
         Subscription {
             rx,

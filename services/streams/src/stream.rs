@@ -58,6 +58,12 @@ pub struct EventStream<T> {
     done: bool,
 }
 
+impl<T> Drop for EventStream<T> {
+    fn drop(&mut self) {
+        metrics::gauge!("streams_open").decrement(1.0);
+    }
+}
+
 /// The task's end of it.
 pub struct EventSink<T> {
     tx: mpsc::Sender<T>,
@@ -78,6 +84,9 @@ pub enum SinkClosed {
 pub fn event_stream<T>(buffer: usize, send_timeout: Duration) -> (EventSink<T>, EventStream<T>) {
     let (tx, rx) = mpsc::channel(buffer);
     let abort = Arc::new(Mutex::new(None));
+    // Counted down when tonic drops the stream: the call ended or the
+    // client went away.
+    metrics::gauge!("streams_open").increment(1.0);
     (
         EventSink {
             tx,

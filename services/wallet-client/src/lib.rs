@@ -283,11 +283,21 @@ impl WalletClient {
 /// A request that carries the current request's remaining time
 /// ([`betting_deadline`]) as its `grpc-timeout`: WalletService stops working
 /// on it, and releases its locks, when the caller's own client gives up.
-/// Outside a request the channel's timeout applies.
+/// Outside a request the channel's timeout applies. It also carries the
+/// current span's trace context (W3C `traceparent`), so WalletService's span
+/// of the call joins the caller's trace.
 fn within_deadline<T>(message: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     if let Some(left) = betting_deadline::remaining() {
         request.set_timeout(left);
+    }
+    for (key, value) in betting_telemetry::trace::current().into_iter().flatten() {
+        if let (Ok(key), Ok(value)) = (
+            tonic::metadata::MetadataKey::from_bytes(key.as_bytes()),
+            value.parse(),
+        ) {
+            request.metadata_mut().insert(key, value);
+        }
     }
     request
 }

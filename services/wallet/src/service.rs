@@ -198,7 +198,8 @@ impl WalletService {
         let parsed = parse_batch("holds", holds, |h| {
             internal_transfer(EntryKind::Stake, h.user_id, h.amount, h.key, h.bet_id)
         })?;
-        let posted = self.ledger.hold_stakes(&valid(&parsed)).await?;
+        let posted =
+            betting_db::timed("hold_stakes", self.ledger.hold_stakes(&valid(&parsed))).await?;
         Ok(reassemble(parsed, posted))
     }
 
@@ -249,7 +250,11 @@ impl WalletService {
     ) -> Result<Vec<Result<Posted, WalletError>>, WalletError> {
         principal.require(SERVICES)?;
         let parsed = parse_batch("payouts", payouts, payout_transfer)?;
-        let posted = self.ledger.pay_winnings_batch(&valid(&parsed)).await?;
+        let posted = betting_db::timed(
+            "pay_winnings_batch",
+            self.ledger.pay_winnings_batch(&valid(&parsed)),
+        )
+        .await?;
         Ok(reassemble(parsed, posted))
     }
 }
