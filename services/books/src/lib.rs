@@ -29,6 +29,8 @@ pub enum Answer {
     Entry(i64),
     /// Refused, with the ErrorInfo reason (or the code when there is none).
     Refused(String),
+    /// A cancel was acknowledged: the bet is (now or already) cancelled.
+    Cancelled,
 }
 
 impl Answer {
@@ -36,7 +38,7 @@ impl Answer {
     /// so that the key is taken for good.
     fn stores(&self) -> bool {
         match self {
-            Answer::Bet(_) | Answer::Entry(_) => true,
+            Answer::Bet(_) | Answer::Entry(_) | Answer::Cancelled => true,
             Answer::Refused(reason) => {
                 matches!(reason.as_str(), "INSUFFICIENT_FUNDS" | "BALANCE_LIMIT")
             }
@@ -87,6 +89,25 @@ pub struct MoneyRequest {
     pub withdraw: bool,
 }
 
+/// A CancelBet of an acknowledged bet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CancelRequest {
+    pub user: i64,
+    pub bet: String,
+}
+
+/// What the client knows of the cancels of one bet. CancelBet is
+/// idempotent (a cancelled bet's cancel answers OK again), and a refusal
+/// (FAILED_PRECONDITION: the bet was no longer PENDING) is final: a bet
+/// that left PENDING never returns to it, and one cancelled before answers
+/// OK. So an acknowledged cancel means the bet must end CANCELLED, a
+/// refused one that it must not, and both at once is a broken contract.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CancelSeen {
+    pub acknowledged: bool,
+    pub refused: bool,
+}
+
 #[derive(Debug, Clone)]
 pub enum Request {
     Place(PlaceRequest),
@@ -110,6 +131,10 @@ pub struct Books {
     pub genesis: HashMap<i64, Decimal>,
     /// Requests whose outcome is not known yet.
     pub unresolved: Vec<Request>,
+    /// Every bet a cancel was sent for, and what its cancels were answered.
+    cancels: HashMap<String, CancelSeen>,
+    /// Cancels whose outcome is not known yet (retried like the others).
+    pub unresolved_cancels: Vec<CancelRequest>,
     pub violations: Vec<String>,
     pub unknown_answers: usize,
 }
@@ -241,6 +266,42 @@ impl Books {
         }
     }
 
+    /// A CancelBet's answer: acknowledged (`Answer::Cancelled`), refused
+    /// (FAILED_PRECONDITION, NOT_FOUND), or unknown (then retried).
+    pub fn cancel(&mut self, request: &CancelRequest, reply: Reply) {
+        let seen = self.cancels.entry(request.bet.clone()).or_default();
+        match reply {
+            Reply::Unknown => {
+                self.unknown_answers += 1;
+                self.unresolved_cancels.push(request.clone());
+            }
+            Reply::Resolved(Answer::Cancelled) => seen.acknowledged = true,
+            Reply::Resolved(Answer::Refused(_)) => seen.refused = true,
+            Reply::Resolved(other) => self.violations.push(format!(
+                "CancelBet {} of user {} was answered {other:?}",
+                request.bet, request.user
+            )),
+            Reply::Unexpected(status) => self.violations.push(format!(
+                "CancelBet {} of user {} got {:?}: {}",
+                request.bet,
+                request.user,
+                status.code(),
+                status.message()
+            )),
+        }
+        if seen.acknowledged && seen.refused {
+            self.violations.push(format!(
+                "CancelBet {} of user {} was both acknowledged and refused",
+                request.bet, request.user
+            ));
+        }
+    }
+
+    /// Every bet a cancel was sent for, with what its cancels were told.
+    pub fn cancels(&self) -> HashMap<String, CancelSeen> {
+        self.cancels.clone()
+    }
+
     /// The bet placed under a request's key, if it was.
     pub fn bet_of(&self, user: i64, key: &str) -> Option<String> {
         match self.bets.get(&(user, key.to_owned())) {
@@ -327,6 +388,32 @@ mod tests {
             "two keys acknowledged with one bet id went unnoticed: {:?}",
             books.violations
         );
+    }
+
+    /// A cancel whose answer was lost is unresolved until a retry answers;
+    /// an acknowledged cancel later refused breaks CancelBet's idempotency.
+    #[test]
+    fn cancels_resolve_and_stay_answered() {
+        let mut books = Books::default();
+        let cancel = CancelRequest {
+            user: 7,
+            bet: "x".into(),
+        };
+        books.cancel(&cancel, Reply::Unknown);
+        assert_eq!(books.unresolved_cancels, vec![cancel.clone()]);
+        assert_eq!(books.cancels()["x"], CancelSeen::default());
+        books.unresolved_cancels.clear();
+        books.cancel(&cancel, Reply::Resolved(Answer::Cancelled));
+        books.cancel(&cancel, Reply::Resolved(Answer::Cancelled));
+        assert!(books.violations.is_empty(), "{:?}", books.violations);
+        assert!(books.cancels()["x"].acknowledged);
+        books.cancel(
+            &cancel,
+            Reply::Resolved(Answer::Refused("BET_NOT_CANCELLABLE".into())),
+        );
+        assert_eq!(books.violations.len(), 1, "{:?}", books.violations);
+        books.cancel(&cancel, Reply::Unexpected(Status::internal("boom")));
+        assert_eq!(books.violations.len(), 2, "{:?}", books.violations);
     }
 
     /// The same key answered the same bet twice (a retry) is no violation.

@@ -108,6 +108,13 @@ fn bet_story(bet: &BetRow, round: Option<&RoundRow>, cancel: Option<CancelSeen>)
                 "bet {id} was refunded as cancelled, but no cancel was sent"
             ));
         }
+        // A refusal is final: the bet had left PENDING, and a bet cancelled
+        // before is answered OK again.
+        ("REFUNDED", Some("CANCELLED")) if cancel.is_some_and(|c| c.refused) => {
+            found.push(format!(
+                "bet {id} was refunded as cancelled, but its cancel was refused"
+            ));
+        }
         ("REFUNDED", Some("ROUND_VOIDED")) if round.is_none_or(|r| r.status != "VOIDED") => {
             found.push(format!(
                 "bet {id} was refunded as voided, but its round is {:?}",
@@ -168,6 +175,66 @@ pub async fn stuck(pool: &PgPool, queues: &[Queue]) -> Vec<String> {
     stuck
 }
 
+/// After healing, before the rounds end: once matching is quiet (the match
+/// queue empty), no open round may hold a PENDING A and a PENDING B of one
+/// amount from two users — the audit's MATCHABLE_PAIR_WAITING, which the
+/// final audit cannot see (every round has ended by then, and a pair left
+/// waiting long enough is refunded MATCH_TIMEOUT, which hides it). A pair
+/// is reported only if it is still there on a second look, `settle` later
+/// (a bet just placed is matched by a job that may not be queued yet).
+pub async fn matchable_pairs(
+    pool: &PgPool,
+    queues: &[Queue],
+    within: Duration,
+) -> anyhow::Result<Vec<String>> {
+    let deadline = std::time::Instant::now() + within;
+    let settle = Duration::from_secs(3);
+    let matching = queues
+        .iter()
+        .find(|q| q.name() == betting_jobs::MATCH.name)
+        .ok_or_else(|| anyhow::anyhow!("no match queue"))?;
+    let settings = betting_audit::AuditSettings {
+        quiescence: settle,
+        match_timeout: Duration::from_secs(3600),
+    };
+    let mut first_look: Option<Vec<String>> = None;
+    loop {
+        let quiet = matches!(matching.stats().await,
+            Ok(s) if s.waiting + s.delayed + s.in_flight == 0);
+        if quiet {
+            let pairs: Vec<String> = betting_audit::run(pool, &settings)
+                .await?
+                .violations
+                .into_iter()
+                .filter(|v| v.check == "MATCHABLE_PAIR_WAITING")
+                .map(|v| format!("audit {} (matching quiet): {}", v.check, v.detail))
+                .collect();
+            match first_look {
+                _ if pairs.is_empty() => return Ok(Vec::new()),
+                Some(_) => return Ok(pairs),
+                None => first_look = Some(pairs),
+            }
+            tokio::time::sleep(settle).await;
+            continue;
+        }
+        if std::time::Instant::now() > deadline {
+            return Ok(vec![format!(
+                "the match queue was not quiet within {within:?} of healing"
+            )]);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Bets refunded because nothing matched them in time.
+pub async fn match_timeout_refunds(pool: &PgPool) -> anyhow::Result<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM bets WHERE status = 'REFUNDED' AND refund_reason = 'MATCH_TIMEOUT'",
+    )
+    .fetch_one(pool)
+    .await?)
+}
+
 /// The queues of the run's namespace, read straight from Redis.
 pub fn queues(redis_url: &str, namespace: &str) -> anyhow::Result<Vec<Queue>> {
     let client = betting_queue::connect(redis_url)?;
@@ -209,7 +276,7 @@ pub async fn check(
         (
             books.acknowledged(),
             books.net_external(),
-            books.unresolved.len(),
+            books.unresolved.len() + books.unresolved_cancels.len(),
             std::mem::take(&mut books.violations),
         )
     };
@@ -236,10 +303,10 @@ pub async fn check(
     let rounds: HashMap<&str, &RoundRow> =
         rounds.iter().map(|r| (r.round_id.as_str(), r)).collect();
     let cancels = load
-        .cancels
+        .books
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .clone();
+        .cancels();
     let mut expected: HashMap<i64, Decimal> = net.clone();
     let mut seen = HashSet::new();
     for bet in &bets {
@@ -469,7 +536,10 @@ mod tests {
             None
         ));
         // A cancel acknowledged, then the bet matched and lost anyway.
-        let acked = Some(CancelSeen { acknowledged: true });
+        let acked = Some(CancelSeen {
+            acknowledged: true,
+            refused: false,
+        });
         assert!(!sound(
             &bet("B", "SETTLED", Some("LOST"), None),
             &won_by_a,
@@ -481,9 +551,7 @@ mod tests {
             acked
         ));
         // A cancel whose answer was lost may or may not have taken.
-        let asked = Some(CancelSeen {
-            acknowledged: false,
-        });
+        let asked = Some(CancelSeen::default());
         assert!(sound(
             &bet("B", "REFUNDED", None, Some("CANCELLED")),
             &won_by_a,
@@ -493,6 +561,21 @@ mod tests {
             &bet("B", "SETTLED", Some("LOST"), None),
             &won_by_a,
             asked
+        ));
+        // Refused (it had matched), then refunded as cancelled anyway.
+        let refused = Some(CancelSeen {
+            acknowledged: false,
+            refused: true,
+        });
+        assert!(!sound(
+            &bet("B", "REFUNDED", None, Some("CANCELLED")),
+            &won_by_a,
+            refused
+        ));
+        assert!(sound(
+            &bet("B", "SETTLED", Some("LOST"), None),
+            &won_by_a,
+            refused
         ));
         // Refunded as cancelled though nobody cancelled it.
         assert!(!sound(
