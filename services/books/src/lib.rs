@@ -270,6 +270,7 @@ impl Books {
     /// (FAILED_PRECONDITION, NOT_FOUND), or unknown (then retried).
     pub fn cancel(&mut self, request: &CancelRequest, reply: Reply) {
         let seen = self.cancels.entry(request.bet.clone()).or_default();
+        let contradicted = seen.acknowledged && seen.refused;
         match reply {
             Reply::Unknown => {
                 self.unknown_answers += 1;
@@ -289,7 +290,8 @@ impl Books {
                 status.message()
             )),
         }
-        if seen.acknowledged && seen.refused {
+        // Once per bet: the answer that made it contradictory.
+        if seen.acknowledged && seen.refused && !contradicted {
             self.violations.push(format!(
                 "CancelBet {} of user {} was both acknowledged and refused",
                 request.bet, request.user
