@@ -29,6 +29,8 @@ pub enum Answer {
     Entry(i64),
     /// Refused, with the ErrorInfo reason (or the code when there is none).
     Refused(String),
+    /// A cancel was acknowledged: the bet is (now or already) cancelled.
+    Cancelled,
 }
 
 impl Answer {
@@ -36,7 +38,7 @@ impl Answer {
     /// so that the key is taken for good.
     fn stores(&self) -> bool {
         match self {
-            Answer::Bet(_) | Answer::Entry(_) => true,
+            Answer::Bet(_) | Answer::Entry(_) | Answer::Cancelled => true,
             Answer::Refused(reason) => {
                 matches!(reason.as_str(), "INSUFFICIENT_FUNDS" | "BALANCE_LIMIT")
             }
@@ -87,6 +89,25 @@ pub struct MoneyRequest {
     pub withdraw: bool,
 }
 
+/// A CancelBet of an acknowledged bet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CancelRequest {
+    pub user: i64,
+    pub bet: String,
+}
+
+/// What the client knows of the cancels of one bet. CancelBet is
+/// idempotent (a cancelled bet's cancel answers OK again), and a refusal
+/// (FAILED_PRECONDITION: the bet was no longer PENDING) is final: a bet
+/// that left PENDING never returns to it, and one cancelled before answers
+/// OK. So an acknowledged cancel means the bet must end CANCELLED, a
+/// refused one that it must not, and both at once is a broken contract.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CancelSeen {
+    pub acknowledged: bool,
+    pub refused: bool,
+}
+
 #[derive(Debug, Clone)]
 pub enum Request {
     Place(PlaceRequest),
@@ -102,11 +123,18 @@ struct Record<R> {
 #[derive(Debug, Default)]
 pub struct Books {
     bets: HashMap<(i64, String), Record<PlaceRequest>>,
+    /// Which key each acknowledged bet was placed under: one bet answered
+    /// for two keys is two bets the client was told of and one that exists.
+    bet_keys: HashMap<String, (i64, String)>,
     money: HashMap<String, Record<MoneyRequest>>,
     /// Money put in before the schedule ran, per user.
     pub genesis: HashMap<i64, Decimal>,
     /// Requests whose outcome is not known yet.
     pub unresolved: Vec<Request>,
+    /// Every bet a cancel was sent for, and what its cancels were answered.
+    cancels: HashMap<String, CancelSeen>,
+    /// Cancels whose outcome is not known yet (retried like the others).
+    pub unresolved_cancels: Vec<CancelRequest>,
     pub violations: Vec<String>,
     pub unknown_answers: usize,
 }
@@ -157,6 +185,18 @@ impl Books {
             // something is stored whose own answer is still on its way (or
             // was lost and will be retried); it settles nothing.
             _ => {
+                if let Answer::Bet(id) = &answer {
+                    match self.bet_keys.get(id) {
+                        Some(owner) if *owner != slot => self.violations.push(format!(
+                            "bet {id} was answered for PlaceBet key {} of user {} and for key {} of user {}",
+                            owner.1, owner.0, request.key, request.user
+                        )),
+                        Some(_) => {}
+                        None => {
+                            self.bet_keys.insert(id.clone(), slot.clone());
+                        }
+                    }
+                }
                 if answer != Answer::Refused("IDEMPOTENCY_KEY_REUSED".into()) {
                     self.bets.insert(
                         slot,
@@ -226,6 +266,44 @@ impl Books {
         }
     }
 
+    /// A CancelBet's answer: acknowledged (`Answer::Cancelled`), refused
+    /// (FAILED_PRECONDITION, NOT_FOUND), or unknown (then retried).
+    pub fn cancel(&mut self, request: &CancelRequest, reply: Reply) {
+        let seen = self.cancels.entry(request.bet.clone()).or_default();
+        let contradicted = seen.acknowledged && seen.refused;
+        match reply {
+            Reply::Unknown => {
+                self.unknown_answers += 1;
+                self.unresolved_cancels.push(request.clone());
+            }
+            Reply::Resolved(Answer::Cancelled) => seen.acknowledged = true,
+            Reply::Resolved(Answer::Refused(_)) => seen.refused = true,
+            Reply::Resolved(other) => self.violations.push(format!(
+                "CancelBet {} of user {} was answered {other:?}",
+                request.bet, request.user
+            )),
+            Reply::Unexpected(status) => self.violations.push(format!(
+                "CancelBet {} of user {} got {:?}: {}",
+                request.bet,
+                request.user,
+                status.code(),
+                status.message()
+            )),
+        }
+        // Once per bet: the answer that made it contradictory.
+        if seen.acknowledged && seen.refused && !contradicted {
+            self.violations.push(format!(
+                "CancelBet {} of user {} was both acknowledged and refused",
+                request.bet, request.user
+            ));
+        }
+    }
+
+    /// Every bet a cancel was sent for, with what its cancels were told.
+    pub fn cancels(&self) -> HashMap<String, CancelSeen> {
+        self.cancels.clone()
+    }
+
     /// The bet placed under a request's key, if it was.
     pub fn bet_of(&self, user: i64, key: &str) -> Option<String> {
         match self.bets.get(&(user, key.to_owned())) {
@@ -278,5 +356,75 @@ impl Books {
             .filter(|r| r.answer.stores())
             .map(|r| Request::Money(r.request.clone()));
         bets.chain(money).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(key: &str) -> PlaceRequest {
+        PlaceRequest {
+            user: 7,
+            key: key.into(),
+            round: "r-1".into(),
+            side: Side::A,
+            stake: Decimal::from(5),
+        }
+    }
+
+    /// Two keys of one user with the same payload (a user betting 5 on A
+    /// twice in one round, say, both in one group-commit batch), both
+    /// answered with the same bet: the client was told of two bets and one
+    /// exists. `acknowledged()` is keyed by bet id, so it would fold the two
+    /// into one and the final check ("every acknowledged bet exists with its
+    /// stake") would pass with a bet missing.
+    #[test]
+    fn one_bet_answered_for_two_keys_is_a_violation() {
+        let mut books = Books::default();
+        books.place(&request("k1"), Reply::Resolved(Answer::Bet("x".into())));
+        books.place(&request("k2"), Reply::Resolved(Answer::Bet("x".into())));
+        assert_eq!(
+            books.violations.len(),
+            1,
+            "two keys acknowledged with one bet id went unnoticed: {:?}",
+            books.violations
+        );
+    }
+
+    /// A cancel whose answer was lost is unresolved until a retry answers;
+    /// an acknowledged cancel later refused breaks CancelBet's idempotency.
+    #[test]
+    fn cancels_resolve_and_stay_answered() {
+        let mut books = Books::default();
+        let cancel = CancelRequest {
+            user: 7,
+            bet: "x".into(),
+        };
+        books.cancel(&cancel, Reply::Unknown);
+        assert_eq!(books.unresolved_cancels, vec![cancel.clone()]);
+        assert_eq!(books.cancels()["x"], CancelSeen::default());
+        books.unresolved_cancels.clear();
+        books.cancel(&cancel, Reply::Resolved(Answer::Cancelled));
+        books.cancel(&cancel, Reply::Resolved(Answer::Cancelled));
+        assert!(books.violations.is_empty(), "{:?}", books.violations);
+        assert!(books.cancels()["x"].acknowledged);
+        books.cancel(
+            &cancel,
+            Reply::Resolved(Answer::Refused("BET_NOT_CANCELLABLE".into())),
+        );
+        assert_eq!(books.violations.len(), 1, "{:?}", books.violations);
+        books.cancel(&cancel, Reply::Unexpected(Status::internal("boom")));
+        assert_eq!(books.violations.len(), 2, "{:?}", books.violations);
+    }
+
+    /// The same key answered the same bet twice (a retry) is no violation.
+    #[test]
+    fn a_retry_answered_with_its_bet_is_fine() {
+        let mut books = Books::default();
+        books.place(&request("k1"), Reply::Resolved(Answer::Bet("x".into())));
+        books.place(&request("k1"), Reply::Resolved(Answer::Bet("x".into())));
+        assert!(books.violations.is_empty(), "{:?}", books.violations);
+        assert_eq!(books.acknowledged().len(), 1);
     }
 }

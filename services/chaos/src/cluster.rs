@@ -10,7 +10,8 @@
 
 use std::{
     path::{Path, PathBuf},
-    time::Duration,
+    process::ExitStatus,
+    time::{Duration, Instant},
 };
 
 use anyhow::Context;
@@ -21,7 +22,7 @@ use crate::{
     faults::{LinkName, Topology},
     link::Link,
     servers::{Postgres, Redis},
-    supervise::{Kind, Process, wait_serving},
+    supervise::{Drain, Kind, Process, wait_serving},
 };
 
 /// How long a process gets to answer health after a (re)start.
@@ -29,6 +30,62 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// The queue's visibility timeout the workers run with: the shortest
 /// allowed, so that zombies (frozen longer than this) happen often.
 pub const VISIBILITY: Duration = Duration::from_millis(6_000);
+/// The drain the processes get (BETTING_SHUTDOWN_GRACE_SECS).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+/// How long a SIGTERM'd process is waited for before it is SIGKILLed: its
+/// grace and a margin. The margin is generous (on a loaded two-core
+/// machine, with links held, a drain that ends at its grace may still take
+/// a few seconds to close its pools and exit); a process still running
+/// after it did not honour its grace — an orchestrator would SIGKILL it
+/// mid-drain — and that is a violation, not noise.
+pub const DRAIN_WAIT: Duration = Duration::from_secs(SHUTDOWN_GRACE.as_secs() + 5);
+
+/// The processes' exits, as the run saw them.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct Exits {
+    /// Exits the run did not cause: process, status, when it was noticed.
+    pub unexpected: Vec<String>,
+    /// SIGTERMs that drained (the process exited by itself).
+    pub drained: u64,
+    /// SIGTERMs that ended in SIGKILL after [`DRAIN_WAIT`]: process, when.
+    pub drain_killed: Vec<String>,
+}
+
+impl Exits {
+    /// Each of them a violation.
+    pub fn violations(&self) -> Vec<String> {
+        let unexpected = self
+            .unexpected
+            .iter()
+            .map(|e| format!("a process exited though the run did not stop it: {e}"));
+        let killed = self.drain_killed.iter().map(|e| {
+            format!(
+                "a SIGTERM'd process was still draining {} s later (grace {} s) and was SIGKILLed: {e}",
+                DRAIN_WAIT.as_secs(),
+                SHUTDOWN_GRACE.as_secs()
+            )
+        });
+        unexpected.chain(killed).collect()
+    }
+
+    fn unexpected(&mut self, name: &str, status: ExitStatus, at: Duration) {
+        self.unexpected.push(format!(
+            "{name} ({status}), noticed {:.1} s into the run",
+            at.as_secs_f64()
+        ));
+    }
+
+    fn drain(&mut self, name: &str, drain: Drain, at: Duration) {
+        match drain {
+            Drain::NotRunning => {}
+            Drain::Exited(_) => self.drained += 1,
+            Drain::Killed => self.drain_killed.push(format!(
+                "{name}, SIGTERM'd {:.1} s into the run",
+                at.as_secs_f64()
+            )),
+        }
+    }
+}
 
 pub struct Cluster {
     pub dir: PathBuf,
@@ -42,6 +99,9 @@ pub struct Cluster {
     pub secret: String,
     /// The Redis namespace the processes share.
     pub namespace: String,
+    /// When the suite started, for the times in [`Exits`].
+    pub began: Instant,
+    pub exits: std::sync::Mutex<Exits>,
 }
 
 /// One process's place in the suite: what it is, and the process itself.
@@ -166,6 +226,8 @@ impl Cluster {
             pool,
             secret,
             namespace,
+            began: Instant::now(),
+            exits: std::sync::Mutex::new(Exits::default()),
         };
         for slot in &cluster.processes {
             slot.process.lock().await.start()?;
@@ -200,13 +262,41 @@ impl Cluster {
         }
     }
 
+    fn exits(&self) -> std::sync::MutexGuard<'_, Exits> {
+        self.exits.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records an exit of `process` the run did not cause, if it exited.
+    /// Called before every kill, freeze and SIGTERM of the schedule, and
+    /// before healing: whatever exited by itself meanwhile is found then.
+    pub fn reap_unexpected(&self, process: &mut Process) {
+        if let Some(status) = process.reap_unexpected() {
+            tracing::warn!(process = %process.name, %status, "exited by itself");
+            self.exits()
+                .unexpected(&process.name, status, self.began.elapsed());
+        }
+    }
+
+    /// SIGTERM, the drain waited for up to [`DRAIN_WAIT`]; recorded.
+    pub async fn terminate(&self, process: &mut Process) {
+        self.reap_unexpected(process);
+        let at = self.began.elapsed();
+        let drain = process.terminate(DRAIN_WAIT).await;
+        self.exits().drain(&process.name, drain, at);
+    }
+
     /// Heals every link, wakes every frozen process and starts every dead
     /// one, then waits until all of them serve.
     pub async fn heal(&self) -> anyhow::Result<()> {
         self.wallet_link.heal();
         self.redis_link.heal();
+        if let Some(status) = self.redis.lock().await.reap_unexpected()? {
+            self.exits()
+                .unexpected("redis-server", status, self.began.elapsed());
+        }
         for slot in &self.processes {
             let mut p = slot.process.lock().await;
+            self.reap_unexpected(&mut p);
             p.thaw()?;
             if !p.alive() {
                 p.start()?;
@@ -223,11 +313,7 @@ impl Cluster {
     /// Stops every process gracefully (the end of the run).
     pub async fn stop(&self) {
         for slot in &self.processes {
-            slot.process
-                .lock()
-                .await
-                .terminate(Duration::from_secs(5))
-                .await;
+            self.terminate(&mut *slot.process.lock().await).await;
         }
     }
 }

@@ -209,7 +209,8 @@ pub fn plan(seed: u64, duration: Duration, topology: Topology) -> Vec<Planned> {
     let start = 3_000u64.min(secs * 1000 / 4);
     let end = (secs * 1000).saturating_sub(5_000).max(start + 1);
     let spacing = (end - start) / bag.len().max(1) as u64;
-    bag.into_iter()
+    let mut planned: Vec<Planned> = bag
+        .into_iter()
         .enumerate()
         .map(|(i, fault)| {
             let jitter = if spacing >= 3 {
@@ -222,7 +223,34 @@ pub fn plan(seed: u64, duration: Duration, topology: Topology) -> Vec<Planned> {
                 fault,
             }
         })
-        .collect()
+        .collect();
+    // A hold or a delay ends with the link healed (pass), so one must end
+    // before the next hold or delay of its link begins: otherwise the second
+    // replaces the first's mode and the first's heal ends the second early,
+    // while the log says both ran their length. Shorten the earlier one.
+    for i in 0..planned.len() {
+        let Fault::Link { link, what, ms } = planned[i].fault else {
+            continue;
+        };
+        if what == LinkFault::Cut {
+            continue;
+        }
+        let next = planned[i + 1..].iter().find_map(|p| match p.fault {
+            Fault::Link {
+                link: l, what: w, ..
+            } if l == link && w != LinkFault::Cut => Some(p.at_ms),
+            _ => None,
+        });
+        if let Some(next) = next {
+            let room = (next - planned[i].at_ms).saturating_sub(100);
+            planned[i].fault = Fault::Link {
+                link,
+                what,
+                ms: ms.min(room),
+            };
+        }
+    }
+    planned
 }
 
 #[cfg(test)]
@@ -269,6 +297,39 @@ mod tests {
         }
         assert!(p.windows(2).all(|w| w[0].at_ms < w[1].at_ms));
         assert!(p.last().is_some_and(|x| x.at_ms <= 70_000));
+    }
+
+    /// A hold or a delay sets the link's mode and heals it (back to pass)
+    /// when its time is up, so two of them overlapping on one link cut each
+    /// other short: the second replaces the first's mode, and the first's
+    /// heal ends the second early, while the fault log and `lasted_ms` say
+    /// both ran their full length. The schedule must not overlap them.
+    #[test]
+    fn link_faults_on_one_link_never_overlap() {
+        let mut overlaps = Vec::new();
+        for seconds in [40, 60, 75, 900] {
+            for seed in 0..300 {
+                let p = plan(seed, Duration::from_secs(seconds), Topology::standard());
+                let mut busy_until = [0u64; 2];
+                for x in &p {
+                    if let Fault::Link { link, what, ms } = x.fault
+                        && what != LinkFault::Cut
+                    {
+                        let i = link as usize;
+                        if x.at_ms < busy_until[i] {
+                            overlaps.push(format!("seed {seed}, {seconds} s: {x:?}"));
+                        }
+                        busy_until[i] = x.at_ms + ms;
+                    }
+                }
+            }
+        }
+        assert!(
+            overlaps.is_empty(),
+            "{} overlapping link faults, e.g. {:?}",
+            overlaps.len(),
+            overlaps.first()
+        );
     }
 
     #[test]

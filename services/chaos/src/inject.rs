@@ -26,6 +26,7 @@ pub async fn inject(cluster: &Cluster, fault: Fault, seed: u64) -> anyhow::Resul
                 .slot(kind, index)
                 .ok_or_else(|| anyhow::anyhow!("no {kind:?}-{index}"))?;
             let mut process = slot.process.lock().await;
+            cluster.reap_unexpected(&mut process);
             process.kill();
             // Down for a moment, as a crash-looping pod is.
             tokio::time::sleep(Duration::from_millis(rng.random_range(200..1_500))).await;
@@ -38,11 +39,16 @@ pub async fn inject(cluster: &Cluster, fault: Fault, seed: u64) -> anyhow::Resul
                 .slot(kind, index)
                 .ok_or_else(|| anyhow::anyhow!("no {kind:?}-{index}"))?;
             let mut process = slot.process.lock().await;
+            cluster.reap_unexpected(&mut process);
             process.freeze()?;
             // Past the lease: its jobs go to the others meanwhile.
             let frozen = VISIBILITY + Duration::from_millis(rng.random_range(1_000..4_000));
             tokio::time::sleep(frozen).await;
             process.thaw()?;
+            if !process.alive() {
+                // It had exited by itself (recorded): a supervisor restarts it.
+                process.start()?;
+            }
             drop(process);
             wait_serving(slot.port, RESTART_TIMEOUT).await
         }
@@ -51,8 +57,9 @@ pub async fn inject(cluster: &Cluster, fault: Fault, seed: u64) -> anyhow::Resul
                 .slot(kind, index)
                 .ok_or_else(|| anyhow::anyhow!("no {kind:?}-{index}"))?;
             let mut process = slot.process.lock().await;
-            // The drain gets its grace (BETTING_SHUTDOWN_GRACE_SECS) and a little more.
-            process.terminate(Duration::from_secs(8)).await;
+            // The drain gets its grace (BETTING_SHUTDOWN_GRACE_SECS) and a
+            // margin; an exit before it or a SIGKILL after it is recorded.
+            cluster.terminate(&mut process).await;
             process.start()?;
             drop(process);
             wait_serving(slot.port, RESTART_TIMEOUT).await

@@ -105,6 +105,14 @@ pub struct Report {
     pub rounds_settled: u64,
     pub rounds_voided: u64,
     pub quiescence_s: f64,
+    /// Per betting instance, how long after healing its probe bet took to
+    /// be acknowledged; null when it was not within the bound.
+    pub probes_ms: Vec<Option<u64>>,
+    /// Bets refunded MATCH_TIMEOUT: nothing matched them within the
+    /// timeout (a matcher down or frozen long, or a pair left waiting).
+    pub match_timeout_refunds: i64,
+    /// The processes' exits: drained, SIGKILLed after the drain, by themselves.
+    pub exits: cluster::Exits,
     #[serde(flatten)]
     pub tally: check::Tally,
     pub audit_clean: bool,
@@ -126,6 +134,10 @@ fn summary(mut values: Vec<u64>) -> Summary {
         max_ms: values.last().copied(),
     }
 }
+
+/// How long after healing each betting instance gets to acknowledge a
+/// probe bet.
+const PROBE_WITHIN: Duration = Duration::from_secs(30);
 
 /// Runs it: set up, load with faults, heal, quiesce, check.
 pub async fn run(args: &ChaosArgs) -> anyhow::Result<Report> {
@@ -156,7 +168,17 @@ pub async fn run(args: &ChaosArgs) -> anyhow::Result<Report> {
     let outcome = drive(&cluster, args, seed).await;
     cluster.stop().await;
     let mut report = match outcome {
-        Ok(report) => report,
+        Ok(mut report) => {
+            // Every exit, the final stop's drains included.
+            let exits = cluster
+                .exits
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            report.violations.extend(exits.violations());
+            report.exits = exits;
+            report
+        }
         Err(error) => {
             say(format!(
                 "the run failed: {error:#}; logs kept in {}",
@@ -245,8 +267,13 @@ async fn drive(cluster: &Arc<Cluster>, args: &ChaosArgs, seed: u64) -> anyhow::R
     }
     let _ = load_task.await;
     let mut injected = Vec::new();
+    // A fault whose task panicked never reported: a violation, not a gap.
+    let mut lost_faults = Vec::new();
     while let Some(done) = running.join_next().await {
-        injected.extend(done.ok());
+        match done {
+            Ok(fault) => injected.push(fault),
+            Err(error) => lost_faults.push(format!("a fault's task failed: {error}")),
+        }
     }
     injected.sort_by_key(|f| f.planned.at_ms);
     bar.finish_and_clear();
@@ -262,9 +289,29 @@ async fn drive(cluster: &Arc<Cluster>, args: &ChaosArgs, seed: u64) -> anyhow::R
                 .map(|e| format!("fault {} failed: {e}", f.planned.fault))
         })
         .collect();
+    violations.append(&mut lost_faults);
     if !load.resolve_unknowns(Duration::from_secs(60)).await {
         violations.push("requests stayed unresolved 60 s after healing".into());
     }
+    // Serving health is not serving bets: every instance must take one.
+    say("probing every betting instance".into());
+    let probes = load.probe(PROBE_WITHIN).await;
+    let probes_ms = probes
+        .iter()
+        .map(|p| p.as_ref().ok().map(|d| d.as_millis() as u64))
+        .collect();
+    violations.extend(probes.into_iter().filter_map(Result::err));
+    // A probe attempt whose answer was lost is in the books' unresolved.
+    if !load.resolve_unknowns(Duration::from_secs(30)).await {
+        violations.push("probe bets stayed unresolved 30 s after probing".into());
+    }
+    let queues = check::queues(
+        &format!("redis://127.0.0.1:{}", cluster.redis_link.port),
+        &cluster.namespace,
+    )?;
+    say("looking for matchable pairs left waiting".into());
+    violations
+        .extend(check::matchable_pairs(&cluster.pool, &queues, Duration::from_secs(60)).await?);
     say("ending every round".into());
     let rounds = load
         .all_rounds
@@ -276,10 +323,6 @@ async fn drive(cluster: &Arc<Cluster>, args: &ChaosArgs, seed: u64) -> anyhow::R
         load.end_round(round, &mut rng).await;
     }
     say("waiting for quiescence".into());
-    let queues = check::queues(
-        &format!("redis://127.0.0.1:{}", cluster.redis_link.port),
-        &cluster.namespace,
-    )?;
     let deadline = quiet_from + Duration::from_secs(args.quiescence_secs);
     loop {
         let stuck = check::stuck(&cluster.pool, &queues).await;
@@ -298,7 +341,15 @@ async fn drive(cluster: &Arc<Cluster>, args: &ChaosArgs, seed: u64) -> anyhow::R
     }
     let quiescence_s = quiet_from.elapsed().as_secs_f64();
     say("checking".into());
+    // The load's figures before the check's replays, which go through the
+    // same calls and would count every stored bet a second time.
+    let counters = &load.counters;
+    let calls = counters.calls.load(Ordering::Relaxed);
+    let placed = counters.placed.load(Ordering::Relaxed);
+    let unknown = counters.unknown.load(Ordering::Relaxed);
+    let retries = counters.retries.load(Ordering::Relaxed);
     let (found, tally) = check::check(&cluster.pool, &load, &queues).await?;
+    let match_timeout_refunds = check::match_timeout_refunds(&cluster.pool).await?;
     let audit_clean = !found.iter().any(|v| v.starts_with("audit "));
     violations.extend(found);
 
@@ -306,7 +357,6 @@ async fn drive(cluster: &Arc<Cluster>, args: &ChaosArgs, seed: u64) -> anyhow::R
     for f in &injected {
         *faults_by_kind.entry(f.planned.fault.kind()).or_default() += 1;
     }
-    let counters = &load.counters;
     Ok(Report {
         seed,
         seconds: args.seconds,
@@ -314,14 +364,17 @@ async fn drive(cluster: &Arc<Cluster>, args: &ChaosArgs, seed: u64) -> anyhow::R
         faults_by_kind,
         recovery: summary(injected.iter().filter_map(|f| f.recovered_ms).collect()),
         faults: injected,
-        calls: counters.calls.load(Ordering::Relaxed),
-        placed_acknowledged: counters.placed.load(Ordering::Relaxed),
-        unknown_outcomes: counters.unknown.load(Ordering::Relaxed),
-        retries: counters.retries.load(Ordering::Relaxed),
+        calls,
+        placed_acknowledged: placed,
+        unknown_outcomes: unknown,
+        retries,
         cancels: counters.cancels.load(Ordering::Relaxed),
         rounds_settled: counters.rounds_settled.load(Ordering::Relaxed),
         rounds_voided: counters.rounds_voided.load(Ordering::Relaxed),
         quiescence_s,
+        probes_ms,
+        match_timeout_refunds,
+        exits: cluster::Exits::default(),
         tally,
         audit_clean,
         violations,
@@ -383,6 +436,22 @@ pub fn print(report: &Report) {
         report.tally.acknowledged_missing
     );
     println!("quiet after         {:.1} s", report.quiescence_s);
+    let probes: Vec<String> = report
+        .probes_ms
+        .iter()
+        .map(|p| p.map_or("none".into(), |ms| format!("{ms} ms")))
+        .collect();
+    println!("probe bets          {}", probes.join(", "));
+    println!(
+        "match timeouts      {} bets refunded MATCH_TIMEOUT",
+        report.match_timeout_refunds
+    );
+    println!(
+        "processes           {} drained on SIGTERM, {} SIGKILLed after the drain, {} exited by themselves",
+        report.exits.drained,
+        report.exits.drain_killed.len(),
+        report.exits.unexpected.len()
+    );
     println!(
         "audit               {}",
         if report.audit_clean {

@@ -7,7 +7,7 @@
 //! key until it resolves.
 
 use std::{
-    collections::VecDeque,
+    collections::{HashMap, VecDeque},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, AtomicUsize, Ordering},
@@ -20,7 +20,9 @@ use betting_api::pb::{
     settlement_service_client::SettlementServiceClient, wallet_service_client::WalletServiceClient,
 };
 use betting_auth::{Role, TokenMinter};
-use betting_books::{Answer, Books, MoneyRequest, PlaceRequest, Reply, Request, Side};
+use betting_books::{
+    Answer, Books, CancelRequest, MoneyRequest, PlaceRequest, Reply, Request, Side,
+};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use rust_decimal::Decimal;
 use tonic::{Code, Status, transport::Channel};
@@ -58,6 +60,15 @@ impl Targets {
     }
 }
 
+/// An end of a round the game server asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Settled(Side),
+    Voided,
+}
+
+pub use betting_books::CancelSeen;
+
 /// What the clients did, for the report.
 #[derive(Default)]
 pub struct Counters {
@@ -75,7 +86,13 @@ pub struct Load {
     targets: Targets,
     minter: TokenMinter,
     pub books: Mutex<Books>,
+    /// Every user with a wallet: the players, then the probe.
     pub users: Vec<i64>,
+    /// How many of `users` the clients bet as.
+    players: usize,
+    /// The user whose bets probe each betting instance after healing; no
+    /// client bets as it, and its bets are in the books like any other.
+    pub probe_user: i64,
     /// Rounds open for bets, oldest first.
     rounds: Mutex<VecDeque<String>>,
     /// Every round opened, to be ended after the run.
@@ -85,6 +102,9 @@ pub struct Load {
     pub counters: Counters,
     /// When each betting instance last acknowledged a PlaceBet.
     last_placed: Vec<Mutex<Instant>>,
+    /// Every end the game server asked of each round (every attempt: one
+    /// whose answer was lost may have taken effect).
+    pub outcomes: Mutex<HashMap<String, Vec<Outcome>>>,
 }
 
 fn side_pb(side: Side) -> pb::Side {
@@ -105,6 +125,19 @@ fn reply_of(status: Status) -> Reply {
     }
 }
 
+/// A failed CancelBet as the books see it.
+fn cancel_reply(status: Status) -> Reply {
+    match status.code() {
+        Code::FailedPrecondition => Reply::of_error(status),
+        Code::Unavailable
+        | Code::DeadlineExceeded
+        | Code::Cancelled
+        | Code::Unknown
+        | Code::ResourceExhausted => Reply::Unknown,
+        _ => Reply::Unexpected(status),
+    }
+}
+
 impl Load {
     pub fn new(targets: Targets, secret: &str, users: usize) -> Self {
         let instances = targets.betting.len();
@@ -112,13 +145,16 @@ impl Load {
             targets,
             minter: TokenMinter::new(secret.as_bytes(), None, None),
             books: Mutex::new(Books::default()),
-            users: (1..=users as i64).collect(),
+            users: (1..=users as i64 + 1).collect(),
+            players: users,
+            probe_user: users as i64 + 1,
             rounds: Mutex::new(VecDeque::new()),
             all_rounds: Mutex::new(Vec::new()),
             next_round: AtomicUsize::new(0),
             next_key: AtomicU64::new(0),
             counters: Counters::default(),
             last_placed: (0..instances).map(|_| Mutex::new(Instant::now())).collect(),
+            outcomes: Mutex::new(HashMap::new()),
         }
     }
 
@@ -207,6 +243,13 @@ impl Load {
         } else {
             pb::Side::B
         };
+        let outcome = if !settle {
+            Outcome::Voided
+        } else if side == pb::Side::A {
+            Outcome::Settled(Side::A)
+        } else {
+            Outcome::Settled(Side::B)
+        };
         for _ in 0..240 {
             let mut client = SettlementServiceClient::new(self.targets.settlement.clone());
             let result = if settle {
@@ -234,6 +277,16 @@ impl Load {
                     .await
                     .map(|_| ())
             };
+            // Every attempt that may have taken effect: answered, or its
+            // answer lost. (FAILED_PRECONDITION: the round had ended before.)
+            if !matches!(&result, Err(status) if status.code() == Code::FailedPrecondition) {
+                self.outcomes
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entry(round.to_owned())
+                    .or_default()
+                    .push(outcome);
+            }
             match result {
                 Ok(()) => {
                     let counter = if settle {
@@ -272,6 +325,48 @@ impl Load {
         }
     }
 
+    /// After healing: a fresh PlaceBet by the probe user on every betting
+    /// instance, each sent to it (and retried with its key) until it is
+    /// acknowledged or `within` has passed. How long each took; `Err` with
+    /// the last answer for an instance that never acknowledged.
+    pub async fn probe(&self, within: Duration) -> Vec<Result<Duration, String>> {
+        let started = Instant::now();
+        let deadline = started + within;
+        let round = self
+            .rounds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .back()
+            .cloned();
+        let Some(round) = round else {
+            return vec![Err("no round open to probe with".into()); self.targets.betting.len()];
+        };
+        let mut found = Vec::new();
+        for instance in 0..self.targets.betting.len() {
+            let request = PlaceRequest {
+                user: self.probe_user,
+                key: format!("probe-{instance}"),
+                round: round.clone(),
+                side: Side::A,
+                stake: Decimal::ONE,
+            };
+            let result = loop {
+                self.place(&request, instance).await;
+                if self.books().bet_of(request.user, &request.key).is_some() {
+                    break Ok(started.elapsed());
+                }
+                if Instant::now() > deadline {
+                    break Err(format!(
+                        "betting-{instance} acknowledged no PlaceBet within {within:?} of healing"
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            };
+            found.push(result);
+        }
+        found
+    }
+
     fn some_round(&self, rng: &mut StdRng) -> Option<String> {
         let rounds = self.rounds.lock().unwrap_or_else(|p| p.into_inner());
         if rounds.is_empty() {
@@ -287,7 +382,7 @@ impl Load {
         let mut mine: Vec<PlaceRequest> = Vec::new();
         let mut money: Vec<MoneyRequest> = Vec::new();
         while Instant::now() < until {
-            let user = self.users[rng.random_range(0..self.users.len())];
+            let user = self.users[rng.random_range(0..self.players)];
             let roll = rng.random_range(0..100);
             let instance = rng.random_range(0..self.targets.betting.len());
             match roll {
@@ -363,11 +458,29 @@ impl Load {
     }
 
     async fn retry_unresolved(&self) {
-        let pending = std::mem::take(&mut self.books().unresolved);
+        let (pending, cancels) = {
+            let mut books = self.books();
+            (
+                std::mem::take(&mut books.unresolved),
+                std::mem::take(&mut books.unresolved_cancels),
+            )
+        };
         for (i, request) in pending.iter().enumerate() {
             self.counters.retries.fetch_add(1, Ordering::Relaxed);
             self.resend(request, i).await;
         }
+        // CancelBet is idempotent: a cancel whose answer was lost is asked
+        // again until it is acknowledged or refused.
+        for (i, request) in cancels.iter().enumerate() {
+            self.counters.retries.fetch_add(1, Ordering::Relaxed);
+            self.cancel_bet(request, i).await;
+        }
+    }
+
+    /// Requests and cancels whose outcome is still unknown.
+    pub fn unresolved(&self) -> usize {
+        let books = self.books();
+        books.unresolved.len() + books.unresolved_cancels.len()
     }
 
     /// Retries until nothing is unresolved; whether that happened in time.
@@ -375,7 +488,7 @@ impl Load {
         let deadline = Instant::now() + within;
         loop {
             self.retry_unresolved().await;
-            if self.books().unresolved.is_empty() {
+            if self.unresolved() == 0 {
                 return true;
             }
             if Instant::now() > deadline {
@@ -426,43 +539,44 @@ impl Load {
         self.books().place(request, reply);
     }
 
-    /// CancelBet of an acknowledged bet. The books need nothing: a
-    /// cancelled bet ends REFUNDED, and the balance check counts it so. Its
-    /// error codes must still be ones a cancel can get.
+    /// CancelBet of an acknowledged bet.
     async fn cancel(&self, request: &PlaceRequest, instance: usize) {
         let Some(bet) = self.books().bet_of(request.user, &request.key) else {
             return;
         };
         self.counters.cancels.fetch_add(1, Ordering::Relaxed);
+        let cancel = CancelRequest {
+            user: request.user,
+            bet,
+        };
+        self.cancel_bet(&cancel, instance).await;
+    }
+
+    /// One CancelBet attempt, its answer into the books: acknowledged,
+    /// refused (FAILED_PRECONDITION: no longer PENDING), or unknown (then
+    /// retried with the others). Any other code is one a cancel of the
+    /// player's own acknowledged bet should never get.
+    pub async fn cancel_bet(&self, request: &CancelRequest, instance: usize) {
         self.counters.calls.fetch_add(1, Ordering::Relaxed);
         let result = BettingServiceClient::new(
             self.targets.betting[instance % self.targets.betting.len()].clone(),
         )
         .cancel_bet(self.authed(
             pb::CancelBetRequest {
-                bet_id: bet.clone(),
+                bet_id: request.bet.clone(),
             },
             request.user,
             Role::Player,
         ))
         .await;
-        if let Err(status) = result
-            && !matches!(
-                status.code(),
-                Code::FailedPrecondition
-                    | Code::Unavailable
-                    | Code::DeadlineExceeded
-                    | Code::Cancelled
-                    | Code::ResourceExhausted
-                    | Code::Unknown
-            )
-        {
-            self.books().violations.push(format!(
-                "CancelBet {bet} got {:?}: {}",
-                status.code(),
-                status.message()
-            ));
+        let reply = match result {
+            Ok(_) => Reply::Resolved(Answer::Cancelled),
+            Err(status) => cancel_reply(status),
+        };
+        if matches!(reply, Reply::Unknown) {
+            self.counters.unknown.fetch_add(1, Ordering::Relaxed);
         }
+        self.books().cancel(request, reply);
     }
 
     pub async fn money(&self, request: &MoneyRequest) {
@@ -506,6 +620,37 @@ impl Load {
             self.counters.unknown.fetch_add(1, Ordering::Relaxed);
         }
         self.books().money(request, reply);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cancel_without_a_known_outcome_is_retried() {
+        for code in [
+            Code::Unavailable,
+            Code::DeadlineExceeded,
+            Code::Cancelled,
+            Code::Unknown,
+            Code::ResourceExhausted,
+        ] {
+            assert!(
+                matches!(cancel_reply(Status::new(code, "")), Reply::Unknown),
+                "{code:?}"
+            );
+        }
+        assert!(matches!(
+            cancel_reply(Status::failed_precondition("matched")),
+            Reply::Resolved(Answer::Refused(_))
+        ));
+        for code in [Code::NotFound, Code::Internal, Code::PermissionDenied] {
+            assert!(
+                matches!(cancel_reply(Status::new(code, "")), Reply::Unexpected(_)),
+                "{code:?}"
+            );
+        }
     }
 }
 

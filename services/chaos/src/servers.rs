@@ -212,6 +212,17 @@ impl Redis {
         Ok(())
     }
 
+    /// An exit of Redis the run did not cause (see
+    /// [`crate::supervise::Process::reap_unexpected`]); started again empty.
+    pub fn reap_unexpected(&mut self) -> anyhow::Result<Option<std::process::ExitStatus>> {
+        let Some(status) = self.child.as_mut().and_then(Child::exited) else {
+            return Ok(None);
+        };
+        self.child = None;
+        self.spawn()?;
+        Ok(Some(status))
+    }
+
     /// Kills Redis and starts an empty one on the same port.
     pub fn restart_empty(&mut self) -> anyhow::Result<()> {
         if let Some(mut child) = self.child.take() {

@@ -8,7 +8,7 @@
 use std::{
     fs::OpenOptions,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::{Command, ExitStatus, Stdio},
     time::{Duration, Instant},
 };
 
@@ -57,15 +57,18 @@ impl Child {
         Ok(())
     }
 
-    /// Waits up to `within` for the process to exit; whether it did.
-    pub async fn exited_within(&mut self, within: Duration) -> bool {
+    /// Waits up to `within` for the process to exit; how it did, if it
+    /// did (`None` also when it can no longer be waited for).
+    pub async fn exited_within(&mut self, within: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + within;
         loop {
-            if matches!(self.0.try_wait(), Ok(Some(_)) | Err(_)) {
-                return true;
+            match self.0.try_wait() {
+                Ok(Some(status)) => return Some(status),
+                Err(_) => return None,
+                Ok(None) => {}
             }
             if Instant::now() >= deadline {
-                return false;
+                return None;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -74,6 +77,11 @@ impl Child {
     /// Whether it is still running.
     pub fn alive(&mut self) -> bool {
         matches!(self.0.try_wait(), Ok(None))
+    }
+
+    /// How it exited, if it has (reaped: asked again, the answer stays).
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.0.try_wait().ok().flatten()
     }
 }
 
@@ -113,11 +121,25 @@ impl Kind {
     }
 }
 
+/// How a SIGTERM ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drain {
+    /// Nothing was running.
+    NotRunning,
+    /// It exited by itself within the wait, so.
+    Exited(ExitStatus),
+    /// Still running after the wait (or it could not be signalled): SIGKILLed.
+    Killed,
+}
+
 /// One process of the suite.
 pub struct Process {
     pub kind: Kind,
     pub name: String,
     pub port: u16,
+    /// What runs: this binary's `serve` (another command in tests).
+    program: PathBuf,
+    args: Vec<String>,
     env: Vec<(String, String)>,
     log: PathBuf,
     child: Option<Child>,
@@ -138,6 +160,8 @@ impl Process {
             log: dir.join(format!("{name}.log")),
             name,
             port,
+            program: std::env::current_exe().unwrap_or_else(|_| "betting".into()),
+            args: vec!["serve".into()],
             env,
             child: None,
             stopped: false,
@@ -148,9 +172,9 @@ impl Process {
         if self.child.as_mut().is_some_and(Child::alive) {
             return Ok(());
         }
-        let mut command = Command::new(std::env::current_exe()?);
+        let mut command = Command::new(&self.program);
         command
-            .arg("serve")
+            .args(&self.args)
             .env("BETTING_ROLES", self.kind.role())
             .env("BETTING_LISTEN_ADDR", format!("127.0.0.1:{}", self.port))
             .envs(self.env.iter().map(|(k, v)| (k, v)));
@@ -188,11 +212,10 @@ impl Process {
         Ok(())
     }
 
-    /// SIGTERM, then waits for the drain (SIGKILL after `grace`); whether
-    /// it exited by itself.
-    pub async fn terminate(&mut self, grace: Duration) -> bool {
+    /// SIGTERM, then waits up to `wait` for the drain (SIGKILL after it).
+    pub async fn terminate(&mut self, wait: Duration) -> Drain {
         let Some(mut child) = self.child.take() else {
-            return true;
+            return Drain::NotRunning;
         };
         if self.stopped {
             let _ = child.signal("CONT");
@@ -200,11 +223,22 @@ impl Process {
         }
         if child.signal("TERM").is_err() {
             child.kill();
-            return false;
+            return Drain::Killed;
         }
-        let clean = child.exited_within(grace).await;
+        let exited = child.exited_within(wait).await;
         child.kill();
-        clean
+        exited.map_or(Drain::Killed, Drain::Exited)
+    }
+
+    /// An exit the run did not cause: every kill and SIGTERM of the run
+    /// takes the child out of the slot first, so a child still in it that
+    /// has exited did so by itself (a crash, a panic, a fatal error). Its
+    /// status, once; the slot is then empty, and heal starts it again.
+    pub fn reap_unexpected(&mut self) -> Option<ExitStatus> {
+        let status = self.child.as_mut()?.exited()?;
+        self.child = None;
+        self.stopped = false;
+        Some(status)
     }
 
     /// Whether it is running (frozen counts as running).
@@ -218,6 +252,68 @@ impl Process {
 
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
+    }
+}
+
+#[cfg(test)]
+impl Process {
+    fn running(program: &str, args: &[&str]) -> Self {
+        let dir = std::env::temp_dir();
+        let mut process = Process::new(Kind::Matcher, std::process::id() as usize, 0, vec![], &dir);
+        process.program = program.into();
+        process.args = args.iter().map(|a| (*a).to_owned()).collect();
+        process
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_exit_nobody_caused_is_seen_once() {
+        let mut process = Process::running("sh", &["-c", "exit 3"]);
+        process.start().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(status) = process.reap_unexpected() {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "sh -c 'exit 3' did not exit");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(status.code(), Some(3));
+        assert!(process.reap_unexpected().is_none(), "seen twice");
+        assert!(!process.alive());
+    }
+
+    #[tokio::test]
+    async fn exits_the_run_caused_are_not_unexpected() {
+        let mut process = Process::running("sleep", &["30"]);
+        process.start().unwrap();
+        process.kill();
+        assert!(process.reap_unexpected().is_none());
+        process.start().unwrap();
+        let drain = process.terminate(Duration::from_secs(10)).await;
+        assert!(
+            matches!(drain, Drain::Exited(status) if status.code().is_none()),
+            "{drain:?}"
+        );
+        assert!(process.reap_unexpected().is_none());
+        assert_eq!(
+            process.terminate(Duration::from_secs(1)).await,
+            Drain::NotRunning
+        );
+    }
+
+    #[tokio::test]
+    async fn a_drain_past_the_wait_is_killed() {
+        let mut process = Process::running("sh", &["-c", "trap '' TERM; sleep 30"]);
+        process.start().unwrap();
+        // Give the shell the moment it needs to set its trap.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let drain = process.terminate(Duration::from_millis(300)).await;
+        assert_eq!(drain, Drain::Killed);
     }
 }
 
