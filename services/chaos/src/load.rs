@@ -623,6 +623,25 @@ impl Load {
     }
 }
 
+/// Runs `clients` clients, the game server and the retrier for `duration`.
+pub async fn drive(load: Arc<Load>, seed: u64, clients: usize, duration: Duration) {
+    let until = Instant::now() + duration;
+    let mut tasks = tokio::task::JoinSet::new();
+    {
+        let load = load.clone();
+        tasks.spawn(async move { load.run_rounds(seed, 4, until).await });
+    }
+    {
+        let load = load.clone();
+        tasks.spawn(async move { load.run_retrier(until).await });
+    }
+    for client in 0..clients {
+        let load = load.clone();
+        tasks.spawn(async move { load.run_client(seed, client, until).await });
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -652,23 +671,4 @@ mod tests {
             );
         }
     }
-}
-
-/// Runs `clients` clients, the game server and the retrier for `duration`.
-pub async fn drive(load: Arc<Load>, seed: u64, clients: usize, duration: Duration) {
-    let until = Instant::now() + duration;
-    let mut tasks = tokio::task::JoinSet::new();
-    {
-        let load = load.clone();
-        tasks.spawn(async move { load.run_rounds(seed, 4, until).await });
-    }
-    {
-        let load = load.clone();
-        tasks.spawn(async move { load.run_retrier(until).await });
-    }
-    for client in 0..clients {
-        let load = load.clone();
-        tasks.spawn(async move { load.run_client(seed, client, until).await });
-    }
-    while tasks.join_next().await.is_some() {}
 }

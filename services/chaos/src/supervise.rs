@@ -266,57 +266,6 @@ impl Process {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn an_exit_nobody_caused_is_seen_once() {
-        let mut process = Process::running("sh", &["-c", "exit 3"]);
-        process.start().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let status = loop {
-            if let Some(status) = process.reap_unexpected() {
-                break status;
-            }
-            assert!(Instant::now() < deadline, "sh -c 'exit 3' did not exit");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        assert_eq!(status.code(), Some(3));
-        assert!(process.reap_unexpected().is_none(), "seen twice");
-        assert!(!process.alive());
-    }
-
-    #[tokio::test]
-    async fn exits_the_run_caused_are_not_unexpected() {
-        let mut process = Process::running("sleep", &["30"]);
-        process.start().unwrap();
-        process.kill();
-        assert!(process.reap_unexpected().is_none());
-        process.start().unwrap();
-        let drain = process.terminate(Duration::from_secs(10)).await;
-        assert!(
-            matches!(drain, Drain::Exited(status) if status.code().is_none()),
-            "{drain:?}"
-        );
-        assert!(process.reap_unexpected().is_none());
-        assert_eq!(
-            process.terminate(Duration::from_secs(1)).await,
-            Drain::NotRunning
-        );
-    }
-
-    #[tokio::test]
-    async fn a_drain_past_the_wait_is_killed() {
-        let mut process = Process::running("sh", &["-c", "trap '' TERM; sleep 30"]);
-        process.start().unwrap();
-        // Give the shell the moment it needs to set its trap.
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let drain = process.terminate(Duration::from_millis(300)).await;
-        assert_eq!(drain, Drain::Killed);
-    }
-}
-
 /// Waits until `port` answers gRPC health as SERVING.
 pub async fn wait_serving(port: u16, within: Duration) -> anyhow::Result<()> {
     use tonic_health::pb::{
@@ -348,5 +297,56 @@ pub async fn wait_serving(port: u16, within: Duration) -> anyhow::Result<()> {
             "nothing served gRPC health on port {port} within {within:?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_exit_nobody_caused_is_seen_once() {
+        let mut process = Process::running("sh", &["-c", "exit 3"]);
+        process.start().expect("start");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(status) = process.reap_unexpected() {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "sh -c 'exit 3' did not exit");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(status.code(), Some(3));
+        assert!(process.reap_unexpected().is_none(), "seen twice");
+        assert!(!process.alive());
+    }
+
+    #[tokio::test]
+    async fn exits_the_run_caused_are_not_unexpected() {
+        let mut process = Process::running("sleep", &["30"]);
+        process.start().expect("start");
+        process.kill();
+        assert!(process.reap_unexpected().is_none());
+        process.start().expect("start");
+        let drain = process.terminate(Duration::from_secs(10)).await;
+        assert!(
+            matches!(drain, Drain::Exited(status) if status.code().is_none()),
+            "{drain:?}"
+        );
+        assert!(process.reap_unexpected().is_none());
+        assert_eq!(
+            process.terminate(Duration::from_secs(1)).await,
+            Drain::NotRunning
+        );
+    }
+
+    #[tokio::test]
+    async fn a_drain_past_the_wait_is_killed() {
+        let mut process = Process::running("sh", &["-c", "trap '' TERM; sleep 30"]);
+        process.start().expect("start");
+        // Give the shell the moment it needs to set its trap.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let drain = process.terminate(Duration::from_millis(300)).await;
+        assert_eq!(drain, Drain::Killed);
     }
 }
