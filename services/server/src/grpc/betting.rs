@@ -65,7 +65,7 @@ fn event_kind_pb(kind: BetEventKind) -> pb::WatchEventType {
 fn event_pb(event: Result<BetEvent, Status>) -> Result<pb::WatchBetsResponse, Status> {
     event.map(|event| pb::WatchBetsResponse {
         r#type: event_kind_pb(event.kind) as i32,
-        bet: event.bet.as_ref().map(bet_pb),
+        bet: event.bet.as_deref().map(bet_pb),
         cursor: event.cursor,
         sent_at: Some(convert::timestamp(event.sent_at)),
     })
