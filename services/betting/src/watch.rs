@@ -33,7 +33,7 @@ use betting_streams::{
     event_stream,
 };
 use chrono::{DateTime, Utc};
-use tokio::sync::broadcast;
+use tokio::sync::{Semaphore, broadcast};
 
 use uuid::Uuid;
 
@@ -73,15 +73,25 @@ const MAX_NAMED: usize = 100;
 /// transaction takes between its `now()` and its commit.
 const RESUME_MARGIN: chrono::TimeDelta = chrono::TimeDelta::seconds(5);
 
-/// Rows a user's feed holds for a stream that has not taken them yet; a
-/// stream further behind resynchronises. The channel's slots are allocated
-/// up front, per user with a stream here: 64 (not 256) saves some 7 KiB a
-/// stream, and a stream 64 change batches behind its own user is better
-/// served by a snapshot anyway.
-const FEED_BUFFER: usize = 64;
+/// Change batches a user's feed holds for a stream that has not taken them
+/// yet; a stream further behind resynchronises. The channel's slots are
+/// allocated up front, 40 bytes each, per user with a stream here: 16 (it
+/// was 256, then 64) costs 640 bytes a user, and a stream 16 batches behind
+/// its own user's changes — each batch every change note that arrived
+/// while the feed read the last one — is better served by a snapshot.
+const FEED_BUFFER: usize = 16;
 /// Bet versions a feed remembers having read, to skip notes it already
 /// served (a note can come twice: pub/sub and the sweep).
 const FEED_VERSIONS: usize = 4096;
+
+/// Reads of PostgreSQL for streams (snapshots and feeds' changed bets) in
+/// flight at once, per instance. A read waiting for a connection already
+/// holds sqlx's buffers (some 15 KiB): without this, 10,000 streams opening
+/// together (a reconnect storm after a restart) held 10,000 of them at once,
+/// and the allocator kept that peak for the process's life (it was half of
+/// the memory per open stream). It also keeps a storm from taking every
+/// connection PlaceBet needs.
+const STREAM_READS: usize = 8;
 
 /// What a user's feed tells the user's streams.
 #[derive(Debug, Clone)]
@@ -100,6 +110,8 @@ pub(crate) struct UserFeeds {
     feeds: Arc<Mutex<HashMap<i64, broadcast::Sender<FeedEvent>>>>,
     /// Reads of changed bets, over every feed: what the sharing saves.
     reads: Arc<AtomicU64>,
+    /// [`STREAM_READS`] permits, taken around every stream's read.
+    read_slots: Arc<Semaphore>,
 }
 
 impl UserFeeds {
@@ -108,7 +120,17 @@ impl UserFeeds {
             context,
             feeds: Arc::default(),
             reads: Arc::default(),
+            read_slots: Arc::new(Semaphore::new(STREAM_READS)),
         }
+    }
+
+    /// Waits for one of the instance's [`STREAM_READS`] read slots.
+    async fn read_slot(&self) -> tokio::sync::SemaphorePermit<'_> {
+        // The semaphore is never closed.
+        self.read_slots
+            .acquire()
+            .await
+            .expect("the stream read semaphore is never closed")
     }
 
     pub(crate) fn context(&self) -> &StreamContext {
@@ -180,7 +202,8 @@ impl Feed {
                 () = stop.signalled() => break,
                 note = self.sub.recv() => {
                     let Some(note) = note else { break };
-                    self.on_notes(note).await;
+                    // Boxed, like the stream's reads (`Watch::run`).
+                    Box::pin(self.on_notes(note)).await;
                 }
                 _ = idle_check.tick() => {
                     // Every stream gone: leave, under the lock so that no
@@ -235,7 +258,11 @@ impl Feed {
         }
         self.feeds.reads.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("stream_change_reads_total").increment(1);
-        let rows = match self.store.user_bets(self.user, &wanted).await {
+        let read = async {
+            let _slot = self.feeds.read_slot().await;
+            self.store.user_bets(self.user, &wanted).await
+        };
+        let rows = match read.await {
             Ok(rows) => rows,
             Err(error) => {
                 // The sweep will bring these notes back.
@@ -256,7 +283,9 @@ impl Feed {
 }
 
 struct Watch {
-    service: BettingService,
+    store: BetStore,
+    /// This instance's feeds: their read slots.
+    feeds: UserFeeds,
     user: UserId,
     named: Vec<Uuid>,
     feed: broadcast::Receiver<FeedEvent>,
@@ -308,7 +337,8 @@ impl BettingService {
         // Join first: a change from now on reaches us even while the snapshot is read.
         let feed = feeds.join(self.store(), user);
         let watch = Watch {
-            service: self.clone(),
+            store: self.store().clone(),
+            feeds: feeds.clone(),
             user,
             named,
             feed,
@@ -323,6 +353,10 @@ impl BettingService {
 }
 
 impl Watch {
+    /// The stream's task, for the stream's life. A task costs the size of
+    /// its largest state, so the reads and sends it awaits now and then
+    /// (sqlx's futures are kilobytes) are boxed: allocated only while they
+    /// run, not held by every idle stream (`stream_tasks_stay_small`).
     async fn run(
         mut self,
         resume_from: Option<DateTime<Utc>>,
@@ -334,8 +368,7 @@ impl Watch {
             self.sink.end(&StreamEnd::ShuttingDown);
             return;
         }
-        if self
-            .snapshot(resume_from.map(|t| t - RESUME_MARGIN), false)
+        if Box::pin(self.snapshot(resume_from.map(|t| t - RESUME_MARGIN), false))
             .await
             .is_err()
         {
@@ -358,10 +391,10 @@ impl Watch {
                 () = self.sink.closed() => return,
                 event = self.feed.recv() => {
                     let handled = match event {
-                        Ok(FeedEvent::Rows(rows)) => self.on_rows(&rows).await,
+                        Ok(FeedEvent::Rows(rows)) => Box::pin(self.on_rows(&rows)).await,
                         // Resync, or we fell behind the feed: start over.
                         Ok(FeedEvent::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => {
-                            self.snapshot(None, true).await
+                            Box::pin(self.snapshot(None, true)).await
                         }
                         Err(broadcast::error::RecvError::Closed) => {
                             self.sink.end(&StreamEnd::FeedEnded);
@@ -429,12 +462,13 @@ impl Watch {
             let event = self.event(BetEventKind::Resync, None);
             self.sink.send(event).await?;
         }
-        let rows = match self
-            .service
-            .store()
-            .watch_snapshot(self.user, &self.named, since)
-            .await
-        {
+        let read = async {
+            let _slot = self.feeds.read_slot().await;
+            self.store
+                .watch_snapshot(self.user, &self.named, since)
+                .await
+        };
+        let rows = match read.await {
             Ok(rows) => rows,
             Err(error) => {
                 // Logged by the mapping, with its cause.
@@ -457,5 +491,37 @@ impl Watch {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The size of what `f` returns, without calling it.
+    fn returned<F, A, B, C, D, R>(_: F) -> usize
+    where
+        F: FnOnce(A, B, C, D) -> R,
+    {
+        std::mem::size_of::<R>()
+    }
+
+    fn returned1<F, A, R>(_: F) -> usize
+    where
+        F: FnOnce(A) -> R,
+    {
+        std::mem::size_of::<R>()
+    }
+
+    /// Every open stream holds its task (and its user's feed task) for its
+    /// whole life: their state must not carry the reads' futures (2,872 and
+    /// 800 bytes before the reads were boxed; BENCHMARKS "Memory per
+    /// stream").
+    #[test]
+    fn stream_tasks_stay_small() {
+        let watch = returned(super::Watch::run);
+        let feed = returned1(super::Feed::run);
+        // 1,104 and 632 bytes now: the select's timers and wakers, the
+        // stream's own state, pointers to the boxed reads.
+        assert!(watch <= 1280, "a stream's task is {watch} bytes");
+        assert!(feed <= 1024, "a feed's task is {feed} bytes");
     }
 }
