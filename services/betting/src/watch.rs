@@ -124,13 +124,15 @@ impl UserFeeds {
         }
     }
 
-    /// Waits for one of the instance's [`STREAM_READS`] read slots.
-    async fn read_slot(&self) -> tokio::sync::SemaphorePermit<'_> {
-        // The semaphore is never closed.
-        self.read_slots
+    /// Runs `read` (not started until then) in one of the instance's
+    /// [`STREAM_READS`] read slots.
+    async fn read<T>(&self, read: impl Future<Output = T>) -> T {
+        let _slot = self
+            .read_slots
             .acquire()
             .await
-            .expect("the stream read semaphore is never closed")
+            .expect("the stream read semaphore is never closed");
+        read.await
     }
 
     pub(crate) fn context(&self) -> &StreamContext {
@@ -258,11 +260,8 @@ impl Feed {
         }
         self.feeds.reads.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("stream_change_reads_total").increment(1);
-        let read = async {
-            let _slot = self.feeds.read_slot().await;
-            self.store.user_bets(self.user, &wanted).await
-        };
-        let rows = match read.await {
+        let read = self.store.user_bets(self.user, &wanted);
+        let rows = match self.feeds.read(read).await {
             Ok(rows) => rows,
             Err(error) => {
                 // The sweep will bring these notes back.
@@ -332,8 +331,8 @@ impl BettingService {
         let feeds = self
             .user_feeds()
             .ok_or_else(|| BettingError::Internal(anyhow::anyhow!("streams are not set up")))?;
-        let context = feeds.context().clone();
-        let (sink, stream) = event_stream(context.settings.buffer, context.settings.send_timeout);
+        let settings = &feeds.context().settings;
+        let (sink, stream) = event_stream(settings.buffer, settings.send_timeout);
         // Join first: a change from now on reaches us even while the snapshot is read.
         let feed = feeds.join(self.store(), user);
         let watch = Watch {
@@ -347,7 +346,7 @@ impl BettingService {
             high_water: resume_from.unwrap_or(DateTime::<Utc>::MIN_UTC),
         };
         let deadline = betting_streams::token_deadline(principal.expires_at);
-        tokio::spawn(watch.run(resume_from, context, deadline));
+        tokio::spawn(watch.run(resume_from, deadline));
         Ok(stream)
     }
 }
@@ -357,13 +356,9 @@ impl Watch {
     /// its largest state, so the reads and sends it awaits now and then
     /// (sqlx's futures are kilobytes) are boxed: allocated only while they
     /// run, not held by every idle stream (`stream_tasks_stay_small`).
-    async fn run(
-        mut self,
-        resume_from: Option<DateTime<Utc>>,
-        context: betting_streams::StreamContext,
-        deadline: tokio::time::Instant,
-    ) {
-        let stop = context.stop.clone();
+    async fn run(mut self, resume_from: Option<DateTime<Utc>>, deadline: tokio::time::Instant) {
+        let stop = self.feeds.context().stop.clone();
+        let heartbeat_every = self.feeds.context().settings.heartbeat;
         if stop.is_signalled() {
             self.sink.end(&StreamEnd::ShuttingDown);
             return;
@@ -374,7 +369,7 @@ impl Watch {
         {
             return;
         }
-        let mut heartbeat = tokio::time::interval(context.settings.heartbeat);
+        let mut heartbeat = tokio::time::interval(heartbeat_every);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         heartbeat.reset();
         loop {
@@ -462,13 +457,8 @@ impl Watch {
             let event = self.event(BetEventKind::Resync, None);
             self.sink.send(event).await?;
         }
-        let read = async {
-            let _slot = self.feeds.read_slot().await;
-            self.store
-                .watch_snapshot(self.user, &self.named, since)
-                .await
-        };
-        let rows = match read.await {
+        let read = self.store.watch_snapshot(self.user, &self.named, since);
+        let rows = match self.feeds.read(read).await {
             Ok(rows) => rows,
             Err(error) => {
                 // Logged by the mapping, with its cause.
@@ -497,9 +487,9 @@ impl Watch {
 #[cfg(test)]
 mod tests {
     /// The size of what `f` returns, without calling it.
-    fn returned<F, A, B, C, D, R>(_: F) -> usize
+    fn returned<F, A, B, C, R>(_: F) -> usize
     where
-        F: FnOnce(A, B, C, D) -> R,
+        F: FnOnce(A, B, C) -> R,
     {
         std::mem::size_of::<R>()
     }
