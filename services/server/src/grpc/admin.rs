@@ -18,7 +18,7 @@ pub(crate) fn server(
     service: AdminService,
     auth: AuthInterceptor,
 ) -> InterceptedService<AdminServiceServer<AdminGrpc>, AuthInterceptor> {
-    let server = AdminServiceServer::new(AdminGrpc(service))
+    let server = super::compressed!(AdminServiceServer::new(AdminGrpc(service)))
         .max_decoding_message_size(super::MAX_REQUEST_BYTES);
     InterceptedService::new(server, auth)
 }

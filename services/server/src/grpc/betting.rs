@@ -27,7 +27,7 @@ pub(crate) fn server(
     limiter: Limiter,
     auth: AuthInterceptor,
 ) -> InterceptedService<BettingServiceServer<BettingGrpc>, AuthInterceptor> {
-    let server = BettingServiceServer::new(BettingGrpc(service, limiter))
+    let server = super::compressed!(BettingServiceServer::new(BettingGrpc(service, limiter)))
         .max_decoding_message_size(super::MAX_REQUEST_BYTES);
     InterceptedService::new(server, auth)
 }

@@ -17,6 +17,29 @@ pub(crate) const MAX_REQUEST_BYTES: usize = 16 * 1024;
 /// before the handler checks the role, so it stays bounded.
 pub(crate) const MAX_WALLET_REQUEST_BYTES: usize = 64 * 1024;
 
+/// Compression for a generated tonic server (ours, health's, reflection's):
+/// requests compressed with gzip or zstd are accepted (without it grpcio,
+/// grpc-go and grpc-java clients that compress get UNIMPLEMENTED), and
+/// responses are compressed when the client advertises one of them in
+/// `grpc-accept-encoding` (its first choice of the two wins). Plain calls
+/// stay plain. A macro, not a function: each generated server has these
+/// builder methods as its own, under no common trait.
+///
+/// Decompression is bounded too: tonic applies the server's
+/// `max_decoding_message_size` to the decompressed message, so a small
+/// compressed request cannot expand past the limit (a test sends one).
+macro_rules! compressed {
+    ($server:expr) => {{
+        use tonic::codec::CompressionEncoding::{Gzip, Zstd};
+        $server
+            .accept_compressed(Gzip)
+            .accept_compressed(Zstd)
+            .send_compressed(Gzip)
+            .send_compressed(Zstd)
+    }};
+}
+pub(crate) use compressed;
+
 pub(crate) mod admin;
 pub(crate) mod betting;
 pub(crate) mod settlement;

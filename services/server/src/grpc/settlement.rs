@@ -27,8 +27,10 @@ pub(crate) fn server(
     limiter: Limiter,
     auth: AuthInterceptor,
 ) -> InterceptedService<SettlementServiceServer<SettlementGrpc>, AuthInterceptor> {
-    let server = SettlementServiceServer::new(SettlementGrpc(service, limiter))
-        .max_decoding_message_size(super::MAX_REQUEST_BYTES);
+    let server = super::compressed!(SettlementServiceServer::new(SettlementGrpc(
+        service, limiter
+    )))
+    .max_decoding_message_size(super::MAX_REQUEST_BYTES);
     InterceptedService::new(server, auth)
 }
 

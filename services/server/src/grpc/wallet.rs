@@ -19,7 +19,7 @@ pub(crate) fn server(
     service: WalletService,
     auth: AuthInterceptor,
 ) -> InterceptedService<WalletServiceServer<WalletGrpc>, AuthInterceptor> {
-    let server = WalletServiceServer::new(WalletGrpc(service))
+    let server = super::compressed!(WalletServiceServer::new(WalletGrpc(service)))
         .max_decoding_message_size(super::MAX_WALLET_REQUEST_BYTES);
     InterceptedService::new(server, auth)
 }

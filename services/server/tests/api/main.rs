@@ -14,6 +14,7 @@ mod auth;
 mod authz;
 mod betting;
 mod chaos;
+mod compression;
 mod concurrency;
 mod crash;
 mod edge;
