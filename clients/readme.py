@@ -4,23 +4,28 @@
     readme.py README.md ADDRESS --work DIR
 
 The examples are the ```sh blocks of the section "## Try it with `buf curl`
-or `grpcurl`" that hold a `buf curl`, `grpcurl` or `bc` command. Every
-line of those blocks that is not a comment runs, in document order, in one
+or `grpcurl`" that hold a `buf curl`, `grpcurl` or `bc` command, a
+`deploy/local/betting audit` or `queue` command, or only shell variable
+assignments (the tokens). Every line of those blocks that is not a comment
+runs, in document order, in one
 bash (so `CASHIER=$(deploy/local/betting token ...)` and `bc() {...}` carry
 on to the commands after them), from the repository root, with one change:
 the README's address 127.0.0.1:50051 becomes ADDRESS, a fresh suite's
 (clients/check sets `deploy/local/betting` up for it).
 
-A command must exit 0 and print JSON. A line `# => JSON` under a command
+A command must exit 0 and, if it calls the API, print something: JSON (one
+message for a unary call), or text (`grpcurl ... list`). A line `# => JSON` under a command
 is what its answer must contain: every field it names, with that value
 (objects: a subset; lists: as many elements, each matching its own one;
-ids, timestamps and whatever else it leaves out are not compared). Several
+ids, timestamps and whatever else it leaves out are not compared; under a
+command that prints text, a JSON string is a line it must print). Several
 `# =>` lines under a streaming command (a `/Watch...` method) must each
 match one of its messages; the stream is read until they all have, or 15 s,
 then stopped with SIGINT as a newcomer's Ctrl-C would. Reads that name
 `# (eventually)` on their `# =>` line (matching and payouts are
 asynchronous) are repeated for up to 15 s until their answer matches.
-Prints one line per command; exits 1 if any failed.
+Prints one line per command (and, with --show, each answer); exits 1 if
+any failed.
 """
 
 import argparse
@@ -36,7 +41,8 @@ from pathlib import Path
 
 SECTION = "## Try it with `buf curl` or `grpcurl`"
 README_ADDRESS = "127.0.0.1:50051"
-COMMAND = re.compile(r"^(buf curl|grpcurl|bc)\s")
+COMMAND = re.compile(r"^(buf curl|grpcurl|bc|deploy/local/betting (audit|queue))\s")
+ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z_0-9]*=")
 EXPECT = "# =>"
 EVENTUALLY = "# (eventually)"
 STEP_TIMEOUT = 60  # seconds, for any one command
@@ -53,6 +59,10 @@ class Example:
     @property
     def is_command(self):
         return bool(COMMAND.match(self.text))
+
+    @property
+    def is_rpc(self):
+        return self.is_command and not self.text.startswith("deploy/")
 
     @property
     def is_stream(self):
@@ -79,7 +89,7 @@ def examples(readme):
             continue
         if in_sh and line.strip() == "```":
             in_sh = False
-            if any(e.is_command for e in block):
+            if any(e.is_command for e in block) or (block and all(ASSIGNMENT.match(e.text) for e in block)):
                 found.extend(block)
             continue
         if not in_sh:
@@ -199,13 +209,27 @@ def check(example, out, err, rc, stopped=False):
         return f"exit {rc}: {err.strip() or out.strip()}"
     if not example.is_command:
         return None  # an assignment or a definition: its exit status is all
+    if not out.strip() and not example.is_rpc and not example.expect:
+        return None  # `queue dead` with none dead
     try:
         printed = messages(out)
     except json.JSONDecodeError:
-        return f"not JSON: {out.strip()[:300]} {err.strip()[:300]}"
+        printed = None
+    if printed is None or (printed and all(isinstance(p, (int, float)) for p in printed)):
+        # Text (a number alone is text too: `queue stats` prints none, the
+        # audit may print a count).
+        lines = [line.strip() for line in out.splitlines()]
+        if not any(lines) and (example.is_rpc or example.expect):
+            return f"printed nothing: {err.strip()[:300]}"
+        for want in example.expect:
+            if not isinstance(want, str):
+                return f"printed text, not JSON, so `# =>` must be a string: {out.strip()[:300]}"
+            if want not in lines:
+                return f"no line {json.dumps(want)}; got {out.strip()[:600]}"
+        return None
     if not printed:
         return f"printed nothing: {err.strip()[:300]}"
-    if not example.is_stream and len(printed) != 1:
+    if example.is_rpc and not example.is_stream and len(printed) != 1:
         return f"{len(printed)} messages for a unary call"
     for want in example.expect:
         if not any(matches(want, got) for got in printed):
@@ -218,6 +242,7 @@ def main():
     parser.add_argument("readme", type=Path)
     parser.add_argument("address")
     parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--show", action="store_true", help="print each answer (for writing `# =>` lines)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     root = args.readme.resolve().parent
@@ -253,6 +278,8 @@ def main():
                     break
                 time.sleep(0.3)
         seconds = time.monotonic() - started
+        if args.show:
+            print(shell.files(n)[0].read_text().rstrip())
         if problem is None:
             print(f"  ok   {example.label()} ({seconds:.1f} s)")
         else:
