@@ -174,6 +174,10 @@ pub async fn streams(args: BenchArgs) -> anyhow::Result<()> {
         channels.push(connect(&args.target).await?);
     }
     let latencies: Arc<Mutex<Vec<f64>>> = Arc::default();
+    // Opens the server shed (RESOURCE_EXHAUSTED, UNAVAILABLE) and this
+    // client retried, as a game client does, and opens that failed for good.
+    let retried = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let failed: Arc<Mutex<Vec<String>>> = Arc::default();
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(users.len());
     let mut readers = tokio::task::JoinSet::new();
     for (i, user) in users.iter().copied().enumerate() {
@@ -183,13 +187,39 @@ pub async fn streams(args: BenchArgs) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let latencies = latencies.clone();
         let ready = ready_tx.clone();
+        let (retried, failed) = (retried.clone(), failed.clone());
         readers.spawn(async move {
             let mut client = BettingServiceClient::new(channel);
-            let Ok(request) = authed(pb::WatchBetsRequest::default(), &token) else {
-                return;
-            };
-            let Ok(response) = client.watch_bets(request).await else {
-                return;
+            let mut attempt = 0u32;
+            let response = loop {
+                let Ok(request) = authed(pb::WatchBetsRequest::default(), &token) else {
+                    return;
+                };
+                match client.watch_bets(request).await {
+                    Ok(response) => break response,
+                    Err(status)
+                        if attempt < 10
+                            && matches!(
+                                status.code(),
+                                tonic::Code::ResourceExhausted | tonic::Code::Unavailable
+                            ) =>
+                    {
+                        attempt += 1;
+                        retried.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        // Spread out, as clients with jittered backoff are.
+                        let jitter = u64::try_from(user % 50).unwrap_or(0);
+                        tokio::time::sleep(Duration::from_millis(
+                            (50 << attempt.min(5)) + jitter * 4,
+                        ))
+                        .await;
+                    }
+                    Err(status) => {
+                        if let Ok(mut f) = failed.lock() {
+                            f.push(format!("{:?}: {}", status.code(), status.message()));
+                        }
+                        return;
+                    }
+                }
             };
             let mut events = response.into_inner();
             while let Ok(Some(event)) = events.message().await {
@@ -222,10 +252,16 @@ pub async fn streams(args: BenchArgs) -> anyhow::Result<()> {
             _ => break,
         }
     }
+    let retries = retried.load(std::sync::atomic::Ordering::Relaxed);
     println!(
-        "{ready} streams open in {:.1} s",
+        "{ready} streams open in {:.1} s ({retries} opens shed by the server and retried)",
         opened_at.elapsed().as_secs_f64()
     );
+    if let Ok(failed) = failed.lock()
+        && let Some(first) = failed.first()
+    {
+        println!("{} opens failed, e.g. {first}", failed.len());
+    }
     let rss_open = args.server_pid.and_then(rss_kib);
 
     println!(
