@@ -49,6 +49,13 @@ pub(crate) struct Mounted {
     pub served: Vec<&'static str>,
 }
 
+/// Reflection over our API and health's, for both protocol versions.
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(betting_api::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+}
+
 /// Mounts health, reflection and `services`.
 pub(crate) fn mount(
     services: Services,
@@ -58,22 +65,11 @@ pub(crate) fn mount(
     let (reporter, health_service) = tonic_health::server::health_reporter();
     let health_service =
         grpc::compressed!(health_service).max_decoding_message_size(MAX_INFRA_REQUEST_BYTES);
-    let reflection_v1 = grpc::compressed!(
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(betting_api::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .context("reflection v1")?
-    )
-    .max_decoding_message_size(MAX_INFRA_REQUEST_BYTES);
-    let reflection_v1alpha = grpc::compressed!(
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(betting_api::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1alpha()
-            .context("reflection v1alpha")?
-    )
-    .max_decoding_message_size(MAX_INFRA_REQUEST_BYTES);
+    let reflection_v1 = grpc::compressed!(reflection().build_v1().context("reflection v1")?)
+        .max_decoding_message_size(MAX_INFRA_REQUEST_BYTES);
+    let reflection_v1alpha =
+        grpc::compressed!(reflection().build_v1alpha().context("reflection v1alpha")?)
+            .max_decoding_message_size(MAX_INFRA_REQUEST_BYTES);
 
     let wallet = services
         .wallet
