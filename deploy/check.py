@@ -11,7 +11,8 @@
         terminationGracePeriodSeconds; the token settings each service
         gets are ones `betting serve` accepts (a signing key only for
         betting and settler, and so on); only the roles that call
-        WalletService may reach it (NetworkPolicy); each Deployment probes
+        WalletService and StakeService may reach the wallet (NetworkPolicy);
+        the wallet serves StakeService (health); each Deployment probes
         gRPC health on 50051.
 
     check.py k8s-prometheus SRC DEST
@@ -566,6 +567,13 @@ def round_trip(urls, envs, betting, buf, users=(1, 2), signing=()):
         for user in users:
             call(wallet, "betting.v1.WalletService/Deposit", cashier,
                  {"userId": user, "amount": "100", "idempotencyKey": f"{round_id}-deposit-{user}"})
+        # The internal StakeService (betting.internal.v1) is the wallet's,
+        # on WalletService's port: the bets below are staked through it.
+        stakes = call(wallet, "grpc.health.v1.Health/Check", cashier,
+                      {"service": "betting.internal.v1.StakeService"})
+        if stakes.get("status") != "SERVING":
+            fail(f"round trip: {wallet} does not serve betting.internal.v1.StakeService: {stakes}")
+            return
         call(settlement, "betting.v1.SettlementService/OpenRound", game, {"roundId": round_id})
         for user, side, instance in ((winner, "SIDE_A", first), (loser, "SIDE_B", second)):
             call(instance, "betting.v1.BettingService/PlaceBet", players[user],

@@ -11,6 +11,9 @@ const FILES: &[&str] = &[
     "betting/v1/betting.proto",
     "betting/v1/settlement.proto",
     "betting/v1/admin.proto",
+    "betting/v1/errors.proto",
+    // Internal: our own processes' calls (not in the public SDKs).
+    "betting/internal/v1/stakes.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -44,7 +44,7 @@ pub fn to_status<E: ServiceError>(err: &E) -> Status {
         }
     };
     let mut details = ErrorDetails::new();
-    details.set_error_info(err.reason(), ERROR_DOMAIN, HashMap::new());
+    details.set_error_info(err.reason().as_str(), ERROR_DOMAIN, HashMap::new());
     for v in err.violations() {
         details.add_bad_request_violation(v.field, v.description);
     }

@@ -4,7 +4,7 @@
 
 use betting_auth::{AuthError, Principal, Role};
 use betting_db::actions::{ActionKind, Actor, PrivilegedAction};
-use betting_domain::{ErrorCode, ServiceError};
+use betting_domain::{ErrorCode, ErrorReason, ServiceError};
 use sqlx::PgPool;
 
 use crate::{AuditReport, AuditSettings};
@@ -27,10 +27,10 @@ impl ServiceError for AdminError {
         }
     }
 
-    fn reason(&self) -> &'static str {
+    fn reason(&self) -> ErrorReason {
         match self {
             AdminError::Auth(e) => e.reason(),
-            AdminError::Storage(_) => "AUDIT_FAILED",
+            AdminError::Storage(_) => ErrorReason::AuditFailed,
         }
     }
 }

@@ -2,7 +2,7 @@
 
 use std::{fmt, str::FromStr};
 
-use betting_domain::{ErrorCode, ServiceError, UserId};
+use betting_domain::{ErrorCode, ErrorReason, ServiceError, UserId};
 
 /// What a token allows. `backend` was split by what each caller may do (a
 /// game server's token cannot withdraw money; a settler's cannot deposit):
@@ -120,13 +120,13 @@ impl ServiceError for AuthError {
         }
     }
 
-    fn reason(&self) -> &'static str {
+    fn reason(&self) -> ErrorReason {
         match self {
-            AuthError::Unauthenticated | AuthError::Token(_) => "UNAUTHENTICATED",
-            AuthError::Credentials => "INTERNAL",
-            AuthError::RoleRequired(_) => "ROLE_REQUIRED",
-            AuthError::OtherUser => "OTHER_USER",
-            AuthError::NoUser => "USER_REQUIRED",
+            AuthError::Unauthenticated | AuthError::Token(_) => ErrorReason::Unauthenticated,
+            AuthError::Credentials => ErrorReason::Internal,
+            AuthError::RoleRequired(_) => ErrorReason::RoleRequired,
+            AuthError::OtherUser => ErrorReason::OtherUser,
+            AuthError::NoUser => ErrorReason::UserRequired,
         }
     }
 

@@ -2,7 +2,7 @@
 
 use betting_auth::AuthError;
 use betting_db::StoreError;
-use betting_domain::{ErrorCode, FieldViolation, InvalidRequest, LimitError, ServiceError};
+use betting_domain::{ErrorCode, ErrorReason, FieldViolation, InvalidRequest, LimitError, ServiceError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BettingError {
@@ -71,20 +71,20 @@ impl ServiceError for BettingError {
         }
     }
 
-    fn reason(&self) -> &'static str {
+    fn reason(&self) -> ErrorReason {
         match self {
             BettingError::Invalid(e) => e.reason(),
             BettingError::Auth(e) => e.reason(),
             BettingError::Limit(e) => e.reason(),
-            BettingError::RoundNotFound => "ROUND_NOT_FOUND",
-            BettingError::RoundNotOpen => "ROUND_NOT_OPEN",
-            BettingError::InsufficientFunds => "INSUFFICIENT_FUNDS",
-            BettingError::IdempotencyConflict => "IDEMPOTENCY_KEY_REUSED",
-            BettingError::BetNotFound => "BET_NOT_FOUND",
-            BettingError::NotCancellable(_) => "BET_NOT_CANCELLABLE",
-            BettingError::WalletUnavailable(_) => "UNAVAILABLE",
+            BettingError::RoundNotFound => ErrorReason::RoundNotFound,
+            BettingError::RoundNotOpen => ErrorReason::RoundNotOpen,
+            BettingError::InsufficientFunds => ErrorReason::InsufficientFunds,
+            BettingError::IdempotencyConflict => ErrorReason::IdempotencyKeyReused,
+            BettingError::BetNotFound => ErrorReason::BetNotFound,
+            BettingError::NotCancellable(_) => ErrorReason::BetNotCancellable,
+            BettingError::WalletUnavailable(_) => ErrorReason::Unavailable,
             BettingError::Store(e) => e.reason(),
-            BettingError::Internal(_) => "INTERNAL",
+            BettingError::Internal(_) => ErrorReason::Internal,
             BettingError::Shared(e) => e.reason(),
         }
     }

@@ -371,7 +371,7 @@ async fn place_and_settle_are_each_one_trace_across_processes_and_the_queue() {
             let spans = receiver.trace(place_trace);
             let has = |name: &str| spans.iter().any(|s| s.name == name);
             (has("betting.v1.BettingService/PlaceBet")
-                && has("betting.v1.WalletService/HoldStakes")
+                && has("betting.internal.v1.StakeService/HoldStakes")
                 && has("queue.match")
                 && has("match.group"))
             .then_some(spans)
@@ -389,7 +389,7 @@ async fn place_and_settle_are_each_one_trace_across_processes_and_the_queue() {
     );
     find(
         &place,
-        "betting.v1.WalletService/HoldStakes",
+        "betting.internal.v1.StakeService/HoldStakes",
         "betting-wallet",
     );
     let job = find(&place, "queue.match", "betting-workers");
@@ -412,7 +412,7 @@ async fn place_and_settle_are_each_one_trace_across_processes_and_the_queue() {
             (has("betting.v1.SettlementService/SettleRound")
                 && has("queue.settle")
                 && has("settle.round")
-                && has("betting.v1.WalletService/PayWinningsBatch"))
+                && has("betting.internal.v1.StakeService/PayWinningsBatch"))
             .then_some(spans)
         },
     )
@@ -431,7 +431,7 @@ async fn place_and_settle_are_each_one_trace_across_processes_and_the_queue() {
     );
     let payout = find(
         &settle,
-        "betting.v1.WalletService/PayWinningsBatch",
+        "betting.internal.v1.StakeService/PayWinningsBatch",
         "betting-wallet",
     );
     assert_eq!(

@@ -240,10 +240,10 @@ impl betting_domain::ServiceError for StoreError {
         }
     }
 
-    fn reason(&self) -> &'static str {
+    fn reason(&self) -> betting_domain::ErrorReason {
         match self {
-            StoreError::Unavailable(_) => "UNAVAILABLE",
-            StoreError::Corrupt(_) | StoreError::Other(_) => "INTERNAL",
+            StoreError::Unavailable(_) => betting_domain::ErrorReason::Unavailable,
+            StoreError::Corrupt(_) | StoreError::Other(_) => betting_domain::ErrorReason::Internal,
         }
     }
 }

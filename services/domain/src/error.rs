@@ -32,6 +32,82 @@ pub enum ErrorCode {
     Internal,
 }
 
+/// Declares [`ErrorReason`] and its [`ErrorReason::ALL`] from one list, so
+/// the list cannot miss a variant.
+macro_rules! reasons {
+    ($($(#[$doc:meta])* $variant:ident = $name:literal,)*) => {
+        /// Every `google.rpc.ErrorInfo.reason` a server can send: the trait
+        /// [`ServiceError::reason`] returns one, so no other string can be
+        /// sent. Each is a value of the proto enum `betting.v1.ErrorReason`
+        /// (proto/betting/v1/errors.proto) named `ERROR_REASON_` + the
+        /// string; the api crate's tests check the two lists are the same.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum ErrorReason {
+            $($(#[$doc])* $variant,)*
+        }
+
+        impl ErrorReason {
+            /// Every reason, in the proto's order.
+            pub const ALL: &'static [ErrorReason] = &[$(ErrorReason::$variant,)*];
+
+            /// The string sent as `ErrorInfo.reason` (UPPER_SNAKE_CASE).
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $(ErrorReason::$variant => $name,)*
+                }
+            }
+        }
+    };
+}
+
+reasons! {
+    /// A malformed request field.
+    InvalidArgument = "INVALID_ARGUMENT",
+    /// No valid token; on a stream, the token expired.
+    Unauthenticated = "UNAUTHENTICATED",
+    /// The caller's role may not do this.
+    RoleRequired = "ROLE_REQUIRED",
+    /// A player named another user.
+    OtherUser = "OTHER_USER",
+    /// A token that names no user, without a `user_id`.
+    UserRequired = "USER_REQUIRED",
+    InsufficientFunds = "INSUFFICIENT_FUNDS",
+    BalanceLimit = "BALANCE_LIMIT",
+    IdempotencyKeyReused = "IDEMPOTENCY_KEY_REUSED",
+    RoundNotFound = "ROUND_NOT_FOUND",
+    RoundNotOpen = "ROUND_NOT_OPEN",
+    RoundExists = "ROUND_EXISTS",
+    RoundWrongState = "ROUND_WRONG_STATE",
+    RoundSettledOtherwise = "ROUND_SETTLED_OTHERWISE",
+    BetNotFound = "BET_NOT_FOUND",
+    BetNotCancellable = "BET_NOT_CANCELLABLE",
+    RateLimited = "RATE_LIMITED",
+    TooManyOpenBets = "TOO_MANY_OPEN_BETS",
+    TooManyStreams = "TOO_MANY_STREAMS",
+    StreamTooSlow = "STREAM_TOO_SLOW",
+    StreamEnded = "STREAM_ENDED",
+    ShuttingDown = "SHUTTING_DOWN",
+    Overloaded = "OVERLOADED",
+    DeadlineExceeded = "DEADLINE_EXCEEDED",
+    RequestUnreadable = "REQUEST_UNREADABLE",
+    Unavailable = "UNAVAILABLE",
+    Internal = "INTERNAL",
+    AuditFailed = "AUDIT_FAILED",
+    UserBusy = "USER_BUSY",
+    /// StakeService only (as are the four below).
+    NoMatchingStake = "NO_MATCHING_STAKE",
+    AlreadyPaid = "ALREADY_PAID",
+    AlreadyRefunded = "ALREADY_REFUNDED",
+    RefundNotDue = "REFUND_NOT_DUE",
+    PayoutNotDue = "PAYOUT_NOT_DUE",
+}
+
+impl std::fmt::Display for ErrorReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One bad field of a request, reported as a `google.rpc.BadRequest` violation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldViolation {
@@ -52,9 +128,10 @@ impl FieldViolation {
 pub trait ServiceError: std::error::Error {
     fn code(&self) -> ErrorCode;
 
-    /// A stable, machine-readable reason in UPPER_SNAKE_CASE (`INSUFFICIENT_FUNDS`),
-    /// sent as `google.rpc.ErrorInfo.reason`.
-    fn reason(&self) -> &'static str;
+    /// A stable, machine-readable reason (`INSUFFICIENT_FUNDS`), sent as
+    /// `google.rpc.ErrorInfo.reason`: one of [`ErrorReason`], so of the
+    /// proto's `betting.v1.ErrorReason`.
+    fn reason(&self) -> ErrorReason;
 
     /// For [`ErrorCode::InvalidArgument`]: which fields were bad and why.
     fn violations(&self) -> Vec<FieldViolation> {
@@ -127,8 +204,8 @@ impl ServiceError for InvalidRequest {
         ErrorCode::InvalidArgument
     }
 
-    fn reason(&self) -> &'static str {
-        "INVALID_ARGUMENT"
+    fn reason(&self) -> ErrorReason {
+        ErrorReason::InvalidArgument
     }
 
     fn violations(&self) -> Vec<FieldViolation> {

@@ -19,7 +19,7 @@ mod status;
 /// can never outgrow it.
 pub const MAX_MOVEMENTS_PER_CALL: usize = 256;
 
-pub use error::{ErrorCode, FieldViolation, InvalidRequest, ServiceError, Violations};
+pub use error::{ErrorCode, ErrorReason, FieldViolation, InvalidRequest, ServiceError, Violations};
 pub use ids::{BetId, IdempotencyKey, MatchId, ParseIdError, Reference, RoundId, UserId};
 pub use limits::LimitError;
 pub use money::{Amount, AmountError, Stake, format_money};

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::{ErrorCode, ServiceError};
+use crate::{ErrorCode, ErrorReason, ServiceError};
 
 /// A per-user (or per-connection) limit was hit. Nothing was done: the
 /// request never reached storage or money.
@@ -26,11 +26,11 @@ impl ServiceError for LimitError {
         ErrorCode::ResourceExhausted
     }
 
-    fn reason(&self) -> &'static str {
+    fn reason(&self) -> ErrorReason {
         match self {
-            LimitError::RateLimited { .. } => "RATE_LIMITED",
-            LimitError::TooManyOpenBets { .. } => "TOO_MANY_OPEN_BETS",
-            LimitError::TooManyStreams { .. } => "TOO_MANY_STREAMS",
+            LimitError::RateLimited { .. } => ErrorReason::RateLimited,
+            LimitError::TooManyOpenBets { .. } => ErrorReason::TooManyOpenBets,
+            LimitError::TooManyStreams { .. } => ErrorReason::TooManyStreams,
         }
     }
 

@@ -37,7 +37,7 @@ use std::{
 };
 
 use betting_config::EdgeSettings;
-use betting_domain::{ErrorCode, ServiceError};
+use betting_domain::{ErrorCode, ErrorReason, ServiceError};
 use futures::future::BoxFuture;
 use tokio::{sync::Semaphore, time::Instant};
 use tower::{Layer, Service};
@@ -64,11 +64,11 @@ impl ServiceError for EdgeError {
         }
     }
 
-    fn reason(&self) -> &'static str {
+    fn reason(&self) -> ErrorReason {
         match self {
-            EdgeError::Overloaded => "OVERLOADED",
-            EdgeError::DeadlineExceeded => "DEADLINE_EXCEEDED",
-            EdgeError::Unreadable => "REQUEST_UNREADABLE",
+            EdgeError::Overloaded => ErrorReason::Overloaded,
+            EdgeError::DeadlineExceeded => ErrorReason::DeadlineExceeded,
+            EdgeError::Unreadable => ErrorReason::RequestUnreadable,
         }
     }
 }

@@ -21,6 +21,7 @@ mod feed;
 mod grpc;
 mod health;
 mod infra;
+mod legacy;
 mod limits;
 mod observe;
 mod roles;

@@ -22,15 +22,23 @@ use tower::layer::util::{Identity, Stack};
 use tower_http::cors::CorsLayer;
 
 use crate::{
-    edge::EdgeLayer, grpc, observe::ObserveLayer, roles::Services, status_log::StatusLogLayer,
+    edge::EdgeLayer, grpc, legacy::LegacyPathsLayer, observe::ObserveLayer, roles::Services,
+    status_log::StatusLogLayer,
 };
 
-/// The router with its layers, outermost first: CORS, gRPC-Web, the status
-/// log, the call's span and metrics, the edge.
+/// The router with its layers, outermost first: CORS, gRPC-Web, the old
+/// internal paths' rewrite, the status log, the call's span and metrics,
+/// the edge.
 pub(crate) type GrpcRouter = tonic::transport::server::Router<
     Stack<
         EdgeLayer,
-        Stack<ObserveLayer, Stack<StatusLogLayer, Stack<GrpcWebLayer, Stack<CorsLayer, Identity>>>>,
+        Stack<
+            ObserveLayer,
+            Stack<
+                StatusLogLayer,
+                Stack<LegacyPathsLayer, Stack<GrpcWebLayer, Stack<CorsLayer, Identity>>>,
+            >,
+        >,
     >,
 >;
 
@@ -71,6 +79,12 @@ pub(crate) fn mount(
         grpc::compressed!(reflection().build_v1alpha().context("reflection v1alpha")?)
             .max_decoding_message_size(MAX_INFRA_REQUEST_BYTES);
 
+    // The wallet role serves the public WalletService and the internal
+    // StakeService (betting.internal.v1) side by side.
+    let stakes = services
+        .wallet
+        .clone()
+        .map(|s| grpc::stakes::server(s, auth.clone()));
     let wallet = services
         .wallet
         .map(|s| grpc::wallet::server(s, auth.clone()));
@@ -83,6 +97,7 @@ pub(crate) fn mount(
     let admin = services.admin.map(|s| grpc::admin::server(s, auth.clone()));
     let served = [
         name(&wallet),
+        name(&stakes),
         name(&betting),
         name(&settlement),
         name(&admin),
@@ -96,6 +111,9 @@ pub(crate) fn mount(
         .accept_http1(true)
         .layer(cors())
         .layer(GrpcWebLayer::new())
+        // Old callers of the internal RPCs' v1 paths, during a rolling
+        // upgrade (legacy.rs): before everything that reads the path.
+        .layer(LegacyPathsLayer)
         // The test suite's record of every error sent (inert unless
         // BETTING_TEST_STATUS_LOG is set); inside gRPC-Web, so it reads
         // plain gRPC headers and trailers.
@@ -114,6 +132,7 @@ pub(crate) fn mount(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_optional_service(wallet)
+        .add_optional_service(stakes)
         .add_optional_service(betting)
         .add_optional_service(settlement)
         .add_optional_service(admin);

@@ -2,7 +2,7 @@
 
 use betting_auth::AuthError;
 use betting_db::StoreError;
-use betting_domain::{ErrorCode, FieldViolation, InvalidRequest, ServiceError};
+use betting_domain::{ErrorCode, ErrorReason, FieldViolation, InvalidRequest, ServiceError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SettlementError {
@@ -45,16 +45,16 @@ impl ServiceError for SettlementError {
         }
     }
 
-    fn reason(&self) -> &'static str {
+    fn reason(&self) -> ErrorReason {
         match self {
             SettlementError::Invalid(e) => e.reason(),
             SettlementError::Auth(e) => e.reason(),
-            SettlementError::RoundNotFound => "ROUND_NOT_FOUND",
-            SettlementError::RoundExists(_) => "ROUND_EXISTS",
-            SettlementError::WrongState(_) => "ROUND_WRONG_STATE",
-            SettlementError::OtherOutcome => "ROUND_SETTLED_OTHERWISE",
+            SettlementError::RoundNotFound => ErrorReason::RoundNotFound,
+            SettlementError::RoundExists(_) => ErrorReason::RoundExists,
+            SettlementError::WrongState(_) => ErrorReason::RoundWrongState,
+            SettlementError::OtherOutcome => ErrorReason::RoundSettledOtherwise,
             SettlementError::Store(e) => e.reason(),
-            SettlementError::Internal(_) => "INTERNAL",
+            SettlementError::Internal(_) => ErrorReason::Internal,
         }
     }
 

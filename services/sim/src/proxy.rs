@@ -1,4 +1,4 @@
-//! A fault-injecting WalletService in front of the real one.
+//! A fault-injecting WalletService and StakeService in front of the real ones.
 //!
 //! The betting instances and the settlers reach the wallet through this proxy,
 //! exactly as a split deployment reaches it over the network. The schedule
@@ -12,10 +12,17 @@ use std::{
     time::Duration,
 };
 
-use betting_api::pb::{
-    self,
-    wallet_service_client::WalletServiceClient,
-    wallet_service_server::{WalletService, WalletServiceServer},
+use betting_api::{
+    pb::{
+        self,
+        wallet_service_client::WalletServiceClient,
+        wallet_service_server::{WalletService, WalletServiceServer},
+    },
+    pb_internal::{
+        self as pbi,
+        stake_service_client::StakeServiceClient,
+        stake_service_server::{StakeService, StakeServiceServer},
+    },
 };
 use tonic::{Request, Response, Status, transport::Channel};
 
@@ -83,36 +90,42 @@ impl FaultTable {
 #[derive(Clone)]
 pub struct FaultProxy {
     upstream: WalletServiceClient<Channel>,
+    stakes: StakeServiceClient<Channel>,
     faults: Arc<FaultTable>,
 }
 
 impl FaultProxy {
     pub fn new(upstream: Channel, faults: Arc<FaultTable>) -> Self {
         Self {
+            stakes: StakeServiceClient::new(upstream.clone()),
             upstream: WalletServiceClient::new(upstream),
             faults,
         }
     }
 
-    pub fn into_server(self) -> WalletServiceServer<Self> {
-        WalletServiceServer::new(self)
+    /// The two services the wallet role serves, both through the faults.
+    pub fn into_servers(self) -> (WalletServiceServer<Self>, StakeServiceServer<Self>) {
+        (
+            WalletServiceServer::new(self.clone()),
+            StakeServiceServer::new(self),
+        )
     }
 
     /// Forwards one call through whatever fault is armed for it.
-    async fn call<Req, Res, F, Fut>(
+    async fn call<C, Req, Res, F, Fut>(
         &self,
         rpc: Rpc,
         user: i64,
+        upstream: C,
         request: Request<Req>,
         forward: F,
     ) -> Result<Response<Res>, Status>
     where
-        F: FnOnce(WalletServiceClient<Channel>, Request<Req>) -> Fut,
+        F: FnOnce(C, Request<Req>) -> Fut,
         Fut: Future<Output = Result<Response<Res>, Status>>,
     {
         let fault = self.faults.take(rpc, user);
-        let upstream_request = upstream(request);
-        let upstream = self.upstream.clone();
+        let upstream_request = forwarded(request);
         match fault {
             None => forward(upstream, upstream_request).await,
             Some(Fault::FailBefore) => Err(Status::unavailable("injected: connection refused")),
@@ -130,7 +143,7 @@ impl FaultProxy {
 }
 
 /// The request to send on: the same message and the caller's bearer token.
-fn upstream<T>(request: Request<T>) -> Request<T> {
+fn forwarded<T>(request: Request<T>) -> Request<T> {
     let authorization = request.metadata().get("authorization").cloned();
     let mut upstream = Request::new(request.into_inner());
     if let Some(value) = authorization {
@@ -145,7 +158,7 @@ impl WalletService for FaultProxy {
         &self,
         request: Request<pb::GetWalletRequest>,
     ) -> Result<Response<pb::GetWalletResponse>, Status> {
-        self.upstream.clone().get_wallet(upstream(request)).await
+        self.upstream.clone().get_wallet(forwarded(request)).await
     }
 
     async fn deposit(
@@ -153,7 +166,7 @@ impl WalletService for FaultProxy {
         request: Request<pb::DepositRequest>,
     ) -> Result<Response<pb::DepositResponse>, Status> {
         let user = request.get_ref().user_id;
-        self.call(Rpc::Deposit, user, request, |mut c, r| async move {
+        self.call(Rpc::Deposit, user, self.upstream.clone(), request, |mut c, r| async move {
             c.deposit(r).await
         })
         .await
@@ -164,7 +177,7 @@ impl WalletService for FaultProxy {
         request: Request<pb::WithdrawRequest>,
     ) -> Result<Response<pb::WithdrawResponse>, Status> {
         let user = request.get_ref().user_id;
-        self.call(Rpc::Withdraw, user, request, |mut c, r| async move {
+        self.call(Rpc::Withdraw, user, self.upstream.clone(), request, |mut c, r| async move {
             c.withdraw(r).await
         })
         .await
@@ -178,13 +191,16 @@ impl WalletService for FaultProxy {
             "the simulation does not list entries",
         ))
     }
+}
 
+#[tonic::async_trait]
+impl StakeService for FaultProxy {
     async fn hold_stake(
         &self,
-        request: Request<pb::HoldStakeRequest>,
-    ) -> Result<Response<pb::HoldStakeResponse>, Status> {
+        request: Request<pbi::HoldStakeRequest>,
+    ) -> Result<Response<pbi::HoldStakeResponse>, Status> {
         let user = request.get_ref().user_id;
-        self.call(Rpc::HoldStake, user, request, |mut c, r| async move {
+        self.call(Rpc::HoldStake, user, self.stakes.clone(), request, |mut c, r| async move {
             c.hold_stake(r).await
         })
         .await
@@ -195,15 +211,15 @@ impl WalletService for FaultProxy {
     /// every hold it carries); the other users' faults stay armed.
     async fn hold_stakes(
         &self,
-        request: Request<pb::HoldStakesRequest>,
-    ) -> Result<Response<pb::HoldStakesResponse>, Status> {
+        request: Request<pbi::HoldStakesRequest>,
+    ) -> Result<Response<pbi::HoldStakesResponse>, Status> {
         let users: Vec<i64> = request.get_ref().holds.iter().map(|h| h.user_id).collect();
         let user = users
             .iter()
             .copied()
             .find(|&u| self.faults.armed(Rpc::HoldStake, u))
             .unwrap_or(0);
-        self.call(Rpc::HoldStake, user, request, |mut c, r| async move {
+        self.call(Rpc::HoldStake, user, self.stakes.clone(), request, |mut c, r| async move {
             c.hold_stakes(r).await
         })
         .await
@@ -213,8 +229,8 @@ impl WalletService for FaultProxy {
     /// strikes the whole call.
     async fn pay_winnings_batch(
         &self,
-        request: Request<pb::PayWinningsBatchRequest>,
-    ) -> Result<Response<pb::PayWinningsBatchResponse>, Status> {
+        request: Request<pbi::PayWinningsBatchRequest>,
+    ) -> Result<Response<pbi::PayWinningsBatchResponse>, Status> {
         let user = request
             .get_ref()
             .payouts
@@ -222,7 +238,7 @@ impl WalletService for FaultProxy {
             .map(|p| p.user_id)
             .find(|&u| self.faults.armed(Rpc::PayWinnings, u))
             .unwrap_or(0);
-        self.call(Rpc::PayWinnings, user, request, |mut c, r| async move {
+        self.call(Rpc::PayWinnings, user, self.stakes.clone(), request, |mut c, r| async move {
             c.pay_winnings_batch(r).await
         })
         .await
@@ -230,10 +246,10 @@ impl WalletService for FaultProxy {
 
     async fn refund_stake(
         &self,
-        request: Request<pb::RefundStakeRequest>,
-    ) -> Result<Response<pb::RefundStakeResponse>, Status> {
+        request: Request<pbi::RefundStakeRequest>,
+    ) -> Result<Response<pbi::RefundStakeResponse>, Status> {
         let user = request.get_ref().user_id;
-        self.call(Rpc::RefundStake, user, request, |mut c, r| async move {
+        self.call(Rpc::RefundStake, user, self.stakes.clone(), request, |mut c, r| async move {
             c.refund_stake(r).await
         })
         .await
@@ -241,10 +257,10 @@ impl WalletService for FaultProxy {
 
     async fn pay_winnings(
         &self,
-        request: Request<pb::PayWinningsRequest>,
-    ) -> Result<Response<pb::PayWinningsResponse>, Status> {
+        request: Request<pbi::PayWinningsRequest>,
+    ) -> Result<Response<pbi::PayWinningsResponse>, Status> {
         let user = request.get_ref().user_id;
-        self.call(Rpc::PayWinnings, user, request, |mut c, r| async move {
+        self.call(Rpc::PayWinnings, user, self.stakes.clone(), request, |mut c, r| async move {
             c.pay_winnings(r).await
         })
         .await

@@ -107,8 +107,10 @@ impl World {
         let proxy_addr = listener.local_addr()?;
         let proxy_task = tokio::spawn(async move {
             let incoming = tokio_stream_listener(listener);
+            let (wallet_proxy, stakes_proxy) = proxy.into_servers();
             let _ = Server::builder()
-                .add_service(proxy.into_server())
+                .add_service(wallet_proxy)
+                .add_service(stakes_proxy)
                 .serve_with_incoming(incoming)
                 .await;
         });

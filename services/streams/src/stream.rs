@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use betting_domain::{ErrorCode, ServiceError};
+use betting_domain::{ErrorCode, ErrorReason, ServiceError};
 use tokio::sync::mpsc;
 use tonic::Status;
 
@@ -41,12 +41,12 @@ impl ServiceError for StreamEnd {
         }
     }
 
-    fn reason(&self) -> &'static str {
+    fn reason(&self) -> ErrorReason {
         match self {
-            StreamEnd::ShuttingDown => "SHUTTING_DOWN",
-            StreamEnd::TokenExpired => "UNAUTHENTICATED",
-            StreamEnd::TooSlow => "STREAM_TOO_SLOW",
-            StreamEnd::FeedEnded => "STREAM_ENDED",
+            StreamEnd::ShuttingDown => ErrorReason::ShuttingDown,
+            StreamEnd::TokenExpired => ErrorReason::Unauthenticated,
+            StreamEnd::TooSlow => ErrorReason::StreamTooSlow,
+            StreamEnd::FeedEnded => ErrorReason::StreamEnded,
         }
     }
 }

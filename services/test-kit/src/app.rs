@@ -10,9 +10,13 @@
 
 use std::time::Duration;
 
-use betting_api::pb::{
-    self, betting_service_client::BettingServiceClient,
-    settlement_service_client::SettlementServiceClient, wallet_service_client::WalletServiceClient,
+use betting_api::{
+    pb::{
+        self, betting_service_client::BettingServiceClient,
+        settlement_service_client::SettlementServiceClient,
+        wallet_service_client::WalletServiceClient,
+    },
+    pb_internal::stake_service_client::StakeServiceClient,
 };
 use betting_auth::{Role, TokenMinter};
 use betting_bets::BettingService;
@@ -225,7 +229,7 @@ impl TestApp {
         self.token_for(Role::Game)
     }
 
-    /// Our own processes: HoldStake, RefundStake, PayWinnings.
+    /// Our own processes: StakeService (HoldStake, RefundStake, PayWinnings).
     pub fn service_token(&self) -> String {
         self.token_for(Role::Service)
     }
@@ -237,6 +241,11 @@ impl TestApp {
 
     pub fn wallet(&self) -> WalletServiceClient<Channel> {
         WalletServiceClient::new(self.channel.clone())
+    }
+
+    /// The wallet role's internal StakeService (betting.internal.v1).
+    pub fn stakes(&self) -> StakeServiceClient<Channel> {
+        StakeServiceClient::new(self.channel.clone())
     }
 
     pub fn bets(&self) -> BettingServiceClient<Channel> {

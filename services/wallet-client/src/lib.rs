@@ -1,5 +1,6 @@
-//! The suite's view of WalletService: a gRPC client that authenticates as a
-//! backend and sorts the wallet's answers into "refused" and "try again".
+//! The suite's view of the wallet's internal StakeService
+//! (`betting.internal.v1`): a gRPC client that authenticates as a service
+//! and sorts the wallet's answers into "refused" and "try again".
 //!
 //! Betting holds stakes through it, the refund runner returns them and the
 //! settler pays winners. Every call carries the movement's idempotency key
@@ -10,7 +11,9 @@
 
 use std::time::Duration;
 
-use betting_api::{pb, pb::wallet_service_client::WalletServiceClient, reason_of};
+use betting_api::{
+    pb, pb_internal as pbi, pb_internal::stake_service_client::StakeServiceClient, reason_of,
+};
 use betting_auth::ServiceCredentials;
 use betting_domain::{Amount, BetId, IdempotencyKey, MatchId, UserId};
 use rust_decimal::Decimal;
@@ -98,7 +101,7 @@ pub enum Hold {
 
 #[derive(Clone)]
 pub struct WalletClient {
-    inner: WalletServiceClient<InterceptedService<Channel, ServiceCredentials>>,
+    inner: StakeServiceClient<InterceptedService<Channel, ServiceCredentials>>,
 }
 
 impl WalletClient {
@@ -131,7 +134,7 @@ impl WalletClient {
             .tcp_nodelay(true)
             .connect_lazy();
         Ok(Self {
-            inner: WalletServiceClient::with_interceptor(channel, credentials),
+            inner: StakeServiceClient::with_interceptor(channel, credentials),
         })
     }
 
@@ -145,7 +148,7 @@ impl WalletClient {
         let response = self
             .inner
             .clone()
-            .hold_stake(within_deadline(pb::HoldStakeRequest {
+            .hold_stake(within_deadline(pbi::HoldStakeRequest {
                 user_id: user.get(),
                 amount: amount.to_string(),
                 idempotency_key: IdempotencyKey::stake(bet).to_string(),
@@ -167,10 +170,10 @@ impl WalletClient {
         let response = self
             .inner
             .clone()
-            .hold_stakes(within_deadline(pb::HoldStakesRequest {
+            .hold_stakes(within_deadline(pbi::HoldStakesRequest {
                 holds: holds
                     .iter()
-                    .map(|&(user, amount, bet)| pb::HoldStakeRequest {
+                    .map(|&(user, amount, bet)| pbi::HoldStakeRequest {
                         user_id: user.get(),
                         amount: amount.to_string(),
                         idempotency_key: IdempotencyKey::stake(bet).to_string(),
@@ -197,7 +200,7 @@ impl WalletClient {
         let response = self
             .inner
             .clone()
-            .refund_stake(within_deadline(pb::RefundStakeRequest {
+            .refund_stake(within_deadline(pbi::RefundStakeRequest {
                 user_id: user.get(),
                 amount: amount.to_string(),
                 idempotency_key: IdempotencyKey::refund(bet).to_string(),
@@ -221,7 +224,7 @@ impl WalletClient {
         let response = self
             .inner
             .clone()
-            .pay_winnings(within_deadline(pb::PayWinningsRequest {
+            .pay_winnings(within_deadline(pbi::PayWinningsRequest {
                 user_id: winner.get(),
                 amount: payout.to_string(),
                 idempotency_key: IdempotencyKey::settle(matched).to_string(),
@@ -246,10 +249,10 @@ impl WalletClient {
         let response = self
             .inner
             .clone()
-            .pay_winnings_batch(within_deadline(pb::PayWinningsBatchRequest {
+            .pay_winnings_batch(within_deadline(pbi::PayWinningsBatchRequest {
                 payouts: payouts
                     .iter()
-                    .map(|&(winner, payout, matched, bets)| pb::PayWinningsRequest {
+                    .map(|&(winner, payout, matched, bets)| pbi::PayWinningsRequest {
                         user_id: winner.get(),
                         amount: payout.to_string(),
                         idempotency_key: IdempotencyKey::settle(matched).to_string(),
@@ -267,7 +270,7 @@ impl WalletClient {
         Ok(outcomes
             .into_iter()
             .map(|outcome| {
-                use pb::payout_outcome::Outcome;
+                use pbi::payout_outcome::Outcome;
                 match outcome.outcome {
                     Some(Outcome::Paid(paid)) => balance_of(paid.wallet),
                     Some(Outcome::Refused(r)) => Err(WalletCallError::from_status(
@@ -304,8 +307,8 @@ fn within_deadline<T>(message: T) -> tonic::Request<T> {
 
 /// One hold's outcome, sorted like a HoldStake's answer: a refusal keeps
 /// its code and reason, so `is_insufficient_funds` reads it the same.
-fn hold_outcome(outcome: pb::HoldStakeOutcome) -> Hold {
-    use pb::hold_stake_outcome::Outcome;
+fn hold_outcome(outcome: pbi::HoldStakeOutcome) -> Hold {
+    use pbi::hold_stake_outcome::Outcome;
     match outcome.outcome {
         Some(Outcome::Held(held)) => match balance_of(held.wallet) {
             Ok(balance) => Hold::Held(balance),

@@ -2,7 +2,7 @@
 
 use betting_auth::AuthError;
 use betting_db::StoreError;
-use betting_domain::{ErrorCode, FieldViolation, InvalidRequest, ServiceError};
+use betting_domain::{ErrorCode, ErrorReason, FieldViolation, InvalidRequest, ServiceError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WalletError {
@@ -62,7 +62,7 @@ impl WalletError {
             | WalletError::BalanceLimit
             | WalletError::NoMatchingStake
             | WalletError::AlreadyPaid
-            | WalletError::AlreadyRefunded => Some(self.reason()),
+            | WalletError::AlreadyRefunded => Some(self.reason().as_str()),
             _ => None,
         }
     }
@@ -86,19 +86,19 @@ impl ServiceError for WalletError {
         }
     }
 
-    fn reason(&self) -> &'static str {
+    fn reason(&self) -> ErrorReason {
         match self {
             WalletError::Invalid(e) => e.reason(),
             WalletError::Auth(e) => e.reason(),
-            WalletError::InsufficientFunds => "INSUFFICIENT_FUNDS",
-            WalletError::BalanceLimit => "BALANCE_LIMIT",
-            WalletError::IdempotencyConflict => "IDEMPOTENCY_KEY_REUSED",
-            WalletError::NoMatchingStake => "NO_MATCHING_STAKE",
-            WalletError::AlreadyPaid => "ALREADY_PAID",
-            WalletError::AlreadyRefunded => "ALREADY_REFUNDED",
-            WalletError::Busy(_) => "USER_BUSY",
-            WalletError::RefundNotDue(_) => "REFUND_NOT_DUE",
-            WalletError::PayoutNotDue(_) => "PAYOUT_NOT_DUE",
+            WalletError::InsufficientFunds => ErrorReason::InsufficientFunds,
+            WalletError::BalanceLimit => ErrorReason::BalanceLimit,
+            WalletError::IdempotencyConflict => ErrorReason::IdempotencyKeyReused,
+            WalletError::NoMatchingStake => ErrorReason::NoMatchingStake,
+            WalletError::AlreadyPaid => ErrorReason::AlreadyPaid,
+            WalletError::AlreadyRefunded => ErrorReason::AlreadyRefunded,
+            WalletError::Busy(_) => ErrorReason::UserBusy,
+            WalletError::RefundNotDue(_) => ErrorReason::RefundNotDue,
+            WalletError::PayoutNotDue(_) => ErrorReason::PayoutNotDue,
             WalletError::Store(e) => e.reason(),
         }
     }

@@ -222,7 +222,7 @@ impl Ledger {
             } else {
                 WalletError::InsufficientFunds
             };
-            record_refusal(&mut tx, t, refusal.reason()).await?;
+            record_refusal(&mut tx, t, refusal.reason().as_str()).await?;
             tx.commit().await?;
             return Err(refusal);
         };

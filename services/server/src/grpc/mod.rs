@@ -11,7 +11,7 @@
 /// 4 MiB would let any caller make the server buffer 4 MiB per stream.
 pub(crate) const MAX_REQUEST_BYTES: usize = 16 * 1024;
 
-/// WalletService's limit: its HoldStakes carries up to
+/// StakeService's limit (and WalletService's): its HoldStakes carries up to
 /// `betting_wallet::MAX_HOLDS_PER_CALL` (256) holds of about 120 bytes each.
 /// Only the service role may call it, but every caller's message is decoded
 /// before the handler checks the role, so it stays bounded.
@@ -43,4 +43,5 @@ pub(crate) use compressed;
 pub(crate) mod admin;
 pub(crate) mod betting;
 pub(crate) mod settlement;
+pub(crate) mod stakes;
 pub(crate) mod wallet;

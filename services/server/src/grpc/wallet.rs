@@ -1,4 +1,5 @@
-//! WalletService over gRPC: the adapter of [`betting_wallet::WalletService`].
+//! WalletService over gRPC: the adapter of [`betting_wallet::WalletService`]
+//! for the public RPCs (the internal ones are [`super::stakes`]').
 
 use betting_api::{
     Replayable, convert, pb,
@@ -7,7 +8,7 @@ use betting_api::{
 };
 use betting_auth::{AuthInterceptor, Principal};
 use betting_domain::{InvalidRequest, Violations, format_money};
-use betting_wallet::{Entry, PayoutAsk, Posted, StakeHold, WalletError, WalletService, WalletView};
+use betting_wallet::{Entry, Posted, WalletService, WalletView};
 use tonic::{Request, Response, Status, service::interceptor::InterceptedService};
 
 /// The generated trait's implementation for [`WalletService`].
@@ -24,7 +25,7 @@ pub(crate) fn server(
     InterceptedService::new(server, auth)
 }
 
-fn wallet_pb(w: &WalletView) -> pb::Wallet {
+pub(super) fn wallet_pb(w: &WalletView) -> pb::Wallet {
     pb::Wallet {
         user_id: w.user_id,
         balance: format_money(w.balance),
@@ -32,7 +33,7 @@ fn wallet_pb(w: &WalletView) -> pb::Wallet {
     }
 }
 
-fn entry_pb(e: &Entry) -> pb::LedgerEntry {
+pub(super) fn entry_pb(e: &Entry) -> pb::LedgerEntry {
     pb::LedgerEntry {
         entry_id: e.entry_id,
         transfer_id: e.transfer_id.to_string(),
@@ -50,7 +51,7 @@ fn entry_pb(e: &Entry) -> pb::LedgerEntry {
 /// A posted movement as an answer: the entry and the wallet right after,
 /// marked as a replay when the key had been seen (the body of a replay is
 /// exactly the original's).
-fn moved<T>(
+pub(super) fn moved<T>(
     posted: Posted,
     body: impl FnOnce(Option<pb::LedgerEntry>, Option<pb::Wallet>) -> T,
 ) -> Replayable<T> {
@@ -60,55 +61,6 @@ fn moved<T>(
             Some(wallet_pb(&posted.wallet)),
         ),
         replayed: posted.replayed,
-    }
-}
-
-/// A refused movement of a batch, as the lone call would have refused it
-/// (through the one status mapping, so a refusal reads the same in both).
-fn refusal_pb(e: &WalletError) -> pb::MovementRefusal {
-    let status = betting_api::to_status(e);
-    pb::MovementRefusal {
-        code: status.code() as i32,
-        reason: betting_api::reason_of(&status).unwrap_or_default(),
-        message: status.message().to_owned(),
-    }
-}
-
-/// One hold's answer in a HoldStakes response: what HoldStake would have
-/// answered.
-fn hold_outcome(answer: Result<Posted, WalletError>) -> pb::HoldStakeOutcome {
-    use pb::hold_stake_outcome::Outcome;
-    match answer {
-        Ok(posted) => pb::HoldStakeOutcome {
-            replayed: posted.replayed,
-            outcome: Some(Outcome::Held(pb::HoldStakeResponse {
-                entry: Some(entry_pb(&posted.entry)),
-                wallet: Some(wallet_pb(&posted.wallet)),
-            })),
-        },
-        Err(e) => pb::HoldStakeOutcome {
-            replayed: false,
-            outcome: Some(Outcome::Refused(refusal_pb(&e))),
-        },
-    }
-}
-
-/// One payout's answer in a PayWinningsBatch response: what PayWinnings
-/// would have answered.
-fn payout_outcome(answer: Result<Posted, WalletError>) -> pb::PayoutOutcome {
-    use pb::payout_outcome::Outcome;
-    match answer {
-        Ok(posted) => pb::PayoutOutcome {
-            replayed: posted.replayed,
-            outcome: Some(Outcome::Paid(pb::PayWinningsResponse {
-                entry: Some(entry_pb(&posted.entry)),
-                wallet: Some(wallet_pb(&posted.wallet)),
-            })),
-        },
-        Err(e) => pb::PayoutOutcome {
-            replayed: false,
-            outcome: Some(Outcome::Refused(refusal_pb(&e))),
-        },
     }
 }
 
@@ -210,127 +162,5 @@ impl WalletApi for WalletGrpc {
                 next_page_token,
             }
         }))
-    }
-
-    #[tracing::instrument(skip_all, fields(bet_id = %request.get_ref().bet_id))]
-    async fn hold_stake(
-        &self,
-        request: Request<pb::HoldStakeRequest>,
-    ) -> Result<Response<pb::HoldStakeResponse>, Status> {
-        let principal = Principal::caller(&request)?;
-        let r = request.get_ref();
-        let posted = self
-            .0
-            .hold_stake(
-                &principal,
-                r.user_id,
-                &r.amount,
-                &r.idempotency_key,
-                &r.bet_id,
-            )
-            .await;
-        respond_replayable(
-            posted.map(|p| moved(p, |entry, wallet| pb::HoldStakeResponse { entry, wallet })),
-        )
-    }
-
-    #[tracing::instrument(skip_all, fields(holds = request.get_ref().holds.len()))]
-    async fn hold_stakes(
-        &self,
-        request: Request<pb::HoldStakesRequest>,
-    ) -> Result<Response<pb::HoldStakesResponse>, Status> {
-        let principal = Principal::caller(&request)?;
-        let holds: Vec<StakeHold<'_>> = request
-            .get_ref()
-            .holds
-            .iter()
-            .map(|h| StakeHold {
-                user_id: h.user_id,
-                amount: &h.amount,
-                key: &h.idempotency_key,
-                bet_id: &h.bet_id,
-            })
-            .collect();
-        let outcomes =
-            self.0
-                .hold_stakes(&principal, &holds)
-                .await
-                .map(|answers| pb::HoldStakesResponse {
-                    outcomes: answers.into_iter().map(hold_outcome).collect(),
-                });
-        respond(outcomes)
-    }
-
-    #[tracing::instrument(skip_all, fields(payouts = request.get_ref().payouts.len()))]
-    async fn pay_winnings_batch(
-        &self,
-        request: Request<pb::PayWinningsBatchRequest>,
-    ) -> Result<Response<pb::PayWinningsBatchResponse>, Status> {
-        let principal = Principal::caller(&request)?;
-        let asks: Vec<PayoutAsk<'_>> = request
-            .get_ref()
-            .payouts
-            .iter()
-            .map(|p| PayoutAsk {
-                user_id: p.user_id,
-                amount: &p.amount,
-                match_id: &p.match_id,
-                key: &p.idempotency_key,
-                bet_ids: &p.bet_ids,
-            })
-            .collect();
-        let outcomes = self
-            .0
-            .pay_winnings_batch(&principal, &asks)
-            .await
-            .map(|answers| pb::PayWinningsBatchResponse {
-                outcomes: answers.into_iter().map(payout_outcome).collect(),
-            });
-        respond(outcomes)
-    }
-
-    #[tracing::instrument(skip_all, fields(bet_id = %request.get_ref().bet_id))]
-    async fn refund_stake(
-        &self,
-        request: Request<pb::RefundStakeRequest>,
-    ) -> Result<Response<pb::RefundStakeResponse>, Status> {
-        let principal = Principal::caller(&request)?;
-        let r = request.get_ref();
-        let posted = self
-            .0
-            .refund_stake(
-                &principal,
-                r.user_id,
-                &r.amount,
-                &r.idempotency_key,
-                &r.bet_id,
-            )
-            .await;
-        respond_replayable(
-            posted.map(|p| moved(p, |entry, wallet| pb::RefundStakeResponse { entry, wallet })),
-        )
-    }
-
-    #[tracing::instrument(skip_all, fields(match_id = %request.get_ref().match_id))]
-    async fn pay_winnings(
-        &self,
-        request: Request<pb::PayWinningsRequest>,
-    ) -> Result<Response<pb::PayWinningsResponse>, Status> {
-        let principal = Principal::caller(&request)?;
-        let r = request.get_ref();
-        let posted = self
-            .0
-            .pay_winnings(
-                &principal,
-                r.user_id,
-                &r.amount,
-                &r.match_id,
-                &r.idempotency_key,
-                &r.bet_ids,
-            )
-            .await;
-        respond_replayable(
-            posted.map(|p| moved(p, |entry, wallet| pb::PayWinningsResponse { entry, wallet })),
-        )
     }
 }

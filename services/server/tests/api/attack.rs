@@ -5,7 +5,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use betting_api::{IDEMPOTENT_REPLAYED, pb};
+use betting_api::{IDEMPOTENT_REPLAYED, pb, pb_internal as pbi};
 use betting_auth::{ServiceCredentials, TokenMinter};
 use betting_bets::matcher::Matcher;
 use betting_queue::{Queue, QueueSettings, Worker, WorkerSettings};
@@ -210,9 +210,9 @@ async fn attack_a_payout_past_the_balance_backstop_is_parked_visibly() {
     let paid = settler.settle(match_id).await;
     // What the wallet itself answers to the payout.
     let direct = app
-        .wallet()
+        .stakes()
         .pay_winnings(authed(
-            pb::PayWinningsRequest {
+            pbi::PayWinningsRequest {
                 user_id: 1,
                 amount: "20".into(),
                 idempotency_key: format!("SETTLE:{match_id}"),
@@ -270,9 +270,9 @@ async fn attack_pay_winnings_replay_ignores_which_bets_it_pays() {
     // here: the matches stay unpaid for the test to pay by hand).
     app.settle_round("r", pb::Side::A).await.expect("settle");
     let pay = |bets: Vec<String>| {
-        let mut wallet = app.wallet();
+        let mut wallet = app.stakes();
         let request = authed(
-            pb::PayWinningsRequest {
+            pbi::PayWinningsRequest {
                 user_id: 1,
                 amount: "20".into(),
                 idempotency_key: format!("SETTLE:{match_id}"),
@@ -314,9 +314,9 @@ async fn attack_a_refused_refund_is_not_the_answer_for_its_key() {
     app.deposit(1, "10").await;
     let bet = Uuid::now_v7().to_string();
     let refund = || {
-        let mut wallet = app.wallet();
+        let mut wallet = app.stakes();
         let request = authed(
-            pb::RefundStakeRequest {
+            pbi::RefundStakeRequest {
                 user_id: 1,
                 amount: "10".into(),
                 idempotency_key: format!("REFUND:{bet}"),
@@ -330,9 +330,9 @@ async fn attack_a_refused_refund_is_not_the_answer_for_its_key() {
     assert_eq!(first.code(), Code::FailedPrecondition);
     assert_eq!(reason(&first), "NO_MATCHING_STAKE");
 
-    app.wallet()
+    app.stakes()
         .hold_stake(authed(
-            pb::HoldStakeRequest {
+            pbi::HoldStakeRequest {
                 user_id: 1,
                 amount: "10".into(),
                 idempotency_key: format!("BET:{bet}"),

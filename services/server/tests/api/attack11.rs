@@ -10,7 +10,7 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use betting_api::pb;
+use betting_api::{pb, pb_internal as pbi};
 use betting_auth::{ServiceCredentials, TokenMinter};
 use betting_bets::{matcher::Matcher, recovery::RecoverySettings};
 use betting_jobs::{JobKind, SettleRoundJob};
@@ -187,8 +187,8 @@ async fn refuse_payout(app: &TestApp, p: &Pair, stake: &str) {
 }
 
 /// The payout a settler asks for a pair (its A side won).
-fn payout(p: &Pair, stake: &str) -> pb::PayWinningsRequest {
-    pb::PayWinningsRequest {
+fn payout(p: &Pair, stake: &str) -> pbi::PayWinningsRequest {
+    pbi::PayWinningsRequest {
         user_id: p.user_a,
         amount: (dec(stake) * Decimal::TWO).to_string(),
         idempotency_key: format!("SETTLE:{}", p.match_id),
@@ -197,10 +197,10 @@ fn payout(p: &Pair, stake: &str) -> pb::PayWinningsRequest {
     }
 }
 
-async fn pay_batch(app: &TestApp, payouts: Vec<pb::PayWinningsRequest>) -> Vec<pb::PayoutOutcome> {
-    app.wallet()
+async fn pay_batch(app: &TestApp, payouts: Vec<pbi::PayWinningsRequest>) -> Vec<pbi::PayoutOutcome> {
+    app.stakes()
         .pay_winnings_batch(authed(
-            pb::PayWinningsBatchRequest { payouts },
+            pbi::PayWinningsBatchRequest { payouts },
             &app.service_token(),
         ))
         .await
@@ -210,18 +210,18 @@ async fn pay_batch(app: &TestApp, payouts: Vec<pb::PayWinningsRequest>) -> Vec<p
 }
 
 /// An outcome as (paid, replayed, refusal reason).
-fn outcome(o: &pb::PayoutOutcome) -> (bool, bool, String) {
+fn outcome(o: &pbi::PayoutOutcome) -> (bool, bool, String) {
     match &o.outcome {
-        Some(pb::payout_outcome::Outcome::Paid(_)) => (true, o.replayed, String::new()),
-        Some(pb::payout_outcome::Outcome::Refused(r)) => (false, false, r.reason.clone()),
+        Some(pbi::payout_outcome::Outcome::Paid(_)) => (true, o.replayed, String::new()),
+        Some(pbi::payout_outcome::Outcome::Refused(r)) => (false, false, r.reason.clone()),
         None => panic!("an outcome without a body: {o:?}"),
     }
 }
 
-fn hold_outcome(o: &pb::HoldStakeOutcome) -> (bool, bool, String) {
+fn hold_outcome(o: &pbi::HoldStakeOutcome) -> (bool, bool, String) {
     match &o.outcome {
-        Some(pb::hold_stake_outcome::Outcome::Held(_)) => (true, o.replayed, String::new()),
-        Some(pb::hold_stake_outcome::Outcome::Refused(r)) => (false, false, r.reason.clone()),
+        Some(pbi::hold_stake_outcome::Outcome::Held(_)) => (true, o.replayed, String::new()),
+        Some(pbi::hold_stake_outcome::Outcome::Refused(r)) => (false, false, r.reason.clone()),
         None => panic!("an outcome without a body: {o:?}"),
     }
 }
@@ -943,16 +943,16 @@ async fn attack11_repeated_stake_keys_in_and_across_batches_hold_once() {
     for user in [1, 2, 3] {
         app.genesis(user, dec("10")).await;
     }
-    let hold = |user: i64, amount: &str, bet: Uuid| pb::HoldStakeRequest {
+    let hold = |user: i64, amount: &str, bet: Uuid| pbi::HoldStakeRequest {
         user_id: user,
         amount: amount.into(),
         idempotency_key: format!("BET:{bet}"),
         bet_id: bet.to_string(),
     };
-    let hold_stakes = async |holds: Vec<pb::HoldStakeRequest>| {
-        app.wallet()
+    let hold_stakes = async |holds: Vec<pbi::HoldStakeRequest>| {
+        app.stakes()
             .hold_stakes(authed(
-                pb::HoldStakesRequest { holds },
+                pbi::HoldStakesRequest { holds },
                 &app.service_token(),
             ))
             .await

@@ -2,7 +2,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use betting_api::pb;
+use betting_api::{pb, pb_internal as pbi};
 use betting_auth::{Claims, Role, TokenMinter};
 use tonic::{Code, Request};
 
@@ -124,9 +124,9 @@ async fn players_cannot_move_money_or_run_rounds() {
         Code::PermissionDenied,
     );
     expect_code(
-        app.wallet()
+        app.stakes()
             .hold_stake(authed(
-                pb::HoldStakeRequest {
+                pbi::HoldStakeRequest {
                     user_id: 43,
                     amount: "1".into(),
                     idempotency_key: "BET:x".into(),
@@ -138,9 +138,9 @@ async fn players_cannot_move_money_or_run_rounds() {
         Code::PermissionDenied,
     );
     expect_code(
-        app.wallet()
+        app.stakes()
             .refund_stake(authed(
-                pb::RefundStakeRequest {
+                pbi::RefundStakeRequest {
                     user_id: 42,
                     amount: "1".into(),
                     idempotency_key: "REFUND:x".into(),

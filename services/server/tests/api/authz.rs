@@ -8,7 +8,7 @@
 //! `tonic::client::Grpc`), so the test knows nothing of the generated
 //! clients: what the descriptors list is what it calls.
 
-use betting_api::pb;
+use betting_api::{pb, pb_internal as pbi};
 use betting_test_kit::TestApp;
 use prost::{
     Message,
@@ -101,18 +101,18 @@ const MATRIX: &[(&str, [Outcome; 7])] = &[
         "betting.v1.WalletService/ListLedgerEntries",
         [U, A, D, D, D, A, A],
     ),
-    ("betting.v1.WalletService/HoldStake", [U, D, D, A, D, D, D]),
-    ("betting.v1.WalletService/HoldStakes", [U, D, D, A, D, D, D]),
+    ("betting.internal.v1.StakeService/HoldStake", [U, D, D, A, D, D, D]),
+    ("betting.internal.v1.StakeService/HoldStakes", [U, D, D, A, D, D, D]),
     (
-        "betting.v1.WalletService/RefundStake",
+        "betting.internal.v1.StakeService/RefundStake",
         [U, D, D, A, D, D, D],
     ),
     (
-        "betting.v1.WalletService/PayWinnings",
+        "betting.internal.v1.StakeService/PayWinnings",
         [U, D, D, A, D, D, D],
     ),
     (
-        "betting.v1.WalletService/PayWinningsBatch",
+        "betting.internal.v1.StakeService/PayWinningsBatch",
         [U, D, D, A, D, D, D],
     ),
 ];
@@ -266,15 +266,15 @@ fn request_for(method: &str, fixture: &Fixture) -> Vec<u8> {
             ..Default::default()
         }
         .encode_to_vec(),
-        "HoldStake" => pb::HoldStakeRequest {
+        "HoldStake" => pbi::HoldStakeRequest {
             user_id: OWNER,
             amount: "1".into(),
             idempotency_key: format!("BET:{bet}"),
             bet_id: bet,
         }
         .encode_to_vec(),
-        "HoldStakes" => pb::HoldStakesRequest {
-            holds: vec![pb::HoldStakeRequest {
+        "HoldStakes" => pbi::HoldStakesRequest {
+            holds: vec![pbi::HoldStakeRequest {
                 user_id: OWNER,
                 amount: "1".into(),
                 idempotency_key: format!("BET:{bet}"),
@@ -282,7 +282,7 @@ fn request_for(method: &str, fixture: &Fixture) -> Vec<u8> {
             }],
         }
         .encode_to_vec(),
-        "RefundStake" => pb::RefundStakeRequest {
+        "RefundStake" => pbi::RefundStakeRequest {
             user_id: OWNER,
             amount: "1".into(),
             idempotency_key: format!("REFUND:{}", fixture.bet_id),
@@ -291,7 +291,7 @@ fn request_for(method: &str, fixture: &Fixture) -> Vec<u8> {
         .encode_to_vec(),
         "PayWinnings" => {
             let matched = Uuid::now_v7();
-            pb::PayWinningsRequest {
+            pbi::PayWinningsRequest {
                 user_id: OWNER,
                 amount: "2".into(),
                 idempotency_key: format!("SETTLE:{matched}"),
@@ -302,8 +302,8 @@ fn request_for(method: &str, fixture: &Fixture) -> Vec<u8> {
         }
         "PayWinningsBatch" => {
             let matched = Uuid::now_v7();
-            pb::PayWinningsBatchRequest {
-                payouts: vec![pb::PayWinningsRequest {
+            pbi::PayWinningsBatchRequest {
+                payouts: vec![pbi::PayWinningsRequest {
                     user_id: OWNER,
                     amount: "2".into(),
                     idempotency_key: format!("SETTLE:{matched}"),

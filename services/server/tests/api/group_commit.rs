@@ -3,15 +3,15 @@
 //! hold of a HoldStakes call is answered as a lone HoldStake would be, and
 //! concurrent PlaceBets batched together each keep their own answer.
 
-use betting_api::pb;
+use betting_api::{pb, pb_internal as pbi};
 use rust_decimal::Decimal;
 use tonic::Code;
 use uuid::Uuid;
 
 use betting_test_kit::{TestApp, authed, dec};
 
-fn hold(user: i64, amount: &str, bet: Uuid) -> pb::HoldStakeRequest {
-    pb::HoldStakeRequest {
+fn hold(user: i64, amount: &str, bet: Uuid) -> pbi::HoldStakeRequest {
+    pbi::HoldStakeRequest {
         user_id: user,
         amount: amount.into(),
         idempotency_key: format!("BET:{bet}"),
@@ -19,10 +19,10 @@ fn hold(user: i64, amount: &str, bet: Uuid) -> pb::HoldStakeRequest {
     }
 }
 
-async fn hold_stakes(app: &TestApp, holds: Vec<pb::HoldStakeRequest>) -> Vec<pb::HoldStakeOutcome> {
-    app.wallet()
+async fn hold_stakes(app: &TestApp, holds: Vec<pbi::HoldStakeRequest>) -> Vec<pbi::HoldStakeOutcome> {
+    app.stakes()
         .hold_stakes(authed(
-            pb::HoldStakesRequest { holds },
+            pbi::HoldStakesRequest { holds },
             &app.service_token(),
         ))
         .await
@@ -31,18 +31,18 @@ async fn hold_stakes(app: &TestApp, holds: Vec<pb::HoldStakeRequest>) -> Vec<pb:
         .outcomes
 }
 
-fn held_balance(outcome: &pb::HoldStakeOutcome) -> Option<Decimal> {
+fn held_balance(outcome: &pbi::HoldStakeOutcome) -> Option<Decimal> {
     match &outcome.outcome {
-        Some(pb::hold_stake_outcome::Outcome::Held(held)) => {
+        Some(pbi::hold_stake_outcome::Outcome::Held(held)) => {
             held.wallet.as_ref().and_then(|w| w.balance.parse().ok())
         }
         _ => None,
     }
 }
 
-fn refusal(outcome: &pb::HoldStakeOutcome) -> Option<(i32, String)> {
+fn refusal(outcome: &pbi::HoldStakeOutcome) -> Option<(i32, String)> {
     match &outcome.outcome {
-        Some(pb::hold_stake_outcome::Outcome::Refused(r)) => Some((r.code, r.reason.clone())),
+        Some(pbi::hold_stake_outcome::Outcome::Refused(r)) => Some((r.code, r.reason.clone())),
         _ => None,
     }
 }
@@ -102,7 +102,7 @@ async fn each_hold_of_a_batch_gets_its_own_answer() {
     // refusals included, whatever the balance is now.
     app.deposit(2, "10").await;
     let single = app
-        .wallet()
+        .stakes()
         .hold_stake(authed(hold(2, "5", b1), &app.service_token()))
         .await
         .expect_err("the recorded refusal");
@@ -130,18 +130,18 @@ async fn a_batch_refuses_what_no_single_hold_would_take() {
     // Too many holds, none: refused as a whole, nothing moved.
     let holds: Vec<_> = (0..257).map(|_| hold(1, "1", Uuid::now_v7())).collect();
     let status = app
-        .wallet()
+        .stakes()
         .hold_stakes(authed(
-            pb::HoldStakesRequest { holds },
+            pbi::HoldStakesRequest { holds },
             &app.service_token(),
         ))
         .await
         .expect_err("too many");
     assert_eq!(status.code(), Code::InvalidArgument);
     let status = app
-        .wallet()
+        .stakes()
         .hold_stakes(authed(
-            pb::HoldStakesRequest { holds: Vec::new() },
+            pbi::HoldStakesRequest { holds: Vec::new() },
             &app.service_token(),
         ))
         .await
@@ -149,9 +149,9 @@ async fn a_batch_refuses_what_no_single_hold_would_take() {
     assert_eq!(status.code(), Code::InvalidArgument);
     // Only our own services hold stakes.
     let status = app
-        .wallet()
+        .stakes()
         .hold_stakes(authed(
-            pb::HoldStakesRequest {
+            pbi::HoldStakesRequest {
                 holds: vec![hold(1, "1", Uuid::now_v7())],
             },
             &app.player(1),
@@ -333,8 +333,8 @@ async fn a_held_wallet_row_is_skipped_not_waited_for() {
     app.assert_books_balanced().await;
 }
 
-fn payout(user: i64, amount: &str, matched: Uuid, bets: [&str; 2]) -> pb::PayWinningsRequest {
-    pb::PayWinningsRequest {
+fn payout(user: i64, amount: &str, matched: Uuid, bets: [&str; 2]) -> pbi::PayWinningsRequest {
+    pbi::PayWinningsRequest {
         user_id: user,
         amount: amount.into(),
         idempotency_key: format!("SETTLE:{matched}"),
@@ -343,10 +343,10 @@ fn payout(user: i64, amount: &str, matched: Uuid, bets: [&str; 2]) -> pb::PayWin
     }
 }
 
-async fn pay_batch(app: &TestApp, payouts: Vec<pb::PayWinningsRequest>) -> Vec<pb::PayoutOutcome> {
-    app.wallet()
+async fn pay_batch(app: &TestApp, payouts: Vec<pbi::PayWinningsRequest>) -> Vec<pbi::PayoutOutcome> {
+    app.stakes()
         .pay_winnings_batch(authed(
-            pb::PayWinningsBatchRequest { payouts },
+            pbi::PayWinningsBatchRequest { payouts },
             &app.service_token(),
         ))
         .await
@@ -355,18 +355,18 @@ async fn pay_batch(app: &TestApp, payouts: Vec<pb::PayWinningsRequest>) -> Vec<p
         .outcomes
 }
 
-fn paid_balance(outcome: &pb::PayoutOutcome) -> Option<Decimal> {
+fn paid_balance(outcome: &pbi::PayoutOutcome) -> Option<Decimal> {
     match &outcome.outcome {
-        Some(pb::payout_outcome::Outcome::Paid(paid)) => {
+        Some(pbi::payout_outcome::Outcome::Paid(paid)) => {
             paid.wallet.as_ref().and_then(|w| w.balance.parse().ok())
         }
         _ => None,
     }
 }
 
-fn payout_refusal(outcome: &pb::PayoutOutcome) -> Option<String> {
+fn payout_refusal(outcome: &pbi::PayoutOutcome) -> Option<String> {
     match &outcome.outcome {
-        Some(pb::payout_outcome::Outcome::Refused(r)) => Some(r.reason.clone()),
+        Some(pbi::payout_outcome::Outcome::Refused(r)) => Some(r.reason.clone()),
         _ => None,
     }
 }

@@ -4,7 +4,7 @@
 //! paid or refunded whatever a service token asked for, as long as the
 //! stakes were held.
 
-use betting_api::pb;
+use betting_api::{pb, pb_internal as pbi};
 use tonic::Code;
 use uuid::Uuid;
 
@@ -29,10 +29,10 @@ async fn pay(
     amount: &str,
     match_id: Uuid,
     bets: Vec<String>,
-) -> Result<tonic::Response<pb::PayWinningsResponse>, tonic::Status> {
-    app.wallet()
+) -> Result<tonic::Response<pbi::PayWinningsResponse>, tonic::Status> {
+    app.stakes()
         .pay_winnings(authed(
-            pb::PayWinningsRequest {
+            pbi::PayWinningsRequest {
                 user_id: user,
                 amount: amount.into(),
                 idempotency_key: format!("SETTLE:{match_id}"),
@@ -49,10 +49,10 @@ async fn refund(
     user: i64,
     amount: &str,
     bet: &str,
-) -> Result<tonic::Response<pb::RefundStakeResponse>, tonic::Status> {
-    app.wallet()
+) -> Result<tonic::Response<pbi::RefundStakeResponse>, tonic::Status> {
+    app.stakes()
         .refund_stake(authed(
-            pb::RefundStakeRequest {
+            pbi::RefundStakeRequest {
                 user_id: user,
                 amount: amount.into(),
                 idempotency_key: format!("REFUND:{bet}"),

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use betting_api::pb;
+use betting_api::{pb, pb_internal as pbi};
 use betting_bets::matcher::Matcher;
 use futures::future::join_all;
 use tonic::Code;
@@ -421,9 +421,9 @@ async fn the_wallet_refuses_to_refund_a_paid_bet_or_pay_a_refunded_one() {
     // A refund of the paid bet, straight to the wallet, is refused.
     for (user, bet) in [(1, &a), (2, &b)] {
         let status = expect_code(
-            app.wallet()
+            app.stakes()
                 .refund_stake(authed(
-                    pb::RefundStakeRequest {
+                    pbi::RefundStakeRequest {
                         user_id: user,
                         amount: "10".into(),
                         idempotency_key: format!("REFUND:{}", bet.bet_id),
@@ -438,9 +438,9 @@ async fn the_wallet_refuses_to_refund_a_paid_bet_or_pay_a_refunded_one() {
     }
     // Paying more than twice the stake, or someone outside the match, is refused.
     let status = expect_code(
-        app.wallet()
+        app.stakes()
             .pay_winnings(authed(
-                pb::PayWinningsRequest {
+                pbi::PayWinningsRequest {
                     user_id: 3,
                     amount: "20".into(),
                     idempotency_key: format!("SETTLE:{}", Uuid::now_v7()),
