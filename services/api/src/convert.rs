@@ -52,21 +52,19 @@ pub fn bet_status_to_pb(status: BetStatus) -> pb::BetStatus {
     }
 }
 
-pub fn bet_result_to_pb(result: Option<BetResult>) -> pb::BetResult {
+pub fn bet_result_to_pb(result: BetResult) -> pb::BetResult {
     match result {
-        None => pb::BetResult::Unspecified,
-        Some(BetResult::Won) => pb::BetResult::Won,
-        Some(BetResult::Lost) => pb::BetResult::Lost,
+        BetResult::Won => pb::BetResult::Won,
+        BetResult::Lost => pb::BetResult::Lost,
     }
 }
 
-pub fn refund_reason_to_pb(reason: Option<RefundReason>) -> pb::RefundReason {
+pub fn refund_reason_to_pb(reason: RefundReason) -> pb::RefundReason {
     match reason {
-        None => pb::RefundReason::Unspecified,
-        Some(RefundReason::Cancelled) => pb::RefundReason::Cancelled,
-        Some(RefundReason::MatchTimeout) => pb::RefundReason::MatchTimeout,
-        Some(RefundReason::RoundClosed) => pb::RefundReason::RoundClosed,
-        Some(RefundReason::RoundVoided) => pb::RefundReason::RoundVoided,
+        RefundReason::Cancelled => pb::RefundReason::Cancelled,
+        RefundReason::MatchTimeout => pb::RefundReason::MatchTimeout,
+        RefundReason::RoundClosed => pb::RefundReason::RoundClosed,
+        RefundReason::RoundVoided => pb::RefundReason::RoundVoided,
     }
 }
 

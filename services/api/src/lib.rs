@@ -92,7 +92,11 @@ mod tests {
             .iter()
             .map(|r| r.as_str().to_owned())
             .collect();
-        assert_eq!(emitted.len(), ErrorReason::ALL.len(), "a reason string twice");
+        assert_eq!(
+            emitted.len(),
+            ErrorReason::ALL.len(),
+            "a reason string twice"
+        );
         let declared = declared_reasons();
         let undeclared: Vec<_> = emitted.difference(&declared).collect();
         assert!(
@@ -121,7 +125,10 @@ mod tests {
             "amount", "is bad",
         )]);
         let status = super::to_status(&err);
-        assert_eq!(super::reason_of(&status).as_deref(), Some("INVALID_ARGUMENT"));
+        assert_eq!(
+            super::reason_of(&status).as_deref(),
+            Some("INVALID_ARGUMENT")
+        );
     }
 
     /// Public SDKs generate from proto/betting/v1 alone: nothing there may

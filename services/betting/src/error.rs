@@ -2,7 +2,9 @@
 
 use betting_auth::AuthError;
 use betting_db::StoreError;
-use betting_domain::{ErrorCode, ErrorReason, FieldViolation, InvalidRequest, LimitError, ServiceError};
+use betting_domain::{
+    ErrorCode, ErrorReason, FieldViolation, InvalidRequest, LimitError, ServiceError,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BettingError {

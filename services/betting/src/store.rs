@@ -262,26 +262,55 @@ impl BetStore {
     }
 
     /// A stream's snapshot: the named bets if any, else the user's bets still
-    /// in play plus those changed since `since` (a resume).
+    /// in play (at most 2,000), and the database's time just before it.
     pub async fn watch_snapshot(
         &self,
         user: UserId,
         bet_ids: &[Uuid],
-        since: Option<DateTime<Utc>>,
-    ) -> Result<Vec<BetRow>, StoreError> {
-        Ok(sqlx::query_as(concat!(
+    ) -> Result<(Vec<BetRow>, DateTime<Utc>), StoreError> {
+        // The database's clock (bets' `updated_at` is that clock too), read
+        // before the snapshot: every change stamped before it minus the
+        // resume margin committed before the snapshot was read.
+        let (read_at,): (DateTime<Utc>,) =
+            sqlx::query_as("SELECT now()").fetch_one(&self.pool).await?;
+        let rows = sqlx::query_as(concat!(
             "SELECT ",
             bet_columns!(),
             " FROM bets \
              WHERE user_id = $1 AND status NOT IN ('PLACING', 'REJECTED') AND ( \
                (cardinality($2::UUID[]) > 0 AND bet_id = ANY($2)) \
-               OR (cardinality($2::UUID[]) = 0 AND (status IN ('PENDING', 'MATCHED') \
-                   OR ($3::TIMESTAMPTZ IS NOT NULL AND updated_at >= $3)))) \
+               OR (cardinality($2::UUID[]) = 0 AND status IN ('PENDING', 'MATCHED'))) \
              ORDER BY updated_at LIMIT 2000"
         ))
         .bind(user.get())
         .bind(bet_ids)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok((rows, read_at))
+    }
+
+    /// A resume's catch-up: the user's visible bets (among `bet_ids`, if
+    /// any) changed at or after `since`, oldest first, at most `limit`.
+    pub async fn watch_changes_since(
+        &self,
+        user: UserId,
+        bet_ids: &[Uuid],
+        since: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<Vec<BetRow>, StoreError> {
+        Ok(sqlx::query_as(concat!(
+            "SELECT ",
+            bet_columns!(),
+            " FROM bets \
+             WHERE user_id = $1 AND status NOT IN ('PLACING', 'REJECTED') \
+               AND updated_at >= $3 \
+               AND (cardinality($2::UUID[]) = 0 OR bet_id = ANY($2)) \
+             ORDER BY updated_at LIMIT $4"
+        ))
+        .bind(user.get())
+        .bind(bet_ids)
         .bind(since)
+        .bind(limit)
         .fetch_all(&self.pool)
         .await?)
     }

@@ -70,8 +70,13 @@ pub struct BetEvent {
 /// At most this many bets named in one request.
 const MAX_NAMED: usize = 100;
 /// A resume re-reads this much before the cursor: longer than any bet
-/// transaction takes between its `now()` and its commit.
+/// transaction takes between its `now()` (the row's `updated_at`) and its
+/// commit. For the same reason a stream sends a bet it never sent as a
+/// change only if it changed after its snapshot's time minus this.
 const RESUME_MARGIN: chrono::TimeDelta = chrono::TimeDelta::seconds(5);
+/// A resume replays at most this many changed bets; further behind, the
+/// stream resynchronises instead (RESYNC and a fresh snapshot).
+const REPLAY_LIMIT: usize = 2000;
 
 /// Change batches a user's feed holds for a stream that has not taken them
 /// yet; a stream further behind resynchronises. The channel's slots are
@@ -293,6 +298,10 @@ struct Watch {
     sent: HashMap<Uuid, i64>,
     /// The latest change time sent: the cursor.
     high_water: DateTime<Utc>,
+    /// Bets this stream has not sent that changed before this predate its
+    /// snapshot (or its cursor): their changes are not news to the client
+    /// (`offer`).
+    floor: DateTime<Utc>,
 }
 
 impl BettingService {
@@ -344,6 +353,7 @@ impl BettingService {
             sink,
             sent: HashMap::new(),
             high_water: resume_from.unwrap_or(DateTime::<Utc>::MIN_UTC),
+            floor: DateTime::<Utc>::MIN_UTC,
         };
         let deadline = betting_streams::token_deadline(principal.expires_at);
         tokio::spawn(watch.run(resume_from, deadline));
@@ -363,10 +373,11 @@ impl Watch {
             self.sink.end(&StreamEnd::ShuttingDown);
             return;
         }
-        if Box::pin(self.snapshot(resume_from.map(|t| t - RESUME_MARGIN), false))
-            .await
-            .is_err()
-        {
+        let started = match resume_from {
+            None => Box::pin(self.snapshot(false)).await,
+            Some(cursor) => Box::pin(self.catch_up(cursor - RESUME_MARGIN)).await,
+        };
+        if started.is_err() {
             return;
         }
         let mut heartbeat = tokio::time::interval(heartbeat_every);
@@ -389,7 +400,7 @@ impl Watch {
                         Ok(FeedEvent::Rows(rows)) => Box::pin(self.on_rows(&rows)).await,
                         // Resync, or we fell behind the feed: start over.
                         Ok(FeedEvent::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => {
-                            Box::pin(self.snapshot(None, true)).await
+                            Box::pin(self.snapshot(true)).await
                         }
                         Err(broadcast::error::RecvError::Closed) => {
                             self.sink.end(&StreamEnd::FeedEnded);
@@ -422,14 +433,25 @@ impl Watch {
         }
     }
 
-    /// Sends a bet if it is newer than what this stream sent.
-    async fn offer(&mut self, kind: BetEventKind, row: &BetRow) -> Result<(), SinkClosed> {
-        if self
-            .sent
-            .get(&row.bet_id)
-            .is_some_and(|v| *v >= row.version)
-        {
-            return Ok(());
+    /// Sends a bet if it is newer than what this stream sent — and, for a
+    /// change of a bet it never sent, if it changed after the floor: the
+    /// hub's sweep re-announces the last seconds' changes, so a fresh stream
+    /// would otherwise hear of bets that ended before it opened (a bet
+    /// changed before the floor and still in play was in the snapshot).
+    /// `live`: a change just heard of, whose delivery lag is measured (not
+    /// a resume's replay of older ones).
+    async fn offer(
+        &mut self,
+        kind: BetEventKind,
+        row: &BetRow,
+        live: bool,
+    ) -> Result<(), SinkClosed> {
+        match self.sent.get(&row.bet_id) {
+            Some(sent) if *sent >= row.version => return Ok(()),
+            None if kind == BetEventKind::Change && row.updated_at < self.floor => {
+                return Ok(());
+            }
+            _ => {}
         }
         self.sent.insert(row.bet_id, row.version);
         if row.updated_at > self.high_water {
@@ -437,7 +459,7 @@ impl Watch {
         }
         let event = self.event(kind, Some(row));
         self.sink.send(event).await?;
-        if kind == BetEventKind::Change {
+        if live {
             // From the change's transaction (its `updated_at`) to its event
             // handed to the client's stream.
             let lag = (Utc::now() - row.updated_at).to_std().unwrap_or_default();
@@ -446,28 +468,53 @@ impl Watch {
         Ok(())
     }
 
-    async fn snapshot(
-        &mut self,
-        since: Option<DateTime<Utc>>,
-        resync: bool,
-    ) -> Result<(), SinkClosed> {
+    /// A fresh snapshot (after RESYNC if `resync`), then SNAPSHOT_END.
+    async fn snapshot(&mut self, resync: bool) -> Result<(), SinkClosed> {
         if resync {
             // Anything may have been missed: forget what was sent, send it all again.
             self.sent.clear();
             let event = self.event(BetEventKind::Resync, None);
             self.sink.send(event).await?;
         }
-        let read = self.store.watch_snapshot(self.user, &self.named, since);
-        let rows = match self.feeds.read(read).await {
-            Ok(rows) => rows,
+        let read = self.store.watch_snapshot(self.user, &self.named);
+        let (rows, read_at) = match self.feeds.read(read).await {
+            Ok(read) => read,
             Err(error) => {
                 // Logged by the mapping, with its cause.
                 self.sink.end(&error);
                 return Err(SinkClosed::Gone);
             }
         };
+        self.floor = read_at - RESUME_MARGIN;
         for row in &rows {
-            self.offer(BetEventKind::Snapshot, row).await?;
+            self.offer(BetEventKind::Snapshot, row, false).await?;
+        }
+        let end = self.event(BetEventKind::SnapshotEnd, None);
+        self.sink.send(end).await
+    }
+
+    /// A resume: no snapshot, only what changed since `since` (the cursor
+    /// less the margin) as changes, then SNAPSHOT_END — or, further behind
+    /// than [`REPLAY_LIMIT`] changes, RESYNC and a fresh snapshot.
+    async fn catch_up(&mut self, since: DateTime<Utc>) -> Result<(), SinkClosed> {
+        let limit = i64::try_from(REPLAY_LIMIT + 1).unwrap_or(i64::MAX);
+        let read = self
+            .store
+            .watch_changes_since(self.user, &self.named, since, limit);
+        let rows = match self.feeds.read(read).await {
+            Ok(rows) => rows,
+            Err(error) => {
+                self.sink.end(&error);
+                return Err(SinkClosed::Gone);
+            }
+        };
+        if rows.len() > REPLAY_LIMIT {
+            return self.snapshot(true).await;
+        }
+        // What the client had when it sent the cursor changed before it.
+        self.floor = since;
+        for row in &rows {
+            self.offer(BetEventKind::Change, row, false).await?;
         }
         let end = self.event(BetEventKind::SnapshotEnd, None);
         self.sink.send(end).await
@@ -477,7 +524,7 @@ impl Watch {
     async fn on_rows(&mut self, rows: &[BetRow]) -> Result<(), SinkClosed> {
         for row in rows {
             if self.named.is_empty() || self.named.contains(&row.bet_id) {
-                self.offer(BetEventKind::Change, row).await?;
+                self.offer(BetEventKind::Change, row, true).await?;
             }
         }
         Ok(())

@@ -103,6 +103,9 @@ mod tests {
             assert_eq!(renamed(old), Some(*new));
         }
         assert_eq!(renamed("/betting.v1.WalletService/Deposit"), None);
-        assert_eq!(renamed("/betting.internal.v1.StakeService/HoldStakes"), None);
+        assert_eq!(
+            renamed("/betting.internal.v1.StakeService/HoldStakes"),
+            None
+        );
     }
 }

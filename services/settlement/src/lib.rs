@@ -21,4 +21,4 @@ pub use error::SettlementError;
 pub use service::{RoundView, SettlementService};
 pub use stats::MAX_AGE as ROUND_STATS_MAX_AGE;
 pub use store::{MatchView, RoundRow, RoundStore, RoundTotals, Transition};
-pub use watch::RoundUpdate;
+pub use watch::{RoundEventKind, RoundUpdate};

@@ -21,10 +21,22 @@ use tokio::sync::watch;
 
 use crate::{SettlementService, service::RoundView};
 
+/// What a WatchRound event says (the WatchBets event types it shares).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoundEventKind {
+    /// The round as it was when the stream opened: the first event.
+    Snapshot,
+    /// The round's state after a change.
+    Change,
+    /// Nothing happened; the stream is alive.
+    Heartbeat,
+}
+
 /// One event of a WatchRound stream: the round's latest state, or a
 /// heartbeat (`round` is `None`), stamped when it was made.
 #[derive(Debug, Clone)]
 pub struct RoundUpdate {
+    pub kind: RoundEventKind,
     pub round: Option<Arc<RoundView>>,
     pub sent_at: DateTime<Utc>,
 }
@@ -62,12 +74,17 @@ impl RoundFeeds {
         tokio::spawn(async move {
             let mut heartbeat = tokio::time::interval(settings.heartbeat);
             heartbeat.reset();
-            let event = |round: Option<Arc<RoundView>>| RoundUpdate {
+            let event = |kind, round: Option<Arc<RoundView>>| RoundUpdate {
+                kind,
                 round,
                 sent_at: Utc::now(),
             };
             let current = rx.borrow_and_update().clone();
-            if sink.send(event(Some(current))).await.is_err() {
+            if sink
+                .send(event(RoundEventKind::Snapshot, Some(current)))
+                .await
+                .is_err()
+            {
                 return;
             }
             loop {
@@ -88,12 +105,16 @@ impl RoundFeeds {
                             return;
                         }
                         let round = rx.borrow_and_update().clone();
-                        if sink.send(event(Some(round))).await.is_err() {
+                        if sink
+                            .send(event(RoundEventKind::Change, Some(round)))
+                            .await
+                            .is_err()
+                        {
                             return;
                         }
                     }
                     _ = heartbeat.tick() => {
-                        if sink.try_send(event(None)).is_err() {
+                        if sink.try_send(event(RoundEventKind::Heartbeat, None)).is_err() {
                             return;
                         }
                     }

@@ -166,9 +166,13 @@ impl WalletService for FaultProxy {
         request: Request<pb::DepositRequest>,
     ) -> Result<Response<pb::DepositResponse>, Status> {
         let user = request.get_ref().user_id;
-        self.call(Rpc::Deposit, user, self.upstream.clone(), request, |mut c, r| async move {
-            c.deposit(r).await
-        })
+        self.call(
+            Rpc::Deposit,
+            user,
+            self.upstream.clone(),
+            request,
+            |mut c, r| async move { c.deposit(r).await },
+        )
         .await
     }
 
@@ -177,9 +181,13 @@ impl WalletService for FaultProxy {
         request: Request<pb::WithdrawRequest>,
     ) -> Result<Response<pb::WithdrawResponse>, Status> {
         let user = request.get_ref().user_id;
-        self.call(Rpc::Withdraw, user, self.upstream.clone(), request, |mut c, r| async move {
-            c.withdraw(r).await
-        })
+        self.call(
+            Rpc::Withdraw,
+            user,
+            self.upstream.clone(),
+            request,
+            |mut c, r| async move { c.withdraw(r).await },
+        )
         .await
     }
 
@@ -200,9 +208,13 @@ impl StakeService for FaultProxy {
         request: Request<pbi::HoldStakeRequest>,
     ) -> Result<Response<pbi::HoldStakeResponse>, Status> {
         let user = request.get_ref().user_id;
-        self.call(Rpc::HoldStake, user, self.stakes.clone(), request, |mut c, r| async move {
-            c.hold_stake(r).await
-        })
+        self.call(
+            Rpc::HoldStake,
+            user,
+            self.stakes.clone(),
+            request,
+            |mut c, r| async move { c.hold_stake(r).await },
+        )
         .await
     }
 
@@ -219,9 +231,13 @@ impl StakeService for FaultProxy {
             .copied()
             .find(|&u| self.faults.armed(Rpc::HoldStake, u))
             .unwrap_or(0);
-        self.call(Rpc::HoldStake, user, self.stakes.clone(), request, |mut c, r| async move {
-            c.hold_stakes(r).await
-        })
+        self.call(
+            Rpc::HoldStake,
+            user,
+            self.stakes.clone(),
+            request,
+            |mut c, r| async move { c.hold_stakes(r).await },
+        )
         .await
     }
 
@@ -238,9 +254,13 @@ impl StakeService for FaultProxy {
             .map(|p| p.user_id)
             .find(|&u| self.faults.armed(Rpc::PayWinnings, u))
             .unwrap_or(0);
-        self.call(Rpc::PayWinnings, user, self.stakes.clone(), request, |mut c, r| async move {
-            c.pay_winnings_batch(r).await
-        })
+        self.call(
+            Rpc::PayWinnings,
+            user,
+            self.stakes.clone(),
+            request,
+            |mut c, r| async move { c.pay_winnings_batch(r).await },
+        )
         .await
     }
 
@@ -249,9 +269,13 @@ impl StakeService for FaultProxy {
         request: Request<pbi::RefundStakeRequest>,
     ) -> Result<Response<pbi::RefundStakeResponse>, Status> {
         let user = request.get_ref().user_id;
-        self.call(Rpc::RefundStake, user, self.stakes.clone(), request, |mut c, r| async move {
-            c.refund_stake(r).await
-        })
+        self.call(
+            Rpc::RefundStake,
+            user,
+            self.stakes.clone(),
+            request,
+            |mut c, r| async move { c.refund_stake(r).await },
+        )
         .await
     }
 
@@ -260,9 +284,13 @@ impl StakeService for FaultProxy {
         request: Request<pbi::PayWinningsRequest>,
     ) -> Result<Response<pbi::PayWinningsResponse>, Status> {
         let user = request.get_ref().user_id;
-        self.call(Rpc::PayWinnings, user, self.stakes.clone(), request, |mut c, r| async move {
-            c.pay_winnings(r).await
-        })
+        self.call(
+            Rpc::PayWinnings,
+            user,
+            self.stakes.clone(),
+            request,
+            |mut c, r| async move { c.pay_winnings(r).await },
+        )
         .await
     }
 }

@@ -41,13 +41,15 @@ fn bet_pb(row: &BetRow) -> pb::Bet {
         amount: format_money(row.amount.as_decimal()),
         status: convert::bet_status_to_pb(row.status) as i32,
         match_id: row.match_id.map(|m| m.to_string()).unwrap_or_default(),
-        result: convert::bet_result_to_pb(row.result) as i32,
-        payout: row.payout.map(format_money).unwrap_or_default(),
+        result: row.result.map(|r| convert::bet_result_to_pb(r) as i32),
+        payout: row.payout.map(format_money),
         version: row.version,
         created_at: Some(convert::timestamp(row.created_at)),
         updated_at: Some(convert::timestamp(row.updated_at)),
         idempotency_key: row.idempotency_key.clone(),
-        refund_reason: convert::refund_reason_to_pb(row.refund_reason) as i32,
+        refund_reason: row
+            .refund_reason
+            .map(|r| convert::refund_reason_to_pb(r) as i32),
     }
 }
 

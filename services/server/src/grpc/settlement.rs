@@ -9,7 +9,7 @@ use betting_api::{
 };
 use betting_auth::{AuthInterceptor, Principal};
 use betting_domain::format_money;
-use betting_settlement::{RoundUpdate, RoundView, SettlementService};
+use betting_settlement::{RoundEventKind, RoundUpdate, RoundView, SettlementService};
 use betting_streams::EventStream;
 
 use crate::limits::{Limiter, Permitted};
@@ -39,9 +39,7 @@ fn round_pb(view: &RoundView) -> pb::Round {
     pb::Round {
         round_id: row.round_id.clone(),
         status: convert::round_status_to_pb(row.status) as i32,
-        winning_side: row
-            .winning_side
-            .map_or(pb::Side::Unspecified, convert::side_to_pb) as i32,
+        winning_side: row.winning_side.map(|s| convert::side_to_pb(s) as i32),
         stats: Some(pb::RoundStats {
             pending_bets: totals.pending,
             matched_bets: totals.matched,
@@ -63,10 +61,20 @@ fn round_pb(view: &RoundView) -> pb::Round {
 
 /// One WatchRound event as a message; a stream's end passes through.
 fn update_pb(event: Result<RoundUpdate, Status>) -> Result<pb::WatchRoundResponse, Status> {
-    event.map(|update| pb::WatchRoundResponse {
-        heartbeat: update.round.is_none(),
-        round: update.round.as_deref().map(round_pb),
-        sent_at: Some(convert::timestamp(update.sent_at)),
+    event.map(|update| {
+        let kind = match update.kind {
+            RoundEventKind::Snapshot => pb::WatchEventType::Snapshot,
+            RoundEventKind::Change => pb::WatchEventType::Change,
+            RoundEventKind::Heartbeat => pb::WatchEventType::Heartbeat,
+        };
+        // `heartbeat` is deprecated for `type`, and still set for old clients.
+        #[allow(deprecated)]
+        pb::WatchRoundResponse {
+            heartbeat: update.kind == RoundEventKind::Heartbeat,
+            round: update.round.as_deref().map(round_pb),
+            sent_at: Some(convert::timestamp(update.sent_at)),
+            r#type: kind as i32,
+        }
     })
 }
 

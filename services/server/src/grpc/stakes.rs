@@ -3,7 +3,11 @@
 //! `service` role; the service checks it). Served by the wallet role beside
 //! WalletService, on the same port.
 
-use betting_api::{pb_internal as pbi, pb_internal::stake_service_server::{StakeService as StakeApi, StakeServiceServer}, respond, respond_replayable};
+use betting_api::{
+    pb_internal as pbi,
+    pb_internal::stake_service_server::{StakeService as StakeApi, StakeServiceServer},
+    respond, respond_replayable,
+};
 use betting_auth::{AuthInterceptor, Principal};
 use betting_wallet::{PayoutAsk, Posted, StakeHold, WalletError, WalletService};
 use tonic::{Request, Response, Status, service::interceptor::InterceptedService};
@@ -169,9 +173,12 @@ impl StakeApi for StakeGrpc {
                 &r.bet_id,
             )
             .await;
-        respond_replayable(
-            posted.map(|p| moved(p, |entry, wallet| pbi::RefundStakeResponse { entry, wallet })),
-        )
+        respond_replayable(posted.map(|p| {
+            moved(p, |entry, wallet| pbi::RefundStakeResponse {
+                entry,
+                wallet,
+            })
+        }))
     }
 
     #[tracing::instrument(skip_all, fields(match_id = %request.get_ref().match_id))]
@@ -192,8 +199,11 @@ impl StakeApi for StakeGrpc {
                 &r.bet_ids,
             )
             .await;
-        respond_replayable(
-            posted.map(|p| moved(p, |entry, wallet| pbi::PayWinningsResponse { entry, wallet })),
-        )
+        respond_replayable(posted.map(|p| {
+            moved(p, |entry, wallet| pbi::PayWinningsResponse {
+                entry,
+                wallet,
+            })
+        }))
     }
 }

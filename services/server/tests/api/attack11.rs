@@ -197,7 +197,10 @@ fn payout(p: &Pair, stake: &str) -> pbi::PayWinningsRequest {
     }
 }
 
-async fn pay_batch(app: &TestApp, payouts: Vec<pbi::PayWinningsRequest>) -> Vec<pbi::PayoutOutcome> {
+async fn pay_batch(
+    app: &TestApp,
+    payouts: Vec<pbi::PayWinningsRequest>,
+) -> Vec<pbi::PayoutOutcome> {
     app.stakes()
         .pay_winnings_batch(authed(
             pbi::PayWinningsBatchRequest { payouts },

@@ -101,8 +101,14 @@ const MATRIX: &[(&str, [Outcome; 7])] = &[
         "betting.v1.WalletService/ListLedgerEntries",
         [U, A, D, D, D, A, A],
     ),
-    ("betting.internal.v1.StakeService/HoldStake", [U, D, D, A, D, D, D]),
-    ("betting.internal.v1.StakeService/HoldStakes", [U, D, D, A, D, D, D]),
+    (
+        "betting.internal.v1.StakeService/HoldStake",
+        [U, D, D, A, D, D, D],
+    ),
+    (
+        "betting.internal.v1.StakeService/HoldStakes",
+        [U, D, D, A, D, D, D],
+    ),
     (
         "betting.internal.v1.StakeService/RefundStake",
         [U, D, D, A, D, D, D],

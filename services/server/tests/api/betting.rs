@@ -26,6 +26,12 @@ async fn place_bet_takes_the_stake_and_hands_the_bet_to_the_matcher() {
     assert_eq!(bet.amount, "10.5");
     assert_eq!(bet.idempotency_key, "bet-1");
     assert!(bet.version >= 1);
+    // Explicit presence: a PENDING bet has no result, payout or refund
+    // reason at all (not BET_RESULT_UNSPECIFIED, not "").
+    assert_eq!(
+        (bet.result, bet.payout.as_deref(), bet.refund_reason),
+        (None, None, None)
+    );
     assert_eq!(app.balance(42).await, dec("89.5"));
     assert_eq!(app.escrow().await, dec("10.5"));
     app.assert_books_balanced().await;
@@ -260,7 +266,10 @@ async fn cancel_returns_the_stake_once() {
     let cancelled = cancel().await.expect("cancel").into_inner();
     let refunded = cancelled.bet.expect("bet");
     assert_eq!(refunded.status, pb::BetStatus::Refunded as i32);
-    assert_eq!(refunded.refund_reason, pb::RefundReason::Cancelled as i32);
+    assert_eq!(
+        refunded.refund_reason,
+        Some(pb::RefundReason::Cancelled as i32)
+    );
     assert!(refunded.version > bet.version);
     assert_eq!(cancelled.balance, "100");
     // Cancelling again answers the same and refunds nothing more.

@@ -19,7 +19,10 @@ fn hold(user: i64, amount: &str, bet: Uuid) -> pbi::HoldStakeRequest {
     }
 }
 
-async fn hold_stakes(app: &TestApp, holds: Vec<pbi::HoldStakeRequest>) -> Vec<pbi::HoldStakeOutcome> {
+async fn hold_stakes(
+    app: &TestApp,
+    holds: Vec<pbi::HoldStakeRequest>,
+) -> Vec<pbi::HoldStakeOutcome> {
     app.stakes()
         .hold_stakes(authed(
             pbi::HoldStakesRequest { holds },
@@ -343,7 +346,10 @@ fn payout(user: i64, amount: &str, matched: Uuid, bets: [&str; 2]) -> pbi::PayWi
     }
 }
 
-async fn pay_batch(app: &TestApp, payouts: Vec<pbi::PayWinningsRequest>) -> Vec<pbi::PayoutOutcome> {
+async fn pay_batch(
+    app: &TestApp,
+    payouts: Vec<pbi::PayWinningsRequest>,
+) -> Vec<pbi::PayoutOutcome> {
     app.stakes()
         .pay_winnings_batch(authed(
             pbi::PayWinningsBatchRequest { payouts },

@@ -28,21 +28,24 @@ async fn a_whole_round_pays_winners_and_refunds_the_rest() {
 
     let round = app.settle_round("r", pb::Side::A).await.expect("settle");
     assert_eq!(round.status, pb::RoundStatus::Settled as i32);
-    assert_eq!(round.winning_side, pb::Side::A as i32);
+    assert_eq!(round.winning_side, Some(pb::Side::A as i32));
     let a = app.wait_for_bet(1, &a.bet_id, pb::BetStatus::Settled).await;
     let b = app.wait_for_bet(2, &b.bet_id, pb::BetStatus::Settled).await;
     let lonely = app
         .wait_for_bet(3, &lonely.bet_id, pb::BetStatus::Refunded)
         .await;
     assert_eq!(
-        (a.result, a.payout.as_str()),
-        (pb::BetResult::Won as i32, "20")
+        (a.result, a.payout.as_deref()),
+        (Some(pb::BetResult::Won as i32), Some("20"))
     );
     assert_eq!(
-        (b.result, b.payout.as_str()),
-        (pb::BetResult::Lost as i32, "0")
+        (b.result, b.payout.as_deref()),
+        (Some(pb::BetResult::Lost as i32), Some("0"))
     );
-    assert_eq!(lonely.refund_reason, pb::RefundReason::RoundClosed as i32);
+    assert_eq!(
+        lonely.refund_reason,
+        Some(pb::RefundReason::RoundClosed as i32)
+    );
 
     let round = app.wait_for_round_done("r").await;
     let stats = round.stats.expect("stats");
@@ -110,7 +113,10 @@ async fn voiding_refunds_matched_and_unmatched_bets() {
         let bet = app
             .wait_for_bet(user, &bet.bet_id, pb::BetStatus::Refunded)
             .await;
-        assert_eq!(bet.refund_reason, pb::RefundReason::RoundVoided as i32);
+        assert_eq!(
+            bet.refund_reason,
+            Some(pb::RefundReason::RoundVoided as i32)
+        );
     }
     app.wait_for_round_done("v").await;
     for user in [1, 2, 3] {
@@ -142,7 +148,10 @@ async fn closing_refunds_unmatched_bets_and_stops_new_ones() {
     let bet = app
         .wait_for_bet(1, &bet.bet_id, pb::BetStatus::Refunded)
         .await;
-    assert_eq!(bet.refund_reason, pb::RefundReason::RoundClosed as i32);
+    assert_eq!(
+        bet.refund_reason,
+        Some(pb::RefundReason::RoundClosed as i32)
+    );
     app.wait_for_round_done("c").await;
     assert_eq!(app.balance(1).await, dec("10"));
     expect_code(
@@ -179,7 +188,10 @@ async fn a_bet_nobody_takes_is_refunded_after_the_match_timeout() {
     let bet = app
         .wait_for_bet(1, &bet.bet_id, pb::BetStatus::Refunded)
         .await;
-    assert_eq!(bet.refund_reason, pb::RefundReason::MatchTimeout as i32);
+    assert_eq!(
+        bet.refund_reason,
+        Some(pb::RefundReason::MatchTimeout as i32)
+    );
     app.wait_for_round_done("t").await;
     assert_eq!(app.balance(1).await, dec("10"));
     app.assert_audit_clean().await;

@@ -131,8 +131,8 @@ async fn a_player_sees_their_bets_move_and_nobody_elses() {
     .await
     .bet
     .expect("bet");
-    assert_eq!(settled.result, pb::BetResult::Won as i32);
-    assert_eq!(settled.payout, "20");
+    assert_eq!(settled.result, Some(pb::BetResult::Won as i32));
+    assert_eq!(settled.payout.as_deref(), Some("20"));
     // Only the caller's bets, versions only ever growing.
     assert!(
         seen.iter()
@@ -193,8 +193,8 @@ async fn a_client_on_one_instance_sees_changes_made_through_another() {
         .bet
         .expect("bet");
     assert_eq!(
-        (lost.result, lost.payout.as_str()),
-        (pb::BetResult::Lost as i32, "0")
+        (lost.result, lost.payout.as_deref()),
+        (Some(pb::BetResult::Lost as i32), Some("0"))
     );
 
     // The round's watchers see the outcome and the totals.
@@ -207,7 +207,7 @@ async fn a_client_on_one_instance_sees_changes_made_through_another() {
         let Some(round) = event.round else { continue };
         let stats = round.stats.clone().expect("stats");
         if round.status == pb::RoundStatus::Settled as i32 && stats.settled_bets == 2 {
-            assert_eq!(round.winning_side, pb::Side::A as i32);
+            assert_eq!(round.winning_side, Some(pb::Side::A as i32));
             assert_eq!(stats.total_paid_out, "10");
             break;
         }
@@ -220,10 +220,15 @@ async fn reconnecting_with_the_cursor_resumes_without_missing_a_final_state() {
     app.deposit(1, "100").await;
     app.deposit(2, "100").await;
     app.open_round("r").await;
+    app.open_round("other").await;
+    // A bet that does not change while the client is away, placed more than
+    // the resume margin (5 s) before the cursor: not news on the resume.
+    let unchanged = app.place_ok(1, "other", pb::Side::A, "5").await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
     let bet = app.place_ok(1, "r", pb::Side::A, "10").await;
     let mut events = watch(&app, 1, vec![], "").await;
     let (snap, cursor) = snapshot_and_cursor(&mut events).await;
-    assert_eq!(snap.len(), 1);
+    assert_eq!(snap.len(), 2);
     assert!(!cursor.is_empty(), "the snapshot's end carries a cursor");
     drop(events);
 
@@ -235,17 +240,36 @@ async fn reconnecting_with_the_cursor_resumes_without_missing_a_final_state() {
     app.wait_for_bet(1, &bet.bet_id, pb::BetStatus::Settled)
         .await;
 
+    // The resume sends what changed since the cursor, as changes — no
+    // snapshot, nothing the client already had — then SNAPSHOT_END.
     let mut events = watch(&app, 1, vec![], &cursor).await;
-    let resumed = snapshot(&mut events).await;
-    let settled = resumed
+    let mut changed = Vec::new();
+    loop {
+        let event = next(&mut events).await;
+        match WatchEventType::try_from(event.r#type) {
+            Ok(WatchEventType::Change) => changed.push(event.bet.expect("a change's bet")),
+            Ok(WatchEventType::SnapshotEnd) => break,
+            other => panic!("a resume sent {other:?} before catching up"),
+        }
+    }
+    let settled = changed
         .iter()
         .find(|b| b.bet_id == bet.bet_id)
-        .expect("the settled bet is resent");
+        .expect("the settled bet is sent");
     assert_eq!(status(settled), pb::BetStatus::Settled);
+    assert!(
+        changed.iter().all(|b| b.bet_id != unchanged.bet_id),
+        "a bet unchanged since the cursor is not replayed: {changed:?}"
+    );
 
     // Without a cursor, a settled bet is not part of the snapshot; named, it is.
     let mut fresh = watch(&app, 1, vec![], "").await;
-    assert!(snapshot(&mut fresh).await.is_empty());
+    let ids: Vec<String> = snapshot(&mut fresh)
+        .await
+        .into_iter()
+        .map(|b| b.bet_id)
+        .collect();
+    assert_eq!(ids, vec![unchanged.bet_id.clone()]);
     let mut named = watch(&app, 1, vec![bet.bet_id.clone()], "").await;
     assert_eq!(snapshot(&mut named).await.len(), 1);
     // Someone else's bet id, named, shows nothing.
@@ -277,6 +301,62 @@ async fn heartbeats_keep_idle_streams_alive() {
         let event = next(&mut events).await;
         assert_eq!(event.r#type, WatchEventType::Heartbeat as i32);
     }
+
+    // WatchRound is shaped alike: SNAPSHOT first, HEARTBEATs while idle
+    // (no round; the deprecated flag still set), a CHANGE on a change.
+    app.open_round("idle").await;
+    let mut rounds = app
+        .rounds()
+        .watch_round(authed(
+            pb::WatchRoundRequest {
+                round_id: "idle".into(),
+            },
+            &app.player(1),
+        ))
+        .await
+        .expect("watch round")
+        .into_inner();
+    let mut round_event = async || {
+        tokio::time::timeout(Duration::from_secs(10), rounds.message())
+            .await
+            .expect("round event in time")
+            .expect("ok")
+            .expect("open")
+    };
+    let first = round_event().await;
+    assert_eq!(first.r#type, WatchEventType::Snapshot as i32);
+    assert_eq!(
+        first.round.expect("round").status,
+        pb::RoundStatus::Open as i32
+    );
+    for _ in 0..2 {
+        let beat = round_event().await;
+        assert_eq!(beat.r#type, WatchEventType::Heartbeat as i32);
+        assert!(beat.round.is_none());
+        #[allow(deprecated)]
+        let flagged = beat.heartbeat;
+        assert!(flagged);
+    }
+    app.rounds()
+        .close_round(authed(
+            pb::CloseRoundRequest {
+                round_id: "idle".into(),
+            },
+            &app.game_token(),
+        ))
+        .await
+        .expect("close");
+    let closed = loop {
+        let event = round_event().await;
+        if event.r#type != WatchEventType::Heartbeat as i32 {
+            break event;
+        }
+    };
+    assert_eq!(closed.r#type, WatchEventType::Change as i32);
+    assert_eq!(
+        closed.round.expect("round").status,
+        pb::RoundStatus::Closed as i32
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
