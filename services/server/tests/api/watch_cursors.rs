@@ -113,19 +113,22 @@ async fn a_cursor_at_the_edge_of_time_is_refused_not_a_panic() {
     let app = TestApp::spawn().await;
     // A second after chrono's DateTime::<Utc>::MIN_UTC (-262144-01-01 or
     // -262143-01-01, by version), in µs: less the margin, it overflows.
-    for cursor in [
+    for (i, cursor) in [
         cursor_at_micros((-8_334_632_937_600 + 1) * 1_000_000),
         cursor_at_micros((-8_334_601_315_200 + 1) * 1_000_000),
         // Before any PostgreSQL timestamp (4713 BC).
         cursor_at_micros(-300_000_000_000_000_000),
-    ] {
+    ]
+    .into_iter()
+    .enumerate()
+    {
         match watch(&app, 1, &cursor).await {
-            Err(status) => assert_eq!(status.code(), Code::InvalidArgument, "{status:?}"),
+            Err(status) => assert_eq!(status.code(), Code::InvalidArgument, "#{i}: {status:?}"),
             Ok(mut events) => {
                 let first = tokio::time::timeout(Duration::from_secs(10), events.message())
                     .await
                     .expect("an answer within 10 s");
-                panic!("a cursor before any PostgreSQL time opened a stream: {first:?}");
+                panic!("cursor #{i}, before any PostgreSQL time, opened a stream: {first:?}");
             }
         }
     }
