@@ -23,7 +23,9 @@ pub(crate) fn server(
     service: WalletService,
     auth: AuthInterceptor,
 ) -> InterceptedService<StakeServiceServer<StakeGrpc>, AuthInterceptor> {
-    let server = StakeServiceServer::new(StakeGrpc(service))
+    // Compressed requests accepted, as WalletService (their old home) and
+    // every other generated server accept them.
+    let server = super::compressed!(StakeServiceServer::new(StakeGrpc(service)))
         .max_decoding_message_size(super::MAX_WALLET_REQUEST_BYTES);
     InterceptedService::new(server, auth)
 }
