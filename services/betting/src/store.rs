@@ -290,15 +290,18 @@ impl BetStore {
     }
 
     /// A resume's catch-up: the user's visible bets (among `bet_ids`, if
-    /// any) changed at or after `since`, oldest first, at most `limit`.
+    /// any) changed at or after `since`, oldest first, at most `limit`, and
+    /// the database's time just before them.
     pub async fn watch_changes_since(
         &self,
         user: UserId,
         bet_ids: &[Uuid],
         since: DateTime<Utc>,
         limit: i64,
-    ) -> Result<Vec<BetRow>, StoreError> {
-        Ok(sqlx::query_as(concat!(
+    ) -> Result<(Vec<BetRow>, DateTime<Utc>), StoreError> {
+        let (read_at,): (DateTime<Utc>,) =
+            sqlx::query_as("SELECT now()").fetch_one(&self.pool).await?;
+        let rows = sqlx::query_as(concat!(
             "SELECT ",
             bet_columns!(),
             " FROM bets \
@@ -312,7 +315,8 @@ impl BetStore {
         .bind(since)
         .bind(limit)
         .fetch_all(&self.pool)
-        .await?)
+        .await?;
+        Ok((rows, read_at))
     }
 
     /// The user's visible bets among `ids`.

@@ -74,6 +74,14 @@ const MAX_NAMED: usize = 100;
 /// commit. For the same reason a stream sends a bet it never sent as a
 /// change only if it changed after its snapshot's time minus this.
 const RESUME_MARGIN: chrono::TimeDelta = chrono::TimeDelta::seconds(5);
+/// Whether `at` can be a cursor this service issued: a bet's `updated_at`
+/// comes after the epoch (PostgreSQL holds nothing before 4713 BC), and the
+/// resume margin can be taken from it (`DateTime - TimeDelta` panics on
+/// overflow).
+fn issuable(at: DateTime<Utc>) -> bool {
+    at >= DateTime::<Utc>::UNIX_EPOCH && at.checked_sub_signed(RESUME_MARGIN).is_some()
+}
+
 /// A resume replays at most this many changed bets; further behind, the
 /// stream resynchronises instead (RESYNC and a fresh snapshot).
 const REPLAY_LIMIT: usize = 2000;
@@ -330,7 +338,7 @@ impl BettingService {
         let resume_from = if cursor.is_empty() {
             None
         } else {
-            Some(cursor::decode(cursor).ok_or_else(|| {
+            Some(cursor::decode(cursor).filter(|at| issuable(*at)).ok_or_else(|| {
                 betting_domain::InvalidRequest::field(
                     "cursor",
                     "is not a cursor this service issued",
@@ -501,13 +509,22 @@ impl Watch {
         let read = self
             .store
             .watch_changes_since(self.user, &self.named, since, limit);
-        let rows = match self.feeds.read(read).await {
-            Ok(rows) => rows,
+        let (rows, read_at) = match self.feeds.read(read).await {
+            Ok(read) => read,
             Err(error) => {
                 self.sink.end(&error);
                 return Err(SinkClosed::Gone);
             }
         };
+        if since > read_at {
+            // The cursor is ahead of the database's clock by more than the
+            // margin (forged, or the clock stepped back): a floor there would
+            // skip every change until the clock passes it, and its cursor
+            // would replay nothing on the next resume. Start over, from the
+            // database's time.
+            self.high_water = DateTime::<Utc>::MIN_UTC;
+            return self.snapshot(true).await;
+        }
         if rows.len() > REPLAY_LIMIT {
             return self.snapshot(true).await;
         }
