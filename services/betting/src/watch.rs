@@ -274,7 +274,7 @@ impl Feed {
         self.feeds.reads.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("stream_change_reads_total").increment(1);
         let read = self.store.user_bets(self.user, &wanted);
-        let rows = match self.feeds.read(read).await {
+        let mut rows = match self.feeds.read(read).await {
             Ok(rows) => rows,
             Err(error) => {
                 // The sweep will bring these notes back.
@@ -282,6 +282,12 @@ impl Feed {
                 return;
             }
         };
+        // Oldest change first: a stream's cursor is the latest `updated_at`
+        // it sent, so a batch sent newest first (the notes of several
+        // seconds, piled up while the last read waited for a slot) would
+        // hand out a cursor past a change not yet sent, and a client cut off
+        // between the two would resume past it.
+        rows.sort_by_key(|row| row.updated_at);
         if self.versions.len() + rows.len() > FEED_VERSIONS {
             self.versions.clear();
         }
