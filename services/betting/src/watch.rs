@@ -344,12 +344,16 @@ impl BettingService {
         let resume_from = if cursor.is_empty() {
             None
         } else {
-            Some(cursor::decode(cursor).filter(|at| issuable(*at)).ok_or_else(|| {
-                betting_domain::InvalidRequest::field(
-                    "cursor",
-                    "is not a cursor this service issued",
-                )
-            })?)
+            Some(
+                cursor::decode(cursor)
+                    .filter(|at| issuable(*at))
+                    .ok_or_else(|| {
+                        betting_domain::InvalidRequest::field(
+                            "cursor",
+                            "is not a cursor this service issued",
+                        )
+                    })?,
+            )
         };
         let feeds = self
             .user_feeds()

@@ -9,6 +9,7 @@
 
 use std::time::Duration;
 
+use betting_api::codec::LeanCodec as ProstCodec;
 use betting_api::pb_internal as pbi;
 use betting_auth::Role;
 use betting_test_kit::TestApp;
@@ -18,7 +19,6 @@ use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
 };
-use betting_api::codec::LeanCodec as ProstCodec;
 use tonic::{Code, Status, codegen::http::uri::PathAndQuery};
 use uuid::Uuid;
 
@@ -164,13 +164,21 @@ async fn old_internal_paths_answer_every_caller_as_the_new_ones() {
         ("anonymous", None, Code::Unauthenticated),
         ("owner", Some(app.player(OWNER)), Code::PermissionDenied),
         ("other player", Some(app.player(2)), Code::PermissionDenied),
-        ("game", Some(app.token_for(Role::Game)), Code::PermissionDenied),
+        (
+            "game",
+            Some(app.token_for(Role::Game)),
+            Code::PermissionDenied,
+        ),
         (
             "cashier",
             Some(app.token_for(Role::Cashier)),
             Code::PermissionDenied,
         ),
-        ("admin", Some(app.token_for(Role::Admin)), Code::PermissionDenied),
+        (
+            "admin",
+            Some(app.token_for(Role::Admin)),
+            Code::PermissionDenied,
+        ),
     ] {
         for (method, got) in old_path_codes(&app, token.as_deref()).await {
             if got != expected {
@@ -407,13 +415,15 @@ async fn old_path_calls_are_counted_as_the_new_method() {
     let mut body = String::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut body)).await;
     assert!(
-        body.lines().any(|l| l.starts_with("legacy_internal_calls_total")
-            && l.contains("betting.internal.v1.StakeService/HoldStake")),
+        body.lines()
+            .any(|l| l.starts_with("legacy_internal_calls_total")
+                && l.contains("betting.internal.v1.StakeService/HoldStake")),
         "{body}"
     );
     assert!(
-        body.lines().any(|l| l.starts_with("grpc_server_requests_total")
-            && l.contains("method=\"betting.internal.v1.StakeService/HoldStake\"")),
+        body.lines()
+            .any(|l| l.starts_with("grpc_server_requests_total")
+                && l.contains("method=\"betting.internal.v1.StakeService/HoldStake\"")),
         "{body}"
     );
 }

@@ -14,8 +14,7 @@ type Events = Streaming<pb::WatchBetsResponse>;
 
 /// `cursor::encode`'s format: base64url, unpadded, of `c1:{micros}`.
 fn cursor_at_micros(micros: i64) -> String {
-    const ALPHABET: &[u8; 64] =
-        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
     let bytes = format!("c1:{micros}").into_bytes();
     let mut out = String::new();
     for chunk in bytes.chunks(3) {
