@@ -262,11 +262,13 @@ impl BetStore {
     }
 
     /// A stream's snapshot: the named bets if any, else the user's bets still
-    /// in play (at most 2,000), and the database's time just before it.
+    /// in play and the `held` ones whatever their state (at most 2,000), and
+    /// the database's time just before it.
     pub async fn watch_snapshot(
         &self,
         user: UserId,
         bet_ids: &[Uuid],
+        held: &[Uuid],
     ) -> Result<(Vec<BetRow>, DateTime<Utc>), StoreError> {
         // The database's clock (bets' `updated_at` is that clock too), read
         // before the snapshot: every change stamped before it minus the
@@ -279,11 +281,13 @@ impl BetStore {
             " FROM bets \
              WHERE user_id = $1 AND status NOT IN ('PLACING', 'REJECTED') AND ( \
                (cardinality($2::UUID[]) > 0 AND bet_id = ANY($2)) \
-               OR (cardinality($2::UUID[]) = 0 AND status IN ('PENDING', 'MATCHED'))) \
+               OR (cardinality($2::UUID[]) = 0 \
+                   AND (status IN ('PENDING', 'MATCHED') OR bet_id = ANY($3)))) \
              ORDER BY updated_at LIMIT 2000"
         ))
         .bind(user.get())
         .bind(bet_ids)
+        .bind(held)
         .fetch_all(&self.pool)
         .await?;
         Ok((rows, read_at))

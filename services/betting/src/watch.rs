@@ -27,7 +27,7 @@ use std::{
 };
 
 use betting_auth::Principal;
-use betting_domain::{BetId, UserId};
+use betting_domain::{BetId, BetStatus, UserId};
 use betting_streams::{
     EventSink, EventStream, Note, SinkClosed, StreamContext, StreamEnd, Subscription, cursor,
     event_stream,
@@ -65,6 +65,13 @@ pub struct BetEvent {
     /// The resume cursor (empty before anything was sent).
     pub cursor: String,
     pub sent_at: DateTime<Utc>,
+}
+
+/// What a stream sent of one bet.
+#[derive(Debug, Clone, Copy)]
+struct Sent {
+    version: i64,
+    in_play: bool,
 }
 
 /// At most this many bets named in one request.
@@ -308,8 +315,9 @@ struct Watch {
     named: Vec<Uuid>,
     feed: broadcast::Receiver<FeedEvent>,
     sink: EventSink<BetEvent>,
-    /// The version of each bet this stream has sent.
-    sent: HashMap<Uuid, i64>,
+    /// The version of each bet this stream has sent, and whether it was in
+    /// play (PENDING or MATCHED) as sent: what the client holds.
+    sent: HashMap<Uuid, Sent>,
     /// The latest change time sent: the cursor.
     high_water: DateTime<Utc>,
     /// Bets this stream has not sent that changed before this predate its
@@ -465,13 +473,20 @@ impl Watch {
         live: bool,
     ) -> Result<(), SinkClosed> {
         match self.sent.get(&row.bet_id) {
-            Some(sent) if *sent >= row.version => return Ok(()),
+            Some(sent) if sent.version >= row.version => return Ok(()),
             None if kind == BetEventKind::Change && row.updated_at < self.floor => {
                 return Ok(());
             }
             _ => {}
         }
-        self.sent.insert(row.bet_id, row.version);
+        let in_play = matches!(row.status, BetStatus::Pending | BetStatus::Matched);
+        self.sent.insert(
+            row.bet_id,
+            Sent {
+                version: row.version,
+                in_play,
+            },
+        );
         if row.updated_at > self.high_water {
             self.high_water = row.updated_at;
         }
@@ -488,13 +503,26 @@ impl Watch {
 
     /// A fresh snapshot (after RESYNC if `resync`), then SNAPSHOT_END.
     async fn snapshot(&mut self, resync: bool) -> Result<(), SinkClosed> {
+        // The bets the client holds in play: after a RESYNC the snapshot
+        // lists them whatever their state, so one that ended while the
+        // stream lagged (its change older than the new floor, and no longer
+        // in play) still reaches the client, which would otherwise hold it
+        // in play for ever.
+        let mut held = Vec::new();
         if resync {
+            held = self
+                .sent
+                .iter()
+                .filter(|(_, sent)| sent.in_play)
+                .map(|(id, _)| *id)
+                .take(REPLAY_LIMIT)
+                .collect();
             // Anything may have been missed: forget what was sent, send it all again.
             self.sent.clear();
             let event = self.event(BetEventKind::Resync, None);
             self.sink.send(event).await?;
         }
-        let read = self.store.watch_snapshot(self.user, &self.named);
+        let read = self.store.watch_snapshot(self.user, &self.named, &held);
         let (rows, read_at) = match self.feeds.read(read).await {
             Ok(read) => read,
             Err(error) => {

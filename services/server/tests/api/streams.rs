@@ -679,3 +679,83 @@ async fn concurrent_get_rounds_share_one_computation_and_see_every_change() {
     )
     .await;
 }
+
+/// A stream that falls behind its feed starts over with RESYNC and a fresh
+/// snapshot. A bet the client holds as in play that ended while the stream
+/// lagged, longer ago than the snapshot's floor, must still reach the
+/// client: the resync's snapshot lists every bet this stream sent in play,
+/// not only the bets still in play (the client would hold it PENDING for
+/// ever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_resync_snapshot_settles_what_the_client_holds_in_play() {
+    let url = fresh_database().await;
+    let mut s = settings(&url, &std::env::var("REDIS_URL").expect("REDIS_URL"));
+    // Lag, but are not cut off for it.
+    s.stream_send_timeout_ms = 120_000;
+    s.roles = API_ONLY.to_vec();
+    let app = TestApp::spawn_with(s).await;
+    app.deposit(1, "100000").await;
+    app.open_round("lag").await;
+    // Small HTTP/2 windows: the stream blocks on its client after a few events.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", app.channel_addr()))
+        .expect("endpoint")
+        .initial_stream_window_size(Some(16 * 1024))
+        .initial_connection_window_size(Some(16 * 1024))
+        .connect()
+        .await
+        .expect("connect");
+    let mut events = pb::betting_service_client::BettingServiceClient::new(channel)
+        .watch_bets(authed(pb::WatchBetsRequest::default(), &app.player(1)))
+        .await
+        .expect("watch")
+        .into_inner();
+    snapshot(&mut events).await;
+    let held = app.place_ok(1, "lag", pb::Side::A, "1").await;
+    until(&mut events, |b| b.bet_id == held.bet_id).await;
+
+    // The client stops reading; its stream fills up and blocks...
+    const FLOOD: usize = 250;
+    for _ in 0..FLOOD {
+        app.place_ok(1, "lag", pb::Side::A, "1").await;
+    }
+    // ...then the held bet ends, and enough changes follow to push that
+    // change out of the feed's buffer.
+    app.bets()
+        .cancel_bet(authed(
+            pb::CancelBetRequest {
+                bet_id: held.bet_id.clone(),
+            },
+            &app.player(1),
+        ))
+        .await
+        .expect("cancel");
+    for _ in 0..FLOOD {
+        app.place_ok(1, "lag", pb::Side::A, "1").await;
+    }
+    // Past the snapshot floor's margin and the hub's sweep window.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+
+    // The client reads again: RESYNC, then a snapshot that has the held bet ended.
+    let mut resynced = false;
+    let mut ended = None;
+    for _ in 0..(4 * FLOOD + 100) {
+        let event = next(&mut events).await;
+        match WatchEventType::try_from(event.r#type) {
+            Ok(WatchEventType::Resync) => resynced = true,
+            Ok(WatchEventType::SnapshotEnd) if resynced => break,
+            _ => {}
+        }
+        if let Some(bet) = event.bet
+            && bet.bet_id == held.bet_id
+            && bet.status == pb::BetStatus::Refunded as i32
+        {
+            ended = Some(bet);
+        }
+    }
+    assert!(resynced, "the lagging stream resynchronised");
+    let ended = ended.expect("the held bet's refund reached the client");
+    assert_eq!(
+        ended.refund_reason,
+        Some(pb::RefundReason::Cancelled as i32)
+    );
+}
