@@ -261,6 +261,15 @@ impl BetStore {
             .map_err(|e| StoreError::Corrupt(e.to_string()))
     }
 
+    /// The database's clock (bets' `updated_at` is that clock too), read in
+    /// a statement of its own before a stream's read: every change stamped
+    /// before it, less the resume margin, committed before the read's
+    /// snapshot was taken.
+    async fn database_now(&self) -> Result<DateTime<Utc>, StoreError> {
+        let (now,): (DateTime<Utc>,) = sqlx::query_as("SELECT now()").fetch_one(&self.pool).await?;
+        Ok(now)
+    }
+
     /// A stream's snapshot: the named bets if any, else the user's bets still
     /// in play and the `held` ones whatever their state (at most 2,000), and
     /// the database's time just before it.
@@ -270,11 +279,7 @@ impl BetStore {
         bet_ids: &[Uuid],
         held: &[Uuid],
     ) -> Result<(Vec<BetRow>, DateTime<Utc>), StoreError> {
-        // The database's clock (bets' `updated_at` is that clock too), read
-        // before the snapshot: every change stamped before it minus the
-        // resume margin committed before the snapshot was read.
-        let (read_at,): (DateTime<Utc>,) =
-            sqlx::query_as("SELECT now()").fetch_one(&self.pool).await?;
+        let read_at = self.database_now().await?;
         let rows = sqlx::query_as(concat!(
             "SELECT ",
             bet_columns!(),
@@ -303,8 +308,7 @@ impl BetStore {
         since: DateTime<Utc>,
         limit: i64,
     ) -> Result<(Vec<BetRow>, DateTime<Utc>), StoreError> {
-        let (read_at,): (DateTime<Utc>,) =
-            sqlx::query_as("SELECT now()").fetch_one(&self.pool).await?;
+        let read_at = self.database_now().await?;
         let rows = sqlx::query_as(concat!(
             "SELECT ",
             bet_columns!(),

@@ -26,6 +26,23 @@ async fn watch(app: &TestApp, user: i64, bet_ids: Vec<String>, cursor: &str) -> 
         .into_inner()
 }
 
+/// All of `user`'s bets, watched over a connection whose HTTP/2 windows are
+/// 16 KiB: a client that stops reading blocks its stream after a few events.
+async fn watch_with_small_windows(app: &TestApp, user: i64) -> Events {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", app.channel_addr()))
+        .expect("endpoint")
+        .initial_stream_window_size(Some(16 * 1024))
+        .initial_connection_window_size(Some(16 * 1024))
+        .connect()
+        .await
+        .expect("connect");
+    pb::betting_service_client::BettingServiceClient::new(channel)
+        .watch_bets(authed(pb::WatchBetsRequest::default(), &app.player(user)))
+        .await
+        .expect("watch")
+        .into_inner()
+}
+
 async fn next(events: &mut Events) -> pb::WatchBetsResponse {
     tokio::time::timeout(Duration::from_secs(10), events.message())
         .await
@@ -397,18 +414,7 @@ async fn a_client_that_never_reads_is_cut_off_and_its_memory_freed() {
     app.deposit(1, "100000").await;
     app.open_round("flood").await;
     // A client whose HTTP/2 windows are small, as a phone on a poor link, that never reads.
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", app.channel_addr()))
-        .expect("endpoint")
-        .initial_stream_window_size(Some(16 * 1024))
-        .initial_connection_window_size(Some(16 * 1024))
-        .connect()
-        .await
-        .expect("connect");
-    let mut events = pb::betting_service_client::BettingServiceClient::new(channel)
-        .watch_bets(authed(pb::WatchBetsRequest::default(), &app.player(1)))
-        .await
-        .expect("watch")
-        .into_inner();
+    let mut events = watch_with_small_windows(&app, 1).await;
     assert_eq!(hub.stream_count(), 1);
     // Far more changes than fit in the stream's buffers, and nobody reads.
     const BETS: usize = 600;
@@ -697,18 +703,7 @@ async fn a_resync_snapshot_settles_what_the_client_holds_in_play() {
     app.deposit(1, "100000").await;
     app.open_round("lag").await;
     // Small HTTP/2 windows: the stream blocks on its client after a few events.
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", app.channel_addr()))
-        .expect("endpoint")
-        .initial_stream_window_size(Some(16 * 1024))
-        .initial_connection_window_size(Some(16 * 1024))
-        .connect()
-        .await
-        .expect("connect");
-    let mut events = pb::betting_service_client::BettingServiceClient::new(channel)
-        .watch_bets(authed(pb::WatchBetsRequest::default(), &app.player(1)))
-        .await
-        .expect("watch")
-        .into_inner();
+    let mut events = watch_with_small_windows(&app, 1).await;
     snapshot(&mut events).await;
     let held = app.place_ok(1, "lag", pb::Side::A, "1").await;
     until(&mut events, |b| b.bet_id == held.bet_id).await;
