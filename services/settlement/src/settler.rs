@@ -15,6 +15,7 @@ use uuid::Uuid;
 use crate::{RoundStore, store::MatchView};
 
 /// Pays one match: `settle:{match_id}`.
+#[derive(Clone)]
 pub struct SettleHandler {
     rounds: RoundStore,
     wallet: WalletClient,
@@ -120,10 +121,28 @@ type Payout = (UserId, Amount, MatchId, [BetId; 2]);
 /// job as the wallet being away would).
 const ROUND_BATCH: i64 = betting_domain::MAX_MOVEMENTS_PER_CALL as i64;
 
+/// Batches of one round in flight at once: while the wallet pays one batch,
+/// the next is read and sent and the one before is recorded, so the round's
+/// pace is not one batch's commits in a row.
+///
+/// Interleavings considered (see also ARCHITECTURE.md, "Interleavings and
+/// crash points"): the batches are keyset pages over `match_id` (each read
+/// starts after the last match of the page before), so two batches of one
+/// job never hold the same match, and a per-match job or another settler
+/// racing a batch is answered by the wallet's key `SETTLE:{match_id}` and
+/// the conditional bookkeeping as before. Two batches may pay the same
+/// winner: the wallet takes key locks, bet locks and wallet rows each in
+/// one sorted order, so they take that wallet in turn and cannot deadlock.
+/// A failure ends the job with the batches still in flight dropped — as a
+/// crash there would: a batch paid and not recorded is replayed by the
+/// job's retry (the keys answer from the first movements), never paid twice.
+pub const ROUND_BATCHES_IN_FLIGHT: usize = 3;
+
 impl SettleHandler {
-    /// Pays every unpaid match of a settled round, a batch at a time: one
-    /// PayWinningsBatch call and one bookkeeping transaction per batch.
-    /// Returns how many matches this call recorded as paid.
+    /// Pays every unpaid match of a settled round, a batch at a time
+    /// ([`ROUND_BATCHES_IN_FLIGHT`] at once): one PayWinningsBatch call and
+    /// one bookkeeping transaction per batch. Returns how many matches this
+    /// call recorded as paid.
     ///
     /// The same steps as [`Self::settle`] for each match, so the same
     /// safety: every payout is keyed `SETTLE:{match_id}` (a batch paid
@@ -137,78 +156,120 @@ impl SettleHandler {
     /// unpaid) counted, until an operator requeues it.
     #[tracing::instrument(name = "settle.round", skip(self), fields(round_id = %round))]
     pub async fn settle_round(&self, round: &str) -> Result<usize, JobError> {
+        use tracing::Instrument;
+
+        // Each batch is a task of its own (the runtime runs them on every
+        // core); dropping the set aborts those still running, as a crash
+        // would stop them.
+        let mut in_flight = tokio::task::JoinSet::new();
         let mut after = None;
+        let mut read_all = false;
         let mut recorded = 0;
         let mut refused: Vec<Uuid> = Vec::new();
         loop {
-            let views = self
-                .rounds
-                .open_match_views(round, after, ROUND_BATCH)
-                .await
-                .map_err(store_failure)?;
-            let Some(last) = views.last() else {
-                return if refused.is_empty() {
-                    Ok(recorded)
-                } else {
-                    // As a lone payout's refusal does: the job is dead,
-                    // its money (the refused matches, still unpaid) counted.
-                    Err(JobError::Permanent(format!(
-                        "the wallet refused the payouts of {} matches of round {round}, first {}",
-                        refused.len(),
-                        refused[0]
-                    )))
+            while !read_all && in_flight.len() < ROUND_BATCHES_IN_FLIGHT {
+                let views = self
+                    .rounds
+                    .open_match_views(round, after, ROUND_BATCH)
+                    .await
+                    .map_err(store_failure)?;
+                let Some(last) = views.last() else {
+                    read_all = true;
+                    break;
                 };
-            };
-            after = Some(last.match_id);
-            let first = &views[0];
-            if first.round_status != RoundStatus::Settled {
-                return Err(JobError::Permanent(format!(
-                    "round {round} is {}, not SETTLED",
-                    first.round_status.as_db()
-                )));
+                after = Some(last.match_id);
+                let (this, round) = (self.clone(), round.to_owned());
+                in_flight.spawn(
+                    async move { this.pay_round_batch(&round, views).await }
+                        .instrument(tracing::Span::current()),
+                );
             }
-            let winner = first
-                .winning_side
-                .ok_or_else(|| JobError::Permanent("settled round without a winner".into()))?;
-            let payouts = views
-                .iter()
-                .map(|view| payout_of(view, winner))
-                .collect::<Result<Vec<_>, _>>()?;
-            let outcomes = self
-                .wallet
-                .pay_winnings_batch(&payouts)
-                .await
-                .map_err(|e| JobError::Unavailable(format!("wallet unavailable: {e}")))?;
-            let mut paid = Vec::with_capacity(views.len());
-            for (view, outcome) in views.iter().zip(outcomes) {
-                match outcome {
-                    Ok(_) => paid.push(view.match_id),
-                    // The wallet away for this payout alone (it never says
-                    // so today): the job is deferred and the round retried.
-                    Err(e @ (WalletCallError::Unavailable(_) | WalletCallError::Malformed(_))) => {
-                        return Err(JobError::Unavailable(e.to_string()));
-                    }
-                    // Left unpaid; the round goes on past it, and its job
-                    // ends dead once the rest is paid.
-                    Err(WalletCallError::Refused { reason, .. }) => {
-                        tracing::error!(match_id = %view.match_id, reason, "the wallet refused a payout");
-                        refused.push(view.match_id);
-                    }
+            let Some(joined) = in_flight.join_next().await else {
+                break;
+            };
+            let (paid, mut refusals) = match joined {
+                Ok(batch) => batch?,
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(e) => {
+                    return Err(JobError::Unavailable(format!(
+                        "a payout batch stopped: {e}"
+                    )));
+                }
+            };
+            recorded += paid;
+            refused.append(&mut refusals);
+        }
+        if refused.is_empty() {
+            Ok(recorded)
+        } else {
+            // As a lone payout's refusal does: the job is dead, its money
+            // (the refused matches, still unpaid) counted.
+            Err(JobError::Permanent(format!(
+                "the wallet refused the payouts of {} matches of round {round}, first {}",
+                refused.len(),
+                refused[0]
+            )))
+        }
+    }
+
+    /// One batch of [`Self::settle_round`]: pays it in one wallet call and
+    /// records what was paid in one transaction. Returns the matches this
+    /// call recorded and those whose payout the wallet refused.
+    async fn pay_round_batch(
+        &self,
+        round: &str,
+        views: Vec<MatchView>,
+    ) -> Result<(usize, Vec<Uuid>), JobError> {
+        let first = &views[0];
+        if first.round_status != RoundStatus::Settled {
+            return Err(JobError::Permanent(format!(
+                "round {round} is {}, not SETTLED",
+                first.round_status.as_db()
+            )));
+        }
+        let winner = first
+            .winning_side
+            .ok_or_else(|| JobError::Permanent("settled round without a winner".into()))?;
+        let payouts = views
+            .iter()
+            .map(|view| payout_of(view, winner))
+            .collect::<Result<Vec<_>, _>>()?;
+        let outcomes = self
+            .wallet
+            .pay_winnings_batch(&payouts)
+            .await
+            .map_err(|e| JobError::Unavailable(format!("wallet unavailable: {e}")))?;
+        let mut paid = Vec::with_capacity(views.len());
+        let mut refused = Vec::new();
+        for (view, outcome) in views.iter().zip(outcomes) {
+            match outcome {
+                Ok(_) => paid.push(view.match_id),
+                // The wallet away for this payout alone (it never says so
+                // today): the job is deferred and the round retried.
+                Err(e @ (WalletCallError::Unavailable(_) | WalletCallError::Malformed(_))) => {
+                    return Err(JobError::Unavailable(e.to_string()));
+                }
+                // Left unpaid; the round goes on past it, and its job ends
+                // dead once the rest is paid.
+                Err(WalletCallError::Refused { reason, .. }) => {
+                    tracing::error!(match_id = %view.match_id, reason, "the wallet refused a payout");
+                    refused.push(view.match_id);
                 }
             }
-            let changed = self
-                .rounds
-                .mark_matches_settled(&paid, winner)
-                .await
-                .map_err(store_failure)?;
-            recorded += changed.len() / 2;
-            metrics::counter!("matches_settled_total").increment((changed.len() / 2) as u64);
-            if let Some(publisher) = &self.publisher
-                && !changed.is_empty()
-            {
-                publisher.bets(changed).await;
-            }
         }
+        let changed = self
+            .rounds
+            .mark_matches_settled(&paid, winner)
+            .await
+            .map_err(store_failure)?;
+        let recorded = changed.len() / 2;
+        metrics::counter!("matches_settled_total").increment(recorded as u64);
+        if let Some(publisher) = &self.publisher
+            && !changed.is_empty()
+        {
+            publisher.bets(changed).await;
+        }
+        Ok((recorded, refused))
     }
 }
 

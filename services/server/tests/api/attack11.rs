@@ -1211,3 +1211,131 @@ async fn attack11_a_gone_callers_busy_bet_stays_placing_until_recovery() {
     assert_eq!(app.count_bets("PLACING").await, 0);
     app.assert_books_balanced().await;
 }
+
+/// Pipelined round batches (`ROUND_BATCHES_IN_FLIGHT` at once) that pay the
+/// same winners: 800 matches (four pages) whose A sides are two users and B
+/// sides two others, so every batch in flight — and those of a second job
+/// racing the first — takes the same two wallet rows. Nothing deadlocks,
+/// each match is paid exactly once, and the two jobs' counts add up to the
+/// round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn attack11_pipelined_batches_sharing_winners_pay_each_match_once() {
+    let app = TestApp::spawn_roles(API_ONLY).await;
+    app.open_round("shared").await;
+    let (winners, losers) = ([1_i64, 2], [3_i64, 4]);
+    let per_user = 400;
+    for &user in winners.iter().chain(&losers) {
+        app.genesis(user, Decimal::from(per_user)).await;
+    }
+    for _ in 0..per_user / 25 {
+        futures::future::join_all(
+            winners
+                .iter()
+                .chain(&losers)
+                .flat_map(|&user| {
+                    let side = if winners.contains(&user) {
+                        pb::Side::A
+                    } else {
+                        pb::Side::B
+                    };
+                    (0..25).map(move |_| (user, side))
+                })
+                .map(|(user, side)| app.place_ok(user, "shared", side, "1")),
+        )
+        .await;
+    }
+    let matched = Matcher::new(app.pool.clone())
+        .match_group("shared", dec("1"))
+        .await
+        .expect("match");
+    assert_eq!(matched, 800);
+    app.settle_round("shared", pb::Side::A)
+        .await
+        .expect("settle");
+
+    let (first, second) = (settler(&app), settler(&app));
+    let (one, two) = tokio::join!(first.settle_round("shared"), second.settle_round("shared"));
+    assert_eq!(
+        one.expect("job one") + two.expect("job two"),
+        800,
+        "each match recorded by exactly one job"
+    );
+    let (payouts, distinct, total): (i64, i64, Decimal) = sqlx::query_as(
+        "SELECT count(*), count(DISTINCT reference), coalesce(sum(amount), 0) \
+         FROM ledger_entries WHERE kind = 'PAYOUT'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .expect("payouts");
+    assert_eq!((payouts, distinct, total), (800, 800, dec("1600")));
+    for &user in &winners {
+        assert_eq!(wallet_balance(&app, user).await, dec("800"), "user {user}");
+    }
+    for &user in &losers {
+        assert_eq!(
+            wallet_balance(&app, user).await,
+            Decimal::ZERO,
+            "user {user}"
+        );
+    }
+    let open: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM matches WHERE round_id = 'shared' AND status <> 'SETTLED'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .expect("count");
+    assert_eq!(open, 0);
+    app.assert_books_balanced().await;
+    app.assert_audit_clean().await;
+}
+
+/// A zombie with several batches in flight: a settler reads the round's
+/// first pages and stalls in all their wallet calls at once (600 matches:
+/// three pages); a live settler pays and records the whole round; then the
+/// zombie's calls go through. Every one of its payouts replays, it records
+/// nothing, and each match is paid once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn attack11_a_zombie_with_batches_in_flight_pays_nothing_twice() {
+    let app = TestApp::spawn_roles(API_ONLY).await;
+    let stake = "1";
+    let pairs = matched_round(&app, "zz", 1, 600, stake).await;
+    app.settle_round("zz", pb::Side::A).await.expect("settle");
+
+    let (link, arrived, open) = stalled_link(app.addr).await;
+    let zombie = SettleHandler::new(
+        RoundStore::new(app.pool.clone()),
+        wallet_client(&format!("http://{link}")),
+    );
+    let zombie_run = tokio::spawn(async move { zombie.settle_round("zz").await });
+    arrived
+        .await
+        .expect("the zombie read its pages and calls the wallet");
+    // Let it read and send every batch it may have in flight.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    assert_eq!(
+        settler(&app).settle_round("zz").await.expect("live run"),
+        600
+    );
+    assert_paid_once(&app, &pairs, stake).await;
+
+    open.send(true).expect("open the link");
+    assert_eq!(
+        zombie_run
+            .await
+            .expect("zombie task")
+            .expect("the zombie's run replays"),
+        0,
+        "the zombie records nothing"
+    );
+    let (payouts, distinct): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(DISTINCT reference) FROM ledger_entries WHERE kind = 'PAYOUT'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .expect("count");
+    assert_eq!((payouts, distinct), (600, 600));
+    assert_paid_once(&app, &pairs, stake).await;
+    app.assert_books_balanced().await;
+    app.assert_audit_clean().await;
+}
