@@ -214,7 +214,18 @@ async function main(): Promise<void> {
     browser = await puppeteer.launch({
       executablePath: chromium,
       headless: true,
-      args: ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
+      // Root needs --no-sandbox; the rest keeps Chromium off the network
+      // (this machine's is closed: its background fetches only fail).
+      args: [
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+      ],
     });
     step(`${(await browser.version()).replace("/", " ")} on ${served.url} (esbuild serve)`);
 
