@@ -92,6 +92,7 @@ function login(server: string, token: string, resumeFrom?: string) {
   for (const id of ["wallet-panel", "bet-panel", "bets-panel"]) $(id).hidden = false;
   $("login-panel").hidden = true;
   void refreshWallet();
+  void loadHistory(session);
   void followBets(session);
   const round = $<HTMLInputElement>("round-id").value;
   if (round) follow(round);
@@ -158,6 +159,39 @@ async function refreshWallet() {
       if (errorReason(err) === ErrorReason.UNAUTHENTICATED) loginError(describeError(err));
       setTimeout(refreshWalletSoon, 1_000);
     }
+  }
+}
+
+/**
+ * The newest bets, finished ones included (the watch's snapshot lists only
+ * bets in play, and a resume sends only what changed since its cursor).
+ */
+async function loadHistory(current: Session) {
+  try {
+    const { bets } = await current.client.betting.listBets({ pageSize: 20 }, { signal: current.stop.signal });
+    if (current !== session) return;
+    // Oldest first, so that the newest ends on top.
+    for (const bet of [...bets].reverse()) showBet(bet);
+  } catch (err) {
+    if (current === session && !current.stop.signal.aborted) {
+      showMessage(`Could not read your bets: ${describeError(err)}`, "error", errorReason(err));
+    }
+  }
+}
+
+async function cancel(betId: string, button: HTMLButtonElement) {
+  const current = session;
+  if (current === undefined) return;
+  button.disabled = true;
+  const read = ++balanceReads;
+  try {
+    const { bet, balance } = await current.client.betting.cancelBet({ betId }, { signal: current.stop.signal });
+    if (bet !== undefined) showBet(bet);
+    showBalance(read, balance);
+    showMessage("Bet cancelled: the stake is back in your wallet.", "ok");
+  } catch (err) {
+    showMessage(describeError(err), "error", errorReason(err));
+    button.disabled = false;
   }
 }
 
@@ -249,6 +283,14 @@ function showBet(bet: Bet) {
   cell("amount").textContent = bet.amount;
   cell("status").textContent = status;
   cell("outcome").textContent = outcome(bet);
+  if (bet.status === BetStatus.PENDING) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "cancel";
+    button.textContent = "Cancel";
+    button.addEventListener("click", () => void cancel(bet.betId, button));
+    cell("outcome").append(" ", button);
+  }
 }
 
 function outcome(bet: Bet): string {

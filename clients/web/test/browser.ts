@@ -8,12 +8,16 @@
 //      contexts), sees a balance of 100, bets 10 on opposite sides; both
 //      pages show their bet MATCHED, a balance of 90 and the round's totals;
 //   3. a refusal is shown clearly: a stake over the balance reads
-//      INSUFFICIENT_FUNDS and the balance is unchanged;
+//      INSUFFICIENT_FUNDS and the balance is unchanged; a bet nobody takes
+//      is cancelled from its row and its stake comes back;
 //   4. the pages' server stops (SIGTERM) mid-stream: both pages say
 //      "reconnecting"; while it is down, a second instance (same stores)
 //      closes and settles the round and pays; then the first comes back on
-//      the same address and both pages resume from their cursors and show
-//      the bets SETTLED (won, paid 20 / lost) and balances of 110 and 90;
+//      the same address and both pages resume from their cursors (every
+//      WatchBets reopen carries it: read off the wire) and show the bets
+//      SETTLED (won, paid 20 / lost) and balances of 110 and 90; a reload
+//      keeps the session, lists the finished bet and resumes from the
+//      cursor it kept;
 //   5. betting on the settled round reads ROUND_NOT_OPEN;
 //   6. a screenshot of the winner's page is saved; `betting audit` is clean;
 //      no page threw.
@@ -256,6 +260,14 @@ async function main(): Promise<void> {
     await see(b, '#balance[data-balance="90"]', "B's balance after the refusal");
     step(`a stake of 1000 is refused on B's page: "${refusal}"`);
 
+    await bet(b, "B", "5");
+    await see(b, '#bets tr[data-status="PENDING"][data-side="B"] button.cancel', "B's second bet, waiting, with its Cancel button");
+    await see(b, '#balance[data-balance="85"]', "B's balance after the second stake");
+    await b.click('#bets tr[data-status="PENDING"][data-side="B"] button.cancel');
+    await see(b, '#bets tr[data-status="REFUNDED"][data-side="B"]', "B's cancelled bet, refunded");
+    await see(b, '#balance[data-balance="90"]', "B's balance after the cancel");
+    step("B bet 5 more, nobody took it, B cancelled it: REFUNDED, balance back to 90");
+
     const cursors = {
       A: await a.evaluate(() => sessionStorage.getItem("betting.cursor") ?? ""),
       B: await b.evaluate(() => sessionStorage.getItem("betting.cursor") ?? ""),
@@ -294,7 +306,7 @@ async function main(): Promise<void> {
       await see(p, `#balance[data-balance="${balance}"]`, `player ${name}'s balance after settlement`);
       await see(p, '#connection[data-state="live"]', `player ${name}'s watches live again`);
       await see(p, '#round-status[data-status="SETTLED"]', `player ${name}'s round settled`);
-      const shown = await p.$eval(`#bets tr[data-side="${name}"] td[data-field="outcome"]`, (td) => td.textContent ?? "");
+      const shown = await p.$eval(`#bets tr[data-status="SETTLED"][data-side="${name}"] td[data-field="outcome"]`, (td) => td.textContent ?? "");
       if (shown !== outcome) throw new Error(`player ${name}'s bet shows "${shown}", expected "${outcome}"`);
     }
     await see(a, "xpath///dd[@data-stat='totalPaidOut' and text()='20']", "the round's payout total");
@@ -305,6 +317,20 @@ async function main(): Promise<void> {
       if (fresh.length > 0) throw new Error(`player ${name}'s page reopened WatchBets without its cursor ${fresh.length} of ${reopened.length} times`);
     }
     step("the server came back: both pages resumed from their cursors (every reopen sent it): A won, paid 20, balance 110; B lost, balance 90");
+
+    // A reload keeps the session, resumes the watch from its cursor, and
+    // shows the finished bets from ListBets.
+    const lastCursor = await a.evaluate(() => sessionStorage.getItem("betting.cursor") ?? "");
+    const opensBeforeReload = watchOpens.A.length;
+    await a.reload();
+    await see(a, '#bets tr[data-status="SETTLED"][data-side="A"]', "A's settled bet after a reload");
+    await see(a, '#balance[data-balance="110"]', "A's balance after a reload");
+    await see(a, '#connection[data-state="live"]', "A's watches after a reload");
+    const reloaded = watchOpens.A.slice(opensBeforeReload);
+    if (lastCursor === "" || reloaded.length === 0 || !reloaded.every((body) => body.includes(lastCursor))) {
+      throw new Error(`A's page did not resume from its cursor after the reload (${reloaded.length} opens)`);
+    }
+    step("A's page reloaded: still logged in, the settled bet listed (ListBets), the watch live again");
 
     await bet(b, "A", "5");
     await see(b, '#message.error[data-reason="ROUND_NOT_OPEN"]', "the refusal of a bet on a settled round");
