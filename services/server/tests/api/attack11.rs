@@ -1884,3 +1884,153 @@ async fn attack14_a_failure_with_paid_siblings_in_flight_counts_paid_money_as_de
     app.assert_books_balanced().await;
     app.assert_audit_clean().await;
 }
+
+/// The keyset cursor past matches that leave the partial index mid-job: a
+/// round job of 800 matches (pages of 256, 256, 256, 32) reads its first
+/// three pages and stalls in all three wallet calls; lone jobs pay and
+/// record the matches on every page boundary (the last match of a page,
+/// which is the cursor of the next read, and the first of the next page),
+/// so they leave `matches_open_by_round_idx` before the job reads its
+/// fourth page after one of them. Then the calls go through. Each match is
+/// recorded by exactly one job and paid once; the fourth page is read from
+/// the cursor whatever the index holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn attack14_lone_jobs_paying_the_page_boundaries_under_batches_in_flight_pay_once() {
+    let app = TestApp::spawn_roles(API_ONLY).await;
+    let stake = "1";
+    let pairs = matched_round(&app, "edge", 1, 800, stake).await;
+    app.settle_round("edge", pb::Side::A).await.expect("settle");
+
+    let (link, arrived, open) = stalled_link(app.addr).await;
+    let stalled = SettleHandler::new(
+        RoundStore::new(app.pool.clone()),
+        wallet_client(&format!("http://{link}")),
+    );
+    let run = tokio::spawn(async move { stalled.settle_round("edge").await });
+    arrived.await.expect("the job calls the wallet");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let lone = settler(&app);
+    let mut recorded = 0;
+    for i in [0, 255, 256, 511, 512, 767, 768, 799] {
+        assert!(lone.settle(pairs[i].match_id).await.expect("lone job"));
+        recorded += 1;
+    }
+    open.send(true).expect("open the link");
+    recorded += tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("the job ends")
+        .expect("job task")
+        .expect("the job pays");
+    assert_eq!(recorded, 800, "each match recorded by exactly one job");
+    assert_paid_once(&app, &pairs, stake).await;
+    app.assert_books_balanced().await;
+    app.assert_audit_clean().await;
+}
+
+/// Refunds of the winners racing pipelined batches: the two winners of 800
+/// matches (four pages) also hold 40 unmatched bets in another round,
+/// which is voided while two round jobs pay them; the refunds run at once,
+/// each its own wallet movement on the same two wallet rows as every batch.
+/// Nothing deadlocks; each payout is made once, each refund once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn attack14_refunds_of_the_winners_racing_pipelined_batches_each_move_once() {
+    let app = TestApp::spawn_roles(API_ONLY).await;
+    app.open_round("paid").await;
+    app.open_round("voided").await;
+    let (winners, losers) = ([1_i64, 2], [3_i64, 4]);
+    for &user in &winners {
+        app.genesis(user, dec("440")).await;
+    }
+    for &user in &losers {
+        app.genesis(user, dec("400")).await;
+    }
+    for _ in 0..16 {
+        futures::future::join_all(
+            winners
+                .iter()
+                .chain(&losers)
+                .flat_map(|&user| {
+                    let side = if winners.contains(&user) {
+                        pb::Side::A
+                    } else {
+                        pb::Side::B
+                    };
+                    (0..25).map(move |_| (user, side))
+                })
+                .map(|(user, side)| app.place_ok(user, "paid", side, "1")),
+        )
+        .await;
+    }
+    for _ in 0..4 {
+        futures::future::join_all(
+            winners
+                .iter()
+                .flat_map(|&user| (0..5).map(move |_| user))
+                .map(|user| app.place_ok(user, "voided", pb::Side::A, "2")),
+        )
+        .await;
+    }
+    let matched = Matcher::new(app.pool.clone())
+        .match_group("paid", dec("1"))
+        .await
+        .expect("match");
+    assert_eq!(matched, 800);
+    app.settle_round("paid", pb::Side::A).await.expect("settle");
+
+    let refunder = betting_refunds::Refunder::new(
+        betting_refunds::Outbox::new(app.pool.clone()),
+        wallet_client(&format!("http://{}", app.addr)),
+    );
+    let refunds = async {
+        app.void_round("voided").await.expect("void");
+        let keys: Vec<String> = sqlx::query_scalar("SELECT idempotency_key FROM wallet_commands")
+            .fetch_all(&app.pool)
+            .await
+            .expect("owed");
+        assert_eq!(keys.len(), 40);
+        futures::future::join_all(keys.iter().map(|key| refunder.execute_key(key))).await
+    };
+    let (one, two) = (settler(&app), settler(&app));
+    let ((a, b), refunded) = tokio::time::timeout(Duration::from_secs(120), async {
+        tokio::join!(
+            async { tokio::join!(one.settle_round("paid"), two.settle_round("paid")) },
+            refunds,
+        )
+    })
+    .await
+    .expect("no deadlock");
+    assert_eq!(a.expect("job one") + b.expect("job two"), 800);
+    for r in refunded {
+        r.expect("refund");
+    }
+    let (payouts, distinct): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(DISTINCT reference) FROM ledger_entries WHERE kind = 'PAYOUT'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .expect("payouts");
+    assert_eq!((payouts, distinct), (800, 800));
+    let (refunds, distinct): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(DISTINCT idempotency_key) FROM ledger_entries WHERE kind = 'REFUND'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .expect("refunds");
+    assert_eq!((refunds, distinct), (40, 40));
+    for &user in &winners {
+        // 440 - 400 - 40 staked, 800 won, 40 refunded.
+        assert_eq!(wallet_balance(&app, user).await, dec("840"), "user {user}");
+    }
+    for &user in &losers {
+        assert_eq!(wallet_balance(&app, user).await, Decimal::ZERO);
+    }
+    let refunded: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM bets WHERE round_id = 'voided' AND status = 'REFUNDED'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .expect("count");
+    assert_eq!(refunded, 40);
+    app.assert_books_balanced().await;
+    app.assert_audit_clean().await;
+}
