@@ -2034,3 +2034,77 @@ async fn attack14_refunds_of_the_winners_racing_pipelined_batches_each_move_once
     app.assert_books_balanced().await;
     app.assert_audit_clean().await;
 }
+
+/// Settles as the settler does, except that its first run panics inside a
+/// batch task, which `settle_round` resumes on the job's task once it has
+/// joined it (`std::panic::resume_unwind`).
+struct PanicsOnce {
+    settler: SettleHandler,
+    panicked: std::sync::atomic::AtomicBool,
+}
+
+impl Handler for PanicsOnce {
+    async fn handle(&self, job: &Job) -> Result<(), JobError> {
+        if !self
+            .panicked
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            let mut batches = tokio::task::JoinSet::new();
+            batches.spawn(async { panic!("attack14: a payout batch panics") });
+            if let Some(Err(e)) = batches.join_next().await
+                && e.is_panic()
+            {
+                std::panic::resume_unwind(e.into_panic());
+            }
+        }
+        self.settler.handle(job).await
+    }
+}
+
+/// A panic inside a batch task, under a real queue worker: the panic is
+/// resumed on the job's task, which ends without an outcome recorded. The
+/// job must run again (the round's money is owed, and no dead-letter entry
+/// counts it): here within a few leases of a live consumer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn attack14_a_panicking_batch_under_a_worker_leaves_its_job_to_run_again() {
+    let app = TestApp::spawn_roles(API_ONLY).await;
+    let stake = "1";
+    let pairs = matched_round(&app, "pn", 1, 4, stake).await;
+    app.settle_round("pn", pb::Side::A).await.expect("settle");
+    let settle = &app.queues.settle;
+    let quick = Queue::new(
+        settle.client().clone(),
+        &app.namespace,
+        settle.name(),
+        QueueSettings {
+            visibility_timeout: Duration::from_secs(2),
+            ..settle.settings().clone()
+        },
+    );
+    let handler = PanicsOnce {
+        settler: settler(&app),
+        panicked: std::sync::atomic::AtomicBool::new(false),
+    };
+    crate::attack::run_worker(
+        quick.clone(),
+        handler,
+        Duration::from_secs(20),
+        async || {
+            open_matches(&app, "pn").await == 0
+                && quick
+                    .stats()
+                    .await
+                    .is_ok_and(|s| (s.waiting, s.delayed, s.in_flight, s.dead) == (0, 0, 0, 0))
+        },
+    )
+    .await;
+    let stats = quick.stats().await.expect("stats");
+    assert_eq!(
+        (stats.waiting, stats.delayed, stats.in_flight, stats.dead),
+        (0, 0, 0, 0),
+        "the job ran again and was acked: {stats:?}"
+    );
+    assert_paid_once(&app, &pairs, stake).await;
+    app.assert_books_balanced().await;
+    app.assert_audit_clean().await;
+}
