@@ -327,6 +327,29 @@ impl Worker {
     }
 }
 
+/// A handler's future, its panics caught: `Err` with the panic's message.
+struct CatchPanic<F>(std::pin::Pin<Box<F>>);
+
+impl<F: Future> Future for CatchPanic<F> {
+    type Output = Result<F::Output, String>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let inner = self.0.as_mut();
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(std::task::Poll::Ready(output)) => std::task::Poll::Ready(Ok(output)),
+            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
+            Err(panic) => std::task::Poll::Ready(Err(panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic without a message".to_owned()))),
+        }
+    }
+}
+
 async fn housekeep(queue: &Queue) -> Result<(), QueueError> {
     queue.promote_due().await?;
     queue.reap_expired().await?;
@@ -387,7 +410,20 @@ async fn run_one<H: Handler>(queue: &Queue, consumer: &str, handler: &H, job: Jo
     betting_telemetry::trace::adopt(&span, |key| {
         carried.and_then(|c| c.get(key)).map(String::as_str)
     });
-    let result = tracing::Instrument::instrument(handler.handle(&job), span).await;
+    // A handler that panics has failed, an attempt counted: left
+    // unrecorded, its job would stay in our active list, its id among the
+    // running ones, where neither the stray check nor the reaper (our lease
+    // is renewed) hands it back while we live.
+    let result =
+        match tracing::Instrument::instrument(CatchPanic(Box::pin(handler.handle(&job))), span)
+            .await
+        {
+            Ok(result) => result,
+            Err(panic) => {
+                tracing::error!(queue = %name, job = %job.id, panic, "the job's handler panicked");
+                Err(JobError::Retry(format!("the handler panicked: {panic}")))
+            }
+        };
     metrics::histogram!("queue_job_duration_seconds", "queue" => name.clone())
         .record(started.elapsed().as_secs_f64());
     let outcome = match result {

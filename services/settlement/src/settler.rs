@@ -116,6 +116,24 @@ fn payout_of(view: &MatchView, winner: Side) -> Result<Payout, JobError> {
 
 type Payout = (UserId, Amount, MatchId, [BetId; 2]);
 
+/// Of two failures of one round job's batches, the one that buries the
+/// least: an outage defers the job (no attempt used), a retry uses an
+/// attempt, a permanent failure kills it. Money owed is never buried
+/// because one batch found something down.
+fn least_final(first: Option<JobError>, next: JobError) -> JobError {
+    fn rank(e: &JobError) -> u8 {
+        match e {
+            JobError::Unavailable(_) => 0,
+            JobError::Retry(_) => 1,
+            JobError::Permanent(_) => 2,
+        }
+    }
+    match first {
+        Some(first) if rank(&first) <= rank(&next) => first,
+        _ => next,
+    }
+}
+
 /// Matches one wallet call pays: the wallet's limit per call, so a page is
 /// never refused as a whole for its size (a whole-call failure defers the
 /// job as the wallet being away would).
@@ -133,9 +151,11 @@ const ROUND_BATCH: i64 = betting_domain::MAX_MOVEMENTS_PER_CALL as i64;
 /// the conditional bookkeeping as before. Two batches may pay the same
 /// winner: the wallet takes key locks, bet locks and wallet rows each in
 /// one sorted order, so they take that wallet in turn and cannot deadlock.
-/// A failure ends the job with the batches still in flight dropped — as a
-/// crash there would: a batch paid and not recorded is replayed by the
-/// job's retry (the keys answer from the first movements), never paid twice.
+/// A failure stops the reading of pages; the batches still in flight are
+/// waited for and recorded before the job fails (so a dead job's count is
+/// only money still unpaid). A crash drops them instead: a batch paid and
+/// not recorded is replayed by the job's retry (the keys answer from the
+/// first movements), never paid twice.
 pub const ROUND_BATCHES_IN_FLIGHT: usize = 3;
 
 impl SettleHandler {
@@ -166,13 +186,29 @@ impl SettleHandler {
         let mut read_all = false;
         let mut recorded = 0;
         let mut refused: Vec<Uuid> = Vec::new();
+        // A failure stops the reading, not the batches in flight: they are
+        // waited for and recorded, so a failure that is not a crash never
+        // leaves a paid batch unrecorded behind the job (a dead job's count
+        // would take its payouts, made already, as money still owed).
+        let mut failure: Option<JobError> = None;
+        let mut panicked = None;
         loop {
-            while !read_all && in_flight.len() < ROUND_BATCHES_IN_FLIGHT {
-                let views = self
+            while failure.is_none()
+                && panicked.is_none()
+                && !read_all
+                && in_flight.len() < ROUND_BATCHES_IN_FLIGHT
+            {
+                let views = match self
                     .rounds
                     .open_match_views(round, after, ROUND_BATCH)
                     .await
-                    .map_err(store_failure)?;
+                {
+                    Ok(views) => views,
+                    Err(e) => {
+                        failure = Some(store_failure(e));
+                        break;
+                    }
+                };
                 let Some(last) = views.last() else {
                     read_all = true;
                     break;
@@ -187,17 +223,24 @@ impl SettleHandler {
             let Some(joined) = in_flight.join_next().await else {
                 break;
             };
-            let (paid, mut refusals) = match joined {
-                Ok(batch) => batch?,
-                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-                Err(e) => {
-                    return Err(JobError::Unavailable(format!(
-                        "a payout batch stopped: {e}"
-                    )));
+            match joined {
+                Ok(Ok((paid, mut refusals))) => {
+                    recorded += paid;
+                    refused.append(&mut refusals);
                 }
-            };
-            recorded += paid;
-            refused.append(&mut refusals);
+                Ok(Err(e)) => failure = Some(least_final(failure.take(), e)),
+                Err(e) if e.is_panic() => panicked = panicked.or(Some(e.into_panic())),
+                Err(e) => {
+                    let e = JobError::Unavailable(format!("a payout batch stopped: {e}"));
+                    failure = Some(least_final(failure.take(), e));
+                }
+            }
+        }
+        if let Some(panic) = panicked {
+            std::panic::resume_unwind(panic);
+        }
+        if let Some(failure) = failure {
+            return Err(failure);
         }
         if refused.is_empty() {
             Ok(recorded)

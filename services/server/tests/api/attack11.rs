@@ -1339,3 +1339,772 @@ async fn attack11_a_zombie_with_batches_in_flight_pays_nothing_twice() {
     app.assert_books_balanced().await;
     app.assert_audit_clean().await;
 }
+
+// Attack review 14: the pipelined round batches (`ROUND_BATCHES_IN_FLIGHT`
+// at once, each a task): a failure of one batch while its siblings are in
+// flight, a refusal and an outage in sibling batches, lone jobs, placing
+// traffic and two round jobs over the same wallets, and the round's
+// transitions racing batches in flight.
+
+/// Makes every wallet call that pays `matched` fail as a whole after
+/// holding its locks for `hold`: the batch's transaction is rolled back and
+/// the call answered INTERNAL (UNAVAILABLE to the settler), as a wallet
+/// failing mid-call would.
+async fn inject_outage(app: &TestApp, matched: Uuid, hold: Duration) {
+    for statement in [
+        "CREATE TABLE attack14_outages (reference TEXT PRIMARY KEY, hold FLOAT8 NOT NULL)",
+        "CREATE FUNCTION attack14_outage() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         DECLARE held FLOAT8; \
+         BEGIN \
+           SELECT hold INTO held FROM attack14_outages WHERE reference = NEW.reference; \
+           IF FOUND THEN \
+             PERFORM pg_sleep(held); \
+             RAISE EXCEPTION 'attack14 injected outage'; \
+           END IF; \
+           RETURN NEW; \
+         END; $$",
+        "CREATE TRIGGER attack14_outage BEFORE INSERT ON ledger_entries FOR EACH ROW \
+         WHEN (NEW.kind = 'PAYOUT') EXECUTE FUNCTION attack14_outage()",
+    ] {
+        sqlx::query(statement)
+            .execute(&app.pool)
+            .await
+            .expect("outage trigger");
+    }
+    sqlx::query("INSERT INTO attack14_outages (reference, hold) VALUES ($1, $2)")
+        .bind(matched.to_string())
+        .bind(hold.as_secs_f64())
+        .execute(&app.pool)
+        .await
+        .expect("outage");
+}
+
+async fn lift_outage(app: &TestApp) {
+    sqlx::query("DROP TRIGGER attack14_outage ON ledger_entries")
+        .execute(&app.pool)
+        .await
+        .expect("drop trigger");
+}
+
+async fn open_matches(app: &TestApp, round: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM matches WHERE round_id = $1 AND status = 'OPEN'")
+        .bind(round)
+        .fetch_one(&app.pool)
+        .await
+        .expect("count")
+}
+
+/// A wallet failure in one batch while its siblings are in flight: 600
+/// matches (pages of 256, 256, 88). The second page's wallet call holds its
+/// locks for seconds and then fails as a whole; meanwhile the third page is
+/// paid and its bookkeeping waits on a row lock (a lone job's, say) that
+/// goes only after the failure. The job ends UNAVAILABLE (deferred), the
+/// second page unpaid; the third is recorded by the job or, if the failure
+/// dropped its batch (paid, not recorded), by the retry, whose payouts
+/// replay. The retry records every match left and pays the second page:
+/// each match paid exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn attack14_an_outage_in_one_batch_with_a_paid_sibling_in_flight_then_the_retry_pays_once() {
+    let app = TestApp::spawn_roles(API_ONLY).await;
+    let stake = "1";
+    let pairs = matched_round(&app, "out", 1, 600, stake).await;
+    app.settle_round("out", pb::Side::A).await.expect("settle");
+    let hold = Duration::from_secs(3);
+    inject_outage(&app, pairs[300].match_id, hold).await;
+    let mut lock = app.pool.begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM matches WHERE match_id = $1 FOR UPDATE")
+        .bind(pairs[550].match_id)
+        .execute(&mut *lock)
+        .await
+        .expect("lock a third-page match");
+
+    let started = tokio::time::Instant::now();
+    let run = {
+        let settler = settler(&app);
+        tokio::spawn(async move { settler.settle_round("out").await })
+    };
+    // The third page is paid while the second's call still holds on.
+    eventually(
+        "the third page is paid",
+        Duration::from_secs(20),
+        async || {
+            let paid: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM ledger_entries WHERE kind = 'PAYOUT' AND reference = ANY($1)",
+            )
+            .bind(
+                pairs[512..]
+                    .iter()
+                    .map(|p| p.match_id.to_string())
+                    .collect::<Vec<_>>(),
+            )
+            .fetch_one(&app.pool)
+            .await
+            .expect("count");
+            (paid == 88).then_some(())
+        },
+    )
+    .await;
+    // The second page's call fails; then the row lock goes.
+    tokio::time::sleep_until(started + hold + Duration::from_secs(1)).await;
+    lock.commit().await.expect("release the row");
+    let first = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("the job ends")
+        .expect("job task");
+    assert!(matches!(first, Err(JobError::Unavailable(_))), "{first:?}");
+    lift_outage(&app).await;
+
+    // The second page unpaid, nothing paid twice.
+    for p in &pairs[256..512] {
+        assert!(payouts_of(&app, p.match_id).await.is_empty());
+    }
+    let (payouts, distinct): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(DISTINCT reference) FROM ledger_entries WHERE kind = 'PAYOUT'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .expect("count");
+    assert_eq!((payouts, distinct), (344, 344));
+    // Whatever bookkeeping the failure dropped has ended (rolled back).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let left = open_matches(&app, "out").await;
+    assert!(left == 256 || left == 344, "{left} matches left open");
+    let retried = tokio::time::timeout(Duration::from_secs(60), settler(&app).settle_round("out"))
+        .await
+        .expect("the retry ends")
+        .expect("the retry pays the rest");
+    assert_eq!(retried as i64, left, "the retry records every match left");
+    assert_paid_once(&app, &pairs, stake).await;
+    assert_eq!(
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM ledger_entries WHERE kind = 'PAYOUT'")
+            .fetch_one(&app.pool)
+            .await
+            .expect("count"),
+        600
+    );
+    app.assert_books_balanced().await;
+    app.assert_audit_clean().await;
+}
+
+/// A refused payout in the first and in the third page while the second
+/// page's wallet call fails: the job is deferred (UNAVAILABLE: nothing is
+/// dead, no money counted as dead) rather than dead with the second page
+/// unpaid. Its next delivery pays the second page, replays the refusals and
+/// dies for good; the dead money is exactly the two refused payouts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn attack14_a_refusal_and_an_outage_in_sibling_batches_defer_then_die_counted() {
+    let app = TestApp::spawn_roles(API_ONLY).await;
+    let stake = "2";
+    let pairs = matched_round(&app, "ro", 1, 600, stake).await;
+    let refused = [pairs[10], pairs[520]];
+    for p in &refused {
+        refuse_payout(&app, p, stake).await;
+    }
+    app.settle_round("ro", pb::Side::A).await.expect("settle");
+    inject_outage(&app, pairs[300].match_id, Duration::from_millis(500)).await;
+
+    let settle = &app.queues.settle;
+    let first = tokio::time::timeout(Duration::from_secs(30), settler(&app).settle_round("ro"))
+        .await
+        .expect("the first run ends");
+    assert!(matches!(first, Err(JobError::Unavailable(_))), "{first:?}");
+    assert_eq!(
+        betting_reconciler::stuck::dead_money(&app.pool, settle)
+            .await
+            .expect("dead money"),
+        Decimal::ZERO,
+        "nothing is dead yet"
+    );
+    for p in &pairs[256..512] {
+        assert!(payouts_of(&app, p.match_id).await.is_empty());
+    }
+    lift_outage(&app).await;
+
+    let blocking = betting_queue::connect(&redis_url()).expect("redis");
+    let job = fetch_job(settle, &blocking, "settler").await;
+    assert_eq!(job.id, SettleRoundJob::new("ro").id());
+    let second = tokio::time::timeout(Duration::from_secs(60), settler(&app).handle(&job))
+        .await
+        .expect("the second run ends");
+    let Err(JobError::Permanent(why)) = &second else {
+        panic!("the job fails for good: {second:?}");
+    };
+    assert!(why.contains("2 matches"), "{why}");
+    assert_eq!(
+        settle.fail("settler", &job, why, true).await.expect("fail"),
+        FailOutcome::Dead
+    );
+    let is_refused = |p: &Pair| refused.iter().any(|r| r.match_id == p.match_id);
+    let paid: Vec<Pair> = pairs.iter().copied().filter(|p| !is_refused(p)).collect();
+    assert_paid_once(&app, &paid, stake).await;
+    for p in &refused {
+        assert!(payouts_of(&app, p.match_id).await.is_empty());
+        assert_eq!(match_status(&app, p.match_id).await, "OPEN");
+        assert_eq!(bet_status(&app, p.bet_a).await, "MATCHED");
+        assert_eq!(bet_status(&app, p.bet_b).await, "MATCHED");
+    }
+    assert_eq!(
+        betting_reconciler::stuck::dead_money(&app.pool, settle)
+            .await
+            .expect("dead money"),
+        dec(stake) * Decimal::from(4),
+        "the two refused payouts"
+    );
+    let stats = settle.stats().await.expect("stats");
+    assert_eq!((stats.waiting, stats.dead), (0, 1), "{stats:?}");
+    app.assert_books_balanced().await;
+}
+
+/// Two round jobs with batches in flight (800 matches, four pages, whose
+/// winners are two users), lone per-match jobs for every tenth match, and
+/// the winners placing bets in another round and depositing at the same
+/// time: every movement touches the same two wallet rows. Nothing
+/// deadlocks or fails; each match is recorded by exactly one job and paid
+/// once, and each balance is exactly what its movements say.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn attack14_round_jobs_lone_jobs_and_placing_over_the_same_wallets_pay_once() {
+    let app = TestApp::spawn_roles(API_ONLY).await;
+    app.open_round("busy").await;
+    app.open_round("next").await;
+    let (winners, losers) = ([1_i64, 2], [3_i64, 4]);
+    let per_user = 400;
+    for &user in winners.iter().chain(&losers) {
+        app.genesis(user, Decimal::from(per_user)).await;
+    }
+    for _ in 0..per_user / 25 {
+        futures::future::join_all(
+            winners
+                .iter()
+                .chain(&losers)
+                .flat_map(|&user| {
+                    let side = if winners.contains(&user) {
+                        pb::Side::A
+                    } else {
+                        pb::Side::B
+                    };
+                    (0..25).map(move |_| (user, side))
+                })
+                .map(|(user, side)| app.place_ok(user, "busy", side, "1")),
+        )
+        .await;
+    }
+    let matched = Matcher::new(app.pool.clone())
+        .match_group("busy", dec("1"))
+        .await
+        .expect("match");
+    assert_eq!(matched, 800);
+    app.settle_round("busy", pb::Side::A).await.expect("settle");
+    let matches: Vec<Uuid> = pairs_of(&app, "busy")
+        .await
+        .iter()
+        .map(|p| p.match_id)
+        .collect();
+
+    let (one, two, lone) = (settler(&app), settler(&app), settler(&app));
+    let traffic = async {
+        for &user in &winners {
+            app.deposit(user, "50").await;
+        }
+        // Each winner's 40 bets of 1 in another round, while the payouts run.
+        for _ in 0..4 {
+            futures::future::join_all(
+                winners
+                    .iter()
+                    .flat_map(|&user| (0..10).map(move |_| user))
+                    .map(|user| app.place_ok(user, "next", pb::Side::A, "1")),
+            )
+            .await;
+        }
+    };
+    let lone_jobs = futures::future::join_all(
+        matches
+            .iter()
+            .step_by(10)
+            .map(|&m| lone.settle(m))
+            .collect::<Vec<_>>(),
+    );
+    let ((a, b), by_lone, ()) = tokio::time::timeout(Duration::from_secs(120), async {
+        tokio::join!(
+            async { tokio::join!(one.settle_round("busy"), two.settle_round("busy")) },
+            lone_jobs,
+            traffic,
+        )
+    })
+    .await
+    .expect("no deadlock");
+    let lone_recorded: usize = by_lone
+        .into_iter()
+        .map(|r| usize::from(r.expect("lone job")))
+        .sum();
+    assert_eq!(
+        a.expect("job one") + b.expect("job two") + lone_recorded,
+        800,
+        "each match recorded by exactly one job"
+    );
+    let (payouts, distinct, total): (i64, i64, Decimal) = sqlx::query_as(
+        "SELECT count(*), count(DISTINCT reference), coalesce(sum(amount), 0) \
+         FROM ledger_entries WHERE kind = 'PAYOUT'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .expect("payouts");
+    assert_eq!((payouts, distinct, total), (800, 800, dec("1600")));
+    for &user in &winners {
+        // 400 staked and 400 won twice over, 50 deposited, 40 staked again.
+        assert_eq!(wallet_balance(&app, user).await, dec("810"), "user {user}");
+    }
+    for &user in &losers {
+        assert_eq!(wallet_balance(&app, user).await, Decimal::ZERO);
+    }
+    assert_eq!(open_matches(&app, "busy").await, 0);
+    let settled: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM bets WHERE round_id = 'busy' AND status = 'SETTLED'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .expect("count");
+    assert_eq!(settled, 1600);
+    app.assert_books_balanced().await;
+    app.assert_audit_clean().await;
+}
+
+/// VoidRound and CloseRound racing a round job whose three batches are in
+/// flight (stalled in their wallet calls): both are refused (SETTLED is
+/// final) and owe nothing; the job then pays every match once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn attack14_void_and_close_racing_batches_in_flight_move_nothing() {
+    let app = TestApp::spawn_roles(API_ONLY).await;
+    let stake = "1";
+    let pairs = matched_round(&app, "vr", 1, 600, stake).await;
+    app.settle_round("vr", pb::Side::A).await.expect("settle");
+
+    let (link, arrived, open) = stalled_link(app.addr).await;
+    let stalled = SettleHandler::new(
+        RoundStore::new(app.pool.clone()),
+        wallet_client(&format!("http://{link}")),
+    );
+    let run = tokio::spawn(async move { stalled.settle_round("vr").await });
+    arrived.await.expect("the job calls the wallet");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let void = app.void_round("vr").await;
+    assert_eq!(
+        void.expect_err("a settled round is not voided").code(),
+        Code::FailedPrecondition
+    );
+    let close = app
+        .rounds()
+        .close_round(authed(
+            pb::CloseRoundRequest {
+                round_id: "vr".into(),
+            },
+            &app.game_token(),
+        ))
+        .await;
+    assert!(close.is_err(), "a settled round is not closed: {close:?}");
+    let owed: i64 = sqlx::query_scalar("SELECT count(*) FROM wallet_commands")
+        .fetch_one(&app.pool)
+        .await
+        .expect("count");
+    assert_eq!(owed, 0, "nothing is owed back");
+
+    open.send(true).expect("open the link");
+    let recorded = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("the job ends")
+        .expect("job task")
+        .expect("the job pays");
+    assert_eq!(recorded, 600);
+    assert_paid_once(&app, &pairs, stake).await;
+    app.assert_books_balanced().await;
+    app.assert_audit_clean().await;
+}
+
+/// A settler's pool logged in as a role of its own, allowed what the round
+/// store needs (so the test can take a privilege away mid-job).
+async fn settler_pool(app: &TestApp, role: &str) -> sqlx::PgPool {
+    for statement in [
+        format!("CREATE ROLE {role} LOGIN"),
+        format!("GRANT USAGE ON SCHEMA public TO {role}"),
+        format!("GRANT SELECT ON rounds TO {role}"),
+        format!("GRANT SELECT, UPDATE ON matches, bets TO {role}"),
+    ] {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
+            .execute(&app.pool)
+            .await
+            .expect("settler role");
+    }
+    let options = (*app.pool.connect_options()).clone().username(role);
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .connect_with(options)
+        .await
+        .expect("settler pool")
+}
+
+/// A failure that is not an outage (the store answers an error: the job is
+/// retried, an attempt counted) while sibling batches are in flight, on
+/// the job's last attempt. 780 matches: pages of 256, 256, 256 and 12. The
+/// three first pages are paid; their bookkeeping waits on row locks (lone
+/// jobs', say); the first page's lock goes, it is recorded, the read of
+/// the fourth page fails, and then the other locks go. The job dies, and the dead money must be what is
+/// still unpaid: the fourth page's payouts. Sequentially (before the
+/// pipelining) a read that failed came after every page before it had been
+/// recorded, so the count was exact; now the failure drops the two paid
+/// siblings before their bookkeeping, and the dead job's count takes their
+/// payouts, made already, as money still owed (and their bets stay MATCHED
+/// with their payouts made).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn attack14_a_failure_with_paid_siblings_in_flight_counts_paid_money_as_dead() {
+    let app = TestApp::spawn_roles(API_ONLY).await;
+    let stake = "1";
+    let pairs = matched_round(&app, "dm", 1, 780, stake).await;
+    app.settle_round("dm", pb::Side::A).await.expect("settle");
+    let role = format!("attack14_{}", Uuid::new_v4().simple());
+    let pool = settler_pool(&app, &role).await;
+
+    // The job's delivery, on its last attempt.
+    let settle = &app.queues.settle;
+    let last = Queue::new(
+        settle.client().clone(),
+        &app.namespace,
+        settle.name(),
+        QueueSettings {
+            max_attempts: 1,
+            ..settle.settings().clone()
+        },
+    );
+    let blocking = betting_queue::connect(&redis_url()).expect("redis");
+    let job = fetch_job(&last, &blocking, "settler").await;
+    assert_eq!(job.id, SettleRoundJob::new("dm").id());
+
+    let lock = async |matched: Uuid| {
+        let mut tx = app.pool.begin().await.expect("begin");
+        sqlx::query("SELECT 1 FROM matches WHERE match_id = $1 FOR UPDATE")
+            .bind(matched)
+            .execute(&mut *tx)
+            .await
+            .expect("lock");
+        tx
+    };
+    let first_page = lock(pairs[100].match_id).await;
+    let second_page = lock(pairs[300].match_id).await;
+    let third_page = lock(pairs[600].match_id).await;
+    let run = {
+        let settler = SettleHandler::new(
+            RoundStore::new(pool.clone()),
+            wallet_client(&format!("http://{}", app.addr)),
+        );
+        let job = job.clone();
+        tokio::spawn(async move { settler.handle(&job).await })
+    };
+    eventually(
+        "the first three pages are paid",
+        Duration::from_secs(30),
+        async || {
+            let paid: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM ledger_entries WHERE kind = 'PAYOUT'")
+                    .fetch_one(&app.pool)
+                    .await
+                    .expect("count");
+            (paid == 768).then_some(())
+        },
+    )
+    .await;
+    // The fourth page's read will fail (not an outage).
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "REVOKE SELECT ON rounds FROM {role}"
+    )))
+    .execute(&app.pool)
+    .await
+    .expect("revoke");
+    first_page.commit().await.expect("release the first page");
+    // The first page is recorded and the fourth page's read fails; then the
+    // other two pages' locks go too (a job that waits for its batches in
+    // flight records them now).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    second_page.commit().await.expect("release");
+    third_page.commit().await.expect("release");
+    let result = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("the job ends")
+        .expect("job task");
+    let Err(error @ JobError::Retry(_)) = &result else {
+        panic!("the store's error is retried: {result:?}");
+    };
+    assert_eq!(
+        last.fail("settler", &job, &error.to_string(), false)
+            .await
+            .expect("fail"),
+        FailOutcome::Dead,
+        "its last attempt"
+    );
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "GRANT SELECT ON rounds TO {role}"
+    )))
+    .execute(&app.pool)
+    .await
+    .expect("grant");
+
+    // Whatever the dropped bookkeeping does, it ends (rolled back).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let unpaid: Vec<Pair> = {
+        let mut unpaid = Vec::new();
+        for p in &pairs {
+            if payouts_of(&app, p.match_id).await.is_empty() {
+                unpaid.push(*p);
+            }
+        }
+        unpaid
+    };
+    assert_eq!(unpaid.len(), 12, "the fourth page is unpaid");
+    let paid_not_recorded: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM matches m WHERE m.round_id = 'dm' AND m.status = 'OPEN' \
+         AND EXISTS (SELECT 1 FROM ledger_entries e \
+                     WHERE e.kind = 'PAYOUT' AND e.reference = m.match_id::TEXT)",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .expect("count");
+    assert_eq!(
+        betting_reconciler::stuck::dead_money(&app.pool, settle)
+            .await
+            .expect("dead money"),
+        dec(stake) * Decimal::TWO * Decimal::from(unpaid.len()),
+        "the dead job holds up the unpaid payouts only \
+         ({paid_not_recorded} matches paid and left OPEN by the dropped batches)"
+    );
+    assert_eq!(paid_not_recorded, 0, "no paid match is left unrecorded");
+
+    // An operator requeues it: the rest is paid, nothing twice.
+    assert!(settle.retry_dead(&job.id).await.expect("requeue"));
+    let again = fetch_job(settle, &blocking, "settler").await;
+    settler(&app).handle(&again).await.expect("the rerun pays");
+    assert_paid_once(&app, &pairs, stake).await;
+    app.assert_books_balanced().await;
+    app.assert_audit_clean().await;
+}
+
+/// The keyset cursor past matches that leave the partial index mid-job: a
+/// round job of 800 matches (pages of 256, 256, 256, 32) reads its first
+/// three pages and stalls in all three wallet calls; lone jobs pay and
+/// record the matches on every page boundary (the last match of a page,
+/// which is the cursor of the next read, and the first of the next page),
+/// so they leave `matches_open_by_round_idx` before the job reads its
+/// fourth page after one of them. Then the calls go through. Each match is
+/// recorded by exactly one job and paid once; the fourth page is read from
+/// the cursor whatever the index holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn attack14_lone_jobs_paying_the_page_boundaries_under_batches_in_flight_pay_once() {
+    let app = TestApp::spawn_roles(API_ONLY).await;
+    let stake = "1";
+    let pairs = matched_round(&app, "edge", 1, 800, stake).await;
+    app.settle_round("edge", pb::Side::A).await.expect("settle");
+
+    let (link, arrived, open) = stalled_link(app.addr).await;
+    let stalled = SettleHandler::new(
+        RoundStore::new(app.pool.clone()),
+        wallet_client(&format!("http://{link}")),
+    );
+    let run = tokio::spawn(async move { stalled.settle_round("edge").await });
+    arrived.await.expect("the job calls the wallet");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let lone = settler(&app);
+    let mut recorded = 0;
+    for i in [0, 255, 256, 511, 512, 767, 768, 799] {
+        assert!(lone.settle(pairs[i].match_id).await.expect("lone job"));
+        recorded += 1;
+    }
+    open.send(true).expect("open the link");
+    recorded += tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("the job ends")
+        .expect("job task")
+        .expect("the job pays");
+    assert_eq!(recorded, 800, "each match recorded by exactly one job");
+    assert_paid_once(&app, &pairs, stake).await;
+    app.assert_books_balanced().await;
+    app.assert_audit_clean().await;
+}
+
+/// Refunds of the winners racing pipelined batches: the two winners of 800
+/// matches (four pages) also hold 40 unmatched bets in another round,
+/// which is voided while two round jobs pay them; the refunds run at once,
+/// each its own wallet movement on the same two wallet rows as every batch.
+/// Nothing deadlocks; each payout is made once, each refund once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn attack14_refunds_of_the_winners_racing_pipelined_batches_each_move_once() {
+    let app = TestApp::spawn_roles(API_ONLY).await;
+    app.open_round("paid").await;
+    app.open_round("voided").await;
+    let (winners, losers) = ([1_i64, 2], [3_i64, 4]);
+    for &user in &winners {
+        app.genesis(user, dec("440")).await;
+    }
+    for &user in &losers {
+        app.genesis(user, dec("400")).await;
+    }
+    for _ in 0..16 {
+        futures::future::join_all(
+            winners
+                .iter()
+                .chain(&losers)
+                .flat_map(|&user| {
+                    let side = if winners.contains(&user) {
+                        pb::Side::A
+                    } else {
+                        pb::Side::B
+                    };
+                    (0..25).map(move |_| (user, side))
+                })
+                .map(|(user, side)| app.place_ok(user, "paid", side, "1")),
+        )
+        .await;
+    }
+    for _ in 0..4 {
+        futures::future::join_all(
+            winners
+                .iter()
+                .flat_map(|&user| (0..5).map(move |_| user))
+                .map(|user| app.place_ok(user, "voided", pb::Side::A, "2")),
+        )
+        .await;
+    }
+    let matched = Matcher::new(app.pool.clone())
+        .match_group("paid", dec("1"))
+        .await
+        .expect("match");
+    assert_eq!(matched, 800);
+    app.settle_round("paid", pb::Side::A).await.expect("settle");
+
+    let refunder = betting_refunds::Refunder::new(
+        betting_refunds::Outbox::new(app.pool.clone()),
+        wallet_client(&format!("http://{}", app.addr)),
+    );
+    let refunds = async {
+        app.void_round("voided").await.expect("void");
+        let keys: Vec<String> = sqlx::query_scalar("SELECT idempotency_key FROM wallet_commands")
+            .fetch_all(&app.pool)
+            .await
+            .expect("owed");
+        assert_eq!(keys.len(), 40);
+        futures::future::join_all(keys.iter().map(|key| refunder.execute_key(key))).await
+    };
+    let (one, two) = (settler(&app), settler(&app));
+    let ((a, b), refunded) = tokio::time::timeout(Duration::from_secs(120), async {
+        tokio::join!(
+            async { tokio::join!(one.settle_round("paid"), two.settle_round("paid")) },
+            refunds,
+        )
+    })
+    .await
+    .expect("no deadlock");
+    assert_eq!(a.expect("job one") + b.expect("job two"), 800);
+    for r in refunded {
+        r.expect("refund");
+    }
+    let (payouts, distinct): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(DISTINCT reference) FROM ledger_entries WHERE kind = 'PAYOUT'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .expect("payouts");
+    assert_eq!((payouts, distinct), (800, 800));
+    let (refunds, distinct): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(DISTINCT idempotency_key) FROM ledger_entries WHERE kind = 'REFUND'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .expect("refunds");
+    assert_eq!((refunds, distinct), (40, 40));
+    for &user in &winners {
+        // 440 - 400 - 40 staked, 800 won, 40 refunded.
+        assert_eq!(wallet_balance(&app, user).await, dec("840"), "user {user}");
+    }
+    for &user in &losers {
+        assert_eq!(wallet_balance(&app, user).await, Decimal::ZERO);
+    }
+    let refunded: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM bets WHERE round_id = 'voided' AND status = 'REFUNDED'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .expect("count");
+    assert_eq!(refunded, 40);
+    app.assert_books_balanced().await;
+    app.assert_audit_clean().await;
+}
+
+/// Settles as the settler does, except that its first run panics inside a
+/// batch task, which `settle_round` resumes on the job's task once it has
+/// joined it (`std::panic::resume_unwind`).
+struct PanicsOnce {
+    settler: SettleHandler,
+    panicked: std::sync::atomic::AtomicBool,
+}
+
+impl Handler for PanicsOnce {
+    async fn handle(&self, job: &Job) -> Result<(), JobError> {
+        if !self
+            .panicked
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            let mut batches = tokio::task::JoinSet::new();
+            batches.spawn(async { panic!("attack14: a payout batch panics") });
+            if let Some(Err(e)) = batches.join_next().await
+                && e.is_panic()
+            {
+                std::panic::resume_unwind(e.into_panic());
+            }
+        }
+        self.settler.handle(job).await
+    }
+}
+
+/// A panic inside a batch task, under a real queue worker: the panic is
+/// resumed on the job's task, which ends without an outcome recorded. The
+/// job must run again (the round's money is owed, and no dead-letter entry
+/// counts it): here within a few leases of a live consumer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn attack14_a_panicking_batch_under_a_worker_leaves_its_job_to_run_again() {
+    let app = TestApp::spawn_roles(API_ONLY).await;
+    let stake = "1";
+    let pairs = matched_round(&app, "pn", 1, 4, stake).await;
+    app.settle_round("pn", pb::Side::A).await.expect("settle");
+    let settle = &app.queues.settle;
+    let quick = Queue::new(
+        settle.client().clone(),
+        &app.namespace,
+        settle.name(),
+        QueueSettings {
+            visibility_timeout: Duration::from_secs(2),
+            ..settle.settings().clone()
+        },
+    );
+    let handler = PanicsOnce {
+        settler: settler(&app),
+        panicked: std::sync::atomic::AtomicBool::new(false),
+    };
+    crate::attack::run_worker(
+        quick.clone(),
+        handler,
+        Duration::from_secs(20),
+        async || {
+            open_matches(&app, "pn").await == 0
+                && quick
+                    .stats()
+                    .await
+                    .is_ok_and(|s| (s.waiting, s.delayed, s.in_flight, s.dead) == (0, 0, 0, 0))
+        },
+    )
+    .await;
+    let stats = quick.stats().await.expect("stats");
+    assert_eq!(
+        (stats.waiting, stats.delayed, stats.in_flight, stats.dead),
+        (0, 0, 0, 0),
+        "the job ran again and was acked: {stats:?}"
+    );
+    assert_paid_once(&app, &pairs, stake).await;
+    app.assert_books_balanced().await;
+    app.assert_audit_clean().await;
+}
