@@ -327,27 +327,13 @@ impl Worker {
     }
 }
 
-/// A handler's future, its panics caught: `Err` with the panic's message.
-struct CatchPanic<F>(std::pin::Pin<Box<F>>);
-
-impl<F: Future> Future for CatchPanic<F> {
-    type Output = Result<F::Output, String>;
-
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
-        let inner = self.0.as_mut();
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.poll(cx))) {
-            Ok(std::task::Poll::Ready(output)) => std::task::Poll::Ready(Ok(output)),
-            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
-            Err(panic) => std::task::Poll::Ready(Err(panic
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "a panic without a message".to_owned()))),
-        }
-    }
+/// A panic's message, as far as it has one.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
 }
 
 async fn housekeep(queue: &Queue) -> Result<(), QueueError> {
@@ -414,16 +400,19 @@ async fn run_one<H: Handler>(queue: &Queue, consumer: &str, handler: &H, job: Jo
     // unrecorded, its job would stay in our active list, its id among the
     // running ones, where neither the stray check nor the reaper (our lease
     // is renewed) hands it back while we live.
-    let result =
-        match tracing::Instrument::instrument(CatchPanic(Box::pin(handler.handle(&job))), span)
-            .await
-        {
-            Ok(result) => result,
-            Err(panic) => {
-                tracing::error!(queue = %name, job = %job.id, panic, "the job's handler panicked");
-                Err(JobError::Retry(format!("the handler panicked: {panic}")))
-            }
-        };
+    let result = match tracing::Instrument::instrument(
+        futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(handler.handle(&job))),
+        span,
+    )
+    .await
+    {
+        Ok(result) => result,
+        Err(panic) => {
+            let panic = panic_message(&*panic);
+            tracing::error!(queue = %name, job = %job.id, panic, "the job's handler panicked");
+            Err(JobError::Retry(format!("the handler panicked: {panic}")))
+        }
+    };
     metrics::histogram!("queue_job_duration_seconds", "queue" => name.clone())
         .record(started.elapsed().as_secs_f64());
     let outcome = match result {
