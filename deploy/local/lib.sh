@@ -120,6 +120,28 @@ ensure_tools() {
   done
 }
 
+# betting_binary WHAT — the `betting` binary the checks run: $BETTING_BIN,
+# else the newest current build of target/{debug,release}/betting (one that
+# has the `health` command), else a fresh debug build (WHAT says what for).
+betting_binary() {
+  local candidate best="" target=${CARGO_TARGET_DIR:-$ROOT/target}
+  if [[ -n ${BETTING_BIN:-} ]]; then
+    printf '%s' "$BETTING_BIN"
+    return 0
+  fi
+  for candidate in "$target/debug/betting" "$target/release/betting"; do
+    [[ -x $candidate ]] || continue
+    "$candidate" health --help >/dev/null 2>&1 || continue
+    if [[ -z $best || $candidate -nt $best ]]; then best=$candidate; fi
+  done
+  if [[ -z $best ]]; then
+    log "==> cargo build -p betting-cli (for $1)"
+    (cd "$ROOT" && cargo build --locked -p betting-cli >&2)
+    best=$target/debug/betting
+  fi
+  printf '%s' "$best"
+}
+
 # Print a TCP port on 127.0.0.1 that is free right now (the kernel picks it).
 free_port() {
   python3 -c 'import socket

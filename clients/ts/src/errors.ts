@@ -66,10 +66,12 @@ export function isRetryable(err: unknown): boolean {
       );
     }
     case Code.Unknown:
-    case Code.Internal:
+    case Code.Internal: {
       // A connection that broke before any status (fetch failed, the
       // server went away): the browser reports no code of its own.
-      return errorReason(error) === undefined || errorReason(error) === ErrorReason.INTERNAL;
+      const reason = errorReason(error);
+      return reason === undefined || reason === ErrorReason.INTERNAL;
+    }
     default:
       return false;
   }

@@ -120,7 +120,7 @@ export async function* watchBets(client: BettingClient, options: WatchBetsOption
       // The server ended the stream without an error: reopen it.
     } catch (err) {
       if (signal?.aborted) return;
-      const error = attempt.timedOut ? new ConnectError("no heartbeat", Code.Unavailable) : ConnectError.from(err);
+      const error = attempt.failure(err);
       if (error.code === Code.InvalidArgument && cursor !== "") {
         // A cursor this deployment did not issue: start over, then read
         // with GetBet whatever the client holds in play that it lacks.
@@ -129,9 +129,7 @@ export async function* watchBets(client: BettingClient, options: WatchBetsOption
       } else if (!isRetryable(error)) {
         throw error;
       }
-      failures++;
-      options.onState?.("reconnecting", error);
-      await sleep(retryDelayMs(error) ?? client.backoff(failures), signal);
+      await reconnectAfter(client, options, error, ++failures);
     } finally {
       attempt.done();
     }
@@ -175,15 +173,19 @@ export async function* watchRound(client: BettingClient, roundId: string, option
       if (last !== undefined && isFinished(last)) return;
     } catch (err) {
       if (signal?.aborted) return;
-      const error = attempt.timedOut ? new ConnectError("no heartbeat", Code.Unavailable) : ConnectError.from(err);
+      const error = attempt.failure(err);
       if (!isRetryable(error)) throw error;
-      failures++;
-      options.onState?.("reconnecting", error);
-      await sleep(retryDelayMs(error) ?? client.backoff(failures), signal);
+      await reconnectAfter(client, options, error, ++failures);
     } finally {
       attempt.done();
     }
   }
+}
+
+/** Says the watch is reconnecting, then waits as the server asked or backs off. */
+async function reconnectAfter(client: BettingClient, options: WatchOptions, error: ConnectError, failures: number) {
+  options.onState?.("reconnecting", error);
+  await sleep(retryDelayMs(error) ?? client.backoff(failures), options.signal);
 }
 
 function isFinished(round: Round): boolean {
@@ -207,6 +209,11 @@ class Idle {
   ) {
     parent?.addEventListener("abort", this.onAbort, { once: true });
     this.touch();
+  }
+
+  /** Why the stream ended: silence past the idle time, or `err`. */
+  failure(err: unknown): ConnectError {
+    return this.timedOut ? new ConnectError("no heartbeat", Code.Unavailable) : ConnectError.from(err);
   }
 
   get signal(): AbortSignal {

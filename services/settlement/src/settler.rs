@@ -78,19 +78,25 @@ impl SettleHandler {
                 )));
             }
         }
+        Ok(self.record_paid(&[match_id], winner).await? > 0)
+    }
+
+    /// Records paid matches (each still OPEN, in one transaction), counts
+    /// them and announces their bets; returns how many this call recorded.
+    async fn record_paid(&self, matches: &[Uuid], winner: Side) -> Result<usize, JobError> {
         let changed = self
             .rounds
-            .mark_match_settled(match_id, winner)
+            .mark_matches_settled(matches, winner)
             .await
             .map_err(store_failure)?;
-        if changed.is_empty() {
-            return Ok(false);
-        }
-        metrics::counter!("matches_settled_total").increment(1);
-        if let Some(publisher) = &self.publisher {
+        let recorded = changed.len() / 2;
+        metrics::counter!("matches_settled_total").increment(recorded as u64);
+        if let Some(publisher) = &self.publisher
+            && !changed.is_empty()
+        {
             publisher.bets(changed).await;
         }
-        Ok(true)
+        Ok(recorded)
     }
 }
 
@@ -300,19 +306,7 @@ impl SettleHandler {
                 }
             }
         }
-        let changed = self
-            .rounds
-            .mark_matches_settled(&paid, winner)
-            .await
-            .map_err(store_failure)?;
-        let recorded = changed.len() / 2;
-        metrics::counter!("matches_settled_total").increment(recorded as u64);
-        if let Some(publisher) = &self.publisher
-            && !changed.is_empty()
-        {
-            publisher.bets(changed).await;
-        }
-        Ok((recorded, refused))
+        Ok((self.record_paid(&paid, winner).await?, refused))
     }
 }
 

@@ -310,32 +310,22 @@ impl RoundStore {
         after: Option<Uuid>,
         limit: i64,
     ) -> Result<Vec<MatchView>, StoreError> {
-        // Two statements, not `($2 IS NULL OR match_id > $2)`: a generic
-        // plan of that one could not bound the index scan by the cursor, and
-        // each page would walk the round's index from its start.
-        macro_rules! page {
-            ($after:literal) => {
-                concat!(
-                    "SELECT m.match_id, m.round_id, m.amount, m.status, r.status AS round_status, \
-                       r.winning_side, m.bet_a_id, a.user_id AS user_a, m.bet_b_id, b.user_id AS user_b \
-                     FROM matches m JOIN rounds r USING (round_id) \
-                       JOIN bets a ON a.bet_id = m.bet_a_id JOIN bets b ON b.bet_id = m.bet_b_id \
-                     WHERE m.round_id = $1 AND m.status = 'OPEN'",
-                    $after,
-                    " ORDER BY m.match_id LIMIT $2"
-                )
-            };
-        }
-        let sql = match after {
-            None => page!(""),
-            Some(_) => page!(" AND m.match_id > $3"),
-        };
-        let query = sqlx::query_as(sql).bind(round).bind(limit);
-        let query = match after {
-            None => query,
-            Some(after) => query.bind(after),
-        };
-        Ok(query.fetch_all(&self.pool).await?)
+        // Always `match_id > $2`, the first page after the nil UUID (never
+        // a match's id): one statement whose plan, generic or not, bounds
+        // the index scan by the cursor.
+        Ok(sqlx::query_as(
+            "SELECT m.match_id, m.round_id, m.amount, m.status, r.status AS round_status, \
+               r.winning_side, m.bet_a_id, a.user_id AS user_a, m.bet_b_id, b.user_id AS user_b \
+             FROM matches m JOIN rounds r USING (round_id) \
+               JOIN bets a ON a.bet_id = m.bet_a_id JOIN bets b ON b.bet_id = m.bet_b_id \
+             WHERE m.round_id = $1 AND m.status = 'OPEN' AND m.match_id > $2 \
+             ORDER BY m.match_id LIMIT $3",
+        )
+        .bind(round)
+        .bind(after.unwrap_or(Uuid::nil()))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     /// Records paid matches of one round in one transaction: each match
@@ -379,16 +369,6 @@ impl RoundStore {
             .into_iter()
             .map(|b| betting_streams::BetNote::changed(b.user_id, b.bet_id, b.round_id, b.version))
             .collect())
-    }
-
-    /// Records a paid match: the match and both bets SETTLED, with results and
-    /// payouts. A no-op if it was recorded already.
-    pub async fn mark_match_settled(
-        &self,
-        match_id: Uuid,
-        winner: Side,
-    ) -> Result<Vec<betting_streams::BetNote>, StoreError> {
-        self.mark_matches_settled(&[match_id], winner).await
     }
 
     /// Rounds created, closed or settled since `from`: the hubs' sweep.
