@@ -135,6 +135,17 @@ fn summary(mut values: Vec<u64>) -> Summary {
     }
 }
 
+/// A fresh directory for a run's servers and logs, `{tag}-{pid}` under the
+/// temporary directory.
+pub fn run_dir(tag: &str) -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    // PostgreSQL runs as its own OS user when we are root: it must enter.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+    Ok(dir)
+}
+
 /// How long after healing each betting instance gets to acknowledge a
 /// probe bet.
 const PROBE_WITHIN: Duration = Duration::from_secs(30);
@@ -147,11 +158,7 @@ pub async fn run(args: &ChaosArgs) -> anyhow::Result<Report> {
         "seed {seed}, {} s (replay: betting chaos --seed {seed} --seconds {})",
         args.seconds, args.seconds
     ));
-    let dir = std::env::temp_dir().join(format!("betting-chaos-{seed}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    // PostgreSQL runs as its own OS user when we are root: it must enter.
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+    let dir = run_dir(&format!("betting-chaos-{seed}"))?;
 
     let started = Instant::now();
     let topology = Topology::standard();

@@ -43,6 +43,8 @@ use tonic::{Code, transport::Channel};
 
 use crate::bench::{authed, connect, fund, open_round, percentile};
 
+mod resilience;
+
 /// Open-loop requests in flight at most; a bet due while this many are
 /// still unanswered is not sent and counts as an error (`SKIPPED`).
 const MAX_IN_FLIGHT: usize = 10_000;
@@ -79,8 +81,35 @@ pub struct Common {
     /// the postmaster's pid). The bench's own process is always reported.
     #[arg(long = "cpu", value_name = "NAME=PID", value_parser = crate::cpu::parse_root)]
     cpu: Vec<(String, u32)>,
+    /// The suite's token key (`scenario resilience` starts a suite of its
+    /// own and uses its key instead).
     #[arg(long, env = "BETTING_JWT_SECRET", hide_env_values = true)]
-    jwt_secret: betting_config::Secret,
+    jwt_secret: Option<betting_config::Secret>,
+}
+
+/// Where the run's calls go, and the key its tokens are signed with: one
+/// address for a whole suite (`--target`), or each service its own (the
+/// resilience scenario's cluster).
+struct Targets {
+    betting: String,
+    settlement: String,
+    wallet: String,
+    secret: String,
+}
+
+impl Targets {
+    fn of(common: &Common) -> anyhow::Result<Self> {
+        let secret = common
+            .jwt_secret
+            .as_ref()
+            .context("the suite's token key is needed: --jwt-secret or BETTING_JWT_SECRET")?;
+        Ok(Self {
+            betting: common.target.clone(),
+            settlement: common.target.clone(),
+            wallet: common.target.clone(),
+            secret: secret.expose().to_owned(),
+        })
+    }
 }
 
 #[derive(clap::Args)]
@@ -119,7 +148,9 @@ pub enum Scenario {
     Burst,
     /// 200 users, 100 bets per second, for `--seconds` (60 by default).
     Sustained,
-    /// Killing workers under load: not built yet.
+    /// 200 users, 100 bets per second, for `--seconds` (30 by default),
+    /// while matchers and settlers are killed and restarted; it starts a
+    /// suite of its own (`betting chaos`'s processes) to kill them in.
     Resilience,
 }
 
@@ -127,7 +158,7 @@ pub enum Scenario {
 pub struct ScenarioArgs {
     #[arg(value_enum)]
     scenario: Scenario,
-    /// Seconds of load (burst: 5, sustained: 60 by default).
+    /// Seconds of load (burst: 5, sustained: 60, resilience: 30 by default).
     #[arg(long)]
     seconds: Option<u64>,
     #[command(flatten)]
@@ -180,6 +211,13 @@ struct Report {
     audit_violations: Vec<String>,
     /// CPU per process tree while the load ran (`--cpu`).
     cpu: Option<crate::cpu::CpuUse>,
+    /// `scenario resilience`: the worker faults, in order.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    worker_faults: Option<Vec<resilience::WorkerFault>>,
+    /// `scenario resilience`: exits of the suite's processes the run did
+    /// not cause (each one a failure of the run).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unexpected_exits: Option<Vec<String>>,
 }
 
 #[derive(Serialize, Default)]
@@ -315,7 +353,10 @@ fn progress(json: bool, len: u64, template: &str) -> ProgressBar {
 struct Setup {
     game: String,
     admin: String,
+    /// BettingService's connections, the clients' and the read-back's.
     channels: Vec<Channel>,
+    /// SettlementService and AdminService.
+    settlement: Channel,
     round: String,
     users: Vec<i64>,
     tokens: Vec<String>,
@@ -324,9 +365,14 @@ struct Setup {
     run: String,
 }
 
-async fn prepare(common: &Common, users: usize, prefix: &str) -> anyhow::Result<Setup> {
+async fn prepare(
+    common: &Common,
+    targets: &Targets,
+    users: usize,
+    prefix: &str,
+) -> anyhow::Result<Setup> {
     anyhow::ensure!(users > 0, "at least one user is needed");
-    let minter = TokenMinter::new(common.jwt_secret.expose().as_bytes(), None, None);
+    let minter = TokenMinter::new(targets.secret.as_bytes(), None, None);
     let ttl = Duration::from_secs(3600);
     let mint = |subject: &str, role| {
         minter
@@ -341,20 +387,22 @@ async fn prepare(common: &Common, users: usize, prefix: &str) -> anyhow::Result<
     let admin = mint("bench", Role::Admin)?;
     let mut channels = Vec::new();
     for _ in 0..common.connections.max(1) {
-        channels.push(connect(&common.target).await?);
+        channels.push(connect(&targets.betting).await?);
     }
-    let round = open_round(&channels[0], &game, prefix).await?;
+    let settlement = connect(&targets.settlement).await?;
+    let round = open_round(&settlement, &game, prefix).await?;
     let users: Vec<i64> = (0..users as i64).map(|i| common.first_user + i).collect();
     let tokens = users
         .iter()
         .map(|user| mint(&user.to_string(), Role::Player))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    fund(&channels[0], &cashier, &users, FUNDS).await?;
+    fund(&connect(&targets.wallet).await?, &cashier, &users, FUNDS).await?;
     let run = uuid::Uuid::now_v7().simple().to_string();
     Ok(Setup {
         game,
         admin,
         channels,
+        settlement,
         round,
         users,
         tokens,
@@ -595,7 +643,7 @@ async fn wait_for_matching(
     let mut lowest = i64::MAX;
     let mut since = Instant::now();
     loop {
-        let stats = get_round(&setup.channels[0], &setup.game, &setup.round).await?;
+        let stats = get_round(&setup.settlement, &setup.game, &setup.round).await?;
         if stats.pending_bets < 2 || want.is_some_and(|w| stats.matches >= w) {
             return Ok(stats);
         }
@@ -708,7 +756,7 @@ struct Settled {
 /// SettleRound (A wins), then GetRound until every match is paid and nothing
 /// is outstanding, bounded by [`SETTLE_WAIT`].
 async fn settle_round(setup: &Setup, json: bool) -> anyhow::Result<Settled> {
-    let mut client = SettlementServiceClient::new(setup.channels[0].clone());
+    let mut client = SettlementServiceClient::new(setup.settlement.clone());
     let request = authed(
         pb::SettleRoundRequest {
             round_id: setup.round.clone(),
@@ -721,7 +769,7 @@ async fn settle_round(setup: &Setup, json: bool) -> anyhow::Result<Settled> {
     let call_ms = sent.elapsed().as_secs_f64() * 1000.0;
     let bar = progress(json, 0, "paying  {bar:40} {pos}/{len} matches {msg}");
     let (stats, complete) = loop {
-        let stats = get_round(&setup.channels[0], &setup.game, &setup.round).await?;
+        let stats = get_round(&setup.settlement, &setup.game, &setup.round).await?;
         bar.set_length(stats.matches.max(0) as u64);
         bar.set_position(stats.settled_matches.max(0) as u64);
         bar.set_message(format!("{} jobs outstanding", stats.outstanding_jobs));
@@ -747,7 +795,7 @@ async fn settle_round(setup: &Setup, json: bool) -> anyhow::Result<Settled> {
 async fn audit(setup: &Setup) -> anyhow::Result<(bool, i32, Vec<String>)> {
     let mut request = authed(pb::RunAuditRequest {}, &setup.admin)?;
     request.set_timeout(Duration::from_secs(300));
-    let report = AdminServiceClient::new(setup.channels[0].clone())
+    let report = AdminServiceClient::new(setup.settlement.clone())
         .run_audit(request)
         .await
         .context("RunAudit")?
@@ -762,6 +810,16 @@ async fn follow_round(
     report: &mut Report,
     want_matches: Option<i64>,
     json: bool,
+) -> anyhow::Result<()> {
+    follow_matching(setup, report, want_matches).await?;
+    follow_settling(setup, report, json).await
+}
+
+/// Waits for matching to finish; then the match latency.
+async fn follow_matching(
+    setup: &Setup,
+    report: &mut Report,
+    want_matches: Option<i64>,
 ) -> anyhow::Result<()> {
     eprintln!("waiting for matching to finish");
     let stall = if want_matches.is_some() {
@@ -780,7 +838,11 @@ async fn follow_round(
     report.match_latency_samples = latencies.len();
     report.match_latency_negative = latencies.iter().filter(|ms| **ms < 0.0).count();
     report.match_latency_ms = Latency::of(&latencies);
+    Ok(())
+}
 
+/// SettleRound, timed as a call and to the last payout; then the audit.
+async fn follow_settling(setup: &Setup, report: &mut Report, json: bool) -> anyhow::Result<()> {
     eprintln!("settling the round");
     let settled = settle_round(setup, json).await?;
     report.matches = settled.stats.matches;
@@ -915,7 +977,21 @@ async fn run_plan(plan: Plan, common: &Common) -> anyhow::Result<()> {
             "--rate must be a positive number of bets per second"
         );
     }
-    let setup = prepare(common, plan.clients, &format!("bench-{}", plan.bench)).await?;
+    let targets = Targets::of(common)?;
+    let setup = prepare(
+        common,
+        &targets,
+        plan.clients,
+        &format!("bench-{}", plan.bench),
+    )
+    .await?;
+    let mut report = place_load(&plan, &setup, common).await;
+    follow_round(&setup, &mut report, None, common.json).await?;
+    print(&report, common.json)
+}
+
+/// The load of a plan against a prepared run; the report of its placing.
+async fn place_load(plan: &Plan, setup: &Setup, common: &Common) -> Report {
     match plan.rate {
         Some(rate) => eprintln!(
             "{rate} bets/s over {} users for {} s (open loop)",
@@ -936,12 +1012,11 @@ async fn run_plan(plan: Plan, common: &Common) -> anyhow::Result<()> {
     let cpu = crate::cpu::CpuWatch::start(&common.cpu);
     let (tally, elapsed, scheduled) = match plan.rate {
         Some(rate) => {
-            let (tally, elapsed, scheduled) =
-                open_loop(&setup, plan.seconds, rate, &counters).await;
+            let (tally, elapsed, scheduled) = open_loop(setup, plan.seconds, rate, &counters).await;
             (tally, elapsed, Some(scheduled))
         }
         None => {
-            let (tally, elapsed) = closed_loop(&setup, plan.seconds, &counters).await;
+            let (tally, elapsed) = closed_loop(setup, plan.seconds, &counters).await;
             (tally, elapsed, None)
         }
     };
@@ -965,8 +1040,7 @@ async fn run_plan(plan: Plan, common: &Common) -> anyhow::Result<()> {
         ..Report::default()
     };
     fill_placing(&mut report, tally, elapsed);
-    follow_round(&setup, &mut report, None, common.json).await?;
-    print(&report, common.json)
+    report
 }
 
 /// `betting bench place`.
@@ -996,7 +1070,7 @@ pub async fn scenario(args: ScenarioArgs) -> anyhow::Result<()> {
             rate: Some(100.0),
         },
         Scenario::Resilience => {
-            anyhow::bail!("scenario resilience: not built yet: see `betting chaos` (issue 11)")
+            return resilience::run(args.seconds.unwrap_or(30), &args.common).await;
         }
     };
     run_plan(plan, &args.common).await
@@ -1005,7 +1079,8 @@ pub async fn scenario(args: ScenarioArgs) -> anyhow::Result<()> {
 /// `betting bench settle`: N matches made, then settled, timed to the last payout.
 pub async fn settle(args: SettleArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.matches > 0, "--matches must be at least 1");
-    let setup = prepare(&args.common, args.users, "bench-settle").await?;
+    let targets = Targets::of(&args.common)?;
+    let setup = prepare(&args.common, &targets, args.users, "bench-settle").await?;
     eprintln!(
         "placing {} bets on A and {} on B over {} users",
         args.matches, args.matches, args.users

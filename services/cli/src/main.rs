@@ -79,7 +79,8 @@ enum BenchKind {
     Place(load::PlaceArgs),
     /// Make N matches, settle the round, and time the call and the payouts.
     Settle(load::SettleArgs),
-    /// The design's load scenarios (burst, sustained) as open-loop presets.
+    /// The design's load scenarios: burst and sustained as open-loop presets,
+    /// resilience in a suite of its own with its workers killed.
     Scenario(load::ScenarioArgs),
     /// Abuse probes: what a normal player feels while someone floods the server.
     Probe(probe::ProbeArgs),
