@@ -42,12 +42,13 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
+
+import ports  # deploy/ports.py, next to this script
 
 import yaml
 
@@ -372,9 +373,7 @@ def image_config(dockerfile):
 
 
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return ports.free_port()
 
 
 def ports_of(service):

@@ -142,13 +142,12 @@ betting_binary() {
   printf '%s' "$best"
 }
 
-# Print a TCP port on 127.0.0.1 that is free right now (the kernel picks it).
+# Print a TCP port on 127.0.0.1 that is free right now, below the kernel's
+# ephemeral range: a port of that range may be taken by any client's
+# outgoing connection before the server given it binds
+# (services/chaos/src/ports.rs says more).
 free_port() {
-  python3 -c 'import socket
-s = socket.socket()
-s.bind(("127.0.0.1", 0))
-print(s.getsockname()[1])
-s.close()'
+  python3 "$ROOT/deploy/ports.py"
 }
 
 # initdb and postgres refuse to run as root, so as root they run as the

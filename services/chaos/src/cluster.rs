@@ -21,6 +21,7 @@ use tokio::sync::Mutex;
 use crate::{
     faults::{LinkName, Topology},
     link::Link,
+    ports::free_port,
     servers::{Postgres, Redis},
     supervise::{Drain, Kind, Process, wait_serving},
 };
@@ -111,12 +112,6 @@ pub struct Slot {
     pub name: String,
     pub port: u16,
     pub process: Mutex<Process>,
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 impl Cluster {

@@ -20,6 +20,7 @@ pub mod faults;
 pub mod inject;
 pub mod link;
 pub mod load;
+pub mod ports;
 pub mod servers;
 pub mod supervise;
 

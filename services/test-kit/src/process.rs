@@ -11,13 +11,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-/// A free TCP port on loopback.
+/// A free TCP port on loopback, below the kernel's ephemeral range, so
+/// that no client's connection takes it before the server given it binds
+/// (`betting_chaos::ports`).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    betting_chaos::ports::free_port().expect("a free port")
 }
 
 /// A child process that is killed and reaped when the guard drops, also
