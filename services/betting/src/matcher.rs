@@ -201,15 +201,20 @@ impl Matcher {
             let read = rows.len();
             rows.extend(
                 sqlx::query_as::<_, Queued>(
-                    "SELECT created_at, bet_id, user_id, side FROM bets WHERE bet_id IN ( \
-                       SELECT bet_id FROM ( \
-                         SELECT bet_id, created_at, row_number() OVER \
+                    // The outer read locks the chosen bets by primary key
+                    // and checks again, on the row it locked, that each is
+                    // still PENDING: against the status the inner read saw
+                    // (a join condition, so no partial index is read for
+                    // it: `betting_db::from_status`).
+                    "SELECT b.created_at, b.bet_id, b.user_id, b.side FROM bets b JOIN ( \
+                       SELECT bet_id, status FROM ( \
+                         SELECT bet_id, status, created_at, row_number() OVER \
                            (PARTITION BY user_id ORDER BY created_at, bet_id) AS nth \
                          FROM bets \
                          WHERE round_id = $1 AND amount = $2 AND status = 'PENDING' AND side = $3 \
-                       ) ranked WHERE nth <= $5 ORDER BY created_at, bet_id LIMIT $4) \
-                     AND status = 'PENDING' \
-                     ORDER BY created_at, bet_id FOR UPDATE",
+                       ) ranked WHERE nth <= $5 ORDER BY created_at, bet_id LIMIT $4) c \
+                     ON b.bet_id = c.bet_id AND b.status = c.status \
+                     ORDER BY b.created_at, b.bet_id FOR UPDATE OF b",
                 )
                 .bind(round)
                 .bind(amount)
@@ -265,13 +270,19 @@ impl Matcher {
         let updated: Vec<ChangedBet> = sqlx::query_as(
             "UPDATE bets SET status = 'MATCHED', match_id = t.m, version = version + 1, \
                updated_at = clock_timestamp() \
-             FROM UNNEST($1::UUID[] || $1::UUID[], $2::UUID[] || $3::UUID[]) AS t(m, b) \
-             WHERE bets.bet_id = t.b AND bets.status = 'PENDING' \
+             FROM UNNEST($1::UUID[] || $1::UUID[], $2::UUID[] || $3::UUID[], $4::TEXT[]) \
+               AS t(m, b, from_status) \
+             WHERE bets.bet_id = t.b AND bets.status = t.from_status \
              RETURNING bets.user_id, bets.bet_id, bets.round_id, bets.version",
         )
         .bind(&match_ids)
         .bind(&a_ids)
         .bind(&b_ids)
+        // By primary key only: `betting_db::from_status`.
+        .bind(betting_db::from_status(
+            2 * pairs.len(),
+            betting_domain::BetStatus::Pending.as_db(),
+        ))
         .fetch_all(&mut *tx)
         .await?;
         if updated.len() != 2 * pairs.len() {

@@ -220,13 +220,18 @@ impl BetStore {
                balance_after = v.balance, \
                version = b.version + CASE WHEN v.balance IS NULL THEN 0 ELSE 1 END, \
                updated_at = now() \
-             FROM unnest($1::UUID[], $2::NUMERIC[]) AS v(bet_id, balance) \
-             WHERE b.bet_id = v.bet_id AND b.status = 'PLACING' \
+             FROM unnest($1::UUID[], $2::NUMERIC[], $3::TEXT[]) AS v(bet_id, balance, from_status) \
+             WHERE b.bet_id = v.bet_id AND b.status = v.from_status \
              RETURNING ",
             bet_columns_b!()
         ))
-        .bind(ids)
+        .bind(&ids)
         .bind(balances)
+        // By primary key only: `betting_db::from_status`.
+        .bind(betting_db::from_status(
+            ids.len(),
+            BetStatus::Placing.as_db(),
+        ))
         .fetch_all(&self.pool)
         .await?;
         Ok(rows

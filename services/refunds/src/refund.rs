@@ -36,15 +36,19 @@ pub async fn refund_bets(
         .iter()
         .map(|(bet, _)| IdempotencyKey::refund(*bet).as_str().to_owned())
         .collect();
-    let from: Vec<&str> = from.iter().map(|s| s.as_db()).collect();
+    // Each status once, matched as a join condition, so that the bets are
+    // found by primary key, never through a status index (`betting_db::from_status`).
+    let mut from: Vec<&str> = from.iter().map(|s| s.as_db()).collect();
+    from.sort_unstable();
+    from.dedup();
     let refunded: Vec<ChangedBet> = sqlx::query_as(
         "WITH due AS ( \
            SELECT * FROM unnest($1::UUID[], $2::TEXT[], $3::TEXT[]) AS d (bet_id, reason, key) \
          ), refunded AS ( \
            UPDATE bets b SET status = 'REFUNDED', refund_reason = due.reason, \
              version = b.version + 1, updated_at = now() \
-           FROM due \
-           WHERE b.bet_id = due.bet_id AND b.status = ANY($4) \
+           FROM due, unnest($4::TEXT[]) AS f (from_status) \
+           WHERE b.bet_id = due.bet_id AND b.status = f.from_status \
              AND ($5::BIGINT IS NULL OR b.user_id = $5) \
            RETURNING b.bet_id, b.user_id, b.amount, b.round_id, b.version, due.key \
          ), owed AS ( \

@@ -26,6 +26,7 @@ mod legacy_paths;
 mod lifecycle;
 mod limits;
 mod money_safety;
+mod plans;
 mod privileged_actions;
 mod property;
 mod queue;

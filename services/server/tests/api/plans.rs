@@ -1,0 +1,223 @@
+//! Statements that move many rows, named by id, out of one status find them
+//! by primary key, never through a partial index on that status
+//! (`betting_db::from_status`).
+//!
+//! Each test builds the case that went wrong in the benchmark: rows that
+//! passed through a status leave an entry each in its partial index until
+//! VACUUM removes it (autovacuum is off for the tables here, as it is
+//! between two of its runs), and ANALYZE finds the status rare, which makes
+//! the index look cheap to the planner. Then it runs the store's own
+//! statement on a pool of one connection, has that backend flush its
+//! statistics, and counts the scans of each index.
+
+use std::{collections::HashMap, time::Duration};
+
+use betting_bets::{BetStore, matcher::Matcher};
+use betting_domain::{BetId, BetStatus, RefundReason};
+use betting_test_kit::{TestDatabase, fresh_database};
+use rust_decimal::Decimal;
+use sqlx::{PgPool, postgres::PgPoolOptions};
+use uuid::Uuid;
+
+/// Bets that passed through the status, and the ones still in it.
+const PASSED: i64 = 20_000;
+const STILL: i64 = 16;
+
+struct Bloated {
+    _db: TestDatabase,
+    owner: PgPool,
+    /// The store's pool: one connection, whose statistics we flush.
+    one: PgPool,
+}
+
+async fn bloated(status: &str) -> Bloated {
+    let db = fresh_database().await;
+    let owner = PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&db)
+        .await
+        .expect("connect");
+    let one = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&db)
+        .await
+        .expect("connect");
+    for statement in [
+        "ALTER TABLE bets SET (autovacuum_enabled = off)",
+        "ALTER TABLE matches SET (autovacuum_enabled = off)",
+        "INSERT INTO rounds (round_id) VALUES ('plans')",
+    ] {
+        sqlx::query(statement)
+            .execute(&owner)
+            .await
+            .expect(statement);
+    }
+    // PASSED + STILL bets in `status`, half on each side, all of one stake,
+    // each user's two bets on opposite sides.
+    sqlx::query(
+        "INSERT INTO bets (bet_id, user_id, idempotency_key, round_id, side, amount, status, \
+           balance_after, version) \
+         SELECT uuidv7_like, 1 + n / 2, 'k' || n, 'plans', CASE WHEN n % 2 = 0 THEN 'A' ELSE 'B' END, \
+           1, $1, CASE WHEN $1 = 'PLACING' THEN NULL ELSE 0 END, 0 \
+         FROM (SELECT n, (lpad(to_hex(n), 12, '0') || '7000800000000000' || lpad(to_hex(n), 4, '0'))::uuid \
+                 AS uuidv7_like FROM generate_series(1, $2) AS n) s",
+    )
+    .bind(status)
+    .bind(PASSED + STILL)
+    .execute(&owner)
+    .await
+    .expect("insert bets");
+    Bloated {
+        _db: db,
+        owner,
+        one,
+    }
+}
+
+/// Moves the first PASSED bets on out of their status (to REFUNDED, a
+/// status no partial index covers), leaving an index entry each behind,
+/// then ANALYZEs.
+async fn pass_through(b: &Bloated) {
+    sqlx::query(
+        "UPDATE bets SET status = 'REFUNDED', refund_reason = 'CANCELLED', \
+           balance_after = coalesce(balance_after, 0) \
+         WHERE bet_id IN (SELECT bet_id FROM bets ORDER BY bet_id LIMIT $1)",
+    )
+    .bind(PASSED)
+    .execute(&b.owner)
+    .await
+    .expect("move them on");
+    sqlx::query("ANALYZE bets")
+        .execute(&b.owner)
+        .await
+        .expect("analyze");
+}
+
+async fn still(b: &Bloated) -> Vec<Uuid> {
+    sqlx::query_scalar("SELECT bet_id FROM bets WHERE status <> 'REFUNDED' ORDER BY bet_id")
+        .fetch_all(&b.owner)
+        .await
+        .expect("the bets still in the status")
+}
+
+async fn scans(pool: &PgPool) -> HashMap<String, i64> {
+    sqlx::query_as::<_, (String, i64)>(
+        "SELECT indexrelname::text, idx_scan FROM pg_stat_user_indexes \
+         WHERE relname IN ('bets', 'matches')",
+    )
+    .fetch_all(pool)
+    .await
+    .expect("index statistics")
+    .into_iter()
+    .collect()
+}
+
+/// Each index's scans since `before`, once the store's backend has flushed
+/// its statistics (it does on going idle after `pg_stat_force_next_flush`).
+async fn scans_since(b: &Bloated, before: &HashMap<String, i64>) -> HashMap<String, i64> {
+    sqlx::query("SELECT pg_stat_force_next_flush()")
+        .execute(&b.one)
+        .await
+        .expect("flush");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = scans(&b.owner).await;
+        let delta: HashMap<String, i64> = now
+            .iter()
+            .map(|(index, n)| (index.clone(), n - before.get(index).copied().unwrap_or(0)))
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        if !delta.is_empty() || std::time::Instant::now() > deadline {
+            return delta;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn assert_by_primary_key(delta: &HashMap<String, i64>, pkey: &str) {
+    assert!(
+        delta.contains_key(pkey),
+        "the rows were not found by {pkey}: {delta:?}"
+    );
+    for index in delta.keys() {
+        assert!(
+            !index.ends_with("_placing_idx")
+                && !index.ends_with("_pending_idx")
+                && !index.ends_with("_matching_idx")
+                && !index.ends_with("_open_by_round_idx")
+                && !index.ends_with("_open_by_user_idx")
+                && index != "bets_round_idx",
+            "a status index was read: {delta:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn finishing_placings_reads_no_status_index() {
+    let b = bloated("PLACING").await;
+    pass_through(&b).await;
+    let ids = still(&b).await;
+    assert_eq!(ids.len() as i64, STILL);
+    let before = scans(&b.owner).await;
+    let pending: Vec<(BetId, Decimal)> = ids
+        .iter()
+        .map(|id| (BetId::from(*id), Decimal::ONE))
+        .collect();
+    let finished = BetStore::new(b.one.clone())
+        .finish_placing_many(&pending, &[])
+        .await
+        .expect("finish placing");
+    assert_eq!(finished.len() as i64, STILL, "every bet became PENDING");
+    assert_by_primary_key(&scans_since(&b, &before).await, "bets_pkey");
+}
+
+#[tokio::test]
+async fn matching_reads_its_candidates_and_marks_them_by_primary_key() {
+    let b = bloated("PENDING").await;
+    pass_through(&b).await;
+    let before = scans(&b.owner).await;
+    let matched = Matcher::new(b.one.clone())
+        .match_group("plans", Decimal::ONE)
+        .await
+        .expect("match");
+    assert_eq!(matched as i64, STILL / 2, "every pair was matched");
+    let delta = scans_since(&b, &before).await;
+    // The candidates come from an index of the group (round, status, stake),
+    // once a side, which matching needs; locking and marking them goes by
+    // primary key (and the match rows' keys are checked by theirs).
+    let group: i64 = ["bets_round_idx", "bets_matching_idx"]
+        .iter()
+        .filter_map(|index| delta.get(*index))
+        .sum();
+    assert_eq!(group, 2, "one read of the group a side: {delta:?}");
+    assert!(delta.contains_key("bets_pkey"), "{delta:?}");
+    assert!(
+        delta.keys().all(|index| [
+            "bets_round_idx",
+            "bets_matching_idx",
+            "bets_pkey",
+            "matches_pkey"
+        ]
+        .contains(&index.as_str())),
+        "a status index was read: {delta:?}"
+    );
+}
+
+#[tokio::test]
+async fn refunding_bets_reads_no_status_index() {
+    let b = bloated("PENDING").await;
+    pass_through(&b).await;
+    let ids = still(&b).await;
+    let before = scans(&b.owner).await;
+    let bets: Vec<(BetId, RefundReason)> = ids
+        .iter()
+        .map(|id| (BetId::from(*id), RefundReason::Cancelled))
+        .collect();
+    let mut conn = b.one.acquire().await.expect("a connection");
+    let refunded = betting_refunds::refund_bets(&mut conn, &bets, &[BetStatus::Pending], None)
+        .await
+        .expect("refund");
+    drop(conn);
+    assert_eq!(refunded.len() as i64, STILL, "every bet was refunded");
+    assert_by_primary_key(&scans_since(&b, &before).await, "bets_pkey");
+}
