@@ -17,6 +17,8 @@
 //! users are whenever two exist: a batch that pairs nothing therefore proves
 //! that no matchable pair exists in the group. Matching moves no money.
 
+use std::{collections::HashMap, sync::Arc};
+
 use betting_db::{ChangedBet, StoreError};
 use betting_domain::{RoundStatus, Side};
 use betting_jobs::{JobKind, MatchJob, store_failure};
@@ -99,6 +101,62 @@ pub struct Matcher {
     publisher: Option<betting_streams::Publisher>,
     batch: i64,
     per_user: i64,
+    waiting: Arc<Waiting>,
+}
+
+/// A (round, stake) group.
+type Group = (String, Decimal);
+
+/// Group runs of this process that have not read their candidates yet, per
+/// group: a job that finds one needs no run of its own.
+///
+/// A job is taken after its bets were committed (PlaceBet enqueues after
+/// its commit), and a run that has not read yet reads after it, so that
+/// run sees the job's bets and matches them as this job's own run would.
+/// Under load the placing batches enqueue a job per batch for the same hot
+/// group, and each of them waited for the round's lock (holding a
+/// connection) to run a transaction that mostly found its bets matched
+/// already: now one waits and the others are done at once. If the waiting
+/// run then fails, its job is retried (or redelivered after its lease) and
+/// reads later still; if it is dead-lettered, the reconciler enqueues the
+/// group's PENDING bets again. Matching moves no money.
+#[derive(Default)]
+struct Waiting(std::sync::Mutex<HashMap<Group, usize>>);
+
+impl Waiting {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Group, usize>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn has(&self, group: &Group) -> bool {
+        self.lock().get(group).is_some_and(|n| *n > 0)
+    }
+
+    /// Registers a run until its guard drops (right before its first read).
+    fn enter(self: &Arc<Self>, group: Group) -> WaitGuard {
+        *self.lock().entry(group.clone()).or_default() += 1;
+        WaitGuard {
+            waiting: self.clone(),
+            group,
+        }
+    }
+}
+
+struct WaitGuard {
+    waiting: Arc<Waiting>,
+    group: Group,
+}
+
+impl Drop for WaitGuard {
+    fn drop(&mut self) {
+        let mut waiting = self.waiting.lock();
+        if let Some(n) = waiting.get_mut(&self.group) {
+            *n -= 1;
+            if *n == 0 {
+                waiting.remove(&self.group);
+            }
+        }
+    }
 }
 
 impl Matcher {
@@ -108,6 +166,7 @@ impl Matcher {
             publisher: None,
             batch: BATCH,
             per_user: PER_USER,
+            waiting: Arc::default(),
         }
     }
 
@@ -151,6 +210,12 @@ impl Matcher {
         .fetch_optional(&self.pool)
         .await?;
         match row {
+            // A run of the group that has not read yet will match this
+            // job's bets (`Waiting`).
+            Some(bet) if bet.work && self.waiting.has(&(bet.round_id.clone(), bet.amount)) => {
+                metrics::counter!("match_jobs_coalesced_total").increment(1);
+                Ok(0)
+            }
             Some(bet) if bet.work => self.match_group(&bet.round_id, bet.amount).await,
             // Gone, or matched, cancelled or refunded meanwhile with nothing
             // left to pair: nothing to do.
@@ -161,8 +226,10 @@ impl Matcher {
     /// Matches every matchable pair of a (round, stake) group.
     pub async fn match_group(&self, round: &str, amount: Decimal) -> Result<usize, StoreError> {
         let mut total = 0;
+        // Registered until the first batch reads its candidates.
+        let mut waiting = Some(self.waiting.enter((round.to_owned(), amount)));
         loop {
-            let batch = self.match_batch(round, amount).await?;
+            let batch = self.match_batch(round, amount, waiting.take()).await?;
             total += batch.pairs;
             // A batch that pairs nothing proves no pair is left; so does one
             // that read every PENDING bet of the group (no side cut short by
@@ -174,7 +241,14 @@ impl Matcher {
         }
     }
 
-    async fn match_batch(&self, round: &str, amount: Decimal) -> Result<Batch, StoreError> {
+    /// One matching transaction; `waiting` (the run's registration, on its
+    /// first batch) ends right before the candidates are read.
+    async fn match_batch(
+        &self,
+        round: &str,
+        amount: Decimal,
+        waiting: Option<WaitGuard>,
+    ) -> Result<Batch, StoreError> {
         let mut tx = betting_db::begin(&self.pool).await?;
         betting_db::lock_round(&mut tx, round).await?;
         let status: Option<String> =
@@ -193,6 +267,9 @@ impl Matcher {
                 complete: true,
             });
         }
+        // From here on, a job taken now is not sure to be seen by this read
+        // (its bets may commit after the read's snapshot): it runs itself.
+        drop(waiting);
         // The oldest of each side, locked: a cancel or timeout racing us waits,
         // then finds the bet no longer PENDING (or we find it gone).
         let mut rows: Vec<Queued> = Vec::new();

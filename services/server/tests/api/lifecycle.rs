@@ -494,3 +494,91 @@ async fn one_user_with_many_bets_cannot_hide_a_pair_from_the_matcher() {
     );
     app.assert_audit_clean().await;
 }
+
+/// A match job that finds a run of its group waiting for the round's lock
+/// (not yet read) is done at once: that run reads after the job's bets
+/// were committed and matches them. A job of another group still runs
+/// itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_match_job_behind_a_waiting_run_of_its_group_is_done_by_that_run() {
+    let app = TestApp::spawn_roles(API_ONLY).await;
+    for user in 1..=6 {
+        app.deposit(user, "100").await;
+    }
+    app.open_round("r").await;
+    let first = app.place_ok(1, "r", pb::Side::A, "10").await;
+    let first_b = app.place_ok(2, "r", pb::Side::B, "10").await;
+    let matcher = Matcher::new(app.pool.clone());
+
+    // The round's lock held, as a transaction of another matcher would.
+    let mut holder = app.pool.begin().await.expect("begin");
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('round:' || $1, 0))")
+        .bind("r")
+        .execute(&mut *holder)
+        .await
+        .expect("hold the round's lock");
+    let waiting_run = {
+        let matcher = matcher.clone();
+        let bet: Uuid = first.bet_id.parse().expect("uuid");
+        tokio::spawn(async move { matcher.match_bet(bet).await })
+    };
+    // It waits for the lock (registered before it).
+    eventually(
+        "the run waits for the round's lock",
+        Duration::from_secs(10),
+        async || {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+            )
+            .fetch_one(&app.pool)
+            .await
+            .expect("pg_locks");
+            (waiting == 1).then_some(())
+        },
+    )
+    .await;
+
+    // Bets of the same group, committed now; their job is done at once.
+    let second = app.place_ok(3, "r", pb::Side::A, "10").await;
+    let second_b = app.place_ok(4, "r", pb::Side::B, "10").await;
+    let bet: Uuid = second.bet_id.parse().expect("uuid");
+    let done = tokio::time::timeout(Duration::from_secs(5), matcher.match_bet(bet))
+        .await
+        .expect("the job must not wait for the round's lock")
+        .expect("match job");
+    assert_eq!(done, 0, "it matched nothing itself");
+
+    // Another stake is another group: its job waits for the lock.
+    let other = app.place_ok(5, "r", pb::Side::A, "7").await;
+    let other_b = app.place_ok(6, "r", pb::Side::B, "7").await;
+    let other_run = {
+        let matcher = matcher.clone();
+        let bet: Uuid = other.bet_id.parse().expect("uuid");
+        tokio::spawn(async move { matcher.match_bet(bet).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !other_run.is_finished(),
+        "another group's job ran past the held lock"
+    );
+
+    holder.commit().await.expect("release the round's lock");
+    let pairs = waiting_run.await.expect("join").expect("waiting run");
+    assert_eq!(
+        pairs, 2,
+        "the waiting run matched its own pair and the second"
+    );
+    assert_eq!(other_run.await.expect("join").expect("other run"), 1);
+    for (user, bet) in [
+        (1, &first),
+        (2, &first_b),
+        (3, &second),
+        (4, &second_b),
+        (5, &other),
+        (6, &other_b),
+    ] {
+        let bet = app.bet(user, &bet.bet_id).await;
+        assert_eq!(bet.status, pb::BetStatus::Matched as i32, "{bet:?}");
+    }
+    app.assert_audit_clean().await;
+}
