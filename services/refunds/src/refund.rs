@@ -36,19 +36,23 @@ pub async fn refund_bets(
         .iter()
         .map(|(bet, _)| IdempotencyKey::refund(*bet).as_str().to_owned())
         .collect();
-    // Each status once, matched as a join condition, so that the bets are
-    // found by primary key, never through a status index (`betting_db::from_status`).
-    let mut from: Vec<&str> = from.iter().map(|s| s.as_db()).collect();
-    from.sort_unstable();
-    from.dedup();
+    // The statuses as one joined row's column (`OFFSET 0` keeps the subquery
+    // from being flattened into a constant), so that `b.status = ANY(..)` is
+    // a join condition and the bets are found by primary key, never through
+    // a status index (`betting_db::from_status`). One row holding every
+    // status, not a row per status: a bet a concurrent transaction moved
+    // from one of them to another while this statement waited for its row
+    // is re-checked (EvalPlanQual) against the joined row the old version
+    // matched, which must accept the new status too.
+    let from: Vec<&str> = from.iter().map(|s| s.as_db()).collect();
     let refunded: Vec<ChangedBet> = sqlx::query_as(
         "WITH due AS ( \
            SELECT * FROM unnest($1::UUID[], $2::TEXT[], $3::TEXT[]) AS d (bet_id, reason, key) \
          ), refunded AS ( \
            UPDATE bets b SET status = 'REFUNDED', refund_reason = due.reason, \
              version = b.version + 1, updated_at = now() \
-           FROM due, unnest($4::TEXT[]) AS f (from_status) \
-           WHERE b.bet_id = due.bet_id AND b.status = f.from_status \
+           FROM due, (SELECT $4::TEXT[] AS from_statuses OFFSET 0) AS f \
+           WHERE b.bet_id = due.bet_id AND b.status = ANY(f.from_statuses) \
              AND ($5::BIGINT IS NULL OR b.user_id = $5) \
            RETURNING b.bet_id, b.user_id, b.amount, b.round_id, b.version, due.key \
          ), owed AS ( \
