@@ -8,6 +8,7 @@ mod attack;
 mod attack10;
 mod attack11;
 mod attack15;
+mod attack16;
 mod attack9;
 mod attack_outbox;
 mod audit;
