@@ -83,6 +83,11 @@ struct Batch {
     pairs: usize,
     /// It read every PENDING bet of the group.
     complete: bool,
+    /// Its lock dropped candidates its read had chosen (a cancel or refund
+    /// moved them out of PENDING while it waited for them, and the read's
+    /// LIMIT is not run again), or it found a side empty that has PENDING
+    /// bets: what it read proves nothing about the rest of the group.
+    disturbed: bool,
 }
 
 /// A PENDING bet of a batch, as read (locked).
@@ -93,6 +98,9 @@ struct Queued {
     user_id: i64,
     #[sqlx(try_from = "String")]
     side: Side,
+    /// How many bets of its side the inner read chose (before the lock
+    /// dropped any).
+    chosen: i64,
 }
 
 #[derive(Clone)]
@@ -234,8 +242,11 @@ impl Matcher {
             // A batch that pairs nothing proves no pair is left; so does one
             // that read every PENDING bet of the group (no side cut short by
             // the batch size or the per-user bound): greedy pairing leaves no
-            // matchable pair among what it read.
-            if batch.pairs == 0 || batch.complete {
+            // matchable pair among what it read. Neither holds of a batch
+            // whose lock dropped candidates: it read less than the oldest
+            // of the group (and each such batch saw a bet leave PENDING for
+            // good, or a new one come, so the loop ends).
+            if !batch.disturbed && (batch.pairs == 0 || batch.complete) {
                 return Ok(total);
             }
         }
@@ -265,6 +276,7 @@ impl Matcher {
             return Ok(Batch {
                 pairs: 0,
                 complete: true,
+                disturbed: false,
             });
         }
         // From here on, a job taken now is not sure to be seen by this read
@@ -274,6 +286,7 @@ impl Matcher {
         // then finds the bet no longer PENDING (or we find it gone).
         let mut rows: Vec<Queued> = Vec::new();
         let mut complete = true;
+        let mut disturbed = false;
         for side in [Side::A, Side::B] {
             let read = rows.len();
             rows.extend(
@@ -283,8 +296,11 @@ impl Matcher {
                     // still PENDING: against the status the inner read saw
                     // (a join condition, so no partial index is read for
                     // it: `betting_db::from_status`).
-                    "SELECT b.created_at, b.bet_id, b.user_id, b.side FROM bets b JOIN ( \
-                       SELECT bet_id, status FROM ( \
+                    // `chosen` is how many the inner read chose: the lock
+                    // drops a bet that left PENDING while it waited, after
+                    // the LIMIT.
+                    "SELECT b.created_at, b.bet_id, b.user_id, b.side, c.chosen FROM bets b JOIN ( \
+                       SELECT bet_id, status, least(count(*) OVER (), $4) AS chosen FROM ( \
                          SELECT bet_id, status, created_at, row_number() OVER \
                            (PARTITION BY user_id ORDER BY created_at, bet_id) AS nth \
                          FROM bets \
@@ -304,6 +320,22 @@ impl Matcher {
             // Cut short by the batch size, or some user by the per-user
             // bound: more PENDING bets of this side may exist.
             let side_rows = &rows[read..];
+            let chosen = side_rows.first().map_or(0, |bet| bet.chosen);
+            if (side_rows.len() as i64) < chosen {
+                disturbed = true;
+            } else if side_rows.is_empty() {
+                // Every chosen bet dropped, or none there: ask again.
+                let left: bool = sqlx::query_scalar(
+                    "SELECT EXISTS (SELECT 1 FROM bets WHERE round_id = $1 AND amount = $2 \
+                       AND status = 'PENDING' AND side = $3)",
+                )
+                .bind(round)
+                .bind(amount)
+                .bind(side.as_db())
+                .fetch_one(&mut *tx)
+                .await?;
+                disturbed |= left;
+            }
             let mut per_user: std::collections::HashMap<i64, i64> = Default::default();
             for bet in side_rows {
                 *per_user.entry(bet.user_id).or_default() += 1;
@@ -325,7 +357,11 @@ impl Matcher {
             .collect();
         let pairs = pair_oldest_first(&candidates);
         if pairs.is_empty() {
-            return Ok(Batch { pairs: 0, complete });
+            return Ok(Batch {
+                pairs: 0,
+                complete,
+                disturbed,
+            });
         }
         let match_ids: Vec<Uuid> = pairs.iter().map(|_| Uuid::now_v7()).collect();
         let a_ids: Vec<Uuid> = pairs.iter().map(|p| p.0).collect();
@@ -387,6 +423,7 @@ impl Matcher {
         Ok(Batch {
             pairs: pairs.len(),
             complete,
+            disturbed,
         })
     }
 }
