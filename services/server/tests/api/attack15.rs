@@ -24,53 +24,19 @@ use betting_bets::{BetStore, matcher::Matcher};
 use betting_db::actions::Actor;
 use betting_domain::{BetId, BetStatus, RefundReason, RoundId};
 use betting_settlement::RoundStore;
-use betting_test_kit::{TestDatabase, fresh_database};
 use rust_decimal::Decimal;
-use sqlx::{PgPool, postgres::PgPoolOptions};
 use uuid::Uuid;
+
+use crate::rows::{self, Db};
 
 const ROUND: &str = "attack15";
 
-struct Db {
-    _db: TestDatabase,
-    pool: PgPool,
-}
-
 async fn db() -> Db {
-    let db = fresh_database().await;
-    let pool = PgPoolOptions::new()
-        .max_connections(6)
-        .connect(&db)
-        .await
-        .expect("connect");
-    sqlx::query("INSERT INTO rounds (round_id) VALUES ($1)")
-        .bind(ROUND)
-        .execute(&pool)
-        .await
-        .expect("round");
-    Db { _db: db, pool }
+    rows::db(ROUND, 6).await
 }
 
-/// A bet of stake 1 in `status` (PLACING or PENDING), created `nth`
-/// milliseconds into the round, so that bets are ordered by `nth`.
 async fn bet(db: &Db, nth: i64, user: i64, side: &str, status: &str) -> Uuid {
-    let id = Uuid::now_v7();
-    sqlx::query(
-        "INSERT INTO bets (bet_id, user_id, idempotency_key, round_id, side, amount, status, \
-           balance_after, version, created_at) \
-         VALUES ($1, $2, $1::text, $3, $4, 1, $5, CASE WHEN $5 = 'PLACING' THEN NULL ELSE 0 END, \
-           0, timestamptz '2026-01-01' + make_interval(secs => $6::float8 / 1000))",
-    )
-    .bind(id)
-    .bind(user)
-    .bind(ROUND)
-    .bind(side)
-    .bind(status)
-    .bind(nth)
-    .execute(&db.pool)
-    .await
-    .expect("insert bet");
-    id
+    rows::bet(db, nth, user, side, status).await
 }
 
 async fn status_of(db: &Db, bet: Uuid) -> (String, Option<Uuid>) {

@@ -23,10 +23,10 @@
 use std::time::Duration;
 
 use betting_bets::matcher::Matcher;
-use betting_test_kit::{TestDatabase, fresh_database};
 use rust_decimal::Decimal;
-use sqlx::{PgPool, postgres::PgPoolOptions};
 use uuid::Uuid;
+
+use crate::rows::{self, Db};
 
 const ROUND: &str = "attack16";
 
@@ -35,45 +35,13 @@ const ROUND: &str = "attack16";
 const BATCH: i64 = 4;
 const PER_USER: i64 = 3;
 
-struct Db {
-    _db: TestDatabase,
-    pool: PgPool,
-}
-
 async fn db() -> Db {
-    let db = fresh_database().await;
-    let pool = PgPoolOptions::new()
-        .max_connections(10)
-        .connect(&db)
-        .await
-        .expect("connect");
-    sqlx::query("INSERT INTO rounds (round_id) VALUES ($1)")
-        .bind(ROUND)
-        .execute(&pool)
-        .await
-        .expect("round");
-    Db { _db: db, pool }
+    rows::db(ROUND, 10).await
 }
 
-/// A PENDING bet of stake 1, created `nth` milliseconds into the round, so
-/// that bets are ordered by `nth`.
+/// A PENDING bet of stake 1, made `nth` milliseconds into the round.
 async fn bet(db: &Db, nth: i64, user: i64, side: &str) -> Uuid {
-    let id = Uuid::now_v7();
-    sqlx::query(
-        "INSERT INTO bets (bet_id, user_id, idempotency_key, round_id, side, amount, status, \
-           balance_after, version, created_at) \
-         VALUES ($1, $2, $1::text, $3, $4, 1, 'PENDING', 0, 0, \
-           timestamptz '2026-01-01' + make_interval(secs => $5::float8 / 1000))",
-    )
-    .bind(id)
-    .bind(user)
-    .bind(ROUND)
-    .bind(side)
-    .bind(nth)
-    .execute(&db.pool)
-    .await
-    .expect("insert bet");
-    id
+    rows::bet(db, nth, user, side, "PENDING").await
 }
 
 async fn status_of(db: &Db, bet: Uuid) -> String {
@@ -140,7 +108,8 @@ async fn until(what: &str, mut check: impl AsyncFnMut() -> bool) {
 async fn advisory_waiters(db: &Db, n: i64) {
     until("a run waits for the round's lock", async || {
         let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+         AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
         )
         .fetch_one(&db.pool)
         .await
@@ -166,6 +135,18 @@ async fn candidates_read_waits(db: &Db) {
         waiting > 0
     })
     .await;
+}
+
+/// What a spawned matcher call answered, within 20 s.
+async fn joined(
+    what: &str,
+    run: tokio::task::JoinHandle<Result<usize, betting_db::StoreError>>,
+) -> usize {
+    tokio::time::timeout(Duration::from_secs(20), run)
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not end"))
+        .expect("join")
+        .unwrap_or_else(|e| panic!("{what} failed: {e}"))
 }
 
 fn matcher(db: &Db) -> Matcher {
@@ -200,11 +181,7 @@ async fn attack16_a_batch_shortened_by_a_concurrent_cancel_does_not_end_the_run(
     };
     candidates_read_waits(&db).await;
     cancel.commit().await.expect("commit the cancels");
-    let pairs = tokio::time::timeout(Duration::from_secs(20), run)
-        .await
-        .expect("the run ends")
-        .expect("join")
-        .expect("the run");
+    let pairs = joined("the run", run).await;
     assert_eq!(
         (pairs, matchable_pairs_left(&db).await),
         (3, 0),
@@ -230,11 +207,7 @@ async fn attack16_a_batch_emptied_by_concurrent_cancels_is_no_proof_that_nothing
     };
     candidates_read_waits(&db).await;
     cancel.commit().await.expect("commit the cancels");
-    let pairs = tokio::time::timeout(Duration::from_secs(20), run)
-        .await
-        .expect("the run ends")
-        .expect("join")
-        .expect("the run");
+    let pairs = joined("the run", run).await;
     assert_eq!(
         (pairs, status_of(&db, a[4]).await, status_of(&db, b1).await),
         (1, "MATCHED".to_owned(), "MATCHED".to_owned()),
@@ -281,11 +254,7 @@ async fn attack16_a_job_coalesced_behind_a_run_that_stops_early_is_left_unmatche
     round_lock.commit().await.expect("release the round's lock");
     candidates_read_waits(&db).await;
     cancel.commit().await.expect("commit the cancels");
-    let pairs = tokio::time::timeout(Duration::from_secs(20), waiting_run)
-        .await
-        .expect("the waiting run ends")
-        .expect("join")
-        .expect("the waiting run");
+    let pairs = joined("the waiting run", waiting_run).await;
 
     assert_eq!(
         (
@@ -332,11 +301,7 @@ async fn attack16_an_aborted_waiting_run_leaves_no_registration_behind() {
         "the job was coalesced behind an aborted run"
     );
     round_lock.commit().await.expect("release the round's lock");
-    let pairs = tokio::time::timeout(Duration::from_secs(20), job)
-        .await
-        .expect("the job ends")
-        .expect("join")
-        .expect("the job");
+    let pairs = joined("the job", job).await;
     assert_eq!(pairs, 1);
     assert_eq!(status_of(&db, a1).await, "MATCHED");
     assert_eq!(status_of(&db, b1).await, "MATCHED");
@@ -367,7 +332,8 @@ async fn attack16_a_waiting_run_that_fails_before_reading_is_retried_and_covers_
 
     let cancelled: i64 = sqlx::query_scalar(
         "SELECT count(*) FILTER (WHERE pg_cancel_backend(pid)) FROM pg_locks \
-         WHERE locktype = 'advisory' AND NOT granted",
+         WHERE locktype = 'advisory' AND NOT granted \
+         AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
     )
     .fetch_one(&db.pool)
     .await
@@ -427,11 +393,7 @@ async fn attack16_a_waiting_run_keyed_by_a_differently_scaled_stake_covers_the_j
         .expect("the job");
     assert_eq!(coalesced, 0);
     round_lock.commit().await.expect("release the round's lock");
-    let pairs = tokio::time::timeout(Duration::from_secs(20), waiting_run)
-        .await
-        .expect("the waiting run ends")
-        .expect("join")
-        .expect("the waiting run");
+    let pairs = joined("the waiting run", waiting_run).await;
     assert_eq!(pairs, 1);
     assert_eq!(status_of(&db, a1).await, "MATCHED");
     assert_eq!(status_of(&db, b1).await, "MATCHED");
@@ -464,11 +426,7 @@ async fn attack16_a_waiting_run_that_finds_its_round_closed_matches_nothing_and_
         .await
         .expect("close");
     round_lock.commit().await.expect("release the round's lock");
-    let pairs = tokio::time::timeout(Duration::from_secs(20), waiting_run)
-        .await
-        .expect("the waiting run ends")
-        .expect("join")
-        .expect("the waiting run");
+    let pairs = joined("the waiting run", waiting_run).await;
     assert_eq!(pairs, 0);
     // The job's own run (what it did before 4ac49eb) finds the same.
     let own = tokio::time::timeout(Duration::from_secs(20), matcher.match_bet(b1))

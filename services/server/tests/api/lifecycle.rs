@@ -528,7 +528,8 @@ async fn a_match_job_behind_a_waiting_run_of_its_group_is_done_by_that_run() {
         Duration::from_secs(10),
         async || {
             let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+         AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
             )
             .fetch_one(&app.pool)
             .await

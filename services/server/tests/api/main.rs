@@ -33,6 +33,7 @@ mod privileged_actions;
 mod property;
 mod queue;
 mod roles;
+mod rows;
 mod streams;
 mod tls;
 mod tls_stores;

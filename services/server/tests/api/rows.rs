@@ -1,0 +1,56 @@
+//! Rows written straight into a fresh database, for the tests that pin an
+//! interleaving of the stores' own statements (`attack15.rs`, `attack16.rs`):
+//! a round, and bets of stake 1 in a status, ordered by when they were made.
+
+use betting_test_kit::{TestDatabase, fresh_database};
+use sqlx::{PgPool, postgres::PgPoolOptions};
+use uuid::Uuid;
+
+pub struct Db {
+    _db: TestDatabase,
+    pub pool: PgPool,
+    pub round: &'static str,
+}
+
+/// A fresh, migrated database with one OPEN round, and a pool of
+/// `connections` to it.
+pub async fn db(round: &'static str, connections: u32) -> Db {
+    let db = fresh_database().await;
+    let pool = PgPoolOptions::new()
+        .max_connections(connections)
+        .connect(&db)
+        .await
+        .expect("connect");
+    sqlx::query("INSERT INTO rounds (round_id) VALUES ($1)")
+        .bind(round)
+        .execute(&pool)
+        .await
+        .expect("round");
+    Db {
+        _db: db,
+        pool,
+        round,
+    }
+}
+
+/// A bet of stake 1 in `status` (PLACING, with no balance yet, or PENDING),
+/// made `nth` milliseconds into the round, so that bets are ordered by `nth`.
+pub async fn bet(db: &Db, nth: i64, user: i64, side: &str, status: &str) -> Uuid {
+    let id = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO bets (bet_id, user_id, idempotency_key, round_id, side, amount, status, \
+           balance_after, version, created_at) \
+         VALUES ($1, $2, $1::text, $3, $4, 1, $5, CASE WHEN $5 = 'PLACING' THEN NULL ELSE 0 END, \
+           0, timestamptz '2026-01-01' + make_interval(secs => $6::float8 / 1000))",
+    )
+    .bind(id)
+    .bind(user)
+    .bind(db.round)
+    .bind(side)
+    .bind(status)
+    .bind(nth)
+    .execute(&db.pool)
+    .await
+    .expect("insert bet");
+    id
+}
