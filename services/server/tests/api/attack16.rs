@@ -137,6 +137,47 @@ async fn candidates_read_waits(db: &Db) {
     .await;
 }
 
+/// A run of the group of a PENDING bet `a1` (stake 1, side A) waiting for
+/// the round's lock, which the test holds.
+struct WaitingRun {
+    db: Db,
+    a1: Uuid,
+    matcher: Matcher,
+    round_lock: sqlx::Transaction<'static, sqlx::Postgres>,
+    run: tokio::task::JoinHandle<Result<usize, betting_db::StoreError>>,
+}
+
+async fn a_waiting_run() -> WaitingRun {
+    let db = db().await;
+    let a1 = bet(&db, 1, 1, "A").await;
+    let matcher = matcher(&db);
+    let round_lock = hold_round(&db).await;
+    let run = spawn_match(&matcher, a1);
+    advisory_waiters(&db, 1).await;
+    WaitingRun {
+        db,
+        a1,
+        matcher,
+        round_lock,
+        run,
+    }
+}
+
+/// A match job run in a task of its own.
+fn spawn_match(
+    matcher: &Matcher,
+    bet: Uuid,
+) -> tokio::task::JoinHandle<Result<usize, betting_db::StoreError>> {
+    let matcher = matcher.clone();
+    tokio::spawn(async move { matcher.match_bet(bet).await })
+}
+
+async fn assert_matched(db: &Db, bets: &[Uuid]) {
+    for bet in bets {
+        assert_eq!(status_of(db, *bet).await, "MATCHED", "bet {bet}");
+    }
+}
+
 /// What a spawned matcher call answered, within 20 s.
 async fn joined(
     what: &str,
@@ -275,15 +316,13 @@ async fn attack16_a_job_coalesced_behind_a_run_that_stops_early_is_left_unmatche
 /// the lock) and matches the pair.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn attack16_an_aborted_waiting_run_leaves_no_registration_behind() {
-    let db = db().await;
-    let a1 = bet(&db, 1, 1, "A").await;
-    let matcher = matcher(&db);
-    let round_lock = hold_round(&db).await;
-    let waiting_run = {
-        let matcher = matcher.clone();
-        tokio::spawn(async move { matcher.match_bet(a1).await })
-    };
-    advisory_waiters(&db, 1).await;
+    let WaitingRun {
+        db,
+        a1,
+        matcher,
+        round_lock,
+        run: waiting_run,
+    } = a_waiting_run().await;
     waiting_run.abort();
     assert!(
         waiting_run.await.expect_err("aborted").is_cancelled(),
@@ -291,10 +330,7 @@ async fn attack16_an_aborted_waiting_run_leaves_no_registration_behind() {
     );
 
     let b1 = bet(&db, 2, 2, "B").await;
-    let job = {
-        let matcher = matcher.clone();
-        tokio::spawn(async move { matcher.match_bet(b1).await })
-    };
+    let job = spawn_match(&matcher, b1);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
         !job.is_finished(),
@@ -303,8 +339,7 @@ async fn attack16_an_aborted_waiting_run_leaves_no_registration_behind() {
     round_lock.commit().await.expect("release the round's lock");
     let pairs = joined("the job", job).await;
     assert_eq!(pairs, 1);
-    assert_eq!(status_of(&db, a1).await, "MATCHED");
-    assert_eq!(status_of(&db, b1).await, "MATCHED");
+    assert_matched(&db, &[a1, b1]).await;
 }
 
 /// A waiting run that fails before it reads (its lock wait cancelled: a
@@ -314,15 +349,13 @@ async fn attack16_an_aborted_waiting_run_leaves_no_registration_behind() {
 /// job that was coalesced behind it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn attack16_a_waiting_run_that_fails_before_reading_is_retried_and_covers_the_job() {
-    let db = db().await;
-    let a1 = bet(&db, 1, 1, "A").await;
-    let matcher = matcher(&db);
-    let round_lock = hold_round(&db).await;
-    let waiting_run = {
-        let matcher = matcher.clone();
-        tokio::spawn(async move { matcher.match_bet(a1).await })
-    };
-    advisory_waiters(&db, 1).await;
+    let WaitingRun {
+        db,
+        a1,
+        matcher,
+        round_lock,
+        run: waiting_run,
+    } = a_waiting_run().await;
     let b1 = bet(&db, 2, 2, "B").await;
     let coalesced = tokio::time::timeout(Duration::from_secs(5), matcher.match_bet(b1))
         .await
@@ -395,8 +428,7 @@ async fn attack16_a_waiting_run_keyed_by_a_differently_scaled_stake_covers_the_j
     round_lock.commit().await.expect("release the round's lock");
     let pairs = joined("the waiting run", waiting_run).await;
     assert_eq!(pairs, 1);
-    assert_eq!(status_of(&db, a1).await, "MATCHED");
-    assert_eq!(status_of(&db, b1).await, "MATCHED");
+    assert_matched(&db, &[a1, b1]).await;
 }
 
 /// A waiting run that finds its round closed when it gets the lock returns
@@ -405,15 +437,13 @@ async fn attack16_a_waiting_run_keyed_by_a_differently_scaled_stake_covers_the_j
 /// a closed round, and are the close's (or `refund_stranded`'s) to refund.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn attack16_a_waiting_run_that_finds_its_round_closed_matches_nothing_and_unregisters() {
-    let db = db().await;
-    let a1 = bet(&db, 1, 1, "A").await;
-    let matcher = matcher(&db);
-    let mut round_lock = hold_round(&db).await;
-    let waiting_run = {
-        let matcher = matcher.clone();
-        tokio::spawn(async move { matcher.match_bet(a1).await })
-    };
-    advisory_waiters(&db, 1).await;
+    let WaitingRun {
+        db,
+        a1,
+        matcher,
+        mut round_lock,
+        run: waiting_run,
+    } = a_waiting_run().await;
     let b1 = bet(&db, 2, 2, "B").await;
     let coalesced = tokio::time::timeout(Duration::from_secs(5), matcher.match_bet(b1))
         .await
