@@ -32,7 +32,7 @@ use std::{
 
 use anyhow::Context;
 use betting_chaos::{
-    cluster::Cluster,
+    cluster::{Cluster, Slot},
     faults::Topology,
     supervise::{Kind, wait_serving},
 };
@@ -62,6 +62,19 @@ pub struct WorkerFault {
     pub down_ms: u64,
     /// What went wrong carrying it out, if anything (the run then fails).
     pub error: Option<String>,
+}
+
+impl WorkerFault {
+    /// The fault `fault`, begun `at` into the load and stopped at `stopped`,
+    /// now over with `result`.
+    fn new(at: Duration, fault: String, stopped: Instant, result: anyhow::Result<()>) -> Self {
+        Self {
+            at_s: at.as_secs_f64(),
+            fault,
+            down_ms: stopped.elapsed().as_millis() as u64,
+            error: result.err().map(|e| format!("{e:#}")),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -116,13 +129,8 @@ pub(super) async fn run(seconds: u64, common: &Common) -> anyhow::Result<()> {
             return Err(error);
         }
     };
-    let mut unexpected = exits.unexpected.clone();
-    unexpected.extend(
-        exits
-            .drain_killed
-            .iter()
-            .map(|e| format!("{e} (SIGKILLed after its drain)")),
-    );
+    // An exit the run did not cause, or a drain that ended in SIGKILL.
+    let unexpected = exits.violations();
     let failed = !unexpected.is_empty()
         || report
             .worker_faults
@@ -193,12 +201,17 @@ async fn drive(cluster: &Arc<Cluster>, seconds: u64, common: &Common) -> anyhow:
         tokio::spawn(async move {
             tokio::time::sleep(DOWN).await;
             let restarted = start(&cluster, SETTLERS).await;
-            let first = WorkerFault {
-                at_s: at.as_secs_f64(),
-                fault: "SIGKILL both settlers before SettleRound".into(),
-                down_ms: stopped.elapsed().as_millis() as u64,
-                error: error.or(restarted.err()).map(|e| format!("{e:#}")),
+            // The kill's failure first, as the restart's is a consequence.
+            let restarted = match error {
+                Some(error) => Err(error),
+                None => restarted,
             };
+            let first = WorkerFault::new(
+                at,
+                "SIGKILL both settlers before SettleRound".into(),
+                stopped,
+                restarted,
+            );
             let second = kill_mid_payout(&cluster, &round, began).await;
             [first, second]
         })
@@ -228,12 +241,7 @@ async fn load_faults(cluster: &Cluster, began: Instant, ends: Instant) -> Vec<Wo
             start(cluster, who).await
         }
         .await;
-        done.push(WorkerFault {
-            at_s: at.as_secs_f64(),
-            fault: (*name).to_owned(),
-            down_ms: stopped.elapsed().as_millis() as u64,
-            error: result.err().map(|e| format!("{e:#}")),
-        });
+        done.push(WorkerFault::new(at, (*name).to_owned(), stopped, result));
     }
     done
 }
@@ -276,20 +284,18 @@ async fn kill_mid_payout(cluster: &Cluster, round: &str, began: Instant) -> Work
         start(cluster, SETTLERS).await
     }
     .await;
-    WorkerFault {
-        at_s: at.as_secs_f64(),
-        fault,
-        down_ms: stopped.elapsed().as_millis() as u64,
-        error: result.err().map(|e| format!("{e:#}")),
-    }
+    WorkerFault::new(at, fault, stopped, result)
+}
+
+fn slot(cluster: &Cluster, kind: Kind, index: usize) -> anyhow::Result<&Slot> {
+    cluster
+        .slot(kind, index)
+        .with_context(|| format!("no {kind:?}-{index}"))
 }
 
 async fn stop(cluster: &Cluster, who: &[(Kind, usize)], how: How) -> anyhow::Result<()> {
     for &(kind, index) in who {
-        let slot = cluster
-            .slot(kind, index)
-            .with_context(|| format!("no {kind:?}-{index}"))?;
-        let mut process = slot.process.lock().await;
+        let mut process = slot(cluster, kind, index)?.process.lock().await;
         match how {
             How::Kill => {
                 cluster.reap_unexpected(&mut process);
@@ -305,17 +311,13 @@ async fn stop(cluster: &Cluster, who: &[(Kind, usize)], how: How) -> anyhow::Res
 
 async fn start(cluster: &Cluster, who: &[(Kind, usize)]) -> anyhow::Result<()> {
     for &(kind, index) in who {
-        let slot = cluster
-            .slot(kind, index)
-            .with_context(|| format!("no {kind:?}-{index}"))?;
-        slot.process.lock().await.start()?;
+        slot(cluster, kind, index)?.process.lock().await.start()?;
     }
     for &(kind, index) in who {
-        if let Some(slot) = cluster.slot(kind, index) {
-            wait_serving(slot.port, RESTART_TIMEOUT)
-                .await
-                .with_context(|| format!("{} does not serve after its restart", slot.name))?;
-        }
+        let slot = slot(cluster, kind, index)?;
+        wait_serving(slot.port, RESTART_TIMEOUT)
+            .await
+            .with_context(|| format!("{} does not serve after its restart", slot.name))?;
     }
     Ok(())
 }

@@ -88,9 +88,7 @@ async fn hold_cancelled(db: &Db, bets: &[Uuid]) -> sqlx::Transaction<'static, sq
 /// another matcher's transaction would.
 async fn hold_round(db: &Db) -> sqlx::Transaction<'static, sqlx::Postgres> {
     let mut tx = db.pool.begin().await.expect("begin");
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('round:' || $1, 0))")
-        .bind(ROUND)
-        .execute(&mut *tx)
+    betting_db::lock_round(&mut tx, ROUND)
         .await
         .expect("hold the round's lock");
     tx
@@ -104,19 +102,9 @@ async fn until(what: &str, mut check: impl AsyncFnMut() -> bool) {
     }
 }
 
-/// Until `n` backends wait for an advisory lock (the round's).
+/// Until `n` backends wait for the round's lock.
 async fn advisory_waiters(db: &Db, n: i64) {
-    until("a run waits for the round's lock", async || {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
-         AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-        )
-        .fetch_one(&db.pool)
-        .await
-        .expect("pg_locks");
-        waiting == n
-    })
-    .await;
+    rows::advisory_waiters(&db.pool, n).await;
 }
 
 /// Until the matcher's candidates read waits for a row lock held by a

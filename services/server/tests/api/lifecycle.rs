@@ -512,9 +512,7 @@ async fn a_match_job_behind_a_waiting_run_of_its_group_is_done_by_that_run() {
 
     // The round's lock held, as a transaction of another matcher would.
     let mut holder = app.pool.begin().await.expect("begin");
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('round:' || $1, 0))")
-        .bind("r")
-        .execute(&mut *holder)
+    betting_db::lock_round(&mut holder, "r")
         .await
         .expect("hold the round's lock");
     let waiting_run = {
@@ -523,21 +521,7 @@ async fn a_match_job_behind_a_waiting_run_of_its_group_is_done_by_that_run() {
         tokio::spawn(async move { matcher.match_bet(bet).await })
     };
     // It waits for the lock (registered before it).
-    eventually(
-        "the run waits for the round's lock",
-        Duration::from_secs(10),
-        async || {
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
-         AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-            )
-            .fetch_one(&app.pool)
-            .await
-            .expect("pg_locks");
-            (waiting == 1).then_some(())
-        },
-    )
-    .await;
+    crate::rows::advisory_waiters(&app.pool, 1).await;
 
     // Bets of the same group, committed now; their job is done at once.
     let second = app.place_ok(3, "r", pb::Side::A, "10").await;

@@ -1,8 +1,11 @@
 //! Rows written straight into a fresh database, for the tests that pin an
 //! interleaving of the stores' own statements (`attack15.rs`, `attack16.rs`):
-//! a round, and bets of stake 1 in a status, ordered by when they were made.
+//! a round, and bets of stake 1 in a status, ordered by when they were made;
+//! and the wait until a statement under test waits for the round's lock.
 
-use betting_test_kit::{TestDatabase, fresh_database};
+use std::time::Duration;
+
+use betting_test_kit::{TestDatabase, eventually, fresh_database};
 use sqlx::{PgPool, postgres::PgPoolOptions};
 use uuid::Uuid;
 
@@ -53,4 +56,24 @@ pub async fn bet(db: &Db, nth: i64, user: i64, side: &str, status: &str) -> Uuid
     .await
     .expect("insert bet");
     id
+}
+
+/// Until `n` backends of this database wait for an advisory lock (the
+/// round's); `pg_locks` is the whole cluster's, other tests' included.
+pub async fn advisory_waiters(pool: &PgPool, n: i64) {
+    eventually(
+        "runs wait for the round's lock",
+        Duration::from_secs(20),
+        async || {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            )
+            .fetch_one(pool)
+            .await
+            .expect("pg_locks");
+            (waiting == n).then_some(())
+        },
+    )
+    .await;
 }
