@@ -108,6 +108,25 @@ def main():
         pass
     check(True, "player A's WatchBets stream is live (SNAPSHOT_END)")
 
+    # A stream sends each bet as it is when the stream reads it: a status the
+    # bet leaves within that read's latency (a few milliseconds) can be passed
+    # over, the later version standing for both. So player B bets only once
+    # player A's stream has shown A's bet PENDING, and the game server settles
+    # only once it has shown MATCHED: every status is then on the stream.
+    mine = None
+    seen = []
+
+    def watch_until(status):
+        deadline = time.monotonic() + 30
+        while not seen or seen[-1] != status:
+            try:
+                event = next_event(deadline)
+            except queue.Empty:
+                check(False, f"no {status_name(status)} within 30 s; seen {[status_name(s) for s in seen]}")
+            if event.HasField("bet") and event.bet.bet_id == mine:
+                if not seen or seen[-1] != event.bet.status:
+                    seen.append(event.bet.status)
+
     placed = {}
     for user, side, token in ((USER_A, types_pb2.SIDE_A, "PLAYER_A"), (USER_B, types_pb2.SIDE_B, "PLAYER_B")):
         response = bets.PlaceBet(
@@ -122,22 +141,11 @@ def main():
             response.bet.status == types_pb2.BET_STATUS_PENDING,
             f"user {user} bet 10 on {types_pb2.Side.Name(side)} ({status_name(response.bet.status)})",
         )
+        if user == USER_A:
+            mine = response.bet.bet_id
+            watch_until(types_pb2.BET_STATUS_PENDING)
 
     # Matching is asynchronous: wait for MATCHED on the stream, then settle.
-    mine = placed[USER_A].bet_id
-    seen = []
-
-    def watch_until(status):
-        deadline = time.monotonic() + 30
-        while not seen or seen[-1] != status:
-            try:
-                event = next_event(deadline)
-            except queue.Empty:
-                check(False, f"no {status_name(status)} within 30 s; seen {[status_name(s) for s in seen]}")
-            if event.HasField("bet") and event.bet.bet_id == mine:
-                if not seen or seen[-1] != event.bet.status:
-                    seen.append(event.bet.status)
-
     watch_until(types_pb2.BET_STATUS_MATCHED)
     rounds.SettleRound(
         settlement_pb2.SettleRoundRequest(round_id=ROUND, winning_side=types_pb2.SIDE_A),

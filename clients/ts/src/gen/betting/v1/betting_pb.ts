@@ -487,6 +487,10 @@ export const BettingService: GenService<{
   /**
    * Streams the caller's bets as they change (player role). Events carry the
    * whole bet, its version and a cursor; clients dedupe by (bet_id, version).
+   * An event is the bet as the server read it after a change, so a bet that
+   * changes again within that read (milliseconds) comes once, at its later
+   * version: a status can be passed over (PENDING, when the bet is matched at
+   * once), but a bet's last event is always its current state.
    *
    * - Without a cursor: a SNAPSHOT of the caller's bets that are not yet
    *   SETTLED or REFUNDED (with bet_ids: of those bets, whatever their
