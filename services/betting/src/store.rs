@@ -379,6 +379,13 @@ impl BetStore {
     }
 
     /// A page of a user's visible bets, newest first, strictly before `before`.
+    ///
+    /// Read through the user's bets, newest first (`bets_user_idx`), until
+    /// the page is full: the subquery's `OFFSET 0` keeps the planner from
+    /// reading a round's bets (`bets_round_idx`) and picking the user's out
+    /// of them, which it did whenever the round was newer than the table's
+    /// statistics and so looked small — a hot round, every page reading the
+    /// whole of it (`plans::a_players_page_of_a_round_reads_the_players_bets_not_the_rounds`).
     pub async fn list(
         &self,
         user: UserId,
@@ -390,11 +397,12 @@ impl BetStore {
         Ok(sqlx::query_as(concat!(
             "SELECT ",
             bet_columns!(),
-            " FROM bets \
-             WHERE user_id = $1 AND status NOT IN ('PLACING', 'REJECTED') \
+            " FROM (SELECT * FROM bets \
+                     WHERE user_id = $1 AND ($4::UUID IS NULL OR bet_id < $4) \
+                     ORDER BY bet_id DESC OFFSET 0) bets \
+             WHERE status NOT IN ('PLACING', 'REJECTED') \
                AND ($2::TEXT IS NULL OR round_id = $2) \
                AND ($3::TEXT IS NULL OR status = $3) \
-               AND ($4::UUID IS NULL OR bet_id < $4) \
              ORDER BY bet_id DESC LIMIT $5"
         ))
         .bind(user.get())
