@@ -300,17 +300,19 @@ impl Ledger {
     ///   and a single movement (which takes one key lock), never wait on each
     ///   other in a cycle; then the keys' earlier decisions are read with a
     ///   fresh snapshot, as `post` does;
-    /// - then the wallet rows of the undecided holds, `FOR UPDATE SKIP
-    ///   LOCKED` in user order (rows after keys, as in `post`); a row another
-    ///   movement holds is skipped, and its holds answered `Busy` (nothing
-    ///   recorded: the caller holds them alone), so a held row never stalls
-    ///   the batch and two batches never wait on each other's rows; debits
-    ///   are decided in request order against the locked balances, each
-    ///   never below zero;
-    /// - one UPDATE per batch writes each user's new balance (as a delta,
-    ///   checked against the balance computed here), one INSERT the ledger
-    ///   rows (in request order, so each user's `balance_after` chain follows
-    ///   entry ids), one INSERT the refusals; one commit.
+    /// - the same statement locks the wallet rows of the batch's users,
+    ///   `FOR UPDATE SKIP LOCKED` in user order (rows after keys, as in
+    ///   `post`); a row another movement holds is skipped, and the undecided
+    ///   holds on it answered `Busy` (nothing recorded: the caller holds them
+    ///   alone), so a held row never stalls the batch and two batches never
+    ///   wait on each other's rows; debits are decided in request order
+    ///   against the locked balances, each never below zero;
+    /// - one statement writes it all: an UPDATE of each user's new balance
+    ///   (as a delta, checked against the balance computed here), an INSERT
+    ///   of the ledger rows (in request order, so each user's `balance_after`
+    ///   chain follows entry ids, their count checked) and an INSERT of the
+    ///   refusals, each a CTE; one commit. Five round trips with BEGIN and the
+    ///   commit, whatever the batch's size.
     /// - a key twice in one call runs in a later wave ([`Wave`]).
     pub async fn hold_stakes(
         &self,
@@ -328,20 +330,22 @@ impl Ledger {
             return Ok(Vec::new());
         }
         let mut tx = betting_db::begin(&self.pool).await?;
-        let mut batch = Batch::open(&mut tx, holds).await?;
-        let users = batch.users_of_new();
         // A wallet row another movement holds is skipped, never waited for:
         // one user's held row must not stall everyone else's bets in the
         // batch. Its holds are answered `Busy` (nothing recorded) and the
-        // caller holds them alone, behind the per-user gate.
-        let locked: Vec<(i64, Decimal)> = sqlx::query_as(
-            "SELECT user_id, balance FROM wallets WHERE user_id = ANY($1) \
-             ORDER BY user_id FOR UPDATE SKIP LOCKED",
-        )
-        .bind(&users)
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut balances: HashMap<i64, Decimal> = locked.into_iter().collect();
+        // caller holds them alone, behind the per-user gate. The rows are
+        // locked by the statement that reads the keys' earlier decisions
+        // (one round trip fewer), so every user of the batch is locked, a
+        // replay's too: harmless, as a replay moves nothing.
+        let mut everyone: Vec<i64> = holds.iter().map(|t| t.user.get()).collect();
+        everyone.sort_unstable();
+        everyone.dedup();
+        let (mut batch, locked) = Batch::open(&mut tx, holds, &everyone).await?;
+        let users = batch.users_of_new();
+        let mut balances: HashMap<i64, Decimal> = locked
+            .into_iter()
+            .filter(|(user, _)| users.binary_search(user).is_ok())
+            .collect();
         let busy: Vec<i64> = if balances.len() < users.len() {
             // Of the rest, those whose row exists were skipped (held); the
             // others have no wallet, which holds nothing.
@@ -393,8 +397,8 @@ impl Ledger {
     /// refusal recorded under its key), with the bets paid earlier in the
     /// batch counted as paid; then the winners' wallet rows `FOR UPDATE` in
     /// user order (created empty if missing, as `post`'s credit would), the
-    /// credits in request order, one UPDATE, one ledger INSERT, one
-    /// `payout_bets` INSERT, one refusal INSERT, one commit. A key twice in
+    /// credits in request order, one statement for the UPDATE, the ledger
+    /// INSERT and the refusal INSERT, one `payout_bets` INSERT, one commit. A key twice in
     /// one call runs in a later wave ([`Wave`]).
     pub async fn pay_winnings_batch(
         &self,
@@ -412,7 +416,7 @@ impl Ledger {
             return Ok(Vec::new());
         }
         let mut tx = betting_db::begin(&self.pool).await?;
-        let mut batch = Batch::open(&mut tx, payouts).await?;
+        let (mut batch, _) = Batch::open(&mut tx, payouts, &[]).await?;
         // A replayed payout must have paid the bets asked for.
         let replayed: Vec<i64> = batch.entries.values().map(|e| e.entry_id).collect();
         if !replayed.is_empty() {
@@ -736,10 +740,18 @@ impl<'a> Batch<'a> {
     /// batches, or a batch and a lone movement, never wait in a cycle) and
     /// answers what the keys decided before. Every key appears once (a wave
     /// of [`Ledger::in_waves`]).
+    ///
+    /// The same statement that reads those decisions locks the wallet rows
+    /// of `lock_wallets` that no other transaction holds (`FOR UPDATE SKIP
+    /// LOCKED`, in user order) and answers their balances: one round trip,
+    /// not three. It runs after the keys' locks are taken, so its snapshot
+    /// holds every decision made under them.
     async fn open(
         tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
         movements: &'a [Transfer],
-    ) -> Result<Batch<'a>, WalletError> {
+        lock_wallets: &[i64],
+    ) -> Result<(Batch<'a>, Vec<(i64, Decimal)>), WalletError> {
+        use sqlx::{FromRow, Row};
         let keys: Vec<&str> = movements.iter().map(|t| t.key.as_str()).collect();
         // The aggregate consumes the sorted subquery row by row, so the locks
         // are taken in hash order.
@@ -751,21 +763,42 @@ impl<'a> Batch<'a> {
         .bind(&keys)
         .execute(&mut **tx)
         .await?;
-        let entries: Vec<Entry> = sqlx::query_as(concat!(
-            "SELECT ",
+        // Three kinds of row in one result, told apart by `src`: the keys'
+        // entries ('e'), their recorded refusals ('r', in the entry's
+        // columns of the same name, plus `reason`), and the locked wallets
+        // ('w': `user_id`, and the balance as `balance_after`).
+        let rows = sqlx::query(concat!(
+            "WITH w AS (SELECT user_id, balance FROM wallets WHERE user_id = ANY($2) \
+                        ORDER BY user_id FOR UPDATE SKIP LOCKED) \
+             SELECT 'e' AS src, ",
             entry_columns!(),
-            " FROM ledger_entries WHERE idempotency_key = ANY($1)"
+            ", NULL::TEXT AS reason FROM ledger_entries WHERE idempotency_key = ANY($1) \
+             UNION ALL \
+             SELECT 'r', NULL, NULL, idempotency_key, kind, user_id, NULL, amount, NULL, \
+               reference, NULL, reason FROM wallet_refusals WHERE idempotency_key = ANY($1) \
+             UNION ALL \
+             SELECT 'w', NULL, NULL, NULL, NULL, user_id, NULL, NULL, balance, NULL, NULL, NULL \
+             FROM w"
         ))
         .bind(&keys)
+        .bind(lock_wallets)
         .fetch_all(&mut **tx)
         .await?;
-        let refusals: Vec<KeyedRefusal> = sqlx::query_as(
-            "SELECT idempotency_key, kind, user_id, amount, reference, reason \
-             FROM wallet_refusals WHERE idempotency_key = ANY($1)",
-        )
-        .bind(&keys)
-        .fetch_all(&mut **tx)
-        .await?;
+        let mut entries = Vec::new();
+        let mut refusals = Vec::new();
+        let mut locked = Vec::new();
+        for row in &rows {
+            let src: &str = row.try_get("src").map_err(StoreError::from)?;
+            match src {
+                "e" => entries.push(Entry::from_row(row).map_err(StoreError::from)?),
+                "r" => refusals.push(KeyedRefusal::from_row(row).map_err(StoreError::from)?),
+                _ => locked.push((
+                    row.try_get::<i64, _>("user_id").map_err(StoreError::from)?,
+                    row.try_get::<Decimal, _>("balance_after")
+                        .map_err(StoreError::from)?,
+                )),
+            }
+        }
         let entries: HashMap<String, Entry> = entries
             .into_iter()
             .map(|e| (e.idempotency_key.clone(), e))
@@ -790,7 +823,7 @@ impl<'a> Batch<'a> {
                 batch.new.push(i);
             }
         }
-        Ok(batch)
+        Ok((batch, locked))
     }
 
     /// The users of the movements new to the ledger, sorted, once each.
@@ -844,29 +877,6 @@ impl<'a> Batch<'a> {
                 (*now != was).then_some((*user, *now - was, *now))
             })
             .collect();
-        let mut updated_at: HashMap<i64, DateTime<Utc>> = HashMap::new();
-        if !changed.is_empty() {
-            let rows: Vec<(i64, Decimal, DateTime<Utc>)> = sqlx::query_as(
-                "UPDATE wallets AS w SET balance = w.balance + v.delta, updated_at = now() \
-                 FROM unnest($1::BIGINT[], $2::NUMERIC[]) AS v(user_id, delta) \
-                 WHERE w.user_id = v.user_id RETURNING w.user_id, w.balance, w.updated_at",
-            )
-            .bind(changed.iter().map(|c| c.0).collect::<Vec<_>>())
-            .bind(changed.iter().map(|c| c.1).collect::<Vec<_>>())
-            .fetch_all(&mut **tx)
-            .await?;
-            // The rows are locked by this transaction: anything else is a bug.
-            let expected: HashMap<i64, Decimal> = changed.iter().map(|c| (c.0, c.2)).collect();
-            if rows.len() != expected.len()
-                || rows.iter().any(|(u, b, _)| expected.get(u) != Some(b))
-            {
-                return Err(StoreError::Corrupt(
-                    "a batch found wallet balances other than it locked".into(),
-                )
-                .into());
-            }
-            updated_at = rows.into_iter().map(|(u, _, at)| (u, at)).collect();
-        }
         let moved: Vec<(usize, Decimal, Decimal)> = self
             .new
             .iter()
@@ -875,30 +885,6 @@ impl<'a> Batch<'a> {
                 _ => None,
             })
             .collect();
-        if !moved.is_empty() {
-            let (counterparty, _) = kind.counterparty();
-            let rows: Vec<Entry> = sqlx::query_as(concat!(
-                "INSERT INTO ledger_entries \
-                   (transfer_id, idempotency_key, kind, user_id, counterparty, amount, balance_after, reference) \
-                 SELECT t, k, $3, u, $4, a, b, r \
-                 FROM unnest($1::UUID[], $2::TEXT[], $5::BIGINT[], $6::NUMERIC[], $7::NUMERIC[], $8::TEXT[]) \
-                   WITH ORDINALITY AS v(t, k, u, a, b, r, n) \
-                 ORDER BY n RETURNING ", entry_columns!(), ""
-            ))
-            .bind(moved.iter().map(|_| Uuid::now_v7()).collect::<Vec<_>>())
-            .bind(moved.iter().map(|&(i, _, _)| t[i].key.as_str()).collect::<Vec<_>>())
-            .bind(kind.as_db())
-            .bind(counterparty.as_db())
-            .bind(moved.iter().map(|&(i, _, _)| t[i].user.get()).collect::<Vec<_>>())
-            .bind(moved.iter().map(|&(_, delta, _)| delta).collect::<Vec<_>>())
-            .bind(moved.iter().map(|&(_, _, balance)| balance).collect::<Vec<_>>())
-            .bind(moved.iter().map(|&(i, _, _)| t[i].reference.as_str()).collect::<Vec<_>>())
-            .fetch_all(&mut **tx)
-            .await?;
-            for entry in rows {
-                self.entries.insert(entry.idempotency_key.clone(), entry);
-            }
-        }
         let recorded: Vec<(usize, &'static str)> = self
             .new
             .iter()
@@ -907,21 +893,89 @@ impl<'a> Batch<'a> {
                 _ => None,
             })
             .collect();
-        if !recorded.is_empty() {
-            sqlx::query(
-                "INSERT INTO wallet_refusals (idempotency_key, kind, user_id, amount, reference, reason) \
-                 SELECT k, $2, u, a, r, x \
-                 FROM unnest($1::TEXT[], $3::BIGINT[], $4::NUMERIC[], $5::TEXT[], $6::TEXT[]) \
-                   AS v(k, u, a, r, x)",
-            )
-            .bind(recorded.iter().map(|&(i, _)| t[i].key.as_str()).collect::<Vec<_>>())
+        let mut updated_at: HashMap<i64, DateTime<Utc>> = HashMap::new();
+        if !changed.is_empty() || !moved.is_empty() || !recorded.is_empty() {
+            use sqlx::{FromRow, Row};
+            // The three writes in one statement (one round trip): each is a
+            // CTE, so each runs once and in full whether or not its rows are
+            // read; they touch different tables, so their order within the
+            // statement does not matter. The entries come back as 'l' rows,
+            // the wallets' new balances as 'w' rows (in the entry's
+            // `user_id` and `balance_after`, with `wallet_updated_at`).
+            let (counterparty, _) = kind.counterparty();
+            let rows = sqlx::query(concat!(
+                "WITH w AS ( \
+                   UPDATE wallets AS w SET balance = w.balance + v.delta, updated_at = now() \
+                   FROM unnest($1::BIGINT[], $2::NUMERIC[]) AS v(user_id, delta) \
+                   WHERE w.user_id = v.user_id RETURNING w.user_id, w.balance, w.updated_at), \
+                 l AS ( \
+                   INSERT INTO ledger_entries \
+                     (transfer_id, idempotency_key, kind, user_id, counterparty, amount, balance_after, reference) \
+                   SELECT t, k, $5, u, $6, a, b, r \
+                   FROM unnest($3::UUID[], $4::TEXT[], $7::BIGINT[], $8::NUMERIC[], $9::NUMERIC[], $10::TEXT[]) \
+                     WITH ORDINALITY AS v(t, k, u, a, b, r, n) \
+                   ORDER BY n RETURNING ", entry_columns!(), "), \
+                 f AS ( \
+                   INSERT INTO wallet_refusals (idempotency_key, kind, user_id, amount, reference, reason) \
+                   SELECT k, $5, u, a, r, x \
+                   FROM unnest($11::TEXT[], $12::BIGINT[], $13::NUMERIC[], $14::TEXT[], $15::TEXT[]) \
+                     AS v(k, u, a, r, x)) \
+                 SELECT 'l' AS src, ", entry_columns!(), ", NULL::TIMESTAMPTZ AS wallet_updated_at FROM l \
+                 UNION ALL \
+                 SELECT 'w', NULL, NULL, NULL, NULL, user_id, NULL, NULL, balance, NULL, NULL, updated_at \
+                 FROM w"
+            ))
+            .bind(changed.iter().map(|c| c.0).collect::<Vec<_>>())
+            .bind(changed.iter().map(|c| c.1).collect::<Vec<_>>())
+            .bind(moved.iter().map(|_| Uuid::now_v7()).collect::<Vec<_>>())
+            .bind(moved.iter().map(|&(i, _, _)| t[i].key.as_str()).collect::<Vec<_>>())
             .bind(kind.as_db())
+            .bind(counterparty.as_db())
+            .bind(moved.iter().map(|&(i, _, _)| t[i].user.get()).collect::<Vec<_>>())
+            .bind(moved.iter().map(|&(_, delta, _)| delta).collect::<Vec<_>>())
+            .bind(moved.iter().map(|&(_, _, balance)| balance).collect::<Vec<_>>())
+            .bind(moved.iter().map(|&(i, _, _)| t[i].reference.as_str()).collect::<Vec<_>>())
+            .bind(recorded.iter().map(|&(i, _)| t[i].key.as_str()).collect::<Vec<_>>())
             .bind(recorded.iter().map(|&(i, _)| t[i].user.get()).collect::<Vec<_>>())
             .bind(recorded.iter().map(|&(i, _)| t[i].amount.as_decimal()).collect::<Vec<_>>())
             .bind(recorded.iter().map(|&(i, _)| t[i].reference.as_str()).collect::<Vec<_>>())
             .bind(recorded.iter().map(|&(_, reason)| reason).collect::<Vec<_>>())
-            .execute(&mut **tx)
+            .fetch_all(&mut **tx)
             .await?;
+            let mut balances: Vec<(i64, Decimal, DateTime<Utc>)> = Vec::new();
+            let mut entries = 0;
+            for row in &rows {
+                let src: &str = row.try_get("src").map_err(StoreError::from)?;
+                if src == "l" {
+                    let entry = Entry::from_row(row).map_err(StoreError::from)?;
+                    self.entries.insert(entry.idempotency_key.clone(), entry);
+                    entries += 1;
+                } else {
+                    balances.push((
+                        row.try_get("user_id").map_err(StoreError::from)?,
+                        row.try_get("balance_after").map_err(StoreError::from)?,
+                        row.try_get("wallet_updated_at").map_err(StoreError::from)?,
+                    ));
+                }
+            }
+            // The rows are locked by this transaction: anything else is a bug.
+            let expected: HashMap<i64, Decimal> = changed.iter().map(|c| (c.0, c.2)).collect();
+            if balances.len() != expected.len()
+                || balances.iter().any(|(u, b, _)| expected.get(u) != Some(b))
+            {
+                return Err(StoreError::Corrupt(
+                    "a batch found wallet balances other than it locked".into(),
+                )
+                .into());
+            }
+            if entries != moved.len() {
+                return Err(StoreError::Corrupt(format!(
+                    "a batch wrote {entries} ledger entries of {}",
+                    moved.len()
+                ))
+                .into());
+            }
+            updated_at = balances.into_iter().map(|(u, _, at)| (u, at)).collect();
         }
 
         let decisions = std::mem::take(&mut self.decisions);
