@@ -28,6 +28,8 @@ mod watch;
 pub use error::BettingError;
 #[cfg(feature = "fault-injection")]
 pub use faults::Faults;
+/// Placing batches in flight at once (tests that hold every slot busy).
+pub use placer::SLOTS as PLACE_BATCH_SLOTS;
 pub use service::{BetLimits, BetPage, BettingService, Placed};
 pub use store::{BetRow, BetStore, PendingBet};
 pub use watch::{BetEvent, BetEventKind};

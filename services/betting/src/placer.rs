@@ -74,7 +74,7 @@ pub const MAX_BATCH: usize = betting_domain::MAX_MOVEMENTS_PER_CALL;
 /// batch) where four placed 1,966 and 2,246 (p99 79 and 49 ms, about 10 a
 /// batch), and eight did worse still. More slots split the same load into
 /// more, smaller batches, each paying its own commits and wallet locks.
-const SLOTS: usize = 2;
+pub const SLOTS: usize = 2;
 
 /// Requests waiting for a batch; past it, PlaceBet waits to queue (the
 /// edge's in-flight cap bounds the callers long before).

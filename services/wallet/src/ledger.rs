@@ -300,7 +300,7 @@ impl Ledger {
     ///   and a single movement (which takes one key lock), never wait on each
     ///   other in a cycle; then the keys' earlier decisions are read with a
     ///   fresh snapshot, as `post` does;
-    /// - the same statement locks the wallet rows of the batch's users,
+    /// - the same statement locks the wallet rows of the new holds' users,
     ///   `FOR UPDATE SKIP LOCKED` in user order (rows after keys, as in
     ///   `post`); a row another movement holds is skipped, and the undecided
     ///   holds on it answered `Busy` (nothing recorded: the caller holds them
@@ -312,7 +312,8 @@ impl Ledger {
     ///   of the ledger rows (in request order, so each user's `balance_after`
     ///   chain follows entry ids, their count checked) and an INSERT of the
     ///   refusals, each a CTE; one commit. Five round trips with BEGIN and the
-    ///   commit, whatever the batch's size.
+    ///   commit, whatever the batch's size (one more when a new hold's row
+    ///   was skipped or is missing: which of the two).
     /// - a key twice in one call runs in a later wave ([`Wave`]).
     pub async fn hold_stakes(
         &self,
@@ -335,17 +336,23 @@ impl Ledger {
         // batch. Its holds are answered `Busy` (nothing recorded) and the
         // caller holds them alone, behind the per-user gate. The rows are
         // locked by the statement that reads the keys' earlier decisions
-        // (one round trip fewer), so every user of the batch is locked, a
-        // replay's too: harmless, as a replay moves nothing.
-        let mut everyone: Vec<i64> = holds.iter().map(|t| t.user.get()).collect();
-        everyone.sort_unstable();
-        everyone.dedup();
-        let (mut batch, locked) = Batch::open(&mut tx, holds, &everyone).await?;
+        // (one round trip fewer), from the same snapshot: exactly the users
+        // of the holds new to the ledger.
+        let (mut batch, locked) = Batch::open(&mut tx, holds, true).await?;
         let users = batch.users_of_new();
-        let mut balances: HashMap<i64, Decimal> = locked
-            .into_iter()
-            .filter(|(user, _)| users.binary_search(user).is_ok())
-            .collect();
+        let mut balances: HashMap<i64, Decimal> = locked.into_iter().collect();
+        // The statement decided "new" from the rows `Batch` decides from, so
+        // anything else is a bug; and the count below, which tells a skipped
+        // row from a missing one, relies on it.
+        if balances
+            .keys()
+            .any(|user| users.binary_search(user).is_err())
+        {
+            return Err(StoreError::Corrupt(
+                "a batch locked the wallet of a user with no new hold".into(),
+            )
+            .into());
+        }
         let busy: Vec<i64> = if balances.len() < users.len() {
             // Of the rest, those whose row exists were skipped (held); the
             // others have no wallet, which holds nothing.
@@ -416,7 +423,7 @@ impl Ledger {
             return Ok(Vec::new());
         }
         let mut tx = betting_db::begin(&self.pool).await?;
-        let (mut batch, _) = Batch::open(&mut tx, payouts, &[]).await?;
+        let (mut batch, _) = Batch::open(&mut tx, payouts, false).await?;
         // A replayed payout must have paid the bets asked for.
         let replayed: Vec<i64> = batch.entries.values().map(|e| e.entry_id).collect();
         if !replayed.is_empty() {
@@ -741,15 +748,19 @@ impl<'a> Batch<'a> {
     /// answers what the keys decided before. Every key appears once (a wave
     /// of [`Ledger::in_waves`]).
     ///
-    /// The same statement that reads those decisions locks the wallet rows
-    /// of `lock_wallets` that no other transaction holds (`FOR UPDATE SKIP
-    /// LOCKED`, in user order) and answers their balances: one round trip,
-    /// not three. It runs after the keys' locks are taken, so its snapshot
-    /// holds every decision made under them.
+    /// With `lock_wallets` (holds), the same statement that reads those
+    /// decisions locks the wallet rows of the movements new to the ledger
+    /// (keys with neither an entry nor a refusal, decided from the same
+    /// snapshot, so exactly [`Batch::users_of_new`]) that no other
+    /// transaction holds (`FOR UPDATE SKIP LOCKED`, in user order) and
+    /// answers their balances: one round trip, not three. A replay's user is
+    /// not locked, so a replay never makes another batch's hold of that user
+    /// `Busy`. The statement runs after the keys' locks are taken, so its
+    /// snapshot holds every decision made under them.
     async fn open(
         tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
         movements: &'a [Transfer],
-        lock_wallets: &[i64],
+        lock_wallets: bool,
     ) -> Result<(Batch<'a>, Vec<(i64, Decimal)>), WalletError> {
         use sqlx::{FromRow, Row};
         let keys: Vec<&str> = movements.iter().map(|t| t.key.as_str()).collect();
@@ -763,27 +774,44 @@ impl<'a> Batch<'a> {
         .bind(&keys)
         .execute(&mut **tx)
         .await?;
-        // Three kinds of row in one result, told apart by `src`: the keys'
-        // entries ('e'), their recorded refusals ('r', in the entry's
+        // Up to three kinds of row in one result, told apart by `src`: the
+        // keys' entries ('e'), their recorded refusals ('r', in the entry's
         // columns of the same name, plus `reason`), and the locked wallets
         // ('w': `user_id`, and the balance as `balance_after`).
-        let rows = sqlx::query(concat!(
-            "WITH w AS (SELECT user_id, balance FROM wallets WHERE user_id = ANY($2) \
-                        ORDER BY user_id FOR UPDATE SKIP LOCKED) \
-             SELECT 'e' AS src, ",
-            entry_columns!(),
-            ", NULL::TEXT AS reason FROM ledger_entries WHERE idempotency_key = ANY($1) \
-             UNION ALL \
-             SELECT 'r', NULL, NULL, idempotency_key, kind, user_id, NULL, amount, NULL, \
-               reference, NULL, reason FROM wallet_refusals WHERE idempotency_key = ANY($1) \
-             UNION ALL \
-             SELECT 'w', NULL, NULL, NULL, NULL, user_id, NULL, NULL, balance, NULL, NULL, NULL \
-             FROM w"
-        ))
-        .bind(&keys)
-        .bind(lock_wallets)
-        .fetch_all(&mut **tx)
-        .await?;
+        macro_rules! decisions {
+            () => {
+                concat!(
+                    "SELECT 'e' AS src, ",
+                    entry_columns!(),
+                    ", NULL::TEXT AS reason FROM ledger_entries WHERE idempotency_key = ANY($1) \
+                     UNION ALL \
+                     SELECT 'r', NULL, NULL, idempotency_key, kind, user_id, NULL, amount, NULL, \
+                       reference, NULL, reason FROM wallet_refusals WHERE idempotency_key = ANY($1)"
+                )
+            };
+        }
+        let rows = if lock_wallets {
+            sqlx::query(concat!(
+                "WITH w AS (SELECT user_id, balance FROM wallets WHERE user_id IN ( \
+                   SELECT m.u FROM unnest($1::TEXT[], $2::BIGINT[]) AS m(k, u) \
+                   WHERE NOT EXISTS (SELECT 1 FROM ledger_entries e WHERE e.idempotency_key = m.k) \
+                     AND NOT EXISTS (SELECT 1 FROM wallet_refusals f WHERE f.idempotency_key = m.k)) \
+                 ORDER BY user_id FOR UPDATE SKIP LOCKED) ",
+                decisions!(),
+                " UNION ALL \
+                 SELECT 'w', NULL, NULL, NULL, NULL, user_id, NULL, NULL, balance, NULL, NULL, NULL \
+                 FROM w"
+            ))
+            .bind(&keys)
+            .bind(movements.iter().map(|t| t.user.get()).collect::<Vec<_>>())
+            .fetch_all(&mut **tx)
+            .await?
+        } else {
+            sqlx::query(decisions!())
+                .bind(&keys)
+                .fetch_all(&mut **tx)
+                .await?
+        };
         let mut entries = Vec::new();
         let mut refusals = Vec::new();
         let mut locked = Vec::new();
@@ -898,8 +926,10 @@ impl<'a> Batch<'a> {
             use sqlx::{FromRow, Row};
             // The three writes in one statement (one round trip): each is a
             // CTE, so each runs once and in full whether or not its rows are
-            // read; they touch different tables, so their order within the
-            // statement does not matter. The entries come back as 'l' rows,
+            // read; they write different tables, so their order within the
+            // statement does not matter (the ledger rows' foreign key reads
+            // the wallet rows, which this transaction holds already and whose
+            // key no write changes). The entries come back as 'l' rows,
             // the wallets' new balances as 'w' rows (in the entry's
             // `user_id` and `balance_after`, with `wallet_updated_at`).
             let (counterparty, _) = kind.counterparty();

@@ -75,9 +75,9 @@ async fn pause(ms: u64) {
 /// PlaceBets would have been placed (the retries answered with their
 /// originals).
 ///
-/// The schedule is forced: four uncommitted blockers keep the four batch
-/// slots busy so that the next batches form exactly as wanted, and a fifth
-/// holds one key of each batch so that both stop half-way through their
+/// The schedule is forced: uncommitted blockers keep every batch slot busy
+/// (`PLACE_BATCH_SLOTS`) so that the next batches form exactly as wanted,
+/// and one more holds one key of each batch so that both stop half-way through their
 /// INSERT.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn attack10_two_batches_with_the_same_keys_in_opposite_orders_deadlock() {
@@ -100,10 +100,10 @@ async fn opposite_orders(app: TestApp) {
         app.deposit(user, "10").await;
     }
 
-    // Occupy the four batch slots: each blocker batch waits on its key.
+    // Occupy every batch slot: each blocker batch waits on its key.
     let mut blockers = Vec::new();
     let mut slot_bets = Vec::new();
-    for n in 0..4 {
+    for n in 0..betting_bets::PLACE_BATCH_SLOTS {
         let key = format!("slot-{n}");
         blockers.push(hold_keys(&app.pool, &[(9, &key)]).await);
         slot_bets.push(spawn_place(&app, 9, &key));

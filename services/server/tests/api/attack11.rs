@@ -1141,10 +1141,10 @@ async fn attack11_a_gone_callers_busy_bet_stays_placing_until_recovery() {
         app.genesis(user, dec("10")).await;
     }
     let long = Duration::from_secs(30);
-    // Keep the four batch slots busy, so that the next batch gathers.
+    // Keep every batch slot busy, so that the next batch gathers.
     let mut slots = Vec::new();
     let mut slot_bets = Vec::new();
-    for n in 0..4 {
+    for n in 0..betting_bets::PLACE_BATCH_SLOTS {
         let key = format!("slot-{n}");
         slots.push(hold_key(&app.pool, 9, &key).await);
         slot_bets.push(spawn_place(&app, 9, &key, long));

@@ -336,6 +336,120 @@ async fn a_held_wallet_row_is_skipped_not_waited_for() {
     app.assert_books_balanced().await;
 }
 
+/// A batch locks the wallet rows of its new holds only: a user whose only
+/// hold in the batch is a replay keeps their row free, so another batch's
+/// (or a deposit's) movement of that user is not made to wait or answered
+/// USER_BUSY while this batch runs. The batch is kept open by a key whose
+/// refusal another transaction is inserting: its refusal INSERT waits.
+#[tokio::test]
+async fn a_replay_in_a_batch_leaves_its_users_row_unlocked() {
+    let app = TestApp::spawn().await;
+    app.deposit(1, "10").await;
+    let (replayed, stalled) = (Uuid::now_v7(), Uuid::now_v7());
+    let first = hold_stakes(&app, vec![hold(1, "1", replayed)]).await;
+    assert_eq!(held_balance(&first[0]), Some(dec("9")));
+
+    // User 3 has no wallet, so the stalled key's hold is a refusal to
+    // record; a transaction inserting the same key's refusal, uncommitted,
+    // makes the batch's INSERT wait while the batch holds its locks.
+    let mut holder = app.pool.begin().await.expect("begin");
+    sqlx::query(
+        "INSERT INTO wallet_refusals (idempotency_key, kind, user_id, amount, reason) \
+         VALUES ($1, 'STAKE', 3, 1, 'INSUFFICIENT_FUNDS')",
+    )
+    .bind(format!("BET:{stalled}"))
+    .execute(&mut *holder)
+    .await
+    .expect("insert the refusal");
+    let batch = tokio::spawn({
+        let stakes = app.stakes();
+        let token = app.service_token();
+        async move {
+            stakes
+                .clone()
+                .hold_stakes(authed(
+                    pbi::HoldStakesRequest {
+                        holds: vec![hold(1, "1", replayed), hold(3, "1", stalled)],
+                    },
+                    &token,
+                ))
+                .await
+        }
+    });
+    let mut waiting = false;
+    for _ in 0..200 {
+        waiting = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity \
+             WHERE wait_event_type = 'Lock' AND query LIKE '%INSERT INTO wallet_refusals%')",
+        )
+        .fetch_one(&app.pool)
+        .await
+        .expect("pg_stat_activity");
+        if waiting {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(waiting, "the batch never reached its refusal INSERT");
+
+    // The replayed hold's user: the row is free while the batch is open.
+    let mut other = app.pool.begin().await.expect("begin");
+    let free = sqlx::query("SELECT balance FROM wallets WHERE user_id = 1 FOR UPDATE NOWAIT")
+        .execute(&mut *other)
+        .await;
+    assert!(
+        free.is_ok(),
+        "a replay's wallet row was locked by the batch: {free:?}"
+    );
+    other.rollback().await.expect("release");
+
+    holder.rollback().await.expect("release the refusal");
+    let outcomes = batch
+        .await
+        .expect("task")
+        .expect("hold stakes")
+        .into_inner()
+        .outcomes;
+    assert_eq!(held_balance(&outcomes[0]), Some(dec("9")));
+    assert!(outcomes[0].replayed);
+    assert_eq!(
+        refusal(&outcomes[1]).map(|r| r.1),
+        Some("INSUFFICIENT_FUNDS".to_owned())
+    );
+    app.assert_books_balanced().await;
+}
+
+/// A replay beside a hold whose row is held elsewhere: the replay answers
+/// as before and the other hold is USER_BUSY (unrecorded), never
+/// INSUFFICIENT_FUNDS: the replay's user's row does not count as one of
+/// the new holds' rows found.
+#[tokio::test]
+async fn a_replay_beside_a_held_row_leaves_the_other_hold_busy() {
+    let app = TestApp::spawn().await;
+    app.deposit(1, "10").await;
+    app.deposit(2, "10").await;
+    let (replayed, busy) = (Uuid::now_v7(), Uuid::now_v7());
+    let first = hold_stakes(&app, vec![hold(1, "1", replayed)]).await;
+    assert_eq!(held_balance(&first[0]), Some(dec("9")));
+    let mut holder = app.pool.begin().await.expect("begin");
+    sqlx::query("SELECT balance FROM wallets WHERE user_id = 2 FOR UPDATE")
+        .execute(&mut *holder)
+        .await
+        .expect("lock the row");
+    let outcomes = hold_stakes(&app, vec![hold(1, "1", replayed), hold(2, "1", busy)]).await;
+    assert_eq!(held_balance(&outcomes[0]), Some(dec("9")));
+    assert!(outcomes[0].replayed);
+    assert_eq!(
+        refusal(&outcomes[1]).map(|r| r.1),
+        Some("USER_BUSY".to_owned())
+    );
+    holder.rollback().await.expect("release");
+    let again = hold_stakes(&app, vec![hold(2, "1", busy)]).await;
+    assert_eq!(held_balance(&again[0]), Some(dec("9")));
+    assert!(!again[0].replayed);
+    app.assert_books_balanced().await;
+}
+
 fn payout(user: i64, amount: &str, matched: Uuid, bets: [&str; 2]) -> pbi::PayWinningsRequest {
     pbi::PayWinningsRequest {
         user_id: user,
