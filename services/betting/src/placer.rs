@@ -69,7 +69,7 @@ pub const MAX_BATCH: usize = betting_domain::MAX_MOVEMENTS_PER_CALL;
 
 /// Batches in flight at once: while they run, the next one gathers.
 ///
-/// Two, measured (BENCHMARKS.md, "Batch slots"): at 64 closed-loop clients
+/// Two, measured (BENCHMARKS.md, 2026-12-05): at 64 closed-loop clients
 /// two slots placed 2,565 and 2,556 bets/s (p99 43 ms, about 17 bets a
 /// batch) where four placed 1,966 and 2,246 (p99 79 and 49 ms, about 10 a
 /// batch), and eight did worse still. More slots split the same load into
