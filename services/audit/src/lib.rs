@@ -21,6 +21,9 @@
 //!     owed or paid.
 //! (j) PAYOUT_UNSETTLED_ROUND: no payout for a match of a round not SETTLED.
 //! (k) REJECTED_WITH_STAKE: no REJECTED bet had its stake taken.
+//! (l) MATCH_LINK_BROKEN: every bet naming a match is one of its two bets, of
+//!     its round and stake, and both bets of every match name it (no foreign
+//!     key holds these links: the matcher writes them in one transaction).
 
 #![forbid(unsafe_code)]
 
@@ -297,6 +300,30 @@ const CHECKS: &[Check] = &[
                 b.bet_id, b.reject_reason, s.idempotency_key) \
               FROM bets b JOIN ledger_entries s ON s.kind = 'STAKE' AND s.reference = b.bet_id::TEXT \
               WHERE b.status = 'REJECTED' \
+              LIMIT 20",
+        params: 0,
+    },
+    // The matcher writes a match and its two bets' links in one
+    // transaction; no foreign key holds them (migration
+    // 20261205000001_match_links_audited), so this check does, and more: the
+    // bets are the match's, of its round and stake, and name it back.
+    Check {
+        name: "MATCH_LINK_BROKEN",
+        sql: "SELECT format('bet %s names match %s, which is not its match (%s)', \
+                b.bet_id, b.match_id, CASE WHEN m.match_id IS NULL THEN 'no such match' \
+                  ELSE format('of bets %s and %s, round %s, stake %s', \
+                    m.bet_a_id, m.bet_b_id, m.round_id, m.amount) END) \
+              FROM bets b LEFT JOIN matches m ON m.match_id = b.match_id \
+              WHERE b.match_id IS NOT NULL AND (m.match_id IS NULL \
+                OR b.bet_id NOT IN (m.bet_a_id, m.bet_b_id) \
+                OR b.round_id <> m.round_id OR b.amount <> m.amount) \
+              UNION ALL \
+              SELECT format('match %s names bet %s, which names %s', \
+                m.match_id, x.bet_id, CASE WHEN b.bet_id IS NULL THEN 'nothing: no such bet' \
+                  ELSE coalesce(b.match_id::TEXT, 'no match') END) \
+              FROM matches m CROSS JOIN LATERAL (VALUES (m.bet_a_id), (m.bet_b_id)) AS x(bet_id) \
+              LEFT JOIN bets b ON b.bet_id = x.bet_id \
+              WHERE b.match_id IS DISTINCT FROM m.match_id \
               LIMIT 20",
         params: 0,
     },

@@ -168,6 +168,8 @@ enum Case {
     RefundLost,
     RoundUnsettledAfterPayout,
     RejectedAfterStake,
+    MatchNamesAnotherBet,
+    BetNamesNoMatch,
 }
 
 impl Case {
@@ -187,6 +189,7 @@ impl Case {
             Case::RefundLost => "REFUND_MISSING",
             Case::RoundUnsettledAfterPayout => "PAYOUT_UNSETTLED_ROUND",
             Case::RejectedAfterStake => "REJECTED_WITH_STAKE",
+            Case::MatchNamesAnotherBet | Case::BetNamesNoMatch => "MATCH_LINK_BROKEN",
         }
     }
 
@@ -311,6 +314,23 @@ impl Case {
                 )],
                 books.open_a.bet_id.clone(),
             ),
+            // The winner's match now names user 3's cancelled bet in its
+            // place (a dangling link no foreign key stops any more).
+            Case::MatchNamesAnotherBet => (
+                vec![format!(
+                    "UPDATE matches SET bet_a_id = '{}' WHERE bet_a_id = '{}'",
+                    books.cancelled.bet_id, books.winner.bet_id
+                )],
+                books.winner.bet_id.clone(),
+            ),
+            // The winner names a match that was never made.
+            Case::BetNamesNoMatch => (
+                vec![format!(
+                    "UPDATE bets SET match_id = gen_random_uuid() WHERE bet_id = '{}'",
+                    books.winner.bet_id
+                )],
+                "no such match".into(),
+            ),
         };
         books.corrupt(&statements).await;
         detail
@@ -408,4 +428,6 @@ cases! {
     refund_missing_catches_a_lost_refund => RefundLost,
     payout_unsettled_round_catches_a_round_reopened_after_payout => RoundUnsettledAfterPayout,
     rejected_with_stake_catches_a_rejected_bet_that_was_staked => RejectedAfterStake,
+    match_link_broken_catches_a_match_naming_another_bet => MatchNamesAnotherBet,
+    match_link_broken_catches_a_bet_naming_no_match => BetNamesNoMatch,
 }

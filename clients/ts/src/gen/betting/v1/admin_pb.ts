@@ -39,7 +39,7 @@ export type AuditViolation = Message<"betting.v1.AuditViolation"> & {
    * Which invariant: WALLET_LEDGER_MISMATCH, ACCOUNTS_NOT_ZERO, ESCROW_MISMATCH,
    * DUPLICATE_KEY, PAYOUT_WRONG, MATCHABLE_PAIR_WAITING, OVERDUE_BET,
    * LEDGER_CHAIN_BROKEN, REFUND_MISSING, PAYOUT_UNSETTLED_ROUND,
-   * REJECTED_WITH_STAKE.
+   * REJECTED_WITH_STAKE, MATCH_LINK_BROKEN.
    *
    * @generated from field: string check = 1;
    */
