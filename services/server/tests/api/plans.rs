@@ -113,22 +113,34 @@ async fn scans(pool: &PgPool) -> HashMap<String, i64> {
 }
 
 /// Each index's scans since `before`, once the store's backend has flushed
-/// its statistics (it does on going idle after `pg_stat_force_next_flush`).
+/// its statistics.
 async fn scans_since(b: &Bloated, before: &HashMap<String, i64>) -> HashMap<String, i64> {
+    let delta = |now: &HashMap<String, i64>| -> HashMap<String, i64> {
+        now.iter()
+            .map(|(index, n)| (index.clone(), n - before.get(index).copied().unwrap_or(0)))
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    };
+    delta(&flushed(b, || scans(&b.owner), |now| !delta(now).is_empty()).await)
+}
+
+/// Asks the store's backend to flush its statistics (it does on going idle
+/// after `pg_stat_force_next_flush`), then reads them with `read` until
+/// `moved` says they show it, for at most 10 s.
+async fn flushed<T, F: std::future::Future<Output = T>>(
+    b: &Bloated,
+    read: impl Fn() -> F,
+    moved: impl Fn(&T) -> bool,
+) -> T {
     sqlx::query("SELECT pg_stat_force_next_flush()")
         .execute(&b.one)
         .await
         .expect("flush");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let now = scans(&b.owner).await;
-        let delta: HashMap<String, i64> = now
-            .iter()
-            .map(|(index, n)| (index.clone(), n - before.get(index).copied().unwrap_or(0)))
-            .filter(|(_, n)| *n > 0)
-            .collect();
-        if !delta.is_empty() || std::time::Instant::now() > deadline {
-            return delta;
+        let now = read().await;
+        if moved(&now) || std::time::Instant::now() > deadline {
+            return now;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -225,18 +237,7 @@ async fn refunding_bets_reads_no_status_index() {
 /// Index entries read since `before`, summed over the bets' indexes, once the
 /// store's backend has flushed its statistics.
 async fn entries_read_since(b: &Bloated, before: i64) -> i64 {
-    sqlx::query("SELECT pg_stat_force_next_flush()")
-        .execute(&b.one)
-        .await
-        .expect("flush");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let now = entries_read(&b.owner).await;
-        if now > before || std::time::Instant::now() > deadline {
-            return now - before;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    flushed(b, || entries_read(&b.owner), |now| *now > before).await - before
 }
 
 async fn entries_read(pool: &PgPool) -> i64 {
