@@ -405,8 +405,8 @@ impl Ledger {
     /// batch counted as paid; then the winners' wallet rows `FOR UPDATE` in
     /// user order (created empty if missing, as `post`'s credit would), the
     /// credits in request order, one statement for the UPDATE, the ledger
-    /// INSERT and the refusal INSERT, one `payout_bets` INSERT, one commit. A key twice in
-    /// one call runs in a later wave ([`Wave`]).
+    /// INSERT and the refusal INSERT, one `payout_bets` INSERT, one commit.
+    /// A key twice in one call runs in a later wave ([`Wave`]).
     pub async fn pay_winnings_batch(
         &self,
         payouts: &[Transfer],
@@ -820,11 +820,17 @@ impl<'a> Batch<'a> {
             match src {
                 "e" => entries.push(Entry::from_row(row).map_err(StoreError::from)?),
                 "r" => refusals.push(KeyedRefusal::from_row(row).map_err(StoreError::from)?),
-                _ => locked.push((
+                "w" => locked.push((
                     row.try_get::<i64, _>("user_id").map_err(StoreError::from)?,
                     row.try_get::<Decimal, _>("balance_after")
                         .map_err(StoreError::from)?,
                 )),
+                other => {
+                    return Err(StoreError::Corrupt(format!(
+                        "a batch's decisions named a row source {other:?}"
+                    ))
+                    .into());
+                }
             }
         }
         let entries: HashMap<String, Entry> = entries
@@ -976,16 +982,23 @@ impl<'a> Batch<'a> {
             let mut entries = 0;
             for row in &rows {
                 let src: &str = row.try_get("src").map_err(StoreError::from)?;
-                if src == "l" {
-                    let entry = Entry::from_row(row).map_err(StoreError::from)?;
-                    self.entries.insert(entry.idempotency_key.clone(), entry);
-                    entries += 1;
-                } else {
-                    balances.push((
+                match src {
+                    "l" => {
+                        let entry = Entry::from_row(row).map_err(StoreError::from)?;
+                        self.entries.insert(entry.idempotency_key.clone(), entry);
+                        entries += 1;
+                    }
+                    "w" => balances.push((
                         row.try_get("user_id").map_err(StoreError::from)?,
                         row.try_get("balance_after").map_err(StoreError::from)?,
                         row.try_get("wallet_updated_at").map_err(StoreError::from)?,
-                    ));
+                    )),
+                    other => {
+                        return Err(StoreError::Corrupt(format!(
+                            "a batch's writes named a row source {other:?}"
+                        ))
+                        .into());
+                    }
                 }
             }
             // The rows are locked by this transaction: anything else is a bug.

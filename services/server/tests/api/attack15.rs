@@ -55,33 +55,6 @@ async fn refunds_owed(db: &Db, bet: Uuid) -> i64 {
         .expect("wallet commands")
 }
 
-/// Waits until some backend other than the holder's waits for a row lock
-/// in a statement starting with `prefix`: the statement under test has
-/// read the old version of the held row and now waits for its holder.
-async fn wait_for_lock_wait(db: &Db, prefix: &str) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity \
-             WHERE datname = current_database() AND wait_event_type = 'Lock' \
-               AND wait_event IN ('transactionid', 'tuple') \
-               AND ltrim(query) LIKE $1 || '%'",
-        )
-        .bind(prefix)
-        .fetch_one(&db.pool)
-        .await
-        .expect("pg_stat_activity");
-        if waiting > 0 {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no statement starting {prefix:?} ever waited for the held row"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// A transaction holding `bets` after moving them PENDING -> MATCHED into one
 /// new match (what the matcher's transaction does), not yet committed.
 async fn hold_matched(
@@ -151,7 +124,7 @@ async fn attack15_refund_from_several_statuses_rechecks_the_new_version_against_
         tx.commit().await.expect("commit");
         refunded.len()
     });
-    wait_for_lock_wait(&db, "WITH due").await;
+    rows::row_lock_waiter(&db.pool, "WITH due").await;
     holder.commit().await.expect("commit the match");
     let refunded = tokio::time::timeout(Duration::from_secs(20), refund)
         .await
@@ -280,7 +253,7 @@ async fn match_while_b1_is_held(
     assert_eq!(changed, 1);
     let matcher = Matcher::new(db.pool.clone());
     let run = tokio::spawn(async move { matcher.match_group(ROUND, Decimal::ONE).await });
-    wait_for_lock_wait(&db, "SELECT b.created_at").await;
+    rows::row_lock_waiter(&db.pool, "SELECT b.created_at").await;
     if commit {
         holder.commit().await.expect("commit");
     } else {
@@ -381,7 +354,7 @@ async fn attack15_finish_placing_leaves_a_bet_that_moved_on_while_it_waited() {
             .await
             .expect("finish")
     });
-    wait_for_lock_wait(&db, "UPDATE bets AS b").await;
+    rows::row_lock_waiter(&db.pool, "UPDATE bets AS b").await;
     holder.commit().await.expect("commit");
     let rows = tokio::time::timeout(Duration::from_secs(20), run)
         .await
@@ -520,7 +493,7 @@ async fn attack15_refund_racing_a_refund_refunds_once() {
         tx.commit().await.expect("commit");
         n
     });
-    wait_for_lock_wait(&db, "WITH due").await;
+    rows::row_lock_waiter(&db.pool, "WITH due").await;
     holder.commit().await.expect("commit");
     let n = tokio::time::timeout(Duration::from_secs(20), second)
         .await

@@ -10,6 +10,8 @@ use uuid::Uuid;
 
 use betting_test_kit::{TestApp, authed, dec};
 
+use crate::rows;
+
 fn hold(user: i64, amount: &str, bet: Uuid) -> pbi::HoldStakeRequest {
     pbi::HoldStakeRequest {
         user_id: user,
@@ -361,55 +363,25 @@ async fn a_replay_in_a_batch_leaves_its_users_row_unlocked() {
     .execute(&mut *holder)
     .await
     .expect("insert the refusal");
-    let batch = tokio::spawn({
-        let stakes = app.stakes();
-        let token = app.service_token();
-        async move {
-            stakes
-                .clone()
-                .hold_stakes(authed(
-                    pbi::HoldStakesRequest {
-                        holds: vec![hold(1, "1", replayed), hold(3, "1", stalled)],
-                    },
-                    &token,
-                ))
-                .await
+    let (outcomes, ()) = tokio::join!(
+        hold_stakes(&app, vec![hold(1, "1", replayed), hold(3, "1", stalled)]),
+        async {
+            // The batch's write statement waits on the held refusal key.
+            rows::row_lock_waiter(&app.pool, "WITH w AS ( UPDATE wallets").await;
+            // The replayed hold's user: the row is free while the batch is open.
+            let mut other = app.pool.begin().await.expect("begin");
+            let free =
+                sqlx::query("SELECT balance FROM wallets WHERE user_id = 1 FOR UPDATE NOWAIT")
+                    .execute(&mut *other)
+                    .await;
+            assert!(
+                free.is_ok(),
+                "a replay's wallet row was locked by the batch: {free:?}"
+            );
+            other.rollback().await.expect("release");
+            holder.rollback().await.expect("release the refusal");
         }
-    });
-    let mut waiting = false;
-    for _ in 0..200 {
-        waiting = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity \
-             WHERE wait_event_type = 'Lock' AND query LIKE '%INSERT INTO wallet_refusals%')",
-        )
-        .fetch_one(&app.pool)
-        .await
-        .expect("pg_stat_activity");
-        if waiting {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    assert!(waiting, "the batch never reached its refusal INSERT");
-
-    // The replayed hold's user: the row is free while the batch is open.
-    let mut other = app.pool.begin().await.expect("begin");
-    let free = sqlx::query("SELECT balance FROM wallets WHERE user_id = 1 FOR UPDATE NOWAIT")
-        .execute(&mut *other)
-        .await;
-    assert!(
-        free.is_ok(),
-        "a replay's wallet row was locked by the batch: {free:?}"
     );
-    other.rollback().await.expect("release");
-
-    holder.rollback().await.expect("release the refusal");
-    let outcomes = batch
-        .await
-        .expect("task")
-        .expect("hold stakes")
-        .into_inner()
-        .outcomes;
     assert_eq!(held_balance(&outcomes[0]), Some(dec("9")));
     assert!(outcomes[0].replayed);
     assert_eq!(

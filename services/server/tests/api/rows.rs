@@ -1,7 +1,8 @@
 //! Rows written straight into a fresh database, for the tests that pin an
 //! interleaving of the stores' own statements (`attack15.rs`, `attack16.rs`):
 //! a round, and bets of stake 1 in a status, ordered by when they were made;
-//! and the wait until a statement under test waits for the round's lock.
+//! and the waits until a statement under test waits for the round's lock or
+//! for a row another transaction holds.
 
 use std::time::Duration;
 
@@ -73,6 +74,31 @@ pub async fn advisory_waiters(pool: &PgPool, n: i64) {
             .await
             .expect("pg_locks");
             (waiting == n).then_some(())
+        },
+    )
+    .await;
+}
+
+/// Until a backend of this database waits for a row or a transaction (a
+/// held row, or a unique key another transaction inserted) in a statement
+/// starting with `prefix`: the statement under test has reached the held
+/// row and waits for its holder.
+pub async fn row_lock_waiter(pool: &PgPool, prefix: &str) {
+    eventually(
+        &format!("a statement starting {prefix:?} waits for a held row"),
+        Duration::from_secs(20),
+        async || {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event_type = 'Lock' \
+                   AND wait_event IN ('transactionid', 'tuple') \
+                   AND ltrim(query) LIKE $1 || '%'",
+            )
+            .bind(prefix)
+            .fetch_one(pool)
+            .await
+            .expect("pg_stat_activity");
+            (waiting > 0).then_some(())
         },
     )
     .await;
