@@ -306,7 +306,11 @@ const CHECKS: &[Check] = &[
     // The matcher writes a match and its two bets' links in one
     // transaction; no foreign key holds them (migration
     // 20261205000001_match_links_audited), so this check does, and more: the
-    // bets are the match's, of its round and stake, and name it back.
+    // bets are the match's, of its round and stake, and name it back; its
+    // first bet is on A and its second on B (the settler pays by that order),
+    // of two users; and each bet's status follows its match's (OPEN with
+    // MATCHED, SETTLED with SETTLED, VOIDED with REFUNDED: each pair of moves
+    // is one transaction).
     Check {
         name: "MATCH_LINK_BROKEN",
         sql: "SELECT format('bet %s names match %s, which is not its match (%s)', \
@@ -324,6 +328,16 @@ const CHECKS: &[Check] = &[
               FROM matches m CROSS JOIN LATERAL (VALUES (m.bet_a_id), (m.bet_b_id)) AS x(bet_id) \
               LEFT JOIN bets b ON b.bet_id = x.bet_id \
               WHERE b.match_id IS DISTINCT FROM m.match_id \
+              UNION ALL \
+              SELECT format('match %s (%s) pairs bet %s (side %s, user %s, %s) \
+                  with bet %s (side %s, user %s, %s)', m.match_id, m.status, \
+                a.bet_id, a.side, a.user_id, a.status, b.bet_id, b.side, b.user_id, b.status) \
+              FROM matches m JOIN bets a ON a.bet_id = m.bet_a_id \
+                JOIN bets b ON b.bet_id = m.bet_b_id \
+                CROSS JOIN LATERAL (SELECT CASE m.status WHEN 'OPEN' THEN 'MATCHED' \
+                  WHEN 'SETTLED' THEN 'SETTLED' ELSE 'REFUNDED' END AS status) AS want \
+              WHERE a.side <> 'A' OR b.side <> 'B' OR a.user_id = b.user_id \
+                OR a.status <> want.status OR b.status <> want.status \
               LIMIT 20",
         params: 0,
     },

@@ -170,6 +170,9 @@ enum Case {
     RejectedAfterStake,
     MatchNamesAnotherBet,
     BetNamesNoMatch,
+    MatchSidesSwapped,
+    MatchOfOneUser,
+    MatchStatusDisagrees,
 }
 
 impl Case {
@@ -189,7 +192,11 @@ impl Case {
             Case::RefundLost => "REFUND_MISSING",
             Case::RoundUnsettledAfterPayout => "PAYOUT_UNSETTLED_ROUND",
             Case::RejectedAfterStake => "REJECTED_WITH_STAKE",
-            Case::MatchNamesAnotherBet | Case::BetNamesNoMatch => "MATCH_LINK_BROKEN",
+            Case::MatchNamesAnotherBet
+            | Case::BetNamesNoMatch
+            | Case::MatchSidesSwapped
+            | Case::MatchOfOneUser
+            | Case::MatchStatusDisagrees => "MATCH_LINK_BROKEN",
         }
     }
 
@@ -331,6 +338,40 @@ impl Case {
                 )],
                 "no such match".into(),
             ),
+            // The winner (the match's first bet) moved to side B: the
+            // settler, paying the first bet when A wins, would pay a B bet.
+            Case::MatchSidesSwapped => (
+                vec![format!(
+                    "UPDATE bets SET side = 'B' WHERE bet_id = '{}'",
+                    books.winner.bet_id
+                )],
+                format!("bet {} (side B, user 1", books.winner.bet_id),
+            ),
+            // The loser's bet handed to the winner's user: a user matched
+            // against themselves.
+            Case::MatchOfOneUser => (
+                vec![format!(
+                    "UPDATE bets SET user_id = 1 \
+                     WHERE bet_id = (SELECT bet_b_id FROM matches WHERE bet_a_id = '{}')",
+                    books.winner.bet_id
+                )],
+                format!(
+                    "bet {} (side A, user 1, SETTLED) with bet",
+                    books.winner.bet_id
+                ),
+            ),
+            // The winner back to MATCHED while its match stays SETTLED.
+            Case::MatchStatusDisagrees => (
+                vec![format!(
+                    "UPDATE bets SET status = 'MATCHED', result = NULL, payout = NULL \
+                     WHERE bet_id = '{}'",
+                    books.winner.bet_id
+                )],
+                format!(
+                    "(SETTLED) pairs bet {} (side A, user 1, MATCHED)",
+                    books.winner.bet_id
+                ),
+            ),
         };
         books.corrupt(&statements).await;
         detail
@@ -430,4 +471,7 @@ cases! {
     rejected_with_stake_catches_a_rejected_bet_that_was_staked => RejectedAfterStake,
     match_link_broken_catches_a_match_naming_another_bet => MatchNamesAnotherBet,
     match_link_broken_catches_a_bet_naming_no_match => BetNamesNoMatch,
+    match_link_broken_catches_a_match_with_its_sides_swapped => MatchSidesSwapped,
+    match_link_broken_catches_a_match_of_one_user => MatchOfOneUser,
+    match_link_broken_catches_a_bet_whose_status_left_its_match => MatchStatusDisagrees,
 }
