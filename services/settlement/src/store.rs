@@ -341,9 +341,9 @@ impl RoundStore {
             return Ok(Vec::new());
         }
         let mut tx = betting_db::begin(&self.pool).await?;
-        let changed: Vec<Uuid> = sqlx::query_scalar(
+        let changed: Vec<(Uuid, Uuid, Uuid)> = sqlx::query_as(
             "UPDATE matches SET status = 'SETTLED', winning_side = $2, settled_at = now() \
-             WHERE match_id = ANY($1) AND status = 'OPEN' RETURNING match_id",
+             WHERE match_id = ANY($1) AND status = 'OPEN' RETURNING match_id, bet_a_id, bet_b_id",
         )
         .bind(matches)
         .bind(winner.as_db())
@@ -352,15 +352,20 @@ impl RoundStore {
         if changed.is_empty() {
             return Ok(Vec::new());
         }
+        let ids: Vec<Uuid> = changed.iter().map(|(id, _, _)| *id).collect();
+        let bet_ids: Vec<Uuid> = changed.iter().flat_map(|(_, a, b)| [*a, *b]).collect();
+        // The bets by primary key (no index of bets by match: migration
+        // 20261207000001_narrow_bet_indexes); each must still name its match.
         let bets: Vec<ChangedBet> = sqlx::query_as(
             "UPDATE bets SET status = 'SETTLED', \
-               result = CASE WHEN side = $2 THEN 'WON' ELSE 'LOST' END, \
-               payout = CASE WHEN side = $2 THEN amount * 2 ELSE 0 END, \
+               result = CASE WHEN side = $3 THEN 'WON' ELSE 'LOST' END, \
+               payout = CASE WHEN side = $3 THEN amount * 2 ELSE 0 END, \
                version = version + 1, updated_at = now() \
-             WHERE match_id = ANY($1) AND status = 'MATCHED' \
+             WHERE bet_id = ANY($1) AND match_id = ANY($2) AND status = 'MATCHED' \
              RETURNING user_id, bet_id, round_id, version",
         )
-        .bind(&changed)
+        .bind(&bet_ids)
+        .bind(&ids)
         .bind(winner.as_db())
         .fetch_all(&mut *tx)
         .await?;
