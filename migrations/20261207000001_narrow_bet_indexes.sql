@@ -19,8 +19,12 @@
 -- bets_match_idx (a bet by its match) served the settler's MATCHED ->
 -- SETTLED update, which now names the bets by primary key (the match rows'
 -- bet_a_id and bet_b_id, returned by the same transaction's update of the
--- matches); the audit's joins by match read whole tables. It wrote an entry
--- for the MATCHED and the SETTLED version of every matched bet.
+-- matches); the audit's joins by match read whole tables. It stays in this
+-- release: the migration job runs while the previous release's settlers
+-- still serve (docs/runbook.md), and their statement without the index
+-- would read the whole table a page of matches. A later release, once no
+-- settler runs that statement, drops it (an entry for the MATCHED and the
+-- SETTLED version of every matched bet).
 CREATE INDEX bets_matching_side_idx ON bets (round_id, amount, side, created_at)
     WHERE status = 'PENDING';
 DROP INDEX bets_matching_idx;
@@ -30,7 +34,6 @@ CREATE INDEX bets_round_status_idx ON bets (round_id, status);
 DROP INDEX bets_round_idx;
 ALTER INDEX bets_round_status_idx RENAME TO bets_round_idx;
 
-DROP INDEX bets_match_idx;
 
 -- What is left, and what needs it:
 --   bets_pkey              every move of a bet by id
@@ -41,3 +44,4 @@ DROP INDEX bets_match_idx;
 --   bets_pending_idx       the match-timeout sweep, oldest first
 --   bets_matching_idx      the matcher's group reads
 --   bets_open_by_user_idx  the per-user bound on open bets
+--   bets_match_idx         the previous release's settlers (see above)

@@ -354,8 +354,9 @@ impl RoundStore {
         }
         let ids: Vec<Uuid> = changed.iter().map(|(id, _, _)| *id).collect();
         let bet_ids: Vec<Uuid> = changed.iter().flat_map(|(_, a, b)| [*a, *b]).collect();
-        // The bets by primary key (no index of bets by match: migration
-        // 20261207000001_narrow_bet_indexes); each must still name its match.
+        // The bets by primary key, not by an index of bets by match
+        // (migration 20261207000001_narrow_bet_indexes keeps that index for
+        // the previous release only); each must still name its match.
         let bets: Vec<ChangedBet> = sqlx::query_as(
             "UPDATE bets SET status = 'SETTLED', \
                result = CASE WHEN side = $3 THEN 'WON' ELSE 'LOST' END, \
