@@ -34,7 +34,6 @@ CREATE INDEX bets_round_status_idx ON bets (round_id, status);
 DROP INDEX bets_round_idx;
 ALTER INDEX bets_round_status_idx RENAME TO bets_round_idx;
 
-
 -- What is left, and what needs it:
 --   bets_pkey              every move of a bet by id
 --   bets_user_key_unique   a PlaceBet retry finds its bet by the client's key
