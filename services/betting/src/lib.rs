@@ -31,5 +31,5 @@ pub use faults::Faults;
 /// Placing batches in flight at once (tests that hold every slot busy).
 pub use placer::SLOTS as PLACE_BATCH_SLOTS;
 pub use service::{BetLimits, BetPage, BettingService, Placed};
-pub use store::{BetRow, BetStore, PendingBet};
+pub use store::{BetRow, BetStore, ChangePage, PendingBet};
 pub use watch::{BetEvent, BetEventKind};

@@ -483,21 +483,60 @@ impl BetStore {
         .await?)
     }
 
-    /// Bets changed since `from` that streams may show: the hubs' sweep.
-    pub async fn changed_since(&self, from: DateTime<Utc>) -> Result<Vec<BetNote>, StoreError> {
-        let bets: Vec<ChangedBet> = sqlx::query_as(
-            "SELECT user_id, bet_id, round_id, version FROM bets \
+    /// One page of the bets changed at or after `from` that streams may
+    /// show, for the hubs' sweep: oldest change first, after `after` (the
+    /// previous page's last change, [`ChangePage::next`]). Paged by
+    /// (change time, bet id) rather than cut at a limit: one transaction
+    /// stamps every bet it changes with the same time (a voided round's
+    /// refunds), and a sweep cut at a limit would read the same first rows
+    /// every second and never the rest.
+    pub async fn changed_since(
+        &self,
+        from: DateTime<Utc>,
+        after: Option<(DateTime<Utc>, Uuid)>,
+        limit: i64,
+    ) -> Result<ChangePage, StoreError> {
+        let bets: Vec<ChangedBetAt> = sqlx::query_as(
+            "SELECT user_id, bet_id, round_id, version, updated_at FROM bets \
              WHERE updated_at >= $1 AND status NOT IN ('PLACING', 'REJECTED') \
-             ORDER BY updated_at LIMIT 10000",
+               AND ($2::TIMESTAMPTZ IS NULL OR (updated_at, bet_id) > ($2, $3)) \
+             ORDER BY updated_at, bet_id LIMIT $4",
         )
         .bind(from)
+        .bind(after.map(|(at, _)| at))
+        .bind(after.map(|(_, bet)| bet))
+        .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        Ok(bets
-            .into_iter()
-            .map(|b| BetNote::changed(b.user_id, b.bet_id, b.round_id, b.version))
-            .collect())
+        let next = match bets.last() {
+            Some(last) if bets.len() as i64 >= limit => Some((last.updated_at, last.bet.bet_id)),
+            _ => None,
+        };
+        Ok(ChangePage {
+            notes: bets
+                .into_iter()
+                .map(|ChangedBetAt { bet: b, .. }| {
+                    BetNote::changed(b.user_id, b.bet_id, b.round_id, b.version)
+                })
+                .collect(),
+            next,
+        })
     }
+}
+
+/// A page of [`BetStore::changed_since`].
+#[derive(Debug, Default)]
+pub struct ChangePage {
+    pub notes: Vec<BetNote>,
+    /// Where the next page starts; `None`: this was the last.
+    pub next: Option<(DateTime<Utc>, Uuid)>,
+}
+
+#[derive(sqlx::FromRow)]
+struct ChangedBetAt {
+    #[sqlx(flatten)]
+    bet: ChangedBet,
+    updated_at: DateTime<Utc>,
 }
 
 /// A PENDING bet, as the reconciler re-derives match jobs.

@@ -377,13 +377,19 @@ impl RoundStore {
             .collect())
     }
 
-    /// Rounds created, closed or settled since `from`: the hubs' sweep.
-    pub async fn changed_since(&self, from: DateTime<Utc>) -> Result<Vec<String>, StoreError> {
+    /// Rounds created, closed or settled since `from`, at most `limit`: the
+    /// hubs' sweep (which takes `limit` rounds for "maybe more").
+    pub async fn changed_since(
+        &self,
+        from: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<Vec<String>, StoreError> {
         Ok(sqlx::query_scalar(
             "SELECT round_id FROM rounds \
-             WHERE greatest(created_at, closed_at, settled_at) >= $1 LIMIT 10000",
+             WHERE greatest(created_at, closed_at, settled_at) >= $1 LIMIT $2",
         )
         .bind(from)
+        .bind(limit)
         .fetch_all(&self.pool)
         .await?)
     }

@@ -365,8 +365,17 @@ impl Hub {
             let started = Utc::now();
             let from = since.unwrap_or(started) - SWEEP_MARGIN;
             match self.inner.feed.changed_since(from).await {
-                Ok(changes) => {
-                    self.route(&changes);
+                Ok(swept) => {
+                    self.route(&swept.changes);
+                    if !swept.complete {
+                        // A change past the feed's bound may be one whose
+                        // note was lost: every stream reads its state again.
+                        tracing::warn!(
+                            bets = swept.changes.bets.len(),
+                            "more changed than a sweep reads; resynchronising streams"
+                        );
+                        self.resync_all();
+                    }
                     since = Some(started);
                 }
                 Err(error) => tracing::debug!(%error, "sweep failed"),

@@ -62,12 +62,22 @@ impl BetNote {
 /// Where a hub's sweep reads what changed lately: implemented over the
 /// services' stores by whoever builds the hub.
 pub trait ChangeFeed: Send + Sync + 'static {
-    /// Bets and rounds changed at or after `from` (bounded; a sweep only
-    /// needs what a lost note would have said).
+    /// Bets and rounds changed at or after `from`: a sweep only needs what a
+    /// lost note would have said. Bounded: past its bound the answer says it
+    /// is not complete, and the hub resynchronises every stream instead.
     fn changed_since(
         &self,
         from: DateTime<Utc>,
-    ) -> BoxFuture<'_, Result<Changes, Box<dyn std::error::Error + Send + Sync>>>;
+    ) -> BoxFuture<'_, Result<Swept, Box<dyn std::error::Error + Send + Sync>>>;
+}
+
+/// What a [`ChangeFeed`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Swept {
+    pub changes: Changes,
+    /// Every change since `from` is in `changes`; `false`: more changed
+    /// than the feed reads in one sweep.
+    pub complete: bool,
 }
 
 /// One message on the channel: what changed in one transaction.

@@ -345,10 +345,17 @@ async fn the_hub_sweep_reads_the_latest_changes_not_the_whole_table() {
     let store = BetStore::new(b.one.clone());
     let from = chrono::Utc::now() - chrono::Duration::minutes(1);
     // Warm the connection's statement cache, so that the count is the sweep's.
-    store.changed_since(from).await.expect("sweep");
+    store
+        .changed_since(from, None, 10_000)
+        .await
+        .expect("sweep");
     let before = flushed(&b, || heap_blocks_read(&b.owner, "bets"), |_| true).await;
-    let changed = store.changed_since(from).await.expect("sweep");
-    let mut ids: Vec<Uuid> = changed.iter().map(|note| note.bet_id).collect();
+    let changed = store
+        .changed_since(from, None, 10_000)
+        .await
+        .expect("sweep");
+    assert!(changed.next.is_none(), "one page holds them");
+    let mut ids: Vec<Uuid> = changed.notes.iter().map(|note| note.bet_id).collect();
     ids.sort();
     let mut recent: Vec<Uuid> = sqlx::query_scalar(
         "SELECT bet_id FROM bets WHERE updated_at > now() - interval '1 minute'",
@@ -400,9 +407,9 @@ async fn the_hub_sweep_reads_the_latest_rounds_not_every_round() {
         .expect("the table's size");
     let store = betting_settlement::RoundStore::new(b.one.clone());
     let from = chrono::Utc::now() - chrono::Duration::minutes(1);
-    store.changed_since(from).await.expect("sweep");
+    store.changed_since(from, 10_000).await.expect("sweep");
     let before = flushed(&b, || heap_blocks_read(&b.owner, "rounds"), |_| true).await;
-    let mut changed = store.changed_since(from).await.expect("sweep");
+    let mut changed = store.changed_since(from, 10_000).await.expect("sweep");
     changed.sort();
     // 'plans' is the round of `bloated`'s bets, created just now.
     assert_eq!(changed, ["new", "plans"]);
@@ -417,4 +424,42 @@ async fn the_hub_sweep_reads_the_latest_rounds_not_every_round() {
         read * 4 < pages,
         "the sweep read {read} of the table's {pages} pages"
     );
+}
+
+/// One transaction stamps every bet it changes with the same time (a voided
+/// round's refunds, say). The sweep used to read the first 10,000 changes of
+/// its window and nothing after them, so past 10,000 bets in one
+/// transaction it read the same 10,000 every second and never the rest;
+/// now it pages by (change time, bet id) and reads every one once.
+#[tokio::test]
+async fn the_hub_sweep_pages_through_one_transactions_changes() {
+    let b = bloated("PENDING", 0).await;
+    sqlx::query("UPDATE bets SET version = version + 1, updated_at = now()")
+        .execute(&b.owner)
+        .await
+        .expect("one transaction changes them all");
+    let store = BetStore::new(b.one.clone());
+    let from = chrono::Utc::now() - chrono::Duration::minutes(1);
+    let mut seen: Vec<Uuid> = Vec::new();
+    let mut after = None;
+    let mut pages = 0;
+    loop {
+        let page = store
+            .changed_since(from, after, 6_000)
+            .await
+            .expect("a page");
+        pages += 1;
+        seen.extend(page.notes.iter().map(|note| note.bet_id));
+        match page.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+        assert!(pages < 10, "the pages end");
+    }
+    let total = (PASSED + STILL) as usize;
+    assert_eq!(seen.len(), total, "every change read, none twice");
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), total, "no bet read twice");
+    assert_eq!(pages, total.div_ceil(6_000));
 }
