@@ -9,13 +9,19 @@
 -- version of a bet (no status change is a HOT update, and a bet has four
 -- versions), which 20261207000001_narrow_bet_indexes just took pains to
 -- avoid. A BRIN index keeps one summary (the smallest and largest value) a
--- range of pages: a new row version landing in a summarized range widens
--- that range's summary at most, one in the table's unsummarized tail costs
--- nothing, and autosummarize has autovacuum summarize each range once it
--- fills. New row versions go to pages with free space, mostly the table's
--- end, so the sweep reads the unsummarized tail and the few ranges whose
--- summaries reach into its window, not the table (plans.rs,
--- `the_hub_sweep_reads_the_latest_changes_not_the_whole_table`).
+-- range of 16 pages. A row version in the table's unsummarized tail costs
+-- it nothing. One landing in a summarized range (a page with room: the old
+-- version's own, or one VACUUM freed) raises that range's largest value,
+-- a small update of the summary page and its WAL record, and makes the
+-- range one the next sweeps read. Autosummarize asks autovacuum to
+-- summarize each range once it fills, and every VACUUM summarizes what is
+-- left. So a sweep reads the unsummarized tail and the ranges changed
+-- lately, not the table (plans.rs,
+-- `the_hub_sweep_reads_the_latest_changes_not_the_whole_table`); how long
+-- the tail grows depends on how often autovacuum visits `bets`.
+--
+-- Rounds' close, settle and void from OPEN were HOT updates (only the
+-- primary key indexed them) and are not now: two index entries a round.
 --
 -- The statements are the previous release's too, so it gains at once, and
 -- nothing it runs needs anything this drops (nothing).

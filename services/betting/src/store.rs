@@ -496,11 +496,15 @@ impl BetStore {
         after: Option<(DateTime<Utc>, Uuid)>,
         limit: i64,
     ) -> Result<ChangePage, StoreError> {
-        let bets: Vec<ChangedBetAt> = sqlx::query_as(
+        // `updated_at >= coalesce($2, $1)` repeats the cursor's bound in a
+        // form the BRIN index can use (it cannot use the row comparison), so
+        // a later page reads from its cursor on, not the whole window again.
+        // One row past the page tells whether another page follows.
+        let mut bets: Vec<ChangedBetAt> = sqlx::query_as(
             "SELECT user_id, bet_id, round_id, version, updated_at FROM bets \
-             WHERE updated_at >= $1 AND status NOT IN ('PLACING', 'REJECTED') \
+             WHERE updated_at >= coalesce($2, $1) AND status NOT IN ('PLACING', 'REJECTED') \
                AND ($2::TIMESTAMPTZ IS NULL OR (updated_at, bet_id) > ($2, $3)) \
-             ORDER BY updated_at, bet_id LIMIT $4",
+             ORDER BY updated_at, bet_id LIMIT $4 + 1",
         )
         .bind(from)
         .bind(after.map(|(at, _)| at))
@@ -508,8 +512,10 @@ impl BetStore {
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
+        let more = bets.len() as i64 > limit;
+        bets.truncate(usize::try_from(limit).unwrap_or(0));
         let next = match bets.last() {
-            Some(last) if bets.len() as i64 >= limit => Some((last.updated_at, last.bet.bet_id)),
+            Some(last) if more => Some((last.updated_at, last.bet.bet_id)),
             _ => None,
         };
         Ok(ChangePage {

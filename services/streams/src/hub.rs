@@ -365,17 +365,21 @@ impl Hub {
             let started = Utc::now();
             let from = since.unwrap_or(started) - SWEEP_MARGIN;
             match self.inner.feed.changed_since(from).await {
-                Ok(swept) => {
+                Ok(swept) if swept.complete => {
                     self.route(&swept.changes);
-                    if !swept.complete {
-                        // A change past the feed's bound may be one whose
-                        // note was lost: every stream reads its state again.
-                        tracing::warn!(
-                            bets = swept.changes.bets.len(),
-                            "more changed than a sweep reads; resynchronising streams"
-                        );
-                        self.resync_all();
-                    }
+                    since = Some(started);
+                }
+                Ok(swept) => {
+                    // A change past the feed's bound may be one whose note
+                    // was lost: every stream reads its state again, which
+                    // covers what the sweep did read too. One transaction
+                    // that changed that many bets stays in the window for
+                    // the margin, so this repeats for a few sweeps.
+                    tracing::warn!(
+                        bets = swept.changes.bets.len(),
+                        "more changed than a sweep reads; resynchronising streams"
+                    );
+                    self.resync_all();
                     since = Some(started);
                 }
                 Err(error) => tracing::debug!(%error, "sweep failed"),

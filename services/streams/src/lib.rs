@@ -72,7 +72,7 @@ pub trait ChangeFeed: Send + Sync + 'static {
 }
 
 /// What a [`ChangeFeed`] found.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Swept {
     pub changes: Changes,
     /// Every change since `from` is in `changes`; `false`: more changed
