@@ -47,7 +47,7 @@
 //! at once (a lone bet waits for nobody); while every slot is busy, requests
 //! queue and the next batch takes all of them (up to [`MAX_BATCH`]).
 
-use std::sync::Arc;
+use std::{collections::HashMap, sync::Arc};
 
 use betting_domain::{BetId, BetStatus};
 use betting_queue::Queue;
@@ -56,6 +56,7 @@ use betting_wallet_client::{Hold, WalletCallError, WalletClient};
 use rust_decimal::Decimal;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::Instrument;
+use uuid::Uuid;
 
 use betting_jobs::MatchJob;
 
@@ -231,13 +232,16 @@ async fn place_all(parts: &Parts, bets: &[NewBet], spans: &[tracing::Span]) -> V
             Err(e) => return shared(e.into()),
         };
     let mut answers: Vec<Answer> = bets.iter().map(|_| Ok(Batched::NotWritten)).collect();
+    // Each bet's place in the batch, by id.
+    let index: HashMap<Uuid, usize> = bets
+        .iter()
+        .enumerate()
+        .map(|(i, b)| (b.bet.as_uuid(), i))
+        .collect();
     // The rows in the batch's order; a bet not written keeps `NotWritten`.
     let mut rows: Vec<(usize, BetRow)> = written
         .into_iter()
-        .filter_map(|row| {
-            let i = bets.iter().position(|b| b.bet.as_uuid() == row.bet_id)?;
-            Some((i, row))
-        })
+        .filter_map(|row| Some((*index.get(&row.bet_id)?, row)))
         .collect();
     rows.sort_by_key(|(i, _)| *i);
     if rows.is_empty() {
@@ -337,19 +341,18 @@ async fn place_all(parts: &Parts, bets: &[NewBet], spans: &[tracing::Span]) -> V
         let job = MatchJob::new(row.id(), &row.round_id);
         let queue = &parts.match_queue;
         // The job carries its leader's own PlaceBet trace.
-        let span = bets
-            .iter()
-            .position(|b| b.bet.as_uuid() == row.bet_id)
-            .and_then(|i| spans.get(i).cloned())
+        let span = index
+            .get(&row.bet_id)
+            .and_then(|&i| spans.get(i).cloned())
             .unwrap_or_else(tracing::Span::current);
         async move { betting_jobs::enqueue(queue, &job).await }.instrument(span)
     }))
     .await;
 
+    let finished: HashMap<Uuid, &BetRow> = finished.iter().map(|row| (row.bet_id, row)).collect();
     for (i, balance) in balances {
-        let bet = bets[i].bet.as_uuid();
-        let answer = match finished.iter().find(|row| row.bet_id == bet) {
-            Some(row) => Ok(Batched::Placed(Placed {
+        let answer = match finished.get(&bets[i].bet.as_uuid()) {
+            Some(&row) => Ok(Batched::Placed(Placed {
                 bet: row.clone(),
                 balance: row.balance_after.unwrap_or(balance),
                 replayed: false,

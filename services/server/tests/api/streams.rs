@@ -754,3 +754,60 @@ async fn a_resync_snapshot_settles_what_the_client_holds_in_play() {
         Some(pb::RefundReason::Cancelled as i32)
     );
 }
+
+/// A sweep that finds more changes than it reads (one transaction changed
+/// over `MAX_SWEPT` bets, `feed.rs`) cannot tell whether a lost note is
+/// among the rest, so it resynchronises every stream: the change reaches
+/// the client in the snapshot that follows. Before, the sweep read the
+/// first 10,000 changes of its window and nothing after them, and never
+/// resynchronised.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sweep_past_its_bound_resynchronises_streams() {
+    let app = TestApp::spawn().await;
+    app.deposit(1, "10").await;
+    app.open_round("flood").await;
+    let mine = app.place_ok(1, "flood", pb::Side::A, "1").await;
+    let mut events = watch(&app, 1, Vec::new(), "").await;
+    let before = snapshot(&mut events).await;
+    let version = before
+        .iter()
+        .find(|b| b.bet_id == mine.bet_id)
+        .expect("the bet in the snapshot")
+        .version;
+
+    // One transaction: the player's bet changes with no note published (a
+    // lost note), and 100,001 bets of other players change with it, all
+    // stamped with the transaction's time.
+    let mut tx = app.pool.begin().await.expect("begin");
+    sqlx::query(
+        "INSERT INTO bets (bet_id, user_id, idempotency_key, round_id, side, amount, status, \
+           balance_after, version) \
+         SELECT gen_random_uuid(), 1000 + n, 'flood', 'flood', 'B', 1, 'PENDING', 0, 1 \
+         FROM generate_series(1, 100001) AS n",
+    )
+    .execute(&mut *tx)
+    .await
+    .expect("the other players' bets");
+    sqlx::query("UPDATE bets SET version = version + 1, updated_at = now() WHERE bet_id = $1")
+        .bind(uuid::Uuid::parse_str(&mine.bet_id).expect("bet id"))
+        .execute(&mut *tx)
+        .await
+        .expect("the player's change");
+    tx.commit().await.expect("commit");
+
+    let resynced = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let event = next(&mut events).await;
+            if WatchEventType::try_from(event.r#type) == Ok(WatchEventType::Resync) {
+                return snapshot(&mut events).await;
+            }
+        }
+    })
+    .await
+    .expect("the stream resynchronised");
+    let after = resynced
+        .iter()
+        .find(|b| b.bet_id == mine.bet_id)
+        .expect("the bet in the new snapshot");
+    assert_eq!(after.version, version + 1, "the change reached the client");
+}
