@@ -232,10 +232,12 @@ async fn place_all(parts: &Parts, bets: &[NewBet], spans: &[tracing::Span]) -> V
             Err(e) => return shared(e.into()),
         };
     let mut answers: Vec<Answer> = bets.iter().map(|_| Ok(Batched::NotWritten)).collect();
-    // Each bet's place in the batch, by id.
+    // Each bet's place in the batch, by id (the first, were an id twice:
+    // built backwards, the first place is the last one written).
     let index: HashMap<Uuid, usize> = bets
         .iter()
         .enumerate()
+        .rev()
         .map(|(i, b)| (b.bet.as_uuid(), i))
         .collect();
     // The rows in the batch's order; a bet not written keeps `NotWritten`.
