@@ -319,6 +319,26 @@ async fn heap_blocks_read(pool: &PgPool, table: &str) -> i64 {
     .expect("table statistics")
 }
 
+/// Runs a sweep twice on the store's connection (the first warms its
+/// statement cache) and answers the second's result, the heap blocks of
+/// `table` it read, and the table's size in pages.
+async fn sweep_reads<T, F: std::future::Future<Output = T>>(
+    b: &Bloated,
+    table: &str,
+    sweep: impl Fn() -> F,
+) -> (T, i64, i64) {
+    let pages: i64 = sqlx::query_scalar("SELECT pg_relation_size($1::TEXT::regclass) / 8192")
+        .bind(table)
+        .fetch_one(&b.owner)
+        .await
+        .expect("the table's size");
+    sweep().await;
+    let before = flushed(b, || heap_blocks_read(&b.owner, table), |_| true).await;
+    let answer = sweep().await;
+    let read = flushed(b, || heap_blocks_read(&b.owner, table), |now| *now > before).await - before;
+    (answer, read, pages)
+}
+
 /// The hubs' sweep, every second while streams are open, reads what changed
 /// in its last seconds and not the whole table (`bets_updated_brin`). It
 /// used to be a sequential scan of every bet ever placed: about 21 ms a
@@ -338,22 +358,15 @@ async fn the_hub_sweep_reads_the_latest_changes_not_the_whole_table() {
             .await
             .expect(statement);
     }
-    let pages: i64 = sqlx::query_scalar("SELECT pg_relation_size('bets') / 8192")
-        .fetch_one(&b.owner)
-        .await
-        .expect("the table's size");
     let store = BetStore::new(b.one.clone());
     let from = chrono::Utc::now() - chrono::Duration::minutes(1);
-    // Warm the connection's statement cache, so that the count is the sweep's.
-    store
-        .changed_since(from, None, 10_000)
-        .await
-        .expect("sweep");
-    let before = flushed(&b, || heap_blocks_read(&b.owner, "bets"), |_| true).await;
-    let changed = store
-        .changed_since(from, None, 10_000)
-        .await
-        .expect("sweep");
+    let (changed, read, pages) = sweep_reads(&b, "bets", || async {
+        store
+            .changed_since(from, None, 10_000)
+            .await
+            .expect("sweep")
+    })
+    .await;
     assert!(changed.next.is_none(), "one page holds them");
     let mut ids: Vec<Uuid> = changed.notes.iter().map(|note| note.bet_id).collect();
     ids.sort();
@@ -370,13 +383,6 @@ async fn the_hub_sweep_reads_the_latest_changes_not_the_whole_table() {
         "the sweep finds the latest changes"
     );
     assert_eq!(ids, recent);
-    let read = flushed(
-        &b,
-        || heap_blocks_read(&b.owner, "bets"),
-        |now| *now > before,
-    )
-    .await
-        - before;
     assert!(
         read * 4 < pages,
         "the sweep read {read} of the table's {pages} pages"
@@ -401,25 +407,15 @@ async fn the_hub_sweep_reads_the_latest_rounds_not_every_round() {
             .await
             .expect(statement);
     }
-    let pages: i64 = sqlx::query_scalar("SELECT pg_relation_size('rounds') / 8192")
-        .fetch_one(&b.owner)
-        .await
-        .expect("the table's size");
     let store = betting_settlement::RoundStore::new(b.one.clone());
     let from = chrono::Utc::now() - chrono::Duration::minutes(1);
-    store.changed_since(from, 10_000).await.expect("sweep");
-    let before = flushed(&b, || heap_blocks_read(&b.owner, "rounds"), |_| true).await;
-    let mut changed = store.changed_since(from, 10_000).await.expect("sweep");
+    let (mut changed, read, pages) = sweep_reads(&b, "rounds", || async {
+        store.changed_since(from, 10_000).await.expect("sweep")
+    })
+    .await;
     changed.sort();
     // 'plans' is the round of `bloated`'s bets, created just now.
     assert_eq!(changed, ["new", "plans"]);
-    let read = flushed(
-        &b,
-        || heap_blocks_read(&b.owner, "rounds"),
-        |now| *now > before,
-    )
-    .await
-        - before;
     assert!(
         read * 4 < pages,
         "the sweep read {read} of the table's {pages} pages"
