@@ -30,6 +30,13 @@ struct Bloated {
     one: PgPool,
 }
 
+/// Runs each statement in turn on `pool`.
+async fn execute_all(pool: &PgPool, statements: &[&'static str]) {
+    for &statement in statements {
+        sqlx::query(statement).execute(pool).await.expect(statement);
+    }
+}
+
 /// PASSED + STILL bets in `status`, of which the first `stale` (in the
 /// table's physical order) last changed an hour ago.
 async fn bloated(status: &str, stale: i64) -> Bloated {
@@ -44,16 +51,15 @@ async fn bloated(status: &str, stale: i64) -> Bloated {
         .connect(&db)
         .await
         .expect("connect");
-    for statement in [
-        "ALTER TABLE bets SET (autovacuum_enabled = off)",
-        "ALTER TABLE matches SET (autovacuum_enabled = off)",
-        "INSERT INTO rounds (round_id) VALUES ('plans')",
-    ] {
-        sqlx::query(statement)
-            .execute(&owner)
-            .await
-            .expect(statement);
-    }
+    execute_all(
+        &owner,
+        &[
+            "ALTER TABLE bets SET (autovacuum_enabled = off)",
+            "ALTER TABLE matches SET (autovacuum_enabled = off)",
+            "INSERT INTO rounds (round_id) VALUES ('plans')",
+        ],
+    )
+    .await;
     // PASSED + STILL bets in `status`, half on each side, all of one stake,
     // each user's two bets on opposite sides.
     // The first `stale` of them last changed an hour ago, the rest now.
@@ -349,15 +355,14 @@ async fn the_hub_sweep_reads_the_latest_changes_not_the_whole_table() {
     // What autovacuum does as each range of pages fills (`autosummarize`),
     // and VACUUM: summarize the ranges. Autovacuum is off here, and a range
     // no summary covers yet is read whole by every scan.
-    for statement in [
-        "ANALYZE bets",
-        "SELECT brin_summarize_new_values('bets_updated_brin')",
-    ] {
-        sqlx::query(statement)
-            .execute(&b.owner)
-            .await
-            .expect(statement);
-    }
+    execute_all(
+        &b.owner,
+        &[
+            "ANALYZE bets",
+            "SELECT brin_summarize_new_values('bets_updated_brin')",
+        ],
+    )
+    .await;
     let store = BetStore::new(b.one.clone());
     let from = chrono::Utc::now() - chrono::Duration::minutes(1);
     let (changed, read, pages) = sweep_reads(&b, "bets", || async {
@@ -394,19 +399,18 @@ async fn the_hub_sweep_reads_the_latest_changes_not_the_whole_table() {
 #[tokio::test]
 async fn the_hub_sweep_reads_the_latest_rounds_not_every_round() {
     let b = bloated("PENDING", 0).await;
-    for statement in [
-        "INSERT INTO rounds (round_id, status, created_at, closed_at) \
+    execute_all(
+        &b.owner,
+        &[
+            "INSERT INTO rounds (round_id, status, created_at, closed_at) \
          SELECT 'old-' || n, 'CLOSED', now() - interval '2 hours', now() - interval '1 hour' \
          FROM generate_series(1, 20000) AS n",
-        "INSERT INTO rounds (round_id) VALUES ('new')",
-        "ANALYZE rounds",
-        "SELECT brin_summarize_new_values('rounds_changed_brin')",
-    ] {
-        sqlx::query(statement)
-            .execute(&b.owner)
-            .await
-            .expect(statement);
-    }
+            "INSERT INTO rounds (round_id) VALUES ('new')",
+            "ANALYZE rounds",
+            "SELECT brin_summarize_new_values('rounds_changed_brin')",
+        ],
+    )
+    .await;
     let store = betting_settlement::RoundStore::new(b.one.clone());
     let from = chrono::Utc::now() - chrono::Duration::minutes(1);
     let (mut changed, read, pages) = sweep_reads(&b, "rounds", || async {
