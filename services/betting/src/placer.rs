@@ -1,47 +1,41 @@
-//! Group commit for new bets: concurrent PlaceBets of new keys are carried
-//! out together, three commits per batch instead of three per bet.
+//! Group commit for new bets: concurrent PlaceBets of new keys are placed
+//! together, one wallet transaction and one commit per batch.
 //!
-//! A new bet goes through exactly the saga a lone bet does (the crate doc),
-//! each step for the whole batch at once:
+//! A new bet is one fact: its stake held and its row written, together.
+//! The wallet writes both in its hold's transaction (PlaceStakes,
+//! `services/wallet/src/placement.rs`, which has the protocol and its
+//! interleavings), so a batch is:
 //!
-//! 1. one statement writes every bet of the batch `PLACING`
-//!    ([`BetStore::insert_placing_many`]; a bet whose round is not open or
-//!    whose key was taken is not written, and its caller finds out why as a
-//!    lone PlaceBet does);
-//! 2. one `HoldStakes` call holds every written bet's stake in one wallet
-//!    transaction, each with its own outcome (one user's insufficient funds
-//!    never fails the batch; a user whose wallet row another movement holds
-//!    is skipped, and that bet's stake held by the lone path, so one held
-//!    row never stalls the batch);
-//! 3. one statement makes the held ones `PENDING` and the refused ones
-//!    `REJECTED` ([`BetStore::finish_placing_many`]); then their change
-//!    notes go out in one message, and one match job per (round, stake)
-//!    group of the batch (the matcher matches a job's whole group).
+//! 1. one `PlaceStakes` call: every bet's stake held and its row written
+//!    `PENDING` (or `REJECTED` for want of funds), each with its own outcome
+//!    (one user's insufficient funds never fails the batch; a bet whose
+//!    round is not open or whose key is taken writes nothing, and its caller
+//!    finds out why as a lone PlaceBet does; a bet whose wallet row another
+//!    movement holds is left to the lone path, so one held row never stalls
+//!    the batch);
+//! 2. one read of the placed rows; their change notes go out in one
+//!    message, and one match job per (round, stake) group of the batch (the
+//!    matcher matches a job's whole group).
 //!
 //! Batching changes no outcome and no crash point, only how many bets share
 //! a commit:
 //!
-//! - a crash (or a failed wallet call) after step 1 leaves PLACING bets whose
-//!   stakes may or may not be held, exactly like a lone bet's crash; the
-//!   recovery pass and each client's retry drive every one of them forward
-//!   through the lone saga, by key;
-//! - a lost reply of `HoldStakes` is the lone lost reply, times the batch:
-//!   the bets stay PLACING and are answered UNAVAILABLE, and the retry (or
-//!   recovery) replays each stake by key (the wallet decides each key once,
-//!   batch or not);
-//! - a client retry racing its original in the same batch: one INSERT, so
-//!   one of the two bets is written; the other is answered from it by the
-//!   lone path (`find_by_key`, then `complete`, whose HoldStake waits on the
-//!   key's lock and replays);
+//! - a crash, a failed call or a lost reply leaves each bet of the batch
+//!   placed or not, never half-placed; each client's retry finds its bet by
+//!   key (placed: answered from the row; not: placed now). A placed bet's
+//!   match job and note are re-derived by the reconciler and the streams'
+//!   sweep;
+//! - a client retry racing its original, in the same batch or two: the
+//!   wallet writes one row per key, and the other placement writes nothing
+//!   and is answered from that row by the lone path (`find_by_key`);
 //! - a caller that gives up (its deadline, a cancel) does not stop its
-//!   batch, which other callers share: its bet is finished as if it had
+//!   batch, which other callers share: its bet is placed as if it had
 //!   waited, and its retry finds it by key — except a bet whose wallet row
-//!   was busy, which the batch hands back to its caller to hold alone: with
-//!   the caller gone it stays PLACING with nothing taken until its retry or
-//!   the recovery pass completes it (as a lone PlaceBet cut off before its
-//!   HoldStake would; `attack11_a_gone_callers_busy_bet_stays_placing_until_recovery`).
-//!   The batch runs within the latest deadline of its callers, so none of
-//!   them is cut short by another's.
+//!   was busy, which the batch hands back to its caller to place alone:
+//!   with the caller gone it is not placed and nothing is taken
+//!   (`attack11_a_gone_callers_busy_bet_is_not_placed`). The batch runs
+//!   within the latest deadline of its callers, so none of them is cut
+//!   short by another's.
 //!
 //! Batches form by themselves: a request that finds a batch slot free goes
 //! at once (a lone bet waits for nobody); while every slot is busy, requests
@@ -49,10 +43,10 @@
 
 use std::{collections::HashMap, sync::Arc};
 
-use betting_domain::{BetId, BetStatus};
+use betting_domain::BetId;
 use betting_queue::Queue;
 use betting_streams::{Changes, Publisher};
-use betting_wallet_client::{Hold, WalletCallError, WalletClient};
+use betting_wallet_client::{Hold, Placement, WalletCallError, WalletClient};
 use rust_decimal::Decimal;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::Instrument;
@@ -87,10 +81,10 @@ pub(crate) enum Batched {
     /// Not written (its round is not open, or its key was taken): the lone
     /// path finds out why.
     NotWritten,
-    /// Written PLACING, but its wallet row was held by another movement:
-    /// the lone path holds its stake (behind the wallet's per-user gate)
-    /// rather than the batch waiting for the row.
-    Alone(BetRow),
+    /// Not placed: its wallet row was held by another movement, so the lone
+    /// path places it (behind the wallet's per-user gate) rather than the
+    /// batch waiting for the row.
+    Alone,
 }
 
 type Answer = Result<Batched, BettingError>;
@@ -216,171 +210,130 @@ fn batch_span(batch: &[Request]) -> tracing::Span {
     span
 }
 
-/// The saga's three steps for a batch; one answer per bet, in order
-/// (`spans`: each bet's caller's).
+/// A batch's placement: one PlaceStakes call, in which the wallet holds
+/// every stake and writes every bet's row in one transaction; then the
+/// change notes and the match jobs. One answer per bet, in order (`spans`:
+/// each bet's caller's).
 async fn place_all(parts: &Parts, bets: &[NewBet], spans: &[tracing::Span]) -> Vec<Answer> {
-    let shared = |e: BettingError| {
-        let e = Arc::new(e);
-        bets.iter()
-            .map(|_| Err(BettingError::Shared(e.clone())))
-            .collect::<Vec<Answer>>()
-    };
-    // 1. PLACING, in one statement.
-    let written =
-        match betting_db::timed("insert_placing", parts.store.insert_placing_many(bets)).await {
-            Ok(rows) => rows,
-            Err(e) => return shared(e.into()),
-        };
-    let mut answers: Vec<Answer> = bets.iter().map(|_| Ok(Batched::NotWritten)).collect();
-    // Each bet's place in the batch, by id (the first, were an id twice:
-    // built backwards, the first place is the last one written).
-    let index: HashMap<Uuid, usize> = bets
-        .iter()
-        .enumerate()
-        .rev()
-        .map(|(i, b)| (b.bet.as_uuid(), i))
-        .collect();
-    // The rows in the batch's order; a bet not written keeps `NotWritten`.
-    let mut rows: Vec<(usize, BetRow)> = written
-        .into_iter()
-        .filter_map(|row| Some((*index.get(&row.bet_id)?, row)))
-        .collect();
-    rows.sort_by_key(|(i, _)| *i);
-    if rows.is_empty() {
-        return answers;
-    }
-
-    // 2. The stakes, in one wallet call.
-    let holds: Vec<_> = rows
-        .iter()
-        .map(|(_, row)| (row.user_id, row.amount, row.id()))
-        .collect();
-    let held = match parts.wallet.hold_stakes(&holds).await {
+    let placements: Vec<Placement<'_>> = bets.iter().map(NewBet::placement).collect();
+    let held = match parts.wallet.place_stakes(&placements, false).await {
         Ok(held) => held,
         Err(e) => {
-            // Nothing the wallet decided is known: every bet stays PLACING
-            // for its retry or the recovery pass, as a lone bet would.
-            log_refused(&e, rows.len());
+            // Nothing the wallet decided is known: each bet is placed or
+            // not, and its retry finds out by key.
+            log_refused(&e, bets.len());
             let e = Arc::new(BettingError::WalletUnavailable(e));
-            for (i, _) in &rows {
-                answers[*i] = Err(BettingError::Shared(e.clone()));
-            }
-            return answers;
+            return bets
+                .iter()
+                .map(|_| Err(BettingError::Shared(e.clone())))
+                .collect();
         }
     };
+    let mut answers: Vec<Answer> = bets.iter().map(|_| Ok(Batched::NotWritten)).collect();
+    let mut placed: Vec<(usize, Decimal)> = Vec::new();
+    for (i, outcome) in held.into_iter().enumerate() {
+        answers[i] = match outcome {
+            Hold::Held(balance) => {
+                placed.push((i, balance));
+                continue;
+            }
+            Hold::Busy => Ok(Batched::Alone),
+            Hold::Failed(e) => refused(e),
+        };
+    }
     #[cfg(feature = "fault-injection")]
     if parts.faults.fail_after_stake() {
-        for (i, row) in &rows {
-            answers[*i] = Err(BettingError::Internal(anyhow::anyhow!(
-                "injected fault: crashed after holding the stake of bet {}",
-                row.bet_id
+        for &(i, _) in &placed {
+            answers[i] = Err(BettingError::Internal(anyhow::anyhow!(
+                "injected fault: crashed after placing bet {}",
+                bets[i].bet
             )));
         }
         return answers;
     }
-    let mut pending: Vec<(BetId, Decimal)> = Vec::new();
-    let mut rejected: Vec<BetId> = Vec::new();
-    let mut balances: Vec<(usize, Decimal)> = Vec::new();
-    for ((i, row), outcome) in rows.iter().zip(held) {
-        match outcome {
-            Hold::Held(balance) => {
-                pending.push((row.id(), balance));
-                balances.push((*i, balance));
-            }
-            Hold::Busy => answers[*i] = Ok(Batched::Alone(row.clone())),
-            // The rejection rule (`BettingService::complete`): only the
-            // wallet's INSUFFICIENT_FUNDS, recorded under the stake's key,
-            // rejects a bet.
-            Hold::Failed(e) if e.is_insufficient_funds() => {
-                rejected.push(row.id());
-                answers[*i] = Err(BettingError::InsufficientFunds);
-            }
-            // Any other refusal says nothing about an earlier attempt: the
-            // bet stays PLACING.
-            Hold::Failed(e) => {
-                log_refused(&e, 1);
-                answers[*i] = Err(BettingError::WalletUnavailable(e));
-            }
-        }
+    if placed.is_empty() {
+        return answers;
     }
-
-    // 3. PENDING and REJECTED, in one statement.
-    let finished = match betting_db::timed(
-        "finish_placing",
-        parts.store.finish_placing_many(&pending, &rejected),
-    )
-    .await
-    {
-        Ok(finished) => finished,
+    let ids: Vec<BetId> = placed.iter().map(|&(i, _)| bets[i].bet).collect();
+    let rows = match betting_db::timed("placed_rows", parts.store.get_many(&ids)).await {
+        Ok(rows) => rows,
         Err(e) => {
-            // The stakes are held and the bets PLACING: the recovery pass
-            // (or the retry) makes them PENDING.
+            // Placed all the same: each retry is answered from its row.
             let e = Arc::new(BettingError::from(e));
-            for (i, _) in balances.iter() {
-                answers[*i] = Err(BettingError::Shared(e.clone()));
+            for &(i, _) in &placed {
+                answers[i] = Err(BettingError::Shared(e.clone()));
             }
             return answers;
         }
     };
+    let rows: HashMap<Uuid, BetRow> = rows.into_iter().map(|row| (row.bet_id, row)).collect();
+    let placed: Vec<(usize, &BetRow, Decimal)> = placed
+        .into_iter()
+        .filter_map(|(i, balance)| match rows.get(&bets[i].bet.as_uuid()) {
+            Some(row) => Some((i, row, balance)),
+            None => {
+                // Committed with its stake, so this is a bug: say so.
+                answers[i] = Err(BettingError::Internal(anyhow::anyhow!(
+                    "placed bet {} has no row",
+                    bets[i].bet
+                )));
+                None
+            }
+        })
+        .collect();
     parts.publisher.spawn_publish(Changes {
-        bets: finished.iter().map(BetRow::note).collect(),
+        bets: placed.iter().map(|(_, row, _)| row.note()).collect(),
         rounds: Vec::new(),
     });
     // One match job per (round, stake) group of the batch, named after its
     // first bet: the matcher matches a job's whole group, and the bets of
-    // one statement became PENDING together (`Matcher::match_bet`). Best
+    // one transaction became PENDING together (`Matcher::match_bet`). Best
     // effort, pipelined: the reconciler re-derives every PENDING bet's job.
-    let mut leaders: Vec<&BetRow> = Vec::new();
-    for row in &finished {
+    let mut leaders: Vec<(usize, &BetRow)> = Vec::new();
+    for &(i, row, _) in &placed {
         if !leaders
             .iter()
-            .any(|l| l.round_id == row.round_id && l.amount == row.amount)
+            .any(|(_, l)| l.round_id == row.round_id && l.amount == row.amount)
         {
-            leaders.push(row);
+            leaders.push((i, row));
         }
     }
-    futures::future::join_all(leaders.iter().map(|row| {
+    futures::future::join_all(leaders.iter().map(|&(i, row)| {
         let job = MatchJob::new(row.id(), &row.round_id);
         let queue = &parts.match_queue;
         // The job carries its leader's own PlaceBet trace.
-        let span = index
-            .get(&row.bet_id)
-            .and_then(|&i| spans.get(i).cloned())
-            .unwrap_or_else(tracing::Span::current);
+        let span = spans.get(i).cloned().unwrap_or_else(tracing::Span::current);
         async move { betting_jobs::enqueue(queue, &job).await }.instrument(span)
     }))
     .await;
-
-    let finished: HashMap<Uuid, &BetRow> = finished.iter().map(|row| (row.bet_id, row)).collect();
-    for (i, balance) in balances {
-        let answer = match finished.get(&bets[i].bet.as_uuid()) {
-            Some(&row) => Ok(Batched::Placed(Placed {
-                bet: row.clone(),
-                balance: row.balance_after.unwrap_or(balance),
-                replayed: false,
-            })),
-            // Someone else finished it (a retry, the recovery pass): answer
-            // with what they stored.
-            None => match parts.store.get(bets[i].bet).await {
-                Ok(Some(row)) if row.status == BetStatus::Rejected => {
-                    Err(BettingError::InsufficientFunds)
-                }
-                Ok(Some(row)) => Ok(Batched::Placed(Placed {
-                    balance: row.balance_after.unwrap_or(balance),
-                    bet: row,
-                    replayed: false,
-                })),
-                Ok(None) => Err(BettingError::BetNotFound),
-                Err(e) => Err(e.into()),
-            },
-        };
-        answers[i] = answer;
+    for (i, row, balance) in placed {
+        answers[i] = Ok(Batched::Placed(Placed {
+            bet: row.clone(),
+            balance: row.balance_after.unwrap_or(balance),
+            replayed: false,
+        }));
     }
     answers
 }
 
+/// The answer to a placement the wallet refused. The rejection rule: only
+/// the wallet's INSUFFICIENT_FUNDS, recorded under the stake's key with the
+/// bet's REJECTED row, rejects a bet; a refusal that wrote nothing (the
+/// round is not open, the key names another bet) is for the lone path to
+/// explain; any other says nothing we can answer but "try again".
+pub(crate) fn refused(e: WalletCallError) -> Answer {
+    if e.is_insufficient_funds() {
+        Err(BettingError::InsufficientFunds)
+    } else if e.is_not_placed() {
+        Ok(Batched::NotWritten)
+    } else {
+        log_refused(&e, 1);
+        Err(BettingError::WalletUnavailable(e))
+    }
+}
+
 fn log_refused(e: &WalletCallError, bets: usize) {
     if let WalletCallError::Refused { .. } = e {
-        tracing::error!(error = %e, bets, "the wallet refused stakes; the bets stay PLACING");
+        tracing::error!(error = %e, bets, "the wallet refused placements; nothing was placed");
     }
 }

@@ -18,7 +18,7 @@ use uuid::Uuid;
 
 use betting_jobs::MatchJob;
 use betting_refunds::{Outbox, Refunder};
-use betting_wallet_client::{WalletCallError, WalletClient};
+use betting_wallet_client::{Hold, WalletCallError, WalletClient};
 
 #[cfg(feature = "fault-injection")]
 use crate::Faults;
@@ -310,9 +310,8 @@ impl BettingService {
         }
     }
 
-    /// Writes a new bet PLACING and completes it (with the next batch, or
-    /// alone); `None` when nothing was written: the round is not open, or
-    /// the key is known.
+    /// Places a new bet (with the next batch, or alone); `None` when nothing
+    /// was written: the round is not open, or the key is known.
     async fn place_new(
         &self,
         user: UserId,
@@ -321,30 +320,72 @@ impl BettingService {
         amount: Stake,
         key: &IdempotencyKey,
     ) -> Result<Option<Placed>, BettingError> {
-        let bet = BetId::generate();
-        let Some(placer) = self.placer() else {
-            return match self
-                .store
-                .insert_placing(bet, user, key, round, side, amount)
-                .await?
-            {
-                Some(row) => Ok(Some(self.complete(row, false).await?)),
-                None => Ok(None),
-            };
-        };
         let new = NewBet {
-            bet,
+            bet: BetId::generate(),
             user,
             key: key.clone(),
             round: round.clone(),
             side,
             amount,
         };
-        match placer.place(new).await? {
+        let batched = match self.placer() {
+            Some(placer) => placer.place(new.clone()).await?,
+            None => Batched::Alone,
+        };
+        match batched {
             Batched::Placed(placed) => Ok(Some(placed)),
             Batched::NotWritten => Ok(None),
-            Batched::Alone(row) => Ok(Some(self.complete(row, false).await?)),
+            Batched::Alone => self.place_alone(&new).await,
         }
+    }
+
+    /// Places one new bet in its own wallet transaction, waiting for the
+    /// user's wallet row if another movement holds it.
+    async fn place_alone(&self, new: &NewBet) -> Result<Option<Placed>, BettingError> {
+        let outcome = self
+            .wallet
+            .place_stakes(&[new.placement()], true)
+            .await
+            .map_err(BettingError::WalletUnavailable)?
+            .into_iter()
+            .next();
+        let balance = match outcome {
+            Some(Hold::Held(balance)) => balance,
+            Some(Hold::Failed(e)) => {
+                return match crate::placer::refused(e)? {
+                    Batched::Placed(placed) => Ok(Some(placed)),
+                    _ => Ok(None),
+                };
+            }
+            Some(Hold::Busy) | None => {
+                return Err(BettingError::WalletUnavailable(WalletCallError::Malformed(
+                    "a waiting placement's outcome",
+                )));
+            }
+        };
+        #[cfg(feature = "fault-injection")]
+        if self.faults.fail_after_stake() {
+            return Err(BettingError::Internal(anyhow::anyhow!(
+                "injected fault: crashed after placing bet {}",
+                new.bet
+            )));
+        }
+        let row = self
+            .store
+            .get(new.bet)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("placed bet {} has no row", new.bet))
+            .map_err(BettingError::Internal)?;
+        self.publisher.spawn_publish(Changes {
+            bets: vec![row.note()],
+            rounds: Vec::new(),
+        });
+        self.enqueue_match(&row).await;
+        Ok(Some(Placed {
+            balance: row.balance_after.unwrap_or(balance),
+            bet: row,
+            replayed: false,
+        }))
     }
 
     /// The limits on a new bet (a new key): the minimum stake, then the

@@ -60,16 +60,7 @@ macro_rules! bet_columns {
     };
 }
 
-/// The columns of [`BetRow`], qualified by a table alias (for an UPDATE … FROM).
-macro_rules! bet_columns_b {
-    () => {
-        "b.bet_id, b.user_id, b.idempotency_key, b.round_id, b.side, b.amount, b.status, \
-         b.reject_reason, b.match_id, b.result, b.payout, b.refund_reason, b.balance_after, \
-         b.version, b.created_at, b.updated_at"
-    };
-}
-
-/// A new bet to write PLACING (a batch of [`BetStore::insert_placing_many`]).
+/// A new bet to place (`placer.rs`, the wallet's PlaceStakes).
 #[derive(Debug, Clone)]
 pub struct NewBet {
     pub bet: BetId,
@@ -78,6 +69,20 @@ pub struct NewBet {
     pub round: RoundId,
     pub side: Side,
     pub amount: Stake,
+}
+
+impl NewBet {
+    /// What the wallet is asked to place.
+    pub fn placement(&self) -> betting_wallet_client::Placement<'_> {
+        betting_wallet_client::Placement {
+            bet: self.bet,
+            user: self.user,
+            amount: self.amount.amount(),
+            round: &self.round,
+            side: self.side,
+            key: &self.key,
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -121,6 +126,18 @@ impl BetStore {
         .await?)
     }
 
+    /// The bets of these ids that exist, in any order.
+    pub async fn get_many(&self, bets: &[BetId]) -> Result<Vec<BetRow>, StoreError> {
+        Ok(sqlx::query_as(concat!(
+            "SELECT ",
+            bet_columns!(),
+            " FROM bets WHERE bet_id = ANY($1)"
+        ))
+        .bind(bets.iter().map(BetId::as_uuid).collect::<Vec<_>>())
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// Writes a new PLACING bet if the round is open and the key is new, in one
     /// statement. `None` tells the caller to find out which of the two failed.
     pub async fn insert_placing(
@@ -148,96 +165,6 @@ impl BetStore {
         .bind(amount.as_decimal())
         .fetch_optional(&self.pool)
         .await?)
-    }
-
-    /// [`Self::insert_placing`] for many new bets in one statement (and one
-    /// commit): each is written PLACING if its round is open and its key
-    /// new; the rows written are returned, in any order. A bet not among
-    /// them was not written (its round is not open, or its key was taken:
-    /// by an earlier bet, or by another bet of the same statement), which
-    /// its caller finds out as `insert_placing`'s caller does.
-    ///
-    /// The rows are written in one order every batch shares, that of the
-    /// unique key `(user_id, idempotency_key)`: ON CONFLICT waits for a
-    /// conflicting row another statement wrote and has not committed, so
-    /// two batches carrying the same keys in different orders (retries
-    /// racing their originals, on one instance or two) would each hold one
-    /// key and wait for the other's, and PostgreSQL would fail one batch
-    /// (a deadlock) that lone inserts would all have placed. In key order,
-    /// whoever waits waits for a batch that needs nothing it holds. Among
-    /// bets of one key in the batch, the first in request order is written.
-    pub async fn insert_placing_many(&self, bets: &[NewBet]) -> Result<Vec<BetRow>, StoreError> {
-        if bets.is_empty() {
-            return Ok(Vec::new());
-        }
-        Ok(sqlx::query_as(concat!(
-            "INSERT INTO bets (bet_id, user_id, idempotency_key, round_id, side, amount, status) \
-             SELECT v.bet_id, v.user_id, v.key, v.round_id, v.side, v.amount, 'PLACING' \
-             FROM unnest($1::UUID[], $2::BIGINT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::NUMERIC[]) \
-               WITH ORDINALITY AS v(bet_id, user_id, key, round_id, side, amount, n) \
-             WHERE EXISTS (SELECT 1 FROM rounds r WHERE r.round_id = v.round_id AND r.status = 'OPEN') \
-             ORDER BY v.user_id, v.key, v.n \
-             ON CONFLICT ON CONSTRAINT bets_user_key_unique DO NOTHING \
-             RETURNING ",
-            bet_columns!()
-        ))
-        .bind(bets.iter().map(|b| b.bet.as_uuid()).collect::<Vec<_>>())
-        .bind(bets.iter().map(|b| b.user.get()).collect::<Vec<_>>())
-        .bind(bets.iter().map(|b| b.key.as_str()).collect::<Vec<_>>())
-        .bind(bets.iter().map(|b| b.round.as_str()).collect::<Vec<_>>())
-        .bind(bets.iter().map(|b| b.side.as_db()).collect::<Vec<_>>())
-        .bind(bets.iter().map(|b| b.amount.as_decimal()).collect::<Vec<_>>())
-        .fetch_all(&self.pool)
-        .await?)
-    }
-
-    /// [`Self::mark_pending`] and [`Self::mark_rejected`] for many bets in
-    /// one statement: PLACING -> PENDING (with the balance right after the
-    /// stake) or PLACING -> REJECTED (INSUFFICIENT_FUNDS). Returns the rows
-    /// that became PENDING; a bet missing from them had moved on already.
-    pub async fn finish_placing_many(
-        &self,
-        pending: &[(BetId, Decimal)],
-        rejected: &[BetId],
-    ) -> Result<Vec<BetRow>, StoreError> {
-        if pending.is_empty() && rejected.is_empty() {
-            return Ok(Vec::new());
-        }
-        let ids: Vec<Uuid> = pending
-            .iter()
-            .map(|(b, _)| b.as_uuid())
-            .chain(rejected.iter().map(BetId::as_uuid))
-            .collect();
-        let balances: Vec<Option<Decimal>> = pending
-            .iter()
-            .map(|(_, balance)| Some(*balance))
-            .chain(rejected.iter().map(|_| None))
-            .collect();
-        let rows: Vec<BetRow> = sqlx::query_as(concat!(
-            "UPDATE bets AS b SET \
-               status = CASE WHEN v.balance IS NULL THEN 'REJECTED' ELSE 'PENDING' END, \
-               reject_reason = CASE WHEN v.balance IS NULL THEN 'INSUFFICIENT_FUNDS' END, \
-               balance_after = v.balance, \
-               version = b.version + CASE WHEN v.balance IS NULL THEN 0 ELSE 1 END, \
-               updated_at = now() \
-             FROM unnest($1::UUID[], $2::NUMERIC[], $3::TEXT[]) AS v(bet_id, balance, from_status) \
-             WHERE b.bet_id = v.bet_id AND b.status = v.from_status \
-             RETURNING ",
-            bet_columns_b!()
-        ))
-        .bind(&ids)
-        .bind(balances)
-        // By primary key only: `betting_db::from_status`.
-        .bind(betting_db::from_status(
-            ids.len(),
-            BetStatus::Placing.as_db(),
-        ))
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .into_iter()
-            .filter(|row| row.status == BetStatus::Pending)
-            .collect())
     }
 
     /// How many of the user's bets are open (PLACING or PENDING), counting

@@ -241,6 +241,29 @@ impl StakeService for FaultProxy {
         .await
     }
 
+    /// Like HoldStakes: the first fault armed for any placement's user
+    /// strikes the whole call.
+    async fn place_stakes(
+        &self,
+        request: Request<pbi::PlaceStakesRequest>,
+    ) -> Result<Response<pbi::PlaceStakesResponse>, Status> {
+        let user = request
+            .get_ref()
+            .placements
+            .iter()
+            .filter_map(|p| p.hold.as_ref().map(|h| h.user_id))
+            .find(|&u| self.faults.armed(Rpc::HoldStake, u))
+            .unwrap_or(0);
+        self.call(
+            Rpc::HoldStake,
+            user,
+            self.stakes.clone(),
+            request,
+            |mut c, r| async move { c.place_stakes(r).await },
+        )
+        .await
+    }
+
     /// Like HoldStakes: the first fault armed for any payout's winner
     /// strikes the whole call.
     async fn pay_winnings_batch(

@@ -15,7 +15,7 @@ use betting_api::{
     pb, pb_internal as pbi, pb_internal::stake_service_client::StakeServiceClient, reason_of,
 };
 use betting_auth::ServiceCredentials;
-use betting_domain::{Amount, BetId, IdempotencyKey, MatchId, UserId};
+use betting_domain::{Amount, BetId, IdempotencyKey, MatchId, RoundId, Side, UserId};
 use rust_decimal::Decimal;
 use tonic::{
     Code, Status,
@@ -85,6 +85,26 @@ impl WalletCallError {
     pub fn is_insufficient_funds(&self) -> bool {
         matches!(self, WalletCallError::Refused { reason, .. } if reason == "INSUFFICIENT_FUNDS")
     }
+
+    /// A placement the wallet refused without writing anything: its round is
+    /// not open, or its bet key names another bet
+    /// ([`WalletClient::place_stakes`]).
+    pub fn is_not_placed(&self) -> bool {
+        matches!(self, WalletCallError::Refused { reason, .. }
+            if reason == "ROUND_NOT_OPEN" || reason == "IDEMPOTENCY_KEY_REUSED")
+    }
+}
+
+/// A new bet to place with its stake ([`WalletClient::place_stakes`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Placement<'a> {
+    pub bet: BetId,
+    pub user: UserId,
+    pub amount: Amount,
+    pub round: &'a RoundId,
+    pub side: Side,
+    /// The PlaceBet's idempotency key.
+    pub key: &'a IdempotencyKey,
 }
 
 /// One hold's answer in a [`WalletClient::hold_stakes`] batch.
@@ -186,6 +206,47 @@ impl WalletClient {
         let outcomes = response.into_inner().outcomes;
         if outcomes.len() != holds.len() {
             return Err(WalletCallError::Malformed("one outcome per hold"));
+        }
+        Ok(outcomes.into_iter().map(hold_outcome).collect())
+    }
+
+    /// Places new bets in one call and one wallet transaction: each bet's
+    /// stake held and its row written together (PENDING, or REJECTED for
+    /// want of funds), in order. `Held` is a placed bet; a refusal for which
+    /// [`WalletCallError::is_not_placed`] holds wrote nothing. With `wait`
+    /// (one placement), a busy wallet row is waited for rather than answered
+    /// `Busy`. An `Err` of the whole call decided nothing we may rely on:
+    /// the bets may be placed, and are found by their keys.
+    pub async fn place_stakes(
+        &self,
+        placements: &[Placement<'_>],
+        wait: bool,
+    ) -> Result<Vec<Hold>, WalletCallError> {
+        let response = self
+            .inner
+            .clone()
+            .place_stakes(within_deadline(pbi::PlaceStakesRequest {
+                placements: placements
+                    .iter()
+                    .map(|p| pbi::StakePlacement {
+                        hold: Some(pbi::HoldStakeRequest {
+                            user_id: p.user.get(),
+                            amount: p.amount.to_string(),
+                            idempotency_key: IdempotencyKey::stake(p.bet).to_string(),
+                            bet_id: p.bet.to_string(),
+                        }),
+                        round_id: p.round.as_str().to_owned(),
+                        side: betting_api::convert::side_to_pb(p.side) as i32,
+                        bet_key: p.key.as_str().to_owned(),
+                    })
+                    .collect(),
+                wait,
+            }))
+            .await
+            .map_err(WalletCallError::from_status)?;
+        let outcomes = response.into_inner().outcomes;
+        if outcomes.len() != placements.len() {
+            return Err(WalletCallError::Malformed("one outcome per placement"));
         }
         Ok(outcomes.into_iter().map(hold_outcome).collect())
     }

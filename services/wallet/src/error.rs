@@ -16,6 +16,12 @@ pub enum WalletError {
     BalanceLimit,
     #[error("idempotency key already used with a different request")]
     IdempotencyConflict,
+    /// PlaceStakes: the user's bet key names another bet already.
+    #[error("the bet key names another bet")]
+    BetKeyTaken,
+    /// PlaceStakes: the bet's round is not open (or does not exist).
+    #[error("the round is not open for bets")]
+    RoundNotOpen,
     #[error("no stake is held for this bet with this user and amount")]
     NoMatchingStake,
     #[error("a bet of this movement was already paid out")]
@@ -79,8 +85,9 @@ impl ServiceError for WalletError {
             | WalletError::AlreadyPaid
             | WalletError::AlreadyRefunded
             | WalletError::RefundNotDue(_)
-            | WalletError::PayoutNotDue(_) => ErrorCode::FailedPrecondition,
-            WalletError::IdempotencyConflict => ErrorCode::AlreadyExists,
+            | WalletError::PayoutNotDue(_)
+            | WalletError::RoundNotOpen => ErrorCode::FailedPrecondition,
+            WalletError::IdempotencyConflict | WalletError::BetKeyTaken => ErrorCode::AlreadyExists,
             WalletError::Busy(_) => ErrorCode::ResourceExhausted,
             WalletError::Store(e) => e.code(),
         }
@@ -92,7 +99,10 @@ impl ServiceError for WalletError {
             WalletError::Auth(e) => e.reason(),
             WalletError::InsufficientFunds => ErrorReason::InsufficientFunds,
             WalletError::BalanceLimit => ErrorReason::BalanceLimit,
-            WalletError::IdempotencyConflict => ErrorReason::IdempotencyKeyReused,
+            WalletError::IdempotencyConflict | WalletError::BetKeyTaken => {
+                ErrorReason::IdempotencyKeyReused
+            }
+            WalletError::RoundNotOpen => ErrorReason::RoundNotOpen,
             WalletError::NoMatchingStake => ErrorReason::NoMatchingStake,
             WalletError::AlreadyPaid => ErrorReason::AlreadyPaid,
             WalletError::AlreadyRefunded => ErrorReason::AlreadyRefunded,

@@ -3,7 +3,9 @@
 use std::{collections::HashMap, sync::Arc};
 
 use betting_db::StoreError;
-use betting_domain::{Account, Amount, EntryKind, IdempotencyKey, ServiceError, UserId};
+use betting_domain::{
+    Account, Amount, EntryKind, IdempotencyKey, RoundId, ServiceError, Side, UserId,
+};
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use sqlx::PgPool;
@@ -31,6 +33,19 @@ pub struct Transfer {
     /// Who asked, for a deposit or withdrawal: recorded in the
     /// privileged-action trail in the movement's own transaction.
     pub actor: Option<Actor>,
+    /// For a stake of [`Ledger::place_stakes`]: the new bet it is for, whose
+    /// row is written in the stake's transaction.
+    pub bet: Option<BetPlacement>,
+}
+
+/// A new bet whose row a placement writes with its stake
+/// ([`Ledger::place_stakes`]); its id is the stake's reference.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BetPlacement {
+    pub round: RoundId,
+    pub side: Side,
+    /// The PlaceBet's key, unique per user among bets.
+    pub key: IdempotencyKey,
 }
 
 /// Conditions checked under lock in the movement's own transaction, so that a
@@ -322,13 +337,67 @@ impl Ledger {
         self.in_waves(holds, Wave::Stakes).await
     }
 
-    /// One wave of [`Self::hold_stakes`]: every key once.
+    /// Places new bets (PlaceStakes): each hold is decided exactly as
+    /// [`Self::hold_stakes`] decides it, and in the same transaction the
+    /// bet row of each new hold is written (`placement.rs` has the protocol
+    /// and the interleavings), so a stake and its bet commit together or
+    /// not at all. Every hold carries its [`BetPlacement`]. With `wait`
+    /// (exactly one hold: a lone placement) a wallet row another movement
+    /// holds is waited for, behind the user's turn, instead of answered
+    /// `Busy`.
+    pub async fn place_stakes(
+        &self,
+        holds: &[Transfer],
+        wait: bool,
+    ) -> Result<Vec<Result<Posted, WalletError>>, WalletError> {
+        if holds.iter().any(|t| t.bet.is_none()) || (wait && holds.len() != 1) {
+            return Err(StoreError::Corrupt(
+                "a placement without its bet, or a waiting one with others".into(),
+            )
+            .into());
+        }
+        if wait {
+            let _turn = self.gate.enter(holds[0].user).await?;
+            return self.in_waves(holds, Wave::Placements { wait }).await;
+        }
+        self.in_waves(holds, Wave::Placements { wait }).await
+    }
+
+    /// One wave of [`Self::place_stakes`]: a placement whose bet row could
+    /// not be written (its round is not open, its bet key is taken) undoes
+    /// the transaction, and the wave runs again with that placement left
+    /// undecided (`Busy`: its caller places it alone, which finds out
+    /// why), since the holds decided after it counted its stake. Alone
+    /// (`wait`), it is answered at once. Each run leaves out one more, so
+    /// this ends.
+    async fn place_stakes_once(
+        &self,
+        holds: &[Transfer],
+        wait: bool,
+    ) -> Result<Vec<Result<Posted, WalletError>>, WalletError> {
+        let mut left_out = Vec::new();
+        loop {
+            match self.hold_stakes_once(holds, Mode::Place { wait, left_out: &left_out }).await? {
+                Held::Done(answers) => return Ok(answers),
+                Held::Unwritten(i, _) if !wait => left_out.push(i),
+                Held::Unwritten(i, refusal) => {
+                    let mut answers: Vec<_> = holds.iter().map(|_| Err(WalletError::IdempotencyConflict)).collect();
+                    answers[i] = Err(refusal);
+                    return Ok(answers);
+                }
+            }
+        }
+    }
+
+    /// One wave of [`Self::hold_stakes`] or [`Self::place_stakes`]: every
+    /// key once.
     async fn hold_stakes_once(
         &self,
         holds: &[Transfer],
-    ) -> Result<Vec<Result<Posted, WalletError>>, WalletError> {
+        mode: Mode<'_>,
+    ) -> Result<Held, WalletError> {
         if holds.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Held::Done(Vec::new()));
         }
         let mut tx = betting_db::begin(&self.pool).await?;
         // A wallet row another movement holds is skipped, never waited for:
@@ -338,7 +407,11 @@ impl Ledger {
         // locked by the statement that reads the keys' earlier decisions
         // (one round trip fewer), from the same snapshot: exactly the users
         // of the holds new to the ledger.
-        let (mut batch, locked) = Batch::open(&mut tx, holds, true).await?;
+        let locks = match mode {
+            Mode::Place { wait: true, .. } => WalletLocks::Wait,
+            _ => WalletLocks::SkipLocked,
+        };
+        let (mut batch, locked) = Batch::open(&mut tx, holds, locks).await?;
         let users = batch.users_of_new();
         let mut balances: HashMap<i64, Decimal> = locked.into_iter().collect();
         // The statement decided "new" from the rows `Batch` decides from, so
@@ -368,9 +441,13 @@ impl Ledger {
         };
         let before = balances.clone();
         // In request order: each debit against what the earlier ones left.
+        let left_out: &[usize] = match mode {
+            Mode::Place { left_out, .. } => left_out,
+            Mode::Hold => &[],
+        };
         for i in batch.new.clone() {
             let t = &holds[i];
-            if busy.contains(&t.user.get()) {
+            if busy.contains(&t.user.get()) || left_out.contains(&i) {
                 batch.decide(i, Decision::Skip(WalletError::Busy(crate::gate::UserBusy)));
                 continue;
             }
@@ -383,11 +460,17 @@ impl Ledger {
                 _ => batch.decide(i, Decision::Record(WalletError::InsufficientFunds)),
             }
         }
+        if matches!(mode, Mode::Place { .. })
+            && let Some((i, refusal)) = crate::placement::write_bets(&mut tx, &batch).await?
+        {
+            // Dropping `tx` rolls it all back.
+            return Ok(Held::Unwritten(i, refusal));
+        }
         let answers = batch
             .write(&mut tx, EntryKind::Stake, &before, &balances)
             .await?;
         tx.commit().await?;
-        Ok(answers)
+        Ok(Held::Done(answers))
     }
 
     /// Pays many matches in one transaction (the settler's batches): each
@@ -423,7 +506,7 @@ impl Ledger {
             return Ok(Vec::new());
         }
         let mut tx = betting_db::begin(&self.pool).await?;
-        let (mut batch, _) = Batch::open(&mut tx, payouts, false).await?;
+        let (mut batch, _) = Batch::open(&mut tx, payouts, WalletLocks::None).await?;
         // A replayed payout must have paid the bets asked for.
         let replayed: Vec<i64> = batch.entries.values().map(|e| e.entry_id).collect();
         if !replayed.is_empty() {
@@ -654,7 +737,13 @@ impl Ledger {
             let members: Vec<usize> = (0..movements.len()).filter(|&i| waves[i] == n).collect();
             let batch: Vec<Transfer> = members.iter().map(|&i| movements[i].clone()).collect();
             let posted = match wave {
-                Wave::Stakes => self.hold_stakes_once(&batch).await?,
+                Wave::Stakes => match self.hold_stakes_once(&batch, Mode::Hold).await? {
+                    Held::Done(answers) => answers,
+                    Held::Unwritten(..) => {
+                        return Err(StoreError::Corrupt("a hold wrote a bet".into()).into());
+                    }
+                },
+                Wave::Placements { wait } => self.place_stakes_once(&batch, wait).await?,
                 Wave::Payouts => self.pay_winnings_once(&batch).await?,
             };
             for (i, answer) in members.into_iter().zip(posted) {
@@ -716,11 +805,41 @@ const BALANCE_BACKSTOP: Decimal = Decimal::from_parts(2_808_348_672, 232_830_643
 #[derive(Clone, Copy)]
 enum Wave {
     Stakes,
+    Placements { wait: bool },
     Payouts,
 }
 
+/// What [`Ledger::hold_stakes_once`] does besides holding.
+#[derive(Clone, Copy)]
+enum Mode<'a> {
+    /// Holds only (HoldStakes).
+    Hold,
+    /// Writes each new hold's bet too (PlaceStakes); `left_out` are answered
+    /// `Busy`.
+    Place { wait: bool, left_out: &'a [usize] },
+}
+
+/// The end of one transaction of [`Ledger::hold_stakes_once`].
+enum Held {
+    /// Committed: every hold's answer.
+    Done(Vec<Result<Posted, WalletError>>),
+    /// Rolled back: the bet of this hold could not be written, for this reason.
+    Unwritten(usize, WalletError),
+}
+
+/// Which wallet rows [`Batch::open`] locks.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum WalletLocks {
+    /// None (payouts lock their winners' rows themselves).
+    None,
+    /// The new holds' users', skipping rows another transaction holds.
+    SkipLocked,
+    /// The new holds' users', waiting for them (a lone placement).
+    Wait,
+}
+
 /// What a batch decided for one movement.
-enum Decision {
+pub(crate) enum Decision {
     /// Moved: the signed change of the wallet and the balance right after.
     Move(Decimal, Decimal),
     /// Refused for good: recorded under its key.
@@ -732,14 +851,14 @@ enum Decision {
 /// The shared part of [`Ledger::hold_stakes`] and
 /// [`Ledger::pay_winnings_batch`]: the keys' locks and earlier decisions,
 /// each movement's answer, and the writes.
-struct Batch<'a> {
-    movements: &'a [Transfer],
+pub(crate) struct Batch<'a> {
+    pub(crate) movements: &'a [Transfer],
     /// Answers known so far (replays, refusals, decisions).
     answers: Vec<Option<Result<Posted, WalletError>>>,
     entries: HashMap<String, Entry>,
     /// The movements whose keys are new to the ledger, in request order.
-    new: Vec<usize>,
-    decisions: HashMap<usize, Decision>,
+    pub(crate) new: Vec<usize>,
+    pub(crate) decisions: HashMap<usize, Decision>,
 }
 
 impl<'a> Batch<'a> {
@@ -748,7 +867,7 @@ impl<'a> Batch<'a> {
     /// answers what the keys decided before. Every key appears once (a wave
     /// of [`Ledger::in_waves`]).
     ///
-    /// With `lock_wallets` (holds), the same statement that reads those
+    /// With `lock_wallets` (holds and placements), the same statement that reads those
     /// decisions locks the wallet rows of the movements new to the ledger
     /// (keys with neither an entry nor a refusal, decided from the same
     /// snapshot, so exactly [`Batch::users_of_new`]) that no other
@@ -760,7 +879,7 @@ impl<'a> Batch<'a> {
     async fn open(
         tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
         movements: &'a [Transfer],
-        lock_wallets: bool,
+        lock_wallets: WalletLocks,
     ) -> Result<(Batch<'a>, Vec<(i64, Decimal)>), WalletError> {
         use sqlx::{FromRow, Row};
         let keys: Vec<&str> = movements.iter().map(|t| t.key.as_str()).collect();
@@ -790,27 +909,47 @@ impl<'a> Batch<'a> {
                 )
             };
         }
-        let rows = if lock_wallets {
-            sqlx::query(concat!(
-                "WITH w AS (SELECT user_id, balance FROM wallets WHERE user_id IN ( \
-                   SELECT m.u FROM unnest($1::TEXT[], $2::BIGINT[]) AS m(k, u) \
-                   WHERE NOT EXISTS (SELECT 1 FROM ledger_entries e WHERE e.idempotency_key = m.k) \
-                     AND NOT EXISTS (SELECT 1 FROM wallet_refusals f WHERE f.idempotency_key = m.k)) \
-                 ORDER BY user_id FOR UPDATE SKIP LOCKED) ",
-                decisions!(),
-                " UNION ALL \
-                 SELECT 'w', NULL, NULL, NULL, NULL, user_id, NULL, NULL, balance, NULL, NULL, NULL \
-                 FROM w"
-            ))
-            .bind(&keys)
-            .bind(movements.iter().map(|t| t.user.get()).collect::<Vec<_>>())
-            .fetch_all(&mut **tx)
-            .await?
-        } else {
-            sqlx::query(decisions!())
-                .bind(&keys)
-                .fetch_all(&mut **tx)
-                .await?
+        // The wallet rows of the holds new to the ledger, locked in user
+        // order; `$lock` is how a row another transaction holds is met.
+        macro_rules! locked_wallets {
+            ($lock:literal) => {
+                concat!(
+                    "WITH w AS (SELECT user_id, balance FROM wallets WHERE user_id IN ( \
+                       SELECT m.u FROM unnest($1::TEXT[], $2::BIGINT[]) AS m(k, u) \
+                       WHERE NOT EXISTS (SELECT 1 FROM ledger_entries e WHERE e.idempotency_key = m.k) \
+                         AND NOT EXISTS (SELECT 1 FROM wallet_refusals f WHERE f.idempotency_key = m.k)) \
+                     ORDER BY user_id ",
+                    $lock,
+                    ") ",
+                    decisions!(),
+                    " UNION ALL \
+                     SELECT 'w', NULL, NULL, NULL, NULL, user_id, NULL, NULL, balance, NULL, NULL, NULL \
+                     FROM w"
+                )
+            };
+        }
+        let users: Vec<i64> = movements.iter().map(|t| t.user.get()).collect();
+        let rows = match lock_wallets {
+            WalletLocks::SkipLocked => {
+                sqlx::query(locked_wallets!("FOR UPDATE SKIP LOCKED"))
+                    .bind(&keys)
+                    .bind(&users)
+                    .fetch_all(&mut **tx)
+                    .await?
+            }
+            WalletLocks::Wait => {
+                sqlx::query(locked_wallets!("FOR UPDATE"))
+                    .bind(&keys)
+                    .bind(&users)
+                    .fetch_all(&mut **tx)
+                    .await?
+            }
+            WalletLocks::None => {
+                sqlx::query(decisions!())
+                    .bind(&keys)
+                    .fetch_all(&mut **tx)
+                    .await?
+            }
         };
         let mut entries = Vec::new();
         let mut refusals = Vec::new();

@@ -14,8 +14,11 @@ mod due;
 mod error;
 mod gate;
 mod ledger;
+mod placement;
 mod service;
 
 pub use error::WalletError;
-pub use ledger::{Entry, Guard, Ledger, Posted, Transfer, WalletView};
-pub use service::{EntryPage, MAX_HOLDS_PER_CALL, PayoutAsk, StakeHold, WalletService};
+pub use ledger::{BetPlacement, Entry, Guard, Ledger, Posted, Transfer, WalletView};
+pub use service::{
+    EntryPage, MAX_HOLDS_PER_CALL, PayoutAsk, StakeHold, StakePlacementAsk, WalletService,
+};

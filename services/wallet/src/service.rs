@@ -6,12 +6,12 @@
 use betting_auth::{Principal, Role};
 use betting_db::actions::Actor;
 use betting_domain::{
-    Amount, BetId, EntryKind, IdempotencyKey, InvalidRequest, MatchId, Reference, UserId,
-    Violations,
+    Amount, BetId, EntryKind, IdempotencyKey, InvalidRequest, MatchId, Reference, RoundId, Side,
+    UserId, Violations,
 };
 use sqlx::PgPool;
 
-use crate::{Entry, Guard, Ledger, Posted, Transfer, WalletError, WalletView};
+use crate::{BetPlacement, Entry, Guard, Ledger, Posted, Transfer, WalletError, WalletView};
 
 /// A page of ledger entries, newest first.
 #[derive(Debug)]
@@ -181,6 +181,7 @@ impl WalletService {
                 reference: reference.as_str().to_owned(),
                 guard: Guard::None,
                 actor: Some(Actor::new(&principal.subject, principal.role.as_str())),
+                bet: None,
             })
             .await
     }
@@ -200,6 +201,33 @@ impl WalletService {
         })?;
         let posted =
             betting_db::timed("hold_stakes", self.ledger.hold_stakes(&valid(&parsed))).await?;
+        Ok(reassemble(parsed, posted))
+    }
+
+    /// PlaceStakes: new bets, each with its stake, in one transaction
+    /// (`placement.rs`); services only. Each placement is parsed and
+    /// answered on its own; an `Err` of the whole call decided nothing.
+    /// With `wait`, the call carries exactly one placement.
+    pub async fn place_stakes(
+        &self,
+        principal: &Principal,
+        placements: &[StakePlacementAsk<'_>],
+        wait: bool,
+    ) -> Result<Vec<Result<Posted, WalletError>>, WalletError> {
+        principal.require(SERVICES)?;
+        if wait && placements.len() != 1 {
+            return Err(InvalidRequest::field(
+                "placements",
+                "must carry exactly one placement with wait",
+            )
+            .into());
+        }
+        let parsed = parse_batch("placements", placements, placement_transfer)?;
+        let posted = betting_db::timed(
+            "place_stakes",
+            self.ledger.place_stakes(&valid(&parsed), wait),
+        )
+        .await?;
         Ok(reassemble(parsed, posted))
     }
 
@@ -320,6 +348,7 @@ fn payout_transfer(ask: &PayoutAsk<'_>) -> Result<Transfer, WalletError> {
             stake,
         },
         actor: None,
+        bet: None,
     })
 }
 
@@ -381,6 +410,38 @@ pub struct StakeHold<'a> {
     pub bet_id: &'a str,
 }
 
+/// One placement of a PlaceStakes call, as the wire gave it.
+#[derive(Debug, Clone, Copy)]
+pub struct StakePlacementAsk<'a> {
+    pub hold: StakeHold<'a>,
+    pub round_id: &'a str,
+    /// The wire's side, parsed (or what is wrong with it).
+    pub side: Result<Side, &'static str>,
+    pub bet_key: &'a str,
+}
+
+/// A placement, parsed: its stake as HoldStake's, with the bet it is for.
+fn placement_transfer(ask: &StakePlacementAsk<'_>) -> Result<Transfer, WalletError> {
+    let h = ask.hold;
+    let mut v = Violations::default();
+    let round = v.check("round_id", RoundId::parse(ask.round_id));
+    let side = v.check("side", ask.side);
+    let key = v.check("bet_key", IdempotencyKey::parse(ask.bet_key));
+    let transfer = internal_transfer(EntryKind::Stake, h.user_id, h.amount, h.key, h.bet_id);
+    let (Some(round), Some(side), Some(key), true) = (round, side, key, v.is_empty()) else {
+        // The stake's own violations, if any, and the bet's together.
+        let mut violations = match transfer {
+            Err(WalletError::Invalid(e)) => e.0,
+            _ => Vec::new(),
+        };
+        violations.extend(v.into_error().0);
+        return Err(InvalidRequest(violations).into());
+    };
+    let mut transfer = transfer?;
+    transfer.bet = Some(BetPlacement { round, side, key });
+    Ok(transfer)
+}
+
 /// A HoldStake's or RefundStake's movement, parsed: keys of a fixed shape
 /// (`BET:{bet_id}`, `REFUND:{bet_id}`), whatever the caller sends.
 fn internal_transfer(
@@ -424,5 +485,6 @@ fn internal_transfer(
         reference: bet.to_string(),
         guard,
         actor: None,
+        bet: None,
     })
 }

@@ -9,7 +9,9 @@ use betting_api::{
     respond, respond_replayable,
 };
 use betting_auth::{AuthInterceptor, Principal};
-use betting_wallet::{PayoutAsk, Posted, StakeHold, WalletError, WalletService};
+use betting_wallet::{
+    PayoutAsk, Posted, StakeHold, StakePlacementAsk, WalletError, WalletService,
+};
 use tonic::{Request, Response, Status, service::interceptor::InterceptedService};
 
 use super::wallet::{entry_pb, moved, wallet_pb};
@@ -127,6 +129,44 @@ impl StakeApi for StakeGrpc {
                 .map(|answers| pbi::HoldStakesResponse {
                     outcomes: answers.into_iter().map(hold_outcome).collect(),
                 });
+        respond(outcomes)
+    }
+
+    #[tracing::instrument(skip_all, fields(placements = request.get_ref().placements.len()))]
+    async fn place_stakes(
+        &self,
+        request: Request<pbi::PlaceStakesRequest>,
+    ) -> Result<Response<pbi::PlaceStakesResponse>, Status> {
+        let principal = Principal::caller(&request)?;
+        let r = request.get_ref();
+        // A placement without its hold is parsed as a hold of nothing (each
+        // field refused as missing), so it is refused alone.
+        let empty = pbi::HoldStakeRequest::default();
+        let placements: Vec<StakePlacementAsk<'_>> = r
+            .placements
+            .iter()
+            .map(|p| {
+                let h = p.hold.as_ref().unwrap_or(&empty);
+                StakePlacementAsk {
+                    hold: StakeHold {
+                        user_id: h.user_id,
+                        amount: &h.amount,
+                        key: &h.idempotency_key,
+                        bet_id: &h.bet_id,
+                    },
+                    round_id: &p.round_id,
+                    side: betting_api::convert::side_from_pb(p.side),
+                    bet_key: &p.bet_key,
+                }
+            })
+            .collect();
+        let outcomes = self
+            .0
+            .place_stakes(&principal, &placements, r.wait)
+            .await
+            .map(|answers| pbi::PlaceStakesResponse {
+                outcomes: answers.into_iter().map(hold_outcome).collect(),
+            });
         respond(outcomes)
     }
 

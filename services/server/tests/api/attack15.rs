@@ -20,7 +20,7 @@
 
 use std::time::Duration;
 
-use betting_bets::{BetStore, matcher::Matcher};
+use betting_bets::matcher::Matcher;
 use betting_db::actions::Actor;
 use betting_domain::{BetId, BetStatus, RefundReason, RoundId};
 use betting_settlement::RoundStore;
@@ -321,103 +321,6 @@ async fn attack15_matcher_takes_a_bet_whose_cancel_rolled_back() {
     .await;
     assert_eq!(pairs, 1);
     assert_eq!(matched_with(&db, a1).await, Some(b1));
-}
-
-// --- Held: finishing a placing batch ---------------------------------------
-
-/// A PLACING bet rejected by another transaction while the batch's update
-/// waits for it: re-checked against PLACING, the one status moved out of,
-/// it is left REJECTED (no balance, no version bump, not returned).
-#[tokio::test]
-async fn attack15_finish_placing_leaves_a_bet_that_moved_on_while_it_waited() {
-    let db = db().await;
-    let p = bet(&db, 1, 1, "A", "PLACING").await;
-    let q = bet(&db, 2, 2, "B", "PLACING").await;
-    let mut holder = db.pool.begin().await.expect("begin");
-    sqlx::query(
-        "UPDATE bets SET status = 'REJECTED', reject_reason = 'INSUFFICIENT_FUNDS' WHERE bet_id = $1",
-    )
-    .bind(p)
-    .execute(&mut *holder)
-    .await
-    .expect("reject");
-    let store = BetStore::new(db.pool.clone());
-    let run = tokio::spawn(async move {
-        store
-            .finish_placing_many(
-                &[
-                    (BetId::from(p), Decimal::from(5)),
-                    (BetId::from(q), Decimal::from(6)),
-                ],
-                &[],
-            )
-            .await
-            .expect("finish")
-    });
-    rows::row_lock_waiter(&db.pool, "UPDATE bets AS b").await;
-    holder.commit().await.expect("commit");
-    let rows = tokio::time::timeout(Duration::from_secs(20), run)
-        .await
-        .expect("ends")
-        .expect("task");
-    assert_eq!(rows.len(), 1);
-    assert_eq!(rows[0].bet_id, q);
-    let (status, balance): (String, Option<Decimal>) =
-        sqlx::query_as("SELECT status, balance_after FROM bets WHERE bet_id = $1")
-            .bind(p)
-            .fetch_one(&db.pool)
-            .await
-            .expect("p");
-    assert_eq!((status.as_str(), balance), ("REJECTED", None));
-}
-
-/// One bet named twice as PENDING, and once PENDING and once REJECTED, in
-/// one batch: each row is moved once (PostgreSQL skips a row this statement
-/// already updated), so at most one row comes back per bet, and the bet
-/// ends in one outcome whose balance is one of those given.
-#[tokio::test]
-async fn attack15_finish_placing_moves_a_repeated_bet_once() {
-    let db = db().await;
-    let p = bet(&db, 1, 1, "A", "PLACING").await;
-    let q = bet(&db, 2, 2, "B", "PLACING").await;
-    let rows = BetStore::new(db.pool.clone())
-        .finish_placing_many(
-            &[
-                (BetId::from(p), Decimal::from(5)),
-                (BetId::from(p), Decimal::from(7)),
-                (BetId::from(q), Decimal::from(6)),
-            ],
-            &[BetId::from(q)],
-        )
-        .await
-        .expect("finish");
-    assert!(
-        rows.iter().filter(|r| r.bet_id == p).count() == 1,
-        "{rows:?}"
-    );
-    assert!(
-        rows.iter().filter(|r| r.bet_id == q).count() <= 1,
-        "{rows:?}"
-    );
-    let (status, balance, version): (String, Option<Decimal>, i64) =
-        sqlx::query_as("SELECT status, balance_after, version FROM bets WHERE bet_id = $1")
-            .bind(p)
-            .fetch_one(&db.pool)
-            .await
-            .expect("p");
-    assert_eq!(status, "PENDING");
-    assert!(balance == Some(Decimal::from(5)) || balance == Some(Decimal::from(7)));
-    assert_eq!(version, 1, "moved once");
-    let (status, version): (String, i64) =
-        sqlx::query_as("SELECT status, version FROM bets WHERE bet_id = $1")
-            .bind(q)
-            .fetch_one(&db.pool)
-            .await
-            .expect("q");
-    assert!(
-        (status == "PENDING" && version == 1) || (status == "REJECTED" && version == 0),
-        "{status} {version}"
-    );
 }
 
 // --- Held: refunds with repeated bets and statuses --------------------------

@@ -110,6 +110,10 @@ const MATRIX: &[(&str, [Outcome; 7])] = &[
         [U, D, D, A, D, D, D],
     ),
     (
+        "betting.internal.v1.StakeService/PlaceStakes",
+        [U, D, D, A, D, D, D],
+    ),
+    (
         "betting.internal.v1.StakeService/RefundStake",
         [U, D, D, A, D, D, D],
     ),
@@ -286,6 +290,21 @@ fn request_for(method: &str, fixture: &Fixture) -> Vec<u8> {
                 idempotency_key: format!("BET:{bet}"),
                 bet_id: bet,
             }],
+        }
+        .encode_to_vec(),
+        "PlaceStakes" => pbi::PlaceStakesRequest {
+            placements: vec![pbi::StakePlacement {
+                hold: Some(pbi::HoldStakeRequest {
+                    user_id: OWNER,
+                    amount: "1".into(),
+                    idempotency_key: format!("BET:{bet}"),
+                    bet_id: bet,
+                }),
+                round_id: ROUND.into(),
+                side: pb::Side::A as i32,
+                bet_key: key,
+            }],
+            wait: false,
         }
         .encode_to_vec(),
         "RefundStake" => pbi::RefundStakeRequest {
