@@ -278,6 +278,51 @@ impl TestApp {
             .into_inner()
     }
 
+    /// A bet as an older release's instance leaves it when it dies between
+    /// its saga's steps: written PLACING and, with `held`, its stake held
+    /// (HoldStake, `BET:{bet_id}`) but the row not yet PENDING. This
+    /// release places new bets in one transaction and never leaves such a
+    /// row; it still completes them (the recovery pass, a retry by key).
+    pub async fn legacy_placing(
+        &self,
+        user: i64,
+        round: &str,
+        amount: &str,
+        key: &str,
+        held: bool,
+    ) -> betting_bets::BetRow {
+        use betting_domain::{BetId, IdempotencyKey, RoundId, Side, Stake, UserId};
+        let row = self
+            .betting()
+            .store()
+            .insert_placing(
+                BetId::generate(),
+                UserId::new(user).expect("user"),
+                &IdempotencyKey::parse(key).expect("key"),
+                &RoundId::parse(round).expect("round"),
+                Side::A,
+                Stake::parse(amount).expect("stake"),
+            )
+            .await
+            .expect("insert PLACING")
+            .expect("the round is open and the key new");
+        if held {
+            self.stakes()
+                .hold_stake(authed(
+                    betting_api::pb_internal::HoldStakeRequest {
+                        user_id: user,
+                        amount: amount.into(),
+                        idempotency_key: format!("BET:{}", row.bet_id),
+                        bet_id: row.bet_id.to_string(),
+                    },
+                    &self.service_token(),
+                ))
+                .await
+                .expect("hold the stake");
+        }
+        row
+    }
+
     pub async fn open_round(&self, round: &str) {
         self.rounds()
             .open_round(authed(

@@ -377,11 +377,23 @@ impl Ledger {
     ) -> Result<Vec<Result<Posted, WalletError>>, WalletError> {
         let mut left_out = Vec::new();
         loop {
-            match self.hold_stakes_once(holds, Mode::Place { wait, left_out: &left_out }).await? {
+            match self
+                .hold_stakes_once(
+                    holds,
+                    Mode::Place {
+                        wait,
+                        left_out: &left_out,
+                    },
+                )
+                .await?
+            {
                 Held::Done(answers) => return Ok(answers),
                 Held::Unwritten(i, _) if !wait => left_out.push(i),
                 Held::Unwritten(i, refusal) => {
-                    let mut answers: Vec<_> = holds.iter().map(|_| Err(WalletError::IdempotencyConflict)).collect();
+                    let mut answers: Vec<_> = holds
+                        .iter()
+                        .map(|_| Err(WalletError::IdempotencyConflict))
+                        .collect();
                     answers[i] = Err(refusal);
                     return Ok(answers);
                 }

@@ -105,10 +105,13 @@ pub(crate) async fn write_bets(
     let mut balances = Vec::with_capacity(rows.len());
     for &(i, balance) in &rows {
         let Some(bet) = &t[i].bet else {
-            return Err(betting_db::StoreError::Corrupt("a placement without its bet".into()).into());
+            return Err(
+                betting_db::StoreError::Corrupt("a placement without its bet".into()).into(),
+            );
         };
-        let id = Uuid::parse_str(&t[i].reference)
-            .map_err(|_| betting_db::StoreError::Corrupt("a stake's reference is no bet id".into()))?;
+        let id = Uuid::parse_str(&t[i].reference).map_err(|_| {
+            betting_db::StoreError::Corrupt("a stake's reference is no bet id".into())
+        })?;
         ids.push(id);
         users.push(t[i].user.get());
         keys.push(bet.key.as_str());
@@ -145,7 +148,11 @@ pub(crate) async fn write_bets(
     .await?
     .into_iter()
     .collect();
-    let Some(missing) = rows.iter().zip(&ids).position(|(_, id)| !written.contains(id)) else {
+    let Some(missing) = rows
+        .iter()
+        .zip(&ids)
+        .position(|(_, id)| !written.contains(id))
+    else {
         return Ok(None);
     };
     let open: bool = sqlx::query_scalar(

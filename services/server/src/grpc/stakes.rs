@@ -9,9 +9,7 @@ use betting_api::{
     respond, respond_replayable,
 };
 use betting_auth::{AuthInterceptor, Principal};
-use betting_wallet::{
-    PayoutAsk, Posted, StakeHold, StakePlacementAsk, WalletError, WalletService,
-};
+use betting_wallet::{PayoutAsk, Posted, StakeHold, StakePlacementAsk, WalletError, WalletService};
 use tonic::{Request, Response, Status, service::interceptor::InterceptedService};
 
 use super::wallet::{entry_pb, moved, wallet_pb};

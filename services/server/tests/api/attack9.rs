@@ -24,7 +24,8 @@ fn redis() -> String {
 
 /// Finding 4a: `place_bet` checks `min_stake` (service.rs:148) BEFORE it
 /// looks the key up (service.rs:253). A client whose PlaceBet died after the
-/// stake was taken (the bet is PLACING, its stake held) retries with the same
+/// stake was taken (the bet is placed, its stake held; in the three-step
+/// saga this finding was made on, PLACING) retries with the same
 /// key on an instance whose minimum stake was raised meanwhile (a rolling
 /// config change): the retry is answered INVALID_ARGUMENT — a definitive
 /// "nothing was done" — yet the recovery pass then finishes the bet and the
@@ -44,7 +45,11 @@ async fn attack9_a_retry_of_a_placed_bet_is_refused_by_a_raised_min_stake() {
         first.expect_err("crashed after the stake").code(),
         Code::Internal
     );
-    assert_eq!(bet_status(&old, "k").await, "PLACING");
+    assert_eq!(
+        bet_status(&old, "k").await,
+        "PENDING",
+        "placed with its stake, the reply lost"
+    );
     assert_eq!(old.balance(1).await, dec("99"), "the stake is held");
 
     // The instance the retry lands on: the operator raised the minimum.

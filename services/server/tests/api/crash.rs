@@ -16,8 +16,12 @@ async fn bet_status(app: &TestApp, key: &str) -> String {
         .expect("bet row")
 }
 
+/// A PlaceBet that dies right after the wallet's answer: the stake and the
+/// bet were one transaction, so the bet is placed (PENDING, shown to its
+/// owner) with its stake, nothing is left for recovery, and the client's
+/// retry is answered from the bet.
 #[tokio::test]
-async fn the_recovery_pass_finishes_a_bet_whose_request_died() {
+async fn a_bet_whose_request_died_after_placement_is_placed_whole() {
     let app = TestApp::spawn().await;
     app.deposit(42, "100").await;
     app.open_round("r").await;
@@ -32,6 +36,50 @@ async fn the_recovery_pass_finishes_a_bet_whose_request_died() {
         "no internals reach the client"
     );
     app.betting().faults().set_fail_after_stake(false);
+
+    assert_eq!(bet_status(&app, "crashy").await, "PENDING");
+    assert_eq!(app.balance(42).await, dec("75"));
+    assert_eq!(app.escrow().await, dec("25"));
+    app.assert_books_balanced().await;
+    let listed = app
+        .bets()
+        .list_bets(authed(pb::ListBetsRequest::default(), &app.player(42)))
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(listed.bets.len(), 1, "the placed bet is shown");
+
+    let report = app
+        .betting()
+        .recover(&RecoverySettings {
+            placing_grace: Duration::ZERO,
+            ..RecoverySettings::default()
+        })
+        .await;
+    assert_eq!(report.recovered, 0, "nothing is half-placed");
+
+    let retried = app
+        .place(42, "r", pb::Side::A, "25", "crashy")
+        .await
+        .expect("retry")
+        .into_inner();
+    let bet = retried.bet.expect("bet");
+    assert_eq!(bet.status, pb::BetStatus::Pending as i32);
+    assert_eq!(bet.bet_id, listed.bets[0].bet_id, "the same bet");
+    assert_eq!(retried.balance, "75");
+    assert_eq!(app.balance(42).await, dec("75"), "one stake");
+    app.assert_books_balanced().await;
+}
+
+/// A bet an older release's instance left PLACING with its stake held (it
+/// died between HoldStake and the PENDING update): the recovery pass makes
+/// it PENDING without a second debit, and the retry gets it.
+#[tokio::test]
+async fn the_recovery_pass_finishes_a_legacy_bet_whose_request_died() {
+    let app = TestApp::spawn().await;
+    app.deposit(42, "100").await;
+    app.open_round("r").await;
+    app.legacy_placing(42, "r", "25", "crashy", true).await;
 
     // In between: the stake is held, the bet is not yet visible, the books balance.
     assert_eq!(bet_status(&app, "crashy").await, "PLACING");
