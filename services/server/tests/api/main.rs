@@ -28,6 +28,7 @@ mod legacy_paths;
 mod lifecycle;
 mod limits;
 mod money_safety;
+mod placement;
 mod plans;
 mod privileged_actions;
 mod property;

@@ -1,0 +1,287 @@
+//! PlaceStakes (`services/wallet/src/placement.rs`): a new bet's stake and
+//! its row in one wallet transaction. Each test states what one placement
+//! must leave behind: both the stake and the row, or neither.
+
+use std::time::Duration;
+
+use betting_api::{pb, pb_internal as pbi};
+use rust_decimal::Decimal;
+use tonic::Code;
+use uuid::Uuid;
+
+use betting_test_kit::{TestApp, authed, dec};
+
+fn placement(user: i64, amount: &str, round: &str, key: &str) -> (Uuid, pbi::StakePlacement) {
+    let bet = Uuid::now_v7();
+    let placement = pbi::StakePlacement {
+        hold: Some(pbi::HoldStakeRequest {
+            user_id: user,
+            amount: amount.into(),
+            idempotency_key: format!("BET:{bet}"),
+            bet_id: bet.to_string(),
+        }),
+        round_id: round.into(),
+        side: pb::Side::A as i32,
+        bet_key: key.into(),
+    };
+    (bet, placement)
+}
+
+async fn place_stakes(
+    app: &TestApp,
+    placements: Vec<pbi::StakePlacement>,
+    wait: bool,
+) -> Result<Vec<pbi::HoldStakeOutcome>, tonic::Status> {
+    app.stakes()
+        .place_stakes(authed(
+            pbi::PlaceStakesRequest { placements, wait },
+            &app.service_token(),
+        ))
+        .await
+        .map(|r| r.into_inner().outcomes)
+}
+
+fn held_balance(outcome: &pbi::HoldStakeOutcome) -> Option<Decimal> {
+    match &outcome.outcome {
+        Some(pbi::hold_stake_outcome::Outcome::Held(held)) => {
+            held.wallet.as_ref().and_then(|w| w.balance.parse().ok())
+        }
+        _ => None,
+    }
+}
+
+fn refusal(outcome: &pbi::HoldStakeOutcome) -> Option<String> {
+    match &outcome.outcome {
+        Some(pbi::hold_stake_outcome::Outcome::Refused(r)) => Some(r.reason.clone()),
+        _ => None,
+    }
+}
+
+/// The bet's row as stored: status, version, balance after its stake.
+async fn row(app: &TestApp, bet: Uuid) -> Option<(String, i64, Option<Decimal>)> {
+    sqlx::query_as("SELECT status, version, balance_after FROM bets WHERE bet_id = $1")
+        .bind(bet)
+        .fetch_optional(&app.pool)
+        .await
+        .expect("bet row")
+}
+
+/// How many ledger entries and recorded refusals name this bet.
+async fn movements(app: &TestApp, bet: Uuid) -> (i64, i64) {
+    let key = format!("BET:{bet}");
+    let entries: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM ledger_entries WHERE idempotency_key = $1")
+            .bind(&key)
+            .fetch_one(&app.pool)
+            .await
+            .expect("entries");
+    let refusals: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM wallet_refusals WHERE idempotency_key = $1")
+            .bind(&key)
+            .fetch_one(&app.pool)
+            .await
+            .expect("refusals");
+    (entries, refusals)
+}
+
+/// Each placement of a call: held with its PENDING row; refused for funds
+/// with its REJECTED row; refused for a closed round or a taken key with
+/// nothing written at all.
+#[tokio::test]
+async fn each_placement_writes_its_stake_and_row_together_or_nothing() {
+    let app = TestApp::spawn().await;
+    app.open_round("open").await;
+    app.deposit(1, "10").await;
+    app.deposit(2, "3").await;
+    app.deposit(3, "10").await;
+    app.deposit(4, "10").await;
+    // User 4's key "taken" names a bet already.
+    let taken = app
+        .place(4, "open", pb::Side::B, "1", "taken")
+        .await
+        .expect("the first bet of the key")
+        .into_inner();
+    assert_eq!(app.balance(4).await, dec("9"));
+
+    let (held, p1) = placement(1, "4", "open", "k1");
+    let (poor, p2) = placement(2, "5", "open", "k2");
+    let (closed, p3) = placement(3, "5", "no-such-round", "k3");
+    let (reused, p4) = placement(4, "2", "open", "taken");
+    let outcomes = place_stakes(&app, vec![p1, p2, p3, p4], false)
+        .await
+        .expect("place");
+    assert_eq!(outcomes.len(), 4);
+
+    assert_eq!(held_balance(&outcomes[0]), Some(dec("6")));
+    assert_eq!(
+        row(&app, held).await,
+        Some(("PENDING".into(), 1, Some(dec("6"))))
+    );
+    assert_eq!(movements(&app, held).await, (1, 0));
+
+    assert_eq!(refusal(&outcomes[1]).as_deref(), Some("INSUFFICIENT_FUNDS"));
+    assert_eq!(row(&app, poor).await, Some(("REJECTED".into(), 0, None)));
+    assert_eq!(movements(&app, poor).await, (0, 1));
+    assert_eq!(app.balance(2).await, dec("3"));
+
+    // A placement that could not write its row is left out of the batch
+    // (answered USER_BUSY: its caller places it alone, which says why).
+    for (outcome, bet, user, balance) in [
+        (&outcomes[2], closed, 3, "10"),
+        (&outcomes[3], reused, 4, "9"),
+    ] {
+        assert_eq!(refusal(outcome).as_deref(), Some("USER_BUSY"));
+        assert_eq!(row(&app, bet).await, None);
+        assert_eq!(movements(&app, bet).await, (0, 0));
+        assert_eq!(app.balance(user).await, dec(balance));
+    }
+    // Alone, each is told why, and still nothing is written.
+    let (closed, p3) = placement(3, "5", "no-such-round", "k3");
+    let alone = place_stakes(&app, vec![p3], true).await.expect("alone");
+    assert_eq!(refusal(&alone[0]).as_deref(), Some("ROUND_NOT_OPEN"));
+    let (reused, p4) = placement(4, "2", "open", "taken");
+    let again = place_stakes(&app, vec![p4], true).await.expect("alone");
+    assert_eq!(
+        refusal(&again[0]).as_deref(),
+        Some("IDEMPOTENCY_KEY_REUSED")
+    );
+    for bet in [closed, reused] {
+        assert_eq!(row(&app, bet).await, None);
+        assert_eq!(movements(&app, bet).await, (0, 0));
+    }
+    assert_eq!(app.balance(3).await, dec("10"));
+    assert_eq!(app.balance(4).await, dec("9"));
+    assert_eq!(
+        taken.bet.expect("bet").status,
+        pb::BetStatus::Pending as i32
+    );
+    app.assert_books_balanced().await;
+    app.assert_audit_clean().await;
+}
+
+/// The batch undone for a placement that wrote no row runs again without
+/// it, so the holds after it are decided without its stake: a user whose
+/// first placement's key is taken still has the money for the second.
+#[tokio::test]
+async fn a_placement_left_out_does_not_count_against_the_others() {
+    let app = TestApp::spawn().await;
+    app.open_round("r").await;
+    app.deposit(1, "6").await;
+    app.place(1, "r", pb::Side::A, "1", "taken")
+        .await
+        .expect("the first bet of the key");
+    let (left_out, first) = placement(1, "5", "r", "taken");
+    let (second, next) = placement(1, "5", "r", "fresh");
+    let outcomes = place_stakes(&app, vec![first, next], false)
+        .await
+        .expect("place");
+    assert_eq!(refusal(&outcomes[0]).as_deref(), Some("USER_BUSY"));
+    assert_eq!(held_balance(&outcomes[1]), Some(dec("0")), "5 of 5 left");
+    assert_eq!(row(&app, left_out).await, None);
+    assert_eq!(
+        row(&app, second).await,
+        Some(("PENDING".into(), 1, Some(dec("0"))))
+    );
+    assert_eq!(app.balance(1).await, dec("0"));
+    app.assert_books_balanced().await;
+}
+
+/// Repeating a PlaceStakes (a lost reply) replays each stake by its key and
+/// writes no second row or movement.
+#[tokio::test]
+async fn a_repeated_placement_replays_and_writes_nothing_more() {
+    let app = TestApp::spawn().await;
+    app.open_round("r").await;
+    app.deposit(1, "10").await;
+    app.deposit(2, "1").await;
+    let (held, p1) = placement(1, "4", "r", "k1");
+    let (poor, p2) = placement(2, "5", "r", "k2");
+    let first = place_stakes(&app, vec![p1.clone(), p2.clone()], false)
+        .await
+        .expect("place");
+    let again = place_stakes(&app, vec![p1, p2], false)
+        .await
+        .expect("again");
+    assert_eq!(held_balance(&first[0]), Some(dec("6")));
+    assert_eq!(held_balance(&again[0]), Some(dec("6")));
+    assert!(again[0].replayed);
+    assert_eq!(refusal(&again[1]).as_deref(), Some("INSUFFICIENT_FUNDS"));
+    assert_eq!(movements(&app, held).await, (1, 0));
+    assert_eq!(movements(&app, poor).await, (0, 1));
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM bets")
+        .fetch_one(&app.pool)
+        .await
+        .expect("count");
+    assert_eq!(rows, 2);
+    assert_eq!(app.balance(1).await, dec("6"));
+    app.assert_books_balanced().await;
+}
+
+/// A lone placement (`wait`) waits for a wallet row another movement holds,
+/// then places; a batch answers the same placement USER_BUSY at once and
+/// writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lone_placement_waits_for_a_busy_wallet_and_a_batch_does_not() {
+    let app = TestApp::spawn().await;
+    app.open_round("r").await;
+    app.deposit(1, "10").await;
+    let mut holder = app.pool.begin().await.expect("begin");
+    sqlx::query("SELECT balance FROM wallets WHERE user_id = 1 FOR UPDATE")
+        .execute(&mut *holder)
+        .await
+        .expect("lock the row");
+    let (busy, p) = placement(1, "3", "r", "k");
+    let batch = place_stakes(&app, vec![p.clone()], false)
+        .await
+        .expect("batch");
+    assert_eq!(refusal(&batch[0]).as_deref(), Some("USER_BUSY"));
+    assert_eq!(row(&app, busy).await, None);
+
+    let alone = {
+        let app = &app;
+        let p = p.clone();
+        async move { place_stakes(app, vec![p], true).await }
+    };
+    let release = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        holder.rollback().await.expect("free the row");
+    };
+    let (alone, ()) = tokio::join!(alone, release);
+    let alone = alone.expect("alone");
+    assert_eq!(held_balance(&alone[0]), Some(dec("7")));
+    assert_eq!(
+        row(&app, busy).await,
+        Some(("PENDING".into(), 1, Some(dec("7"))))
+    );
+    app.assert_books_balanced().await;
+}
+
+/// A waiting placement carries exactly one bet, and a placement with a bad
+/// field is refused alone, naming the field.
+#[tokio::test]
+async fn malformed_placements_are_refused_with_their_fields() {
+    let app = TestApp::spawn().await;
+    app.open_round("r").await;
+    app.deposit(1, "10").await;
+    let (_, a) = placement(1, "1", "r", "a");
+    let (_, b) = placement(1, "1", "r", "b");
+    let two = place_stakes(&app, vec![a, b.clone()], true).await;
+    assert_eq!(two.expect_err("two waiting").code(), Code::InvalidArgument);
+
+    let (_, mut no_side) = placement(1, "1", "r", "c");
+    no_side.side = pb::Side::Unspecified as i32;
+    let (_, mut no_key) = placement(1, "1", "r", "");
+    no_key.bet_key.clear();
+    let outcomes = place_stakes(&app, vec![no_side, no_key, b], false)
+        .await
+        .expect("place");
+    assert_eq!(refusal(&outcomes[0]).as_deref(), Some("INVALID_ARGUMENT"));
+    assert_eq!(refusal(&outcomes[1]).as_deref(), Some("INVALID_ARGUMENT"));
+    assert_eq!(held_balance(&outcomes[2]), Some(dec("9")));
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM bets")
+        .fetch_one(&app.pool)
+        .await
+        .expect("count");
+    assert_eq!(rows, 1);
+    app.assert_books_balanced().await;
+}
