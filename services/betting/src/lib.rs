@@ -1,17 +1,20 @@
 //! BettingService: places, reads and cancels bets.
 //!
-//! Placing a bet is a small saga over two services, each step idempotent:
+//! A new bet is one fact, its stake held and its row written, and it is
+//! made in one transaction: the wallet's PlaceStakes holds the stake (key
+//! `BET:{bet_id}`) and writes the row `PENDING` (or `REJECTED` for want of
+//! funds) together, for a whole batch of new bets at once (`placer.rs`'s
+//! group commit; `services/wallet/src/placement.rs` has the protocol and
+//! its interleavings). Then the bet is handed to the matcher queue and
+//! announced. A crash anywhere leaves each bet placed whole or not at all,
+//! and a client retry finds it by its key (scoped to the user).
 //!
-//! 1. the bet row is written as `PLACING` under the client's key (scoped to
-//!    the user) — a retry finds it;
-//! 2. WalletService holds the stake with the key `BET:{bet_id}` — a retry
-//!    never debits twice;
-//! 3. the bet becomes `PENDING` and is handed to the matcher queue.
-//!
-//! A crash anywhere leaves either nothing debited or a `PLACING` row whose
-//! stake may or may not be held. The [`recovery`] pass (and any client retry)
-//! drives such a row forward through the same idempotent steps, so it ends
-//! `PENDING` with its stake held, or `REJECTED` with nothing debited.
+//! Releases before this one placed a bet as a saga of three commits: the
+//! row `PLACING`, the stake, the row `PENDING`. A `PLACING` row such a
+//! release left behind may or may not have its stake held; the [`recovery`]
+//! pass (and any client retry) drives it forward through the same
+//! idempotent steps ([`BettingService::complete`]), so it ends `PENDING`
+//! with its stake held, or `REJECTED` with nothing debited.
 
 #![forbid(unsafe_code)]
 

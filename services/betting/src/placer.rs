@@ -77,7 +77,7 @@ const QUEUE: usize = 4096;
 
 /// What a batch answers one PlaceBet.
 pub(crate) enum Batched {
-    Placed(Placed),
+    Placed(Box<Placed>),
     /// Not written (its round is not open, or its key was taken): the lone
     /// path finds out why.
     NotWritten,
@@ -307,11 +307,11 @@ async fn place_all(parts: &Parts, bets: &[NewBet], spans: &[tracing::Span]) -> V
     }))
     .await;
     for (i, row, balance) in placed {
-        answers[i] = Ok(Batched::Placed(Placed {
+        answers[i] = Ok(Batched::Placed(Box::new(Placed {
             bet: row.clone(),
             balance: row.balance_after.unwrap_or(balance),
             replayed: false,
-        }));
+        })));
     }
     answers
 }

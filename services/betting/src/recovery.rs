@@ -1,5 +1,7 @@
 //! The betting role's recovery pass: PLACING bets left behind by a crash or
-//! an outage (older than a grace period) are driven forward through the same
+//! an outage of an older release, which placed bets in three steps (this one
+//! places a bet and its stake in one transaction and writes no PLACING row),
+//! older than a grace period, are driven forward through the same
 //! idempotent saga a client retry would run ([`BettingService::complete`]), so
 //! each ends PENDING with its stake held or REJECTED with nothing debited.
 //!

@@ -333,7 +333,7 @@ impl BettingService {
             None => Batched::Alone,
         };
         match batched {
-            Batched::Placed(placed) => Ok(Some(placed)),
+            Batched::Placed(placed) => Ok(Some(*placed)),
             Batched::NotWritten => Ok(None),
             Batched::Alone => self.place_alone(&new).await,
         }
@@ -353,7 +353,7 @@ impl BettingService {
             Some(Hold::Held(balance)) => balance,
             Some(Hold::Failed(e)) => {
                 return match crate::placer::refused(e)? {
-                    Batched::Placed(placed) => Ok(Some(placed)),
+                    Batched::Placed(placed) => Ok(Some(*placed)),
                     _ => Ok(None),
                 };
             }

@@ -144,9 +144,9 @@ pub struct Settings {
     #[arg(long, env = "BETTING_MATCH_TIMEOUT_SECS", default_value_t = 300)]
     pub match_timeout_secs: u64,
 
-    /// Whether concurrent new PlaceBets share their commits (group commit:
-    /// one PLACING insert, one HoldStakes call and one PENDING update per
-    /// batch). `false` places each bet alone, for comparison.
+    /// Whether concurrent new PlaceBets share their commit (group commit:
+    /// one PlaceStakes call, one wallet transaction, per batch). `false`
+    /// places each bet alone, for comparison.
     #[arg(long, env = "BETTING_PLACE_GROUP_COMMIT", default_value_t = true, action = clap::ArgAction::Set)]
     pub place_group_commit: bool,
 

@@ -58,7 +58,7 @@ pub enum Step {
         key: String,
     },
     /// `copies` identical PlaceBets at once, spread over the betting
-    /// instances; `faults` are armed on the user's next HoldStakes first.
+    /// instances; `faults` are armed on the user's next PlaceStakes (or HoldStake) first.
     Place {
         user: i64,
         round: usize,
