@@ -1,7 +1,7 @@
 //! One trace across processes and the queue: the suite as separate
 //! `betting` processes (wallet; betting + settlement; matcher + settler),
 //! each exporting over OTLP to a receiver in this test. A PlaceBet sent with
-//! the client's own `traceparent` is one trace with the wallet's HoldStakes
+//! the client's own `traceparent` is one trace with the wallet's PlaceStakes
 //! and the matcher's match job; a SettleRound is one trace with its settle
 //! job and the wallet's payout.
 
@@ -363,7 +363,7 @@ async fn place_and_settle_are_each_one_trace_across_processes_and_the_queue() {
         .await
         .expect("settle");
 
-    // PlaceBet → the batch → the wallet's HoldStakes, and → the match job.
+    // PlaceBet → the batch → the wallet's PlaceStakes, and → the match job.
     let place = eventually(
         "the PlaceBet trace is exported",
         Duration::from_secs(30),
@@ -371,7 +371,7 @@ async fn place_and_settle_are_each_one_trace_across_processes_and_the_queue() {
             let spans = receiver.trace(place_trace);
             let has = |name: &str| spans.iter().any(|s| s.name == name);
             (has("betting.v1.BettingService/PlaceBet")
-                && has("betting.internal.v1.StakeService/HoldStakes")
+                && has("betting.internal.v1.StakeService/PlaceStakes")
                 && has("queue.match")
                 && has("match.group"))
             .then_some(spans)
@@ -389,7 +389,7 @@ async fn place_and_settle_are_each_one_trace_across_processes_and_the_queue() {
     );
     find(
         &place,
-        "betting.internal.v1.StakeService/HoldStakes",
+        "betting.internal.v1.StakeService/PlaceStakes",
         "betting-wallet",
     );
     let job = find(&place, "queue.match", "betting-workers");
