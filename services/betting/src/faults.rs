@@ -13,8 +13,10 @@ pub struct Faults {
 }
 
 impl Faults {
-    /// Makes PlaceBet fail right after the stake is held, before the bet
-    /// becomes PENDING — as if the process died there.
+    /// Makes PlaceBet fail right after the wallet placed the bet (its stake
+    /// and its PENDING row committed together), before the client is
+    /// answered, the match job queued or the change announced — as if the
+    /// process died there.
     pub fn set_fail_after_stake(&self, on: bool) {
         self.fail_after_stake.store(on, Ordering::SeqCst);
     }

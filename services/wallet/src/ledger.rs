@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use betting_db::actions::{ActionKind, Actor, PrivilegedAction};
 
-use crate::{WalletError, due, gate::UserGate};
+use crate::{WalletError, due, gate::UserGate, placement::Unwritten};
 
 /// Deposits may fill a wallet up to 10^15. Refunds and payouts are credited
 /// past it (the money is owed); the column's CHECK is a far higher backstop.
@@ -350,6 +350,10 @@ impl Ledger {
         holds: &[Transfer],
         wait: bool,
     ) -> Result<Vec<Result<Posted, WalletError>>, WalletError> {
+        if holds.is_empty() {
+            // Every placement of the call was malformed (refused by the service).
+            return Ok(Vec::new());
+        }
         if holds.iter().any(|t| t.bet.is_none()) || (wait && holds.len() != 1) {
             return Err(StoreError::Corrupt(
                 "a placement without its bet, or a waiting one with others".into(),
@@ -363,19 +367,20 @@ impl Ledger {
         self.in_waves(holds, Wave::Placements { wait }).await
     }
 
-    /// One wave of [`Self::place_stakes`]: a placement whose bet row could
-    /// not be written (its round is not open, its bet key is taken) undoes
-    /// the transaction, and the wave runs again with that placement left
-    /// undecided (`Busy`: its caller places it alone, which finds out
-    /// why), since the holds decided after it counted its stake. Alone
-    /// (`wait`), it is answered at once. Each run leaves out one more, so
-    /// this ends.
+    /// One wave of [`Self::place_stakes`]. A placement whose bet row could
+    /// not be written though the pre-read found its round open and its key
+    /// new (a race: another transaction wrote the key, or closed the round,
+    /// meanwhile) undoes the transaction, and the wave runs again with those
+    /// placements answered why (`ROUND_NOT_OPEN`, `IDEMPOTENCY_KEY_REUSED`:
+    /// final, as bets are never deleted and rounds never reopen), since the
+    /// holds decided after them counted their stakes. Each run leaves out at
+    /// least one more, so this ends; past a race, it is one run.
     async fn place_stakes_once(
         &self,
         holds: &[Transfer],
         wait: bool,
     ) -> Result<Vec<Result<Posted, WalletError>>, WalletError> {
-        let mut left_out = Vec::new();
+        let mut left_out: Vec<(usize, Unwritten)> = Vec::new();
         loop {
             match self
                 .hold_stakes_once(
@@ -388,15 +393,7 @@ impl Ledger {
                 .await?
             {
                 Held::Done(answers) => return Ok(answers),
-                Held::Unwritten(i, _) if !wait => left_out.push(i),
-                Held::Unwritten(i, refusal) => {
-                    let mut answers: Vec<_> = holds
-                        .iter()
-                        .map(|_| Err(WalletError::IdempotencyConflict))
-                        .collect();
-                    answers[i] = Err(refusal);
-                    return Ok(answers);
-                }
+                Held::Unwritten(unwritten) => left_out.extend(unwritten),
             }
         }
     }
@@ -452,14 +449,35 @@ impl Ledger {
             Vec::new()
         };
         let before = balances.clone();
-        // In request order: each debit against what the earlier ones left.
-        let left_out: &[usize] = match mode {
-            Mode::Place { left_out, .. } => left_out,
-            Mode::Hold => &[],
+        // A placement's bet first: its round open and its key new, as read
+        // now, and a replayed stake's bet the one asked for.
+        let (known, left_out) = match mode {
+            Mode::Place { left_out, .. } => (
+                Some(crate::placement::Known::read(&mut tx, holds).await?),
+                left_out,
+            ),
+            Mode::Hold => (None, &[][..]),
         };
+        if let Some(known) = &known {
+            for (i, t) in holds.iter().enumerate() {
+                if !batch.new.contains(&i) && !known.replays(t) {
+                    batch.refuse_replay(i, WalletError::IdempotencyConflict);
+                }
+            }
+        }
+        // In request order: each debit against what the earlier ones left.
         for i in batch.new.clone() {
             let t = &holds[i];
-            if busy.contains(&t.user.get()) || left_out.contains(&i) {
+            let unwritten = left_out
+                .iter()
+                .find(|(j, _)| *j == i)
+                .map(|(_, why)| *why)
+                .or_else(|| known.as_ref().and_then(|k| k.unwritable(t)));
+            if let Some(why) = unwritten {
+                batch.decide(i, Decision::Skip(why.refusal()));
+                continue;
+            }
+            if busy.contains(&t.user.get()) {
                 batch.decide(i, Decision::Skip(WalletError::Busy(crate::gate::UserBusy)));
                 continue;
             }
@@ -472,11 +490,12 @@ impl Ledger {
                 _ => batch.decide(i, Decision::Record(WalletError::InsufficientFunds)),
             }
         }
-        if matches!(mode, Mode::Place { .. })
-            && let Some((i, refusal)) = crate::placement::write_bets(&mut tx, &batch).await?
-        {
-            // Dropping `tx` rolls it all back.
-            return Ok(Held::Unwritten(i, refusal));
+        if known.is_some() {
+            let unwritten = crate::placement::write_bets(&mut tx, &batch).await?;
+            if !unwritten.is_empty() {
+                // Dropping `tx` rolls it all back.
+                return Ok(Held::Unwritten(unwritten));
+            }
         }
         let answers = batch
             .write(&mut tx, EntryKind::Stake, &before, &balances)
@@ -751,7 +770,7 @@ impl Ledger {
             let posted = match wave {
                 Wave::Stakes => match self.hold_stakes_once(&batch, Mode::Hold).await? {
                     Held::Done(answers) => answers,
-                    Held::Unwritten(..) => {
+                    Held::Unwritten(_) => {
                         return Err(StoreError::Corrupt("a hold wrote a bet".into()).into());
                     }
                 },
@@ -827,16 +846,19 @@ enum Mode<'a> {
     /// Holds only (HoldStakes).
     Hold,
     /// Writes each new hold's bet too (PlaceStakes); `left_out` are answered
-    /// `Busy`.
-    Place { wait: bool, left_out: &'a [usize] },
+    /// why their rows could not be written.
+    Place {
+        wait: bool,
+        left_out: &'a [(usize, Unwritten)],
+    },
 }
 
 /// The end of one transaction of [`Ledger::hold_stakes_once`].
 enum Held {
     /// Committed: every hold's answer.
     Done(Vec<Result<Posted, WalletError>>),
-    /// Rolled back: the bet of this hold could not be written, for this reason.
-    Unwritten(usize, WalletError),
+    /// Rolled back: the bets of these holds could not be written.
+    Unwritten(Vec<(usize, Unwritten)>),
 }
 
 /// Which wallet rows [`Batch::open`] locks.
@@ -1021,6 +1043,13 @@ impl<'a> Batch<'a> {
         users.sort_unstable();
         users.dedup();
         users
+    }
+
+    /// Answers a movement the ledger had decided before with `refusal`
+    /// instead of its replay (a placement naming another bet than its
+    /// stake's).
+    fn refuse_replay(&mut self, i: usize, refusal: WalletError) {
+        self.answers[i] = Some(Err(refusal));
     }
 
     fn decide(&mut self, i: usize, decision: Decision) {

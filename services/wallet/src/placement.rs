@@ -16,20 +16,26 @@
 //! 1. every stake key's lock (`BET:{bet_id}`: the bet ids are new, so these
 //!    are new keys), the keys' earlier decisions, and the new holds' wallet
 //!    rows, as for HoldStakes;
-//! 2. each hold decided in request order against the locked balances;
-//! 3. [`write_bets`]: one INSERT of the decided bets' rows, each only if its
+//! 2. [`Known::read`]: one statement reads which of the placements' rounds
+//!    are open and which of their bet keys name a bet already. A placement
+//!    whose round is not open or whose key is taken is refused
+//!    (`ROUND_NOT_OPEN`, `IDEMPOTENCY_KEY_REUSED`: BettingService then
+//!    answers from the bet the key names) before anything is decided, and a
+//!    replayed stake whose bet is not the one asked for (another round,
+//!    side or key) is a reused key;
+//! 3. each other hold decided in request order against the locked balances;
+//! 4. [`write_bets`]: one INSERT of the decided bets' rows, each only if its
 //!    round is open, `ON CONFLICT DO NOTHING` (the bet key
 //!    `(user_id, idempotency_key)` and the bet id are unique);
-//! 4. the balances, the ledger rows and the refusals, as for HoldStakes;
+//! 5. the balances, the ledger rows and the refusals, as for HoldStakes;
 //!    one commit.
 //!
-//! If a row was not written (its round is not open, or its bet key is
-//! taken), the transaction is rolled back whole, because the holds decided
-//! after it counted its stake; the wave runs again with that placement left
-//! undecided (`Busy`), and its caller places it alone, which answers why
-//! (`ROUND_NOT_OPEN`, or `IDEMPOTENCY_KEY_REUSED`: BettingService then
-//! answers from the bet the key names). Both are rare: a bet on a closing
-//! round, a retry racing its original.
+//! If a row was not written all the same (a race the read could not see:
+//! another transaction wrote the key, or closed the round, in between), the
+//! transaction is rolled back whole, because the holds decided after it
+//! counted its stake; the wave runs again with every such placement refused
+//! as in step 2. Both answers are final (bets are never deleted, rounds
+//! never reopen), so past a race this is one more run.
 //!
 //! Interleavings and crash points considered:
 //!
@@ -43,13 +49,17 @@
 //! - *A retry racing its original* (two bet ids, one bet key), in one batch
 //!   or two, on one instance or two: the second INSERT of the key waits for
 //!   the first's transaction (the unique index), then writes nothing if it
-//!   committed; the second placement is rolled back and answered from the
-//!   first bet. If the first rolled back, the second writes its row. Rows
+//!   committed; the second's transaction is undone and run again with that
+//!   placement refused IDEMPOTENCY_KEY_REUSED, and BettingService answers it
+//!   from the first bet. If the first rolled back, the second writes its
+//!   row. (A retry after the first committed is refused by the read.) Rows
 //!   are written in the order of the bet key, so two batches carrying keys
 //!   in opposite orders never wait on each other in a cycle.
 //! - *The same bet id twice* (a PlaceStakes repeated after a lost reply): the
 //!   second is in a later wave, or a later call, and is a replay of the
 //!   stake's key; its row was written with the stake, so nothing more is.
+//!   A replay naming another round, side or bet key than that row is a
+//!   reused key (`IDEMPOTENCY_KEY_REUSED`), never "held".
 //! - *The round closes meanwhile*: the INSERT reads the round as the close
 //!   left it. A row written before the close committed is a PENDING bet of a
 //!   round that is no longer open, which the reconciler refunds
@@ -60,31 +70,188 @@
 //! - *A wallet row another movement holds*: the batch answers `Busy` without
 //!   writing the bet; the caller places it alone (`wait`), behind the user's
 //!   turn and the row's lock.
+//! - *Hostile input at the batch*: bets on closed or unknown rounds and
+//!   retries of placed bets are refused by the read, without a rerun; a
+//!   race reruns the batch once. The stake is checked against the largest
+//!   stake a bet may have (as PlaceBet checks it), so no bet the settler
+//!   could not pay is written. The wallet does not apply BettingService's
+//!   own limits (the minimum stake, open bets): they are its configuration.
+//! - *A leaked service token*: it could already take any player's money
+//!   into escrow with HoldStake; with PlaceStakes it can also stake it on a
+//!   bet the player did not place. The service token is trusted that far,
+//!   as it is for HoldStake.
 //! - *Rolling out*: a betting instance of an older release writes PLACING
 //!   rows and calls HoldStake/HoldStakes, which are unchanged. A newer
 //!   betting instance needs a wallet that serves PlaceStakes (roll the
 //!   wallet out first): an older wallet answers UNIMPLEMENTED, which moved
 //!   nothing.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
+use rust_decimal::Decimal;
 use uuid::Uuid;
 
 use crate::{
-    WalletError,
+    Transfer, WalletError,
     ledger::{Batch, Decision},
 };
 
+/// Why a placement's bet row cannot be written: an answer for good (bets
+/// are never deleted, and rounds never reopen).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Unwritten {
+    RoundNotOpen,
+    KeyTaken,
+}
+
+impl Unwritten {
+    pub(crate) fn refusal(self) -> WalletError {
+        match self {
+            Unwritten::RoundNotOpen => WalletError::RoundNotOpen,
+            Unwritten::KeyTaken => WalletError::BetKeyTaken,
+        }
+    }
+}
+
+/// A bet found under a placement's bet key.
+struct KnownBet {
+    bet_id: Uuid,
+    round_id: String,
+    side: String,
+    amount: Decimal,
+}
+
+/// What the bets and rounds say of a call's placements, read in its
+/// transaction before anything is decided: which of their rounds are open,
+/// and which of their bet keys name a bet already. It spares the batch a
+/// rerun for the common refusals (a bet on a closed round, a client's
+/// retry of a placed bet) and checks a replayed stake's bet.
+pub(crate) struct Known {
+    open: HashSet<String>,
+    by_key: HashMap<(i64, String), KnownBet>,
+}
+
+impl Known {
+    pub(crate) async fn read(
+        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+        holds: &[Transfer],
+    ) -> Result<Self, WalletError> {
+        let mut rounds: Vec<&str> = Vec::new();
+        let mut users = Vec::with_capacity(holds.len());
+        let mut keys = Vec::with_capacity(holds.len());
+        for t in holds {
+            let bet = placed(t)?;
+            rounds.push(bet.round.as_str());
+            users.push(t.user.get());
+            keys.push(bet.key.as_str());
+        }
+        rounds.sort_unstable();
+        rounds.dedup();
+        // Two kinds of row, told apart by `src`: an open round ('o') and a
+        // bet under one of the keys ('k').
+        let rows: Vec<(
+            String,
+            String,
+            Option<Uuid>,
+            Option<i64>,
+            Option<String>,
+            Option<String>,
+            Option<Decimal>,
+        )> = sqlx::query_as(
+            "SELECT 'o', round_id, NULL::UUID, NULL::BIGINT, NULL::TEXT, NULL::TEXT, NULL::NUMERIC \
+                 FROM rounds WHERE round_id = ANY($1) AND status = 'OPEN' \
+                 UNION ALL \
+                 SELECT 'k', b.round_id, b.bet_id, b.user_id, b.idempotency_key, b.side, b.amount \
+                 FROM bets b JOIN unnest($2::BIGINT[], $3::TEXT[]) AS v(u, k) \
+                   ON b.user_id = v.u AND b.idempotency_key = v.k",
+        )
+        .bind(&rounds)
+        .bind(&users)
+        .bind(&keys)
+        .fetch_all(&mut **tx)
+        .await?;
+        let mut known = Known {
+            open: HashSet::new(),
+            by_key: HashMap::new(),
+        };
+        for (src, round_id, bet_id, user_id, key, side, amount) in rows {
+            match (src.as_str(), bet_id, user_id, key, side, amount) {
+                ("o", ..) => {
+                    known.open.insert(round_id);
+                }
+                ("k", Some(bet_id), Some(user_id), Some(key), Some(side), Some(amount)) => {
+                    known.by_key.insert(
+                        (user_id, key),
+                        KnownBet {
+                            bet_id,
+                            round_id,
+                            side,
+                            amount,
+                        },
+                    );
+                }
+                _ => {
+                    return Err(betting_db::StoreError::Corrupt(
+                        "a placement's pre-read returned an unknown row".into(),
+                    )
+                    .into());
+                }
+            }
+        }
+        Ok(known)
+    }
+
+    /// Why this new placement's row cannot be written, if it cannot.
+    pub(crate) fn unwritable(&self, t: &Transfer) -> Option<Unwritten> {
+        let bet = t.bet.as_ref()?;
+        if !self.open.contains(bet.round.as_str()) {
+            Some(Unwritten::RoundNotOpen)
+        } else if self
+            .by_key
+            .contains_key(&(t.user.get(), bet.key.as_str().to_owned()))
+        {
+            Some(Unwritten::KeyTaken)
+        } else {
+            None
+        }
+    }
+
+    /// Whether a placement whose stake the ledger decided before (a replay)
+    /// asks for the bet that decision wrote: its bet key names the stake's
+    /// bet, with the same round, side and amount. Otherwise its answer is a
+    /// reused key, as a movement replayed with another payload is.
+    pub(crate) fn replays(&self, t: &Transfer) -> bool {
+        let Some(bet) = &t.bet else {
+            return true;
+        };
+        self.by_key
+            .get(&(t.user.get(), bet.key.as_str().to_owned()))
+            .is_some_and(|b| {
+                b.bet_id.to_string() == t.reference
+                    && b.round_id == bet.round.as_str()
+                    && b.side == bet.side.as_db()
+                    && b.amount == t.amount.as_decimal()
+            })
+    }
+}
+
+fn placed(t: &Transfer) -> Result<&crate::BetPlacement, WalletError> {
+    t.bet
+        .as_ref()
+        .ok_or_else(|| betting_db::StoreError::Corrupt("a placement without its bet".into()).into())
+}
+
 /// Writes the bet row of every new hold of `batch` the way it was decided:
 /// `PENDING` (version 1, the balance after its stake) when held, `REJECTED`
-/// when refused for want of funds; a hold left undecided (`Busy`) writes
-/// nothing. Returns the first hold whose row was not written, with the
-/// reason to answer it (the caller then rolls the transaction back).
+/// when refused for want of funds; a hold otherwise refused or left
+/// undecided (`Busy`) writes nothing. Returns the holds whose rows were not
+/// written (a race the pre-read could not see), each with why; the caller
+/// then rolls the transaction back.
 pub(crate) async fn write_bets(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     batch: &Batch<'_>,
-) -> Result<Option<(usize, WalletError)>, WalletError> {
-    let mut rows: Vec<(usize, Option<rust_decimal::Decimal>)> = Vec::new();
+) -> Result<Vec<(usize, Unwritten)>, WalletError> {
+    let mut rows: Vec<(usize, Option<Decimal>)> = Vec::new();
     for &i in &batch.new {
         match batch.decisions.get(&i) {
             Some(Decision::Move(_, balance)) => rows.push((i, Some(*balance))),
@@ -93,7 +260,7 @@ pub(crate) async fn write_bets(
         }
     }
     if rows.is_empty() {
-        return Ok(None);
+        return Ok(Vec::new());
     }
     let t = batch.movements;
     let mut ids = Vec::with_capacity(rows.len());
@@ -104,11 +271,7 @@ pub(crate) async fn write_bets(
     let mut amounts = Vec::with_capacity(rows.len());
     let mut balances = Vec::with_capacity(rows.len());
     for &(i, balance) in &rows {
-        let Some(bet) = &t[i].bet else {
-            return Err(
-                betting_db::StoreError::Corrupt("a placement without its bet".into()).into(),
-            );
-        };
+        let bet = placed(&t[i])?;
         let id = Uuid::parse_str(&t[i].reference).map_err(|_| {
             betting_db::StoreError::Corrupt("a stake's reference is no bet id".into())
         })?;
@@ -121,14 +284,18 @@ pub(crate) async fn write_bets(
         balances.push(balance);
     }
     // In the order of the bet key (see the module doc); a PENDING row at
-    // version 1 and a REJECTED one at 0, as the PLACING saga leaves them.
+    // version 1 and a REJECTED one at 0, as the PLACING saga left them.
+    // Stamped with the clock, not the transaction's start: a lone placement
+    // may have waited seconds for its wallet row, and the streams' sweep
+    // and resumes read changes by `updated_at` with a margin of seconds.
     let written: HashSet<Uuid> = sqlx::query_scalar(
         "INSERT INTO bets (bet_id, user_id, idempotency_key, round_id, side, amount, status, \
-           reject_reason, balance_after, version) \
+           reject_reason, balance_after, version, created_at, updated_at) \
          SELECT v.bet_id, v.user_id, v.key, v.round_id, v.side, v.amount, \
            CASE WHEN v.balance IS NULL THEN 'REJECTED' ELSE 'PENDING' END, \
            CASE WHEN v.balance IS NULL THEN 'INSUFFICIENT_FUNDS' END, \
-           v.balance, CASE WHEN v.balance IS NULL THEN 0 ELSE 1 END \
+           v.balance, CASE WHEN v.balance IS NULL THEN 0 ELSE 1 END, \
+           clock_timestamp(), clock_timestamp() \
          FROM unnest($1::UUID[], $2::BIGINT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], \
                      $6::NUMERIC[], $7::NUMERIC[]) \
            WITH ORDINALITY AS v(bet_id, user_id, key, round_id, side, amount, balance, n) \
@@ -148,23 +315,30 @@ pub(crate) async fn write_bets(
     .await?
     .into_iter()
     .collect();
-    let Some(missing) = rows
-        .iter()
-        .zip(&ids)
-        .position(|(_, id)| !written.contains(id))
-    else {
-        return Ok(None);
-    };
-    let open: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM rounds WHERE round_id = $1 AND status = 'OPEN')",
+    let missing: Vec<usize> = (0..rows.len())
+        .filter(|&n| !written.contains(&ids[n]))
+        .collect();
+    if missing.is_empty() {
+        return Ok(Vec::new());
+    }
+    let asked: Vec<&str> = missing.iter().map(|&n| rounds[n]).collect();
+    let open: HashSet<String> = sqlx::query_scalar(
+        "SELECT round_id FROM rounds WHERE round_id = ANY($1) AND status = 'OPEN'",
     )
-    .bind(rounds[missing])
-    .fetch_one(&mut **tx)
-    .await?;
-    let refusal = if open {
-        WalletError::BetKeyTaken
-    } else {
-        WalletError::RoundNotOpen
-    };
-    Ok(Some((rows[missing].0, refusal)))
+    .bind(&asked)
+    .fetch_all(&mut **tx)
+    .await?
+    .into_iter()
+    .collect();
+    Ok(missing
+        .into_iter()
+        .map(|n| {
+            let why = if open.contains(rounds[n]) {
+                Unwritten::KeyTaken
+            } else {
+                Unwritten::RoundNotOpen
+            };
+            (rows[n].0, why)
+        })
+        .collect())
 }

@@ -7,7 +7,7 @@ use betting_auth::{Principal, Role};
 use betting_db::actions::Actor;
 use betting_domain::{
     Amount, BetId, EntryKind, IdempotencyKey, InvalidRequest, MatchId, Reference, RoundId, Side,
-    UserId, Violations,
+    Stake, UserId, Violations,
 };
 use sqlx::PgPool;
 
@@ -427,6 +427,11 @@ fn placement_transfer(ask: &StakePlacementAsk<'_>) -> Result<Transfer, WalletErr
     let round = v.check("round_id", RoundId::parse(ask.round_id));
     let side = v.check("side", ask.side);
     let key = v.check("bet_key", IdempotencyKey::parse(ask.bet_key));
+    // A bet's stake, bounded as PlaceBet bounds it: a bet the settler could
+    // not pay (twice the stake) is never written.
+    if Amount::parse(h.amount).is_ok() {
+        v.check("amount", Stake::parse(h.amount));
+    }
     let transfer = internal_transfer(EntryKind::Stake, h.user_id, h.amount, h.key, h.bet_id);
     let (Some(round), Some(side), Some(key), true) = (round, side, key, v.is_empty()) else {
         // The stake's own violations, if any, and the bet's together.

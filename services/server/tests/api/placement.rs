@@ -124,18 +124,17 @@ async fn each_placement_writes_its_stake_and_row_together_or_nothing() {
     assert_eq!(movements(&app, poor).await, (0, 1));
     assert_eq!(app.balance(2).await, dec("3"));
 
-    // A placement that could not write its row is left out of the batch
-    // (answered USER_BUSY: its caller places it alone, which says why).
-    for (outcome, bet, user, balance) in [
-        (&outcomes[2], closed, 3, "10"),
-        (&outcomes[3], reused, 4, "9"),
+    // A placement that cannot write its row is refused, saying why.
+    for (outcome, bet, user, balance, why) in [
+        (&outcomes[2], closed, 3, "10", "ROUND_NOT_OPEN"),
+        (&outcomes[3], reused, 4, "9", "IDEMPOTENCY_KEY_REUSED"),
     ] {
-        assert_eq!(refusal(outcome).as_deref(), Some("USER_BUSY"));
+        assert_eq!(refusal(outcome).as_deref(), Some(why));
         assert_eq!(row(&app, bet).await, None);
         assert_eq!(movements(&app, bet).await, (0, 0));
         assert_eq!(app.balance(user).await, dec(balance));
     }
-    // Alone, each is told why, and still nothing is written.
+    // Alone, the same.
     let (closed, p3) = placement(3, "5", "no-such-round", "k3");
     let alone = place_stakes(&app, vec![p3], true).await.expect("alone");
     assert_eq!(refusal(&alone[0]).as_deref(), Some("ROUND_NOT_OPEN"));
@@ -159,31 +158,47 @@ async fn each_placement_writes_its_stake_and_row_together_or_nothing() {
     app.assert_audit_clean().await;
 }
 
-/// The batch undone for a placement that wrote no row runs again without
-/// it, so the holds after it are decided without its stake: a user whose
-/// first placement's key is taken still has the money for the second.
-#[tokio::test]
-async fn a_placement_left_out_does_not_count_against_the_others() {
+/// A placement whose key another transaction is writing (a retry racing
+/// its original, the original not yet committed) is not seen by the
+/// batch's read; its INSERT waits, then writes nothing. The batch is undone
+/// and runs again without it, so the holds after it are decided without
+/// its stake: the same user's next placement still has the money.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_placement_that_loses_a_race_for_its_key_does_not_count_against_the_others() {
     let app = TestApp::spawn().await;
     app.open_round("r").await;
     app.deposit(1, "6").await;
-    app.place(1, "r", pb::Side::A, "1", "taken")
-        .await
-        .expect("the first bet of the key");
-    let (left_out, first) = placement(1, "5", "r", "taken");
+    // The original, mid-transaction: its row written, not yet committed.
+    let mut original = app.pool.begin().await.expect("begin");
+    sqlx::query(
+        "INSERT INTO bets (bet_id, user_id, idempotency_key, round_id, side, amount, status) \
+         VALUES ($1, 1, 'taken', 'r', 'A', 5, 'PLACING')",
+    )
+    .bind(Uuid::now_v7())
+    .execute(&mut *original)
+    .await
+    .expect("the original's row");
+    let (lost, first) = placement(1, "5", "r", "taken");
     let (second, next) = placement(1, "5", "r", "fresh");
-    let outcomes = place_stakes(&app, vec![first, next], false)
-        .await
-        .expect("place");
-    assert_eq!(refusal(&outcomes[0]).as_deref(), Some("USER_BUSY"));
-    assert_eq!(held_balance(&outcomes[1]), Some(dec("0")), "5 of 5 left");
-    assert_eq!(row(&app, left_out).await, None);
+    let batch = async { place_stakes(&app, vec![first, next], false).await };
+    let commit = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        original.commit().await.expect("the original commits");
+    };
+    let (outcomes, ()) = tokio::join!(batch, commit);
+    let outcomes = outcomes.expect("place");
+    assert_eq!(
+        refusal(&outcomes[0]).as_deref(),
+        Some("IDEMPOTENCY_KEY_REUSED")
+    );
+    assert_eq!(held_balance(&outcomes[1]), Some(dec("1")), "5 of 6 taken");
+    assert_eq!(row(&app, lost).await, None);
+    assert_eq!(movements(&app, lost).await, (0, 0));
     assert_eq!(
         row(&app, second).await,
-        Some(("PENDING".into(), 1, Some(dec("0"))))
+        Some(("PENDING".into(), 1, Some(dec("1"))))
     );
-    assert_eq!(app.balance(1).await, dec("0"));
-    app.assert_books_balanced().await;
+    assert_eq!(app.balance(1).await, dec("1"));
 }
 
 /// Repeating a PlaceStakes (a lost reply) replays each stake by its key and
@@ -284,4 +299,184 @@ async fn malformed_placements_are_refused_with_their_fields() {
         .expect("count");
     assert_eq!(rows, 1);
     app.assert_books_balanced().await;
+}
+
+/// Found by the attack review: every placement whose row could not be
+/// written undid the whole batch, one at a time, so a batch with k bets on
+/// a closed or unknown round (or k retries of placed bets) ran k + 1
+/// transactions, holding every user's wallet row each time. Now they are
+/// refused up front, each with its reason, in one transaction.
+#[tokio::test]
+async fn unwritable_placements_are_refused_without_rerunning_the_batch() {
+    let app = TestApp::spawn().await;
+    app.open_round("r").await;
+    app.open_round("shut").await;
+    close(&app, "shut").await;
+    for user in 1..=41 {
+        app.deposit(user, "10").await;
+    }
+    app.place(41, "r", pb::Side::A, "1", "placed")
+        .await
+        .expect("a placed bet");
+    // Counts the statements that insert bets.
+    for statement in [
+        "CREATE SEQUENCE placement_bet_inserts",
+        "CREATE FUNCTION placement_count() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER \
+         AS $$ BEGIN PERFORM nextval('placement_bet_inserts'); RETURN NULL; END $$",
+        "CREATE TRIGGER placement_count BEFORE INSERT ON bets \
+         FOR EACH STATEMENT EXECUTE FUNCTION placement_count()",
+    ] {
+        sqlx::query(statement)
+            .execute(&app.pool)
+            .await
+            .expect("count inserts");
+    }
+    let mut placements = Vec::new();
+    let mut bets = Vec::new();
+    for user in 1..=20 {
+        let (bet, p) = placement(user, "1", "no-such-round", &format!("k{user}"));
+        bets.push(bet);
+        placements.push(p);
+    }
+    for user in 21..=39 {
+        let (bet, p) = placement(user, "1", "shut", &format!("k{user}"));
+        bets.push(bet);
+        placements.push(p);
+    }
+    let (retry, p) = placement(41, "1", "r", "placed");
+    placements.push(p);
+    let (good, p) = placement(40, "1", "r", "good");
+    placements.push(p);
+    let outcomes = place_stakes(&app, placements, false).await.expect("place");
+    for outcome in &outcomes[..39] {
+        assert_eq!(refusal(outcome).as_deref(), Some("ROUND_NOT_OPEN"));
+    }
+    assert_eq!(
+        refusal(&outcomes[39]).as_deref(),
+        Some("IDEMPOTENCY_KEY_REUSED")
+    );
+    assert_eq!(held_balance(&outcomes[40]), Some(dec("9")));
+    let inserts: i64 = sqlx::query_scalar("SELECT last_value FROM placement_bet_inserts")
+        .fetch_one(&app.pool)
+        .await
+        .expect("inserts");
+    assert_eq!(inserts, 1, "one transaction wrote the batch's bets");
+    for bet in bets.into_iter().chain([retry]) {
+        assert_eq!(row(&app, bet).await, None);
+        assert_eq!(movements(&app, bet).await, (0, 0));
+    }
+    assert_eq!(
+        row(&app, good).await,
+        Some(("PENDING".into(), 1, Some(dec("9"))))
+    );
+    app.assert_books_balanced().await;
+}
+
+async fn close(app: &TestApp, round: &str) {
+    app.rounds()
+        .close_round(authed(
+            pb::CloseRoundRequest {
+                round_id: round.into(),
+            },
+            &app.game_token(),
+        ))
+        .await
+        .expect("close");
+}
+
+/// Found by the attack review: a waiting placement's row took its stamp
+/// from the transaction's start, seconds before the row became visible
+/// when the wallet row was held, so the streams' sweep (a margin of 3 s)
+/// could miss a bet whose note was lost. The row is stamped when written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_waiting_placement_stamps_its_row_when_it_writes_it() {
+    let app = TestApp::spawn().await;
+    app.open_round("r").await;
+    app.deposit(1, "10").await;
+    let mut holder = app.pool.begin().await.expect("begin");
+    sqlx::query("SELECT balance FROM wallets WHERE user_id = 1 FOR UPDATE")
+        .execute(&mut *holder)
+        .await
+        .expect("lock the row");
+    let (bet, p) = placement(1, "3", "r", "k");
+    let alone = async { place_stakes(&app, vec![p], true).await };
+    let release = async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let at: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
+            .fetch_one(&app.pool)
+            .await
+            .expect("clock");
+        holder.rollback().await.expect("free the row");
+        at
+    };
+    let (placed, released) = tokio::join!(alone, release);
+    assert_eq!(held_balance(&placed.expect("placed")[0]), Some(dec("7")));
+    let (created, updated): (chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>) =
+        sqlx::query_as("SELECT created_at, updated_at FROM bets WHERE bet_id = $1")
+            .bind(bet)
+            .fetch_one(&app.pool)
+            .await
+            .expect("row");
+    assert!(
+        created >= released && updated >= released,
+        "stamped {created} / {updated}, written after {released}"
+    );
+}
+
+/// Found by the attack review: a replayed stake answered "held" whatever
+/// round, side or bet key the repeat named. It names the bet its stake
+/// was for, or it is a reused key.
+#[tokio::test]
+async fn a_replay_naming_another_bet_is_a_reused_key() {
+    let app = TestApp::spawn().await;
+    app.open_round("r1").await;
+    app.open_round("r2").await;
+    app.deposit(1, "10").await;
+    let (bet, p) = placement(1, "4", "r1", "k1");
+    let first = place_stakes(&app, vec![p.clone()], false)
+        .await
+        .expect("place");
+    assert_eq!(held_balance(&first[0]), Some(dec("6")));
+    let mut other_round = p.clone();
+    other_round.round_id = "r2".into();
+    let mut other_side = p.clone();
+    other_side.side = pb::Side::B as i32;
+    let mut other_key = p.clone();
+    other_key.bet_key = "k2".into();
+    for repeat in [other_round, other_side, other_key] {
+        let again = place_stakes(&app, vec![repeat], false)
+            .await
+            .expect("again");
+        assert_eq!(
+            refusal(&again[0]).as_deref(),
+            Some("IDEMPOTENCY_KEY_REUSED")
+        );
+    }
+    let same = place_stakes(&app, vec![p], false).await.expect("same");
+    assert!(same[0].replayed, "the same placement replays");
+    assert_eq!(movements(&app, bet).await, (1, 0));
+    assert_eq!(app.balance(1).await, dec("6"));
+}
+
+/// Found by the attack review: PlaceStakes took any amount the ledger
+/// takes (up to 10^12), so it wrote a PENDING bet past the largest stake
+/// (5 × 10^11), whose payout the settler cannot make; and one malformed
+/// waiting placement was answered INTERNAL instead of its refusal.
+#[tokio::test]
+async fn a_placement_past_the_largest_stake_or_malformed_is_refused_alone() {
+    let app = TestApp::spawn().await;
+    app.open_round("r").await;
+    app.deposit(1, "700000000000").await;
+    let (big, p) = placement(1, "600000000000", "r", "big");
+    let outcomes = place_stakes(&app, vec![p], false).await.expect("place");
+    assert_eq!(refusal(&outcomes[0]).as_deref(), Some("INVALID_ARGUMENT"));
+    assert_eq!(row(&app, big).await, None);
+
+    let (_, mut bad) = placement(1, "1", "r", "k");
+    bad.side = pb::Side::Unspecified as i32;
+    let outcomes = place_stakes(&app, vec![bad], true)
+        .await
+        .expect("an answer per placement");
+    assert_eq!(refusal(&outcomes[0]).as_deref(), Some("INVALID_ARGUMENT"));
+    assert_eq!(app.balance(1).await, dec("700000000000"));
 }
