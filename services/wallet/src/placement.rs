@@ -121,6 +121,18 @@ struct KnownBet {
     amount: Decimal,
 }
 
+/// One row of [`Known::read`]'s statement.
+#[derive(sqlx::FromRow)]
+struct KnownRow {
+    src: String,
+    round_id: String,
+    bet_id: Option<Uuid>,
+    user_id: Option<i64>,
+    key: Option<String>,
+    side: Option<String>,
+    amount: Option<Decimal>,
+}
+
 /// What the bets and rounds say of a call's placements, read in its
 /// transaction before anything is decided: which of their rounds are open,
 /// and which of their bet keys name a bet already. It spares the batch a
@@ -149,21 +161,14 @@ impl Known {
         rounds.dedup();
         // Two kinds of row, told apart by `src`: an open round ('o') and a
         // bet under one of the keys ('k').
-        let rows: Vec<(
-            String,
-            String,
-            Option<Uuid>,
-            Option<i64>,
-            Option<String>,
-            Option<String>,
-            Option<Decimal>,
-        )> = sqlx::query_as(
-            "SELECT 'o', round_id, NULL::UUID, NULL::BIGINT, NULL::TEXT, NULL::TEXT, NULL::NUMERIC \
-                 FROM rounds WHERE round_id = ANY($1) AND status = 'OPEN' \
-                 UNION ALL \
-                 SELECT 'k', b.round_id, b.bet_id, b.user_id, b.idempotency_key, b.side, b.amount \
-                 FROM bets b JOIN unnest($2::BIGINT[], $3::TEXT[]) AS v(u, k) \
-                   ON b.user_id = v.u AND b.idempotency_key = v.k",
+        let rows: Vec<KnownRow> = sqlx::query_as(
+            "SELECT 'o' AS src, round_id, NULL::UUID AS bet_id, NULL::BIGINT AS user_id, \
+               NULL::TEXT AS key, NULL::TEXT AS side, NULL::NUMERIC AS amount \
+             FROM rounds WHERE round_id = ANY($1) AND status = 'OPEN' \
+             UNION ALL \
+             SELECT 'k', b.round_id, b.bet_id, b.user_id, b.idempotency_key, b.side, b.amount \
+             FROM bets b JOIN unnest($2::BIGINT[], $3::TEXT[]) AS v(u, k) \
+               ON b.user_id = v.u AND b.idempotency_key = v.k",
         )
         .bind(&rounds)
         .bind(&users)
@@ -174,7 +179,16 @@ impl Known {
             open: HashSet::new(),
             by_key: HashMap::new(),
         };
-        for (src, round_id, bet_id, user_id, key, side, amount) in rows {
+        for KnownRow {
+            src,
+            round_id,
+            bet_id,
+            user_id,
+            key,
+            side,
+            amount,
+        } in rows
+        {
             match (src.as_str(), bet_id, user_id, key, side, amount) {
                 ("o", ..) => {
                     known.open.insert(round_id);
