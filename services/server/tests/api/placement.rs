@@ -57,6 +57,17 @@ fn refusal(outcome: &pbi::HoldStakeOutcome) -> Option<String> {
     }
 }
 
+/// Another movement's transaction holding the user's wallet row.
+async fn hold_wallet_row(app: &TestApp, user: i64) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut holder = app.pool.begin().await.expect("begin");
+    sqlx::query("SELECT balance FROM wallets WHERE user_id = $1 FOR UPDATE")
+        .bind(user)
+        .execute(&mut *holder)
+        .await
+        .expect("lock the row");
+    holder
+}
+
 /// The bet's row as stored: status, version, balance after its stake.
 async fn row(app: &TestApp, bet: Uuid) -> Option<(String, i64, Option<Decimal>)> {
     sqlx::query_as("SELECT status, version, balance_after FROM bets WHERE bet_id = $1")
@@ -240,11 +251,7 @@ async fn a_lone_placement_waits_for_a_busy_wallet_and_a_batch_does_not() {
     let app = TestApp::spawn().await;
     app.open_round("r").await;
     app.deposit(1, "10").await;
-    let mut holder = app.pool.begin().await.expect("begin");
-    sqlx::query("SELECT balance FROM wallets WHERE user_id = 1 FOR UPDATE")
-        .execute(&mut *holder)
-        .await
-        .expect("lock the row");
+    let holder = hold_wallet_row(&app, 1).await;
     let (busy, p) = placement(1, "3", "r", "k");
     let batch = place_stakes(&app, vec![p.clone()], false)
         .await
@@ -393,11 +400,7 @@ async fn a_waiting_placement_stamps_its_row_when_it_writes_it() {
     let app = TestApp::spawn().await;
     app.open_round("r").await;
     app.deposit(1, "10").await;
-    let mut holder = app.pool.begin().await.expect("begin");
-    sqlx::query("SELECT balance FROM wallets WHERE user_id = 1 FOR UPDATE")
-        .execute(&mut *holder)
-        .await
-        .expect("lock the row");
+    let holder = hold_wallet_row(&app, 1).await;
     let (bet, p) = placement(1, "3", "r", "k");
     let alone = async { place_stakes(&app, vec![p], true).await };
     let release = async {
