@@ -85,6 +85,10 @@ pub(crate) enum Batched {
     /// path places it (behind the wallet's per-user gate) rather than the
     /// batch waiting for the row.
     Alone,
+    /// Not placed: the wallet is of an older release, without PlaceStakes;
+    /// the lone path places it as that release did (PLACING, HoldStake,
+    /// PENDING).
+    Legacy,
 }
 
 type Answer = Result<Batched, BettingError>;
@@ -218,6 +222,15 @@ async fn place_all(parts: &Parts, bets: &[NewBet], spans: &[tracing::Span]) -> V
     let placements: Vec<Placement<'_>> = bets.iter().map(NewBet::placement).collect();
     let held = match parts.wallet.place_stakes(&placements, false).await {
         Ok(held) => held,
+        // A wallet of an older release (a rolling deploy, the wallet not yet
+        // rolled out): nothing moved, and each bet is placed the older way.
+        Err(e) if e.is_unimplemented() => {
+            tracing::warn!(
+                bets = bets.len(),
+                "the wallet does not serve PlaceStakes; placing in three steps"
+            );
+            return bets.iter().map(|_| Ok(Batched::Legacy)).collect();
+        }
         Err(e) => {
             // Nothing the wallet decided is known: each bet is placed or
             // not, and its retry finds out by key.

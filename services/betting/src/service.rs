@@ -336,19 +336,36 @@ impl BettingService {
             Batched::Placed(placed) => Ok(Some(*placed)),
             Batched::NotWritten => Ok(None),
             Batched::Alone => self.place_alone(&new).await,
+            Batched::Legacy => self.place_legacy(&new).await,
+        }
+    }
+
+    /// Places a new bet as releases before PlaceStakes did, for a wallet of
+    /// such a release (a rolling deploy): the row PLACING, then `complete`
+    /// (HoldStake, the row PENDING). A crash between the steps leaves a
+    /// PLACING row, which the recovery pass and the retry finish as they
+    /// finish an older release's. `None` when nothing was written.
+    async fn place_legacy(&self, new: &NewBet) -> Result<Option<Placed>, BettingError> {
+        match self
+            .store
+            .insert_placing(
+                new.bet, new.user, &new.key, &new.round, new.side, new.amount,
+            )
+            .await?
+        {
+            Some(row) => Ok(Some(self.complete(row, false).await?)),
+            None => Ok(None),
         }
     }
 
     /// Places one new bet in its own wallet transaction, waiting for the
     /// user's wallet row if another movement holds it.
     async fn place_alone(&self, new: &NewBet) -> Result<Option<Placed>, BettingError> {
-        let outcome = self
-            .wallet
-            .place_stakes(&[new.placement()], true)
-            .await
-            .map_err(BettingError::WalletUnavailable)?
-            .into_iter()
-            .next();
+        let outcome = match self.wallet.place_stakes(&[new.placement()], true).await {
+            Ok(outcomes) => outcomes.into_iter().next(),
+            Err(e) if e.is_unimplemented() => return self.place_legacy(new).await,
+            Err(e) => return Err(BettingError::WalletUnavailable(e)),
+        };
         let balance = match outcome {
             Some(Hold::Held(balance)) => balance,
             Some(Hold::Failed(e)) => {

@@ -86,6 +86,12 @@ impl WalletCallError {
         matches!(self, WalletCallError::Refused { reason, .. } if reason == "INSUFFICIENT_FUNDS")
     }
 
+    /// The wallet does not serve the call at all (UNIMPLEMENTED): a wallet of
+    /// an older release, which predates PlaceStakes. Nothing was moved.
+    pub fn is_unimplemented(&self) -> bool {
+        matches!(self, WalletCallError::Unavailable(status) if status.code() == Code::Unimplemented)
+    }
+
     /// A placement the wallet refused without writing anything: its round is
     /// not open, or its bet key names another bet
     /// ([`WalletClient::place_stakes`]).

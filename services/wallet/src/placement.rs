@@ -82,9 +82,9 @@
 //!   as it is for HoldStake.
 //! - *Rolling out*: a betting instance of an older release writes PLACING
 //!   rows and calls HoldStake/HoldStakes, which are unchanged. A newer
-//!   betting instance needs a wallet that serves PlaceStakes (roll the
-//!   wallet out first): an older wallet answers UNIMPLEMENTED, which moved
-//!   nothing.
+//!   betting instance facing an older wallet gets UNIMPLEMENTED, which moved
+//!   nothing, and places that bet the older way (PLACING, HoldStake,
+//!   PENDING); so either role may roll out first.
 
 use std::collections::{HashMap, HashSet};
 

@@ -483,3 +483,128 @@ async fn a_placement_past_the_largest_stake_or_malformed_is_refused_alone() {
     assert_eq!(refusal(&outcomes[0]).as_deref(), Some("INVALID_ARGUMENT"));
     assert_eq!(app.balance(1).await, dec("700000000000"));
 }
+
+/// A StakeService of a release before PlaceStakes, in front of the test
+/// app's wallet: every other call is passed on with the caller's token.
+#[derive(Clone)]
+struct OlderWallet(pbi::stake_service_client::StakeServiceClient<tonic::transport::Channel>);
+
+fn passed_on<T>(request: tonic::Request<T>) -> tonic::Request<T> {
+    let authorization = request.metadata().get("authorization").cloned();
+    let mut upstream = tonic::Request::new(request.into_inner());
+    if let Some(value) = authorization {
+        upstream.metadata_mut().insert("authorization", value);
+    }
+    upstream
+}
+
+#[tonic::async_trait]
+impl pbi::stake_service_server::StakeService for OlderWallet {
+    async fn hold_stake(
+        &self,
+        request: tonic::Request<pbi::HoldStakeRequest>,
+    ) -> Result<tonic::Response<pbi::HoldStakeResponse>, tonic::Status> {
+        self.0.clone().hold_stake(passed_on(request)).await
+    }
+    async fn hold_stakes(
+        &self,
+        request: tonic::Request<pbi::HoldStakesRequest>,
+    ) -> Result<tonic::Response<pbi::HoldStakesResponse>, tonic::Status> {
+        self.0.clone().hold_stakes(passed_on(request)).await
+    }
+    async fn place_stakes(
+        &self,
+        _request: tonic::Request<pbi::PlaceStakesRequest>,
+    ) -> Result<tonic::Response<pbi::PlaceStakesResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("unknown method PlaceStakes"))
+    }
+    async fn refund_stake(
+        &self,
+        request: tonic::Request<pbi::RefundStakeRequest>,
+    ) -> Result<tonic::Response<pbi::RefundStakeResponse>, tonic::Status> {
+        self.0.clone().refund_stake(passed_on(request)).await
+    }
+    async fn pay_winnings(
+        &self,
+        request: tonic::Request<pbi::PayWinningsRequest>,
+    ) -> Result<tonic::Response<pbi::PayWinningsResponse>, tonic::Status> {
+        self.0.clone().pay_winnings(passed_on(request)).await
+    }
+    async fn pay_winnings_batch(
+        &self,
+        request: tonic::Request<pbi::PayWinningsBatchRequest>,
+    ) -> Result<tonic::Response<pbi::PayWinningsBatchResponse>, tonic::Status> {
+        self.0.clone().pay_winnings_batch(passed_on(request)).await
+    }
+}
+
+/// A rolling deploy with the betting role ahead of the wallet: the wallet
+/// answers PlaceStakes UNIMPLEMENTED, and each new bet is placed the way
+/// the older release placed it (PLACING, HoldStake, PENDING), batched or
+/// alone, instead of every PlaceBet failing UNAVAILABLE. Found by the
+/// attack review (an outage, not a loss: UNIMPLEMENTED moved nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn beside_a_wallet_without_place_stakes_bets_are_placed_in_three_steps() {
+    use betting_auth::{ServiceCredentials, TokenMinter};
+    use betting_bets::{BetStore, BettingService};
+    use betting_domain::{IdempotencyKey, RoundId, Side, Stake, UserId};
+
+    let app = TestApp::spawn().await;
+    app.open_round("r").await;
+    app.deposit(1, "10").await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let older = listener.local_addr().expect("address");
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(pbi::stake_service_server::StakeServiceServer::new(
+                OlderWallet(app.stakes()),
+            ))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let wallet = betting_wallet_client::WalletClient::new(
+        &format!("http://{older}"),
+        ServiceCredentials::new(TokenMinter::new(
+            betting_test_kit::SECRET.as_bytes(),
+            None,
+            None,
+        )),
+    )
+    .expect("client");
+    let publisher =
+        betting_streams::Publisher::new(app.queues.matches.client().clone(), &app.namespace);
+    let ahead = BettingService::new(
+        BetStore::new(app.pool.clone()),
+        wallet,
+        app.queues.matches.clone(),
+        publisher,
+    );
+    let user = UserId::new(1).expect("user");
+    let round = RoundId::parse("r").expect("round");
+    for (betting, key, balance) in [
+        (ahead.clone(), "batched", "7"),
+        (ahead.with_group_commit(false), "alone", "4"),
+    ] {
+        let placed = betting
+            .place(
+                user,
+                round.clone(),
+                Side::A,
+                Stake::parse("3").expect("stake"),
+                IdempotencyKey::parse(key).expect("key"),
+            )
+            .await
+            .expect("placed");
+        assert_eq!(
+            placed.bet.status,
+            betting_domain::BetStatus::Pending,
+            "{key}"
+        );
+        assert_eq!(placed.balance, dec(balance), "{key}");
+        assert_eq!(movements(&app, placed.bet.bet_id).await, (1, 0), "{key}");
+    }
+    assert_eq!(app.balance(1).await, dec("4"));
+    app.assert_books_balanced().await;
+    server.abort();
+}
