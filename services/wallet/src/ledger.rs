@@ -465,9 +465,22 @@ impl Ledger {
                 }
             }
         }
+        // A bet key twice among a call's new placements (a client's retry
+        // racing its original into one batch): only the first is decided
+        // here. The others are left to their callers to place alone
+        // (`Busy`), after this transaction: whether the key is then taken
+        // depends on whether this transaction writes the first, which
+        // nothing here may answer for before it commits.
+        let mut bet_keys: std::collections::HashSet<(i64, &str)> = std::collections::HashSet::new();
         // In request order: each debit against what the earlier ones left.
         for i in batch.new.clone() {
             let t = &holds[i];
+            if let Some(bet) = &t.bet
+                && !bet_keys.insert((t.user.get(), bet.key.as_str()))
+            {
+                batch.decide(i, Decision::Skip(WalletError::Busy(crate::gate::UserBusy)));
+                continue;
+            }
             let unwritten = left_out
                 .iter()
                 .find(|(j, _)| *j == i)

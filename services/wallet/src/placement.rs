@@ -30,12 +30,23 @@
 //! 5. the balances, the ledger rows and the refusals, as for HoldStakes;
 //!    one commit.
 //!
+//! A bet key twice among a call's new placements: only the first is
+//! decided; the others are answered `Busy` (placed alone by their callers,
+//! after this transaction, when whether the key is taken is known). So no
+//! row of the INSERT conflicts with another row of the same INSERT.
+//!
 //! If a row was not written all the same (a race the read could not see:
 //! another transaction wrote the key, or closed the round, in between), the
 //! transaction is rolled back whole, because the holds decided after it
 //! counted its stake; the wave runs again with every such placement refused
-//! as in step 2. Both answers are final (bets are never deleted, rounds
-//! never reopen), so past a race this is one more run.
+//! as in step 2. Both answers are final: the conflicting row is another
+//! transaction's, and committed (the INSERT waited for it, and would have
+//! written its own row had that one rolled back), bets are never deleted,
+//! and rounds never reopen. So past a race this is one more run. (The first
+//! version also refused a duplicate key of the same INSERT this way, which
+//! was not final: if the rerun then could not place the first, a client
+//! was told the key was taken by a bet that never committed, found by the
+//! full suite's same-key races.)
 //!
 //! Interleavings and crash points considered:
 //!

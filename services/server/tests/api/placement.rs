@@ -608,3 +608,39 @@ async fn beside_a_wallet_without_place_stakes_bets_are_placed_in_three_steps() {
     app.assert_books_balanced().await;
     server.abort();
 }
+
+/// A bet key twice in one call (a client's retry racing its original into
+/// one batch): the first is placed; the second is left to its caller
+/// (USER_BUSY: place it alone), never refused "key taken" on the strength
+/// of a row its own transaction might still not write. Found by the full
+/// suite's same-key races (`same_key_bets_racing_on_exactly_one_stake_get_one_answer`,
+/// `attack9_same_key_retries_racing_at_the_open_bet_cap_get_the_bet`): a
+/// rerun of the batch that could not place the first (its wallet row
+/// taken meanwhile) answered the others "key taken" for a bet that was
+/// never written, and PlaceBet told those clients ROUND_NOT_FOUND.
+#[tokio::test]
+async fn a_bet_key_twice_in_one_call_decides_the_first_and_leaves_the_other() {
+    let app = TestApp::spawn().await;
+    app.open_round("r").await;
+    app.deposit(1, "10").await;
+    let (first, a) = placement(1, "1", "r", "same");
+    let (second, b) = placement(1, "1", "r", "same");
+    let outcomes = place_stakes(&app, vec![a, b.clone()], false)
+        .await
+        .expect("place");
+    assert_eq!(held_balance(&outcomes[0]), Some(dec("9")));
+    assert_eq!(refusal(&outcomes[1]).as_deref(), Some("USER_BUSY"));
+    assert_eq!(row(&app, second).await, None);
+    // Alone, after the first committed: the key is taken.
+    let alone = place_stakes(&app, vec![b], true).await.expect("alone");
+    assert_eq!(
+        refusal(&alone[0]).as_deref(),
+        Some("IDEMPOTENCY_KEY_REUSED")
+    );
+    assert_eq!(
+        row(&app, first).await,
+        Some(("PENDING".into(), 1, Some(dec("9"))))
+    );
+    assert_eq!(movements(&app, second).await, (0, 0));
+    assert_eq!(app.balance(1).await, dec("9"));
+}
