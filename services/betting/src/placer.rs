@@ -186,7 +186,7 @@ async fn run(parts: &Parts, batch: Vec<Request>) {
         spans.push(request.span);
         replies.push(request.reply);
     }
-    let placed = place_all(parts, &bets, &spans).instrument(span);
+    let placed = place_all(parts, &bets, &spans, false).instrument(span);
     let answers = match deadline {
         Some(deadline) => betting_deadline::scope(deadline, placed).await,
         None => placed.await,
@@ -217,10 +217,16 @@ fn batch_span(batch: &[Request]) -> tracing::Span {
 /// A batch's placement: one PlaceStakes call, in which the wallet holds
 /// every stake and writes every bet's row in one transaction; then the
 /// change notes and the match jobs. One answer per bet, in order (`spans`:
-/// each bet's caller's).
-async fn place_all(parts: &Parts, bets: &[NewBet], spans: &[tracing::Span]) -> Vec<Answer> {
+/// each bet's caller's). With `wait` (the lone path: one bet), the wallet
+/// waits for a busy wallet row instead of answering `Alone`.
+pub(crate) async fn place_all(
+    parts: &Parts,
+    bets: &[NewBet],
+    spans: &[tracing::Span],
+    wait: bool,
+) -> Vec<Answer> {
     let placements: Vec<Placement<'_>> = bets.iter().map(NewBet::placement).collect();
-    let held = match parts.wallet.place_stakes(&placements, false).await {
+    let held = match parts.wallet.place_stakes(&placements, wait).await {
         Ok(held) => held,
         // A wallet of an older release (a rolling deploy, the wallet not yet
         // rolled out): nothing moved, and each bet is placed the older way.
@@ -334,7 +340,7 @@ async fn place_all(parts: &Parts, bets: &[NewBet], spans: &[tracing::Span]) -> V
 /// bet's REJECTED row, rejects a bet; a refusal that wrote nothing (the
 /// round is not open, the key names another bet) is for the lone path to
 /// explain; any other says nothing we can answer but "try again".
-pub(crate) fn refused(e: WalletCallError) -> Answer {
+fn refused(e: WalletCallError) -> Answer {
     if e.is_insufficient_funds() {
         Err(BettingError::InsufficientFunds)
     } else if e.is_not_placed() {

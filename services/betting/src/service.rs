@@ -18,7 +18,7 @@ use uuid::Uuid;
 
 use betting_jobs::MatchJob;
 use betting_refunds::{Outbox, Refunder};
-use betting_wallet_client::{Hold, WalletCallError, WalletClient};
+use betting_wallet_client::{WalletCallError, WalletClient};
 
 #[cfg(feature = "fault-injection")]
 use crate::Faults;
@@ -109,19 +109,20 @@ impl BettingService {
 
     fn placer(&self) -> Option<&Placer> {
         self.placer
-            .get_or_init(|| {
-                self.group_commit.then(|| {
-                    Placer::start(Parts {
-                        store: self.store.clone(),
-                        wallet: self.wallet.clone(),
-                        match_queue: self.match_queue.clone(),
-                        publisher: self.publisher.clone(),
-                        #[cfg(feature = "fault-injection")]
-                        faults: self.faults.clone(),
-                    })
-                })
-            })
+            .get_or_init(|| self.group_commit.then(|| Placer::start(self.parts())))
             .as_ref()
+    }
+
+    /// What placing needs of the service (`placer.rs`).
+    fn parts(&self) -> Parts {
+        Parts {
+            store: self.store.clone(),
+            wallet: self.wallet.clone(),
+            match_queue: self.match_queue.clone(),
+            publisher: self.publisher.clone(),
+            #[cfg(feature = "fault-injection")]
+            faults: self.faults.clone(),
+        }
     }
 
     /// Applies the per-user limits PlaceBet checks (none by default).
@@ -359,50 +360,27 @@ impl BettingService {
     }
 
     /// Places one new bet in its own wallet transaction, waiting for the
-    /// user's wallet row if another movement holds it.
+    /// user's wallet row if another movement holds it: the batch's steps
+    /// (`placer::place_all`) for this bet alone.
     async fn place_alone(&self, new: &NewBet) -> Result<Option<Placed>, BettingError> {
-        let outcome = match self.wallet.place_stakes(&[new.placement()], true).await {
-            Ok(outcomes) => outcomes.into_iter().next(),
-            Err(e) if e.is_unimplemented() => return self.place_legacy(new).await,
-            Err(e) => return Err(BettingError::WalletUnavailable(e)),
-        };
-        let balance = match outcome {
-            Some(Hold::Held(balance)) => balance,
-            Some(Hold::Failed(e)) => {
-                return match crate::placer::refused(e)? {
-                    Batched::Placed(placed) => Ok(Some(*placed)),
-                    _ => Ok(None),
-                };
-            }
-            Some(Hold::Busy) | None => {
-                return Err(BettingError::WalletUnavailable(WalletCallError::Malformed(
-                    "a waiting placement's outcome",
-                )));
-            }
-        };
-        #[cfg(feature = "fault-injection")]
-        if self.faults.fail_after_stake() {
-            return Err(BettingError::Internal(anyhow::anyhow!(
-                "injected fault: crashed after placing bet {}",
-                new.bet
-            )));
+        let answer = crate::placer::place_all(
+            &self.parts(),
+            std::slice::from_ref(new),
+            &[tracing::Span::current()],
+            true,
+        )
+        .await
+        .pop();
+        match answer {
+            Some(Ok(Batched::Placed(placed))) => Ok(Some(*placed)),
+            Some(Ok(Batched::NotWritten)) => Ok(None),
+            Some(Ok(Batched::Legacy)) => self.place_legacy(new).await,
+            Some(Err(e)) => Err(e),
+            // A waiting placement is never left to another path.
+            Some(Ok(Batched::Alone)) | None => Err(BettingError::WalletUnavailable(
+                WalletCallError::Malformed("a waiting placement's outcome"),
+            )),
         }
-        let row = self
-            .store
-            .get(new.bet)
-            .await?
-            .ok_or_else(|| anyhow::anyhow!("placed bet {} has no row", new.bet))
-            .map_err(BettingError::Internal)?;
-        self.publisher.spawn_publish(Changes {
-            bets: vec![row.note()],
-            rounds: Vec::new(),
-        });
-        self.enqueue_match(&row).await;
-        Ok(Some(Placed {
-            balance: row.balance_after.unwrap_or(balance),
-            bet: row,
-            replayed: false,
-        }))
     }
 
     /// The limits on a new bet (a new key): the minimum stake, then the

@@ -111,6 +111,12 @@ impl FaultProxy {
         )
     }
 
+    /// The first of a batch call's users with a fault armed for `rpc` (0:
+    /// none): a batch carries that fault, and it strikes the whole call.
+    fn first_armed(&self, rpc: Rpc, mut users: impl Iterator<Item = i64>) -> i64 {
+        users.find(|&u| self.faults.armed(rpc, u)).unwrap_or(0)
+    }
+
     /// Forwards one call through whatever fault is armed for it.
     async fn call<C, Req, Res, F, Fut>(
         &self,
@@ -225,12 +231,8 @@ impl StakeService for FaultProxy {
         &self,
         request: Request<pbi::HoldStakesRequest>,
     ) -> Result<Response<pbi::HoldStakesResponse>, Status> {
-        let users: Vec<i64> = request.get_ref().holds.iter().map(|h| h.user_id).collect();
-        let user = users
-            .iter()
-            .copied()
-            .find(|&u| self.faults.armed(Rpc::HoldStake, u))
-            .unwrap_or(0);
+        let users = request.get_ref().holds.iter().map(|h| h.user_id);
+        let user = self.first_armed(Rpc::HoldStake, users);
         self.call(
             Rpc::HoldStake,
             user,
@@ -247,13 +249,9 @@ impl StakeService for FaultProxy {
         &self,
         request: Request<pbi::PlaceStakesRequest>,
     ) -> Result<Response<pbi::PlaceStakesResponse>, Status> {
-        let user = request
-            .get_ref()
-            .placements
-            .iter()
-            .filter_map(|p| p.hold.as_ref().map(|h| h.user_id))
-            .find(|&u| self.faults.armed(Rpc::HoldStake, u))
-            .unwrap_or(0);
+        let users = (request.get_ref().placements.iter())
+            .filter_map(|p| p.hold.as_ref().map(|h| h.user_id));
+        let user = self.first_armed(Rpc::HoldStake, users);
         self.call(
             Rpc::HoldStake,
             user,
@@ -270,13 +268,8 @@ impl StakeService for FaultProxy {
         &self,
         request: Request<pbi::PayWinningsBatchRequest>,
     ) -> Result<Response<pbi::PayWinningsBatchResponse>, Status> {
-        let user = request
-            .get_ref()
-            .payouts
-            .iter()
-            .map(|p| p.user_id)
-            .find(|&u| self.faults.armed(Rpc::PayWinnings, u))
-            .unwrap_or(0);
+        let users = request.get_ref().payouts.iter().map(|p| p.user_id);
+        let user = self.first_armed(Rpc::PayWinnings, users);
         self.call(
             Rpc::PayWinnings,
             user,

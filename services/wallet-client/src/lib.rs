@@ -174,12 +174,7 @@ impl WalletClient {
         let response = self
             .inner
             .clone()
-            .hold_stake(within_deadline(pbi::HoldStakeRequest {
-                user_id: user.get(),
-                amount: amount.to_string(),
-                idempotency_key: IdempotencyKey::stake(bet).to_string(),
-                bet_id: bet.to_string(),
-            }))
+            .hold_stake(within_deadline(hold_request(user, amount, bet)))
             .await
             .map_err(WalletCallError::from_status)?;
         balance_of(response.into_inner().wallet)
@@ -199,12 +194,7 @@ impl WalletClient {
             .hold_stakes(within_deadline(pbi::HoldStakesRequest {
                 holds: holds
                     .iter()
-                    .map(|&(user, amount, bet)| pbi::HoldStakeRequest {
-                        user_id: user.get(),
-                        amount: amount.to_string(),
-                        idempotency_key: IdempotencyKey::stake(bet).to_string(),
-                        bet_id: bet.to_string(),
-                    })
+                    .map(|&(user, amount, bet)| hold_request(user, amount, bet))
                     .collect(),
             }))
             .await
@@ -235,12 +225,7 @@ impl WalletClient {
                 placements: placements
                     .iter()
                     .map(|p| pbi::StakePlacement {
-                        hold: Some(pbi::HoldStakeRequest {
-                            user_id: p.user.get(),
-                            amount: p.amount.to_string(),
-                            idempotency_key: IdempotencyKey::stake(p.bet).to_string(),
-                            bet_id: p.bet.to_string(),
-                        }),
+                        hold: Some(hold_request(p.user, p.amount, p.bet)),
                         round_id: p.round.as_str().to_owned(),
                         side: betting_api::convert::side_to_pb(p.side) as i32,
                         bet_key: p.key.as_str().to_owned(),
@@ -370,6 +355,16 @@ fn within_deadline<T>(message: T) -> tonic::Request<T> {
         }
     }
     request
+}
+
+/// A bet's stake to hold, under its key `BET:{bet_id}`.
+fn hold_request(user: UserId, amount: Amount, bet: BetId) -> pbi::HoldStakeRequest {
+    pbi::HoldStakeRequest {
+        user_id: user.get(),
+        amount: amount.to_string(),
+        idempotency_key: IdempotencyKey::stake(bet).to_string(),
+        bet_id: bet.to_string(),
+    }
 }
 
 /// One hold's outcome, sorted like a HoldStake's answer: a refusal keeps

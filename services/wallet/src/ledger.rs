@@ -360,10 +360,11 @@ impl Ledger {
             )
             .into());
         }
-        if wait {
-            let _turn = self.gate.enter(holds[0].user).await?;
-            return self.in_waves(holds, Wave::Placements { wait }).await;
-        }
+        // Alone, the user's turn first, as `post` takes it.
+        let _turn = match wait {
+            true => Some(self.gate.enter(holds[0].user).await?),
+            false => None,
+        };
         self.in_waves(holds, Wave::Placements { wait }).await
     }
 
