@@ -1,6 +1,9 @@
 //! The ledger: storage of wallets and movements.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
 
 use betting_db::StoreError;
 use betting_domain::{
@@ -13,7 +16,11 @@ use uuid::Uuid;
 
 use betting_db::actions::{ActionKind, Actor, PrivilegedAction};
 
-use crate::{WalletError, due, gate::UserGate, placement::Unwritten};
+use crate::{
+    WalletError, due,
+    gate::UserGate,
+    placement::{BetRows, Known, Unwritten},
+};
 
 /// Deposits may fill a wallet up to 10^15. Refunds and payouts are credited
 /// past it (the money is owed); the column's CHECK is a far higher backstop.
@@ -421,7 +428,8 @@ impl Ledger {
             Mode::Place { wait: true, .. } => WalletLocks::Wait,
             _ => WalletLocks::SkipLocked,
         };
-        let (mut batch, locked) = Batch::open(&mut tx, holds, locks).await?;
+        let place = matches!(mode, Mode::Place { .. });
+        let (mut batch, locked, known) = Batch::open(&mut tx, holds, locks, place).await?;
         let users = batch.users_of_new();
         let mut balances: HashMap<i64, Decimal> = locked.into_iter().collect();
         // The statement decided "new" from the rows `Batch` decides from, so
@@ -450,14 +458,11 @@ impl Ledger {
             Vec::new()
         };
         let before = balances.clone();
-        // A placement's bet first: its round open and its key new, as read
-        // now, and a replayed stake's bet the one asked for.
-        let (known, left_out) = match mode {
-            Mode::Place { left_out, .. } => (
-                Some(crate::placement::Known::read(&mut tx, holds).await?),
-                left_out,
-            ),
-            Mode::Hold => (None, &[][..]),
+        // A placement's bet first: its round open and its key new, as
+        // `open` read them, and a replayed stake's bet the one asked for.
+        let left_out = match mode {
+            Mode::Place { left_out, .. } => left_out,
+            Mode::Hold => &[][..],
         };
         if let Some(known) = &known {
             for (i, t) in holds.iter().enumerate() {
@@ -504,16 +509,20 @@ impl Ledger {
                 _ => batch.decide(i, Decision::Record(WalletError::InsufficientFunds)),
             }
         }
-        if known.is_some() {
-            let unwritten = crate::placement::write_bets(&mut tx, &batch).await?;
+        let bets = match known {
+            Some(_) => Some(BetRows::of(&batch)?),
+            None => None,
+        };
+        let (answers, written) = batch
+            .write(&mut tx, EntryKind::Stake, &before, &balances, bets.as_ref())
+            .await?;
+        if let Some(bets) = &bets {
+            let unwritten = bets.unwritten(&mut tx, &written).await?;
             if !unwritten.is_empty() {
                 // Dropping `tx` rolls it all back.
                 return Ok(Held::Unwritten(unwritten));
             }
         }
-        let answers = batch
-            .write(&mut tx, EntryKind::Stake, &before, &balances)
-            .await?;
         tx.commit().await?;
         Ok(Held::Done(answers))
     }
@@ -551,7 +560,7 @@ impl Ledger {
             return Ok(Vec::new());
         }
         let mut tx = betting_db::begin(&self.pool).await?;
-        let (mut batch, _) = Batch::open(&mut tx, payouts, WalletLocks::None).await?;
+        let (mut batch, _, _) = Batch::open(&mut tx, payouts, WalletLocks::None, false).await?;
         // A replayed payout must have paid the bets asked for.
         let replayed: Vec<i64> = batch.entries.values().map(|e| e.entry_id).collect();
         if !replayed.is_empty() {
@@ -729,8 +738,9 @@ impl Ledger {
             })
             .collect();
         let answers = batch
-            .write(&mut tx, EntryKind::Payout, &before, &balances)
-            .await?;
+            .write(&mut tx, EntryKind::Payout, &before, &balances, None)
+            .await?
+            .0;
         // The primary key makes "each bet paid at most once" a database fact.
         if !moved.is_empty() {
             let mut bet_ids = Vec::new();
@@ -924,11 +934,15 @@ impl<'a> Batch<'a> {
     /// not locked, so a replay never makes another batch's hold of that user
     /// `Busy`. The statement runs after the keys' locks are taken, so its
     /// snapshot holds every decision made under them.
+    ///
+    /// With `place` (placements, which lock wallets), the statement reads
+    /// the placements' [`Known`] as well, from the same snapshot.
     async fn open(
         tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
         movements: &'a [Transfer],
         lock_wallets: WalletLocks,
-    ) -> Result<(Batch<'a>, Vec<(i64, Decimal)>), WalletError> {
+        place: bool,
+    ) -> Result<(Batch<'a>, Vec<(i64, Decimal)>, Option<Known>), WalletError> {
         use sqlx::{FromRow, Row};
         let keys: Vec<&str> = movements.iter().map(|t| t.key.as_str()).collect();
         // The aggregate consumes the sorted subquery row by row, so the locks
@@ -977,28 +991,40 @@ impl<'a> Batch<'a> {
             };
         }
         let users: Vec<i64> = movements.iter().map(|t| t.user.get()).collect();
-        let rows = match lock_wallets {
-            WalletLocks::SkipLocked => {
+        let (rounds, bet_keys) = match place {
+            true => Known::asked(movements)?,
+            false => (Vec::new(), Vec::new()),
+        };
+        let query = match (lock_wallets, place) {
+            (WalletLocks::SkipLocked, false) => {
                 sqlx::query(locked_wallets!("FOR UPDATE SKIP LOCKED"))
-                    .bind(&keys)
-                    .bind(&users)
-                    .fetch_all(&mut **tx)
-                    .await?
             }
-            WalletLocks::Wait => {
-                sqlx::query(locked_wallets!("FOR UPDATE"))
-                    .bind(&keys)
-                    .bind(&users)
-                    .fetch_all(&mut **tx)
-                    .await?
-            }
-            WalletLocks::None => {
-                sqlx::query(decisions!())
-                    .bind(&keys)
-                    .fetch_all(&mut **tx)
-                    .await?
+            (WalletLocks::Wait, false) => sqlx::query(locked_wallets!("FOR UPDATE")),
+            (WalletLocks::SkipLocked, true) => sqlx::query(concat!(
+                locked_wallets!("FOR UPDATE SKIP LOCKED"),
+                crate::placement::known_rows!()
+            )),
+            (WalletLocks::Wait, true) => sqlx::query(concat!(
+                locked_wallets!("FOR UPDATE"),
+                crate::placement::known_rows!()
+            )),
+            (WalletLocks::None, false) => sqlx::query(decisions!()),
+            (WalletLocks::None, true) => {
+                return Err(
+                    StoreError::Corrupt("a placement's batch that locks no wallet".into()).into(),
+                );
             }
         };
+        let query = match lock_wallets {
+            WalletLocks::None => query.bind(&keys),
+            _ => query.bind(&keys).bind(&users),
+        };
+        let query = match place {
+            true => query.bind(&rounds).bind(&bet_keys),
+            false => query,
+        };
+        let rows = query.fetch_all(&mut **tx).await?;
+        let mut known = place.then(Known::default);
         let mut entries = Vec::new();
         let mut refusals = Vec::new();
         let mut locked = Vec::new();
@@ -1007,6 +1033,11 @@ impl<'a> Batch<'a> {
             match src {
                 "e" => entries.push(Entry::from_row(row).map_err(StoreError::from)?),
                 "r" => refusals.push(KeyedRefusal::from_row(row).map_err(StoreError::from)?),
+                "o" | "k" if known.is_some() => {
+                    if let Some(known) = &mut known {
+                        known.add(src, row)?;
+                    }
+                }
                 "w" => locked.push((
                     row.try_get::<i64, _>("user_id").map_err(StoreError::from)?,
                     row.try_get::<Decimal, _>("balance_after")
@@ -1044,7 +1075,7 @@ impl<'a> Batch<'a> {
                 batch.new.push(i);
             }
         }
-        Ok((batch, locked))
+        Ok((batch, locked, known))
     }
 
     /// The users of the movements new to the ledger, sorted, once each.
@@ -1089,14 +1120,16 @@ impl<'a> Batch<'a> {
     /// Writes the decisions — each user's balance as one delta (checked
     /// against what was computed from the locked rows), the ledger rows in
     /// request order (so each user's `balance_after` chain follows entry
-    /// ids), the recorded refusals — and answers every movement.
+    /// ids), the recorded refusals, and a placement's `bets` rows — and
+    /// answers every movement, with the ids of the bets written.
     async fn write(
         mut self,
         tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
         kind: EntryKind,
         before: &HashMap<i64, Decimal>,
         after: &HashMap<i64, Decimal>,
-    ) -> Result<Vec<Result<Posted, WalletError>>, WalletError> {
+        bets: Option<&BetRows<'_>>,
+    ) -> Result<(Vec<Result<Posted, WalletError>>, HashSet<Uuid>), WalletError> {
         let t = self.movements;
         let changed: Vec<(i64, Decimal, Decimal)> = after
             .iter()
@@ -1122,56 +1155,125 @@ impl<'a> Batch<'a> {
             })
             .collect();
         let mut updated_at: HashMap<i64, DateTime<Utc>> = HashMap::new();
-        if !changed.is_empty() || !moved.is_empty() || !recorded.is_empty() {
+        let mut written: HashSet<Uuid> = HashSet::new();
+        let bets = bets.filter(|b| !b.is_empty());
+        if !changed.is_empty() || !moved.is_empty() || !recorded.is_empty() || bets.is_some() {
             use sqlx::{FromRow, Row};
-            // The three writes in one statement (one round trip): each is a
+            // The writes in one statement (one round trip): each is a
             // CTE, so each runs once and in full whether or not its rows are
             // read; they write different tables, so their order within the
             // statement does not matter (the ledger rows' foreign key reads
             // the wallet rows, which this transaction holds already and whose
-            // key no write changes). The entries come back as 'l' rows,
-            // the wallets' new balances as 'w' rows (in the entry's
-            // `user_id` and `balance_after`, with `wallet_updated_at`).
+            // key no write changes; a bet row waits only for another
+            // transaction's row of its bet key, in key order: see
+            // `placement.rs`). The entries come back as 'l' rows, the
+            // wallets' new balances as 'w' rows (in the entry's `user_id`
+            // and `balance_after`, with `wallet_updated_at`), and a
+            // placement's bets written as 'b' rows.
             let (counterparty, _) = kind.counterparty();
-            let rows = sqlx::query(concat!(
-                "WITH w AS ( \
-                   UPDATE wallets AS w SET balance = w.balance + v.delta, updated_at = now() \
-                   FROM unnest($1::BIGINT[], $2::NUMERIC[]) AS v(user_id, delta) \
-                   WHERE w.user_id = v.user_id RETURNING w.user_id, w.balance, w.updated_at), \
-                 l AS ( \
-                   INSERT INTO ledger_entries \
-                     (transfer_id, idempotency_key, kind, user_id, counterparty, amount, balance_after, reference) \
-                   SELECT t, k, $5, u, $6, a, b, r \
-                   FROM unnest($3::UUID[], $4::TEXT[], $7::BIGINT[], $8::NUMERIC[], $9::NUMERIC[], $10::TEXT[]) \
-                     WITH ORDINALITY AS v(t, k, u, a, b, r, n) \
-                   ORDER BY n RETURNING ", entry_columns!(), "), \
-                 f AS ( \
-                   INSERT INTO wallet_refusals (idempotency_key, kind, user_id, amount, reference, reason) \
-                   SELECT k, $5, u, a, r, x \
-                   FROM unnest($11::TEXT[], $12::BIGINT[], $13::NUMERIC[], $14::TEXT[], $15::TEXT[]) \
-                     AS v(k, u, a, r, x)) \
-                 SELECT 'l' AS src, ", entry_columns!(), ", NULL::TIMESTAMPTZ AS wallet_updated_at FROM l \
-                 UNION ALL \
-                 SELECT 'w', NULL, NULL, NULL, NULL, user_id, NULL, NULL, balance, NULL, NULL, updated_at \
-                 FROM w"
-            ))
-            .bind(changed.iter().map(|c| c.0).collect::<Vec<_>>())
-            .bind(changed.iter().map(|c| c.1).collect::<Vec<_>>())
-            .bind(moved.iter().map(|_| Uuid::now_v7()).collect::<Vec<_>>())
-            .bind(moved.iter().map(|&(i, _, _)| t[i].key.as_str()).collect::<Vec<_>>())
-            .bind(kind.as_db())
-            .bind(counterparty.as_db())
-            .bind(moved.iter().map(|&(i, _, _)| t[i].user.get()).collect::<Vec<_>>())
-            .bind(moved.iter().map(|&(_, delta, _)| delta).collect::<Vec<_>>())
-            .bind(moved.iter().map(|&(_, _, balance)| balance).collect::<Vec<_>>())
-            .bind(moved.iter().map(|&(i, _, _)| t[i].reference.as_str()).collect::<Vec<_>>())
-            .bind(recorded.iter().map(|&(i, _)| t[i].key.as_str()).collect::<Vec<_>>())
-            .bind(recorded.iter().map(|&(i, _)| t[i].user.get()).collect::<Vec<_>>())
-            .bind(recorded.iter().map(|&(i, _)| t[i].amount.as_decimal()).collect::<Vec<_>>())
-            .bind(recorded.iter().map(|&(i, _)| t[i].reference.as_str()).collect::<Vec<_>>())
-            .bind(recorded.iter().map(|&(_, reason)| reason).collect::<Vec<_>>())
-            .fetch_all(&mut **tx)
-            .await?;
+            macro_rules! writes {
+                () => {
+                    concat!(
+                        "w AS ( \
+                           UPDATE wallets AS w SET balance = w.balance + v.delta, updated_at = now() \
+                           FROM unnest($1::BIGINT[], $2::NUMERIC[]) AS v(user_id, delta) \
+                           WHERE w.user_id = v.user_id RETURNING w.user_id, w.balance, w.updated_at), \
+                         l AS ( \
+                           INSERT INTO ledger_entries \
+                             (transfer_id, idempotency_key, kind, user_id, counterparty, amount, balance_after, reference) \
+                           SELECT t, k, $5, u, $6, a, b, r \
+                           FROM unnest($3::UUID[], $4::TEXT[], $7::BIGINT[], $8::NUMERIC[], $9::NUMERIC[], $10::TEXT[]) \
+                             WITH ORDINALITY AS v(t, k, u, a, b, r, n) \
+                           ORDER BY n RETURNING ", entry_columns!(), "), \
+                         f AS ( \
+                           INSERT INTO wallet_refusals (idempotency_key, kind, user_id, amount, reference, reason) \
+                           SELECT k, $5, u, a, r, x \
+                           FROM unnest($11::TEXT[], $12::BIGINT[], $13::NUMERIC[], $14::TEXT[], $15::TEXT[]) \
+                             AS v(k, u, a, r, x)) \
+                         SELECT 'l' AS src, ", entry_columns!(), ", NULL::TIMESTAMPTZ AS wallet_updated_at FROM l \
+                         UNION ALL \
+                         SELECT 'w', NULL, NULL, NULL, NULL, user_id, NULL, NULL, balance, NULL, NULL, updated_at \
+                         FROM w"
+                    )
+                };
+            }
+            let query = match bets {
+                None => sqlx::query(concat!("WITH ", writes!())),
+                Some(_) => sqlx::query(concat!(
+                    "WITH ",
+                    crate::placement::insert_bets!(),
+                    writes!(),
+                    " UNION ALL \
+                     SELECT 'b', NULL, bet_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL \
+                     FROM b"
+                )),
+            };
+            let query = query
+                .bind(changed.iter().map(|c| c.0).collect::<Vec<_>>())
+                .bind(changed.iter().map(|c| c.1).collect::<Vec<_>>())
+                .bind(moved.iter().map(|_| Uuid::now_v7()).collect::<Vec<_>>())
+                .bind(
+                    moved
+                        .iter()
+                        .map(|&(i, _, _)| t[i].key.as_str())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(kind.as_db())
+                .bind(counterparty.as_db())
+                .bind(
+                    moved
+                        .iter()
+                        .map(|&(i, _, _)| t[i].user.get())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(moved.iter().map(|&(_, delta, _)| delta).collect::<Vec<_>>())
+                .bind(
+                    moved
+                        .iter()
+                        .map(|&(_, _, balance)| balance)
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    moved
+                        .iter()
+                        .map(|&(i, _, _)| t[i].reference.as_str())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    recorded
+                        .iter()
+                        .map(|&(i, _)| t[i].key.as_str())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    recorded
+                        .iter()
+                        .map(|&(i, _)| t[i].user.get())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    recorded
+                        .iter()
+                        .map(|&(i, _)| t[i].amount.as_decimal())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    recorded
+                        .iter()
+                        .map(|&(i, _)| t[i].reference.as_str())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    recorded
+                        .iter()
+                        .map(|&(_, reason)| reason)
+                        .collect::<Vec<_>>(),
+                );
+            let query = match bets {
+                Some(bets) => bets.bind(query),
+                None => query,
+            };
+            let rows = query.fetch_all(&mut **tx).await?;
             let mut balances: Vec<(i64, Decimal, DateTime<Utc>)> = Vec::new();
             let mut entries = 0;
             for row in &rows {
@@ -1181,6 +1283,9 @@ impl<'a> Batch<'a> {
                         let entry = Entry::from_row(row).map_err(StoreError::from)?;
                         self.entries.insert(entry.idempotency_key.clone(), entry);
                         entries += 1;
+                    }
+                    "b" => {
+                        written.insert(row.try_get("transfer_id").map_err(StoreError::from)?);
                     }
                     "w" => balances.push((
                         row.try_get("user_id").map_err(StoreError::from)?,
@@ -1239,11 +1344,12 @@ impl<'a> Batch<'a> {
                 Decision::Record(e) | Decision::Skip(e) => Err(e),
             });
         }
-        Ok(self
+        let answers = self
             .answers
             .into_iter()
             .map(|a| a.unwrap_or(Err(WalletError::IdempotencyConflict)))
-            .collect())
+            .collect();
+        Ok((answers, written))
     }
 }
 

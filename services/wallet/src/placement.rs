@@ -16,7 +16,7 @@
 //! 1. every stake key's lock (`BET:{bet_id}`: the bet ids are new, so these
 //!    are new keys), the keys' earlier decisions, and the new holds' wallet
 //!    rows, as for HoldStakes;
-//! 2. [`Known::read`]: one statement reads which of the placements' rounds
+//! 2. [`Known`]: the same statement reads which of the placements' rounds
 //!    are open and which of their bet keys name a bet already. A placement
 //!    whose round is not open or whose key is taken is refused
 //!    (`ROUND_NOT_OPEN`, `IDEMPOTENCY_KEY_REUSED`: BettingService then
@@ -24,11 +24,10 @@
 //!    replayed stake whose bet is not the one asked for (another round,
 //!    side or key) is a reused key;
 //! 3. each other hold decided in request order against the locked balances;
-//! 4. [`write_bets`]: one INSERT of the decided bets' rows, each only if its
-//!    round is open, `ON CONFLICT DO NOTHING` (the bet key
-//!    `(user_id, idempotency_key)` and the bet id are unique);
-//! 5. the balances, the ledger rows and the refusals, as for HoldStakes;
-//!    one commit.
+//! 4. the balances, the ledger rows, the refusals and the decided bets'
+//!    rows ([`BetRows`], [`insert_bets!`]) in one statement: each row only
+//!    if its round is open, `ON CONFLICT DO NOTHING` (the bet key
+//!    `(user_id, idempotency_key)` and the bet id are unique); one commit.
 //!
 //! A bet key twice among a call's new placements: only the first is
 //! decided; the others are answered `Busy` (placed alone by their callers,
@@ -132,98 +131,86 @@ struct KnownBet {
     amount: Decimal,
 }
 
-/// One row of [`Known::read`]'s statement.
-#[derive(sqlx::FromRow)]
-struct KnownRow {
-    src: String,
-    round_id: String,
-    bet_id: Option<Uuid>,
-    user_id: Option<i64>,
-    key: Option<String>,
-    side: Option<String>,
-    amount: Option<Decimal>,
-}
-
 /// What the bets and rounds say of a call's placements, read in its
 /// transaction before anything is decided: which of their rounds are open,
 /// and which of their bet keys name a bet already. It spares the batch a
 /// rerun for the common refusals (a bet on a closed round, a client's
 /// retry of a placed bet) and checks a replayed stake's bet.
+///
+/// Read by `Batch::open`'s statement ([`known_rows!`]), from the snapshot
+/// its decisions and wallet rows are read from, after the keys' locks: one
+/// round trip fewer than reading it alone.
+#[derive(Default)]
 pub(crate) struct Known {
     open: HashSet<String>,
     by_key: HashMap<(i64, String), KnownBet>,
 }
 
+/// The rows of [`Known`], as UNION ALL branches of `Batch::open`'s
+/// statement (the decisions' columns: see there), over `$2` (each
+/// placement's user) and [`Known::bind`]'s `$3` (the placements' rounds)
+/// and `$4` (each placement's bet key): an open round as an `'o'` row (the
+/// round in `reference`), a bet under one of the keys as a `'k'` row (the
+/// bet id in `transfer_id`, its key in `idempotency_key`, its side in
+/// `reason`, its round in `reference`).
+macro_rules! known_rows {
+    () => {
+        " UNION ALL \
+         SELECT 'o', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, round_id, NULL, NULL \
+         FROM rounds WHERE round_id = ANY($3) AND status = 'OPEN' \
+         UNION ALL \
+         SELECT 'k', NULL, b.bet_id, b.idempotency_key, NULL, b.user_id, NULL, b.amount, NULL, \
+           b.round_id, NULL, b.side \
+         FROM bets b JOIN unnest($2::BIGINT[], $4::TEXT[]) AS v(u, k) \
+           ON b.user_id = v.u AND b.idempotency_key = v.k"
+    };
+}
+pub(crate) use known_rows;
+
 impl Known {
-    pub(crate) async fn read(
-        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-        holds: &[Transfer],
-    ) -> Result<Self, WalletError> {
-        let mut rounds: Vec<&str> = Vec::new();
-        let mut users = Vec::with_capacity(holds.len());
+    /// The rounds (sorted, once each) and the bet keys (one a placement)
+    /// [`known_rows!`] reads.
+    pub(crate) fn asked(holds: &[Transfer]) -> Result<(Vec<&str>, Vec<&str>), WalletError> {
+        let mut rounds: Vec<&str> = Vec::with_capacity(holds.len());
         let mut keys = Vec::with_capacity(holds.len());
         for t in holds {
             let bet = placed(t)?;
             rounds.push(bet.round.as_str());
-            users.push(t.user.get());
             keys.push(bet.key.as_str());
         }
         rounds.sort_unstable();
         rounds.dedup();
-        // Two kinds of row, told apart by `src`: an open round ('o') and a
-        // bet under one of the keys ('k').
-        let rows: Vec<KnownRow> = sqlx::query_as(
-            "SELECT 'o' AS src, round_id, NULL::UUID AS bet_id, NULL::BIGINT AS user_id, \
-               NULL::TEXT AS key, NULL::TEXT AS side, NULL::NUMERIC AS amount \
-             FROM rounds WHERE round_id = ANY($1) AND status = 'OPEN' \
-             UNION ALL \
-             SELECT 'k', b.round_id, b.bet_id, b.user_id, b.idempotency_key, b.side, b.amount \
-             FROM bets b JOIN unnest($2::BIGINT[], $3::TEXT[]) AS v(u, k) \
-               ON b.user_id = v.u AND b.idempotency_key = v.k",
-        )
-        .bind(&rounds)
-        .bind(&users)
-        .bind(&keys)
-        .fetch_all(&mut **tx)
-        .await?;
-        let mut known = Known {
-            open: HashSet::new(),
-            by_key: HashMap::new(),
-        };
-        for KnownRow {
-            src,
-            round_id,
-            bet_id,
-            user_id,
-            key,
-            side,
-            amount,
-        } in rows
-        {
-            match (src.as_str(), bet_id, user_id, key, side, amount) {
-                ("o", ..) => {
-                    known.open.insert(round_id);
-                }
-                ("k", Some(bet_id), Some(user_id), Some(key), Some(side), Some(amount)) => {
-                    known.by_key.insert(
-                        (user_id, key),
-                        KnownBet {
-                            bet_id,
-                            round_id,
-                            side,
-                            amount,
-                        },
-                    );
-                }
-                _ => {
-                    return Err(betting_db::StoreError::Corrupt(
-                        "a placement's pre-read returned an unknown row".into(),
-                    )
-                    .into());
-                }
+        Ok((rounds, keys))
+    }
+
+    /// Adds one row of [`known_rows!`] (`src` `'o'` or `'k'`).
+    pub(crate) fn add(
+        &mut self,
+        src: &str,
+        row: &sqlx::postgres::PgRow,
+    ) -> Result<(), WalletError> {
+        use sqlx::Row;
+        let get = |e: sqlx::Error| WalletError::from(betting_db::StoreError::from(e));
+        let round_id: String = row.try_get("reference").map_err(get)?;
+        match src {
+            "o" => {
+                self.open.insert(round_id);
+            }
+            _ => {
+                let user_id: i64 = row.try_get("user_id").map_err(get)?;
+                let key: String = row.try_get("idempotency_key").map_err(get)?;
+                self.by_key.insert(
+                    (user_id, key),
+                    KnownBet {
+                        bet_id: row.try_get("transfer_id").map_err(get)?,
+                        round_id,
+                        side: row.try_get("reason").map_err(get)?,
+                        amount: row.try_get("amount").map_err(get)?,
+                    },
+                );
             }
         }
-        Ok(known)
+        Ok(())
     }
 
     /// Why this new placement's row cannot be written, if it cannot.
@@ -266,104 +253,144 @@ fn placed(t: &Transfer) -> Result<&crate::BetPlacement, WalletError> {
         .ok_or_else(|| betting_db::StoreError::Corrupt("a placement without its bet".into()).into())
 }
 
-/// Writes the bet row of every new hold of `batch` the way it was decided:
-/// `PENDING` (version 1, the balance after its stake) when held, `REJECTED`
-/// when refused for want of funds; a hold otherwise refused or left
-/// undecided (`Busy`) writes nothing. Returns the holds whose rows were not
-/// written (a race the pre-read could not see), each with why; the caller
-/// then rolls the transaction back.
-pub(crate) async fn write_bets(
-    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    batch: &Batch<'_>,
-) -> Result<Vec<(usize, Unwritten)>, WalletError> {
-    let mut rows: Vec<(usize, Option<Decimal>)> = Vec::new();
-    for &i in &batch.new {
-        match batch.decisions.get(&i) {
-            Some(Decision::Move(_, balance)) => rows.push((i, Some(*balance))),
-            Some(Decision::Record(WalletError::InsufficientFunds)) => rows.push((i, None)),
-            _ => {}
-        }
-    }
-    if rows.is_empty() {
-        return Ok(Vec::new());
-    }
-    let t = batch.movements;
-    let mut ids = Vec::with_capacity(rows.len());
-    let mut users = Vec::with_capacity(rows.len());
-    let mut keys = Vec::with_capacity(rows.len());
-    let mut rounds = Vec::with_capacity(rows.len());
-    let mut sides = Vec::with_capacity(rows.len());
-    let mut amounts = Vec::with_capacity(rows.len());
-    let mut balances = Vec::with_capacity(rows.len());
-    for &(i, balance) in &rows {
-        let bet = placed(&t[i])?;
-        let id = Uuid::parse_str(&t[i].reference).map_err(|_| {
-            betting_db::StoreError::Corrupt("a stake's reference is no bet id".into())
-        })?;
-        ids.push(id);
-        users.push(t[i].user.get());
-        keys.push(bet.key.as_str());
-        rounds.push(bet.round.as_str());
-        sides.push(bet.side.as_db());
-        amounts.push(t[i].amount.as_decimal());
-        balances.push(balance);
-    }
-    // In the order of the bet key (see the module doc); a PENDING row at
-    // version 1 and a REJECTED one at 0, as the PLACING saga left them.
-    // Stamped with the clock, not the transaction's start: a lone placement
-    // may have waited seconds for its wallet row, and the streams' sweep
-    // and resumes read changes by `updated_at` with a margin of seconds.
-    let written: HashSet<Uuid> = sqlx::query_scalar(
-        "INSERT INTO bets (bet_id, user_id, idempotency_key, round_id, side, amount, status, \
-           reject_reason, balance_after, version, created_at, updated_at) \
-         SELECT v.bet_id, v.user_id, v.key, v.round_id, v.side, v.amount, \
-           CASE WHEN v.balance IS NULL THEN 'REJECTED' ELSE 'PENDING' END, \
-           CASE WHEN v.balance IS NULL THEN 'INSUFFICIENT_FUNDS' END, \
-           v.balance, CASE WHEN v.balance IS NULL THEN 0 ELSE 1 END, \
-           clock_timestamp(), clock_timestamp() \
-         FROM unnest($1::UUID[], $2::BIGINT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], \
-                     $6::NUMERIC[], $7::NUMERIC[]) \
-           WITH ORDINALITY AS v(bet_id, user_id, key, round_id, side, amount, balance, n) \
-         WHERE EXISTS (SELECT 1 FROM rounds r WHERE r.round_id = v.round_id AND r.status = 'OPEN') \
-         ORDER BY v.user_id, v.key, v.n \
-         ON CONFLICT DO NOTHING \
-         RETURNING bet_id",
-    )
-    .bind(&ids)
-    .bind(&users)
-    .bind(&keys)
-    .bind(&rounds)
-    .bind(&sides)
-    .bind(&amounts)
-    .bind(&balances)
-    .fetch_all(&mut **tx)
-    .await?
-    .into_iter()
-    .collect();
-    let missing: Vec<usize> = (0..rows.len())
-        .filter(|&n| !written.contains(&ids[n]))
-        .collect();
-    if missing.is_empty() {
-        return Ok(Vec::new());
-    }
-    let asked: Vec<&str> = missing.iter().map(|&n| rounds[n]).collect();
-    let open: HashSet<String> = sqlx::query_scalar(
-        "SELECT round_id FROM rounds WHERE round_id = ANY($1) AND status = 'OPEN'",
-    )
-    .bind(&asked)
-    .fetch_all(&mut **tx)
-    .await?
-    .into_iter()
-    .collect();
-    Ok(missing
-        .into_iter()
-        .map(|n| {
-            let why = if open.contains(rounds[n]) {
-                Unwritten::KeyTaken
-            } else {
-                Unwritten::RoundNotOpen
+/// The bet rows of a batch's decided placements, written by the batch's
+/// own write statement ([`insert_bets!`], in `Batch::write`): `PENDING`
+/// (version 1, the balance after its stake) when held, `REJECTED` when
+/// refused for want of funds; a hold otherwise refused or left undecided
+/// (`Busy`) writes nothing. One statement for the balances, the ledger
+/// rows, the refusals and the bets: one round trip fewer than writing the
+/// bets on their own, and the rows' locks held that much less.
+pub(crate) struct BetRows<'a> {
+    /// Each row's hold, in `batch.movements`.
+    holds: Vec<usize>,
+    ids: Vec<Uuid>,
+    users: Vec<i64>,
+    keys: Vec<&'a str>,
+    rounds: Vec<&'a str>,
+    sides: Vec<&'static str>,
+    amounts: Vec<Decimal>,
+    balances: Vec<Option<Decimal>>,
+}
+
+/// The bets CTE of `Batch::write`'s statement, `b`, over `$16`–`$22`
+/// (bound by [`BetRows::bind`]); its rows come back as `'b'` rows, the bet
+/// id in `transfer_id`.
+///
+/// In the order of the bet key (see the module doc); a PENDING row at
+/// version 1 and a REJECTED one at 0, as the PLACING saga left them. Stamped
+/// with the clock, not the transaction's start: a lone placement may have
+/// waited seconds for its wallet row, and the streams' sweep and resumes
+/// read changes by `updated_at` with a margin of seconds. A row is written
+/// only if its round is open, as the statement reads it.
+macro_rules! insert_bets {
+    () => {
+        "b AS ( \
+           INSERT INTO bets (bet_id, user_id, idempotency_key, round_id, side, amount, status, \
+             reject_reason, balance_after, version, created_at, updated_at) \
+           SELECT v.bet_id, v.user_id, v.key, v.round_id, v.side, v.amount, \
+             CASE WHEN v.balance IS NULL THEN 'REJECTED' ELSE 'PENDING' END, \
+             CASE WHEN v.balance IS NULL THEN 'INSUFFICIENT_FUNDS' END, \
+             v.balance, CASE WHEN v.balance IS NULL THEN 0 ELSE 1 END, \
+             clock_timestamp(), clock_timestamp() \
+           FROM unnest($16::UUID[], $17::BIGINT[], $18::TEXT[], $19::TEXT[], $20::TEXT[], \
+                       $21::NUMERIC[], $22::NUMERIC[]) \
+             WITH ORDINALITY AS v(bet_id, user_id, key, round_id, side, amount, balance, n) \
+           WHERE EXISTS (SELECT 1 FROM rounds r WHERE r.round_id = v.round_id AND r.status = 'OPEN') \
+           ORDER BY v.user_id, v.key, v.n \
+           ON CONFLICT DO NOTHING \
+           RETURNING bet_id), "
+    };
+}
+pub(crate) use insert_bets;
+
+impl<'a> BetRows<'a> {
+    /// The rows `batch`'s decisions call for.
+    pub(crate) fn of(batch: &Batch<'a>) -> Result<Self, WalletError> {
+        let t = batch.movements;
+        let mut rows = BetRows {
+            holds: Vec::new(),
+            ids: Vec::new(),
+            users: Vec::new(),
+            keys: Vec::new(),
+            rounds: Vec::new(),
+            sides: Vec::new(),
+            amounts: Vec::new(),
+            balances: Vec::new(),
+        };
+        for &i in &batch.new {
+            let balance = match batch.decisions.get(&i) {
+                Some(Decision::Move(_, balance)) => Some(*balance),
+                Some(Decision::Record(WalletError::InsufficientFunds)) => None,
+                _ => continue,
             };
-            (rows[n].0, why)
-        })
-        .collect())
+            let bet = placed(&t[i])?;
+            let id = Uuid::parse_str(&t[i].reference).map_err(|_| {
+                betting_db::StoreError::Corrupt("a stake's reference is no bet id".into())
+            })?;
+            rows.holds.push(i);
+            rows.ids.push(id);
+            rows.users.push(t[i].user.get());
+            rows.keys.push(bet.key.as_str());
+            rows.rounds.push(bet.round.as_str());
+            rows.sides.push(bet.side.as_db());
+            rows.amounts.push(t[i].amount.as_decimal());
+            rows.balances.push(balance);
+        }
+        Ok(rows)
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// Binds `$16`–`$22` of [`insert_bets!`].
+    pub(crate) fn bind<'q>(
+        &'q self,
+        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        query
+            .bind(&self.ids)
+            .bind(&self.users)
+            .bind(&self.keys)
+            .bind(&self.rounds)
+            .bind(&self.sides)
+            .bind(&self.amounts)
+            .bind(&self.balances)
+    }
+
+    /// The holds whose rows the statement did not write (`written`: the
+    /// bet ids it did), each with why: a race the pre-read could not see.
+    /// The caller then rolls the transaction back.
+    pub(crate) async fn unwritten(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+        written: &HashSet<Uuid>,
+    ) -> Result<Vec<(usize, Unwritten)>, WalletError> {
+        let missing: Vec<usize> = (0..self.ids.len())
+            .filter(|&n| !written.contains(&self.ids[n]))
+            .collect();
+        if missing.is_empty() {
+            return Ok(Vec::new());
+        }
+        let asked: Vec<&str> = missing.iter().map(|&n| self.rounds[n]).collect();
+        let open: HashSet<String> = sqlx::query_scalar(
+            "SELECT round_id FROM rounds WHERE round_id = ANY($1) AND status = 'OPEN'",
+        )
+        .bind(&asked)
+        .fetch_all(&mut **tx)
+        .await?
+        .into_iter()
+        .collect();
+        Ok(missing
+            .into_iter()
+            .map(|n| {
+                let why = if open.contains(self.rounds[n]) {
+                    Unwritten::KeyTaken
+                } else {
+                    Unwritten::RoundNotOpen
+                };
+                (self.holds[n], why)
+            })
+            .collect())
+    }
 }
