@@ -13,9 +13,11 @@
 //!    finds out why as a lone PlaceBet does; a bet whose wallet row another
 //!    movement holds is left to the lone path, so one held row never stalls
 //!    the batch);
-//! 2. one read of the placed rows; their change notes go out in one
-//!    message, and one match job per (round, stake) group of the batch (the
-//!    matcher matches a job's whole group).
+//! 2. the placed rows (as the wallet wrote them, or read back); their
+//!    change notes go out in one
+//!    message, the callers are answered, and then one match job goes out per
+//!    (round, stake) group of the batch (the matcher matches a job's whole
+//!    group; [`MatchJobs`]).
 //!
 //! Batching changes no outcome and no crash point, only how many bets share
 //! a commit:
@@ -47,6 +49,7 @@ use betting_domain::BetId;
 use betting_queue::Queue;
 use betting_streams::{Changes, Publisher};
 use betting_wallet_client::{Hold, Placement, WalletCallError, WalletClient};
+use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::Instrument;
@@ -186,14 +189,35 @@ async fn run(parts: &Parts, batch: Vec<Request>) {
         spans.push(request.span);
         replies.push(request.reply);
     }
-    let placed = place_all(parts, &bets, &spans, false).instrument(span);
-    let answers = match deadline {
+    let placed = place_all(parts, &bets, &spans, false).instrument(span.clone());
+    let (answers, jobs) = match deadline {
         Some(deadline) => betting_deadline::scope(deadline, placed).await,
         None => placed.await,
     };
     for (reply, answer) in replies.into_iter().zip(answers) {
         // A caller that gave up is gone; its bet is finished all the same.
         let _ = reply.send(answer);
+    }
+    // After the answers, within the batch's slot (so a slow queue slows the
+    // batches, never piles up jobs).
+    jobs.send(&parts.match_queue).instrument(span).await;
+}
+
+/// The match jobs of a batch's placed bets: one per (round, stake) group of
+/// the batch, each carrying the PlaceBet trace of the bet it is named
+/// after. Sent after the batch's callers are answered (the answer waits for
+/// the commit, never for the queue). Best effort, pipelined: the reconciler
+/// re-derives every PENDING bet's job, so a crash or a queue outage between
+/// the answer and the send delays a match, never loses one.
+#[must_use = "the match jobs are sent by `send`"]
+pub(crate) struct MatchJobs(Vec<(MatchJob, tracing::Span)>);
+
+impl MatchJobs {
+    pub(crate) async fn send(self, queue: &Queue) {
+        futures::future::join_all(self.0.into_iter().map(|(job, span)| {
+            async move { betting_jobs::enqueue(queue, &job).await }.instrument(span)
+        }))
+        .await;
     }
 }
 
@@ -216,14 +240,27 @@ fn batch_span(batch: &[Request]) -> tracing::Span {
 
 /// A batch's placement: one PlaceStakes call, in which the wallet holds
 /// every stake and writes every bet's row in one transaction; then the
-/// change notes and the match jobs. One answer per bet, in order (`spans`:
-/// each bet's caller's). With `wait` (the lone path: one bet), the wallet
-/// waits for a busy wallet row instead of answering `Alone`.
+/// change notes. One answer per bet, in order (`spans`: each bet's
+/// caller's), and the placed bets' match jobs, for the caller to send once
+/// it has answered. With `wait` (the lone path: one bet), the wallet waits
+/// for a busy wallet row instead of answering `Alone`.
 pub(crate) async fn place_all(
     parts: &Parts,
     bets: &[NewBet],
     spans: &[tracing::Span],
     wait: bool,
+) -> (Vec<Answer>, MatchJobs) {
+    let mut jobs = MatchJobs(Vec::new());
+    let answers = place_batch(parts, bets, spans, wait, &mut jobs).await;
+    (answers, jobs)
+}
+
+async fn place_batch(
+    parts: &Parts,
+    bets: &[NewBet],
+    spans: &[tracing::Span],
+    wait: bool,
+    jobs: &mut MatchJobs,
 ) -> Vec<Answer> {
     let placements: Vec<Placement<'_>> = bets.iter().map(NewBet::placement).collect();
     let held = match parts.wallet.place_stakes(&placements, wait).await {
@@ -249,11 +286,14 @@ pub(crate) async fn place_all(
         }
     };
     let mut answers: Vec<Answer> = bets.iter().map(|_| Ok(Batched::NotWritten)).collect();
-    let mut placed: Vec<(usize, Decimal)> = Vec::new();
+    let mut placed: Vec<(usize, Decimal, Option<DateTime<Utc>>)> = Vec::new();
     for (i, outcome) in held.into_iter().enumerate() {
         answers[i] = match outcome {
-            Hold::Held(balance) => {
-                placed.push((i, balance));
+            Hold::Held {
+                balance,
+                bet_written_at,
+            } => {
+                placed.push((i, balance, bet_written_at));
                 continue;
             }
             Hold::Busy => Ok(Batched::Alone),
@@ -262,7 +302,7 @@ pub(crate) async fn place_all(
     }
     #[cfg(feature = "fault-injection")]
     if parts.faults.fail_after_stake() {
-        for &(i, _) in &placed {
+        for &(i, ..) in &placed {
             answers[i] = Err(BettingError::Internal(anyhow::anyhow!(
                 "injected fault: crashed after placing bet {}",
                 bets[i].bet
@@ -273,22 +313,36 @@ pub(crate) async fn place_all(
     if placed.is_empty() {
         return answers;
     }
-    let ids: Vec<BetId> = placed.iter().map(|&(i, _)| bets[i].bet).collect();
-    let rows = match betting_db::timed("placed_rows", parts.store.get_many(&ids)).await {
-        Ok(rows) => rows,
+    // A row the wallet wrote by this call is known whole (`written_row`);
+    // any other (a replay, a wallet of an earlier release) is read back.
+    let unknown: Vec<BetId> = placed
+        .iter()
+        .filter(|(_, _, at)| at.is_none())
+        .map(|&(i, ..)| bets[i].bet)
+        .collect();
+    let read = match unknown.is_empty() {
+        true => Ok(Vec::new()),
+        false => betting_db::timed("placed_rows", parts.store.get_many(&unknown)).await,
+    };
+    let mut rows: HashMap<Uuid, BetRow> = match read {
+        Ok(rows) => rows.into_iter().map(|row| (row.bet_id, row)).collect(),
         Err(e) => {
             // Placed all the same: each retry is answered from its row.
             let e = Arc::new(BettingError::from(e));
-            for &(i, _) in &placed {
+            for &(i, ..) in &placed {
                 answers[i] = Err(BettingError::Shared(e.clone()));
             }
             return answers;
         }
     };
-    let rows: HashMap<Uuid, BetRow> = rows.into_iter().map(|row| (row.bet_id, row)).collect();
+    for &(i, balance, at) in &placed {
+        if let Some(at) = at {
+            rows.insert(bets[i].bet.as_uuid(), bets[i].written_row(balance, at));
+        }
+    }
     let placed: Vec<(usize, &BetRow, Decimal)> = placed
         .into_iter()
-        .filter_map(|(i, balance)| match rows.get(&bets[i].bet.as_uuid()) {
+        .filter_map(|(i, balance, _)| match rows.get(&bets[i].bet.as_uuid()) {
             Some(row) => Some((i, row, balance)),
             None => {
                 // Committed with its stake, so this is a bug: say so.
@@ -306,25 +360,19 @@ pub(crate) async fn place_all(
     });
     // One match job per (round, stake) group of the batch, named after its
     // first bet: the matcher matches a job's whole group, and the bets of
-    // one transaction became PENDING together (`Matcher::match_bet`). Best
-    // effort, pipelined: the reconciler re-derives every PENDING bet's job.
-    let mut leaders: Vec<(usize, &BetRow)> = Vec::new();
+    // one transaction became PENDING together (`Matcher::match_bet`).
+    let mut leaders: Vec<&BetRow> = Vec::new();
     for &(i, row, _) in &placed {
         if !leaders
             .iter()
-            .any(|(_, l)| l.round_id == row.round_id && l.amount == row.amount)
+            .any(|l| l.round_id == row.round_id && l.amount == row.amount)
         {
-            leaders.push((i, row));
+            leaders.push(row);
+            // The job carries its leader's own PlaceBet trace.
+            let span = spans.get(i).cloned().unwrap_or_else(tracing::Span::current);
+            jobs.0.push((MatchJob::new(row.id(), &row.round_id), span));
         }
     }
-    futures::future::join_all(leaders.iter().map(|&(i, row)| {
-        let job = MatchJob::new(row.id(), &row.round_id);
-        let queue = &parts.match_queue;
-        // The job carries its leader's own PlaceBet trace.
-        let span = spans.get(i).cloned().unwrap_or_else(tracing::Span::current);
-        async move { betting_jobs::enqueue(queue, &job).await }.instrument(span)
-    }))
-    .await;
     for (i, row, balance) in placed {
         answers[i] = Ok(Batched::Placed(Box::new(Placed {
             bet: row.clone(),

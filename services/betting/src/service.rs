@@ -363,14 +363,15 @@ impl BettingService {
     /// user's wallet row if another movement holds it: the batch's steps
     /// (`placer::place_all`) for this bet alone.
     async fn place_alone(&self, new: &NewBet) -> Result<Option<Placed>, BettingError> {
-        let answer = crate::placer::place_all(
+        let (mut answers, jobs) = crate::placer::place_all(
             &self.parts(),
             std::slice::from_ref(new),
             &[tracing::Span::current()],
             true,
         )
-        .await
-        .pop();
+        .await;
+        jobs.send(&self.match_queue).await;
+        let answer = answers.pop();
         match answer {
             Some(Ok(Batched::Placed(placed))) => Ok(Some(*placed)),
             Some(Ok(Batched::NotWritten)) => Ok(None),

@@ -83,6 +83,33 @@ impl NewBet {
             key: &self.key,
         }
     }
+
+    /// The row PlaceStakes writes for this bet when it holds its stake
+    /// (the wallet's `placement.rs`): PENDING at version 1, with the balance
+    /// after the stake, written `at` (its `created_at` and `updated_at`).
+    /// What a held outcome's `bet_written_at` vouches for, so the placer
+    /// need not read it back; `place_bet_takes_the_stake_and_hands_the_bet_to_the_matcher`
+    /// checks it against GetBet's row.
+    pub fn written_row(&self, balance: Decimal, at: DateTime<Utc>) -> BetRow {
+        BetRow {
+            bet_id: self.bet.as_uuid(),
+            user_id: self.user,
+            idempotency_key: self.key.as_str().to_owned(),
+            round_id: self.round.as_str().to_owned(),
+            side: self.side,
+            amount: self.amount.amount(),
+            status: BetStatus::Pending,
+            reject_reason: None,
+            match_id: None,
+            result: None,
+            payout: None,
+            refund_reason: None,
+            balance_after: Some(balance),
+            version: 1,
+            created_at: at,
+            updated_at: at,
+        }
+    }
 }
 
 #[derive(Clone)]

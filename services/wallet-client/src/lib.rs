@@ -16,6 +16,7 @@ use betting_api::{
 };
 use betting_auth::ServiceCredentials;
 use betting_domain::{Amount, BetId, IdempotencyKey, MatchId, RoundId, Side, UserId};
+use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use tonic::{
     Code, Status,
@@ -116,8 +117,13 @@ pub struct Placement<'a> {
 /// One hold's answer in a [`WalletClient::hold_stakes`] batch.
 #[derive(Debug)]
 pub enum Hold {
-    /// Held; the balance right after.
-    Held(Decimal),
+    /// Held; the balance right after, and for a placement whose bet row
+    /// this call wrote, when (the row is then PENDING at version 1, as
+    /// asked: `HoldStakeOutcome.bet_written_at`).
+    Held {
+        balance: Decimal,
+        bet_written_at: Option<DateTime<Utc>>,
+    },
     /// The user's wallet row was held by another movement, so the batch
     /// left this hold undecided (nothing recorded): hold it alone.
     Busy,
@@ -373,7 +379,14 @@ fn hold_outcome(outcome: pbi::HoldStakeOutcome) -> Hold {
     use pbi::hold_stake_outcome::Outcome;
     match outcome.outcome {
         Some(Outcome::Held(held)) => match balance_of(held.wallet) {
-            Ok(balance) => Hold::Held(balance),
+            Ok(balance) => Hold::Held {
+                balance,
+                bet_written_at: match outcome.bet_written_at.map(datetime) {
+                    Some(None) => return Hold::Failed(WalletCallError::Malformed("a bet's time")),
+                    Some(Some(at)) => Some(at),
+                    None => None,
+                },
+            },
             Err(e) => Hold::Failed(e),
         },
         Some(Outcome::Refused(refused)) if refused.reason == "USER_BUSY" => Hold::Busy,
@@ -382,6 +395,10 @@ fn hold_outcome(outcome: pbi::HoldStakeOutcome) -> Hold {
         )),
         None => Hold::Failed(WalletCallError::Malformed("an outcome")),
     }
+}
+
+fn datetime(t: prost_types::Timestamp) -> Option<DateTime<Utc>> {
+    DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).ok()?)
 }
 
 fn balance_of(wallet: Option<pb::Wallet>) -> Result<Decimal, WalletCallError> {

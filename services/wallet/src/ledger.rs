@@ -1,9 +1,6 @@
 //! The ledger: storage of wallets and movements.
 
-use std::{
-    collections::{HashMap, HashSet},
-    sync::Arc,
-};
+use std::{collections::HashMap, sync::Arc};
 
 use betting_db::StoreError;
 use betting_domain::{
@@ -108,6 +105,11 @@ pub struct Posted {
     pub wallet: WalletView,
     /// Whether this was a retry answered from the original.
     pub replayed: bool,
+    /// A placement's bet row, written by this movement: when (its
+    /// `created_at` and `updated_at`). The row is then exactly what the
+    /// placement asked for (see `placement.rs`), so its caller need not read
+    /// it back.
+    pub bet_written_at: Option<DateTime<Utc>>,
 }
 
 /// Wallets and the ledger in PostgreSQL.
@@ -303,6 +305,7 @@ impl Ledger {
                 updated_at: Some(updated_at),
             },
             replayed: false,
+            bet_written_at: None,
         })
     }
 
@@ -1129,7 +1132,13 @@ impl<'a> Batch<'a> {
         before: &HashMap<i64, Decimal>,
         after: &HashMap<i64, Decimal>,
         bets: Option<&BetRows<'_>>,
-    ) -> Result<(Vec<Result<Posted, WalletError>>, HashSet<Uuid>), WalletError> {
+    ) -> Result<
+        (
+            Vec<Result<Posted, WalletError>>,
+            HashMap<Uuid, DateTime<Utc>>,
+        ),
+        WalletError,
+    > {
         let t = self.movements;
         let changed: Vec<(i64, Decimal, Decimal)> = after
             .iter()
@@ -1155,7 +1164,7 @@ impl<'a> Batch<'a> {
             })
             .collect();
         let mut updated_at: HashMap<i64, DateTime<Utc>> = HashMap::new();
-        let mut written: HashSet<Uuid> = HashSet::new();
+        let mut written: HashMap<Uuid, DateTime<Utc>> = HashMap::new();
         let bets = bets.filter(|b| !b.is_empty());
         if !changed.is_empty() || !moved.is_empty() || !recorded.is_empty() || bets.is_some() {
             use sqlx::{FromRow, Row};
@@ -1169,7 +1178,8 @@ impl<'a> Batch<'a> {
             // `placement.rs`). The entries come back as 'l' rows, the
             // wallets' new balances as 'w' rows (in the entry's `user_id`
             // and `balance_after`, with `wallet_updated_at`), and a
-            // placement's bets written as 'b' rows.
+            // placement's bets written as 'b' rows (the bet id in
+            // `transfer_id`, with its `created_at`).
             let (counterparty, _) = kind.counterparty();
             macro_rules! writes {
                 () => {
@@ -1204,7 +1214,7 @@ impl<'a> Batch<'a> {
                     crate::placement::insert_bets!(),
                     writes!(),
                     " UNION ALL \
-                     SELECT 'b', NULL, bet_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL \
+                     SELECT 'b', NULL, bet_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, created_at, NULL \
                      FROM b"
                 )),
             };
@@ -1285,7 +1295,10 @@ impl<'a> Batch<'a> {
                         entries += 1;
                     }
                     "b" => {
-                        written.insert(row.try_get("transfer_id").map_err(StoreError::from)?);
+                        written.insert(
+                            row.try_get("transfer_id").map_err(StoreError::from)?,
+                            row.try_get("created_at").map_err(StoreError::from)?,
+                        );
                     }
                     "w" => balances.push((
                         row.try_get("user_id").map_err(StoreError::from)?,
@@ -1339,6 +1352,9 @@ impl<'a> Batch<'a> {
                             updated_at: updated_at.get(&t[i].user.get()).copied(),
                         },
                         replayed: false,
+                        bet_written_at: Uuid::parse_str(&t[i].reference)
+                            .ok()
+                            .and_then(|bet| written.get(&bet).copied()),
                     })
                 }
                 Decision::Record(e) | Decision::Skip(e) => Err(e),
@@ -1570,6 +1586,7 @@ fn replay(existing: Entry, t: &Transfer) -> Result<Posted, WalletError> {
         },
         entry: existing,
         replayed: true,
+        bet_written_at: None,
     })
 }
 

@@ -274,7 +274,9 @@ pub(crate) struct BetRows<'a> {
 
 /// The bets CTE of `Batch::write`'s statement, `b`, over `$16`–`$22`
 /// (bound by [`BetRows::bind`]); its rows come back as `'b'` rows, the bet
-/// id in `transfer_id`.
+/// id in `transfer_id`, with their `created_at` (and `updated_at`: one
+/// clock reading a row, so the two are equal and the placement's answer
+/// can carry the row whole: `Posted::bet_written_at`).
 ///
 /// In the order of the bet key (see the module doc); a PENDING row at
 /// version 1 and a REJECTED one at 0, as the PLACING saga left them. Stamped
@@ -290,15 +292,15 @@ macro_rules! insert_bets {
            SELECT v.bet_id, v.user_id, v.key, v.round_id, v.side, v.amount, \
              CASE WHEN v.balance IS NULL THEN 'REJECTED' ELSE 'PENDING' END, \
              CASE WHEN v.balance IS NULL THEN 'INSUFFICIENT_FUNDS' END, \
-             v.balance, CASE WHEN v.balance IS NULL THEN 0 ELSE 1 END, \
-             clock_timestamp(), clock_timestamp() \
-           FROM unnest($16::UUID[], $17::BIGINT[], $18::TEXT[], $19::TEXT[], $20::TEXT[], \
-                       $21::NUMERIC[], $22::NUMERIC[]) \
-             WITH ORDINALITY AS v(bet_id, user_id, key, round_id, side, amount, balance, n) \
+             v.balance, CASE WHEN v.balance IS NULL THEN 0 ELSE 1 END, v.at, v.at \
+           FROM (SELECT *, clock_timestamp() AS at \
+                 FROM unnest($16::UUID[], $17::BIGINT[], $18::TEXT[], $19::TEXT[], $20::TEXT[], \
+                             $21::NUMERIC[], $22::NUMERIC[]) \
+                   WITH ORDINALITY AS u(bet_id, user_id, key, round_id, side, amount, balance, n)) v \
            WHERE EXISTS (SELECT 1 FROM rounds r WHERE r.round_id = v.round_id AND r.status = 'OPEN') \
            ORDER BY v.user_id, v.key, v.n \
            ON CONFLICT DO NOTHING \
-           RETURNING bet_id), "
+           RETURNING bet_id, created_at), "
     };
 }
 pub(crate) use insert_bets;
@@ -364,10 +366,10 @@ impl<'a> BetRows<'a> {
     pub(crate) async fn unwritten(
         &self,
         tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-        written: &HashSet<Uuid>,
+        written: &HashMap<Uuid, chrono::DateTime<chrono::Utc>>,
     ) -> Result<Vec<(usize, Unwritten)>, WalletError> {
         let missing: Vec<usize> = (0..self.ids.len())
-            .filter(|&n| !written.contains(&self.ids[n]))
+            .filter(|&n| !written.contains_key(&self.ids[n]))
             .collect();
         if missing.is_empty() {
             return Ok(Vec::new());

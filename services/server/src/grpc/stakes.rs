@@ -52,10 +52,12 @@ fn hold_outcome(answer: Result<Posted, WalletError>) -> pbi::HoldStakeOutcome {
                 entry: Some(entry_pb(&posted.entry)),
                 wallet: Some(wallet_pb(&posted.wallet)),
             })),
+            bet_written_at: posted.bet_written_at.map(betting_api::convert::timestamp),
         },
         Err(e) => pbi::HoldStakeOutcome {
             replayed: false,
             outcome: Some(Outcome::Refused(refusal_pb(&e))),
+            bet_written_at: None,
         },
     }
 }

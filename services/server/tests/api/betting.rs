@@ -1,9 +1,13 @@
 //! PlaceBet, GetBet, ListBets and CancelBet.
 
+use std::time::Duration;
+
 use betting_api::{IDEMPOTENT_REPLAYED, pb};
 use tonic::Code;
 
-use betting_test_kit::{API_ONLY, TestApp, authed, bad_fields, dec, expect_code, reason};
+use betting_test_kit::{
+    API_ONLY, TestApp, authed, bad_fields, dec, eventually, expect_code, reason,
+};
 
 #[tokio::test]
 async fn place_bet_takes_the_stake_and_hands_the_bet_to_the_matcher() {
@@ -44,14 +48,20 @@ async fn place_bet_takes_the_stake_and_hands_the_bet_to_the_matcher() {
             .expect("stake entry");
     assert_eq!(key, format!("BET:{}", bet.bet_id));
 
-    // The matcher's job is in Redis.
-    let job = app
-        .betting()
-        .match_queue()
-        .job(&format!("match:{}", bet.bet_id))
-        .await
-        .expect("redis")
-        .expect("match job enqueued");
+    // The matcher's job is in Redis: sent right after the answer (which
+    // waits for the commit, never for the queue).
+    let queue = app.betting().match_queue();
+    let job = eventually(
+        "the match job is enqueued",
+        Duration::from_secs(5),
+        async || {
+            queue
+                .job(&format!("match:{}", bet.bet_id))
+                .await
+                .expect("redis")
+        },
+    )
+    .await;
     assert_eq!(job.payload["bet_id"], bet.bet_id.as_str());
 
     let got = app

@@ -484,10 +484,16 @@ async fn a_placement_past_the_largest_stake_or_malformed_is_refused_alone() {
     assert_eq!(app.balance(1).await, dec("700000000000"));
 }
 
-/// A StakeService of a release before PlaceStakes, in front of the test
-/// app's wallet: every other call is passed on with the caller's token.
+/// A StakeService of an earlier release, in front of the test app's
+/// wallet: every call it serves is passed on with the caller's token.
+/// Without `place_stakes`, a release before PlaceStakes (UNIMPLEMENTED);
+/// with it, the first release of PlaceStakes, which did not say when it
+/// wrote a bet's row (`bet_written_at` unset).
 #[derive(Clone)]
-struct OlderWallet(pbi::stake_service_client::StakeServiceClient<tonic::transport::Channel>);
+struct OlderWallet {
+    inner: pbi::stake_service_client::StakeServiceClient<tonic::transport::Channel>,
+    place_stakes: bool,
+}
 
 fn passed_on<T>(request: tonic::Request<T>) -> tonic::Request<T> {
     let authorization = request.metadata().get("authorization").cloned();
@@ -504,67 +510,71 @@ impl pbi::stake_service_server::StakeService for OlderWallet {
         &self,
         request: tonic::Request<pbi::HoldStakeRequest>,
     ) -> Result<tonic::Response<pbi::HoldStakeResponse>, tonic::Status> {
-        self.0.clone().hold_stake(passed_on(request)).await
+        self.inner.clone().hold_stake(passed_on(request)).await
     }
     async fn hold_stakes(
         &self,
         request: tonic::Request<pbi::HoldStakesRequest>,
     ) -> Result<tonic::Response<pbi::HoldStakesResponse>, tonic::Status> {
-        self.0.clone().hold_stakes(passed_on(request)).await
+        self.inner.clone().hold_stakes(passed_on(request)).await
     }
     async fn place_stakes(
         &self,
-        _request: tonic::Request<pbi::PlaceStakesRequest>,
+        request: tonic::Request<pbi::PlaceStakesRequest>,
     ) -> Result<tonic::Response<pbi::PlaceStakesResponse>, tonic::Status> {
-        Err(tonic::Status::unimplemented("unknown method PlaceStakes"))
+        if !self.place_stakes {
+            return Err(tonic::Status::unimplemented("unknown method PlaceStakes"));
+        }
+        let mut response = self.inner.clone().place_stakes(passed_on(request)).await?;
+        for outcome in &mut response.get_mut().outcomes {
+            outcome.bet_written_at = None;
+        }
+        Ok(response)
     }
     async fn refund_stake(
         &self,
         request: tonic::Request<pbi::RefundStakeRequest>,
     ) -> Result<tonic::Response<pbi::RefundStakeResponse>, tonic::Status> {
-        self.0.clone().refund_stake(passed_on(request)).await
+        self.inner.clone().refund_stake(passed_on(request)).await
     }
     async fn pay_winnings(
         &self,
         request: tonic::Request<pbi::PayWinningsRequest>,
     ) -> Result<tonic::Response<pbi::PayWinningsResponse>, tonic::Status> {
-        self.0.clone().pay_winnings(passed_on(request)).await
+        self.inner.clone().pay_winnings(passed_on(request)).await
     }
     async fn pay_winnings_batch(
         &self,
         request: tonic::Request<pbi::PayWinningsBatchRequest>,
     ) -> Result<tonic::Response<pbi::PayWinningsBatchResponse>, tonic::Status> {
-        self.0.clone().pay_winnings_batch(passed_on(request)).await
+        self.inner
+            .clone()
+            .pay_winnings_batch(passed_on(request))
+            .await
     }
 }
 
-/// A rolling deploy with the betting role ahead of the wallet: the wallet
-/// answers PlaceStakes UNIMPLEMENTED, and each new bet is placed the way
-/// the older release placed it (PLACING, HoldStake, PENDING), batched or
-/// alone, instead of every PlaceBet failing UNAVAILABLE. Found by the
-/// attack review (an outage, not a loss: UNIMPLEMENTED moved nothing).
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn beside_a_wallet_without_place_stakes_bets_are_placed_in_three_steps() {
+/// A BettingService whose wallet calls go through `older` (see
+/// [`OlderWallet`]); the server task serves it until aborted.
+async fn betting_beside(
+    app: &TestApp,
+    older: OlderWallet,
+) -> (betting_bets::BettingService, tokio::task::JoinHandle<()>) {
     use betting_auth::{ServiceCredentials, TokenMinter};
     use betting_bets::{BetStore, BettingService};
-    use betting_domain::{IdempotencyKey, RoundId, Side, Stake, UserId};
 
-    let app = TestApp::spawn().await;
-    app.open_round("r").await;
-    app.deposit(1, "10").await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
-    let older = listener.local_addr().expect("address");
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(pbi::stake_service_server::StakeServiceServer::new(
-                OlderWallet(app.stakes()),
-            ))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    let addr = listener.local_addr().expect("address");
+    let server = tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(pbi::stake_service_server::StakeServiceServer::new(older))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await;
+    });
     let wallet = betting_wallet_client::WalletClient::new(
-        &format!("http://{older}"),
+        &format!("http://{addr}"),
         ServiceCredentials::new(TokenMinter::new(
             betting_test_kit::SECRET.as_bytes(),
             None,
@@ -574,28 +584,50 @@ async fn beside_a_wallet_without_place_stakes_bets_are_placed_in_three_steps() {
     .expect("client");
     let publisher =
         betting_streams::Publisher::new(app.queues.matches.client().clone(), &app.namespace);
-    let ahead = BettingService::new(
+    let betting = BettingService::new(
         BetStore::new(app.pool.clone()),
         wallet,
         app.queues.matches.clone(),
         publisher,
     );
-    let user = UserId::new(1).expect("user");
-    let round = RoundId::parse("r").expect("round");
+    (betting, server)
+}
+
+/// Places a bet of 3 on side A of round "r" for user 1 with `key`.
+async fn place_three(betting: &betting_bets::BettingService, key: &str) -> betting_bets::Placed {
+    use betting_domain::{IdempotencyKey, RoundId, Side, Stake, UserId};
+    betting
+        .place(
+            UserId::new(1).expect("user"),
+            RoundId::parse("r").expect("round"),
+            Side::A,
+            Stake::parse("3").expect("stake"),
+            IdempotencyKey::parse(key).expect("key"),
+        )
+        .await
+        .expect("placed")
+}
+
+/// A rolling deploy with the betting role ahead of the wallet: the wallet
+/// answers PlaceStakes UNIMPLEMENTED, and each new bet is placed the way
+/// the older release placed it (PLACING, HoldStake, PENDING), batched or
+/// alone, instead of every PlaceBet failing UNAVAILABLE. Found by the
+/// attack review (an outage, not a loss: UNIMPLEMENTED moved nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn beside_a_wallet_without_place_stakes_bets_are_placed_in_three_steps() {
+    let app = TestApp::spawn().await;
+    app.open_round("r").await;
+    app.deposit(1, "10").await;
+    let older = OlderWallet {
+        inner: app.stakes(),
+        place_stakes: false,
+    };
+    let (ahead, server) = betting_beside(&app, older).await;
     for (betting, key, balance) in [
         (ahead.clone(), "batched", "7"),
         (ahead.with_group_commit(false), "alone", "4"),
     ] {
-        let placed = betting
-            .place(
-                user,
-                round.clone(),
-                Side::A,
-                Stake::parse("3").expect("stake"),
-                IdempotencyKey::parse(key).expect("key"),
-            )
-            .await
-            .expect("placed");
+        let placed = place_three(&betting, key).await;
         assert_eq!(
             placed.bet.status,
             betting_domain::BetStatus::Pending,
@@ -605,6 +637,65 @@ async fn beside_a_wallet_without_place_stakes_bets_are_placed_in_three_steps() {
         assert_eq!(movements(&app, placed.bet.bet_id).await, (1, 0), "{key}");
     }
     assert_eq!(app.balance(1).await, dec("4"));
+    app.assert_books_balanced().await;
+    server.abort();
+}
+
+/// PlaceStakes says when it wrote each bet's row, so the placer answers
+/// PlaceBet from the row as written, without reading it back; beside a
+/// wallet of the first PlaceStakes release, which does not say, the row is
+/// read back. Either way the answer is the stored row, field for field
+/// (its times to the microsecond).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_placed_bet_is_answered_with_its_row_as_stored() {
+    use betting_bets::BetStore;
+
+    let app = TestApp::spawn().await;
+    app.open_round("r").await;
+    app.deposit(1, "20").await;
+
+    // The wallet's own answer: the row's one time, for a bet written now.
+    let (bet, p) = placement(1, "2", "r", "direct");
+    let outcomes = place_stakes(&app, vec![p.clone()], false)
+        .await
+        .expect("place");
+    let (created, updated): (chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>) =
+        sqlx::query_as("SELECT created_at, updated_at FROM bets WHERE bet_id = $1")
+            .bind(bet)
+            .fetch_one(&app.pool)
+            .await
+            .expect("row");
+    assert_eq!(created, updated);
+    assert_eq!(
+        outcomes[0].bet_written_at,
+        Some(betting_api::convert::timestamp(created))
+    );
+    // A replay wrote nothing: it does not say when.
+    let replayed = place_stakes(&app, vec![p], false).await.expect("replay");
+    assert!(replayed[0].replayed);
+    assert_eq!(replayed[0].bet_written_at, None);
+
+    let store = BetStore::new(app.pool.clone());
+    let current = OlderWallet {
+        inner: app.stakes(),
+        place_stakes: true,
+    };
+    let (through, server) = betting_beside(&app, current).await;
+    for (betting, key) in [
+        (app.betting().clone(), "now"),
+        (app.betting().clone().with_group_commit(false), "now-alone"),
+        (through.clone(), "first-release"),
+        (through.with_group_commit(false), "first-release-alone"),
+    ] {
+        let placed = place_three(&betting, key).await;
+        let stored = store
+            .get(placed.bet.id())
+            .await
+            .expect("read")
+            .expect("stored");
+        assert_eq!(placed.bet, stored, "{key}");
+    }
+    assert_eq!(app.balance(1).await, dec("6"));
     app.assert_books_balanced().await;
     server.abort();
 }
