@@ -6,7 +6,7 @@ use betting_reconciler::ReconcilerSettings;
 use std::time::Duration;
 use tonic::Code;
 
-use betting_test_kit::{API_ONLY, TestApp, authed, dec, expect_code};
+use betting_test_kit::{API_ONLY, TestApp, authed, dec, eventually, expect_code};
 
 async fn bet_status(app: &TestApp, key: &str) -> String {
     sqlx::query_scalar("SELECT status FROM bets WHERE idempotency_key = $1")
@@ -204,7 +204,13 @@ async fn a_lost_match_job_is_re_derived_from_postgres() {
         .expect("bet");
     let queue = app.betting().match_queue();
     let id = format!("match:{}", bet.bet_id);
-    assert!(queue.job(&id).await.expect("redis").is_some());
+    // Sent right after PlaceBet's answer.
+    eventually(
+        "the match job is enqueued",
+        Duration::from_secs(5),
+        async || queue.job(&id).await.expect("redis"),
+    )
+    .await;
     // Redis loses everything (only this test's keys, to leave others alone).
     let redis = fred::prelude::Client::new(
         fred::prelude::Config::from_url(&std::env::var("REDIS_URL").expect("REDIS_URL"))

@@ -200,15 +200,24 @@ async fn prometheus_metrics_are_served() {
     app.deposit(1, "5").await;
     app.open_round("m").await;
     app.place_ok(1, "m", pb::Side::A, "1").await;
-    let mut stream = tokio::net::TcpStream::connect(app.metrics_addr)
-        .await
-        .expect("connect");
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nhost: localhost\r\n\r\n")
-        .await
-        .expect("request");
-    let mut body = String::new();
-    stream.read_to_string(&mut body).await.expect("response");
-    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
-    assert!(body.contains("queue_jobs_enqueued_total"), "{body}");
+    let scrape = async || {
+        let mut stream = tokio::net::TcpStream::connect(app.metrics_addr)
+            .await
+            .expect("connect");
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nhost: localhost\r\n\r\n")
+            .await
+            .expect("request");
+        let mut body = String::new();
+        stream.read_to_string(&mut body).await.expect("response");
+        assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+        body
+    };
+    // The bet's match job goes out right after PlaceBet's answer.
+    let enqueued = betting_test_kit::poll_until(Duration::from_secs(5), async || {
+        let body = scrape().await;
+        body.contains("queue_jobs_enqueued_total").then_some(())
+    })
+    .await;
+    assert!(enqueued.is_some(), "{}", scrape().await);
 }
