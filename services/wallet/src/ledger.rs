@@ -938,8 +938,9 @@ impl<'a> Batch<'a> {
     /// `Busy`. The statement runs after the keys' locks are taken, so its
     /// snapshot holds every decision made under them.
     ///
-    /// With `place` (placements, which lock wallets), the statement reads
-    /// the placements' [`Known`] as well, from the same snapshot.
+    /// With `place` (placements, which lock wallets), the placements'
+    /// [`Known`] as well: in a batch from the same statement and snapshot; a
+    /// lone placement (`Wait`) in a statement of its own after the wait.
     async fn open(
         tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
         movements: &'a [Transfer],
@@ -998,21 +999,24 @@ impl<'a> Batch<'a> {
             true => Known::asked(movements)?,
             false => (Vec::new(), Vec::new()),
         };
-        let query = match (lock_wallets, place) {
+        // A batch never waits for a wallet row (SKIP LOCKED), so its
+        // statement's snapshot is as good as any later one's for the
+        // placements' bets and rounds; a lone placement's statement may wait
+        // for its row, and reads them after (see `Known`).
+        let known_after = place && lock_wallets == WalletLocks::Wait;
+        let with_known = place && !known_after;
+        let query = match (lock_wallets, with_known) {
             (WalletLocks::SkipLocked, false) => {
                 sqlx::query(locked_wallets!("FOR UPDATE SKIP LOCKED"))
             }
             (WalletLocks::Wait, false) => sqlx::query(locked_wallets!("FOR UPDATE")),
             (WalletLocks::SkipLocked, true) => sqlx::query(concat!(
                 locked_wallets!("FOR UPDATE SKIP LOCKED"),
-                crate::placement::known_rows!()
-            )),
-            (WalletLocks::Wait, true) => sqlx::query(concat!(
-                locked_wallets!("FOR UPDATE"),
-                crate::placement::known_rows!()
+                " UNION ALL ",
+                crate::placement::known_rows!("$2", "$3", "$4")
             )),
             (WalletLocks::None, false) => sqlx::query(decisions!()),
-            (WalletLocks::None, true) => {
+            (WalletLocks::Wait | WalletLocks::None, true) => {
                 return Err(
                     StoreError::Corrupt("a placement's batch that locks no wallet".into()).into(),
                 );
@@ -1022,11 +1026,21 @@ impl<'a> Batch<'a> {
             WalletLocks::None => query.bind(&keys),
             _ => query.bind(&keys).bind(&users),
         };
-        let query = match place {
+        let query = match with_known {
             true => query.bind(&rounds).bind(&bet_keys),
             false => query,
         };
-        let rows = query.fetch_all(&mut **tx).await?;
+        let mut rows = query.fetch_all(&mut **tx).await?;
+        if known_after {
+            rows.extend(
+                sqlx::query(crate::placement::known_rows!("$1", "$2", "$3"))
+                    .bind(&users)
+                    .bind(&rounds)
+                    .bind(&bet_keys)
+                    .fetch_all(&mut **tx)
+                    .await?,
+            );
+        }
         let mut known = place.then(Known::default);
         let mut entries = Vec::new();
         let mut refusals = Vec::new();

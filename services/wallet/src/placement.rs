@@ -139,30 +139,48 @@ struct KnownBet {
 ///
 /// Read by `Batch::open`'s statement ([`known_rows!`]), from the snapshot
 /// its decisions and wallet rows are read from, after the keys' locks: one
-/// round trip fewer than reading it alone.
+/// round trip fewer than reading it alone. Not for a lone placement, whose
+/// statement waits for the wallet row: its snapshot is taken before the
+/// wait, so it would miss a key taken or a round closed by the transaction
+/// it waited for (whose bet INSERT then writes nothing, and the placement
+/// runs again). A lone placement reads them in a statement of its own,
+/// after the wait (found by the attack review:
+/// `a_lone_placement_reads_keys_and_rounds_as_its_wait_left_them`).
 #[derive(Default)]
 pub(crate) struct Known {
     open: HashSet<String>,
     by_key: HashMap<(i64, String), KnownBet>,
 }
 
-/// The rows of [`Known`], as UNION ALL branches of `Batch::open`'s
-/// statement (the decisions' columns: see there), over `$2` (each
-/// placement's user) and [`Known::bind`]'s `$3` (the placements' rounds)
-/// and `$4` (each placement's bet key): an open round as an `'o'` row (the
-/// round in `reference`), a bet under one of the keys as a `'k'` row (the
-/// bet id in `transfer_id`, its key in `idempotency_key`, its side in
-/// `reason`, its round in `reference`).
+/// The rows of [`Known`] in the columns of `Batch::open`'s statement (see
+/// there), over `$users` (each placement's user), `$rounds` (the
+/// placements' rounds) and `$keys` (each placement's bet key): an open
+/// round as an `'o'` row (the round in `reference`), a bet under one of the
+/// keys as a `'k'` row (the bet id in `transfer_id`, its key in
+/// `idempotency_key`, its side in `reason`, its round in `reference`).
+/// UNION ALL branches of that statement in a batch, or a statement of its
+/// own for a lone placement (after its wait for the wallet row).
 macro_rules! known_rows {
-    () => {
-        " UNION ALL \
-         SELECT 'o', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, round_id, NULL, NULL \
-         FROM rounds WHERE round_id = ANY($3) AND status = 'OPEN' \
-         UNION ALL \
-         SELECT 'k', NULL, b.bet_id, b.idempotency_key, NULL, b.user_id, NULL, b.amount, NULL, \
-           b.round_id, NULL, b.side \
-         FROM bets b JOIN unnest($2::BIGINT[], $4::TEXT[]) AS v(u, k) \
-           ON b.user_id = v.u AND b.idempotency_key = v.k"
+    ($users:literal, $rounds:literal, $keys:literal) => {
+        concat!(
+            "SELECT 'o' AS src, NULL::BIGINT AS entry_id, NULL::UUID AS transfer_id, \
+               NULL::TEXT AS idempotency_key, NULL::TEXT AS kind, NULL::BIGINT AS user_id, \
+               NULL::TEXT AS counterparty, NULL::NUMERIC AS amount, \
+               NULL::NUMERIC AS balance_after, round_id AS reference, \
+               NULL::TIMESTAMPTZ AS created_at, NULL::TEXT AS reason \
+             FROM rounds WHERE round_id = ANY(",
+            $rounds,
+            ") AND status = 'OPEN' \
+             UNION ALL \
+             SELECT 'k', NULL, b.bet_id, b.idempotency_key, NULL, b.user_id, NULL, b.amount, NULL, \
+               b.round_id, NULL, b.side \
+             FROM bets b JOIN unnest(",
+            $users,
+            "::BIGINT[], ",
+            $keys,
+            "::TEXT[]) AS v(u, k) \
+               ON b.user_id = v.u AND b.idempotency_key = v.k"
+        )
     };
 }
 pub(crate) use known_rows;

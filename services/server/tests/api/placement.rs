@@ -9,7 +9,7 @@ use rust_decimal::Decimal;
 use tonic::Code;
 use uuid::Uuid;
 
-use betting_test_kit::{TestApp, authed, dec};
+use betting_test_kit::{API_ONLY, TestApp, authed, dec, eventually};
 
 fn placement(user: i64, amount: &str, round: &str, key: &str) -> (Uuid, pbi::StakePlacement) {
     let bet = Uuid::now_v7();
@@ -66,6 +66,121 @@ async fn hold_wallet_row(app: &TestApp, user: i64) -> sqlx::Transaction<'static,
         .await
         .expect("lock the row");
     holder
+}
+
+/// From now on, counts the statements that insert into `bets` (each
+/// statement once, whether it writes a row or none): [`bet_inserts`].
+async fn count_bet_inserts(app: &TestApp) {
+    for statement in [
+        "CREATE SEQUENCE placement_bet_inserts",
+        "CREATE FUNCTION placement_count() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER \
+         AS $$ BEGIN PERFORM nextval('placement_bet_inserts'); RETURN NULL; END $$",
+        "CREATE TRIGGER placement_count BEFORE INSERT ON bets \
+         FOR EACH STATEMENT EXECUTE FUNCTION placement_count()",
+    ] {
+        sqlx::query(statement)
+            .execute(&app.pool)
+            .await
+            .expect("count inserts");
+    }
+}
+
+/// The statements that inserted into `bets` since [`count_bet_inserts`].
+async fn bet_inserts(app: &TestApp) -> i64 {
+    sqlx::query_scalar(
+        "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM placement_bet_inserts",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .expect("inserts")
+}
+
+/// The statement's snapshot of a lone placement that waited for its wallet
+/// row must be taken after the wait: a bet key taken, or a round closed, by
+/// the transaction it waited for is refused up front, with no bet INSERT
+/// (and so no rerun). Found by the attack review: the pre-read first rode
+/// on the statement that waits for the row lock, whose snapshot is taken
+/// before the wait, so such a placement debited, wrote its ledger row,
+/// found its bet row unwritten, and undid it all to run again.
+#[tokio::test]
+async fn a_lone_placement_reads_keys_and_rounds_as_its_wait_left_them() {
+    // No workers: the hand-written bet has no stake for a reconciler to see.
+    let app = TestApp::spawn_roles(API_ONLY).await;
+    app.open_round("r").await;
+    app.open_round("closing").await;
+    app.deposit(1, "10").await;
+    count_bet_inserts(&app).await;
+    let taken = Uuid::now_v7();
+    for (round, key, change, reason) in [
+        (
+            "r",
+            "taken",
+            "INSERT INTO bets (bet_id, user_id, idempotency_key, round_id, side, amount, \
+               status, balance_after, version) \
+             VALUES ($1, 1, 'taken', 'r', 'A', 1, 'PENDING', 9, 1)",
+            "IDEMPOTENCY_KEY_REUSED",
+        ),
+        (
+            "closing",
+            "fresh",
+            "UPDATE rounds SET status = 'CLOSED' WHERE round_id = 'closing' OR $1::UUID IS NULL",
+            "ROUND_NOT_OPEN",
+        ),
+    ] {
+        let before = bet_inserts(&app).await;
+        let mut holder = hold_wallet_row(&app, 1).await;
+        sqlx::query(change)
+            .bind(taken)
+            .execute(&mut *holder)
+            .await
+            .expect("change");
+        let (bet, p) = placement(1, "1", round, key);
+        let alone = tokio::spawn({
+            let stakes = app.stakes();
+            let token = app.service_token();
+            async move {
+                stakes
+                    .clone()
+                    .place_stakes(authed(
+                        pbi::PlaceStakesRequest {
+                            placements: vec![p],
+                            wait: true,
+                        },
+                        &token,
+                    ))
+                    .await
+                    .map(|r| r.into_inner().outcomes)
+            }
+        });
+        // Commit only once the placement waits for the row.
+        eventually(
+            "the placement waits for the wallet row",
+            Duration::from_secs(10),
+            async || {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                   AND query LIKE '%FOR UPDATE%'",
+                )
+                .fetch_one(&app.pool)
+                .await
+                .expect("activity");
+                (waiting > 0).then_some(())
+            },
+        )
+        .await;
+        holder.commit().await.expect("commit");
+        let outcomes = alone.await.expect("task").expect("place");
+        assert_eq!(refusal(&outcomes[0]).as_deref(), Some(reason), "{key}");
+        assert_eq!(row(&app, bet).await, None, "{key}");
+        assert_eq!(movements(&app, bet).await, (0, 0), "{key}");
+        let own = i64::from(key == "taken");
+        assert_eq!(
+            bet_inserts(&app).await - before,
+            own,
+            "{key}: refused up front, with no INSERT of the placement's bet"
+        );
+    }
+    assert_eq!(app.balance(1).await, dec("10"));
 }
 
 /// The bet's row as stored: status, version, balance after its stake.
@@ -325,19 +440,7 @@ async fn unwritable_placements_are_refused_without_rerunning_the_batch() {
     app.place(41, "r", pb::Side::A, "1", "placed")
         .await
         .expect("a placed bet");
-    // Counts the statements that insert bets.
-    for statement in [
-        "CREATE SEQUENCE placement_bet_inserts",
-        "CREATE FUNCTION placement_count() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER \
-         AS $$ BEGIN PERFORM nextval('placement_bet_inserts'); RETURN NULL; END $$",
-        "CREATE TRIGGER placement_count BEFORE INSERT ON bets \
-         FOR EACH STATEMENT EXECUTE FUNCTION placement_count()",
-    ] {
-        sqlx::query(statement)
-            .execute(&app.pool)
-            .await
-            .expect("count inserts");
-    }
+    count_bet_inserts(&app).await;
     let mut placements = Vec::new();
     let mut bets = Vec::new();
     for user in 1..=20 {
@@ -363,11 +466,11 @@ async fn unwritable_placements_are_refused_without_rerunning_the_batch() {
         Some("IDEMPOTENCY_KEY_REUSED")
     );
     assert_eq!(held_balance(&outcomes[40]), Some(dec("9")));
-    let inserts: i64 = sqlx::query_scalar("SELECT last_value FROM placement_bet_inserts")
-        .fetch_one(&app.pool)
-        .await
-        .expect("inserts");
-    assert_eq!(inserts, 1, "one transaction wrote the batch's bets");
+    assert_eq!(
+        bet_inserts(&app).await,
+        1,
+        "one transaction wrote the batch's bets"
+    );
     for bet in bets.into_iter().chain([retry]) {
         assert_eq!(row(&app, bet).await, None);
         assert_eq!(movements(&app, bet).await, (0, 0));
