@@ -381,7 +381,10 @@ fn hold_outcome(outcome: pbi::HoldStakeOutcome) -> Hold {
         Some(Outcome::Held(held)) => match balance_of(held.wallet) {
             Ok(balance) => Hold::Held {
                 balance,
+                // Only a row this call wrote is vouched for: a replay's row
+                // may have moved on since (MATCHED, SETTLED), so it is read.
                 bet_written_at: match outcome.bet_written_at.map(datetime) {
+                    _ if outcome.replayed => None,
                     Some(None) => return Hold::Failed(WalletCallError::Malformed("a bet's time")),
                     Some(Some(at)) => Some(at),
                     None => None,
@@ -410,6 +413,49 @@ fn balance_of(wallet: Option<pb::Wallet>) -> Result<Decimal, WalletCallError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn held(replayed: bool) -> pbi::HoldStakeOutcome {
+        pbi::HoldStakeOutcome {
+            outcome: Some(pbi::hold_stake_outcome::Outcome::Held(
+                pbi::HoldStakeResponse {
+                    entry: None,
+                    wallet: Some(pb::Wallet {
+                        balance: "7".into(),
+                        ..Default::default()
+                    }),
+                },
+            )),
+            replayed,
+            bet_written_at: Some(prost_types::Timestamp {
+                seconds: 1_800_000_000,
+                nanos: 123_456_000,
+            }),
+        }
+    }
+
+    /// Found by the attack review: a replayed outcome that carried a
+    /// write time (a wallet bug, a proxy) had its bet answered PENDING at
+    /// version 1, though the row may have been MATCHED or SETTLED since.
+    /// Only a row the call wrote is vouched for.
+    #[test]
+    fn a_replayed_outcome_never_vouches_for_the_row() {
+        let Hold::Held { bet_written_at, .. } = hold_outcome(held(true)) else {
+            panic!("held");
+        };
+        assert_eq!(bet_written_at, None);
+        let Hold::Held {
+            balance,
+            bet_written_at,
+        } = hold_outcome(held(false))
+        else {
+            panic!("held");
+        };
+        assert_eq!(balance, Decimal::from(7));
+        assert_eq!(
+            bet_written_at,
+            DateTime::from_timestamp(1_800_000_000, 123_456_000)
+        );
+    }
 
     /// Found by the simulation (seeds 3 and 6 of its first runs): a wallet
     /// call refused for our credentials was taken as a refusal of the money,
