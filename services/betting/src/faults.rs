@@ -5,11 +5,15 @@
 //! `fault-injection` feature, which only the tests' dev-dependencies enable:
 //! a release build has no such switch, and no configuration or API reaches it.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::{
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    time::Duration,
+};
 
 #[derive(Debug, Default)]
 pub struct Faults {
     fail_after_stake: AtomicBool,
+    match_jobs_delay_ms: AtomicU64,
 }
 
 impl Faults {
@@ -23,5 +27,20 @@ impl Faults {
 
     pub(crate) fn fail_after_stake(&self) -> bool {
         self.fail_after_stake.load(Ordering::SeqCst)
+    }
+
+    /// Makes each placing batch wait this long between answering its
+    /// callers and sending its match jobs (zero: not at all), as a slow
+    /// Redis would.
+    pub fn set_match_jobs_delay(&self, delay: Duration) {
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.match_jobs_delay_ms.store(ms, Ordering::SeqCst);
+    }
+
+    pub(crate) fn match_jobs_delay(&self) -> Option<Duration> {
+        match self.match_jobs_delay_ms.load(Ordering::SeqCst) {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        }
     }
 }

@@ -110,6 +110,9 @@ struct Request {
 #[derive(Clone)]
 pub(crate) struct Placer {
     requests: mpsc::Sender<Request>,
+    /// The batch slots: all free when no batch is running (or sending its
+    /// match jobs).
+    slots: Arc<Semaphore>,
 }
 
 /// What a batch needs of the service.
@@ -127,8 +130,16 @@ impl Placer {
     /// Starts the batching task; it ends when the last handle is dropped.
     pub(crate) fn start(parts: Parts) -> Self {
         let (requests, queue) = mpsc::channel(QUEUE);
-        tokio::spawn(gather(queue, Arc::new(parts)));
-        Self { requests }
+        let slots = Arc::new(Semaphore::new(SLOTS));
+        tokio::spawn(gather(queue, Arc::new(parts), slots.clone()));
+        Self { requests, slots }
+    }
+
+    /// Waits until no batch is running: for a graceful stop, once no
+    /// request is left to answer, so that the last batches' match jobs,
+    /// sent after their answers, are out before the stores close.
+    pub(crate) async fn drained(&self) {
+        let _ = self.slots.acquire_many(SLOTS as u32).await;
     }
 
     /// Places a new bet with the next batch.
@@ -155,8 +166,7 @@ impl Placer {
 
 /// Forms batches: waits for a request, then for a free slot, then takes
 /// every request queued meanwhile.
-async fn gather(mut queue: mpsc::Receiver<Request>, parts: Arc<Parts>) {
-    let slots = Arc::new(Semaphore::new(SLOTS));
+async fn gather(mut queue: mpsc::Receiver<Request>, parts: Arc<Parts>, slots: Arc<Semaphore>) {
     while let Some(first) = queue.recv().await {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
@@ -199,7 +209,12 @@ async fn run(parts: &Parts, batch: Vec<Request>) {
         let _ = reply.send(answer);
     }
     // After the answers, within the batch's slot (so a slow queue slows the
-    // batches, never piles up jobs).
+    // batches, never piles up jobs, and a graceful stop waits for them:
+    // `Placer::drained`).
+    #[cfg(feature = "fault-injection")]
+    if let Some(delay) = parts.faults.match_jobs_delay() {
+        tokio::time::sleep(delay).await;
+    }
     jobs.send(&parts.match_queue).instrument(span).await;
 }
 

@@ -107,6 +107,15 @@ impl BettingService {
         self
     }
 
+    /// Waits until no placing batch is running (a graceful stop, once
+    /// every request is answered: the batches' match jobs go out after
+    /// their answers). At once if none ever ran.
+    pub async fn drained(&self) {
+        if let Some(Some(placer)) = self.placer.get() {
+            placer.drained().await;
+        }
+    }
+
     fn placer(&self) -> Option<&Placer> {
         self.placer
             .get_or_init(|| self.group_commit.then(|| Placer::start(self.parts())))

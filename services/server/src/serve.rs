@@ -38,6 +38,7 @@ pub(crate) async fn run(
     let roles = settings.roles();
     tracing::info!(addr = %listeners.grpc_addr, metrics = %listeners.metrics_addr, ?roles, "serving");
 
+    let placing = services.betting.clone();
     let router::Mounted {
         router,
         reporter,
@@ -86,6 +87,12 @@ pub(crate) async fn run(
     })
     .await;
     tasks.shutdown().await;
+    // The last placing batches send their match jobs after their answers:
+    // let them (a batch's slot is held for one Redis call, bounded by its
+    // timeout; the reconciler re-derives any job a crash loses).
+    if let Some(betting) = placing {
+        let _ = tokio::time::timeout(grace, betting.drained()).await;
+    }
     // Everything that used the stores has stopped.
     stores.close().await;
     Ok(())

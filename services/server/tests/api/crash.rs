@@ -189,6 +189,49 @@ async fn a_bet_written_before_the_debit_is_resolved_without_money_lost() {
     app.assert_books_balanced().await;
 }
 
+/// A graceful stop waits for the last placing batch to send its match jobs,
+/// which go out after the batch's answers, before the stores close. Found
+/// by the attack review: with the jobs sent after the answers, a stop
+/// right after the last answer closed Redis under the batch, and the job
+/// waited for a reconciler pass (seconds, on an instance that runs one).
+#[tokio::test]
+async fn a_graceful_stop_sends_the_last_batchs_match_jobs() {
+    use fred::prelude::{ClientLike, HashesInterface};
+
+    let app = TestApp::spawn_roles(API_ONLY).await;
+    app.deposit(42, "10").await;
+    app.open_round("r").await;
+    // As if Redis were slow: the batch answers, then waits to send.
+    app.betting()
+        .faults()
+        .set_match_jobs_delay(Duration::from_millis(500));
+    let bet = app
+        .place(42, "r", pb::Side::A, "10", "last")
+        .await
+        .expect("place")
+        .into_inner()
+        .bet
+        .expect("bet");
+    let jobs = format!("{}:{{match}}:jobs", app.namespace);
+    app.stop().await;
+    let redis = fred::prelude::Client::new(
+        fred::prelude::Config::from_url(&std::env::var("REDIS_URL").expect("REDIS_URL"))
+            .expect("url"),
+        None,
+        None,
+        None,
+    );
+    redis.init().await.expect("redis");
+    let job: Option<String> = redis
+        .hget(&jobs, format!("match:{}", bet.bet_id))
+        .await
+        .expect("hget");
+    assert!(
+        job.is_some(),
+        "the match job was sent before the stop ended"
+    );
+}
+
 #[tokio::test]
 async fn a_lost_match_job_is_re_derived_from_postgres() {
     // No matcher: the job must sit in Redis for this test to look at it.
