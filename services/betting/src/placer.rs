@@ -342,18 +342,25 @@ async fn place_batch(
     let mut rows: HashMap<Uuid, BetRow> = match read {
         Ok(rows) => rows.into_iter().map(|row| (row.bet_id, row)).collect(),
         Err(e) => {
-            // Placed all the same: each retry is answered from its row.
+            // Placed all the same: each retry is answered from its row. The
+            // rows known whole are answered still (attack review).
             let e = Arc::new(BettingError::from(e));
-            for &(i, ..) in &placed {
-                answers[i] = Err(BettingError::Shared(e.clone()));
-            }
-            return answers;
+            placed.retain(|&(i, _, at)| {
+                if at.is_none() {
+                    answers[i] = Err(BettingError::Shared(e.clone()));
+                }
+                at.is_some()
+            });
+            HashMap::new()
         }
     };
     for &(i, balance, at) in &placed {
         if let Some(at) = at {
             rows.insert(bets[i].bet.as_uuid(), bets[i].written_row(balance, at));
         }
+    }
+    if placed.is_empty() {
+        return answers;
     }
     let placed: Vec<(usize, &BetRow, Decimal)> = placed
         .into_iter()
