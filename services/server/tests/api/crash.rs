@@ -189,6 +189,20 @@ async fn a_bet_written_before_the_debit_is_resolved_without_money_lost() {
     app.assert_books_balanced().await;
 }
 
+/// A Redis client of the test's own, on the suite's server.
+async fn own_redis() -> fred::prelude::Client {
+    use fred::prelude::ClientLike;
+    let redis = fred::prelude::Client::new(
+        fred::prelude::Config::from_url(&std::env::var("REDIS_URL").expect("REDIS_URL"))
+            .expect("url"),
+        None,
+        None,
+        None,
+    );
+    redis.init().await.expect("redis");
+    redis
+}
+
 /// A graceful stop waits for the last placing batch to send its match jobs,
 /// which go out after the batch's answers, before the stores close. Found
 /// by the attack review: with the jobs sent after the answers, a stop
@@ -196,7 +210,7 @@ async fn a_bet_written_before_the_debit_is_resolved_without_money_lost() {
 /// waited for a reconciler pass (seconds, on an instance that runs one).
 #[tokio::test]
 async fn a_graceful_stop_sends_the_last_batchs_match_jobs() {
-    use fred::prelude::{ClientLike, HashesInterface};
+    use fred::prelude::HashesInterface;
 
     let app = TestApp::spawn_roles(API_ONLY).await;
     app.deposit(42, "10").await;
@@ -214,14 +228,7 @@ async fn a_graceful_stop_sends_the_last_batchs_match_jobs() {
         .expect("bet");
     let jobs = format!("{}:{{match}}:jobs", app.namespace);
     app.stop().await;
-    let redis = fred::prelude::Client::new(
-        fred::prelude::Config::from_url(&std::env::var("REDIS_URL").expect("REDIS_URL"))
-            .expect("url"),
-        None,
-        None,
-        None,
-    );
-    redis.init().await.expect("redis");
+    let redis = own_redis().await;
     let job: Option<String> = redis
         .hget(&jobs, format!("match:{}", bet.bet_id))
         .await
@@ -255,15 +262,8 @@ async fn a_lost_match_job_is_re_derived_from_postgres() {
     )
     .await;
     // Redis loses everything (only this test's keys, to leave others alone).
-    let redis = fred::prelude::Client::new(
-        fred::prelude::Config::from_url(&std::env::var("REDIS_URL").expect("REDIS_URL"))
-            .expect("url"),
-        None,
-        None,
-        None,
-    );
-    use fred::prelude::{ClientLike, KeysInterface};
-    redis.init().await.expect("redis");
+    let redis = own_redis().await;
+    use fred::prelude::KeysInterface;
     let keys = vec![
         format!("{}:{{match}}:jobs", app.namespace),
         format!("{}:{{match}}:wait", app.namespace),
