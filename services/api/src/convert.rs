@@ -14,6 +14,11 @@ pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
     }
 }
 
+/// The inverse of [`timestamp`]; `None` for a time no `DateTime` holds.
+pub fn datetime(t: prost_types::Timestamp) -> Option<DateTime<Utc>> {
+    DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).ok()?)
+}
+
 pub fn side_from_pb(value: i32) -> Result<Side, &'static str> {
     match pb::Side::try_from(value) {
         Ok(pb::Side::A) => Ok(Side::A),

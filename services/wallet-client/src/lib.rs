@@ -383,7 +383,7 @@ fn hold_outcome(outcome: pbi::HoldStakeOutcome) -> Hold {
                 balance,
                 // Only a row this call wrote is vouched for: a replay's row
                 // may have moved on since (MATCHED, SETTLED), so it is read.
-                bet_written_at: match outcome.bet_written_at.map(datetime) {
+                bet_written_at: match outcome.bet_written_at.map(betting_api::convert::datetime) {
                     _ if outcome.replayed => None,
                     Some(None) => return Hold::Failed(WalletCallError::Malformed("a bet's time")),
                     Some(Some(at)) => Some(at),
@@ -398,10 +398,6 @@ fn hold_outcome(outcome: pbi::HoldStakeOutcome) -> Hold {
         )),
         None => Hold::Failed(WalletCallError::Malformed("an outcome")),
     }
-}
-
-fn datetime(t: prost_types::Timestamp) -> Option<DateTime<Utc>> {
-    DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).ok()?)
 }
 
 fn balance_of(wallet: Option<pb::Wallet>) -> Result<Decimal, WalletCallError> {

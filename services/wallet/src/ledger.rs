@@ -512,10 +512,7 @@ impl Ledger {
                 _ => batch.decide(i, Decision::Record(WalletError::InsufficientFunds)),
             }
         }
-        let bets = match known {
-            Some(_) => Some(BetRows::of(&batch)?),
-            None => None,
-        };
+        let bets = place.then(|| BetRows::of(&batch)).transpose()?;
         let (answers, written) = batch
             .write(&mut tx, EntryKind::Stake, &before, &balances, bets.as_ref())
             .await?;
@@ -1041,7 +1038,7 @@ impl<'a> Batch<'a> {
                     .await?,
             );
         }
-        let mut known = place.then(Known::default);
+        let mut known = Known::default();
         let mut entries = Vec::new();
         let mut refusals = Vec::new();
         let mut locked = Vec::new();
@@ -1050,11 +1047,7 @@ impl<'a> Batch<'a> {
             match src {
                 "e" => entries.push(Entry::from_row(row).map_err(StoreError::from)?),
                 "r" => refusals.push(KeyedRefusal::from_row(row).map_err(StoreError::from)?),
-                "o" | "k" if known.is_some() => {
-                    if let Some(known) = &mut known {
-                        known.add(src, row)?;
-                    }
-                }
+                "o" | "k" if place => known.add(src, row)?,
                 "w" => locked.push((
                     row.try_get::<i64, _>("user_id").map_err(StoreError::from)?,
                     row.try_get::<Decimal, _>("balance_after")
@@ -1092,7 +1085,7 @@ impl<'a> Batch<'a> {
                 batch.new.push(i);
             }
         }
-        Ok((batch, locked, known))
+        Ok((batch, locked, place.then_some(known)))
     }
 
     /// The users of the movements new to the ledger, sorted, once each.

@@ -186,7 +186,7 @@ macro_rules! known_rows {
 pub(crate) use known_rows;
 
 impl Known {
-    /// The rounds (sorted, once each) and the bet keys (one a placement)
+    /// The rounds (sorted, once each) and the bet keys (one per placement)
     /// [`known_rows!`] reads.
     pub(crate) fn asked(holds: &[Transfer]) -> Result<(Vec<&str>, Vec<&str>), WalletError> {
         let mut rounds: Vec<&str> = Vec::with_capacity(holds.len());
