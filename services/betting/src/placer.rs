@@ -39,9 +39,10 @@
 //!   within the latest deadline of its callers, so none of them is cut
 //!   short by another's.
 //!
-//! Batches form by themselves: a request that finds a batch slot free goes
-//! at once (a lone bet waits for nobody); while every slot is busy, requests
-//! queue and the next batch takes all of them (up to [`MAX_BATCH`]).
+//! Batches form by themselves: a request that finds the batch slot free goes
+//! at once (a lone bet waits for nobody); while the slot is busy
+//! ([`SLOTS`]), requests queue and the next batch takes all of them (up to
+//! [`MAX_BATCH`]).
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -65,14 +66,34 @@ use crate::{BetRow, BetStore, BettingError, Placed, store::NewBet};
 /// `MAX_HOLDS_PER_CALL`).
 pub const MAX_BATCH: usize = betting_domain::MAX_MOVEMENTS_PER_CALL;
 
-/// Batches in flight at once: while they run, the next one gathers.
+/// Batches in flight at once: while one runs, the next one gathers.
 ///
-/// Two, measured (BENCHMARKS.md, 2026-12-05): at 64 closed-loop clients
-/// two slots placed 2,565 and 2,556 bets/s (p99 43 ms, about 17 bets a
-/// batch) where four placed 1,966 and 2,246 (p99 79 and 49 ms, about 10 a
-/// batch), and eight did worse still. More slots split the same load into
-/// more, smaller batches, each paying its own commits and wallet locks.
-pub const SLOTS: usize = 2;
+/// One, measured (BENCHMARKS.md, 2026-12-08, alternating builds). The
+/// machine is bound by CPU, and a slot that is free starts a batch at once,
+/// so the placer runs as many transactions as its slots allow whatever the
+/// load: at 1,000 bets/s two slots ran about 400 batches a second of 2.4
+/// bets each, paying each batch's five statements and its commit. One slot
+/// runs half as many, twice as large: PostgreSQL used 7.4 CPU-seconds where
+/// two slots used 8.9 (the server 4.8 against 5.8), and with the machine
+/// less busy each statement waits less for a CPU, so the open loop's p99
+/// fell (12.2 and 14.9 ms against 13.7 and 19.7) and the closed loop placed
+/// as many or more (5,017 and 4,962 bets/s against 4,878 and 4,297). Earlier
+/// measurements (session 13: two slots against four and eight) found the
+/// same direction, fewer and larger batches, when each batch took three
+/// commits.
+///
+/// A batch never waits for a wallet row another movement holds (those bets
+/// go alone, outside the slot), so the one slot waits only for its own
+/// statements, a key's lock (a racing retry of the same stake) or a bet
+/// key's unique index (a racing retry of the same bet).
+pub const SLOTS: usize = 1;
+
+/// Batches whose match jobs are being sent at once. A batch hands the slot
+/// to the next one as soon as it holds a send permit, so one batch's jobs
+/// go out while the next batch runs (with one slot, the send was a part of
+/// every batch's turn); past it, a batch waits for a permit with its slot,
+/// so a slow queue still slows the batches, never piles up jobs.
+const SENDS: usize = 1;
 
 /// Requests waiting for a batch; past it, PlaceBet waits to queue (the
 /// edge's in-flight cap bounds the callers long before).
@@ -110,9 +131,11 @@ struct Request {
 #[derive(Clone)]
 pub(crate) struct Placer {
     requests: mpsc::Sender<Request>,
-    /// The batch slots: all free when no batch is running (or sending its
-    /// match jobs).
+    /// The batch slots: all free when no batch is running.
     slots: Arc<Semaphore>,
+    /// The send permits ([`SENDS`]): all free when no batch is sending its
+    /// match jobs.
+    sends: Arc<Semaphore>,
 }
 
 /// What a batch needs of the service.
@@ -131,15 +154,23 @@ impl Placer {
     pub(crate) fn start(parts: Parts) -> Self {
         let (requests, queue) = mpsc::channel(QUEUE);
         let slots = Arc::new(Semaphore::new(SLOTS));
-        tokio::spawn(gather(queue, Arc::new(parts), slots.clone()));
-        Self { requests, slots }
+        let sends = Arc::new(Semaphore::new(SENDS));
+        tokio::spawn(gather(queue, Arc::new(parts), slots.clone(), sends.clone()));
+        Self {
+            requests,
+            slots,
+            sends,
+        }
     }
 
     /// Waits until no batch is running: for a graceful stop, once no
     /// request is left to answer, so that the last batches' match jobs,
     /// sent after their answers, are out before the stores close.
     pub(crate) async fn drained(&self) {
-        let _ = self.slots.acquire_many(SLOTS as u32).await;
+        // A batch gives up its slot only once it holds a send permit: with
+        // every slot here, every batch that ran is sending or has sent.
+        let _batches = self.slots.acquire_many(SLOTS as u32).await;
+        let _ = self.sends.acquire_many(SENDS as u32).await;
     }
 
     /// Places a new bet with the next batch.
@@ -165,8 +196,15 @@ impl Placer {
 }
 
 /// Forms batches: waits for a request, then for a free slot, then takes
-/// every request queued meanwhile.
-async fn gather(mut queue: mpsc::Receiver<Request>, parts: Arc<Parts>, slots: Arc<Semaphore>) {
+/// every request queued meanwhile. A batch that has answered its callers
+/// takes a send permit, frees its slot for the next batch, and sends its
+/// match jobs.
+async fn gather(
+    mut queue: mpsc::Receiver<Request>,
+    parts: Arc<Parts>,
+    slots: Arc<Semaphore>,
+    sends: Arc<Semaphore>,
+) {
     while let Some(first) = queue.recv().await {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
@@ -180,15 +218,26 @@ async fn gather(mut queue: mpsc::Receiver<Request>, parts: Arc<Parts>, slots: Ar
         }
         metrics::histogram!("place_batch_size").record(batch.len() as f64);
         let parts = parts.clone();
+        let sends = sends.clone();
         tokio::spawn(async move {
-            run(&parts, batch).await;
+            let (jobs, span) = run(&parts, batch).await;
+            // The semaphore is never closed.
+            let send = sends.acquire_owned().await.ok();
             drop(slot);
+            #[cfg(feature = "fault-injection")]
+            if let Some(delay) = parts.faults.match_jobs_delay() {
+                tokio::time::sleep(delay).await;
+            }
+            jobs.send(&parts.match_queue).instrument(span).await;
+            drop(send);
         });
     }
 }
 
-/// Runs one batch within the latest deadline of its callers.
-async fn run(parts: &Parts, batch: Vec<Request>) {
+/// Runs one batch within the latest deadline of its callers and answers
+/// them; returns its match jobs, to be sent after the answers (so a slow
+/// queue never delays an answer), and the batch's span.
+async fn run(parts: &Parts, batch: Vec<Request>) -> (MatchJobs, tracing::Span) {
     let deadline = batch.iter().map(|r| r.deadline).max().flatten();
     let span = batch_span(&batch);
     let mut bets = Vec::with_capacity(batch.len());
@@ -208,14 +257,7 @@ async fn run(parts: &Parts, batch: Vec<Request>) {
         // A caller that gave up is gone; its bet is finished all the same.
         let _ = reply.send(answer);
     }
-    // After the answers, within the batch's slot (so a slow queue slows the
-    // batches, never piles up jobs, and a graceful stop waits for them:
-    // `Placer::drained`).
-    #[cfg(feature = "fault-injection")]
-    if let Some(delay) = parts.faults.match_jobs_delay() {
-        tokio::time::sleep(delay).await;
-    }
-    jobs.send(&parts.match_queue).instrument(span).await;
+    (jobs, span)
 }
 
 /// The match jobs of a batch's placed bets: one per (round, stake) group of

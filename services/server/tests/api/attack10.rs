@@ -78,10 +78,19 @@ async fn pause(ms: u64) {
 /// The schedule is forced: uncommitted blockers keep every batch slot busy
 /// (`PLACE_BATCH_SLOTS`) so that the next batches form exactly as wanted,
 /// and one more holds one key of each batch so that both stop half-way through their
-/// INSERT.
+/// INSERT. The two batches run on two instances of one database: an
+/// instance runs one batch at a time since `PLACE_BATCH_SLOTS` became one
+/// (2026-12-08; on the code the finding was made against, two slots let
+/// one instance run both).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn attack10_two_batches_with_the_same_keys_in_opposite_orders_deadlock() {
-    opposite_orders(TestApp::spawn().await).await;
+    let database = fresh_database().await;
+    let s = settings(&database, &std::env::var("REDIS_URL").expect("REDIS_URL"));
+    opposite_orders(
+        TestApp::spawn_with(s.clone()).await,
+        TestApp::spawn_with(s).await,
+    )
+    .await;
 }
 
 /// The control: the same schedule placed alone (`BETTING_PLACE_GROUP_COMMIT=false`)
@@ -91,23 +100,39 @@ async fn attack10_the_same_schedule_placed_alone_places_every_bet() {
     let database = fresh_database().await;
     let mut s = settings(&database, &std::env::var("REDIS_URL").expect("REDIS_URL"));
     s.place_group_commit = false;
-    opposite_orders(TestApp::spawn_with(s).await).await;
+    opposite_orders(
+        TestApp::spawn_with(s.clone()).await,
+        TestApp::spawn_with(s).await,
+    )
+    .await;
 }
 
-async fn opposite_orders(app: TestApp) {
+/// The schedule, batch 1 on `app` and batch 2 on `other` (one database).
+async fn opposite_orders(app: TestApp, other: TestApp) {
+    const SLOTS: usize = betting_bets::PLACE_BATCH_SLOTS;
     app.open_round("r").await;
-    for user in [1, 2, 3, 4, 9] {
+    // The slots' bets are of users of their own (9 on), so that no slot's
+    // wallet row is another's and none is answered "busy".
+    let slot_user = |instance: usize, n: usize| 9 + (instance * SLOTS + n) as i64;
+    for user in [1, 2, 3, 4]
+        .into_iter()
+        .chain((0..2 * SLOTS).map(|n| 9 + n as i64))
+    {
         app.deposit(user, "10").await;
     }
 
-    // Occupy every batch slot: each blocker batch waits on its key.
-    let mut blockers = Vec::new();
+    // Occupy every batch slot of both instances: each blocker batch waits
+    // on its key.
+    let mut blockers = [Vec::new(), Vec::new()];
     let mut slot_bets = Vec::new();
-    for n in 0..betting_bets::PLACE_BATCH_SLOTS {
-        let key = format!("slot-{n}");
-        blockers.push(hold_keys(&app.pool, &[(9, &key)]).await);
-        slot_bets.push(spawn_place(&app, 9, &key));
-        pause(100).await;
+    for (instance, on) in [&app, &other].into_iter().enumerate() {
+        for n in 0..SLOTS {
+            let key = format!("slot-{instance}-{n}");
+            let user = slot_user(instance, n);
+            blockers[instance].push(hold_keys(&app.pool, &[(user, &key)]).await);
+            slot_bets.push(spawn_place(on, user, &key));
+            pause(100).await;
+        }
     }
     // The two keys each batch stops at, half-way.
     let middle = hold_keys(&app.pool, &[(3, "x"), (4, "y")]).await;
@@ -119,26 +144,26 @@ async fn opposite_orders(app: TestApp) {
     pause(50).await;
     let b = spawn_place(&app, 2, "b");
     pause(300).await;
-    blockers.remove(0).rollback().await.expect("free a slot");
+    blockers[0].remove(0).rollback().await.expect("free a slot");
     // Batch 1 has written "a" and waits on "x".
     pause(700).await;
 
     // Batch 2: the same keys in the other order, [user 2 "b", user 4 "y",
     // user 1 "a"] (the retries of "a" and "b").
-    let b_retry = spawn_place(&app, 2, "b");
+    let b_retry = spawn_place(&other, 2, "b");
     pause(50).await;
-    let y = spawn_place(&app, 4, "y");
+    let y = spawn_place(&other, 4, "y");
     pause(50).await;
-    let a_retry = spawn_place(&app, 1, "a");
+    let a_retry = spawn_place(&other, 1, "a");
     pause(300).await;
-    blockers.remove(0).rollback().await.expect("free a slot");
+    blockers[1].remove(0).rollback().await.expect("free a slot");
     // Batch 2 has written "b" and waits on "y".
     pause(700).await;
 
     // Let both go on: batch 1 now needs "b", batch 2 "a".
     middle.rollback().await.expect("release x and y");
     pause(100).await;
-    for blocker in blockers {
+    for blocker in blockers.into_iter().flatten() {
         blocker.rollback().await.expect("free a slot");
     }
 
