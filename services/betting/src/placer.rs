@@ -68,32 +68,26 @@ pub const MAX_BATCH: usize = betting_domain::MAX_MOVEMENTS_PER_CALL;
 
 /// Batches in flight at once: while one runs, the next one gathers.
 ///
-/// One, measured (BENCHMARKS.md, 2026-12-08, alternating builds). The
-/// machine is bound by CPU, and a slot that is free starts a batch at once,
-/// so the placer runs as many transactions as its slots allow whatever the
-/// load: at 1,000 bets/s two slots ran about 400 batches a second of 2.4
-/// bets each, paying each batch's five statements and its commit. One slot
-/// runs half as many, twice as large: PostgreSQL used 7.4 CPU-seconds where
-/// two slots used 8.9 (the server 4.8 against 5.8), and with the machine
-/// less busy each statement waits less for a CPU, so the open loop's p99
-/// fell (12.2 and 14.9 ms against 13.7 and 19.7) and the closed loop placed
-/// as many or more (5,017 and 4,962 bets/s against 4,878 and 4,297). Earlier
-/// measurements (session 13: two slots against four and eight) found the
-/// same direction, fewer and larger batches, when each batch took three
-/// commits.
+/// One, measured (BENCHMARKS.md, 2026-12-08: four pairs of alternating
+/// builds, each a closed loop of 64 clients then an open loop at 1,000
+/// bets/s). The machine is bound by CPU, and a free slot starts a batch at
+/// once, so the placer runs as many transactions as its slots allow
+/// whatever the load: at 1,000 bets/s two slots ran about 400 batches a
+/// second of 2.4 bets each, each paying its five statements and its commit.
+/// One slot runs about half as many, twice as large: PostgreSQL used 7.2–7.4
+/// CPU-seconds where two slots used 8.8–9.0 (the server 4.8–5.1 against
+/// 5.6–5.9), and with the machine less busy each statement waits less for a
+/// CPU. The open loop's p99 was lower in all four pairs (12.2–15.7 ms
+/// against 13.7–19.7), and the closed loop placed more in three of four
+/// (4,164–5,017 bets/s against 3,878–4,878). Earlier measurements (session
+/// 13: two slots against four and eight) went the same way, fewer and
+/// larger batches, when each batch took three commits.
 ///
 /// A batch never waits for a wallet row another movement holds (those bets
 /// go alone, outside the slot), so the one slot waits only for its own
 /// statements, a key's lock (a racing retry of the same stake) or a bet
 /// key's unique index (a racing retry of the same bet).
 pub const SLOTS: usize = 1;
-
-/// Batches whose match jobs are being sent at once. A batch hands the slot
-/// to the next one as soon as it holds a send permit, so one batch's jobs
-/// go out while the next batch runs (with one slot, the send was a part of
-/// every batch's turn); past it, a batch waits for a permit with its slot,
-/// so a slow queue still slows the batches, never piles up jobs.
-const SENDS: usize = 1;
 
 /// Requests waiting for a batch; past it, PlaceBet waits to queue (the
 /// edge's in-flight cap bounds the callers long before).
@@ -131,11 +125,9 @@ struct Request {
 #[derive(Clone)]
 pub(crate) struct Placer {
     requests: mpsc::Sender<Request>,
-    /// The batch slots: all free when no batch is running.
+    /// The batch slots: all free when no batch is running (or sending its
+    /// match jobs).
     slots: Arc<Semaphore>,
-    /// The send permits ([`SENDS`]): all free when no batch is sending its
-    /// match jobs.
-    sends: Arc<Semaphore>,
 }
 
 /// What a batch needs of the service.
@@ -154,23 +146,15 @@ impl Placer {
     pub(crate) fn start(parts: Parts) -> Self {
         let (requests, queue) = mpsc::channel(QUEUE);
         let slots = Arc::new(Semaphore::new(SLOTS));
-        let sends = Arc::new(Semaphore::new(SENDS));
-        tokio::spawn(gather(queue, Arc::new(parts), slots.clone(), sends.clone()));
-        Self {
-            requests,
-            slots,
-            sends,
-        }
+        tokio::spawn(gather(queue, Arc::new(parts), slots.clone()));
+        Self { requests, slots }
     }
 
     /// Waits until no batch is running: for a graceful stop, once no
     /// request is left to answer, so that the last batches' match jobs,
     /// sent after their answers, are out before the stores close.
     pub(crate) async fn drained(&self) {
-        // A batch gives up its slot only once it holds a send permit: with
-        // every slot here, every batch that ran is sending or has sent.
-        let _batches = self.slots.acquire_many(SLOTS as u32).await;
-        let _ = self.sends.acquire_many(SENDS as u32).await;
+        let _ = self.slots.acquire_many(SLOTS as u32).await;
     }
 
     /// Places a new bet with the next batch.
@@ -196,15 +180,8 @@ impl Placer {
 }
 
 /// Forms batches: waits for a request, then for a free slot, then takes
-/// every request queued meanwhile. A batch that has answered its callers
-/// takes a send permit, frees its slot for the next batch, and sends its
-/// match jobs.
-async fn gather(
-    mut queue: mpsc::Receiver<Request>,
-    parts: Arc<Parts>,
-    slots: Arc<Semaphore>,
-    sends: Arc<Semaphore>,
-) {
+/// every request queued meanwhile.
+async fn gather(mut queue: mpsc::Receiver<Request>, parts: Arc<Parts>, slots: Arc<Semaphore>) {
     while let Some(first) = queue.recv().await {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
@@ -218,26 +195,15 @@ async fn gather(
         }
         metrics::histogram!("place_batch_size").record(batch.len() as f64);
         let parts = parts.clone();
-        let sends = sends.clone();
         tokio::spawn(async move {
-            let (jobs, span) = run(&parts, batch).await;
-            // The semaphore is never closed.
-            let send = sends.acquire_owned().await.ok();
+            run(&parts, batch).await;
             drop(slot);
-            #[cfg(feature = "fault-injection")]
-            if let Some(delay) = parts.faults.match_jobs_delay() {
-                tokio::time::sleep(delay).await;
-            }
-            jobs.send(&parts.match_queue).instrument(span).await;
-            drop(send);
         });
     }
 }
 
-/// Runs one batch within the latest deadline of its callers and answers
-/// them; returns its match jobs, to be sent after the answers (so a slow
-/// queue never delays an answer), and the batch's span.
-async fn run(parts: &Parts, batch: Vec<Request>) -> (MatchJobs, tracing::Span) {
+/// Runs one batch within the latest deadline of its callers.
+async fn run(parts: &Parts, batch: Vec<Request>) {
     let deadline = batch.iter().map(|r| r.deadline).max().flatten();
     let span = batch_span(&batch);
     let mut bets = Vec::with_capacity(batch.len());
@@ -257,7 +223,14 @@ async fn run(parts: &Parts, batch: Vec<Request>) -> (MatchJobs, tracing::Span) {
         // A caller that gave up is gone; its bet is finished all the same.
         let _ = reply.send(answer);
     }
-    (jobs, span)
+    // After the answers, within the batch's slot (so a slow queue slows the
+    // batches, never piles up jobs, and a graceful stop waits for them:
+    // `Placer::drained`).
+    #[cfg(feature = "fault-injection")]
+    if let Some(delay) = parts.faults.match_jobs_delay() {
+        tokio::time::sleep(delay).await;
+    }
+    jobs.send(&parts.match_queue).instrument(span).await;
 }
 
 /// The match jobs of a batch's placed bets: one per (round, stake) group of

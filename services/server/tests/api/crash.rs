@@ -239,46 +239,6 @@ async fn a_graceful_stop_sends_the_last_batchs_match_jobs() {
     );
 }
 
-/// A batch's match jobs go out while the next batch runs: the batch frees
-/// its slot once it holds the send permit, so a slow send never holds up
-/// the next batch's answers; and with one send at a time, the batch after
-/// that waits for it (a slow queue slows the batches, never piles up
-/// jobs). With the send inside the one slot, the second bet waited for the
-/// first batch's send.
-#[tokio::test]
-async fn a_batchs_match_jobs_go_out_while_the_next_batch_runs() {
-    let app = TestApp::spawn_roles(API_ONLY).await;
-    for user in [41, 42, 43] {
-        app.deposit(user, "10").await;
-    }
-    app.open_round("r").await;
-    // As if Redis were slow: each batch answers, then waits to send.
-    app.betting()
-        .faults()
-        .set_match_jobs_delay(Duration::from_secs(2));
-    let queue = app.betting().match_queue();
-    let place = async |user: i64, key: &str| {
-        app.place(user, "r", pb::Side::A, "1", key)
-            .await
-            .expect("place")
-            .into_inner()
-            .bet
-            .expect("bet")
-            .bet_id
-    };
-    let first = format!("match:{}", place(41, "one").await);
-    place(42, "two").await;
-    assert!(
-        queue.job(&first).await.expect("redis").is_none(),
-        "the second bet was answered while the first batch's job waited to be sent"
-    );
-    place(43, "three").await;
-    assert!(
-        queue.job(&first).await.expect("redis").is_some(),
-        "the third batch waited for the first batch's send"
-    );
-}
-
 #[tokio::test]
 async fn a_lost_match_job_is_re_derived_from_postgres() {
     // No matcher: the job must sit in Redis for this test to look at it.
