@@ -83,10 +83,17 @@ pub const MAX_BATCH: usize = betting_domain::MAX_MOVEMENTS_PER_CALL;
 /// 13: two slots against four and eight) went the same way, fewer and
 /// larger batches, when each batch took three commits.
 ///
-/// A batch never waits for a wallet row another movement holds (those bets
-/// go alone, outside the slot), so the one slot waits only for its own
-/// statements, a key's lock (a racing retry of the same stake) or a bet
-/// key's unique index (a racing retry of the same bet).
+/// What the one slot waits for: the batch's PlaceStakes call (the wallet's
+/// pool and its statements, bounded by the callers' latest deadline and the
+/// client's timeout), within it a stake key's lock (a PlaceStakes replay of
+/// the same bet id) or a bet key's unique index (the same key written by
+/// another transaction: a player without a wallet row, whose REJECTED row
+/// takes no row lock, or an older release's PLACING insert), then the
+/// batch's match jobs. Never a wallet row another movement holds (that bet
+/// is answered busy and placed alone, outside the slot), and nothing that
+/// needs a batch slot itself (lone placements, the legacy path, payouts and
+/// other instances' batches all run outside it): one slot can stall behind
+/// a slow call, never deadlock (reviewed, 2026-12-08).
 pub const SLOTS: usize = 1;
 
 /// Requests waiting for a batch; past it, PlaceBet waits to queue (the

@@ -87,9 +87,9 @@ pub(crate) async fn run(
     })
     .await;
     tasks.shutdown().await;
-    // The last placing batches send their match jobs after their answers:
-    // let them (a batch's slot is held for one Redis call, bounded by its
-    // timeout; the reconciler re-derives any job a crash loses).
+    // The last placing batch sends its match jobs after its answers, in
+    // its slot: let it (bounded by the Redis calls' timeout and the grace;
+    // the reconciler re-derives any job a crash loses).
     if let Some(betting) = placing {
         let _ = tokio::time::timeout(grace, betting.drained()).await;
     }

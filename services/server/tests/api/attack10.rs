@@ -72,16 +72,26 @@ async fn pause(ms: u64) {
 /// INSERT (40P01), and every PlaceBet of that batch, other players' bets
 /// included, is answered INTERNAL. A lone `insert_placing` writes one row
 /// per statement and can never be in such a cycle: every one of these
-/// PlaceBets would have been placed (the retries answered with their
-/// originals).
+/// PlaceBets would have been answered as placed alone (the retries with
+/// their originals).
 ///
 /// The schedule is forced: uncommitted blockers keep every batch slot busy
 /// (`PLACE_BATCH_SLOTS`) so that the next batches form exactly as wanted,
-/// and one more holds one key of each batch so that both stop half-way through their
-/// INSERT. The two batches run on two instances of one database: an
-/// instance runs one batch at a time since `PLACE_BATCH_SLOTS` became one
-/// (2026-12-08; on the code the finding was made against, two slots let
-/// one instance run both).
+/// and one more holds one key of each batch so that both stop half-way
+/// through their INSERT. The two batches run on two instances of one
+/// database: an instance runs one batch at a time since `PLACE_BATCH_SLOTS`
+/// became one (2026-12-08).
+///
+/// The racing keys are of players without a wallet row (users 1 and 2):
+/// since the wallet writes the bet rows (PlaceStakes), a placement of a
+/// player whose wallet row another batch holds is answered "busy" and goes
+/// alone, so only a player without one (refused for want of funds, its row
+/// written REJECTED without a row lock) can race its key between two
+/// batches. The attack review of 2026-12-08 found that the schedule had
+/// stopped reaching the cycle when PlaceStakes landed (every racing player
+/// had a wallet row); this one fails with the rows written in request
+/// order (`insert_bets!`'s `ORDER BY v.n`: PostgreSQL breaks the cycle, and
+/// every PlaceBet of the losing batch, x included, is answered UNAVAILABLE).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn attack10_two_batches_with_the_same_keys_in_opposite_orders_deadlock() {
     let database = fresh_database().await;
@@ -112,9 +122,10 @@ async fn opposite_orders(app: TestApp, other: TestApp) {
     const SLOTS: usize = betting_bets::PLACE_BATCH_SLOTS;
     app.open_round("r").await;
     // The slots' bets are of users of their own (9 on), so that no slot's
-    // wallet row is another's and none is answered "busy".
+    // wallet row is another's and none is answered "busy". Users 1 and 2
+    // have no wallet row (see above).
     let slot_user = |instance: usize, n: usize| 9 + (instance * SLOTS + n) as i64;
-    for user in [1, 2, 3, 4]
+    for user in [3, 4]
         .into_iter()
         .chain((0..2 * SLOTS).map(|n| 9 + n as i64))
     {
@@ -145,7 +156,7 @@ async fn opposite_orders(app: TestApp, other: TestApp) {
     let b = spawn_place(&app, 2, "b");
     pause(300).await;
     blockers[0].remove(0).rollback().await.expect("free a slot");
-    // Batch 1 has written "a" and waits on "x".
+    // Batch 1 has written "a" (and, in key order, "b") and waits on "x".
     pause(700).await;
 
     // Batch 2: the same keys in the other order, [user 2 "b", user 4 "y",
@@ -157,10 +168,12 @@ async fn opposite_orders(app: TestApp, other: TestApp) {
     let a_retry = spawn_place(&other, 1, "a");
     pause(300).await;
     blockers[1].remove(0).rollback().await.expect("free a slot");
-    // Batch 2 has written "b" and waits on "y".
+    // In request order, batch 2 has written "b" and waits on "y"; in key
+    // order it waits on batch 1's "a".
     pause(700).await;
 
-    // Let both go on: batch 1 now needs "b", batch 2 "a".
+    // Let both go on: in request order batch 1 now needs "b" and batch 2
+    // "a", a cycle; in key order batch 1 finishes and batch 2 follows.
     middle.rollback().await.expect("release x and y");
     pause(100).await;
     for blocker in blockers.into_iter().flatten() {
@@ -181,32 +194,39 @@ async fn opposite_orders(app: TestApp, other: TestApp) {
     for task in slot_bets {
         task.await.expect("task").expect("a slot's bet");
     }
-    let failed: Vec<String> = answers
+    // What a lone placing answers each: x and y placed; a, b and their
+    // retries refused for want of funds (a player without a wallet row),
+    // never INTERNAL, ABORTED or UNAVAILABLE.
+    let wrong: Vec<String> = answers
         .iter()
         .filter_map(|(name, answer)| {
-            answer
-                .as_ref()
-                .err()
-                .map(|s| format!("{name}: {:?} {}", s.code(), s.message()))
+            let right = match (*name, answer) {
+                ("x" | "y", Ok(_)) => true,
+                ("a" | "b" | "a retry" | "b retry", Err(s)) => {
+                    s.code() == tonic::Code::FailedPrecondition
+                }
+                _ => false,
+            };
+            (!right).then(|| match answer {
+                Ok(r) => format!("{name}: placed {:?}", r.bet.as_ref().map(|b| &b.bet_id)),
+                Err(s) => format!("{name}: {:?} {}", s.code(), s.message()),
+            })
         })
         .collect();
     assert!(
-        failed.is_empty(),
-        "PlaceBets a lone placing would all have placed were refused: {failed:?}"
+        wrong.is_empty(),
+        "PlaceBets answered otherwise than a lone placing answers them: {wrong:?}"
     );
-    let bet_id = |n: usize| {
-        answers[n]
-            .1
-            .as_ref()
-            .ok()
-            .and_then(|r| r.bet.as_ref())
-            .map(|b| b.bet_id.clone())
-    };
-    assert_eq!(bet_id(0), bet_id(5), "a and its retry: one bet");
-    assert_eq!(bet_id(2), bet_id(3), "b and its retry: one bet");
-    for user in [1, 2, 3, 4] {
+    for user in [3, 4] {
         assert_eq!(app.balance(user).await, dec("9"), "user {user}");
     }
+    let rejected: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM bets WHERE user_id IN (1, 2) AND status = 'REJECTED'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .expect("count");
+    assert_eq!(rejected, 2, "one REJECTED row for each of the keys a and b");
     assert_eq!(app.count_bets("PLACING").await, 0);
     app.assert_books_balanced().await;
 }
