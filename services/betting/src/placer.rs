@@ -126,6 +126,9 @@ struct Request {
     /// carries its own caller's trace.
     span: tracing::Span,
     reply: oneshot::Sender<Answer>,
+    /// When it was queued: its wait for a batch is a metric
+    /// (`place_batch_wait_seconds`).
+    queued: std::time::Instant,
 }
 
 /// The handle PlaceBet submits new bets through.
@@ -172,6 +175,7 @@ impl Placer {
             deadline: betting_deadline::current(),
             span: tracing::Span::current(),
             reply,
+            queued: std::time::Instant::now(),
         };
         if self.requests.send(request).await.is_err() {
             return Err(BettingError::Internal(anyhow::anyhow!(
@@ -201,6 +205,10 @@ async fn gather(mut queue: mpsc::Receiver<Request>, parts: Arc<Parts>, slots: Ar
             }
         }
         metrics::histogram!("place_batch_size").record(batch.len() as f64);
+        let wait = metrics::histogram!("place_batch_wait_seconds");
+        for request in &batch {
+            wait.record(request.queued.elapsed().as_secs_f64());
+        }
         let parts = parts.clone();
         tokio::spawn(async move {
             run(&parts, batch).await;

@@ -220,4 +220,7 @@ async fn prometheus_metrics_are_served() {
     })
     .await;
     assert!(enqueued.is_some(), "{}", scrape().await);
+    // The bet's wait for its batch, recorded before its answer.
+    let body = scrape().await;
+    assert!(body.contains("place_batch_wait_seconds"), "{body}");
 }
