@@ -19,7 +19,9 @@ pub struct EdgeSettings {
 
     /// Calls this process works on at once; beyond that a call is refused at
     /// once with RESOURCE_EXHAUSTED (reason OVERLOADED) instead of queueing.
-    /// Health and reflection are never refused. 0 = no limit.
+    /// Health and reflection are never refused. The internal StakeService's
+    /// calls (the services' own, to the wallet) have a cap of their own of
+    /// the same size. 0 = no limit.
     #[arg(long, env = "BETTING_MAX_INFLIGHT_REQUESTS", default_value_t = 512)]
     pub max_inflight_requests: usize,
 

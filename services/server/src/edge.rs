@@ -7,6 +7,13 @@
 //!   wait behind work the server cannot finish in time, and hold its memory
 //!   meanwhile. A call counts until its response head is ready: a stream
 //!   counts while it opens (its snapshot query), not for its whole life.
+//!   The internal StakeService (`betting.internal.`, the services' own calls
+//!   to the wallet) counts against a cap of its own, of the same size: in
+//!   one process serving both, the PlaceBets waiting for their batch once
+//!   filled the shared cap, and the batch's own PlaceStakes was then shed,
+//!   failing every bet of the batch (found by the attack review of
+//!   2026-12-08; `overload_never_sheds_the_call_that_finishes_admitted_work`).
+//!   A wallet serving only internal calls is capped as before.
 //! - **Deadlines.** Every call runs inside a [`betting_deadline::scope`]: the
 //!   client's `grpc-timeout`, capped, or the server's default when it sent
 //!   none. PostgreSQL transactions (`betting_db::begin`) and calls to
@@ -85,6 +92,9 @@ const TRACKED_CONNECTIONS: usize = 8192;
 const LONG_CALLS: &[&str] = &["/betting.v1.AdminService/RunAudit"];
 
 /// Paths that bypass the edge: infrastructure, never shed.
+/// The path prefix of the internal services (their own in-flight cap).
+const INTERNAL: &str = "/betting.internal.";
+
 fn is_infrastructure(path: &str) -> bool {
     path.starts_with("/grpc.health.v1.Health/") || path.starts_with("/grpc.reflection.")
 }
@@ -96,6 +106,8 @@ pub(crate) struct EdgeLayer {
 
 struct Edge {
     inflight: Option<Arc<Semaphore>>,
+    /// The internal StakeService's calls' own cap (see the module doc).
+    internal: Option<Arc<Semaphore>>,
     default_timeout: Duration,
     max_timeout: Duration,
     /// Per connection (peer address): when its count started, and the
@@ -109,6 +121,7 @@ impl EdgeLayer {
         Self {
             edge: Arc::new(Edge {
                 inflight: (limit > 0).then(|| Arc::new(Semaphore::new(limit))),
+                internal: (limit > 0).then(|| Arc::new(Semaphore::new(limit))),
                 default_timeout: settings.request_timeout(),
                 max_timeout: settings.request_timeout_max(),
                 refusals: Mutex::default(),
@@ -217,7 +230,11 @@ where
         if is_infrastructure(path) {
             return Box::pin(self.inner.call(request));
         }
-        let permit = match &self.edge.inflight {
+        let cap = match path.starts_with(INTERNAL) {
+            true => &self.edge.internal,
+            false => &self.edge.inflight,
+        };
+        let permit = match cap {
             None => None,
             Some(slots) => match slots.clone().try_acquire_owned() {
                 Ok(permit) => Some(permit),

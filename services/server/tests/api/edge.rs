@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use betting_api::pb;
-use betting_test_kit::{TestApp, authed, fresh_database, reason, settings};
+use betting_test_kit::{TestApp, authed, dec, fresh_database, reason, settings};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -396,14 +396,22 @@ async fn a_hot_wallet_does_not_take_the_pool() {
 async fn overload_is_refused_at_once_and_health_still_answers() {
     let (app, _db) = spawn_edited(|s| s.edge.max_inflight_requests = 2).await;
     app.deposit(1, "10").await;
+    app.deposit(3, "10").await;
     app.open_round("r").await;
-    let held = hold_wallet_row(&app, 1).await;
-    // One PlaceBet is two calls in flight (BettingService, then WalletService).
-    let mut client = app.bets();
-    let request = place_request("r", "slow", &app.player(1), Duration::from_secs(3));
-    let slow = tokio::spawn(async move { client.place_bet(request).await });
-    betting_test_kit::wait::eventually("one lock waiter", Duration::from_secs(2), async || {
-        (lock_waiters(&app).await == 1).then_some(())
+    let held = [
+        hold_wallet_row(&app, 1).await,
+        hold_wallet_row(&app, 3).await,
+    ];
+    // Two PlaceBets waiting for their wallet rows fill the cap (their own
+    // WalletService calls count against the internal calls' cap).
+    let mut slow = Vec::new();
+    for (user, key) in [(1, "slow"), (3, "slower")] {
+        let mut client = app.bets();
+        let request = place_request("r", key, &app.player(user), Duration::from_secs(3));
+        slow.push(tokio::spawn(async move { client.place_bet(request).await }));
+    }
+    betting_test_kit::wait::eventually("two lock waiters", Duration::from_secs(2), async || {
+        (lock_waiters(&app).await == 2).then_some(())
     })
     .await;
     let started = Instant::now();
@@ -427,12 +435,58 @@ async fn overload_is_refused_at_once_and_health_still_answers() {
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
     drop(held);
-    let _ = slow.await;
+    for call in slow {
+        let _ = call.await;
+    }
     // Capacity is back.
     app.wallet()
         .get_wallet(authed(pb::GetWalletRequest { user_id: 0 }, &app.player(1)))
         .await
         .expect("served again");
+}
+
+/// The PlaceBets waiting for their batch never shed the batch's own wallet
+/// call. In one process serving both, the internal StakeService once
+/// counted against the same cap as the public calls: with the cap full of
+/// PlaceBets, their batch's PlaceStakes was refused OVERLOADED and every
+/// bet of the batch failed UNAVAILABLE (found by the attack review of
+/// 2026-12-08). Here a lone PlaceBet (its wallet row held, so two calls in
+/// flight) and a second PlaceBet fill a cap of three with the second's
+/// PlaceStakes the fourth call: it must be served.
+#[tokio::test]
+async fn overload_never_sheds_the_call_that_finishes_admitted_work() {
+    let (app, _db) = spawn_edited(|s| s.edge.max_inflight_requests = 3).await;
+    app.deposit(1, "10").await;
+    app.deposit(2, "10").await;
+    app.open_round("r").await;
+    let held = hold_wallet_row(&app, 1).await;
+    let mut client = app.bets();
+    let request = place_request("r", "slow", &app.player(1), Duration::from_secs(5));
+    let slow = tokio::spawn(async move { client.place_bet(request).await });
+    betting_test_kit::wait::eventually("one lock waiter", Duration::from_secs(2), async || {
+        (lock_waiters(&app).await == 1).then_some(())
+    })
+    .await;
+    let placed = app
+        .bets()
+        .place_bet(place_request(
+            "r",
+            "admitted",
+            &app.player(2),
+            Duration::from_secs(5),
+        ))
+        .await;
+    assert!(
+        placed.is_ok(),
+        "an admitted PlaceBet failed for its own wallet call: {placed:?}"
+    );
+    assert_eq!(app.balance(2).await, dec("9"));
+    drop(held);
+    slow.await
+        .expect("joins")
+        .expect("placed once its row is free");
+    assert_eq!(app.balance(1).await, dec("9"));
+    app.assert_books_balanced().await;
 }
 
 /// Anonymous infrastructure calls decode at most 1 KiB: a 3 MiB symbol (under
