@@ -91,10 +91,10 @@ const TRACKED_CONNECTIONS: usize = 8192;
 /// Calls allowed a longer default than the rest: an audit reads every table.
 const LONG_CALLS: &[&str] = &["/betting.v1.AdminService/RunAudit"];
 
-/// Paths that bypass the edge: infrastructure, never shed.
 /// The path prefix of the internal services (their own in-flight cap).
 const INTERNAL: &str = "/betting.internal.";
 
+/// Paths that bypass the edge: infrastructure, never shed.
 fn is_infrastructure(path: &str) -> bool {
     path.starts_with("/grpc.health.v1.Health/") || path.starts_with("/grpc.reflection.")
 }
@@ -118,10 +118,11 @@ struct Edge {
 impl EdgeLayer {
     pub fn new(settings: &EdgeSettings) -> Self {
         let limit = settings.max_inflight_requests;
+        let cap = || (limit > 0).then(|| Arc::new(Semaphore::new(limit)));
         Self {
             edge: Arc::new(Edge {
-                inflight: (limit > 0).then(|| Arc::new(Semaphore::new(limit))),
-                internal: (limit > 0).then(|| Arc::new(Semaphore::new(limit))),
+                inflight: cap(),
+                internal: cap(),
                 default_timeout: settings.request_timeout(),
                 max_timeout: settings.request_timeout_max(),
                 refusals: Mutex::default(),

@@ -278,6 +278,18 @@ async fn lock_waiters(app: &TestApp) -> i64 {
     .expect("pg_stat_activity")
 }
 
+/// A PlaceBet of one stake in a task of its own.
+fn spawn_place(
+    app: &TestApp,
+    user: i64,
+    key: &str,
+    timeout: Duration,
+) -> tokio::task::JoinHandle<Result<tonic::Response<pb::PlaceBetResponse>, tonic::Status>> {
+    let mut client = app.bets();
+    let request = place_request("r", key, &app.player(user), timeout);
+    tokio::spawn(async move { client.place_bet(request).await })
+}
+
 fn place_request(
     round: &str,
     key: &str,
@@ -363,14 +375,12 @@ async fn a_hot_wallet_does_not_take_the_pool() {
     let held = hold_wallet_row(&app, 1).await;
     let mut calls = Vec::new();
     for i in 0..50 {
-        let mut client = app.bets();
-        let request = place_request(
-            "r",
+        calls.push(spawn_place(
+            &app,
+            1,
             &format!("hot-{i}"),
-            &app.player(1),
             Duration::from_secs(3),
-        );
-        calls.push(tokio::spawn(async move { client.place_bet(request).await }));
+        ));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let waiting = lock_waiters(&app).await;
@@ -406,9 +416,7 @@ async fn overload_is_refused_at_once_and_health_still_answers() {
     // WalletService calls count against the internal calls' cap).
     let mut slow = Vec::new();
     for (user, key) in [(1, "slow"), (3, "slower")] {
-        let mut client = app.bets();
-        let request = place_request("r", key, &app.player(user), Duration::from_secs(3));
-        slow.push(tokio::spawn(async move { client.place_bet(request).await }));
+        slow.push(spawn_place(&app, user, key, Duration::from_secs(3)));
     }
     betting_test_kit::wait::eventually("two lock waiters", Duration::from_secs(2), async || {
         (lock_waiters(&app).await == 2).then_some(())
@@ -460,9 +468,7 @@ async fn overload_never_sheds_the_call_that_finishes_admitted_work() {
     app.deposit(2, "10").await;
     app.open_round("r").await;
     let held = hold_wallet_row(&app, 1).await;
-    let mut client = app.bets();
-    let request = place_request("r", "slow", &app.player(1), Duration::from_secs(5));
-    let slow = tokio::spawn(async move { client.place_bet(request).await });
+    let slow = spawn_place(&app, 1, "slow", Duration::from_secs(5));
     betting_test_kit::wait::eventually("one lock waiter", Duration::from_secs(2), async || {
         (lock_waiters(&app).await == 1).then_some(())
     })
